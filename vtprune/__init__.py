@@ -1,0 +1,15 @@
+"""vtprune: drop the visual tokens a vision-language model does not need.
+
+    import vtprune
+    model = vtprune.patch(model, "random", ratio=0.25)
+    out = model.generate(**inputs)
+"""
+from .methods import ImageTokens, LayerTokens, Method, PruneConfig, Selection, VisionSignal, available, register
+from .patching import patch, pruned, stats, unpatch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ImageTokens", "LayerTokens", "Method", "PruneConfig", "Selection", "VisionSignal",
+    "available", "patch", "pruned", "register", "stats", "unpatch",
+]

@@ -1,0 +1,113 @@
+"""Adapter base: what a model family must tell the runtime. One small subclass per family."""
+from __future__ import annotations
+
+import torch
+
+from ..methods.base import VisionSignal
+
+
+class Adapter:
+    """Paths and token bookkeeping for one model family. Knows nothing about strategies."""
+
+    mrope = False  # True: 3-row (t, h, w) rotary positions (Qwen-VL)
+    has_cls = False  # the vision encoder has a CLS token
+
+    def __init__(self, model):
+        self.model = model
+
+    # module paths ---------------------------------------------------------------------------
+    def inner(self):
+        return self.model.model
+
+    def language_model(self):
+        return self.model.model.language_model
+
+    # per call -------------------------------------------------------------------------------
+    def read_call(self, kwargs) -> dict:
+        """What the runtime needs from a `*Model.forward` call (token ids, grids, pixels present)."""
+        raise NotImplementedError
+
+    def visual_token_ids(self) -> list[int]:
+        raise NotImplementedError
+
+    def visual_mask(self, scratch: dict, embeds: torch.Tensor) -> torch.Tensor | None:
+        """BoolTensor [B, L] of visual placeholder slots, or None when the call's tokens are unknown."""
+        masks = [self.token_mask(scratch, tid, embeds.shape[:2]) for tid in self.visual_token_ids()]
+        if any(m is None for m in masks):
+            return None
+        out = masks[0]
+        for m in masks[1:]:
+            out = out | m
+        return out
+
+    def token_mask(self, scratch: dict, token_id: int, shape) -> torch.Tensor | None:
+        """Where `token_id` sits, from input_ids or else from the placeholder embeddings."""
+        ids = scratch.get("input_ids")
+        if ids is not None:
+            return ids == token_id if tuple(ids.shape) == tuple(shape) else None
+        raw = scratch.get("inputs_embeds")
+        if raw is None or tuple(raw.shape[:2]) != tuple(shape):
+            return None
+        row = self.model.get_input_embeddings().weight[token_id].to(raw.dtype)
+        return (raw == row).all(-1)
+
+    def units(self, scratch: dict, visual: torch.Tensor, positions: torch.Tensor | None) -> list:
+        """The images / frames in this call, in the order the vision encoder processed them.
+
+        positions: the position ids the language model received (M-RoPE grids are read from them,
+        since generate() encodes images before the forward and does not pass the grids on)."""
+        raise NotImplementedError
+
+    def default_positions(self, batch: int, length: int, device) -> torch.Tensor:
+        pos = torch.arange(length, device=device).expand(batch, length)
+        return pos[None].expand(3, -1, -1) if self.mrope else pos
+
+    # vision signals ---------------------------------------------------------------------------
+    def install_vision_signals(self, signals: dict[str, VisionSignal], store: "SignalStore") -> list:
+        """Register hooks that add per-unit float32 score vectors to `store`. Returns handles."""
+        raise NotImplementedError(f"{type(self).__name__} does not provide vision-encoder signals")
+
+    def unit_signals(self, store: "SignalStore", units: list) -> list[dict]:
+        out = [{} for _ in units]
+        for name, per_unit in store.read().items():
+            if len(per_unit) != len(units):
+                raise RuntimeError(f"vision signal {name!r}: {len(per_unit)} images scored, {len(units)} in the batch")
+            for i, scores in enumerate(per_unit):
+                if scores.numel() != len(units[i].slots):
+                    raise RuntimeError(
+                        f"vision signal {name!r}: {scores.numel()} scores for an image of {len(units[i].slots)} tokens"
+                    )
+                out[i][name] = scores
+        return out
+
+    @staticmethod
+    def resolve_layer(layer, n_layers: int, feature_layer: int) -> int:
+        if layer == "feature":
+            return feature_layer
+        if isinstance(layer, bool) or not isinstance(layer, int) or not -n_layers <= layer < n_layers:
+            raise ValueError(f"vision layer must be 'feature' or an int in [{-n_layers}, {n_layers}), got {layer!r}")
+        return layer % n_layers
+
+
+class SignalStore:
+    """Vision-encoder scores of the latest encoder run, one entry per image / frame, by signal name.
+
+    The encoder may run outside the model's forward (generate() encodes images first) and its outputs
+    may be reused for several forwards (generate(use_cache=False)), so scores are kept until the
+    encoder runs again after they were read."""
+
+    def __init__(self):
+        self.scores: dict[str, list] = {}
+        self.fresh = False
+
+    def add(self, name: str, per_unit: list):
+        if not self.fresh:
+            self.scores, self.fresh = {}, True
+        self.scores.setdefault(name, []).extend(per_unit)
+
+    def read(self) -> dict[str, list]:
+        self.fresh = False
+        return self.scores
+
+    def __bool__(self):
+        return bool(self.scores)

@@ -1,0 +1,110 @@
+"""LLaVA-1.5 (`LlavaForConditionalGeneration`): CLIP/SigLIP tower, MLP projector, 1-D RoPE LLM."""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+
+from ..kernels import attention_scores
+from .base import Adapter
+from .runtime import Unit
+
+
+def _encoder_layers(tower):
+    for path in ("encoder.layers", "vision_model.encoder.layers"):
+        mod = tower
+        try:
+            for part in path.split("."):
+                mod = getattr(mod, part)
+            return mod
+        except AttributeError:
+            continue
+    raise TypeError(f"cannot find the encoder layers of vision tower {type(tower).__name__}")
+
+
+class LlavaAdapter(Adapter):
+    def __init__(self, model):
+        super().__init__(model)
+        cfg = model.config
+        self.image_token_id = cfg.image_token_id
+        self.select_strategy = getattr(cfg, "vision_feature_select_strategy", "default")
+        self.has_cls = self.select_strategy == "default"
+        self.feature_layer = cfg.vision_feature_layer
+
+    def visual_token_ids(self):
+        return [self.image_token_id]
+
+    def read_call(self, kwargs):
+        pixels = kwargs.get("pixel_values")
+        enc = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        n_images = None
+        if pixels is not None:
+            n_images = pixels.shape[0]
+        elif enc is not None:
+            n_images = len(enc.pooler_output)
+        return {
+            "input_ids": kwargs.get("input_ids"),
+            "inputs_embeds": kwargs.get("inputs_embeds"),
+            "visual_input": n_images is not None,
+            "n_images": n_images,
+        }
+
+    def units(self, scratch, visual, positions):
+        count = int(visual.sum())
+        n_images = scratch.get("n_images")
+        per_image = count // n_images if n_images else None
+        if not per_image or per_image * n_images != count:
+            raise ValueError(f"cannot split {count} image tokens evenly over {n_images} images")
+        side = math.isqrt(per_image)
+        grid = (1, side, side) if side * side == per_image else None
+        units = []
+        for b in range(visual.shape[0]):
+            slots = visual[b].nonzero().squeeze(1)
+            if slots.numel() % per_image:
+                raise ValueError(f"sample {b} has {slots.numel()} image tokens, not a multiple of {per_image}")
+            for j, chunk in enumerate(slots.split(per_image)):
+                units.append(Unit(b, chunk, grid, block=j))
+        return units
+
+    # vision signals: CLIP/SigLIP attention from the q/k projections of chosen layers ---------
+    def install_vision_signals(self, signals, store):
+        layers = _encoder_layers(self.model.model.vision_tower)
+        n = len(layers)
+        fl = self.feature_layer
+        if not isinstance(fl, int):
+            raise ValueError("vision signals need a single vision_feature_layer")
+        feature = (fl % (n + 1)) - 1  # hidden_states[i] is the output of layer i-1
+        handles = []
+        wanted: dict[int, list] = {}
+        for name, sig in signals.items():
+            if sig.reduce not in ("mean", "cls"):
+                raise ValueError(f"vision signal {name!r}: reduce must be 'mean' or 'cls', got {sig.reduce!r}")
+            if sig.reduce == "cls" and not self.has_cls:
+                raise ValueError(f"vision signal {name!r} needs a CLS token; this tower's features have none")
+            wanted.setdefault(self.resolve_layer(sig.layer, n, feature), []).append((name, sig.reduce))
+        for li, reqs in wanted.items():
+            attn = layers[li].self_attn
+            captured = {}
+            handles.append(attn.q_proj.register_forward_hook(partial(_keep_output, captured, "q")))
+            handles.append(attn.k_proj.register_forward_hook(partial(_keep_output, captured, "k")))
+            handles.append(attn.register_forward_hook(partial(self._score, attn, captured, reqs, store)))
+        return handles
+
+    def _score(self, attn, captured, reqs, store, module, args, output):
+        q, k = captured.pop("q"), captured.pop("k")
+        b, t, _ = q.shape
+        q = q.view(b, t, -1, attn.head_dim).transpose(1, 2)
+        k = k.view(b, t, -1, attn.head_dim).transpose(1, 2)
+        scale = getattr(attn, "scale", None) or attn.head_dim ** -0.5
+        for name, reduce in reqs:
+            rows = torch.tensor([0], device=q.device) if reduce == "cls" else None
+            scores = attention_scores(q, k, scale, rows)
+            if self.has_cls:
+                scores = scores[:, 1:]
+            store.add(name, list(scores))
+        return None
+
+
+def _keep_output(store, name, module, args, output):
+    store[name] = output

@@ -1,0 +1,133 @@
+"""Qwen2-VL and Qwen2.5-VL: dynamic-resolution ViT with a 2x2 patch merger, M-RoPE language model."""
+from __future__ import annotations
+
+import sys
+from functools import partial
+
+import torch
+
+from ..kernels import attention_scores
+from .base import Adapter
+from .runtime import Unit
+
+
+class QwenVLAdapter(Adapter):
+    mrope = True
+    has_cls = False
+
+    def __init__(self, model):
+        super().__init__(model)
+        cfg = model.config
+        self.image_token_id = cfg.image_token_id
+        self.video_token_id = cfg.video_token_id
+        self.merge = cfg.vision_config.spatial_merge_size
+
+    def visual_token_ids(self):
+        return [self.image_token_id, self.video_token_id]
+
+    def read_call(self, kwargs):
+        enc = kwargs.get("mm_encoder_outputs") or {}
+        present = any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos")) or any(
+            enc.get(k) is not None for k in ("image", "video")
+        )
+        return {
+            "input_ids": kwargs.get("input_ids"),
+            "inputs_embeds": kwargs.get("inputs_embeds"),
+            "visual_input": present,
+            "image_grid_thw": kwargs.get("image_grid_thw"),
+            "video_grid_thw": kwargs.get("video_grid_thw"),
+        }
+
+    def units(self, scratch, visual, positions):
+        """Images first, then video frames, each in token order: the order the ViT saw them.
+
+        An image is a contiguous run of image tokens; its (h, w) grid is read off the M-RoPE
+        positions (generate() does not pass image_grid_thw to the forward). Video runs split into
+        frames where the temporal position changes."""
+        if positions is None or positions.dim() != 3:
+            raise ValueError("Qwen-VL pruning needs the 3-D (t, h, w) position ids the model computes")
+        thw = positions[-3:]
+        units = []
+        for kind, token_id in (("image", self.image_token_id), ("video", self.video_token_id)):
+            mask = self.token_mask(scratch, token_id, visual.shape)
+            if mask is None or not bool(mask.any()):
+                continue
+            block = 0
+            for b in range(mask.shape[0]):
+                slots = mask[b].nonzero().squeeze(1)
+                runs = slots.tensor_split((slots[1:] != slots[:-1] + 1).nonzero().squeeze(1).add(1).tolist())
+                for run in runs:
+                    t_pos = thw[0, b, run]
+                    frames = run.tensor_split((t_pos[1:] != t_pos[:-1]).nonzero().squeeze(1).add(1).tolist())
+                    for frame in frames:
+                        h_pos, w_pos = thw[1, b, frame], thw[2, b, frame]
+                        gh = int(h_pos.max() - h_pos.min()) + 1
+                        gw = int(w_pos.max() - w_pos.min()) + 1
+                        grid = (1, gh, gw) if gh * gw == frame.numel() else None
+                        units.append(Unit(b, frame, grid, block=block))
+                    block += 1
+        return units
+
+    # vision signals: attention inside chosen ViT blocks, per image, merged to LLM tokens -------
+    def install_vision_signals(self, signals, store):
+        visual = self.model.model.visual
+        blocks = visual.blocks
+        n = len(blocks)
+        handles = []
+        call = {}
+        handles.append(visual.register_forward_pre_hook(partial(self._visual_pre, visual, call), with_kwargs=True))
+        wanted: dict[int, list] = {}
+        for name, sig in signals.items():
+            if sig.reduce != "mean":
+                raise ValueError(f"vision signal {name!r}: the Qwen-VL vision encoder has no CLS token; use reduce='mean'")
+            wanted.setdefault(self.resolve_layer(sig.layer, n, n - 1), []).append(name)
+        for li, names in wanted.items():
+            attn = blocks[li].attn
+            captured = {}
+            handles.append(attn.register_forward_pre_hook(partial(_keep_kwargs, captured), with_kwargs=True))
+            handles.append(attn.qkv.register_forward_hook(partial(_keep_qkv, captured)))
+            handles.append(attn.register_forward_hook(partial(self._score, attn, captured, names, call, store)))
+        return handles
+
+    def _visual_pre(self, visual, call, module, args, kwargs):
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        call["grid"] = grid
+        call["window_index"] = None
+        mod = sys.modules[type(visual).__module__]
+        if hasattr(mod, "get_vision_window_index") and hasattr(visual, "window_size"):
+            call["window_index"], _ = mod.get_vision_window_index(
+                grid, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
+                patch_size=visual.patch_size, kwargs={},
+            )
+        return None
+
+    def _score(self, attn, captured, names, call, store, module, args, output):
+        qkv, cu, (cos, sin) = captured.pop("qkv"), captured.pop("cu_seqlens"), captured.pop("pos")
+        seq = qkv.shape[0]
+        q, k, _ = qkv.reshape(seq, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
+        q, k = rope(q, k, cos, sin)
+        q, k = q.transpose(0, 1)[None], k.transpose(0, 1)[None]  # [1, H, seq, d]
+        per_patch = torch.empty(seq, dtype=torch.float32, device=q.device)
+        bounds = cu.tolist()
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            per_patch[s:e] = attention_scores(q[:, :, s:e], k[:, :, s:e], attn.scaling)[0]
+        per_token = per_patch.view(-1, self.merge * self.merge).mean(1)  # a merged token = 4 consecutive patches
+        if call.get("window_index") is not None:
+            per_token = per_token[torch.argsort(call["window_index"].to(per_token.device))]
+        sizes = []
+        for t, h, w in call["grid"].tolist():
+            sizes += [h * w // (self.merge * self.merge)] * t  # per frame
+        for name in names:
+            store.add(name, list(per_token.split(sizes)))
+        return None
+
+
+def _keep_kwargs(store, module, args, kwargs):
+    store["cu_seqlens"] = kwargs["cu_seqlens"]
+    store["pos"] = kwargs["position_embeddings"]
+    return None
+
+
+def _keep_qkv(store, module, args, output):
+    store["qkv"] = output

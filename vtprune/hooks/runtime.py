@@ -1,0 +1,480 @@
+"""The hooks `patch` installs, and the one state object it attaches to the model (`model._vtprune`).
+
+Flow of one pruned `generate()`:
+- a pre-hook on the multimodal `*Model` records the token ids and image grids of the call;
+- a pre-hook on the language model rewrites the prefill (pre-LLM strategies: embeddings, 2-D mask and
+  position ids, compacted and right-aligned), or, on decode steps, splices the pruned prefill mask in
+  front of the new columns and shifts positions;
+- for `llm`-stage strategies, a forward hook on decoder layer p drops visual hidden states, and
+  pre-hooks on the later layers substitute the mask and rotary embeddings sized for them;
+- a forward hook on the language model attaches the pruning record (`Run`) to the KV cache object,
+  which `generate()` hands back on every decode step.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+
+from ..kernels import attention_scores
+from ..methods.base import ImageTokens, LayerTokens, Method, Selection
+from .base import SignalStore
+from .sequence import compact_index, compact_text_positions, dropped_before, take
+
+_CACHE_ATTR = "_vtprune_run"
+
+
+@dataclass
+class Unit:
+    """One image (or video frame) in the current forward: its sequence slots in one sample."""
+
+    sample: int
+    slots: torch.Tensor  # LongTensor[N], ascending sequence positions
+    grid: tuple[int, int, int] | None
+    block: int  # id of the contiguous visual block (image or video) it belongs to
+
+
+@dataclass
+class Stats:
+    """Figures of the last pruning forward (see `vtprune.stats`)."""
+
+    method: str = ""
+    visual_before: list[int] = field(default_factory=list)  # visual tokens per sample entering the model
+    visual_after: list[int] = field(default_factory=list)  # visual tokens per sample left at the last layer
+    selection_ms: float = 0.0  # wall time spent in the strategy's selection code
+    layout: torch.Tensor | None = None  # [B, L_out]: input slot of each output position, -1 = added padding
+
+    @property
+    def kept_fraction(self) -> float:
+        before = sum(self.visual_before)
+        return sum(self.visual_after) / before if before else 1.0
+
+
+@dataclass
+class Group:
+    """Decoder layers from `start_layer` on see this layout (until the next group starts)."""
+
+    start_layer: int
+    mask: torch.Tensor  # [B, Lg] 2-D attention mask of the prefill in this layout
+    index0: torch.Tensor | None = None  # [B, Lg] slots into the language-model input layout
+
+
+@dataclass
+class Run:
+    """The pruning record of one prefill; kept on the KV cache for the decode steps that follow."""
+
+    orig_len: int  # sequence length the caller sees (generate's mask grows from here)
+    groups: list[Group]
+    visual: torch.Tensor  # [B, Lcur] visual slots in the current layout
+    layout: torch.Tensor  # [B, Lcur] caller-side slot of each current slot (-1 = padding we added)
+    keep_total: torch.Tensor  # [B] visual tokens an llm-stage method keeps per sample
+    pos_shift: torch.Tensor  # [B] added to decode positions
+    changed: bool = False
+    # per-forward scratch, cleared when the language model returns
+    prefill: bool = True
+    incoming_mask: torch.Tensor | None = None
+    masks: dict = field(default_factory=dict)
+    pos_emb: dict = field(default_factory=dict)
+    captured: dict = field(default_factory=dict)
+
+    def group_for(self, layer: int) -> tuple[int, Group]:
+        for gi in range(len(self.groups) - 1, -1, -1):
+            if self.groups[gi].start_layer <= layer:
+                return gi, self.groups[gi]
+        return 0, self.groups[0]
+
+    def end_forward(self):
+        self.prefill = False
+        self.incoming_mask = None
+        self.masks, self.pos_emb, self.captured = {}, {}, {}
+
+
+def _sync(t: torch.Tensor):
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
+
+
+def _check_selection(sel: torch.Tensor, n: int, budget: int, what: str) -> torch.Tensor:
+    sel = torch.as_tensor(sel).long()
+    if sel.dim() != 1 or sel.numel() < 1 or sel.numel() > budget:
+        raise RuntimeError(f"{what}: expected 1..{budget} indices, got shape {tuple(sel.shape)}")
+    if bool((sel < 0).any()) or bool((sel >= n).any()):
+        raise RuntimeError(f"{what}: indices out of range [0, {n})")
+    if sel.numel() > 1 and not bool((sel[1:] > sel[:-1]).all()):
+        raise RuntimeError(f"{what}: indices must be unique and ascending")
+    return sel
+
+
+class PatchState:
+    """Everything `patch` attaches to a model: the method, the adapter, hook handles, last stats."""
+
+    def __init__(self, model, adapter, method: Method, method_name: str, options: dict):
+        self.adapter = adapter
+        self.method = method
+        self.method_name = method_name
+        self.options = options
+        self.handles: list = []
+        self.scratch: dict | None = None
+        self.current: Run | None = None
+        self.vision_scores = SignalStore()
+        self.last_stats = Stats(method=method_name)
+        self.lm = adapter.language_model()
+        self.layers = self.lm.layers
+        n_layers = len(self.layers)
+        self.drop_layers = sorted(set(method.drop_layers(n_layers))) if method.stage == "llm" else []
+        self.attn_layers = sorted(set(method.attention_layers(n_layers))) if method.stage == "llm" else []
+        for p in self.drop_layers:
+            if not 0 <= p < n_layers - 1:
+                raise ValueError(f"{method_name}: cannot drop tokens after layer {p} of a {n_layers}-layer decoder")
+
+    # installation ---------------------------------------------------------------------------
+    def install(self):
+        try:
+            inner = self.adapter.inner()
+            self.handles.append(inner.register_forward_pre_hook(self._inner_pre, with_kwargs=True))
+            self.handles.append(self.lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
+            self.handles.append(self.lm.register_forward_hook(self._lm_post, with_kwargs=True))
+            if self.drop_layers:
+                for i in range(self.drop_layers[0] + 1, len(self.layers)):
+                    self.handles.append(
+                        self.layers[i].register_forward_pre_hook(partial(self._layer_pre, i), with_kwargs=True)
+                    )
+                for p in self.drop_layers:
+                    self.handles.append(
+                        self.layers[p].register_forward_hook(partial(self._layer_drop, p), with_kwargs=True)
+                    )
+            for p in self.attn_layers:
+                attn = self.layers[p].self_attn
+                self.handles.append(attn.register_forward_pre_hook(partial(self._attn_pre, p), with_kwargs=True))
+                self.handles.append(attn.q_proj.register_forward_hook(partial(self._capture, p, "q")))
+                self.handles.append(attn.k_proj.register_forward_hook(partial(self._capture, p, "k")))
+            signals = self.method.vision_signals() if self.method.stage != "llm" else {}
+            if signals:
+                self.handles.extend(self.adapter.install_vision_signals(signals, self.vision_scores))
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        self.current = None
+        self.scratch = None
+
+    # hooks ------------------------------------------------------------------------------------
+    def _inner_pre(self, module, args, kwargs):
+        self.scratch = self.adapter.read_call(kwargs)
+        return None
+
+    def _lm_pre(self, module, args, kwargs):
+        self.current = None
+        scratch, self.scratch = self.scratch, None
+        if args:
+            raise TypeError("vtprune expects the language model to be called with keyword arguments")
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:  # text-only call with input_ids straight to the LM: nothing to prune
+            return None
+        cache = kwargs.get("past_key_values")
+        run = getattr(cache, _CACHE_ATTR, None) if cache is not None else None
+        if run is not None:
+            if scratch is not None and scratch.get("visual_input"):
+                raise NotImplementedError(
+                    "vtprune: new images on a KV cache that already holds a pruned prefill are not supported; "
+                    "start a new cache per prompt"
+                )
+            if embeds.shape[1] != 1 and not self.allow_multi_token_decode(cache, run, embeds):
+                raise NotImplementedError(
+                    "vtprune: continuing a pruned KV cache with several new tokens at once (multi-turn reuse) is "
+                    "not supported; pass the whole conversation with a fresh cache"
+                )
+            return self._decode(run, kwargs)
+        if scratch is None or not scratch.get("visual_input"):
+            return None
+        visual = self.adapter.visual_mask(scratch, embeds)
+        if visual is None or not bool(visual.any()):
+            return None
+        if cache is not None and cache.get_seq_length() > 0:
+            raise NotImplementedError(
+                "vtprune: images in a call that continues an existing KV cache are not supported; use a fresh cache"
+            )
+        return self._prefill(kwargs, scratch, visual)
+
+    @staticmethod
+    def allow_multi_token_decode(cache, run, embeds) -> bool:
+        return False
+
+    def _lm_post(self, module, args, kwargs, output):
+        run, self.current = self.current, None
+        if run is None:
+            return None
+        if run.prefill:
+            self.last_stats.visual_after = run.visual.sum(1).tolist()
+            self.last_stats.layout = run.layout
+            cache = getattr(output, "past_key_values", None) or kwargs.get("past_key_values")
+            if cache is not None and run.changed:
+                setattr(cache, _CACHE_ATTR, run)
+        run.end_forward()
+        return None
+
+    # prefill ---------------------------------------------------------------------------------
+    def _prefill(self, kwargs, scratch, visual):
+        embeds = kwargs["inputs_embeds"]
+        b, seq_len, _ = embeds.shape
+        am = kwargs.get("attention_mask")
+        if am is not None and (not isinstance(am, torch.Tensor) or am.dim() != 2):
+            raise ValueError("vtprune needs a 2-D attention_mask (or none); got a prepared 4-D mask or mapping")
+        mask2d = am if am is not None else torch.ones(b, seq_len, dtype=torch.long, device=embeds.device)
+        units = self.adapter.units(scratch, visual, kwargs.get("position_ids"))
+        budgets = [self.method.config.budget(len(u.slots)) for u in units]
+        cfg = self.method.config
+        self.last_stats = Stats(method=self.method_name, visual_before=visual.sum(1).tolist())
+        keep_total = torch.zeros(b, dtype=torch.long, device=embeds.device)
+        for u, k in zip(units, budgets):
+            keep_total[u.sample] += k
+        run = Run(
+            orig_len=seq_len,
+            groups=[Group(0, mask2d)],
+            visual=visual,
+            layout=torch.arange(seq_len, device=embeds.device).expand(b, seq_len),
+            keep_total=keep_total,
+            pos_shift=torch.zeros(b, dtype=torch.long, device=embeds.device),
+        )
+        self.current = run
+        if self.method.stage == "llm":
+            # Nothing happens before the decoder; the drop hooks act if any image is over budget.
+            run.changed = any(k < len(u.slots) for u, k in zip(units, budgets))
+            if not run.changed:
+                self.current = None
+                self.last_stats.visual_after = list(self.last_stats.visual_before)
+            return None
+
+        _sync(embeds)
+        t0 = time.perf_counter()
+        signals = self.adapter.unit_signals(self.vision_scores, units) if self.vision_scores else [{}] * len(units)
+        chosen: list[tuple[Unit, Selection]] = []
+        for i, (u, k) in enumerate(zip(units, budgets)):
+            n = len(u.slots)
+            if k >= n:
+                continue
+            sel = self.method.select(ImageTokens(embeds[u.sample, u.slots], u.grid, k, signals[i]))
+            sel.indices = _check_selection(sel.indices, n, k, f"{self.method_name}.select")
+            chosen.append((u, sel))
+        _sync(embeds)
+        self.last_stats.selection_ms = (time.perf_counter() - t0) * 1e3
+        if not chosen:
+            self.current = None
+            self.last_stats.visual_after = list(self.last_stats.visual_before)
+            return None
+
+        keep = ~visual
+        new_embeds = embeds
+        for u, sel in chosen:
+            kept_slots = u.slots[sel.indices.to(u.slots.device)]
+            keep[u.sample, kept_slots] = True
+            if sel.tokens is not None:
+                if new_embeds is embeds:
+                    new_embeds = embeds.clone()
+                new_embeds[u.sample, kept_slots] = sel.tokens.to(embeds.dtype)
+        positions, shift = self._positions(kwargs.get("position_ids"), keep, mask2d, units, chosen, embeds)
+        index = compact_index(keep)
+        new_mask = take(mask2d, index, 1, 0)
+        new_pos = take(positions, index, positions.dim() - 1, 0)
+        if new_pos.dim() == 3 and new_pos.shape[0] == 4:  # Qwen's text row: contiguous, as generate() builds it
+            new_pos[0] = compact_text_positions(new_mask)
+        run.groups = [Group(0, new_mask)]
+        run.visual = take(visual, index, 1, False)
+        run.layout = index
+        run.pos_shift = shift
+        run.changed = True
+        kwargs["inputs_embeds"] = take(new_embeds, index, 1, 0)
+        kwargs["attention_mask"] = new_mask
+        kwargs["position_ids"] = new_pos
+        return args_kwargs(kwargs)
+
+    def _positions(self, pos, keep, mask2d, units, chosen, embeds):
+        """Full-length position ids after pruning (gathered by the caller) and the decode shift [B]."""
+        b, seq_len = keep.shape
+        if pos is None:
+            pos = self.adapter.default_positions(b, seq_len, embeds.device)
+        if pos.dim() == 2 and pos.shape[0] != b:
+            pos = pos.expand(b, -1)
+        if pos.dim() == 3 and pos.shape[1] != b:
+            pos = pos.expand(-1, b, -1)
+        if not self.adapter.mrope:
+            if self.method.config.keep_positions:
+                return pos, torch.zeros(b, dtype=torch.long, device=pos.device)
+            real = mask2d.bool()
+            new = torch.where(real, pos - dropped_before(keep), pos)
+            return new, -(~keep).sum(1)
+        # M-RoPE: kept tokens keep their (t, h, w); merged tokens with a grid get a coarse grid from the
+        # image's first position; everything after a shortened block moves back by the lost extent.
+        rows = pos[-3:].clone()
+        original = pos[-3:]
+        block_delta: dict[tuple[int, int], int] = {}
+        for u, sel in chosen:
+            if sel.grid is None:
+                continue
+            gt, gh, gw = sel.grid
+            if gt * gh * gw != sel.indices.numel():
+                raise RuntimeError(f"{self.method_name}: merged grid {sel.grid} does not match {sel.indices.numel()} tokens")
+            kept_slots = u.slots[sel.indices.to(u.slots.device)]
+            start = original[:, u.sample, u.slots[0]]
+            tt, hh, ww = torch.meshgrid(
+                torch.arange(gt, device=pos.device), torch.arange(gh, device=pos.device),
+                torch.arange(gw, device=pos.device), indexing="ij",
+            )
+            rows[:, u.sample, kept_slots] = torch.stack([tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)]) + start[:, None]
+        shift_slots = torch.zeros(b, seq_len, dtype=pos.dtype, device=pos.device)
+        total = torch.zeros(b, dtype=torch.long, device=pos.device)
+        for u, sel in chosen:
+            if sel.grid is not None:
+                block_delta.setdefault((u.sample, u.block), 0)
+        for sample, block in block_delta:
+            slots = torch.cat([u.slots for u in units if u.sample == sample and u.block == block])
+            kept = slots[keep[sample, slots]]
+            delta = int(rows[:, sample, kept].max() - original[:, sample, slots].max())
+            shift_slots[sample, int(slots.max()) + 1:] += delta
+            total[sample] += delta
+        rows = rows + shift_slots[None]
+        new = torch.cat([pos[:-3], rows]) if pos.shape[0] > 3 else rows
+        return new, total
+
+    # decode ----------------------------------------------------------------------------------
+    def _decode(self, run: Run, kwargs):
+        embeds = kwargs["inputs_embeds"]
+        b, q = embeds.shape[:2]
+        am = kwargs.get("attention_mask")
+        cache = kwargs["past_key_values"]
+        if am is None:
+            seen = cache.get_seq_length() - run.groups[0].mask.shape[1]
+            am = torch.ones(b, run.orig_len + seen + q, dtype=torch.long, device=embeds.device)
+        if not isinstance(am, torch.Tensor) or am.dim() != 2 or am.shape[1] < run.orig_len + q:
+            raise ValueError("vtprune: decode steps need the 2-D attention mask that grows from the prompt's")
+        run.prefill = False
+        run.incoming_mask = am
+        self.current = run
+        kwargs["attention_mask"] = torch.cat([run.groups[0].mask.to(am.dtype), am[:, run.orig_len:]], dim=1)
+        if bool(run.pos_shift.any()) or kwargs.get("position_ids") is None:
+            pos = kwargs.get("position_ids")
+            if pos is None:
+                pos = compact_text_positions(am)[:, -q:]
+                if self.adapter.mrope:
+                    pos = pos[None].expand(3, -1, -1)
+            pos = pos.clone()
+            if pos.dim() == 2:
+                pos += run.pos_shift[:, None]
+            else:
+                pos[-3:] += run.pos_shift[None, :, None]
+            kwargs["position_ids"] = pos
+        return args_kwargs(kwargs)
+
+    # llm stage -------------------------------------------------------------------------------
+    def _layer_pre(self, i, module, args, kwargs):
+        run = self.current
+        if run is None:
+            return None
+        gi, group = run.group_for(i)
+        if gi == 0:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        layer_type = getattr(self.lm.config, "layer_types", None)
+        layer_type = layer_type[i] if layer_type else "full_attention"
+        key = (gi, layer_type)
+        if key not in run.masks:
+            mask2d = group.mask if run.prefill else torch.cat(
+                [group.mask.to(run.incoming_mask.dtype), run.incoming_mask[:, run.orig_len:]], dim=1
+            )
+            from transformers import masking_utils  # imports triton: load only when a layer needs it
+
+            make = (masking_utils.create_sliding_window_causal_mask if layer_type == "sliding_attention"
+                    else masking_utils.create_causal_mask)
+            run.masks[key] = make(
+                config=self.lm.config, inputs_embeds=hidden, attention_mask=mask2d,
+                past_key_values=kwargs.get("past_key_values"), position_ids=None, layer_idx=group.start_layer,
+            )
+        kwargs["attention_mask"] = run.masks[key]
+        if run.prefill:
+            if gi not in run.pos_emb:
+                cos, sin = kwargs["position_embeddings"]
+                bsz = group.index0.shape[0]
+                run.pos_emb[gi] = tuple(
+                    take(t.expand(bsz, *t.shape[1:]), group.index0, 1, 0) for t in (cos, sin)
+                )
+            kwargs["position_embeddings"] = run.pos_emb[gi]
+            pid = kwargs.get("position_ids")
+            if isinstance(pid, torch.Tensor) and pid.shape[-1] == run.groups[0].mask.shape[1]:
+                kwargs["position_ids"] = compact_text_positions(group.mask)
+        return args, kwargs
+
+    def _attn_pre(self, p, module, args, kwargs):
+        run = self.current
+        if run is not None and run.prefill:
+            run.captured.setdefault(p, {})["pos"] = kwargs.get("position_embeddings")
+        return None
+
+    def _capture(self, p, name, module, args, output):
+        run = self.current
+        if run is not None and run.prefill:
+            run.captured.setdefault(p, {})[name] = output
+        return None
+
+    def _layer_attention(self, p, run: Run, query_rows=None):
+        cap = run.captured.get(p, {})
+        if "q" not in cap or "k" not in cap:
+            raise RuntimeError(f"{self.method_name}: attention at layer {p} was not captured")
+        attn = self.layers[p].self_attn
+        q_raw, k_raw = cap["q"], cap["k"]
+        b, seq_len = q_raw.shape[:2]
+        q = q_raw.view(b, seq_len, -1, attn.head_dim).transpose(1, 2)
+        k = k_raw.view(b, seq_len, -1, attn.head_dim).transpose(1, 2)
+        if cap.get("pos") is not None:
+            rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+            cos, sin = cap["pos"]
+            q, k = rope(q, k, cos, sin)
+        mask = run.groups[-1].mask.bool()
+        rows = mask if query_rows is None else (query_rows.bool() & mask)
+        return attention_scores(q, k, attn.scaling, rows, causal=True, key_mask=mask)
+
+    def _layer_drop(self, p, module, args, kwargs, output):
+        run = self.current
+        if run is None or not run.prefill:
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        group = run.groups[-1]
+        tokens = LayerTokens(
+            layer=p, hidden=hidden, visual=run.visual, mask=group.mask.bool(), keep=run.keep_total,
+            attention=partial(self._layer_attention, p, run),
+        )
+        _sync(hidden)
+        t0 = time.perf_counter()
+        picks = self.method.select_in_llm(tokens)
+        _sync(hidden)
+        self.last_stats.selection_ms += (time.perf_counter() - t0) * 1e3
+        run.captured.pop(p, None)
+        if len(picks) != hidden.shape[0]:
+            raise RuntimeError(f"{self.method_name}.select_in_llm returned {len(picks)} selections for batch {hidden.shape[0]}")
+        keep = ~run.visual
+        for bi, sel in enumerate(picks):
+            vis_slots = run.visual[bi].nonzero().squeeze(1)
+            if vis_slots.numel() == 0:
+                continue
+            sel = _check_selection(sel, vis_slots.numel(), vis_slots.numel(), f"{self.method_name}.select_in_llm")
+            keep[bi, vis_slots[sel.to(vis_slots.device)]] = True
+        if bool(keep.all()):
+            return None
+        index = compact_index(keep)
+        index0 = index if group.index0 is None else take(group.index0, index, 1, -1)
+        run.groups.append(Group(p + 1, take(group.mask, index, 1, 0), index0))
+        run.visual = take(run.visual, index, 1, False)
+        run.layout = take(run.layout, index, 1, -1)
+        new_hidden = take(hidden, index, 1, 0)
+        return (new_hidden, *output[1:]) if isinstance(output, tuple) else new_hidden
+
+
+def args_kwargs(kwargs):
+    """A forward pre-hook with kwargs returns (args, kwargs); the language model takes kwargs only."""
+    return (), kwargs

@@ -1,0 +1,54 @@
+"""Pure tensor functions that shorten a padded batch of sequences. No model objects here.
+
+Layout convention: every row is right-aligned (left-padded) after compaction, so `logits[:, -1]`
+stays each row's last real token and `generate()` keeps working.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def compact_index(keep: torch.Tensor) -> torch.Tensor:
+    """For BoolTensor keep [B, L]: LongTensor [B, Lp] of source slots, right-aligned, -1 for new pads.
+
+    Lp = max over rows of keep.sum(); kept slots stay in their original order.
+    """
+    b, l = keep.shape
+    n = keep.sum(1)
+    lp = int(n.max()) if b else 0
+    dst = keep.long().cumsum(1) - 1 + (lp - n)[:, None]
+    dst = torch.where(keep, dst, torch.full_like(dst, lp))  # dropped slots go to a spare column
+    index = torch.full((b, lp + 1), -1, dtype=torch.long, device=keep.device)
+    src = torch.arange(l, device=keep.device).expand(b, l)
+    index.scatter_(1, dst, src)
+    return index[:, :lp]
+
+
+def take(x: torch.Tensor, index: torch.Tensor, dim: int, fill=0) -> torch.Tensor:
+    """Gather `x` along `dim` (the sequence dim, batch at dim-1... see below) by index [B, Lp].
+
+    x has the batch at dim `dim - 1` and the sequence at `dim`; leading dims before the batch (e.g.
+    the 3 M-RoPE rows) and trailing dims (hidden size) are carried along. Slots with index -1 are
+    filled with `fill`.
+    """
+    bdim = dim - 1
+    shape = [1] * x.dim()
+    shape[bdim], shape[dim] = index.shape
+    idx = index.clamp(min=0).view(shape)
+    expand = list(x.shape)
+    expand[dim] = index.shape[1]
+    out = torch.gather(x, dim, idx.expand(expand))
+    pad = (index < 0).view(shape).expand(expand)
+    return out.masked_fill(pad, fill)
+
+
+def dropped_before(keep: torch.Tensor) -> torch.Tensor:
+    """LongTensor [B, L]: number of dropped slots strictly before each slot."""
+    dropped = (~keep).long()
+    return dropped.cumsum(1) - dropped
+
+
+def compact_text_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Contiguous positions over real slots (pads get 0), as `generate()` builds them from a mask."""
+    pos = mask.long().cumsum(-1) - 1
+    return pos.masked_fill(mask == 0, 0)

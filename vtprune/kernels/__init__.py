@@ -1,0 +1,15 @@
+"""Selection and signal kernels. Each public function dispatches to a Triton kernel on CUDA where one
+exists and otherwise to the plain-torch reference beside it, which has the same signature."""
+from .attention_scores_torch import attention_scores_torch
+
+
+def attention_scores(q, k, scale, query_index=None, *, causal=False, key_mask=None):
+    """softmax(q k^T * scale) averaged over heads and selected query rows, per key -> float32 [B, Nk].
+
+    See `attention_scores_torch` for shapes. The fused Triton kernel is not written yet, so every
+    device uses the torch reference for now.
+    """
+    return attention_scores_torch(q, k, scale, query_index, causal=causal, key_mask=key_mask)
+
+
+__all__ = ["attention_scores", "attention_scores_torch"]

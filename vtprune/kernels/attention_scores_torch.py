@@ -1,0 +1,74 @@
+"""Plain-torch reference for `attention_scores`: the spec, the CPU path and the test oracle."""
+from __future__ import annotations
+
+import torch
+
+# Query rows processed per step: bounds the [B, H, rows, Nk] block held in memory.
+_ROW_CHUNK = 256
+
+
+def _row_weights(query_index, batch: int, n_q: int, device) -> torch.Tensor:
+    """Per-row averaging weights [B, Nq] (each selected row 1/count, others 0)."""
+    if query_index is None:
+        sel = torch.ones(batch, n_q, dtype=torch.bool, device=device)
+    elif query_index.dtype == torch.bool:
+        if query_index.shape != (batch, n_q):
+            raise ValueError(f"boolean query_index must have shape {(batch, n_q)}, got {tuple(query_index.shape)}")
+        sel = query_index.to(device)
+    else:
+        idx = query_index.to(device=device, dtype=torch.long)
+        if idx.dim() == 1:
+            idx = idx.unsqueeze(0).expand(batch, -1)
+        if idx.dim() != 2 or idx.shape[0] != batch:
+            raise ValueError(f"integer query_index must be [R] or [B, R], got {tuple(query_index.shape)}")
+        sel = torch.zeros(batch, n_q, dtype=torch.bool, device=device)
+        sel.scatter_(1, idx, True)
+    count = sel.sum(1, keepdim=True).clamp(min=1)
+    return sel.float() / count
+
+
+def attention_scores_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    query_index: torch.Tensor | None = None,
+    *,
+    causal: bool = False,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention each key receives: softmax(q k^T * scale), averaged over heads and selected query rows.
+
+    q: [B, Hq, Nq, d]; k: [B, Hk, Nk, d] with Hq a multiple of Hk (grouped-query attention).
+    query_index: None (all rows), LongTensor [R] or [B, R] of row indices, or BoolTensor [B, Nq].
+    causal: query row i sees keys j <= i + (Nk - Nq) (the queries are the last Nq positions).
+    key_mask: BoolTensor [B, Nk], False for keys nobody may attend to (padding).
+    Returns float32 [B, Nk]. Arithmetic is float32 whatever the input dtype.
+    """
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q and k must be [B, H, N, d], got {tuple(q.shape)} and {tuple(k.shape)}")
+    b, hq, n_q, d = q.shape
+    bk, hk, n_k, dk = k.shape
+    if bk != b or dk != d or hq % hk:
+        raise ValueError(f"incompatible q {tuple(q.shape)} and k {tuple(k.shape)}")
+    group = hq // hk
+    qf = q.float().reshape(b, hk, group, n_q, d)
+    kf = k.float()
+    weights = _row_weights(query_index, b, n_q, q.device)
+    out = torch.zeros(b, n_k, dtype=torch.float32, device=q.device)
+    key_pos = torch.arange(n_k, device=q.device)
+    for start in range(0, n_q, _ROW_CHUNK):
+        stop = min(start + _ROW_CHUNK, n_q)
+        w = weights[:, start:stop]
+        if not bool((w > 0).any()):
+            continue
+        logits = torch.einsum("bhgqd,bhkd->bhgqk", qf[:, :, :, start:stop], kf) * scale
+        allowed = torch.ones(b, stop - start, n_k, dtype=torch.bool, device=q.device)
+        if causal:
+            row_pos = torch.arange(start, stop, device=q.device) + (n_k - n_q)
+            allowed = allowed & (key_pos[None, None, :] <= row_pos[None, :, None])
+        if key_mask is not None:
+            allowed = allowed & key_mask.to(q.device, torch.bool)[:, None, :]
+        logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows with no allowed key -> 0
+        out += torch.einsum("bhgqk,bq->bk", probs, w)
+    return out / hq

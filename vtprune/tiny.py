@@ -1,0 +1,102 @@
+"""Tiny random-weight models of the real transformers classes, and inputs built without a processor.
+
+Used by the tests and by `vtprune demo` until the bundled trained models exist; nothing here is
+downloaded. Sample i of a batch = [BOS] + text + image block + text, with a different text length
+per sample (and, for Qwen-VL, a different image size).
+"""
+from __future__ import annotations
+
+import torch
+
+VOCAB, PAD, BOS, EOS = 256, 0, 1, 2
+IMG, VID, VSTART, VEND = 250, 251, 252, 253
+SPECIAL = [IMG, VID, VSTART, VEND]
+
+LLAMA_TEXT = dict(model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=512, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+CLIP_VISION = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                   num_attention_heads=4, image_size=56, patch_size=14, projection_dim=32)
+QWEN_TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                 rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
+                 pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+QWEN_IDS = dict(image_token_id=IMG, video_token_id=VID, vision_start_token_id=VSTART, vision_end_token_id=VEND)
+
+FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl"]
+
+
+def build(family: str, attn: str = "sdpa", seed: int = 0):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if family == "llava":
+        cfg = tf.LlavaConfig(vision_config=CLIP_VISION, text_config=LLAMA_TEXT, image_token_id=IMG,
+                             image_seq_length=16, vision_feature_layer=-2, vision_feature_select_strategy="default")
+        cls = tf.LlavaForConditionalGeneration
+    elif family == "qwen2_vl":
+        cfg = tf.Qwen2VLConfig(vision_config=dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=4,
+                                                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+                               text_config=QWEN_TEXT, **QWEN_IDS)
+        cls = tf.Qwen2VLForConditionalGeneration
+    elif family == "qwen2_5_vl":
+        cfg = tf.Qwen2_5_VLConfig(vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4,
+                                                     patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                                                     window_size=56, out_hidden_size=64, fullatt_block_indexes=[1]),
+                                  text_config=QWEN_TEXT, **QWEN_IDS)
+        cls = tf.Qwen2_5_VLForConditionalGeneration
+    else:
+        raise ValueError(family)
+    cfg._attn_implementation = attn
+    model = cls(cfg).eval()
+    model.set_attn_implementation(attn)
+    gc = model.generation_config
+    gc.pad_token_id, gc.eos_token_id, gc.bos_token_id = PAD, EOS, BOS
+    return model
+
+
+# Qwen image grids (t, h, w) in ViT patches; LLM tokens = t*h*w/4
+QWEN_GRIDS = [(1, 8, 8), (1, 4, 8), (1, 8, 4), (1, 6, 6)]
+
+
+def sample(family: str, i: int, seed: int = 0):
+    """One sample's token ids (list) and its visual inputs (dict of tensors for a batch of one)."""
+    g = torch.Generator().manual_seed(1000 * seed + i)
+    before = (torch.randint(3, 200, (2 + 2 * i,), generator=g)).tolist()
+    after = (torch.randint(3, 200, (3 + (i % 2),), generator=g)).tolist()
+    if family == "llava":
+        ids = [BOS] + before + [IMG] * 16 + after
+        vis = {"pixel_values": torch.randn(1, 3, 56, 56, generator=g)}
+    else:
+        t, h, w = QWEN_GRIDS[i % len(QWEN_GRIDS)]
+        n = t * h * w // 4
+        ids = [BOS] + before + [VSTART] + [IMG] * n + [VEND] + after
+        vis = {"pixel_values": torch.randn(t * h * w, 3 * 2 * 14 * 14, generator=g),
+               "image_grid_thw": torch.tensor([[t, h, w]])}
+    return ids, vis
+
+
+def batch(family: str, indices, padding: str = "left", seed: int = 0):
+    """Batch the given samples with padding on one side; returns kwargs for forward/generate."""
+    samples = [sample(family, i, seed) for i in indices]
+    length = max(len(ids) for ids, _ in samples)
+    ids_rows, mask_rows = [], []
+    for ids, _ in samples:
+        pad = [PAD] * (length - len(ids))
+        ones, zeros = [1] * len(ids), [0] * len(pad)
+        ids_rows.append(pad + ids if padding == "left" else ids + pad)
+        mask_rows.append(zeros + ones if padding == "left" else ones + zeros)
+    out = {"input_ids": torch.tensor(ids_rows), "attention_mask": torch.tensor(mask_rows)}
+    out["pixel_values"] = torch.cat([v["pixel_values"] for _, v in samples])
+    if family != "llava":
+        out["image_grid_thw"] = torch.cat([v["image_grid_thw"] for _, v in samples])
+        out["mm_token_type_ids"] = (out["input_ids"] == IMG).int()
+    return out
+
+
+def real_slots(inputs) -> list[torch.Tensor]:
+    """Per sample, the sequence slots holding real tokens."""
+    return [row.nonzero().squeeze(1) for row in inputs["attention_mask"]]
+
+
+GEN = dict(do_sample=False, suppress_tokens=SPECIAL)
