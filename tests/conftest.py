@@ -1,0 +1,81 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # an accidental download fails loudly
+
+import pytest
+import torch
+
+import vtprune
+from vtprune.methods.base import Method, PruneConfig, Selection, VisionSignal
+from vtprune.methods import fastv as fastv_mod
+from vtprune import tiny
+
+torch.set_num_threads(2)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+# Test-only strategies that exercise the stages with prompt-determined selections -------------
+
+@vtprune.register("vision_attn_test")
+class VisionAttnTest(Method):
+    """Keep the tokens receiving the most vision-encoder attention at the feature layer (test only)."""
+
+    stage = "vision"
+
+    def vision_signals(self):
+        return {"feat": VisionSignal("feature", "mean")}
+
+    def select(self, image):
+        s = image.signals["feat"]
+        order = torch.sort(s, descending=True, stable=True).indices[: image.keep]
+        return Selection(order.sort().values)
+
+
+@vtprune.register("hidden_norm_test")
+class HiddenNormTest(Method):
+    """After decoder layer 1, keep the visual tokens with the largest hidden-state norm (test only).
+
+    Visual hidden states depend only on the tokens before them, so the selection is the same whether
+    or not generated tokens follow: generate with and without the cache must agree."""
+
+    stage = "llm"
+
+    def drop_layers(self, n):
+        return [1]
+
+    def select_in_llm(self, tokens):
+        return fastv_mod.select(tokens.hidden.float().norm(dim=-1), tokens.visual, tokens.keep)
+
+
+@pytest.fixture(scope="session")
+def models():
+    cache = {}
+
+    def get(family, attn="sdpa"):
+        if (family, attn) not in cache:
+            cache[(family, attn)] = tiny.build(family, attn=attn)
+        return cache[(family, attn)]
+
+    return get
+
+
+@pytest.fixture
+def model_factory(models):
+    """A shared tiny model; whatever a test patches is removed afterwards."""
+    used = []
+
+    def get(family, attn="sdpa"):
+        m = models(family, attn)
+        used.append(m)
+        return m
+
+    yield get
+    for m in used:
+        vtprune.unpatch(m)

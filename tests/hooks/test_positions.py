@@ -1,0 +1,104 @@
+"""Qwen M-RoPE: kept tokens keep their original (t, h, w); merged tokens get a coarse grid and the text
+after them moves back; decoding continues from the right position. LLaVA: positions renumbered."""
+import pytest
+import torch
+
+import vtprune
+from vtprune import tiny
+
+
+def expected_positions(ids, grid_hw):
+    """Independent M-RoPE positions for one unpadded sample: text counts up, the image block is a
+    (h, w) grid starting at the position after vision_start, text resumes at start + max(h, w)."""
+    rows, pos, i = [], 0, 0
+    ids = ids.tolist()
+    while i < len(ids):
+        if ids[i] == tiny.IMG:
+            h, w = grid_hw
+            for r in range(h):
+                for c in range(w):
+                    rows.append((pos, pos + r, pos + c))
+            i += h * w
+            pos += max(h, w)
+        else:
+            rows.append((pos, pos, pos))
+            pos += 1
+            i += 1
+    return torch.tensor(rows).T  # [3, L]
+
+
+def capture_positions(model):
+    seen = []
+    hook = model.model.language_model.rotary_emb.register_forward_pre_hook(
+        lambda mod, args: seen.append(args[1].clone()))
+    return seen, hook
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("method, opts", [("random", {}), ("fastv", {}), ("pool", dict(positions="topleft"))])
+def test_kept_tokens_keep_original_3d_positions(model_factory, family, method, opts):
+    model = model_factory(family)
+    inputs = tiny.batch(family, [0])
+    t, h, w = tiny.QWEN_GRIDS[0]
+    want = expected_positions(inputs["input_ids"][0], (h // 2, w // 2))
+    vtprune.patch(model, method, ratio=0.25, **opts)
+    seen, hook = capture_positions(model)
+    try:
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=3, **tiny.GEN)
+    finally:
+        hook.remove()
+    layout = vtprune.stats(model).layout[0]
+    prefill = seen[0][-3:, 0]  # [3, Lp] as the language model received them
+    if method != "fastv":
+        assert torch.equal(prefill, want[:, layout])
+    nxt = int(want.max()) + 1
+    for step, pos in enumerate(seen[1:]):
+        assert pos[-3:, 0, -1].tolist() == [nxt + step] * 3
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_pool_grid_positions_and_shifted_text(model_factory, family):
+    model = model_factory(family)
+    inputs = tiny.batch(family, [0])  # 8x8 patches -> 4x4 LLM tokens, keep 4 -> pooled 2x2
+    ids = inputs["input_ids"][0]
+    vtprune.patch(model, "pool", keep=4)
+    seen, hook = capture_positions(model)
+    try:
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=2, **tiny.GEN)
+    finally:
+        hook.remove()
+    first_img = int((ids == tiny.IMG).nonzero()[0])
+    n_after = len(ids) - first_img - 16
+    s = first_img  # position of the first image token = its slot (no padding, text before is contiguous)
+    grid = [(s, s + r, s + c) for r in range(2) for c in range(2)]
+    after = [(s + 2 + k,) * 3 for k in range(n_after)]  # vision_end and the text after it
+    want = torch.tensor([(p, p, p) for p in range(first_img)] + grid + after).T
+    assert torch.equal(seen[0][-3:, 0], want)
+    assert seen[1][-3:, 0, -1].tolist() == [s + 2 + n_after] * 3  # decoding continues right after
+
+
+def test_llava_positions_are_renumbered_or_kept(model_factory):
+    model = model_factory("llava")
+    inputs = tiny.batch("llava", [0, 1])
+    for keep_positions in (False, True):
+        vtprune.patch(model, "random", keep=4, keep_positions=keep_positions)
+        seen = []
+        hook = model.model.language_model.rotary_emb.register_forward_pre_hook(
+            lambda m, a, kw: seen.append((a[1] if len(a) > 1 else kw["position_ids"]).clone()), with_kwargs=True)
+        try:
+            with torch.no_grad():
+                model.generate(**inputs, max_new_tokens=2, **tiny.GEN)
+        finally:
+            hook.remove()
+        layout = vtprune.stats(model).layout
+        mask = inputs["attention_mask"]
+        orig = (mask.cumsum(1) - 1).clamp(min=0)
+        for b in range(2):
+            real = [int(s) for s in layout[b] if s >= 0 and mask[b, s]]
+            got = seen[0][b, -len(real):].tolist()
+            want = orig[b, real].tolist() if keep_positions else list(range(len(real)))
+            assert got == want
+            n_real = int(mask[b].sum())
+            assert seen[1][b, -1].item() == (n_real if keep_positions else len(real))

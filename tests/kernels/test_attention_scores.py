@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from vtprune.kernels import attention_scores, attention_scores_torch
+
+
+def naive(q, k, scale, rows, causal, key_mask):
+    """Materialise the whole attention map, one sample and head at a time."""
+    b, hq, nq, _ = q.shape
+    hk, nk = k.shape[1], k.shape[2]
+    out = torch.zeros(b, nk, dtype=torch.float64)
+    for bi in range(b):
+        sel = [i for i in range(nq) if rows is None or rows[bi, i]]
+        for h in range(hq):
+            kh = k[bi, h // (hq // hk)].double()
+            for i in sel:
+                logits = (q[bi, h, i].double() @ kh.T) * scale
+                allowed = torch.ones(nk, dtype=torch.bool)
+                if causal:
+                    allowed &= torch.arange(nk) <= i + nk - nq
+                if key_mask is not None:
+                    allowed &= key_mask[bi]
+                p = torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1)
+                out[bi] += p / (len(sel) * hq)
+    return out.float()
+
+
+@pytest.mark.parametrize("hq, hk", [(4, 4), (4, 2), (6, 1)], ids=lambda v: str(v))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("nq, nk", [(7, 7), (3, 9)], ids=["square", "tail-queries"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_matches_naive_softmax(hq, hk, causal, nq, nk, dtype):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, hq, nq, 8, generator=g).to(dtype)
+    k = torch.randn(2, hk, nk, 8, generator=g).to(dtype)
+    key_mask = torch.ones(2, nk, dtype=torch.bool)
+    key_mask[1, :2] = False  # left padding in sample 1
+    rows = torch.ones(2, nq, dtype=torch.bool)
+    rows[1, :2] = False  # padding rows are never averaged (with causal masking they see no key)
+    got = attention_scores(q, k, 0.3, rows, causal=causal, key_mask=key_mask)
+    want = naive(q.float(), k.float(), 0.3, rows, causal, key_mask)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_query_index_forms_agree():
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(2, 2, 5, 4, generator=g), torch.randn(2, 2, 5, 4, generator=g)
+    by_list = attention_scores_torch(q, k, 0.5, torch.tensor([0, 3]))
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[:, [0, 3]] = True
+    assert torch.equal(by_list, attention_scores_torch(q, k, 0.5, mask))
+    assert torch.equal(by_list, attention_scores_torch(q, k, 0.5, torch.tensor([[0, 3], [0, 3]])))
+
+
+def test_rows_average_to_a_distribution():
+    q, k = torch.randn(3, 4, 6, 8), torch.randn(3, 2, 6, 8)
+    s = attention_scores(q, k, 0.35, causal=True)
+    torch.testing.assert_close(s.sum(1), torch.ones(3))
+
+
+def test_bad_shapes_raise():
+    with pytest.raises(ValueError, match="incompatible"):
+        attention_scores(torch.randn(1, 3, 4, 8), torch.randn(1, 2, 4, 8), 1.0)
+    with pytest.raises(ValueError, match=r"\[B, H, N, d\]"):
+        attention_scores(torch.randn(3, 4, 8), torch.randn(3, 4, 8), 1.0)

@@ -1,0 +1,185 @@
+"""The public contract: registry, option validation, errors, patch/unpatch/pruned, stats."""
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vtprune
+from vtprune import tiny
+
+
+def test_available_lists_baselines_sorted():
+    names = vtprune.available()
+    assert {"random", "pool", "fastv"} <= set(names)
+    assert names == sorted(names)
+
+
+def test_import_is_light():
+    code = ("import sys, vtprune; heavy = [m for m in ('triton', 'timm', 'open_clip', 'lmms_eval', 'transformers') "
+            "if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("kwargs, exc, words", [
+    (dict(ratio=0.0), ValueError, ["ratio", "(0, 1]"]),
+    (dict(ratio=1.5), ValueError, ["ratio", "(0, 1]"]),
+    (dict(ratio=-0.1), ValueError, ["ratio"]),
+    (dict(keep=0), ValueError, ["keep", ">= 1"]),
+    (dict(keep=2.5), TypeError, ["keep"]),
+    (dict(keep=4, ratio=0.5), ValueError, ["exactly one", "keep", "ratio"]),
+    (dict(), ValueError, ["exactly one"]),
+    (dict(keep=4, bogus=1), TypeError, ["bogus", "allowed", "seed"]),
+])
+def test_bad_options_raise_clear_errors(model_factory, kwargs, exc, words):
+    model = model_factory("llava")
+    with pytest.raises(exc) as err:
+        vtprune.patch(model, "random", **kwargs)
+    for w in words:
+        assert w in str(err.value)
+    assert not hasattr(model, "_vtprune")
+
+
+def test_unknown_method_lists_available(model_factory):
+    model = model_factory("llava")
+    with pytest.raises(ValueError) as err:
+        vtprune.patch(model, "nope", keep=4)
+    assert "nope" in str(err.value) and "random" in str(err.value) and "fastv" in str(err.value)
+
+
+def test_unsupported_model_lists_supported():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(TypeError) as err:
+        vtprune.patch(model, "random", keep=4)
+    assert "Linear" in str(err.value) and "LlavaForConditionalGeneration" in str(err.value)
+    assert "Qwen2VLForConditionalGeneration" in str(err.value)
+
+
+def test_method_option_validation():
+    with pytest.raises(ValueError, match="positions"):
+        vtprune.patch(tiny.build("llava"), "pool", keep=4, positions="middle")
+    with pytest.raises(ValueError, match="layer"):
+        vtprune.patch(tiny.build("llava"), "fastv", keep=4, layer=0)
+
+
+def test_fastv_layer_beyond_depth_leaves_model_unpatched(model_factory):
+    model = model_factory("llava")
+    n = len(model.model.language_model.layers)
+    hooks_before = _hook_count(model)
+    with pytest.raises(ValueError, match="decoder layers"):
+        vtprune.patch(model, "fastv", keep=4, layer=n)
+    assert not hasattr(model, "_vtprune") and _hook_count(model) == hooks_before
+
+
+def _hook_count(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_failed_repatch_keeps_previous_config(model_factory):
+    model = model_factory("llava")
+    vtprune.patch(model, "random", ratio=0.5)
+    hooks = _hook_count(model)
+    with pytest.raises(ValueError):
+        vtprune.patch(model, "random", ratio=2.0)
+    assert model._vtprune.method_name == "random" and _hook_count(model) == hooks
+
+
+def test_patch_returns_same_object_and_repatch_replaces(model_factory):
+    model = model_factory("llava")
+    untouched = _hook_count(model)
+    assert vtprune.patch(model, "random", ratio=0.5) is model
+    hooks = _hook_count(model)
+    vtprune.patch(model, "pool", ratio=0.25)
+    assert _hook_count(model) == hooks  # replaced, not stacked
+    assert model._vtprune.method_name == "pool"
+    vtprune.unpatch(model)
+    assert _hook_count(model) == untouched and not hasattr(model, "_vtprune")
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+@pytest.mark.parametrize("method", ["random", "pool", "fastv", "vision_attn_test"])
+def test_attn_implementation_never_changes(model_factory, family, method):
+    model = model_factory(family)
+    before = (model.config._attn_implementation, model.config.text_config._attn_implementation,
+              model.config.vision_config._attn_implementation)
+    vtprune.patch(model, method, ratio=0.5)
+    with torch.no_grad():
+        model(**tiny.batch(family, [0, 1]))
+    after = (model.config._attn_implementation, model.config.text_config._attn_implementation,
+             model.config.vision_config._attn_implementation)
+    assert before == after == ("sdpa", "sdpa", "sdpa")
+
+
+def test_pruned_context_restores(model_factory):
+    model = model_factory("llava")
+    vtprune.patch(model, "random", ratio=0.5, seed=3)
+    with vtprune.pruned(model, "pool", ratio=0.25):
+        assert model._vtprune.method_name == "pool"
+    assert model._vtprune.method_name == "random" and model._vtprune.method.config.seed == 3
+    vtprune.unpatch(model)
+    with vtprune.pruned(model, "random", keep=2):
+        pass
+    assert not hasattr(model, "_vtprune")
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_stats_per_sample(model_factory, family):
+    model = model_factory(family)
+    vtprune.patch(model, "random", ratio=0.25)
+    inputs = tiny.batch(family, [0, 1, 2])
+    with torch.no_grad():
+        model(**inputs)
+    st = vtprune.stats(model)
+    n_visual = (inputs["input_ids"] == tiny.IMG).sum(1).tolist()
+    assert st.visual_before == n_visual
+    assert st.visual_after == [max(1, round(0.25 * n)) for n in n_visual]
+    assert st.selection_ms > 0 and st.method == "random"
+    assert st.layout.shape[0] == 3
+
+
+def test_stats_requires_patch(models):
+    with pytest.raises(ValueError, match="not patched"):
+        vtprune.stats(models("llava"))
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_text_only_inputs_pass_through(model_factory, family):
+    model = model_factory(family)
+    ids = torch.tensor([[tiny.BOS, 5, 6, 7, 8], [tiny.PAD, tiny.BOS, 9, 10, 11]])
+    mask = (ids != tiny.PAD).long()
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+        ref_gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, **tiny.GEN)
+        vtprune.patch(model, "random", ratio=0.25)
+        out = model(input_ids=ids, attention_mask=mask).logits
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, **tiny.GEN)
+    assert torch.equal(ref, out) and torch.equal(ref_gen, gen)
+
+
+def test_configs_are_dataclasses_with_to_dict():
+    from vtprune.methods.registry import get_method
+    for name in ("random", "pool", "fastv"):
+        cfg = get_method(name).Config(keep=8)
+        assert dataclasses.is_dataclass(cfg) and cfg.to_dict()["keep"] == 8
+
+
+def test_register_rejects_bad_names_and_duplicates():
+    with pytest.raises(ValueError):
+        vtprune.register("Bad Name")
+    with pytest.raises(ValueError, match="already registered"):
+        @vtprune.register("random")
+        class Other(vtprune.Method):
+            stage = "projector"
+
+
+def test_cli_methods_lists_stage_and_options():
+    from vtprune.cli import main
+    import io, contextlib
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["methods"]) == 0
+    text = buf.getvalue()
+    assert "fastv  (stage: llm)" in text and "pool  (stage: projector)" in text
+    assert "seed: int = 0" in text and "layer: int = 2" in text
