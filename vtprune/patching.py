@@ -19,7 +19,7 @@ def patch(model, method: str, **options):
     """
     built = build_method(method, options)  # validates name and options before touching the model
     adapter = adapter_for(model)
-    state = PatchState(model, adapter, built, method, dict(options))
+    state = PatchState(adapter, built, method, dict(options))
     previous = getattr(model, _ATTR, None)
     if previous is not None:
         unpatch(model)

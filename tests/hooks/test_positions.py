@@ -27,11 +27,18 @@ def expected_positions(ids, grid_hw):
     return torch.tensor(rows).T  # [3, L]
 
 
-def capture_positions(model):
+def generate_capturing_positions(model, inputs, new_tokens):
+    """Position ids the language model's rotary embedding received: prefill first, then each decode step."""
     seen = []
     hook = model.model.language_model.rotary_emb.register_forward_pre_hook(
-        lambda mod, args: seen.append(args[1].clone()))
-    return seen, hook
+        lambda mod, args, kwargs: seen.append((args[1] if len(args) > 1 else kwargs["position_ids"]).clone()),
+        with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=new_tokens, **tiny.GEN)
+    finally:
+        hook.remove()
+    return seen
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
@@ -42,12 +49,7 @@ def test_kept_tokens_keep_original_3d_positions(model_factory, family, method, o
     t, h, w = tiny.QWEN_GRIDS[0]
     want = expected_positions(inputs["input_ids"][0], (h // 2, w // 2))
     vtprune.patch(model, method, ratio=0.25, **opts)
-    seen, hook = capture_positions(model)
-    try:
-        with torch.no_grad():
-            model.generate(**inputs, max_new_tokens=3, **tiny.GEN)
-    finally:
-        hook.remove()
+    seen = generate_capturing_positions(model, inputs, 3)
     layout = vtprune.stats(model).layout[0]
     prefill = seen[0][-3:, 0]  # [3, Lp] as the language model received them
     if method != "fastv":
@@ -63,12 +65,7 @@ def test_pool_grid_positions_and_shifted_text(model_factory, family):
     inputs = tiny.batch(family, [0])  # 8x8 patches -> 4x4 LLM tokens, keep 4 -> pooled 2x2
     ids = inputs["input_ids"][0]
     vtprune.patch(model, "pool", keep=4)
-    seen, hook = capture_positions(model)
-    try:
-        with torch.no_grad():
-            model.generate(**inputs, max_new_tokens=2, **tiny.GEN)
-    finally:
-        hook.remove()
+    seen = generate_capturing_positions(model, inputs, 2)
     first_img = int((ids == tiny.IMG).nonzero()[0])
     n_after = len(ids) - first_img - 16
     s = first_img  # position of the first image token = its slot (no padding, text before is contiguous)
@@ -84,14 +81,7 @@ def test_llava_positions_are_renumbered_or_kept(model_factory):
     inputs = tiny.batch("llava", [0, 1])
     for keep_positions in (False, True):
         vtprune.patch(model, "random", keep=4, keep_positions=keep_positions)
-        seen = []
-        hook = model.model.language_model.rotary_emb.register_forward_pre_hook(
-            lambda m, a, kw: seen.append((a[1] if len(a) > 1 else kw["position_ids"]).clone()), with_kwargs=True)
-        try:
-            with torch.no_grad():
-                model.generate(**inputs, max_new_tokens=2, **tiny.GEN)
-        finally:
-            hook.remove()
+        seen = generate_capturing_positions(model, inputs, 2)
         layout = vtprune.stats(model).layout
         mask = inputs["attention_mask"]
         orig = (mask.cumsum(1) - 1).clamp(min=0)

@@ -111,7 +111,7 @@ def _check_selection(sel: torch.Tensor, n: int, budget: int, what: str) -> torch
 class PatchState:
     """Everything `patch` attaches to a model: the method, the adapter, hook handles, last stats."""
 
-    def __init__(self, model, adapter, method: Method, method_name: str, options: dict):
+    def __init__(self, adapter, method: Method, method_name: str, options: dict):
         self.adapter = adapter
         self.method = method
         self.method_name = method_name
@@ -186,7 +186,7 @@ class PatchState:
                     "vtprune: new images on a KV cache that already holds a pruned prefill are not supported; "
                     "start a new cache per prompt"
                 )
-            if embeds.shape[1] != 1 and not self.allow_multi_token_decode(cache, run, embeds):
+            if embeds.shape[1] != 1:
                 raise NotImplementedError(
                     "vtprune: continuing a pruned KV cache with several new tokens at once (multi-turn reuse) is "
                     "not supported; pass the whole conversation with a fresh cache"
@@ -202,10 +202,6 @@ class PatchState:
                 "vtprune: images in a call that continues an existing KV cache are not supported; use a fresh cache"
             )
         return self._prefill(kwargs, scratch, visual)
-
-    @staticmethod
-    def allow_multi_token_decode(cache, run, embeds) -> bool:
-        return False
 
     def _lm_post(self, module, args, kwargs, output):
         run, self.current = self.current, None

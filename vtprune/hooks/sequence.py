@@ -25,11 +25,10 @@ def compact_index(keep: torch.Tensor) -> torch.Tensor:
 
 
 def take(x: torch.Tensor, index: torch.Tensor, dim: int, fill=0) -> torch.Tensor:
-    """Gather `x` along `dim` (the sequence dim, batch at dim-1... see below) by index [B, Lp].
+    """Gather the sequence dim `dim` of `x` by index [B, Lp]; slots with index -1 get `fill`.
 
-    x has the batch at dim `dim - 1` and the sequence at `dim`; leading dims before the batch (e.g.
-    the 3 M-RoPE rows) and trailing dims (hidden size) are carried along. Slots with index -1 are
-    filled with `fill`.
+    The batch is at dim `dim - 1`. Leading dims before the batch (the 3 M-RoPE rows) and trailing
+    dims (hidden size) are carried along.
     """
     bdim = dim - 1
     shape = [1] * x.dim()
