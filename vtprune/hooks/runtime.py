@@ -210,7 +210,9 @@ class PatchState:
         if run.prefill:
             self.last_stats.visual_after = run.visual.sum(1).tolist()
             self.last_stats.layout = run.layout
-            cache = getattr(output, "past_key_values", None) or kwargs.get("past_key_values")
+            cache = getattr(output, "past_key_values", None)
+            if cache is None:
+                cache = kwargs.get("past_key_values")
             if cache is not None and run.changed:
                 setattr(cache, _CACHE_ATTR, run)
         run.end_forward()
