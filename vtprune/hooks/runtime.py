@@ -228,7 +228,6 @@ class PatchState:
         mask2d = am if am is not None else torch.ones(b, seq_len, dtype=torch.long, device=embeds.device)
         units = self.adapter.units(scratch, visual, kwargs.get("position_ids"))
         budgets = [self.method.config.budget(len(u.slots)) for u in units]
-        cfg = self.method.config
         self.last_stats = Stats(method=self.method_name, visual_before=visual.sum(1).tolist())
         keep_total = torch.zeros(b, dtype=torch.long, device=embeds.device)
         for u, k in zip(units, budgets):
@@ -312,7 +311,6 @@ class PatchState:
         # image's first position; everything after a shortened block moves back by the lost extent.
         rows = pos[-3:].clone()
         original = pos[-3:]
-        block_delta: dict[tuple[int, int], int] = {}
         for u, sel in chosen:
             if sel.grid is None:
                 continue
@@ -328,10 +326,8 @@ class PatchState:
             rows[:, u.sample, kept_slots] = torch.stack([tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)]) + start[:, None]
         shift_slots = torch.zeros(b, seq_len, dtype=pos.dtype, device=pos.device)
         total = torch.zeros(b, dtype=torch.long, device=pos.device)
-        for u, sel in chosen:
-            if sel.grid is not None:
-                block_delta.setdefault((u.sample, u.block), 0)
-        for sample, block in block_delta:
+        merged_blocks = {(u.sample, u.block) for u, sel in chosen if sel.grid is not None}
+        for sample, block in sorted(merged_blocks):
             slots = torch.cat([u.slots for u in units if u.sample == sample and u.block == block])
             kept = slots[keep[sample, slots]]
             delta = int(rows[:, sample, kept].max() - original[:, sample, slots].max())
