@@ -6,8 +6,19 @@ import torch
 import vtprune
 from vtprune import tiny
 
-METHODS = ["random", "pool", "fastv", "vision_attn_test", "hidden_norm_test"]
-STAGE_METHODS = ["random", "vision_attn_test", "hidden_norm_test", "pool"]  # prompt-determined selections
+SEED = ["divprune", "hiprune", "todre", "todre_stage2", "token_shuffle", "transprune", "vflowopt"]
+METHODS = ["random", "pool", "fastv", "vision_attn_test", "hidden_norm_test", *SEED]
+# selections determined by the prompt alone (no attention from rows that generated tokens would add)
+STAGE_METHODS = ["random", "vision_attn_test", "hidden_norm_test", "pool",
+                 "divprune", "hiprune", "todre", "todre_stage2", "token_shuffle", "vflowopt"]
+# test ids -> (registered name, extra options). todre_stage2: stage 2 after decoder layer 1 with
+# tau=1, so every pruned sample loses all its visual tokens there whatever the attention.
+VARIANTS = {"todre_stage2": ("todre", dict(stage2_layer=1, tau=1.0))}
+
+
+def _patch(model, method, **budget):
+    name, extra = VARIANTS.get(method, (method, {}))
+    return vtprune.patch(model, name, **budget, **extra)
 
 
 @pytest.mark.parametrize("family", tiny.FAMILIES)
@@ -19,7 +30,7 @@ def test_keep_all_is_bit_identical(model_factory, family, method, budget):
     with torch.no_grad():
         ref = model(**inputs).logits
         ref_gen = model.generate(**inputs, max_new_tokens=3, **tiny.GEN)
-        vtprune.patch(model, method, **budget)
+        _patch(model, method, **budget)
         out = model(**inputs).logits
         gen = model.generate(**inputs, max_new_tokens=3, **tiny.GEN)
     assert torch.equal(ref, out)
@@ -32,7 +43,7 @@ def test_unpatch_is_bit_identical_to_never_patched(model_factory, family, method
     model = model_factory(family)
     fresh = tiny.build(family)  # same seed -> same weights, never patched
     inputs = tiny.batch(family, [0, 1])
-    vtprune.patch(model, method, ratio=0.25)
+    _patch(model, method, ratio=0.25)
     with torch.no_grad():
         pruned = model(**inputs).logits
         model.generate(**inputs, max_new_tokens=2, **tiny.GEN)
@@ -60,7 +71,7 @@ def _logits_by_real_token(logits, layout, mask):
 @pytest.mark.parametrize("padding", ["left", "right"])
 def test_batch_prefill_matches_each_sample_alone(model_factory, family, method, padding):
     model = model_factory(family)
-    vtprune.patch(model, method, ratio=0.4)
+    _patch(model, method, ratio=0.4)
     idx = [0, 1, 2]
     inputs = tiny.batch(family, idx, padding=padding)
     with torch.no_grad():
@@ -82,7 +93,7 @@ def test_batch_prefill_matches_each_sample_alone(model_factory, family, method, 
 @pytest.mark.parametrize("method", METHODS)
 def test_batch_generate_matches_each_sample_alone(model_factory, family, method):
     model = model_factory(family)
-    vtprune.patch(model, method, ratio=0.4)
+    _patch(model, method, ratio=0.4)
     idx = [0, 1, 2, 3]
     inputs = tiny.batch(family, idx)
     with torch.no_grad():
@@ -105,7 +116,7 @@ def test_pool_on_different_image_sizes_keeps_different_counts(model_factory):
 @pytest.mark.parametrize("method", STAGE_METHODS)
 def test_generate_with_cache_equals_without(model_factory, family, method):
     model = model_factory(family)
-    vtprune.patch(model, method, ratio=0.3)
+    _patch(model, method, ratio=0.3)
     inputs = tiny.batch(family, [0, 1, 2])
     with torch.no_grad():
         cached = model.generate(**inputs, max_new_tokens=6, output_scores=True, return_dict_in_generate=True, **tiny.GEN)

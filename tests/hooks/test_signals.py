@@ -89,3 +89,208 @@ def test_qwen_vision_signal_per_image_and_token(model_factory, family):
     assert sizes == [16, 8, 8]
     for s in captured["s"]:
         assert abs(float(s.sum()) - 0.25) < 1e-5
+
+
+def test_llava_context_signal_equals_eager_clip_attention(model_factory):
+    """VFlowOpt's map: rows S = tokens receiving > t x the mean attention, then the mean of those rows."""
+    from vtprune.hooks.base import SignalStore
+    from vtprune.hooks.llava import LlavaAdapter
+    from vtprune.methods.base import VisionSignal
+
+    model = model_factory("llava", "sdpa")
+    eager = model_factory("llava", "eager")
+    pixels = tiny.batch("llava", [0, 1])["pixel_values"]
+    with torch.no_grad():
+        ref = eager.model.vision_tower(pixels, output_attentions=True).attentions[1].mean(1)  # [B, T, T]
+    received = ref.mean(1)
+    for t in (1.5, 1e6):  # a few context rows; none above the threshold -> the argmax row alone
+        store = SignalStore()
+        handles = LlavaAdapter(model).install_vision_signals({"c": VisionSignal("feature", "context", t)}, store)
+        try:
+            with torch.no_grad():
+                model.model.vision_tower(pixels)
+        finally:
+            for h in handles:
+                h.remove()
+        want = []
+        for b in range(2):
+            rows = (received[b] > t * received[b].mean()).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                rows = received[b].argmax()[None]
+            assert t > 1e5 or 0 < rows.numel() < received.shape[1]
+            want.append(ref[b, rows].mean(0)[1:])
+        torch.testing.assert_close(torch.stack(store.read()["c"]), torch.stack(want), atol=1e-6, rtol=1e-5)
+
+
+def test_hiprune_under_sdpa_selects_what_eager_attention_selects(model_factory):
+    from vtprune.methods import hiprune
+
+    sdpa, eager = model_factory("llava", "sdpa"), model_factory("llava", "eager")
+    inputs = tiny.batch("llava", [0, 1, 2])
+    with torch.no_grad():
+        att = eager.model.vision_tower(inputs["pixel_values"], output_attentions=True).attentions
+    # tiny CLIP: 3 layers; object layer = round(9 * 3 / 24) - 1 = 0; feature layer (-2) = output of layer 1
+    obj, deep = att[0].mean(1).mean(1)[:, 1:], att[1].mean(1).mean(1)[:, 1:]
+    want = hiprune.select(obj, deep, (4, 4), 6, alpha=1.0)
+    vtprune.patch(sdpa, "hiprune", keep=6, alpha=1.0)
+    with torch.no_grad():
+        sdpa(**inputs)
+    layout = vtprune.stats(sdpa).layout
+    visual = inputs["input_ids"] == tiny.IMG
+    for b in range(3):
+        vis_slots = visual[b].nonzero().squeeze(1).tolist()
+        kept = sorted(vis_slots.index(int(s)) for s in layout[b] if s >= 0 and int(s) in vis_slots)
+        assert kept == want[b].tolist(), f"sample {b}"
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_todre_stage2_share_under_sdpa_matches_eager(model_factory, family):
+    """Stage 2 drops a sample's visual tokens iff the question's attention share on them at the stage-2
+    layer (eager attention of the stage-1-pruned sequence) is below tau."""
+    sdpa, eager = model_factory(family, "sdpa"), model_factory(family, "eager")
+    inputs = tiny.batch(family, [0, 1, 2])
+    layer = 1
+    vtprune.patch(eager, "todre", ratio=0.5, stage2=False)
+    with torch.no_grad():
+        out = eager(**inputs, output_attentions=True)
+    st = vtprune.stats(eager)
+    attn = out.attentions[layer].mean(1)  # [B, L', L'] in the pruned layout
+    visual = (inputs["input_ids"] == tiny.IMG) | (inputs["input_ids"] == tiny.VID)
+    shares = []
+    for b in range(3):
+        src = st.layout[b]
+        vis = torch.tensor([bool(s >= 0 and visual[b, s]) for s in src])
+        real = torch.tensor([bool(s >= 0 and inputs["attention_mask"][b, s]) for s in src])
+        last_vis = int(vis.nonzero().max())
+        rows = real & ~vis & (torch.arange(len(src)) > last_vis)
+        a = attn[b][rows]
+        shares.append(float(a[:, vis].sum() / a.sum()))
+    order = sorted(shares)
+    tau = (order[0] + order[1]) / 2  # exactly one sample below
+    vtprune.patch(sdpa, "todre", ratio=0.5, stage2_layer=layer, tau=tau)
+    with torch.no_grad():
+        sdpa(**inputs)
+    after = vtprune.stats(sdpa).visual_after
+    for b in range(3):
+        assert (after[b] == 0) == (shares[b] < tau), (b, shares, tau, after)
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_llm_signals_equal_eager_attention_and_hidden_states(model_factory, family):
+    """At a drop layer p: `attention` equals eager layer p, `attention_next` (computed from layer p's
+    output before layer p+1 runs) equals eager layer p+1; observe() gets the sub-module inputs/outputs."""
+    got = {}
+
+    @vtprune.register(f"llm_probe_{family}")
+    class Probe(vtprune.Method):
+        """records the llm-stage signals; keeps every token"""
+        stage = "llm"
+
+        def drop_layers(self, n):
+            return [1]
+
+        def attention_layers(self, n):
+            return [1]
+
+        def observe_layers(self, n):
+            return [1]
+
+        def observe(self, tokens, io):
+            got["io"] = io
+
+        def select_in_llm(self, tokens):
+            got["now"], got["next"] = tokens.attention(None), tokens.attention_next(None)
+            return [torch.arange(int(v.sum())) for v in tokens.visual]
+
+    sdpa, eager = model_factory(family, "sdpa"), model_factory(family, "eager")
+    inputs = tiny.batch(family, [0, 1, 2])
+    vtprune.patch(sdpa, f"llm_probe_{family}", ratio=0.5)
+    with torch.no_grad():
+        out = sdpa(**inputs, output_hidden_states=True)
+        ref = eager(**inputs, output_attentions=True)
+    mask = inputs["attention_mask"].bool()
+    for key, layer in (("now", 1), ("next", 2)):
+        a = ref.attentions[layer].mean(1)
+        want = (a * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True)
+        torch.testing.assert_close(got[key], want, atol=1e-6, rtol=1e-5)
+    io, hs = got["io"], out.hidden_states
+    lm = sdpa.model.language_model.layers[1]
+    torch.testing.assert_close(io["attn_in"], lm.input_layernorm(hs[1]))
+    torch.testing.assert_close(io["mlp_in"], lm.post_attention_layernorm(hs[1] + io["attn_out"]))
+    torch.testing.assert_close(hs[1] + io["attn_out"] + io["mlp_out"], hs[2])
+
+
+@pytest.mark.parametrize("method", ["hiprune", "vflowopt", "todre"])
+def test_vision_signals_hook_only_the_layers_they_need(model_factory, method):
+    """No output_attentions on the tower: q/k are captured at the one or two layers a method reads."""
+    from vtprune.hooks.llava import _encoder_layers
+
+    model = model_factory("llava")
+    layers = _encoder_layers(model.model.vision_tower)
+    vtprune.patch(model, method, ratio=0.25)
+    hooked = [i for i, layer in enumerate(layers) if layer.self_attn.q_proj._forward_hooks]
+    assert hooked == ({"hiprune": [0, 1]}.get(method, [1]))
+    assert not model.config.vision_config.output_attentions
+
+
+def _normalised(grey):
+    """uint8-valued grey [..., H, W] -> CLIP-normalised RGB [..., 3, H, W]."""
+    from vtprune.methods.base import CLIP_MEAN, CLIP_STD
+    rgb = grey.float()[..., None, :, :].expand(*grey.shape[:-2], 3, *grey.shape[-2:]) / 255
+    return (rgb - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+
+
+def _levels(n_tokens, side):
+    """Per token, a side x side block whose grey levels have 0, 1 or 2 bits of entropy (token i: i % 3)."""
+    blocks = torch.zeros(n_tokens, side, side)
+    for i in range(n_tokens):
+        if i % 3 == 1:
+            blocks[i, :, side // 2:] = 255
+        elif i % 3 == 2:
+            blocks[i] = torch.tensor([10, 20, 30, 40]).repeat_interleave(side * side // 4).view(side, side)
+    return blocks, torch.tensor([float(i % 3) for i in range(n_tokens)])
+
+
+def test_entropy_signal_from_pixels_llava_and_qwen(model_factory):
+    from vtprune.hooks.base import SignalStore
+    from vtprune.hooks.llava import LlavaAdapter
+    from vtprune.hooks.qwen2_vl import QwenVLAdapter
+    from vtprune.methods.base import VisionSignal
+
+    sig = {"h": VisionSignal("feature", "entropy")}
+    # LLaVA: a 56x56 image of 4x4 patches of 14 px
+    blocks, want = _levels(16, 14)
+    grey = blocks.view(4, 4, 14, 14).permute(0, 2, 1, 3).reshape(56, 56)
+    model = model_factory("llava")
+    store = SignalStore()
+    handles = LlavaAdapter(model).install_vision_signals(sig, store)
+    try:
+        with torch.no_grad():
+            model.model.vision_tower(_normalised(grey)[None])
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(store.read()["h"][0], want)
+    # Qwen2-VL: an LLM token merges 2x2 patches of 14 px (consecutive rows of pixel_values)
+    model = model_factory("qwen2_vl")
+    blocks, want = _levels(4, 28)
+    patches = blocks.view(4, 2, 14, 2, 14).permute(0, 1, 3, 2, 4).reshape(16, 14, 14)
+    px = _normalised(patches)[:, :, None].expand(16, 3, 2, 14, 14).reshape(16, -1)
+    store = SignalStore()
+    handles = QwenVLAdapter(model).install_vision_signals(sig, store)
+    try:
+        with torch.no_grad():
+            model.model.visual(px, grid_thw=torch.tensor([[1, 4, 4]]))
+    finally:
+        for h in handles:
+            h.remove()
+    torch.testing.assert_close(store.read()["h"][0], want)
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_vflowopt_with_entropy_runs(model_factory, family):
+    model = model_factory(family)
+    vtprune.patch(model, "vflowopt", ratio=0.5, alpha=0.5)
+    with torch.no_grad():
+        model.generate(**tiny.batch(family, [0, 1]), max_new_tokens=2, **tiny.GEN)
+    assert vtprune.stats(model).visual_after[0] < vtprune.stats(model).visual_before[0]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import attention_scores
 from ..methods.base import VisionSignal
 
 
@@ -80,13 +81,47 @@ class Adapter:
                 out[i][name] = scores
         return out
 
-    @staticmethod
-    def resolve_layer(layer, n_layers: int, feature_layer: int) -> int:
+    def object_layer(self, n_layers: int) -> int:
+        """Default 0-based encoder layer for "object" signals: the middle block."""
+        return max(0, round(n_layers / 2) - 1)
+
+    def resolve_layer(self, layer, n_layers: int, feature_layer: int) -> int:
         if layer == "feature":
             return feature_layer
+        if layer == "object":
+            return min(self.object_layer(n_layers), feature_layer)
         if isinstance(layer, bool) or not isinstance(layer, int) or not -n_layers <= layer < n_layers:
-            raise ValueError(f"vision layer must be 'feature' or an int in [{-n_layers}, {n_layers}), got {layer!r}")
+            raise ValueError(
+                f"vision layer must be 'feature', 'object' or an int in [{-n_layers}, {n_layers}), got {layer!r}"
+            )
         return layer % n_layers
+
+
+def grey_levels(pixels: torch.Tensor, mean, std) -> torch.Tensor:
+    """Normalised RGB [..., 3, ...] (channel dim -3) -> uint8 grey levels (ITU-R 601-2 luma, as PIL's "L")."""
+    shape = [1] * pixels.dim()
+    shape[-3] = 3
+    m = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(shape)
+    s = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(shape)
+    rgb = (pixels.float() * s + m) * 255.0
+    r, g, b = rgb.unbind(-3)
+    return (0.299 * r + 0.587 * g + 0.114 * b).round().clamp(0, 255).to(torch.uint8)
+
+
+def reduce_attention(q: torch.Tensor, k: torch.Tensor, scale: float, signal: VisionSignal, has_cls: bool) -> torch.Tensor:
+    """One VisionSignal from a layer's queries and keys [B, H, T, d] -> float32 [B, T] (CLS column kept)."""
+    if signal.reduce == "cls" or (signal.reduce == "cls_else_mean" and has_cls):
+        if not has_cls:
+            raise ValueError("a 'cls' vision signal needs a CLS token; this encoder's features have none")
+        return attention_scores(q, k, scale, torch.tensor([0], device=q.device))
+    received = attention_scores(q, k, scale)
+    if signal.reduce in ("mean", "cls_else_mean"):
+        return received
+    context = received > signal.threshold * received.mean(1, keepdim=True)
+    empty = ~context.any(1)
+    if bool(empty.any()):
+        context[empty, received[empty].argmax(1)] = True
+    return attention_scores(q, k, scale, context)
 
 
 class SignalStore:

@@ -6,8 +6,8 @@ from functools import partial
 
 import torch
 
-from ..kernels import attention_scores
-from .base import Adapter
+from ..methods.vflowopt import patch_entropy
+from .base import Adapter, grey_levels, reduce_attention
 from .runtime import Unit
 
 
@@ -31,6 +31,9 @@ class LlavaAdapter(Adapter):
         self.select_strategy = getattr(cfg, "vision_feature_select_strategy", "default")
         self.has_cls = self.select_strategy == "default"
         self.feature_layer = cfg.vision_feature_layer
+
+    def object_layer(self, n_layers):
+        return max(0, round(9 * n_layers / 24) - 1)  # HiPrune: layer 9 of CLIP-L's 24 (1-indexed)
 
     def visual_token_ids(self):
         return [self.image_token_id]
@@ -77,12 +80,16 @@ class LlavaAdapter(Adapter):
         feature = (fl % (n + 1)) - 1  # hidden_states[i] is the output of layer i-1
         handles = []
         wanted: dict[int, list] = {}
+        entropy = {name: sig for name, sig in signals.items() if sig.reduce == "entropy"}
+        if entropy:
+            handles.append(self.model.model.vision_tower.register_forward_pre_hook(
+                partial(self._entropy, entropy, store), with_kwargs=True))
         for name, sig in signals.items():
-            if sig.reduce not in ("mean", "cls"):
-                raise ValueError(f"vision signal {name!r}: reduce must be 'mean' or 'cls', got {sig.reduce!r}")
+            if sig.reduce == "entropy":
+                continue
             if sig.reduce == "cls" and not self.has_cls:
                 raise ValueError(f"vision signal {name!r} needs a CLS token; this tower's features have none")
-            wanted.setdefault(self.resolve_layer(sig.layer, n, feature), []).append((name, sig.reduce))
+            wanted.setdefault(self.resolve_layer(sig.layer, n, feature), []).append((name, sig))
         for li, reqs in wanted.items():
             attn = layers[li].self_attn
             captured = {}
@@ -97,12 +104,22 @@ class LlavaAdapter(Adapter):
         q = q.view(b, t, -1, attn.head_dim).transpose(1, 2)
         k = k.view(b, t, -1, attn.head_dim).transpose(1, 2)
         scale = getattr(attn, "scale", None) or attn.head_dim ** -0.5
-        for name, reduce in reqs:
-            rows = torch.tensor([0], device=q.device) if reduce == "cls" else None
-            scores = attention_scores(q, k, scale, rows)
+        for name, sig in reqs:
+            scores = reduce_attention(q, k, scale, sig, self.has_cls)
             if self.has_cls:
                 scores = scores[:, 1:]
             store.add(name, list(scores))
+        return None
+
+
+    def _entropy(self, signals, store, module, args, kwargs):
+        pixels = args[0] if args else kwargs["pixel_values"]
+        p = self.model.config.vision_config.patch_size
+        for name, sig in signals.items():
+            grey = grey_levels(pixels, sig.pixel_mean, sig.pixel_std)  # [n, H, W]
+            n, hh, ww = grey.shape
+            patches = grey[:, : hh // p * p, : ww // p * p].unfold(1, p, p).unfold(2, p, p).reshape(n, -1, p * p)
+            store.add(name, [patch_entropy(x) for x in patches])
         return None
 
 

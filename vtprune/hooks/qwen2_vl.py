@@ -6,8 +6,8 @@ from functools import partial
 
 import torch
 
-from ..kernels import attention_scores
-from .base import Adapter
+from ..methods.vflowopt import patch_entropy
+from .base import Adapter, grey_levels, reduce_attention
 from .runtime import Unit
 
 
@@ -77,10 +77,15 @@ class QwenVLAdapter(Adapter):
         call = {}
         handles.append(visual.register_forward_pre_hook(partial(self._visual_pre, visual, call), with_kwargs=True))
         wanted: dict[int, list] = {}
+        entropy = {name: sig for name, sig in signals.items() if sig.reduce == "entropy"}
+        if entropy:
+            handles.append(visual.register_forward_pre_hook(partial(self._entropy, visual, entropy, store), with_kwargs=True))
         for name, sig in signals.items():
-            if sig.reduce != "mean":
-                raise ValueError(f"vision signal {name!r}: the Qwen-VL vision encoder has no CLS token; use reduce='mean'")
-            wanted.setdefault(self.resolve_layer(sig.layer, n, n - 1), []).append(name)
+            if sig.reduce == "entropy":
+                continue
+            if sig.reduce == "cls":
+                raise ValueError(f"vision signal {name!r}: the Qwen-VL vision encoder has no CLS token")
+            wanted.setdefault(self.resolve_layer(sig.layer, n, n - 1), []).append((name, sig))
         for li, names in wanted.items():
             attn = blocks[li].attn
             captured = {}
@@ -108,18 +113,38 @@ class QwenVLAdapter(Adapter):
         rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
         q, k = rope(q, k, cos, sin)
         q, k = q.transpose(0, 1)[None], k.transpose(0, 1)[None]  # [1, H, seq, d]
-        per_patch = torch.empty(seq, dtype=torch.float32, device=q.device)
         bounds = cu.tolist()
-        for s, e in zip(bounds[:-1], bounds[1:]):
-            per_patch[s:e] = attention_scores(q[:, :, s:e], k[:, :, s:e], attn.scaling)[0]
-        per_token = per_patch.view(-1, self.merge * self.merge).mean(1)  # a merged token = 4 consecutive patches
-        if call.get("window_index") is not None:
-            per_token = per_token[torch.argsort(call["window_index"].to(per_token.device))]
         sizes = []
         for t, h, w in call["grid"].tolist():
             sizes += [h * w // (self.merge * self.merge)] * t  # per frame
-        for name in names:
+        order = None
+        if call.get("window_index") is not None:
+            order = torch.argsort(call["window_index"].to(q.device))
+        for name, sig in names:
+            per_patch = torch.empty(seq, dtype=torch.float32, device=q.device)
+            for s, e in zip(bounds[:-1], bounds[1:]):
+                per_patch[s:e] = reduce_attention(q[:, :, s:e], k[:, :, s:e], attn.scaling, sig, False)[0]
+            per_token = per_patch.view(-1, self.merge * self.merge).mean(1)  # a merged token = 4 consecutive patches
+            if order is not None:
+                per_token = per_token[order]
             store.add(name, list(per_token.split(sizes)))
+        return None
+
+
+    def _entropy(self, visual, signals, store, module, args, kwargs):
+        """Grey-level entropy under each LLM token: the 2x2 patches (first temporal slice) it merges."""
+        pixels = args[0] if args else kwargs["hidden_states"]
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        cfg = self.model.config.vision_config
+        p, tp = cfg.patch_size, cfg.temporal_patch_size
+        patches = pixels.view(pixels.shape[0], -1, tp, p, p)[:, :3, 0]  # [seq, 3, p, p]
+        group = self.merge * self.merge
+        sizes = []
+        for t, h, w in grid.tolist():
+            sizes += [h * w // group] * t
+        for name, sig in signals.items():
+            grey = grey_levels(patches, sig.pixel_mean, sig.pixel_std).reshape(-1, group * p * p)
+            store.add(name, list(patch_entropy(grey).split(sizes)))
         return None
 
 

@@ -72,7 +72,9 @@ class Run:
     layout: torch.Tensor  # [B, Lcur] caller-side slot of each current slot (-1 = padding we added)
     keep_total: torch.Tensor  # [B] visual tokens an llm-stage method keeps per sample
     pos_shift: torch.Tensor  # [B] added to decode positions
+    before: torch.Tensor | None = None  # [B] visual tokens per sample on entering the model
     changed: bool = False
+    state: dict = field(default_factory=dict)  # the method's per-prefill scratch (LayerTokens.state)
     # per-forward scratch, cleared when the language model returns
     prefill: bool = True
     incoming_mask: torch.Tensor | None = None
@@ -89,7 +91,7 @@ class Run:
     def end_forward(self):
         self.prefill = False
         self.incoming_mask = None
-        self.masks, self.pos_emb, self.captured = {}, {}, {}
+        self.masks, self.pos_emb, self.captured, self.state = {}, {}, {}, {}
 
 
 def _sync(t: torch.Tensor):
@@ -97,10 +99,10 @@ def _sync(t: torch.Tensor):
         torch.cuda.synchronize(t.device)
 
 
-def _check_selection(sel: torch.Tensor, n: int, budget: int, what: str) -> torch.Tensor:
+def _check_selection(sel: torch.Tensor, n: int, budget: int, what: str, least: int = 1) -> torch.Tensor:
     sel = torch.as_tensor(sel).long()
-    if sel.dim() != 1 or sel.numel() < 1 or sel.numel() > budget:
-        raise RuntimeError(f"{what}: expected 1..{budget} indices, got shape {tuple(sel.shape)}")
+    if sel.dim() != 1 or sel.numel() < least or sel.numel() > budget:
+        raise RuntimeError(f"{what}: expected {least}..{budget} indices, got shape {tuple(sel.shape)}")
     if bool((sel < 0).any()) or bool((sel >= n).any()):
         raise RuntimeError(f"{what}: indices out of range [0, {n})")
     if sel.numel() > 1 and not bool((sel[1:] > sel[:-1]).all()):
@@ -124,11 +126,16 @@ class PatchState:
         self.lm = adapter.language_model()
         self.layers = self.lm.layers
         n_layers = len(self.layers)
-        self.drop_layers = sorted(set(method.drop_layers(n_layers))) if method.stage == "llm" else []
-        self.attn_layers = sorted(set(method.attention_layers(n_layers))) if method.stage == "llm" else []
+        self.pre_llm = method.stage != "llm"
+        self.drop_layers = sorted(set(method.drop_layers(n_layers)))
+        self.attn_layers = sorted(set(method.attention_layers(n_layers)))
+        self.observe_layers = sorted(set(method.observe_layers(n_layers)))
         for p in self.drop_layers:
             if not 0 <= p < n_layers - 1:
                 raise ValueError(f"{method_name}: cannot drop tokens after layer {p} of a {n_layers}-layer decoder")
+        for p in self.attn_layers + self.observe_layers:
+            if not 0 <= p < n_layers:
+                raise ValueError(f"{method_name}: layer {p} does not exist in a {n_layers}-layer decoder")
 
     # installation ---------------------------------------------------------------------------
     def install(self):
@@ -142,16 +149,21 @@ class PatchState:
                     self.handles.append(
                         self.layers[i].register_forward_pre_hook(partial(self._layer_pre, i), with_kwargs=True)
                     )
-                for p in self.drop_layers:
-                    self.handles.append(
-                        self.layers[p].register_forward_hook(partial(self._layer_drop, p), with_kwargs=True)
-                    )
-            for p in self.attn_layers:
+            for p in sorted(set(self.drop_layers + self.observe_layers)):
+                self.handles.append(self.layers[p].register_forward_hook(partial(self._layer_post, p), with_kwargs=True))
+            for p in sorted(set(self.attn_layers + self.drop_layers)):
                 attn = self.layers[p].self_attn
                 self.handles.append(attn.register_forward_pre_hook(partial(self._attn_pre, p), with_kwargs=True))
+            for p in self.attn_layers:
+                attn = self.layers[p].self_attn
                 self.handles.append(attn.q_proj.register_forward_hook(partial(self._capture, p, "q")))
                 self.handles.append(attn.k_proj.register_forward_hook(partial(self._capture, p, "k")))
-            signals = self.method.vision_signals() if self.method.stage != "llm" else {}
+            for p in self.observe_layers:
+                layer = self.layers[p]
+                for name, mod in (("attn_in", layer.input_layernorm), ("attn_out", layer.self_attn),
+                                  ("mlp_in", layer.post_attention_layernorm), ("mlp_out", layer.mlp)):
+                    self.handles.append(mod.register_forward_hook(partial(self._capture, p, name)))
+            signals = self.method.vision_signals() if self.pre_llm else {}
             if signals:
                 self.handles.extend(self.adapter.install_vision_signals(signals, self.vision_scores))
         except BaseException:
@@ -227,7 +239,7 @@ class PatchState:
             raise ValueError("vtprune needs a 2-D attention_mask (or none); got a prepared 4-D mask or mapping")
         mask2d = am if am is not None else torch.ones(b, seq_len, dtype=torch.long, device=embeds.device)
         units = self.adapter.units(scratch, visual, kwargs.get("position_ids"))
-        budgets = [self.method.config.budget(len(u.slots)) for u in units]
+        budgets = [self.method.budget(len(u.slots), u.grid) for u in units]
         self.last_stats = Stats(method=self.method_name, visual_before=visual.sum(1).tolist())
         keep_total = torch.zeros(b, dtype=torch.long, device=embeds.device)
         for u, k in zip(units, budgets):
@@ -239,9 +251,10 @@ class PatchState:
             layout=torch.arange(seq_len, device=embeds.device).expand(b, seq_len),
             keep_total=keep_total,
             pos_shift=torch.zeros(b, dtype=torch.long, device=embeds.device),
+            before=visual.sum(1),
         )
         self.current = run
-        if self.method.stage == "llm":
+        if not self.pre_llm:
             # Nothing happens before the decoder; the drop hooks act if any image is over budget.
             run.changed = any(k < len(u.slots) for u, k in zip(units, budgets))
             if not run.changed:
@@ -269,6 +282,7 @@ class PatchState:
 
         keep = ~visual
         new_embeds = embeds
+        importance = None
         for u, sel in chosen:
             kept_slots = u.slots[sel.indices.to(u.slots.device)]
             keep[u.sample, kept_slots] = True
@@ -276,6 +290,10 @@ class PatchState:
                 if new_embeds is embeds:
                     new_embeds = embeds.clone()
                 new_embeds[u.sample, kept_slots] = sel.tokens.to(embeds.dtype)
+            if sel.importance is not None:
+                if importance is None:
+                    importance = torch.zeros(b, seq_len, dtype=torch.float32, device=embeds.device)
+                importance[u.sample, kept_slots] = sel.importance.float().to(embeds.device)
         positions, shift = self._positions(kwargs.get("position_ids"), keep, mask2d, units, chosen, embeds)
         index = compact_index(keep)
         new_mask = take(mask2d, index, 1, 0)
@@ -283,6 +301,8 @@ class PatchState:
         if new_pos.dim() == 3 and new_pos.shape[0] == 4:  # Qwen's text row: contiguous, as generate() builds it
             new_pos[0] = compact_text_positions(new_mask)
         run.groups = [Group(0, new_mask)]
+        if importance is not None:
+            run.state["importance"] = take(importance, index, 1, 0)
         run.visual = take(visual, index, 1, False)
         run.layout = index
         run.pos_shift = shift
@@ -433,7 +453,27 @@ class PatchState:
         rows = mask if query_rows is None else (query_rows.bool() & mask)
         return attention_scores(q, k, attn.scaling, rows, causal=True, key_mask=mask)
 
-    def _layer_drop(self, p, module, args, kwargs, output):
+    def _next_attention(self, p, run: Run, hidden, query_rows=None):
+        """Attention at layer p+1 of the tokens leaving layer p: its input norm, q/k projections and
+        RoPE applied to `hidden` (layer p+1 sees the same layout, so it shares layer p's rotary table)."""
+        layer = self.layers[p + 1]
+        attn = layer.self_attn
+        pos = run.captured.get(p, {}).get("pos")
+        x = layer.input_layernorm(hidden)
+        b, seq_len = x.shape[:2]
+        q = attn.q_proj(x).view(b, seq_len, -1, attn.head_dim)
+        k = attn.k_proj(x).view(b, seq_len, -1, attn.head_dim)
+        if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        if pos is not None:
+            rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+            q, k = rope(q, k, *pos)
+        mask = run.groups[-1].mask.bool()
+        rows = mask if query_rows is None else (query_rows.bool() & mask)
+        return attention_scores(q, k, attn.scaling, rows, causal=True, key_mask=mask)
+
+    def _layer_post(self, p, module, args, kwargs, output):
         run = self.current
         if run is None or not run.prefill:
             return None
@@ -441,14 +481,23 @@ class PatchState:
         group = run.groups[-1]
         tokens = LayerTokens(
             layer=p, hidden=hidden, visual=run.visual, mask=group.mask.bool(), keep=run.keep_total,
-            attention=partial(self._layer_attention, p, run),
+            before=run.before, num_layers=len(self.layers), attention=partial(self._layer_attention, p, run),
+            attention_next=partial(self._next_attention, p, run, hidden) if p in self.drop_layers else None,
+            state=run.state,
         )
         _sync(hidden)
         t0 = time.perf_counter()
-        picks = self.method.select_in_llm(tokens)
+        if p in self.observe_layers:
+            cap = run.captured.get(p, {})
+            io = {name: (cap[name][0] if isinstance(cap.get(name), tuple) else cap.get(name))
+                  for name in ("attn_in", "attn_out", "mlp_in", "mlp_out")}
+            self.method.observe(tokens, io)
+        picks = self.method.select_in_llm(tokens) if p in self.drop_layers else None
         _sync(hidden)
         self.last_stats.selection_ms += (time.perf_counter() - t0) * 1e3
         run.captured.pop(p, None)
+        if picks is None:
+            return None
         if len(picks) != hidden.shape[0]:
             raise RuntimeError(f"{self.method_name}.select_in_llm returned {len(picks)} selections for batch {hidden.shape[0]}")
         keep = ~run.visual
@@ -456,13 +505,17 @@ class PatchState:
             vis_slots = run.visual[bi].nonzero().squeeze(1)
             if vis_slots.numel() == 0:
                 continue
-            sel = _check_selection(sel, vis_slots.numel(), vis_slots.numel(), f"{self.method_name}.select_in_llm")
+            sel = _check_selection(sel, vis_slots.numel(), vis_slots.numel(), f"{self.method_name}.select_in_llm", 0)
             keep[bi, vis_slots[sel.to(vis_slots.device)]] = True
         if bool(keep.all()):
             return None
         index = compact_index(keep)
         index0 = index if group.index0 is None else take(group.index0, index, 1, -1)
         run.groups.append(Group(p + 1, take(group.mask, index, 1, 0), index0))
+        lcur = run.visual.shape[1]
+        for name, value in list(run.state.items()):
+            if isinstance(value, torch.Tensor) and value.dim() >= 2 and tuple(value.shape[:2]) == (keep.shape[0], lcur):
+                run.state[name] = take(value, index, 1, 0)
         run.visual = take(run.visual, index, 1, False)
         run.layout = take(run.layout, index, 1, -1)
         new_hidden = take(hidden, index, 1, 0)

@@ -43,17 +43,43 @@ class PruneConfig:
         return dataclasses.asdict(self)
 
 
+# OpenAI CLIP's image normalisation (the processors of LLaVA-1.5 and Qwen2-VL / 2.5-VL use it)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+REDUCES = ("mean", "cls", "cls_else_mean", "context", "entropy")
+
+
 @dataclass
 class VisionSignal:
-    """Attention inside the vision encoder that a `vision`-stage method needs.
+    """Attention inside the vision encoder that a pre-LLM method needs, as one float32 score per
+    LLM-side token of each image (Qwen-VL: averaged over the 2x2 patches merged into a token).
 
-    layer: 0-based encoder layer (negative counts from the end), or "feature" for the layer whose
-    output feeds the projector. reduce: "mean" = attention each token receives, averaged over heads
-    and all query rows; "cls" = the CLS row's attention (encoders with a CLS token only).
+    layer: 0-based encoder layer (negative counts from the end); "feature" = the layer whose output
+    feeds the projector (Qwen-VL: the last block); "object" = the adapter's middle layer for object
+    scores (CLIP-L/336: layer 9 of 24, 1-indexed; Qwen-VL: the middle block).
+    reduce (all averaged over heads, softmax over the image's keys):
+      "mean"  attention each token receives, averaged over all query rows;
+      "cls"   the CLS row's attention (encoders with a CLS token only);
+      "cls_else_mean"  "cls" where the encoder has a CLS token, else "mean";
+      "context"  VFlowOpt's map: with c = the "mean" scores, the context rows S = {j: c_j > threshold *
+                 mean(c)} (or {argmax c} if empty); the attention each token receives, averaged over S;
+      "entropy"  not attention: the Shannon entropy (bits, 256 bins) of the grey-level pixels (0-255)
+                 under each token, from the raw image (the layer is ignored).
+    The CLS key column is always dropped from the result.
     """
 
     layer: int | str
     reduce: str = "mean"
+    threshold: float | None = None  # "context" only
+    # "entropy" only: the processor's per-channel normalisation, undone to recover 0-255 pixels
+    pixel_mean: tuple = CLIP_MEAN
+    pixel_std: tuple = CLIP_STD
+
+    def __post_init__(self):
+        if self.reduce not in REDUCES:
+            raise ValueError(f"reduce must be one of {REDUCES}, got {self.reduce!r}")
+        if (self.reduce == "context") != (self.threshold is not None):
+            raise ValueError("threshold is required with reduce='context' and only allowed there")
 
 
 @dataclass
@@ -85,6 +111,8 @@ class Selection:
     indices: torch.Tensor
     tokens: torch.Tensor | None = None
     grid: tuple[int, int, int] | None = None
+    importance: torch.Tensor | None = None  # optional float [k] per kept token, handed on to the llm stage
+    # as LayerTokens.state["importance"]
 
 
 @dataclass
@@ -92,27 +120,51 @@ class LayerTokens:
     """The sequence after decoder layer `layer`, as an `llm`-stage method sees it.
 
     hidden: [B, L, D] the layer's output; visual: BoolTensor [B, L] current visual slots;
-    mask: BoolTensor [B, L] real (non-pad) slots; keep: LongTensor [B] visual tokens to keep per sample;
+    mask: BoolTensor [B, L] real (non-pad) slots; keep: LongTensor [B] the user's budget per sample
+      (the sum of its images' budgets); before: LongTensor [B] visual tokens the sample had on entering
+      the model (before any pruning); keep >= before means the user asked for nothing to be pruned.
     attention: callable(query_rows) -> float32 [B, L], attention each key receives at this layer,
       averaged over heads and the given query rows (BoolTensor [B, L]; None = all real rows);
       available when the method lists the layer in `attention_layers`.
+    attention_next: the same for layer `layer + 1`, computed from `hidden` with that layer's input norm
+      and q/k projections (the layer has not run yet); available at drop layers.
+    state: per-forward scratch shared by all hooks of one prefill. Tensors of shape [B, L] in it are
+      re-gathered by the runtime whenever tokens are dropped, so they stay aligned with `hidden`.
+      A pre-LLM `Selection.importance` arrives here as state["importance"] (0 for text slots).
     """
 
-    layer: int
+    layer: int  # 0-based decoder layer that just ran
     hidden: torch.Tensor
     visual: torch.Tensor
     mask: torch.Tensor
     keep: torch.Tensor
+    before: torch.Tensor | None = None
+    num_layers: int = 0  # decoder layers in the model
     attention: object = None
+    attention_next: object = None
+    state: dict = field(default_factory=dict)
+
+
+def question_rows(tokens: LayerTokens) -> torch.Tensor:
+    """BoolTensor [B, L]: real text slots after each sample's last visual slot (the question)."""
+    idx = torch.arange(tokens.visual.shape[1], device=tokens.visual.device)
+    last = torch.where(tokens.visual, idx, -1).max(dim=1).values
+    return tokens.mask & ~tokens.visual & (idx[None] > last[:, None]) & (last[:, None] >= 0)
 
 
 class Method:
-    """Base class of a strategy. Subclasses set `stage`, `Config` and implement one hook:
+    """Base class of a strategy. Subclasses set `stage`, `Config` and implement its hook:
 
-    - stage "vision" / "projector": `select(image: ImageTokens) -> Selection`
-    - stage "llm": `drop_layers(num_layers) -> list[int]` (decoder layers after which tokens are
-      dropped) and `select_in_llm(tokens: LayerTokens) -> list[LongTensor]` (per sample, ascending
-      indices into that sample's current visual slots, in sequence order).
+    - stage "vision" / "projector": `select(image: ImageTokens) -> Selection`, once per image before
+      the language model;
+    - inside the decoder (stage "llm", or a pre-LLM method with a second, in-LLM phase):
+      `drop_layers(num_layers) -> list[int]` (decoder layers after which tokens are dropped) and
+      `select_in_llm(tokens: LayerTokens) -> list[LongTensor]` (per sample, ascending indices into
+      that sample's current visual slots, in sequence order; may be empty to drop them all).
+      `observe_layers` / `observe` read the decoder layers' sub-module inputs and outputs on the way.
+
+    The in-LLM phase runs on a prefill only when some image is over its budget (keep >= N prunes
+    nothing, at any stage).
     """
 
     name: ClassVar[str] = ""
@@ -122,6 +174,10 @@ class Method:
 
     def __init__(self, config: PruneConfig):
         self.config = config
+
+    def budget(self, n: int, grid: tuple[int, int, int] | None) -> int:
+        """Tokens this method keeps for an image of `n` tokens laid out on `grid` (default: the config's rule)."""
+        return self.config.budget(n)
 
     # vision / projector stage -------------------------------------------------------------
     def vision_signals(self) -> dict[str, VisionSignal]:
@@ -141,3 +197,12 @@ class Method:
 
     def select_in_llm(self, tokens: LayerTokens) -> list[torch.Tensor]:
         raise NotImplementedError
+
+    def observe_layers(self, num_layers: int) -> list[int]:
+        """Decoder layers whose sub-module inputs/outputs `observe` is given during the prefill."""
+        return []
+
+    def observe(self, tokens: LayerTokens, io: dict[str, torch.Tensor]) -> None:
+        """Called after each observed layer (before a drop at that layer). io holds [B, L, D] tensors:
+        attn_in (the normalised input of self-attention), attn_out (its output, before the residual),
+        mlp_in, mlp_out. Accumulate what is needed into `tokens.state`."""

@@ -1,0 +1,209 @@
+"""Hand-worked cases with exact expected indices for every seed strategy's pure core."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vtprune.methods import divprune, hiprune, todre, token_shuffle, transprune, vflowopt
+
+
+def _unit(*degrees, scale=None):
+    """2-D points on the unit circle at the given angles (optionally with different lengths)."""
+    rad = torch.tensor(degrees, dtype=torch.float64) * math.pi / 180
+    x = torch.stack([rad.cos(), rad.sin()], 1).float()
+    return x if scale is None else x * torch.tensor(scale)[:, None]
+
+
+# Points at 0, 10, 90 and 180 degrees. Cosine distances: d(0,10)=0.015, d(0,90)=1, d(0,180)=2,
+# d(10,90)=0.826, d(10,180)=1.985, d(90,180)=1.
+POINTS = _unit(0, 10, 90, 180)
+
+
+@pytest.mark.parametrize("keep, want", [(1, [3]), (2, [0, 3]), (3, [0, 2, 3]), (4, [0, 1, 2, 3])])
+def test_divprune_maxmin_on_points_on_a_circle(keep, want):
+    # nearest-neighbour distances 0.015, 0.015, 0.826, 1 -> token 3 first; then 0 (distance 2), then 2
+    assert divprune.select(POINTS[None], keep)[0].tolist() == want
+
+
+def test_divprune_ignores_lengths_and_dtype():
+    scaled = POINTS * torch.tensor([3.0, 0.5, 7.0, 1.0])[:, None]
+    assert divprune.select(scaled[None], 3)[0].tolist() == [0, 2, 3]
+    assert divprune.select(POINTS[None].to(torch.bfloat16), 3)[0].tolist() == [0, 2, 3]
+
+
+def test_divprune_exact_duplicates_are_never_picked_twice():
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    # 0 and 1 coincide (nearest distance 0); 2 is most isolated; then 0 and 1 tie -> lower index
+    assert divprune.select(x[None], 2)[0].tolist() == [0, 2]
+    assert divprune.select(x[None], 3)[0].tolist() == [0, 1, 2]
+
+
+def test_todre_maxmin_starts_from_the_pivot():
+    # from 1: distances [0.015, -, 0.826, 1.985] -> 3; then min with d(3,.) = [0.015, -, 0.826, -] -> 2
+    assert todre.select(POINTS[None], 3, torch.tensor([1]))[0].tolist() == [1, 2, 3]
+    assert todre.select(POINTS[None], 1, torch.tensor([2]))[0].tolist() == [2]
+
+
+def test_todre_maxsum_adds_the_least_similar_to_the_sum():
+    # sims to 1: [0.985, -, 0.174, -0.985] -> 3; sums with 3: [-0.015, -, 0.174, -] -> 0
+    assert todre.select(POINTS[None], 3, torch.tensor([1]), rule="maxsum")[0].tolist() == [0, 1, 3]
+
+
+def test_todre_batch_with_different_pivots():
+    x = torch.stack([POINTS, POINTS.flip(0)])
+    out = todre.select(x, 2, torch.tensor([1, 2]))
+    # sample 1 is reversed: its pivot 2 is the 10-degree point, whose farthest point (180) is at index 0
+    assert out.tolist() == [[1, 3], [0, 2]]
+
+
+def test_greedy_rejects_bad_input():
+    with pytest.raises(ValueError):
+        divprune.select(POINTS, 2)  # not batched
+    with pytest.raises(ValueError):
+        divprune.select(POINTS[None], 5)
+    with pytest.raises(ValueError):
+        todre.select(POINTS[None], 2, torch.tensor([4]))
+    with pytest.raises(ValueError):
+        todre.select(POINTS[None], 2, torch.tensor([0]), rule="kcenter")
+
+
+# HiPrune on a 4x4 grid -------------------------------------------------------------------------
+#  0  1  2  3
+#  4  5  6  7
+#  8  9 10 11
+# 12 13 14 15
+
+def test_hiprune_edge_anchor_drops_out_of_grid_neighbours():
+    obj = torch.zeros(16)
+    obj[4] = 1.0  # anchor on the left edge: its left neighbour does not exist (no wrap to token 3)
+    deep = torch.tensor([9.0, 0, 0, 5, 9, 9, 0, 5, 9, 0, 0, 0, 0, 0, 0, 1])
+    # keep 8, alpha .625 -> round(8 * .625 / 5) = 1 anchor; A = {4, 5 (right), 0 (up), 8 (down)}
+    # registers: top-4 deep outside A: 3 and 7 (5), 15 (1), then the lowest-index 0-score token 1
+    out = hiprune.select(obj[None], deep[None], (4, 4), 8, alpha=0.625)
+    assert out[0].tolist() == [0, 1, 3, 4, 5, 7, 8, 15]
+
+
+def test_hiprune_corner_anchor_and_no_anchor_budget():
+    obj = torch.zeros(16)
+    obj[15] = 2.0
+    deep = torch.arange(16.0).flip(0)  # prefers low indices
+    out = hiprune.select(obj[None], deep[None], (4, 4), 5, alpha=1.0)
+    # round(5 * 1 / 5) = 1 anchor at 15: buffers 14 (left), 11 (up); right/down are outside -> 3 fixed
+    assert out[0].tolist() == [0, 1, 11, 14, 15]
+    # alpha 0.1, keep 5 -> round(0.1) = 0 anchors: registers only
+    assert hiprune.select(obj[None], deep[None], (4, 4), 5)[0].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_hiprune_anchor_count_rounds_like_python_and_shrinks_to_fit():
+    assert hiprune.n_anchors(64, 0.1) == 1 and hiprune.n_anchors(125, 0.1) == 2  # round(2.5) == 2
+    obj = torch.zeros(16)
+    obj[5] = 1.0
+    # keep 3, alpha 1 -> round(0.6) = 1 anchor whose 4 buffers would exceed 3: no anchors then
+    out = hiprune.select(obj[None], torch.arange(16.0)[None], (4, 4), 3, alpha=1.0)
+    assert out[0].tolist() == [13, 14, 15]
+
+
+def test_hiprune_ties_go_to_the_lowest_index():
+    flat = torch.ones(1, 16)
+    assert hiprune.select(flat, flat, (4, 4), 3)[0].tolist() == [0, 1, 2]
+
+
+# token_shuffle ---------------------------------------------------------------------------------
+
+def test_token_shuffle_2x2_windows_means_and_rescale():
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).repeat(8, 1)  # alternate columns: e1, e2, e1, e2 ...
+    tokens, idx, grid = token_shuffle.merge(x, (4, 4), s=2, rescale=False)
+    assert idx.tolist() == [0, 2, 8, 10] and grid == (2, 2)
+    torch.testing.assert_close(tokens, torch.full((4, 2), 0.5))
+    tokens, _, _ = token_shuffle.merge(x, (4, 4), s=2)  # members all have norm 1
+    torch.testing.assert_close(tokens, torch.full((4, 2), 0.5 ** 0.5))
+
+
+def test_token_shuffle_partial_edge_windows():
+    x = torch.arange(9.0)[:, None]
+    tokens, idx, grid = token_shuffle.merge(x, (3, 3), s=2, rescale=False)
+    assert grid == (2, 2) and idx.tolist() == [0, 2, 6, 8]
+    assert tokens[:, 0].tolist() == [(0 + 1 + 3 + 4) / 4, (2 + 5) / 2, (6 + 7) / 2, 8.0]
+
+
+@pytest.mark.parametrize("h, w, keep", [(5, 7, 6), (4, 8, 2), (6, 6, 9), (3, 5, 4)])
+def test_token_shuffle_budget_mode_equals_adaptive_pooling(h, w, keep):
+    x = torch.randn(h * w, 3, generator=torch.Generator().manual_seed(h * w))
+    tokens, idx, (hp, wp) = token_shuffle.merge(x, (h, w), keep=keep, rescale=False)
+    want = F.adaptive_avg_pool2d(x.T.reshape(1, 3, h, w), (hp, wp)).reshape(3, -1).T
+    torch.testing.assert_close(tokens, want)
+    assert hp * wp <= keep and len(idx) == hp * wp
+
+
+# TransPrune --------------------------------------------------------------------------------------
+
+def test_transprune_transition_magnitude_and_direction():
+    x = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [5.0, 5.0]]])
+    y = torch.tensor([[[0.0, 2.0], [3.0, 0.0], [1.0, 1.0]]])
+    valid = torch.tensor([[True, True, False]])
+    out = transprune.transition(x, y, valid)
+    # magnitudes 2 and 3; 1 - cos = 1 and 0 -> softmax over the valid tokens: e/(e+1), 1/(e+1)
+    e = math.e
+    torch.testing.assert_close(out, torch.tensor([[2 * e / (e + 1), 3 / (e + 1), 0.0]]))
+    out_abs = transprune.transition(x, -y, valid, abs_cos=True)
+    torch.testing.assert_close(out_abs, out)
+
+
+def test_transprune_default_schedule():
+    assert transprune.default_schedule(32) == [(6, 0.875), (8, 0.625), (11, 0.125)]
+    assert transprune.default_schedule(28) == [(6, 0.875), (8, 0.625), (11, 0.125)]
+    assert transprune.default_schedule(4) == [(0, 0.625), (1, 0.125)]
+
+
+def test_transprune_top_visual_picks_within_visual_slots():
+    scores = torch.tensor([[9.0, 0.2, 0.5, 0.5, 0.1, 7.0]])
+    visual = torch.tensor([[False, True, True, True, True, False]])
+    assert [t.tolist() for t in transprune.top_visual(scores, visual, [2])] == [[1, 2]]  # 0.5 tie -> slot 2 first
+
+
+# VFlowOpt ------------------------------------------------------------------------------------------
+
+def test_vflowopt_prune_recycle_on_a_4x4_grid():
+    x = torch.randn(16, 3, generator=torch.Generator().manual_seed(0))
+    imp = torch.arange(16.0)  # token 15 most important; cells of side 2: {0,1,4,5} {2,3,6,7} {8,9,12,13} {10,11,14,15}
+    idx, tokens, kept_imp = vflowopt.prune_recycle(x, imp, (4, 4), 6, 2.0)
+    # keep 15, 14 outright; each cell recycles its pruned tokens at its most important one: 5, 7, 13, 11
+    assert idx.tolist() == [5, 7, 11, 13, 14, 15]
+    assert kept_imp.tolist() == [5.0, 7.0, 11.0, 13.0, 14.0, 15.0]
+    torch.testing.assert_close(tokens[4:], x[[14, 15]])
+    want11 = (10 * x[10] + 11 * x[11]) / 21
+    torch.testing.assert_close(tokens[2], want11)
+    want5 = (0 * x[0] + 1 * x[1] + 4 * x[4] + 5 * x[5]) / 10
+    torch.testing.assert_close(tokens[0], want5)
+
+
+def test_vflowopt_prune_recycle_counts_and_fallback():
+    x = torch.randn(16, 3, generator=torch.Generator().manual_seed(1))
+    imp = torch.arange(16.0)
+    idx, _, _ = vflowopt.prune_recycle(x, imp, (4, 4), 9, 2.0)
+    assert idx.tolist() == [5, 7, 9, 10, 11, 12, 13, 14, 15]  # 11..15 kept, cells recycle at 5, 7, 9, 10
+    idx, tokens, _ = vflowopt.prune_recycle(x, imp, (4, 4), 3, 2.0)  # 3 < 4 cells: plain top-3
+    assert idx.tolist() == [13, 14, 15] and torch.equal(tokens, x[[13, 14, 15]])
+    idx, tokens, _ = vflowopt.prune_recycle(x, imp, (4, 4), 16, 2.0)
+    assert idx.tolist() == list(range(16)) and torch.equal(tokens, x)
+
+
+def test_vflowopt_cells_with_a_fractional_side():
+    # side 2.5 on a 5-wide row: columns 0-2 -> cell 0 (floor(c / 2.5)), 3-4 -> cell 1
+    assert vflowopt.cells((1, 5), 2.5).tolist() == [0, 0, 0, 1, 1]
+
+
+def test_vflowopt_entropy_and_importance():
+    px = torch.tensor([[0, 0, 255, 255], [7, 7, 7, 7], [0, 1, 2, 3]])
+    torch.testing.assert_close(vflowopt.patch_entropy(px), torch.tensor([1.0, 0.0, 2.0]))
+    att = torch.tensor([0.5, 0.25, 0.25])
+    torch.testing.assert_close(vflowopt.importance(att), att)
+    h = torch.tensor([1.0, 0.0, 2.0])
+    torch.testing.assert_close(vflowopt.importance(att, h, 0.5), att + 0.5 * torch.softmax(h, 0))
+
+
+def test_vflowopt_llm_layers():
+    assert vflowopt.llm_layers(28) == [8, 17]  # drops before layers 9 and 18
+    assert vflowopt.llm_layers(32) == [9, 20]
+    assert vflowopt.llm_layers(4) == [0, 2]

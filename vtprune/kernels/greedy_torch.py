@@ -1,0 +1,67 @@
+"""Plain-torch reference for greedy diversity selection (DivPrune max-min, ToDRE max-min / max-sum).
+
+One Gram matrix of L2-normalised rows in float32, then `keep` sequential steps. Selected tokens are
+excluded with an explicit mask (never through a self-distance of zero); ties go to the lowest index
+(torch.argmax / argmin return the first extreme).
+"""
+from __future__ import annotations
+
+import torch
+
+RULES = ("maxmin", "maxsum")
+
+
+def cosine_gram(features: torch.Tensor) -> torch.Tensor:
+    """[B, N, D] -> float32 [B, N, N] cosine similarities (rows normalised; zero rows stay zero)."""
+    x = features.float()
+    x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return x @ x.transpose(1, 2)
+
+
+def most_isolated(sim: torch.Tensor) -> torch.Tensor:
+    """[B, N, N] similarities -> LongTensor[B]: the token whose nearest other token is farthest
+    (largest min over i != j of 1 - sim[i, j]); a lone token is its own answer."""
+    dist = 1.0 - sim
+    eye = torch.eye(sim.shape[-1], dtype=torch.bool, device=sim.device)
+    nearest = dist.masked_fill(eye, float("inf")).amin(dim=1)
+    return nearest.argmax(dim=1)
+
+
+def greedy_select_torch(features: torch.Tensor, keep: int, first: torch.Tensor | None = None,
+                        rule: str = "maxmin") -> torch.Tensor:
+    """Greedy diverse subset of each row set. features [B, N, D]; first LongTensor[B] seeds the
+    selection (None: the most isolated token, DivPrune's rule). rule "maxmin": add the token whose
+    cosine distance to its nearest selected token is largest; "maxsum": add the token whose summed
+    cosine similarity to the selected tokens is smallest. Returns LongTensor[B, keep], ascending."""
+    if features.dim() != 3:
+        raise ValueError(f"features must be [B, N, D], got {tuple(features.shape)}")
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    b, n, _ = features.shape
+    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= n:
+        raise ValueError(f"keep must be an int in [1, {n}], got {keep!r}")
+    sim = cosine_gram(features)
+    rows = torch.arange(b, device=sim.device)
+    if first is None:
+        first = most_isolated(sim)
+    first = torch.as_tensor(first, device=sim.device).long().reshape(-1)
+    if first.shape != (b,) or bool((first < 0).any()) or bool((first >= n).any()):
+        raise ValueError(f"first/pivot must be a LongTensor[{b}] of indices in [0, {n})")
+    picks = torch.empty(b, keep, dtype=torch.long, device=sim.device)
+    picks[:, 0] = first
+    chosen = torch.zeros(b, n, dtype=torch.bool, device=sim.device)
+    chosen[rows, first] = True
+    if rule == "maxmin":
+        score = 1.0 - sim[rows, first]  # distance to the nearest selected token
+    else:
+        score = sim[rows, first].clone()  # summed similarity to the selected tokens
+    for step in range(1, keep):
+        if rule == "maxmin":
+            pick = score.masked_fill(chosen, float("-inf")).argmax(dim=1)
+            score = torch.minimum(score, 1.0 - sim[rows, pick])
+        else:
+            pick = score.masked_fill(chosen, float("inf")).argmin(dim=1)
+            score = score + sim[rows, pick]
+        picks[:, step] = pick
+        chosen[rows, pick] = True
+    return picks.sort(dim=1).values

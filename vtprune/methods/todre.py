@@ -1,0 +1,89 @@
+"""ToDRE (arXiv 2505.18757): greedy diversity seeded by a pivot token before the LLM (stage 1),
+then, inside the LLM, dropping every visual token once the question stops looking at them (stage 2)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..kernels import greedy_select
+from .base import ImageTokens, LayerTokens, Method, PruneConfig, Selection, VisionSignal, question_rows
+from .registry import register
+
+
+def select(features: torch.Tensor, keep: int, pivot: torch.Tensor, rule: str = "maxmin") -> torch.Tensor:
+    """LongTensor[B, keep], ascending. features [B, N, D]; pivot LongTensor[B] is picked first.
+
+    rule "maxmin": add the token farthest (cosine distance) from its nearest selected token;
+    "maxsum": add the token with the smallest summed cosine similarity to the selected tokens.
+    float32 arithmetic, lowest-index ties, selected tokens excluded explicitly."""
+    return greedy_select(features, keep, pivot, rule)
+
+
+def visual_share(scores: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """float [B]: the share of the (row-averaged) attention mass that falls on visual keys."""
+    total = scores.sum(1)
+    return torch.where(visual, scores, 0).sum(1) / total.clamp_min(1e-30)
+
+
+@dataclass
+class ToDREConfig(PruneConfig):
+    rule: str = "maxmin"  # "maxmin" (v1, greedy k-center) or "maxsum" (v2, greedy max-sum)
+    stage2: bool = True  # drop all visual tokens inside the LLM when the question's attention to them < tau
+    tau: float = 0.10
+    stage2_layer: int | None = None  # 0-based decoder layer whose attention decides; None = floor(7L/8)
+    # (at most L-2, so that some layer follows)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.rule not in ("maxmin", "maxsum"):
+            raise ValueError(f"rule must be 'maxmin' or 'maxsum', got {self.rule!r}")
+        if not isinstance(self.stage2, bool):
+            raise TypeError(f"stage2 must be a bool, got {self.stage2!r}")
+        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0 <= self.tau <= 1:
+            raise ValueError(f"tau must be a float in [0, 1], got {self.tau!r}")
+        if self.stage2_layer is not None and (isinstance(self.stage2_layer, bool) or not isinstance(self.stage2_layer, int)
+                                              or self.stage2_layer < 0):
+            raise ValueError(f"stage2_layer must be an int >= 0 or None, got {self.stage2_layer!r}")
+
+
+@register("todre")
+class ToDRE(Method):
+    """Pivot-seeded greedy diversity before the LLM; optional all-or-nothing visual drop inside it."""
+
+    stage = "projector"
+    Config = ToDREConfig
+    paper = "ToDRE: Visual Token Pruning via Diversity and Task Awareness (arXiv 2505.18757)"
+
+    def vision_signals(self):
+        # the pivot: CLS->patch attention at the feature layer; encoders without CLS: attention received
+        return {"pivot": VisionSignal("feature", "cls_else_mean")}
+
+    def select(self, image: ImageTokens) -> Selection:
+        pivot = image.signals["pivot"].float()
+        first = torch.sort(pivot, descending=True, stable=True).indices[:1]
+        return Selection(select(image.features[None], image.keep, first.to(image.features.device), self.config.rule)[0])
+
+    def _layer(self, num_layers: int) -> list[int]:
+        if not self.config.stage2:
+            return []
+        p = self.config.stage2_layer if self.config.stage2_layer is not None else (7 * num_layers) // 8
+        if p > num_layers - 2:
+            if self.config.stage2_layer is not None:
+                raise ValueError(f"todre stage2_layer={p} must be < {num_layers - 1} (a layer must follow it)")
+            p = num_layers - 2
+        return [p] if p >= 0 else []
+
+    drop_layers = _layer
+    attention_layers = _layer
+
+    def select_in_llm(self, tokens: LayerTokens) -> list[torch.Tensor]:
+        rows = question_rows(tokens)
+        share = visual_share(tokens.attention(rows), tokens.visual)
+        out = []
+        for b in range(tokens.visual.shape[0]):
+            n = int(tokens.visual[b].sum())
+            pruned_here = int(tokens.keep[b]) < int(tokens.before[b])  # keep >= N: nothing is pruned
+            drop = pruned_here and bool(rows[b].any()) and float(share[b]) < self.config.tau
+            out.append(torch.arange(0 if drop else n, device=tokens.visual.device))
+        return out

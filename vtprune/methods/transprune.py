@@ -1,0 +1,127 @@
+"""TransPrune (arXiv 2507.20630, CVPR 2026): progressive drops inside the LLM, ranking visual tokens by
+their token transition variation (TTV) accumulated over the middle layers plus the attention the
+question pays them (instruction-guided attention, IGA) at the next layer (llm stage, prefill only)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import LayerTokens, Method, PruneConfig, question_rows
+from .registry import register
+
+# The paper's "High" setting for a 32-layer LLM: drops after layers 7, 9, 12 (1-indexed), keeping
+# int(N * fraction) of the N visual tokens; TTV accumulates over layers 7..12.
+HIGH = ((7, 0.875), (9, 0.625), (12, 0.125))
+REFERENCE_LAYERS = 32
+
+
+def transition(x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, abs_cos: bool = False) -> torch.Tensor:
+    """Per-token transition variation of one sub-module: (‖y‖/‖x‖) * softmax over the sample's valid
+    tokens of (1 - cos(x, y)). x: its (normalised) input [B, L, D]; y: its output before the residual
+    add; valid: BoolTensor [B, L]. Returns float32 [B, L], 0 at invalid slots."""
+    x, y = x.float(), y.float()
+    nx, ny = x.norm(dim=-1), y.norm(dim=-1)
+    magnitude = ny / nx.clamp_min(1e-12)
+    cos = (x * y).sum(-1) / (nx * ny).clamp_min(1e-12)
+    if abs_cos:
+        cos = cos.abs()
+    direction = torch.softmax((1.0 - cos).masked_fill(~valid, float("-inf")), dim=1)
+    return torch.where(valid, magnitude * direction, 0.0)
+
+
+def normalise(scores: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """Restrict [B, L] scores to visual slots and scale each sample's to sum 1 (0 elsewhere)."""
+    s = torch.where(visual, scores.float(), 0.0)
+    return s / s.sum(1, keepdim=True).clamp_min(1e-30)
+
+
+def top_visual(scores: torch.Tensor, visual: torch.Tensor, keep: list[int]) -> list[torch.Tensor]:
+    """Per sample: ascending indices into its visual slots of the keep[b] best scores (ties: lowest index)."""
+    out = []
+    for b in range(scores.shape[0]):
+        s = scores[b][visual[b]]
+        k = min(keep[b], s.numel())
+        out.append(torch.sort(s, descending=True, stable=True).indices[:k].sort().values)
+    return out
+
+
+def default_schedule(num_layers: int) -> list[tuple[int, float]]:
+    """(0-based layer after which tokens drop, fraction of N kept): the paper's layers on >= 13-layer
+    decoders; on smaller ones the layers scale with depth (duplicates merge into the later fraction)."""
+    out: dict[int, float] = {}
+    for layer, frac in HIGH:
+        if num_layers > HIGH[-1][0]:
+            p = layer - 1
+        else:
+            p = min(num_layers - 2, max(0, round(layer * num_layers / REFERENCE_LAYERS) - 1))
+        out[p] = frac
+    return sorted(out.items())
+
+
+@dataclass
+class TransPruneConfig(PruneConfig):
+    alpha: float = 0.5  # score = alpha * TTV + (1 - alpha) * IGA
+    abs_cos: bool = False  # direction term 1 - |cos| (the paper's text) instead of 1 - cos (the authors' code)
+    schedule: list | None = None  # [(0-based layer, fraction of N kept), ...]; the last stage keeps the budget
+    accumulate_from: int | None = None  # first 0-based layer of TTV accumulation; None = the first drop layer
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha must be a float in [0, 1], got {self.alpha!r}")
+        if self.schedule is not None:
+            sched = [tuple(x) for x in self.schedule]
+            if not sched or any(len(x) != 2 or not isinstance(x[0], int) or not 0 < float(x[1]) <= 1 for x in sched):
+                raise ValueError(f"schedule must be a non-empty list of (layer, fraction in (0, 1]), got {self.schedule!r}")
+            if [x[0] for x in sched] != sorted({x[0] for x in sched}):
+                raise ValueError(f"schedule layers must be strictly increasing, got {self.schedule!r}")
+            self.schedule = [list(x) for x in sched]
+
+
+@register("transprune")
+class TransPrune(Method):
+    """Progressive in-LLM drops by token transition variation + the question's attention."""
+
+    stage = "llm"
+    Config = TransPruneConfig
+    paper = "Li et al., TransPrune: Token Transition Pruning for Efficient LVLMs (arXiv 2507.20630)"
+
+    def _schedule(self, num_layers: int) -> list[tuple[int, float]]:
+        if self.config.schedule is not None:
+            return [(int(p), float(f)) for p, f in self.config.schedule]
+        return default_schedule(num_layers)
+
+    def drop_layers(self, num_layers):
+        return [p for p, _ in self._schedule(num_layers)]
+
+    def observe_layers(self, num_layers):
+        sched = self._schedule(num_layers)
+        first = self.config.accumulate_from if self.config.accumulate_from is not None else sched[0][0]
+        return list(range(first, sched[-1][0] + 1))
+
+    def observe(self, tokens: LayerTokens, io: dict) -> None:
+        valid = tokens.mask
+        ttv = transition(io["attn_in"], io["attn_out"], valid, self.config.abs_cos)
+        ttv = ttv + transition(io["mlp_in"], io["mlp_out"], valid, self.config.abs_cos)
+        prev = tokens.state.get("ttv")
+        tokens.state["ttv"] = ttv if prev is None else prev + ttv
+
+    def select_in_llm(self, tokens: LayerTokens) -> list[torch.Tensor]:
+        sched = self._schedule(tokens.num_layers)
+        fraction = dict(sched)[tokens.layer]
+        last = tokens.layer == sched[-1][0]
+        targets = []
+        for b in range(tokens.visual.shape[0]):
+            n, budget = int(tokens.before[b]), int(tokens.keep[b])
+            if budget >= n:
+                targets.append(n)
+            elif last:
+                targets.append(budget)
+            else:
+                targets.append(max(budget, int(n * fraction)))
+        ttv = tokens.state.get("ttv", torch.zeros_like(tokens.visual, dtype=torch.float32))
+        iga = tokens.attention_next(question_rows(tokens))
+        a = self.config.alpha
+        score = a * normalise(ttv, tokens.visual) + (1 - a) * normalise(iga, tokens.visual)
+        return top_visual(score, tokens.visual, targets)
