@@ -19,11 +19,19 @@ def test_runnable_readme_examples():
                 assert line.split("#", 1)[1].strip() in out.getvalue()
 
 
-def test_readme_lists_every_registered_baseline():
+def test_readme_lists_every_strategy_with_options_and_paper():
+    import dataclasses
+
     import vtprune
-    text = README.read_text()
-    for name in ("random", "pool", "fastv"):
-        assert f"`{name}`" in text and name in vtprune.available()
+    from vtprune.methods.registry import get_method
+    table = {row.split("|")[1].strip(" `"): row for row in README.read_text().splitlines() if row.startswith("| `")}
+    for name in ("divprune", "hiprune", "todre", "transprune", "vflowopt", "token_shuffle", "random", "pool", "fastv"):
+        assert name in vtprune.available() and name in table, name
+        own = [f.name for f in dataclasses.fields(get_method(name).Config)
+               if f.name not in ("keep", "ratio", "keep_positions", "pixel_mean", "pixel_std", "accumulate_from")]
+        for opt in own:
+            assert f"`{opt}`" in table[name], f"{name}: option {opt} missing from the README table"
+        assert get_method(name).paper or "baseline" in table[name]
 
 
 def test_demo_command_prints_table():

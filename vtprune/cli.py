@@ -25,6 +25,23 @@ def _demo(args) -> int:
     return 0
 
 
+def _tune(args) -> int:
+    from .eval import models, tune
+
+    if args.method != "vflowopt":
+        raise SystemExit(f"vtprune tune: only --method vflowopt has a tuner, got {args.method!r}")
+    model = models.load(args.model, random_weights=args.random_weights)
+    batches = models.calibration(args.task, model, args.samples, seed=args.seed)
+    config = tune.tune(model, batches, args.budget, iterations=args.iterations, seed=args.seed)
+    config["tuned"].update(model=args.model, task=args.task)
+    tune.write(config, args.out)
+    t = config["tuned"]
+    print(f"best mean cos(h, h~) = {t['objective']:.5f} (released preset start: {t['start_objective']:.5f}); "
+          f"layer-averaged retention {t['layer_averaged_retention']:.3f}")
+    print(f"wrote {args.out}: vtprune.patch(model, config={args.out!r})")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vtprune", description="Visual-token pruning for vision-language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -34,6 +51,17 @@ def main(argv=None) -> int:
     p.add_argument("--families", default="llava,qwen2_vl", help="comma-separated: llava, qwen2_vl, qwen2_5_vl")
     p.add_argument("--ratios", default="1.0,0.5,0.25,0.111", help="comma-separated kept fractions")
     p.set_defaults(func=_demo)
+    p = sub.add_parser("tune", help="search a method's hyperparameters for a model (VFlowOpt's flow-guided search)")
+    p.add_argument("--method", required=True, help="the method to tune (vflowopt)")
+    p.add_argument("--model", required=True, help="a local model directory or a bundled name (tiny-llava, ...)")
+    p.add_argument("--task", default="tiny-prompts", help="calibration task (now: tiny-prompts)")
+    p.add_argument("--budget", type=float, required=True, help="layer-averaged kept fraction, e.g. 0.25")
+    p.add_argument("--samples", type=int, default=30, help="calibration samples (default 30, as the paper)")
+    p.add_argument("--iterations", type=int, default=50, help="optimiser trials (default 50, as the paper)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--random-weights", action="store_true", help="bundled architecture with random weights")
+    p.add_argument("--out", required=True, help="config file to write (JSON)")
+    p.set_defaults(func=_tune)
     args = parser.parse_args(argv)
     return args.func(args)
 

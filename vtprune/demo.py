@@ -50,11 +50,11 @@ def run(families=("llava", "qwen2_vl"), ratios=(1.0, 0.5, 0.25, 0.111), new_toke
                     top1=(logits[:, -1].argmax(-1) == ref_logits.argmax(-1)).float().mean().item(),
                     gen=(gen == ref_gen).float().mean().item(),
                 ))
-    header = f"{'model':<11} {'method':<7} {'ratio':>5} {'visual':>9} {'seq':>8} {'sel ms':>7} {'prefill ms':>14} {'top1=full':>9} {'gen=full':>8}"
+    header = f"{'model':<11} {'method':<13} {'ratio':>5} {'visual':>9} {'seq':>8} {'sel ms':>7} {'prefill ms':>14} {'top1=full':>9} {'gen=full':>8}"
     print_("vtprune demo: tiny RANDOM-WEIGHT models (batch 4, CPU). Agreement columns show plumbing, not accuracy.")
     print_(header)
     print_("-" * len(header))
     for r in rows:
-        print_(f"{r['family']:<11} {r['method']:<7} {r['ratio']:>5.3f} {r['visual']:>9} {r['seq']:>8} {r['select_ms']:>7.2f} "
+        print_(f"{r['family']:<11} {r['method']:<13} {r['ratio']:>5.3f} {r['visual']:>9} {r['seq']:>8} {r['select_ms']:>7.2f} "
                f"{r['prefill_ms']:>6.1f} / {r['base_ms']:<5.1f} {r['top1']:>9.2f} {r['gen']:>8.2f}")
     return rows

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 
 from .hooks import adapter_for
 from .hooks.runtime import PatchState, Stats
@@ -10,13 +12,53 @@ from .methods.registry import build_method
 _ATTR = "_vtprune"
 
 
-def patch(model, method: str, **options):
+def load_config(config) -> tuple[str | None, dict]:
+    """(method, options) from a config file path (JSON, as `vtprune tune` writes) or a dict:
+    {"method": "vflowopt", "options": {"ratio": 0.26, "r2": 0.98, ...}, ...other keys ignored}."""
+    if isinstance(config, (str, os.PathLike)):
+        with open(config) as f:
+            try:
+                config = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"config file {os.fspath(config)!r} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a path to a JSON file or a dict, got {type(config).__name__}")
+    options = config.get("options", {})
+    if not isinstance(options, dict):
+        raise ValueError("config 'options' must be a mapping of option names to values")
+    method = config.get("method")
+    if method is not None and not isinstance(method, str):
+        raise ValueError(f"config 'method' must be a name, got {method!r}")
+    return method, dict(options)
+
+
+def _resolve(method, config, options) -> tuple[str, dict]:
+    if config is None:
+        if method is None:
+            raise TypeError("patch() needs a method name (or config=FILE naming one)")
+        return method, options
+    file_method, file_options = load_config(config)
+    if method is not None and file_method is not None and method != file_method:
+        raise ValueError(f"method {method!r} differs from the config's {file_method!r}")
+    method = method or file_method
+    if method is None:
+        raise ValueError("the config names no method; pass one: patch(model, 'name', config=...)")
+    if options.keys() & {"keep", "ratio"}:  # an explicit budget replaces the file's
+        file_options.pop("keep", None)
+        file_options.pop("ratio", None)
+    return method, {**file_options, **options}
+
+
+def patch(model, method: str | None = None, *, config=None, **options):
     """Prune visual tokens in `model` with strategy `method`; returns the same model object.
 
     Options are the method's config fields: exactly one of `keep` (tokens per image) or `ratio`
     (fraction kept, in (0, 1]), plus the method's own options (see `vtprune methods`).
+    `config` is a JSON file (e.g. written by `vtprune tune`) or dict giving the method and its
+    options; keyword options override the file's (an explicit keep/ratio replaces its budget).
     Patching an already-patched model replaces the previous configuration.
     """
+    method, options = _resolve(method, config, options)
     built = build_method(method, options)  # validates name and options before touching the model
     adapter = adapter_for(model)
     state = PatchState(adapter, built, method, dict(options))
@@ -45,13 +87,13 @@ def unpatch(model):
 
 
 @contextlib.contextmanager
-def pruned(model, method: str, **options):
+def pruned(model, method: str | None = None, *, config=None, **options):
     """`with vtprune.pruned(model, "random", ratio=0.25): ...` patches inside the block only.
 
     A configuration already on the model is restored on exit."""
     previous = getattr(model, _ATTR, None)
     prev_args = (previous.method_name, previous.options) if previous is not None else None
-    patch(model, method, **options)
+    patch(model, method, config=config, **options)
     try:
         yield model
     finally:

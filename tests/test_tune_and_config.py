@@ -1,0 +1,96 @@
+"""`patch(..., config=FILE)` and VFlowOpt's flow-guided search (`vtprune tune`)."""
+import json
+
+import pytest
+import torch
+
+import vtprune
+from vtprune import cli, tiny
+from vtprune.eval import models as eval_models, tune
+
+
+def test_patch_from_a_config_file_and_overrides(model_factory, tmp_path):
+    model = model_factory("llava")
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"method": "vflowopt", "options": {"ratio": 0.5, "r2": 0.5, "t": 3.0}, "tuned": {}}))
+    vtprune.patch(model, config=path)
+    cfg = model._vtprune.method.config
+    assert (model._vtprune.method_name, cfg.ratio, cfg.r2, cfg.t) == ("vflowopt", 0.5, 0.5, 3.0)
+    vtprune.patch(model, config=str(path), keep=3, t=7.0)  # explicit budget replaces the file's ratio
+    cfg = model._vtprune.method.config
+    assert (cfg.keep, cfg.ratio, cfg.r2, cfg.t) == (3, None, 0.5, 7.0)
+    vtprune.patch(model, "random", config={"options": {"keep": 2, "seed": 5}})
+    assert model._vtprune.method.config.seed == 5
+    with torch.no_grad():
+        model(**tiny.batch("llava", [0]))
+    assert vtprune.stats(model).visual_after == [2]
+
+
+def test_config_errors(model_factory, tmp_path):
+    model = model_factory("llava")
+    with pytest.raises(ValueError, match="differs"):
+        vtprune.patch(model, "random", config={"method": "vflowopt", "options": {"keep": 2}})
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        vtprune.patch(model, config=bad)
+    with pytest.raises(TypeError, match="unknown option"):
+        vtprune.patch(model, config={"method": "vflowopt", "options": {"keep": 2, "beta": 1}})
+    with pytest.raises(TypeError, match="needs a method"):
+        vtprune.patch(model)
+    assert not hasattr(model, "_vtprune")
+
+
+@pytest.mark.parametrize("layers", [4, 28, 32])
+def test_solve_r3_meets_the_layer_averaged_budget(layers):
+    n1, n2, n3 = tune.layer_split(layers)
+    assert n1 + n2 + n3 == layers
+    r1, r2, budget = 0.3, 0.9, 0.25
+    r3 = tune.solve_r3(budget, r1, r2, layers)
+    assert 0 < r3 <= 1
+    assert abs((r1 * n1 + r1 * r2 * n2 + r1 * r2 * r3 * n3) / layers - budget) < 1e-12
+    assert tune.solve_r3(0.05, 0.3, 1.0, layers) is None  # the budget is spent before the last drop
+
+
+def test_released_presets_meet_their_budgets_on_28_layers():
+    from vtprune.methods.vflowopt import PRESETS
+    for pct, p in PRESETS.items():  # (R1 * 9 + R1R2 * 9 + R1R2R3 * 10) / 28 ~ the advertised percentage
+        assert abs(tune._retention(p, 28) - pct / 100) < 2e-3, pct
+
+
+def test_objective_is_one_without_pruning_and_lower_with(models):
+    model = models("qwen2_vl")
+    batches = eval_models.calibration("tiny-prompts", model, 4, batch_size=2)
+    with torch.no_grad():
+        ref = [tune.last_hidden(model, b) for b in batches]
+    keep_all = dict(ratio=1.0, r2=1.0, r3=1.0)
+    assert tune.objective(model, batches, ref, keep_all) == pytest.approx(1.0, abs=1e-6)
+    assert tune.objective(model, batches, ref, dict(ratio=0.25, r2=0.5, r3=0.5)) < 0.999
+    assert not hasattr(model, "_vtprune")
+
+
+def test_tune_command_writes_a_config_patch_accepts(tmp_path, capsys):
+    out = tmp_path / "vflowopt.json"
+    rc = cli.main(["tune", "--method", "vflowopt", "--model", "tiny-llava", "--random-weights", "--budget", "0.5",
+                   "--samples", "4", "--iterations", "4", "--out", str(out)])
+    assert rc == 0
+    cfg = json.loads(out.read_text())
+    t = cfg["tuned"]
+    assert cfg["method"] == "vflowopt" and t["budget"] == 0.5 and t["samples"] == 4 and t["iterations"] == 4
+    assert abs(t["layer_averaged_retention"] - 0.5) < 1e-9 or cfg["options"]["r3"] == 1.0
+    assert t["objective"] >= t["start_objective"]
+    assert 0.5 <= cfg["options"]["ratio"] <= 0.75
+    model = eval_models.load("tiny-llava", random_weights=True)
+    vtprune.patch(model, config=out)
+    with torch.no_grad():
+        model.generate(**tiny.batch("llava", [0, 1]), max_new_tokens=2, **tiny.GEN)
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_tune_rejects_what_it_cannot_do(tmp_path):
+    with pytest.raises(SystemExit, match="only --method vflowopt"):
+        cli.main(["tune", "--method", "divprune", "--model", "tiny-llava", "--budget", "0.5", "--out", "x"])
+    with pytest.raises(ValueError, match="not bundled yet"):
+        eval_models.load("tiny-llava")
+    with pytest.raises(ValueError, match="local model directory"):
+        eval_models.load(str(tmp_path / "missing"))
