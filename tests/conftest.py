@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vtprune
-from vtprune.methods.base import Method, PruneConfig, Selection, VisionSignal
+from vtprune.methods.base import Method, Selection, VisionSignal
 from vtprune.methods import fastv as fastv_mod
 from vtprune import tiny
 

@@ -7,6 +7,27 @@ from vtprune import tiny
 from vtprune.methods import fastv
 
 
+def _signals(model, adapter_cls, signals, run):
+    """Install an adapter's vision-signal hooks, call run(), remove them; returns the store's scores."""
+    from vtprune.hooks.base import SignalStore
+
+    store = SignalStore()
+    handles = adapter_cls(model).install_vision_signals(signals, store)
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return store.read()
+
+
+def _kept(layout, visual, b):
+    """Indices into sample b's visual slots that the last pruned forward kept."""
+    vis_slots = visual[b].nonzero().squeeze(1).tolist()
+    return sorted(vis_slots.index(int(s)) for s in layout[b] if s >= 0 and int(s) in vis_slots)
+
+
 @pytest.mark.parametrize("family", tiny.FAMILIES)
 def test_fastv_under_sdpa_selects_what_eager_attention_selects(model_factory, family):
     sdpa = model_factory(family, "sdpa")
@@ -28,36 +49,25 @@ def test_fastv_under_sdpa_selects_what_eager_attention_selects(model_factory, fa
         sdpa(**inputs)
     layout = vtprune.stats(sdpa).layout
     for b in range(3):
-        vis_slots = visual[b].nonzero().squeeze(1).tolist()
-        kept = sorted(vis_slots.index(int(s)) for s in layout[b] if s >= 0 and int(s) in vis_slots)
-        assert kept == want[b].tolist(), f"sample {b}"
+        assert _kept(layout, visual, b) == want[b].tolist(), f"sample {b}"
     assert sdpa.config.text_config._attn_implementation == "sdpa"
 
 
 def test_llava_vision_signal_equals_eager_clip_attention(model_factory):
-    from vtprune.hooks.base import SignalStore
     from vtprune.hooks.llava import LlavaAdapter
     from vtprune.methods.base import VisionSignal
 
     model = model_factory("llava", "sdpa")
     eager = model_factory("llava", "eager")
     pixels = tiny.batch("llava", [0, 1])["pixel_values"]
-    store = SignalStore()
-    handles = LlavaAdapter(model).install_vision_signals(
-        {"mean": VisionSignal("feature", "mean"), "cls": VisionSignal(0, "cls")}, store)
-    try:
-        with torch.no_grad():
-            model.model.vision_tower(pixels)
-    finally:
-        for h in handles:
-            h.remove()
+    got = _signals(model, LlavaAdapter, {"mean": VisionSignal("feature", "mean"), "cls": VisionSignal(0, "cls")},
+                   lambda: model.model.vision_tower(pixels))
     with torch.no_grad():
         ref = eager.model.vision_tower(pixels, output_attentions=True).attentions
     n_layers = len(ref)
     feature = n_layers - 2  # vision_feature_layer=-2 -> hidden_states[-2] is the output of layer n-2
     want_mean = ref[feature].mean(1).mean(1)[:, 1:]  # heads, all query rows; CLS key dropped
     want_cls = ref[0].mean(1)[:, 0, 1:]
-    got = store.read()
     torch.testing.assert_close(torch.stack(got["mean"]), want_mean, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(torch.stack(got["cls"]), want_cls, atol=1e-6, rtol=1e-5)
 
@@ -93,7 +103,6 @@ def test_qwen_vision_signal_per_image_and_token(model_factory, family):
 
 def test_llava_context_signal_equals_eager_clip_attention(model_factory):
     """VFlowOpt's map: rows S = tokens receiving > t x the mean attention, then the mean of those rows."""
-    from vtprune.hooks.base import SignalStore
     from vtprune.hooks.llava import LlavaAdapter
     from vtprune.methods.base import VisionSignal
 
@@ -104,14 +113,8 @@ def test_llava_context_signal_equals_eager_clip_attention(model_factory):
         ref = eager.model.vision_tower(pixels, output_attentions=True).attentions[1].mean(1)  # [B, T, T]
     received = ref.mean(1)
     for t in (1.5, 1e6):  # a few context rows; none above the threshold -> the argmax row alone
-        store = SignalStore()
-        handles = LlavaAdapter(model).install_vision_signals({"c": VisionSignal("feature", "context", t)}, store)
-        try:
-            with torch.no_grad():
-                model.model.vision_tower(pixels)
-        finally:
-            for h in handles:
-                h.remove()
+        got = _signals(model, LlavaAdapter, {"c": VisionSignal("feature", "context", t)},
+                       lambda: model.model.vision_tower(pixels))
         want = []
         for b in range(2):
             rows = (received[b] > t * received[b].mean()).nonzero().squeeze(1)
@@ -119,7 +122,7 @@ def test_llava_context_signal_equals_eager_clip_attention(model_factory):
                 rows = received[b].argmax()[None]
             assert t > 1e5 or 0 < rows.numel() < received.shape[1]
             want.append(ref[b, rows].mean(0)[1:])
-        torch.testing.assert_close(torch.stack(store.read()["c"]), torch.stack(want), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(torch.stack(got["c"]), torch.stack(want), atol=1e-6, rtol=1e-5)
 
 
 def test_hiprune_under_sdpa_selects_what_eager_attention_selects(model_factory):
@@ -138,9 +141,7 @@ def test_hiprune_under_sdpa_selects_what_eager_attention_selects(model_factory):
     layout = vtprune.stats(sdpa).layout
     visual = inputs["input_ids"] == tiny.IMG
     for b in range(3):
-        vis_slots = visual[b].nonzero().squeeze(1).tolist()
-        kept = sorted(vis_slots.index(int(s)) for s in layout[b] if s >= 0 and int(s) in vis_slots)
-        assert kept == want[b].tolist(), f"sample {b}"
+        assert _kept(layout, visual, b) == want[b].tolist(), f"sample {b}"
 
 
 @pytest.mark.parametrize("family", tiny.FAMILIES)
@@ -252,7 +253,6 @@ def _levels(n_tokens, side):
 
 
 def test_entropy_signal_from_pixels_llava_and_qwen(model_factory):
-    from vtprune.hooks.base import SignalStore
     from vtprune.hooks.llava import LlavaAdapter
     from vtprune.hooks.qwen2_vl import QwenVLAdapter
     from vtprune.methods.base import VisionSignal
@@ -262,29 +262,15 @@ def test_entropy_signal_from_pixels_llava_and_qwen(model_factory):
     blocks, want = _levels(16, 14)
     grey = blocks.view(4, 4, 14, 14).permute(0, 2, 1, 3).reshape(56, 56)
     model = model_factory("llava")
-    store = SignalStore()
-    handles = LlavaAdapter(model).install_vision_signals(sig, store)
-    try:
-        with torch.no_grad():
-            model.model.vision_tower(_normalised(grey)[None])
-    finally:
-        for h in handles:
-            h.remove()
-    torch.testing.assert_close(store.read()["h"][0], want)
+    got = _signals(model, LlavaAdapter, sig, lambda: model.model.vision_tower(_normalised(grey)[None]))
+    torch.testing.assert_close(got["h"][0], want)
     # Qwen2-VL: an LLM token merges 2x2 patches of 14 px (consecutive rows of pixel_values)
     model = model_factory("qwen2_vl")
     blocks, want = _levels(4, 28)
     patches = blocks.view(4, 2, 14, 2, 14).permute(0, 1, 3, 2, 4).reshape(16, 14, 14)
     px = _normalised(patches)[:, :, None].expand(16, 3, 2, 14, 14).reshape(16, -1)
-    store = SignalStore()
-    handles = QwenVLAdapter(model).install_vision_signals(sig, store)
-    try:
-        with torch.no_grad():
-            model.model.visual(px, grid_thw=torch.tensor([[1, 4, 4]]))
-    finally:
-        for h in handles:
-            h.remove()
-    torch.testing.assert_close(store.read()["h"][0], want)
+    got = _signals(model, QwenVLAdapter, sig, lambda: model.model.visual(px, grid_thw=torch.tensor([[1, 4, 4]])))
+    torch.testing.assert_close(got["h"][0], want)
 
 
 @pytest.mark.parametrize("family", tiny.FAMILIES)

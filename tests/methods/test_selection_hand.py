@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from vtprune.methods import divprune, hiprune, todre, token_shuffle, transprune, vflowopt
+from vtprune.methods.base import top_visual
 
 
 def _unit(*degrees, scale=None):
@@ -156,10 +157,10 @@ def test_transprune_default_schedule():
     assert transprune.default_schedule(4) == [(0, 0.625), (1, 0.125)]
 
 
-def test_transprune_top_visual_picks_within_visual_slots():
+def test_top_visual_picks_within_visual_slots():
     scores = torch.tensor([[9.0, 0.2, 0.5, 0.5, 0.1, 7.0]])
     visual = torch.tensor([[False, True, True, True, True, False]])
-    assert [t.tolist() for t in transprune.top_visual(scores, visual, [2])] == [[1, 2]]  # 0.5 tie -> slot 2 first
+    assert [t.tolist() for t in top_visual(scores, visual, [2])] == [[1, 2]]  # 0.5 tie -> slot 2 first
 
 
 # VFlowOpt ------------------------------------------------------------------------------------------

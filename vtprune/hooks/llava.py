@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 from functools import partial
 
-import torch
 
 from ..methods.vflowopt import patch_entropy
 from .base import Adapter, grey_levels, reduce_attention

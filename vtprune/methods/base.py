@@ -98,6 +98,16 @@ class ImageTokens:
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def frame_grid(image: ImageTokens, method: str) -> tuple[int, int]:
+    """(h, w) of a single-frame image's token grid; a clear error when the adapter could not tell it."""
+    if image.grid is None:
+        raise ValueError(f"{method} needs the image's token grid, which this model's adapter could not determine")
+    t, h, w = image.grid
+    if t != 1:
+        raise ValueError(f"{method} works per frame; got a grid with t={t}")
+    return h, w
+
+
 @dataclass
 class Selection:
     """What a pre-LLM method returns for one image.
@@ -143,6 +153,17 @@ class LayerTokens:
     attention: object = None
     attention_next: object = None
     state: dict = field(default_factory=dict)
+
+
+def ranking(scores: torch.Tensor) -> torch.Tensor:
+    """Indices ordering `scores` (1-D) from highest to lowest, ties to the lowest index (float32)."""
+    return torch.sort(scores.float(), descending=True, stable=True).indices
+
+
+def top_visual(scores: torch.Tensor, visual: torch.Tensor, keep) -> list[torch.Tensor]:
+    """Per sample: ascending indices, into that sample's visual slots in order, of its keep[b] highest
+    scores (ties to the lower index). scores [B, L]; visual BoolTensor [B, L]; keep: ints or LongTensor [B]."""
+    return [ranking(scores[b][visual[b]])[: int(keep[b])].sort().values for b in range(scores.shape[0])]
 
 
 def question_rows(tokens: LayerTokens) -> torch.Tensor:

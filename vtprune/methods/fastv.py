@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import LayerTokens, Method, PruneConfig
+from .base import LayerTokens, Method, PruneConfig, top_visual
 from .registry import register
 
 
@@ -16,17 +16,7 @@ def select(scores: torch.Tensor, visual: torch.Tensor, keep: torch.Tensor) -> li
 
     scores: float [B, L] attention received per slot; visual: BoolTensor [B, L]; keep: LongTensor [B].
     """
-    out = []
-    for b in range(scores.shape[0]):
-        s = scores[b][visual[b]].float()
-        k = int(keep[b])
-        if k >= s.numel():
-            out.append(torch.arange(s.numel(), device=s.device))
-            continue
-        # stable descending sort = lowest index first among equal scores
-        order = torch.sort(s, descending=True, stable=True).indices[:k]
-        out.append(order.sort().values)
-    return out
+    return top_visual(scores, visual, keep)
 
 
 @dataclass

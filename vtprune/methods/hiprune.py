@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ImageTokens, Method, PruneConfig, Selection, VisionSignal
+from .base import ImageTokens, Method, PruneConfig, Selection, VisionSignal, frame_grid, ranking
 from .registry import register
 
 
@@ -15,7 +15,7 @@ def _top(scores: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> t
     s = scores.float()
     if exclude is not None:
         s = s.masked_fill(exclude, float("-inf"))
-    return torch.sort(s, descending=True, stable=True).indices[:k]
+    return ranking(s)[:k]
 
 
 def n_anchors(keep: int, alpha: float) -> int:
@@ -102,11 +102,7 @@ class HiPrune(Method):
         return {"object": VisionSignal(obj, "mean"), "deep": VisionSignal(self.config.deep_layer, "mean")}
 
     def select(self, image: ImageTokens) -> Selection:
-        if image.grid is None:
-            raise ValueError("hiprune needs the image's token grid, which this model's adapter could not determine")
-        t, h, w = image.grid
-        if t != 1:
-            raise ValueError(f"hiprune works per frame; got a grid with t={t}")
+        h, w = frame_grid(image, "hiprune")
         s = image.signals
         idx = select(s["object"][None], s["deep"][None], (h, w), image.keep, self.config.alpha)[0]
         return Selection(idx.to(image.features.device))

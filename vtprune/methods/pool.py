@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import ImageTokens, Method, PruneConfig, Selection
+from .base import ImageTokens, Method, PruneConfig, Selection, frame_grid
 from .registry import register
 
 
@@ -67,11 +67,7 @@ class Pool(Method):
     Config = PoolConfig
 
     def select(self, image: ImageTokens) -> Selection:
-        if image.grid is None:
-            raise ValueError("pool needs the image's token grid, which this model's adapter could not determine")
-        t, h, w = image.grid
-        if t != 1:
-            raise ValueError(f"pool works per frame; got a grid with t={t}")
+        h, w = frame_grid(image, "pool")
         tokens, indices, (hp, wp) = pool(image.features, (h, w), image.keep)
         grid = (1, hp, wp) if self.config.positions == "grid" else None
         return Selection(indices, tokens=tokens, grid=grid)

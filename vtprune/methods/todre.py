@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import greedy_select
-from .base import ImageTokens, LayerTokens, Method, PruneConfig, Selection, VisionSignal, question_rows
+from .base import ImageTokens, LayerTokens, Method, PruneConfig, Selection, VisionSignal, question_rows, ranking
 from .registry import register
 
 
@@ -61,7 +61,7 @@ class ToDRE(Method):
 
     def select(self, image: ImageTokens) -> Selection:
         pivot = image.signals["pivot"].float()
-        first = torch.sort(pivot, descending=True, stable=True).indices[:1]
+        first = ranking(pivot)[:1]
         return Selection(select(image.features[None], image.keep, first.to(image.features.device), self.config.rule)[0])
 
     def _layer(self, num_layers: int) -> list[int]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ImageTokens, Method, PruneConfig, Selection
+from .base import ImageTokens, Method, PruneConfig, Selection, frame_grid
 from .pool import pooled_grid
 from .registry import register
 
@@ -100,11 +100,7 @@ class TokenShuffle(Method):
         return min(n, math.ceil(grid[1] / s) * math.ceil(grid[2] / s))
 
     def select(self, image: ImageTokens) -> Selection:
-        if image.grid is None:
-            raise ValueError("token_shuffle needs the image's token grid, which this model's adapter could not determine")
-        t, h, w = image.grid
-        if t != 1:
-            raise ValueError(f"token_shuffle works per frame; got a grid with t={t}")
+        h, w = frame_grid(image, "token_shuffle")
         if self.config.s is not None:
             tokens, idx, (hp, wp) = merge(image.features, (h, w), s=self.config.s, rescale=self.config.rescale)
         else:

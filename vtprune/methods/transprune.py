@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import LayerTokens, Method, PruneConfig, question_rows
+from .base import LayerTokens, Method, PruneConfig, question_rows, top_visual
 from .registry import register
 
 # The paper's "High" setting for a 32-layer LLM: drops after layers 7, 9, 12 (1-indexed), keeping
@@ -34,16 +34,6 @@ def normalise(scores: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
     """Restrict [B, L] scores to visual slots and scale each sample's to sum 1 (0 elsewhere)."""
     s = torch.where(visual, scores.float(), 0.0)
     return s / s.sum(1, keepdim=True).clamp_min(1e-30)
-
-
-def top_visual(scores: torch.Tensor, visual: torch.Tensor, keep: list[int]) -> list[torch.Tensor]:
-    """Per sample: ascending indices into its visual slots of the keep[b] best scores (ties: lowest index)."""
-    out = []
-    for b in range(scores.shape[0]):
-        s = scores[b][visual[b]]
-        k = min(keep[b], s.numel())
-        out.append(torch.sort(s, descending=True, stable=True).indices[:k].sort().values)
-    return out
 
 
 def default_schedule(num_layers: int) -> list[tuple[int, float]]:

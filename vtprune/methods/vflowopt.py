@@ -8,7 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import CLIP_MEAN, CLIP_STD, ImageTokens, LayerTokens, Method, PruneConfig, Selection, VisionSignal
+from .base import (
+    CLIP_MEAN, CLIP_STD, ImageTokens, LayerTokens, Method, PruneConfig, Selection, VisionSignal, frame_grid, ranking, top_visual,
+)
 from .registry import register
 
 # Released presets for LLaVA-OV-7B by the paper's layer-averaged "retain" percentage (alpha = 0 in all).
@@ -69,7 +71,7 @@ def prune_recycle(features: torch.Tensor, scores: torch.Tensor, grid: tuple[int,
     if not a > 0:
         raise ValueError(f"cell side a must be > 0, got {a}")
     s = scores.float()
-    order = torch.sort(s, descending=True, stable=True).indices
+    order = ranking(s)
     rank = torch.empty(n, dtype=torch.long, device=s.device)
     rank[order] = torch.arange(n, device=s.device)
     cell = cells(grid, a, s.device)
@@ -92,7 +94,7 @@ def prune_recycle(features: torch.Tensor, scores: torch.Tensor, grid: tuple[int,
         members = ((cell == c) & ~kept).nonzero().squeeze(1)
         wts = s[members].clamp_min(0)
         wts = wts / wts.sum() if float(wts.sum()) > 0 else torch.full_like(wts, 1.0 / members.numel())
-        best = members[torch.sort(s[members], descending=True, stable=True).indices[0]]
+        best = members[ranking(s[members])[0]]
         slots.append(best[None])
         tokens.append((wts[:, None] * x[members]).sum(0, keepdim=True))
         imp.append(s[best][None])
@@ -153,11 +155,7 @@ class VFlowOpt(Method):
         return signals
 
     def select(self, image: ImageTokens) -> Selection:
-        if image.grid is None:
-            raise ValueError("vflowopt needs the image's token grid, which this model's adapter could not determine")
-        t, h, w = image.grid
-        if t != 1:
-            raise ValueError(f"vflowopt works per frame; got a grid with t={t}")
+        h, w = frame_grid(image, "vflowopt")
         imp = importance(image.signals["context"], image.signals.get("entropy"), self.config.alpha)
         idx, tokens, kept_imp = prune_recycle(image.features, imp.to(image.features.device), (h, w), image.keep,
                                               float(self.config.a))
@@ -172,13 +170,10 @@ class VFlowOpt(Method):
         if len(layers) == 1:  # a 2-layer decoder: both drops at once
             frac = self.config.r2 * self.config.r3
         scores = tokens.state.get("importance")
-        out = []
-        for b in range(tokens.visual.shape[0]):
-            n = int(tokens.visual[b].sum())
-            if int(tokens.keep[b]) >= int(tokens.before[b]) or scores is None:
-                out.append(torch.arange(n, device=tokens.visual.device))
-                continue
-            k = n - round(n * (1 - frac))  # the authors' count: drop round(n * (1 - R)) of those present
-            s = scores[b][tokens.visual[b]]
-            out.append(torch.sort(s, descending=True, stable=True).indices[:k].sort().values)
-        return out
+        present = tokens.visual.sum(1).tolist()
+        if scores is None:
+            return top_visual(torch.zeros(tokens.visual.shape), tokens.visual, present)
+        # the authors' count: drop round(n * (1 - R)) of the n present; keep >= N prunes nothing
+        keep = [n if int(k) >= int(n0) else n - round(n * (1 - frac))
+                for n, k, n0 in zip(present, tokens.keep, tokens.before)]
+        return top_visual(scores, tokens.visual, keep)
