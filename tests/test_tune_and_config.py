@@ -60,7 +60,7 @@ def test_released_presets_meet_their_budgets_on_28_layers():
 
 def test_objective_is_one_without_pruning_and_lower_with(models):
     model = models("qwen2_vl")
-    batches = eval_models.calibration("tiny-prompts", model, 4, batch_size=2)
+    batches = eval_models.calibration("tiny-prompts", model, None, 4, batch_size=2)
     with torch.no_grad():
         ref = [tune.last_hidden(model, b) for b in batches]
     keep_all = dict(ratio=1.0, r2=1.0, r3=1.0)
@@ -71,8 +71,8 @@ def test_objective_is_one_without_pruning_and_lower_with(models):
 
 def test_tune_command_writes_a_config_patch_accepts(tmp_path, capsys):
     out = tmp_path / "vflowopt.json"
-    rc = cli.main(["tune", "--method", "vflowopt", "--model", "tiny-llava", "--random-weights", "--budget", "0.5",
-                   "--samples", "4", "--iterations", "4", "--out", str(out)])
+    rc = cli.main(["tune", "--method", "vflowopt", "--model", "tiny-test-llava", "--task", "tiny-prompts",
+                   "--budget", "0.5", "--samples", "4", "--iterations", "4", "--out", str(out)])
     assert rc == 0
     cfg = json.loads(out.read_text())
     t = cfg["tuned"]
@@ -80,17 +80,24 @@ def test_tune_command_writes_a_config_patch_accepts(tmp_path, capsys):
     assert abs(t["layer_averaged_retention"] - 0.5) < 1e-9 or cfg["options"]["r3"] == 1.0
     assert t["objective"] >= t["start_objective"]
     assert 0.5 <= cfg["options"]["ratio"] <= 0.75
-    model = eval_models.load("tiny-llava", random_weights=True)
+    model, _ = eval_models.load("tiny-test-llava")
     vtprune.patch(model, config=out)
     with torch.no_grad():
         model.generate(**tiny.batch("llava", [0, 1]), max_new_tokens=2, **tiny.GEN)
     assert "wrote" in capsys.readouterr().out
 
 
+def test_tune_on_the_shapes_task_with_the_bundled_architecture(tmp_path):
+    out = tmp_path / "v.json"
+    assert cli.main(["tune", "--method", "vflowopt", "--model", "tiny-llava", "--random-weights", "--task", "shapes",
+                     "--budget", "0.3", "--samples", "4", "--iterations", "2", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["tuned"]["task"] == "shapes"
+
+
 def test_tune_rejects_what_it_cannot_do(tmp_path):
     with pytest.raises(SystemExit, match="only --method vflowopt"):
         cli.main(["tune", "--method", "divprune", "--model", "tiny-llava", "--budget", "0.5", "--out", "x"])
-    with pytest.raises(ValueError, match="not bundled yet"):
-        eval_models.load("tiny-llava")
+    with pytest.raises(ValueError, match="is for the test models"):
+        eval_models.calibration("tiny-prompts", *eval_models.load("tiny-llava", random_weights=True), 2)
     with pytest.raises(ValueError, match="local model directory"):
         eval_models.load(str(tmp_path / "missing"))

@@ -30,8 +30,8 @@ def _tune(args) -> int:
 
     if args.method != "vflowopt":
         raise SystemExit(f"vtprune tune: only --method vflowopt has a tuner, got {args.method!r}")
-    model = models.load(args.model, random_weights=args.random_weights)
-    batches = models.calibration(args.task, model, args.samples, seed=args.seed)
+    model, processor = models.load(args.model, random_weights=args.random_weights)
+    batches = models.calibration(args.task, model, processor, args.samples, seed=args.seed)
     config = tune.tune(model, batches, args.budget, iterations=args.iterations, seed=args.seed)
     config["tuned"].update(model=args.model, task=args.task)
     tune.write(config, args.out)
@@ -53,8 +53,8 @@ def main(argv=None) -> int:
     p.set_defaults(func=_demo)
     p = sub.add_parser("tune", help="search a method's hyperparameters for a model (VFlowOpt's flow-guided search)")
     p.add_argument("--method", required=True, help="the method to tune (vflowopt)")
-    p.add_argument("--model", required=True, help="a local model directory or a bundled name (tiny-llava, ...)")
-    p.add_argument("--task", default="tiny-prompts", help="calibration task (now: tiny-prompts)")
+    p.add_argument("--model", required=True, help="a local model directory or a bundled name (tiny-llava, tiny-qwen2vl)")
+    p.add_argument("--task", default="shapes", help="calibration task: shapes (train split), tiny-prompts (test models)")
     p.add_argument("--budget", type=float, required=True, help="layer-averaged kept fraction, e.g. 0.25")
     p.add_argument("--samples", type=int, default=30, help="calibration samples (default 30, as the paper)")
     p.add_argument("--iterations", type=int, default=50, help="optimiser trials (default 50, as the paper)")

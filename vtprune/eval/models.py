@@ -1,45 +1,72 @@
-"""Resolve a `--model` argument: a local directory, or a bundled name (random weights for now)."""
+"""Resolve a `--model` argument and a calibration `--task` into a model, its processor and inputs."""
 from __future__ import annotations
 
 import os
 
-# bundled names -> tiny family (vtprune.tiny). Trained weights arrive with the bundled-models work;
-# until then these names need --random-weights.
-TINY = {"tiny-llava": "llava", "tiny-qwen2-vl": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_5_vl"}
+# vtprune.tiny's test models (random weights, no processor): for plumbing only
+TEST_MODELS = {"tiny-test-llava": "llava", "tiny-test-qwen2-vl": "qwen2_vl", "tiny-test-qwen2.5-vl": "qwen2_5_vl"}
 
 
 def load(name: str, random_weights: bool = False, attn: str = "sdpa"):
-    """The model for `name`, in eval mode."""
-    if name in TINY:
-        if not random_weights:
-            raise ValueError(f"trained weights for {name!r} are not bundled yet; pass --random-weights")
+    """(model in eval mode, processor or None) for a bundled name, a test model or a local directory.
+
+    Bundled models (`tiny-llava`, `tiny-qwen2vl`) load their trained weights from the package;
+    `random_weights=True` builds the same architecture with random weights instead."""
+    from . import tinyvlm
+
+    if name in tinyvlm.NAMES:
+        if random_weights:
+            import torch
+            import transformers as tf
+
+            torch.manual_seed(0)
+            model = tf.AutoModelForImageTextToText.from_config(tinyvlm.config(tinyvlm.NAMES[name]), attn_implementation=attn)
+            return model.eval(), tinyvlm.processor(tinyvlm.NAMES[name])
+        return tinyvlm.load(name, attn=attn)
+    if name in TEST_MODELS:
         from .. import tiny
 
-        return tiny.build(TINY[name], attn=attn).eval()
+        return tiny.build(TEST_MODELS[name], attn=attn).eval(), None
     if os.path.isdir(name):
-        from transformers import AutoModelForImageTextToText
+        from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        return AutoModelForImageTextToText.from_pretrained(name, attn_implementation=attn).eval()
-    raise ValueError(f"--model must be a local model directory or one of {', '.join(sorted(TINY))}; got {name!r}")
-
-
-def family(model) -> str | None:
-    """The tiny family of a model built by vtprune.tiny, from its class name."""
-    names = {"LlavaForConditionalGeneration": "llava", "Qwen2VLForConditionalGeneration": "qwen2_vl",
-             "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl"}
-    return names.get(type(model).__name__)
+        model = AutoModelForImageTextToText.from_pretrained(name, attn_implementation=attn).eval()
+        return model, AutoProcessor.from_pretrained(name)
+    names = sorted(tinyvlm.NAMES) + sorted(TEST_MODELS)
+    raise ValueError(f"--model must be a local model directory or one of {', '.join(names)}; got {name!r}")
 
 
-def calibration(task: str, model, n: int, seed: int = 0, batch_size: int = 8) -> list[dict]:
+def calibration(task: str, model, processor, n: int, seed: int = 0, batch_size: int = 8) -> list[dict]:
     """Batches of model inputs (left-padded) for a task's first `n` calibration samples.
 
-    Tasks: "tiny-prompts" = vtprune.tiny's random prompts and images (for the tiny models)."""
-    if task != "tiny-prompts":
-        raise ValueError(f"unknown task {task!r}; available now: tiny-prompts")
-    fam = family(model)
-    if fam is None:
-        raise ValueError(f"task 'tiny-prompts' needs a tiny model (tiny-llava, tiny-qwen2-vl, ...), got {type(model).__name__}")
-    from .. import tiny
+    Tasks: "shapes" = questions on the benchmark's train split (bundled models; the evaluation split is
+    never used for calibration); "tiny-prompts" = vtprune.tiny's random prompts (its test models)."""
+    if task == "shapes":
+        from . import shapes, tinyvlm
 
-    idx = list(range(n))
-    return [tiny.batch(fam, idx[i:i + batch_size], seed=seed) for i in range(0, n, batch_size)]
+        if processor is None:
+            raise ValueError("task 'shapes' needs a model with a processor (a bundled model)")
+        fam = tinyvlm.family_of(model)
+        texts, images = [], []
+        for i in range(n):
+            w, h = tinyvlm.scene_size(fam, "train", 10_000_000 + seed * n + i)
+            scene, qs = shapes.sample("train", 10_000_000 + seed * n + i, w, h)
+            texts.append(tinyvlm.prompt(fam, qs[0].text))
+            images.append(shapes.render(scene))
+        out = []
+        for i in range(0, n, batch_size):
+            inputs = processor(images=images[i:i + batch_size], text=texts[i:i + batch_size], padding=True,
+                               return_tensors="pt")
+            inputs.pop("token_type_ids", None)
+            out.append(dict(inputs))
+        return out
+    if task == "tiny-prompts":
+        from .. import tiny
+
+        fam = {"LlavaForConditionalGeneration": "llava", "Qwen2VLForConditionalGeneration": "qwen2_vl",
+               "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl"}.get(type(model).__name__)
+        if fam is None or processor is not None:
+            raise ValueError("task 'tiny-prompts' is for the test models (tiny-test-llava, ...)")
+        idx = list(range(n))
+        return [tiny.batch(fam, idx[i:i + batch_size], seed=seed) for i in range(0, n, batch_size)]
+    raise ValueError(f"unknown task {task!r}; available: shapes, tiny-prompts")

@@ -1,0 +1,253 @@
+"""Train a bundled tiny VLM on the synthetic `shapes` benchmark (reproducible by seed and step counts).
+
+  python scripts/train_tiny.py --family llava --out vtprune/bundled/tiny-llava
+  python scripts/train_tiny.py --family qwen2_vl --out vtprune/bundled/tiny-qwen2vl
+
+Stage A pretrains the vision tower on per-token labels the generator knows for free (colour, shape
+and digit under each LLM-side token), as LLaVA starts from a pretrained CLIP: a language model
+trained end to end from scratch never learns to look at the image. Stage B freezes the tower and
+trains the projector and language model on questions (several question/answer pairs per image,
+loss on the answers only). Stage C fine-tunes everything at a lower rate. The result is saved in
+fp16 with save_pretrained, with its processor, and its held-out accuracy to train_log.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vtprune.eval import shapes, tinyvlm  # noqa: E402
+
+KEYS = ("colour", "shape", "digit", "cell", "centre")
+
+
+ONLY = None  # question kinds to train on (None: all)
+
+
+def scenes(family, start, count, per_kind=3):
+    out = []
+    i = start
+    while len(out) < count:
+        w, h = tinyvlm.scene_size(family, "train", i)
+        scene, qs = shapes.sample("train", i, w, h, per_kind=per_kind)
+        i += 1
+        if ONLY is not None:
+            qs = [q for q in qs if q.kind in ONLY]
+        if qs:
+            out.append((scene, shapes.render(scene), qs))
+    return out
+
+
+def visual_tokens(model, family, inputs):
+    """LLM-side visual features before the projector (LLaVA: tower patches; Qwen: merger output)."""
+    if family == "llava":
+        hs = model.model.vision_tower(inputs["pixel_values"]).last_hidden_state
+        return hs[:, 1:]  # drop CLS: [B, 196, D]
+    out = model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    return getattr(out, "pooler_output", out)  # [sum tokens, D]
+
+
+def token_labels(family, batch):
+    """Per LLM-side token: colour, shape, digit under its centre (shapes.patch_labels), its cell of the
+    3 x 3 grid the questions name, and whether an object's centre falls in it (for counting)."""
+    grid = 16 if family == "llava" else 28
+    labels = {k: [] for k in KEYS}
+    for scene, _, _ in batch:
+        lab = shapes.patch_labels(scene, grid)
+        rows, cols = lab["colour"].shape
+        cy = (torch.arange(rows) * grid + grid // 2) * 3 // scene.height
+        cx = (torch.arange(cols) * grid + grid // 2) * 3 // scene.width
+        lab["cell"] = cy[:, None] * 3 + cx[None, :]
+        centre = torch.zeros(rows, cols, dtype=torch.long)
+        for obj in scene.objects:
+            x0, y0, x1, y1 = obj.box
+            centre[min(rows - 1, (y0 + y1) // 2 // grid), min(cols - 1, (x0 + x1) // 2 // grid)] = 1
+        lab["centre"] = centre
+        for k in KEYS:
+            labels[k].append(lab[k].reshape(-1))
+    return {k: torch.cat(v) if family != "llava" else torch.stack(v) for k, v in labels.items()}
+
+
+def stage_a(model, family, proc, heads, steps, batch_size, lr, log, offset):
+    params = list(visual_params(model, family)) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = cosine(opt, steps)
+    for step in range(steps):
+        batch = scenes(family, offset + step * batch_size, batch_size)
+        inputs = proc.image_processor([img for _, img, _ in batch], return_tensors="pt")
+        feats = visual_tokens(model, family, inputs)
+        labels = token_labels(family, batch)
+        loss = sum(F.cross_entropy(heads[k](feats).reshape(-1, heads[k].out_features), labels[k].reshape(-1)) for k in KEYS)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 25 == 0 or step == steps - 1:
+            with torch.no_grad():
+                acc = {k: (heads[k](feats).argmax(-1).reshape(-1) == labels[k].reshape(-1)).float().mean().item() for k in KEYS}
+            log(f"A {step:5d} loss {loss.item():.4f} " + " ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+    return offset + steps * batch_size
+
+
+def visual_params(model, family):
+    return model.model.vision_tower.parameters() if family == "llava" else model.model.visual.parameters()
+
+
+def qa_batch(family, proc, batch, rng, max_q):
+    texts, answers = [], []
+    for _, _, qs in batch:
+        chosen = rng.sample(qs, min(len(qs), rng.randint(1, max_q)))
+        parts = [tinyvlm.prompt(family, chosen[0].text)]
+        parts += [f"{chosen[0].answer} </s>"]
+        for q in chosen[1:]:
+            parts += [q.text, f"{q.answer} </s>"]
+        texts.append(" ".join(parts))
+        answers.append([q.answer for q in chosen])
+    inputs = proc(images=[img for _, img, _ in batch], text=texts, padding=True, return_tensors="pt")
+    inputs.pop("token_type_ids", None)
+    ids = inputs["input_ids"]
+    qmark = proc.tokenizer.convert_tokens_to_ids("?")
+    targets = torch.full_like(ids, -100)
+    prev = ids[:, :-1] == qmark  # the token after "?" is the answer
+    targets[:, 1:][prev] = ids[:, 1:][prev]
+    return inputs, targets
+
+
+def stage_qa(model, family, proc, steps, batch_size, lr, log, offset, rng, max_q, train_visual):
+    for p in visual_params(model, family):
+        p.requires_grad_(train_visual)
+    if family != "llava" and not train_visual:
+        for p in model.model.visual.merger.parameters():  # the merger is Qwen's projector
+            p.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = cosine(opt, steps)
+    for step in range(steps):
+        batch = scenes(family, offset + step * batch_size, batch_size)
+        inputs, targets = qa_batch(family, proc, batch, rng, max_q)
+        logits = model(**inputs).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 25 == 0 or step == steps - 1:
+            mask = targets[:, 1:] != -100
+            acc = (logits[:, :-1].argmax(-1)[mask] == targets[:, 1:][mask]).float().mean().item()
+            log(f"{'C' if train_visual else 'B'} {step:5d} loss {loss.item():.4f} answer acc {acc:.3f}")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return offset + steps * batch_size
+
+
+def cosine(opt, steps, warmup=20):
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(1, steps))))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", choices=["llava", "qwen2_vl"], required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vision-steps", type=int, default=400)
+    ap.add_argument("--qa-steps", type=int, default=1200)
+    ap.add_argument("--full-steps", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--max-questions", type=int, default=4, help="question/answer pairs per image per sequence")
+    ap.add_argument("--eval-questions", type=int, default=1200)
+    ap.add_argument("--eval-only", action="store_true", help="only (re-)evaluate the model saved in OUT")
+    ap.add_argument("--reuse-vision", action="store_true", help="start from OUT/vision_stage.pt (stage A) if present")
+    ap.add_argument("--only", default=None, help="comma-separated question kinds to train on (experiments)")
+    ap.add_argument("--qa-lr", type=float, default=1e-3)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = ap.parse_args(argv)
+    if args.eval_only:
+        evaluate_saved(Path(args.out), args.eval_questions)
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    t0 = time.time()
+
+    def log(msg):
+        line = f"[{time.time() - t0:7.1f}s] {msg}"
+        print(line, flush=True)
+        lines.append(line)
+
+    import transformers as tf
+
+    proc = tinyvlm.processor(args.family)
+    cfg = tinyvlm.config(args.family)
+    cls = tf.LlavaForConditionalGeneration if args.family == "llava" else tf.Qwen2VLForConditionalGeneration
+    model = cls(cfg).to(device)
+    log(f"{cls.__name__}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters on {device}")
+    dim = cfg.vision_config.hidden_size
+    heads = torch.nn.ModuleDict({
+        "colour": torch.nn.Linear(dim, len(shapes.COLOURS) + 1), "shape": torch.nn.Linear(dim, len(shapes.SHAPES) + 1),
+        "digit": torch.nn.Linear(dim, 11), "cell": torch.nn.Linear(dim, 9), "centre": torch.nn.Linear(dim, 2)}).to(device)
+    ckpt = out / "vision_stage.pt"
+    if args.reuse_vision and ckpt.exists():  # the same stage A (same seed and steps) done before
+        saved = torch.load(ckpt)
+        assert saved["args"] == [args.seed, args.vision_steps, args.batch], "stage A checkpoint from other settings"
+        model.load_state_dict(saved["model"])
+        offset = saved["offset"]
+        log(f"stage A reused from {ckpt}")
+    else:
+        offset = stage_a(model, args.family, proc, heads, args.vision_steps, args.batch, 2e-3, log, 0)
+        torch.save({"model": model.state_dict(), "offset": offset, "args": [args.seed, args.vision_steps, args.batch]}, ckpt)
+    global ONLY
+    ONLY = set(args.only.split(",")) if args.only else None
+    offset = stage_qa(model, args.family, proc, args.qa_steps, args.batch, args.qa_lr, log, offset, rng, args.max_questions, False)
+    offset = stage_qa(model, args.family, proc, args.full_steps, args.batch, 2e-4, log, offset, rng, args.max_questions, True)
+    model = model.to("cpu").eval()
+    model.half().save_pretrained(out)
+    proc.save_pretrained(out)
+    record = {"command": " ".join(["python", "scripts/train_tiny.py"] + (argv or sys.argv[1:])),
+              "args": vars(args), "device": device, "torch": torch.__version__, "transformers": tf.__version__,
+              "train_seconds": round(time.time() - t0, 1), "log": lines}
+    (out / "train_log.json").write_text(json.dumps(record, indent=1) + "\n")
+    evaluate_saved(out, args.eval_questions)
+
+
+def evaluate_saved(out: Path, n_questions: int):
+    """Held-out accuracy of the saved (fp16) model, loaded back in float32 as users load it, unpruned
+    and with random pruning; merged into OUT/train_log.json under "eval"."""
+    import transformers as tf
+
+    import vtprune
+
+    model = tf.AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
+    proc = tf.AutoProcessor.from_pretrained(out)
+    t0 = time.time()
+    result = {"full": tinyvlm.evaluate(model, proc, n_questions)}
+    print(f"held-out accuracy {result['full']['overall']:.4f} {json.dumps(result['full']['by_kind'])}", flush=True)
+    for ratio in (0.5, 0.25, 0.111):  # the benchmark must tell pruning apart: random drops should cost accuracy
+        with vtprune.pruned(model, "random", ratio=ratio):
+            result[f"random@{ratio}"] = tinyvlm.evaluate(model, proc, n_questions)
+        print(f"random {ratio}: {result[f'random@{ratio}']['overall']:.4f}", flush=True)
+    result["majority_baseline"] = shapes.majority_baseline([(q.kind, q.answer) for _, q in shapes.eval_set(n_questions)])
+    result["eval_seconds"] = round(time.time() - t0, 1)
+    log_path = out / "train_log.json"
+    record = json.loads(log_path.read_text()) if log_path.exists() else {}
+    record["eval"] = result
+    log_path.write_text(json.dumps(record, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,15 @@
+"""Regenerate the README blocks that come from measured data (never typed by hand)."""
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from vtprune.eval import tinyvlm  # noqa: E402
+
+readme = ROOT / "README.md"
+text = readme.read_text()
+text = re.sub(r"(<!-- accuracy:start -->\n).*?(<!-- accuracy:end -->)",
+              lambda m: m.group(1) + tinyvlm.accuracy_table() + "\n" + m.group(2), text, flags=re.S)
+readme.write_text(text)
+print("README.md updated")

@@ -1,0 +1,81 @@
+"""The bundled tiny VLMs: tokenizer, processors and configs of the real classes, offline save/load,
+and (when the trained weights are present) their accuracy and its fall under pruning."""
+import pytest
+import torch
+
+import vtprune
+from vtprune.eval import shapes, tinyvlm
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_tokenizer_covers_the_benchmark_words(family):
+    tok = tinyvlm.tokenizer(family)
+    ids = tok.convert_tokens_to_ids(list(shapes.VOCAB))
+    assert tok.unk_token_id not in ids and len(set(ids)) == len(ids)
+    _, qs = shapes.sample("eval", 0)
+    for q in qs:
+        enc = tok(f"{q.text} {q.answer}")["input_ids"]
+        assert tok.unk_token_id not in enc
+        assert tok.convert_ids_to_tokens(enc) == f"{q.text} {q.answer}".split()
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_processor_round_trips_offline(family, tmp_path):
+    import transformers as tf
+
+    proc = tinyvlm.processor(family)
+    proc.save_pretrained(tmp_path)
+    again = tf.AutoProcessor.from_pretrained(tmp_path)
+    w, h = tinyvlm.scene_size(family, "eval", 3)
+    scene, qs = shapes.sample("eval", 3, w, h)
+    img = shapes.render(scene)
+    text = tinyvlm.prompt(family, qs[0].text)
+    a, b = proc(images=[img], text=[text], return_tensors="pt"), again(images=[img], text=[text], return_tensors="pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    n_visual = int((a["input_ids"] == tinyvlm.config(family).image_token_id).sum())
+    if family == "llava":
+        assert n_visual == 196  # 224 px / 16 px patches, CLS dropped by the "default" strategy
+    else:
+        assert n_visual == w * h // (28 * 28)
+
+
+def test_qwen_scenes_have_varying_sizes():
+    sizes = {tinyvlm.scene_size("qwen2_vl", "train", i) for i in range(20)}
+    assert len(sizes) > 3 and all(w % 28 == 0 and h % 28 == 0 for w, h in sizes)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_configs_build_the_real_classes_within_the_size_limit(family):
+    import transformers as tf
+
+    model = tf.AutoModelForImageTextToText.from_config(tinyvlm.config(family))
+    assert type(model).__name__ == {"llava": "LlavaForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration"}[family]
+    assert sum(p.numel() for p in model.parameters()) * 2 <= 25e6  # fp16 bytes
+
+
+def _trained(name):
+    return (tinyvlm.BUNDLED / name / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", list(tinyvlm.NAMES))
+def test_bundled_model_answers_and_pruning_costs_accuracy(name):
+    if not _trained(name):
+        pytest.skip(f"{name} weights are not bundled yet")
+    model, proc = tinyvlm.load(name)
+    full = tinyvlm.evaluate(model, proc, n_questions=240)
+    vtprune.patch(model, "random", ratio=0.111)
+    pruned = tinyvlm.evaluate(model, proc, n_questions=240)
+    vtprune.unpatch(model)
+    assert full["overall"] >= 0.85, full
+    assert pruned["overall"] < full["overall"] - 0.05, (full, pruned)
+
+
+def test_readme_accuracy_table_is_generated_from_the_training_logs():
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = re.search(r"<!-- accuracy:start -->\n(.*?)<!-- accuracy:end -->", readme, re.S)
+    assert block, "README lacks the accuracy block"
+    assert block.group(1).strip() == tinyvlm.accuracy_table().strip(), \
+        "README accuracy table is stale: python scripts/update_readme.py"
