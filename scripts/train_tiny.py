@@ -76,6 +76,18 @@ def token_labels(family, batch):
     return {k: torch.cat(v) if family != "llava" else torch.stack(v) for k, v in labels.items()}
 
 
+BACKGROUND_KEYS = ("colour", "shape", "digit", "centre")  # class 0 = nothing there
+
+
+def class_weights(key, n):
+    """Background tokens are most of an image: weigh them down so objects' classes are learnt."""
+    if key not in BACKGROUND_KEYS:
+        return None
+    w = torch.ones(n)
+    w[0] = 0.1
+    return w
+
+
 def stage_a(model, family, proc, heads, steps, batch_size, lr, log, offset):
     params = list(visual_params(model, family)) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -85,15 +97,20 @@ def stage_a(model, family, proc, heads, steps, batch_size, lr, log, offset):
         inputs = proc.image_processor([img for _, img, _ in batch], return_tensors="pt")
         feats = visual_tokens(model, family, inputs)
         labels = token_labels(family, batch)
-        loss = sum(F.cross_entropy(heads[k](feats).reshape(-1, heads[k].out_features), labels[k].reshape(-1)) for k in KEYS)
+        loss = sum(F.cross_entropy(heads[k](feats).reshape(-1, heads[k].out_features), labels[k].reshape(-1),
+                                   weight=class_weights(k, heads[k].out_features)) for k in KEYS)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         if step % 25 == 0 or step == steps - 1:
-            with torch.no_grad():
-                acc = {k: (heads[k](feats).argmax(-1).reshape(-1) == labels[k].reshape(-1)).float().mean().item() for k in KEYS}
+            with torch.no_grad():  # accuracy on the tokens that hold something (background would dominate)
+                acc = {}
+                for k in KEYS:
+                    lab = labels[k].reshape(-1)
+                    hit = heads[k](feats).argmax(-1).reshape(-1) == lab
+                    acc[k] = hit[lab > 0].float().mean().item() if k in BACKGROUND_KEYS else hit.float().mean().item()
             log(f"A {step:5d} loss {loss.item():.4f} " + " ".join(f"{k} {v:.3f}" for k, v in acc.items()))
     return offset + steps * batch_size
 
@@ -116,9 +133,11 @@ def qa_batch(family, proc, batch, rng, max_q):
     inputs.pop("token_type_ids", None)
     ids = inputs["input_ids"]
     qmark = proc.tokenizer.convert_tokens_to_ids("?")
+    special = torch.tensor(proc.tokenizer.convert_tokens_to_ids(tinyvlm.SPECIAL))
     targets = torch.full_like(ids, -100)
-    prev = ids[:, :-1] == qmark  # the token after "?" is the answer
-    targets[:, 1:][prev] = ids[:, 1:][prev]
+    # the answer is the word after a "?" (not the image that follows the question's first copy)
+    answer = (ids[:, :-1] == qmark) & ~torch.isin(ids[:, 1:], special)
+    targets[:, 1:][answer] = ids[:, 1:][answer]
     return inputs, targets
 
 

@@ -82,7 +82,8 @@ def config(family: str):
 
 
 def prompt(family: str, question: str) -> str:
-    """The text for one question; the answer is the next token."""
+    """The text for one question, laid out as real VLM prompts are (image, then question); the answer
+    is the next token."""
     image = "<image>" if family == "llava" else "<|vision_start|> <|image_pad|> <|vision_end|>"
     return f"<s> {image} {question}"
 
@@ -130,8 +131,9 @@ def answers(model, proc, images, questions, batch_size: int = 32) -> list[str]:
     return out
 
 
-def evaluate(model, proc, n_questions: int = 1200, batch_size: int = 32, progress=None) -> dict:
-    """Accuracy on the fixed held-out `shapes` questions, overall and per question kind."""
+def evaluate(model, proc, n_questions: int = 1200, batch_size: int = 32, progress: bool = False) -> dict:
+    """Accuracy on the fixed held-out `shapes` questions, overall and per question kind (batched;
+    `progress=True` shows a progress bar). Pruning patched onto `model` applies."""
     from . import shapes
 
     fam = family_of(model)
@@ -143,10 +145,12 @@ def evaluate(model, proc, n_questions: int = 1200, batch_size: int = 32, progres
             cache[idx] = shapes.render(shapes.sample("eval", idx, w, h)[0])
         images.append(cache[idx])
     got = []
-    for i in range(0, len(items), batch_size):
-        got += answers(model, proc, images[i:i + batch_size], [q.text for _, q in items[i:i + batch_size]], batch_size)
-        if progress:
-            progress(min(i + batch_size, len(items)), len(items))
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(items), desc="shapes", unit="q", disable=not progress) as bar:
+        for i in range(0, len(items), batch_size):
+            got += answers(model, proc, images[i:i + batch_size], [q.text for _, q in items[i:i + batch_size]], batch_size)
+            bar.update(len(got) - bar.n)
     return shapes.report([(q.kind, a == q.answer) for (_, q), a in zip(items, got)])
 
 
