@@ -29,18 +29,16 @@ from vtprune.eval import shapes, tinyvlm  # noqa: E402
 KEYS = ("colour", "shape", "digit", "cell", "centre")
 
 
-ONLY = None  # question kinds to train on (None: all)
-
-
-def scenes(family, start, count, per_kind=3):
+def scenes(family, start, count, per_kind=3, only=None):
+    """`count` train scenes from index `start` (skipping those with no question of the kinds in `only`)."""
     out = []
     i = start
     while len(out) < count:
         w, h = tinyvlm.scene_size(family, "train", i)
         scene, qs = shapes.sample("train", i, w, h, per_kind=per_kind)
         i += 1
-        if ONLY is not None:
-            qs = [q for q in qs if q.kind in ONLY]
+        if only is not None:
+            qs = [q for q in qs if q.kind in only]
         if qs:
             out.append((scene, shapes.render(scene), qs))
     return out
@@ -79,11 +77,11 @@ def token_labels(family, batch):
 BACKGROUND_KEYS = ("colour", "shape", "digit", "centre")  # class 0 = nothing there
 
 
-def class_weights(key, n):
+def class_weights(key, n, device):
     """Background tokens are most of an image: weigh them down so objects' classes are learnt."""
     if key not in BACKGROUND_KEYS:
         return None
-    w = torch.ones(n)
+    w = torch.ones(n, device=device)
     w[0] = 0.1
     return w
 
@@ -94,16 +92,13 @@ def stage_a(model, family, proc, heads, steps, batch_size, lr, log, offset):
     sched = cosine(opt, steps)
     for step in range(steps):
         batch = scenes(family, offset + step * batch_size, batch_size)
-        inputs = proc.image_processor([img for _, img, _ in batch], return_tensors="pt")
+        device = next(model.parameters()).device
+        inputs = proc.image_processor([img for _, img, _ in batch], return_tensors="pt").to(device)
         feats = visual_tokens(model, family, inputs)
-        labels = token_labels(family, batch)
+        labels = {k: v.to(device) for k, v in token_labels(family, batch).items()}
         loss = sum(F.cross_entropy(heads[k](feats).reshape(-1, heads[k].out_features), labels[k].reshape(-1),
-                                   weight=class_weights(k, heads[k].out_features)) for k in KEYS)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+                                   weight=class_weights(k, heads[k].out_features, device)) for k in KEYS)
+        optimise(opt, sched, params, loss)
         if step % 25 == 0 or step == steps - 1:
             with torch.no_grad():  # accuracy on the tokens that hold something (background would dominate)
                 acc = {}
@@ -120,7 +115,7 @@ def visual_params(model, family):
 
 
 def qa_batch(family, proc, batch, rng, max_q):
-    texts, answers = [], []
+    texts = []
     for _, _, qs in batch:
         chosen = rng.sample(qs, min(len(qs), rng.randint(1, max_q)))
         parts = [tinyvlm.prompt(family, chosen[0].text)]
@@ -128,20 +123,19 @@ def qa_batch(family, proc, batch, rng, max_q):
         for q in chosen[1:]:
             parts += [q.text, f"{q.answer} </s>"]
         texts.append(" ".join(parts))
-        answers.append([q.answer for q in chosen])
     inputs = proc(images=[img for _, img, _ in batch], text=texts, padding=True, return_tensors="pt")
     inputs.pop("token_type_ids", None)
     ids = inputs["input_ids"]
     qmark = proc.tokenizer.convert_tokens_to_ids("?")
     special = torch.tensor(proc.tokenizer.convert_tokens_to_ids(tinyvlm.SPECIAL))
     targets = torch.full_like(ids, -100)
-    # the answer is the word after a "?" (not the image that follows the question's first copy)
+    # the answer is the word after a "?" (never a special token)
     answer = (ids[:, :-1] == qmark) & ~torch.isin(ids[:, 1:], special)
     targets[:, 1:][answer] = ids[:, 1:][answer]
     return inputs, targets
 
 
-def stage_qa(model, family, proc, steps, batch_size, lr, log, offset, rng, max_q, train_visual):
+def stage_qa(model, family, proc, steps, batch_size, lr, log, offset, rng, max_q, train_visual, only=None):
     for p in visual_params(model, family):
         p.requires_grad_(train_visual)
     if family != "llava" and not train_visual:
@@ -151,15 +145,13 @@ def stage_qa(model, family, proc, steps, batch_size, lr, log, offset, rng, max_q
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = cosine(opt, steps)
     for step in range(steps):
-        batch = scenes(family, offset + step * batch_size, batch_size)
+        batch = scenes(family, offset + step * batch_size, batch_size, only=only)
         inputs, targets = qa_batch(family, proc, batch, rng, max_q)
+        device = next(model.parameters()).device
+        inputs, targets = inputs.to(device), targets.to(device)
         logits = model(**inputs).logits
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        optimise(opt, sched, params, loss)
         if step % 25 == 0 or step == steps - 1:
             mask = targets[:, 1:] != -100
             acc = (logits[:, :-1].argmax(-1)[mask] == targets[:, 1:][mask]).float().mean().item()
@@ -167,6 +159,14 @@ def stage_qa(model, family, proc, steps, batch_size, lr, log, offset, rng, max_q
     for p in model.parameters():
         p.requires_grad_(True)
     return offset + steps * batch_size
+
+
+def optimise(opt, sched, params, loss):
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
 
 
 def cosine(opt, steps, warmup=20):
@@ -222,7 +222,7 @@ def main(argv=None):
         "digit": torch.nn.Linear(dim, 11), "cell": torch.nn.Linear(dim, 9), "centre": torch.nn.Linear(dim, 2)}).to(device)
     ckpt = out / "vision_stage.pt"
     if args.reuse_vision and ckpt.exists():  # the same stage A (same seed and steps) done before
-        saved = torch.load(ckpt)
+        saved = torch.load(ckpt, map_location="cpu")
         assert saved["args"] == [args.seed, args.vision_steps, args.batch], "stage A checkpoint from other settings"
         model.load_state_dict(saved["model"])
         offset = saved["offset"]
@@ -230,10 +230,11 @@ def main(argv=None):
     else:
         offset = stage_a(model, args.family, proc, heads, args.vision_steps, args.batch, 2e-3, log, 0)
         torch.save({"model": model.state_dict(), "offset": offset, "args": [args.seed, args.vision_steps, args.batch]}, ckpt)
-    global ONLY
-    ONLY = set(args.only.split(",")) if args.only else None
-    offset = stage_qa(model, args.family, proc, args.qa_steps, args.batch, args.qa_lr, log, offset, rng, args.max_questions, False)
-    offset = stage_qa(model, args.family, proc, args.full_steps, args.batch, 2e-4, log, offset, rng, args.max_questions, True)
+    only = set(args.only.split(",")) if args.only else None
+    offset = stage_qa(model, args.family, proc, args.qa_steps, args.batch, args.qa_lr, log, offset, rng,
+                      args.max_questions, False, only)
+    offset = stage_qa(model, args.family, proc, args.full_steps, args.batch, 2e-4, log, offset, rng,
+                      args.max_questions, True, only)
     model = model.to("cpu").eval()
     model.half().save_pretrained(out)
     proc.save_pretrained(out)

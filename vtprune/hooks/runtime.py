@@ -440,38 +440,15 @@ class PatchState:
         cap = run.captured.get(p, {})
         if "q" not in cap or "k" not in cap:
             raise RuntimeError(f"{self.method_name}: attention at layer {p} was not captured")
-        attn = self.layers[p].self_attn
-        q_raw, k_raw = cap["q"], cap["k"]
-        b, seq_len = q_raw.shape[:2]
-        q = q_raw.view(b, seq_len, -1, attn.head_dim).transpose(1, 2)
-        k = k_raw.view(b, seq_len, -1, attn.head_dim).transpose(1, 2)
-        if cap.get("pos") is not None:
-            rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-            cos, sin = cap["pos"]
-            q, k = rope(q, k, cos, sin)
-        mask = run.groups[-1].mask.bool()
-        rows = mask if query_rows is None else (query_rows.bool() & mask)
-        return attention_scores(q, k, attn.scaling, rows, causal=True, key_mask=mask)
+        return _key_attention(self.layers[p].self_attn, cap["q"], cap["k"], cap.get("pos"), run, query_rows)
 
     def _next_attention(self, p, run: Run, hidden, query_rows=None):
-        """Attention at layer p+1 of the tokens leaving layer p: its input norm, q/k projections and
-        RoPE applied to `hidden` (layer p+1 sees the same layout, so it shares layer p's rotary table)."""
+        """Attention at layer p+1 of the tokens leaving layer p: its input norm and q/k projections
+        applied to `hidden` (layer p+1 sees the same layout, so it shares layer p's rotary table)."""
         layer = self.layers[p + 1]
-        attn = layer.self_attn
-        pos = run.captured.get(p, {}).get("pos")
         x = layer.input_layernorm(hidden)
-        b, seq_len = x.shape[:2]
-        q = attn.q_proj(x).view(b, seq_len, -1, attn.head_dim)
-        k = attn.k_proj(x).view(b, seq_len, -1, attn.head_dim)
-        if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        if pos is not None:
-            rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-            q, k = rope(q, k, *pos)
-        mask = run.groups[-1].mask.bool()
-        rows = mask if query_rows is None else (query_rows.bool() & mask)
-        return attention_scores(q, k, attn.scaling, rows, causal=True, key_mask=mask)
+        attn = layer.self_attn
+        return _key_attention(attn, attn.q_proj(x), attn.k_proj(x), run.captured.get(p, {}).get("pos"), run, query_rows)
 
     def _layer_post(self, p, module, args, kwargs, output):
         run = self.current
@@ -520,6 +497,24 @@ class PatchState:
         run.layout = take(run.layout, index, 1, -1)
         new_hidden = take(hidden, index, 1, 0)
         return (new_hidden, *output[1:]) if isinstance(output, tuple) else new_hidden
+
+
+def _key_attention(attn, q_raw, k_raw, pos, run: Run, query_rows=None) -> torch.Tensor:
+    """Causal attention each key receives from the chosen real query rows, averaged over heads, from a
+    decoder attention module's raw q/k projection outputs [B, L, H*d]: per-head norms where the module
+    has them (Qwen3), then its own RoPE, then `attention_scores` (float32 [B, L])."""
+    b, seq_len = q_raw.shape[:2]
+    q = q_raw.view(b, seq_len, -1, attn.head_dim)
+    k = k_raw.view(b, seq_len, -1, attn.head_dim)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    if pos is not None:
+        rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        q, k = rope(q, k, *pos)
+    mask = run.groups[-1].mask.bool()
+    rows = mask if query_rows is None else (query_rows.bool() & mask)
+    return attention_scores(q, k, attn.scaling, rows, causal=True, key_mask=mask)
 
 
 def args_kwargs(kwargs):

@@ -171,8 +171,8 @@ class VFlowOpt(Method):
             frac = self.config.r2 * self.config.r3
         scores = tokens.state.get("importance")
         present = tokens.visual.sum(1).tolist()
-        if scores is None:
-            return top_visual(torch.zeros(tokens.visual.shape), tokens.visual, present)
+        if scores is None:  # nothing was pruned before the LLM
+            return [torch.arange(n, device=tokens.visual.device) for n in present]
         # the authors' count: drop round(n * (1 - R)) of the n present; keep >= N prunes nothing
         keep = [n if int(k) >= int(n0) else n - round(n * (1 - frac))
                 for n, k, n0 in zip(present, tokens.keep, tokens.before)]
