@@ -2,6 +2,11 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # an accidental download fails loudly
 
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():  # Triton kernels run on the CPU in its interpreter (read at @triton.jit time)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 

@@ -1,23 +1,48 @@
-"""Selection and signal kernels. Each public function dispatches to a Triton kernel on CUDA where one
-exists and otherwise to the plain-torch reference beside it, which has the same signature."""
+"""Selection and signal kernels. Each public function dispatches to its Triton kernel for CUDA
+tensors (when Triton is installed) and otherwise to the plain-torch reference beside it, which has
+the same signature and is the test oracle: indices are identical, scores agree to float32 rounding.
+
+The Triton modules are imported lazily, so the package works where Triton is missing (CPU-only
+installs, macOS); tests run the kernels on the CPU under TRITON_INTERPRET=1.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
 from .attention_scores_torch import attention_scores_torch
 from .greedy_torch import greedy_select_torch
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda and triton_available()
 
 
 def attention_scores(q, k, scale, query_index=None, *, causal=False, key_mask=None):
     """softmax(q k^T * scale) averaged over heads and selected query rows, per key -> float32 [B, Nk].
 
-    See `attention_scores_torch` for shapes. The fused Triton kernel is not written yet, so every
-    device uses the torch reference for now.
-    """
+    See `attention_scores_torch` for shapes. On CUDA: the two-pass Triton kernel (no Nq x Nk map)."""
+    if _use_triton(q):
+        from .attention_triton import attention_scores_triton
+
+        return attention_scores_triton(q, k, scale, query_index, causal=causal, key_mask=key_mask)
     return attention_scores_torch(q, k, scale, query_index, causal=causal, key_mask=key_mask)
 
 
 def greedy_select(features, keep, first=None, rule="maxmin"):
     """Greedy max-min / max-sum diverse subset per row set -> LongTensor[B, keep], ascending.
 
-    See `greedy_select_torch`. Triton kernel pending (every device uses the reference for now)."""
+    See `greedy_select_torch`. On CUDA: fused Gram + all greedy steps in one launch (Triton)."""
+    if _use_triton(features):
+        from .greedy_triton import greedy_select_triton
+
+        return greedy_select_triton(features, keep, first, rule)
     return greedy_select_torch(features, keep, first, rule)
 
 
-__all__ = ["attention_scores", "attention_scores_torch", "greedy_select", "greedy_select_torch"]
+__all__ = ["attention_scores", "attention_scores_torch", "greedy_select", "greedy_select_torch", "triton_available"]

@@ -7,7 +7,7 @@ import torch
 _ROW_CHUNK = 256
 
 
-def _row_weights(query_index, batch: int, n_q: int, device) -> torch.Tensor:
+def row_weights(query_index, batch: int, n_q: int, device) -> torch.Tensor:
     """Per-row averaging weights [B, Nq] (each selected row 1/count, others 0)."""
     if query_index is None:
         sel = torch.ones(batch, n_q, dtype=torch.bool, device=device)
@@ -27,6 +27,17 @@ def _row_weights(query_index, batch: int, n_q: int, device) -> torch.Tensor:
     return sel.float() / count
 
 
+def check_attention_args(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int, int, int, int]:
+    """Validate q [B, Hq, Nq, d] and k [B, Hk, Nk, d] (Hq a multiple of Hk) -> (B, Hq, Nq, d, Hk, Nk)."""
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q and k must be [B, H, N, d], got {tuple(q.shape)} and {tuple(k.shape)}")
+    b, hq, n_q, d = q.shape
+    bk, hk, n_k, dk = k.shape
+    if bk != b or dk != d or hq % hk:
+        raise ValueError(f"incompatible q {tuple(q.shape)} and k {tuple(k.shape)}")
+    return b, hq, n_q, d, hk, n_k
+
+
 def attention_scores_torch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -44,16 +55,11 @@ def attention_scores_torch(
     key_mask: BoolTensor [B, Nk], False for keys nobody may attend to (padding).
     Returns float32 [B, Nk]. Arithmetic is float32 whatever the input dtype.
     """
-    if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(f"q and k must be [B, H, N, d], got {tuple(q.shape)} and {tuple(k.shape)}")
-    b, hq, n_q, d = q.shape
-    bk, hk, n_k, dk = k.shape
-    if bk != b or dk != d or hq % hk:
-        raise ValueError(f"incompatible q {tuple(q.shape)} and k {tuple(k.shape)}")
+    b, hq, n_q, d, hk, n_k = check_attention_args(q, k)
     group = hq // hk
     qf = q.float().reshape(b, hk, group, n_q, d)
     kf = k.float()
-    weights = _row_weights(query_index, b, n_q, q.device)
+    weights = row_weights(query_index, b, n_q, q.device)
     out = torch.zeros(b, n_k, dtype=torch.float32, device=q.device)
     key_pos = torch.arange(n_k, device=q.device)
     for start in range(0, n_q, _ROW_CHUNK):

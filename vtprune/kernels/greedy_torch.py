@@ -27,12 +27,9 @@ def most_isolated(sim: torch.Tensor) -> torch.Tensor:
     return nearest.argmax(dim=1)
 
 
-def greedy_select_torch(features: torch.Tensor, keep: int, first: torch.Tensor | None = None,
-                        rule: str = "maxmin") -> torch.Tensor:
-    """Greedy diverse subset of each row set. features [B, N, D]; first LongTensor[B] seeds the
-    selection (None: the most isolated token, DivPrune's rule). rule "maxmin": add the token whose
-    cosine distance to its nearest selected token is largest; "maxsum": add the token whose summed
-    cosine similarity to the selected tokens is smallest. Returns LongTensor[B, keep], ascending."""
+def check_greedy_args(features: torch.Tensor, keep: int, rule: str, first=None):
+    """Validate greedy_select's arguments (shared by every backend); returns `first` as a LongTensor[B]
+    on the features' device (None stays None)."""
     if features.dim() != 3:
         raise ValueError(f"features must be [B, N, D], got {tuple(features.shape)}")
     if rule not in RULES:
@@ -40,13 +37,18 @@ def greedy_select_torch(features: torch.Tensor, keep: int, first: torch.Tensor |
     b, n, _ = features.shape
     if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= n:
         raise ValueError(f"keep must be an int in [1, {n}], got {keep!r}")
-    sim = cosine_gram(features)
-    rows = torch.arange(b, device=sim.device)
     if first is None:
-        first = most_isolated(sim)
-    first = torch.as_tensor(first, device=sim.device).long().reshape(-1)
+        return None
+    first = torch.as_tensor(first, device=features.device).long().reshape(-1)
     if first.shape != (b,) or bool((first < 0).any()) or bool((first >= n).any()):
         raise ValueError(f"first/pivot must be a LongTensor[{b}] of indices in [0, {n})")
+    return first
+
+
+def greedy_from_gram_torch(sim: torch.Tensor, keep: int, first: torch.Tensor, rule: str = "maxmin") -> torch.Tensor:
+    """The greedy steps on a float32 Gram matrix [B, N, N] -> picks in selection order, LongTensor[B, keep]."""
+    b, n, _ = sim.shape
+    rows = torch.arange(b, device=sim.device)
     picks = torch.empty(b, keep, dtype=torch.long, device=sim.device)
     picks[:, 0] = first
     chosen = torch.zeros(b, n, dtype=torch.bool, device=sim.device)
@@ -64,4 +66,16 @@ def greedy_select_torch(features: torch.Tensor, keep: int, first: torch.Tensor |
             score = score + sim[rows, pick]
         picks[:, step] = pick
         chosen[rows, pick] = True
-    return picks.sort(dim=1).values
+    return picks
+
+
+def greedy_select_torch(features: torch.Tensor, keep: int, first: torch.Tensor | None = None,
+                        rule: str = "maxmin") -> torch.Tensor:
+    """Greedy diverse subset of each row set. features [B, N, D]; first LongTensor[B] seeds the
+    selection (None: the most isolated token, DivPrune's rule). rule "maxmin": add the token whose
+    cosine distance to its nearest selected token is largest; "maxsum": add the token whose summed
+    cosine similarity to the selected tokens is smallest. Returns LongTensor[B, keep], ascending."""
+    check_greedy_args(features, keep, rule)
+    sim = cosine_gram(features)
+    first = check_greedy_args(features, keep, rule, most_isolated(sim) if first is None else first)
+    return greedy_from_gram_torch(sim, keep, first, rule).sort(dim=1).values

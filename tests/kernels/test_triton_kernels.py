@@ -1,0 +1,141 @@
+"""The Triton kernels against their plain-torch references. On a machine without CUDA they run in
+Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), with small shapes that still cross
+block boundaries (N not a power of two, N > one 64-wide block), batch > 1, ties, keep=1 and keep=N."""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from vtprune.kernels import attention_scores_torch, greedy_select_torch  # noqa: E402
+from vtprune.kernels.attention_triton import attention_scores_triton  # noqa: E402
+from vtprune.kernels.greedy_torch import cosine_gram, greedy_from_gram_torch, most_isolated  # noqa: E402
+from vtprune.kernels.greedy_triton import (cosine_gram_triton, greedy_from_gram_triton,  # noqa: E402
+                                           greedy_select_triton, most_isolated_triton)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rand(*shape, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype).to(DEVICE)
+
+
+# Greedy selection ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n, keep", [(1, 1), (5, 1), (5, 5), (63, 20), (65, 64), (130, 33), (130, 130)])
+@pytest.mark.parametrize("rule", ["maxmin", "maxsum"])
+def test_greedy_select_matches_reference(n, keep, rule):
+    x = rand(3, n, 20, seed=n + keep)
+    want = greedy_select_torch(x, keep, None, rule)
+    got = greedy_select_triton(x, keep, None, rule)
+    assert got.dtype == torch.long and torch.equal(got, want)
+    pivot = torch.tensor([0, n // 2, n - 1], device=DEVICE)
+    assert torch.equal(greedy_select_triton(x, keep, pivot, rule), greedy_select_torch(x, keep, pivot, rule))
+
+
+@pytest.mark.parametrize("rule", ["maxmin", "maxsum"])
+def test_greedy_steps_bit_identical_on_a_tied_gram(rule):
+    # A Gram matrix rounded to one decimal: many exact ties at every step; the picks (in selection
+    # order) must be the reference's, lowest index first on ties.
+    x = rand(4, 70, 6, seed=3)
+    sim = (cosine_gram(x) * 10).round() / 10
+    first = torch.tensor([0, 5, 69, 33], device=DEVICE)
+    for keep in (1, 2, 17, 70):
+        want = greedy_from_gram_torch(sim, keep, first, rule)
+        assert torch.equal(greedy_from_gram_triton(sim, keep, first, rule), want)
+    assert torch.equal(most_isolated_triton(sim), most_isolated(sim))
+
+
+def test_ties_go_to_the_lowest_index():
+    # Orthonormal tokens: every unselected token is at distance 1 from everything, so max-min takes
+    # them in index order after the seed; duplicates (rows 5 and 6 equal to 1 and 2) come last.
+    eye = torch.eye(5)
+    x = torch.cat([eye, eye[1:3]])[None].to(DEVICE)
+    picks = greedy_from_gram_triton(cosine_gram_triton(x), 5, torch.tensor([3], device=DEVICE))
+    assert picks.tolist() == [[3, 0, 1, 2, 4]]
+    # most isolated: tokens 0, 3 and 4 have no duplicate (nearest at distance 1): the lowest wins
+    assert most_isolated_triton(cosine_gram_triton(x)).tolist() == [0]
+    assert greedy_select_triton(x, 7).tolist() == greedy_select_torch(x, 7).tolist() == [list(range(7))]
+
+
+def test_gram_matches_reference_with_zero_rows_and_low_precision():
+    x = rand(2, 70, 37, seed=5)
+    x[1, 4] = 0  # zero rows stay zero
+    torch.testing.assert_close(cosine_gram_triton(x), cosine_gram(x), atol=2e-6, rtol=1e-5)
+    xb = x.to(torch.bfloat16)  # bf16 products are exact in float32: only the summation order differs
+    torch.testing.assert_close(cosine_gram_triton(xb), cosine_gram(xb), atol=2e-6, rtol=1e-5)
+    strided = rand(2, 37, 70, seed=6).transpose(1, 2)  # non-contiguous input
+    torch.testing.assert_close(cosine_gram_triton(strided), cosine_gram(strided), atol=2e-6, rtol=1e-5)
+
+
+def test_bad_arguments_raise_like_the_reference():
+    x = rand(1, 4, 3)
+    with pytest.raises(ValueError, match="keep"):
+        greedy_select_triton(x, 5)
+    with pytest.raises(ValueError, match="rule"):
+        greedy_select_triton(x, 2, rule="minmax")
+    with pytest.raises(ValueError, match="first/pivot"):
+        greedy_select_triton(x, 2, torch.tensor([4]))
+
+
+# Attention scores ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("hq, hk", [(4, 4), (4, 2), (3, 1)], ids=lambda v: str(v))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("nq, nk", [(7, 7), (3, 9), (70, 130), (130, 70)], ids=["square", "tail", "blocks", "more-q"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_attention_scores_match_reference(hq, hk, causal, nq, nk, dtype):
+    q, k = rand(2, hq, nq, 12, seed=nq, dtype=dtype), rand(2, hk, nk, 12, seed=nk + 1, dtype=dtype)
+    key_mask = torch.ones(2, nk, dtype=torch.bool, device=DEVICE)
+    key_mask[1, :2] = False  # left padding in sample 1
+    rows = torch.ones(2, nq, dtype=torch.bool, device=DEVICE)
+    rows[1, :2] = False
+    want = attention_scores_torch(q, k, 0.3, rows, causal=causal, key_mask=key_mask)
+    got = attention_scores_triton(q, k, 0.3, rows, causal=causal, key_mask=key_mask)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_attention_query_index_forms_and_no_mask():
+    q, k = rand(2, 4, 66, 16, seed=1), rand(2, 2, 66, 16, seed=2)
+    for index in (None, torch.tensor([65]), torch.tensor([[0, 64], [3, 65]])):
+        want = attention_scores_torch(q, k, 0.25, index)
+        torch.testing.assert_close(attention_scores_triton(q, k, 0.25, index), want, atol=1e-6, rtol=1e-5)
+
+
+def test_attention_rows_with_no_allowed_key_contribute_nothing():
+    q, k = rand(1, 2, 5, 16, seed=4), rand(1, 2, 5, 16, seed=5)
+    key_mask = torch.tensor([[False, False, True, True, True]], device=DEVICE)
+    # causal: rows 0 and 1 see only masked keys -> their probabilities are 0, as in the reference
+    want = attention_scores_torch(q, k, 1.0, causal=True, key_mask=key_mask)
+    got = attention_scores_triton(q, k, 1.0, causal=True, key_mask=key_mask)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert got[0, :2].tolist() == [0.0, 0.0]
+
+
+# The benchmark script and the GPU-only low-precision paths ---------------------------------------
+
+def test_kernel_benchmark_quick_run(tmp_path):
+    import json
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
+    out = tmp_path / "k.json"
+    main = runpy.run_path(str(script))["main"]
+    main(["--quick", "--sections", "greedy,attention", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["greedy"] and all(r["same_indices"] for r in result["greedy"])
+    assert result["attention"] and all(r["max_rel_diff"] < 1e-5 for r in result["attention"])
+    assert result["command"].endswith(f"--out {out}")
+
+
+@pytest.mark.gpu
+def test_bf16_tensor_core_paths_on_gpu():
+    x = torch.randn(2, 577, 1024, device="cuda").to(torch.bfloat16)
+    torch.testing.assert_close(cosine_gram_triton(x), cosine_gram(x), atol=1e-5, rtol=1e-4)
+    assert torch.equal(greedy_select_triton(x, 64), greedy_select_torch(x, 64))
+    q = torch.randn(2, 16, 577, 64, device="cuda").to(torch.bfloat16)
+    k = torch.randn(2, 16, 577, 64, device="cuda").to(torch.bfloat16)
+    torch.testing.assert_close(attention_scores_triton(q, k, 0.125), attention_scores_torch(q, k, 0.125),
+                               atol=1e-6, rtol=1e-5)

@@ -1,0 +1,116 @@
+"""Triton path of `attention_scores`: the attention each key receives, flash-style, never holding
+the [Nq, Nk] map in memory.
+
+Pass 1 (`_row_stats_kernel`, one program per query block and head): each selected query row's
+running max and sum of exp over the allowed keys (online log-sum-exp).
+Pass 2 (`_column_kernel`, one program per key block and image): recompute the logits of that key
+block for every head and selected query block, turn them into probabilities with pass 1's
+statistics, weigh each row by its averaging weight and sum down the columns. No atomics, so the
+result is deterministic. Query blocks whose rows all have weight 0 are skipped in both passes.
+Same contract as attention_scores_torch; agrees with it to float32 rounding (~1e-6 relative).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention_scores_torch import check_attention_args, row_weights
+
+
+@triton.jit
+def _logits(q, k_ptr, kbase, keys, offs_d, d, skn, skd, n_k, scale, rows, n_q, km_ptr, kmbase,
+            CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr):
+    """[BQ, BK] scaled logits of query tile `q` against key block `keys`, and which are allowed."""
+    k = tl.load(k_ptr + kbase + keys[:, None] * skn + offs_d[None, :] * skd,
+                mask=(keys[:, None] < n_k) & (offs_d[None, :] < d), other=0.0)
+    if IEEE:
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = s * scale
+    ok = (keys < n_k)[None, :] & (rows < n_q)[:, None]
+    if CAUSAL:  # query row i is position i + (Nk - Nq)
+        ok = ok & (keys[None, :] <= (rows + (n_k - n_q))[:, None])
+    if HAS_MASK:
+        km = tl.load(km_ptr + kmbase + keys, mask=keys < n_k, other=0)
+        ok = ok & (km != 0)[None, :]
+    return s, ok
+
+
+@triton.jit
+def _row_stats_kernel(q_ptr, k_ptr, w_ptr, km_ptr, m_ptr, l_ptr, n_q, n_k, d, group, scale,
+                      sqb, sqh, sqn, sqd, skb, skh, skn, skd, hq,
+                      CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
+                      BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
+    pid_q, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_q * BQ + tl.arange(0, BQ)
+    w = tl.load(w_ptr + b * n_q + rows, mask=rows < n_q, other=0.0)
+    if tl.max(w, axis=0) > 0:
+        offs_d = tl.arange(0, BD)
+        q = tl.load(q_ptr + b.to(tl.int64) * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :] * sqd,
+                    mask=(rows[:, None] < n_q) & (offs_d[None, :] < d), other=0.0)
+        kbase = b.to(tl.int64) * skb + (h // group) * skh
+        m = tl.full((BQ,), float("-inf"), dtype=tl.float32)
+        l = tl.zeros((BQ,), dtype=tl.float32)
+        for k0 in range(0, n_k, BK):
+            keys = k0 + tl.arange(0, BK)
+            s, ok = _logits(q, k_ptr, kbase, keys, offs_d, d, skn, skd, n_k, scale, rows, n_q, km_ptr, b * n_k,
+                            CAUSAL, HAS_MASK, IEEE)
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
+            l = l * tl.exp(m - safe) + tl.sum(tl.exp(s - safe[:, None]), axis=1)
+            m = m_new
+        out = (b * hq + h) * n_q + rows
+        tl.store(m_ptr + out, m, mask=rows < n_q)
+        tl.store(l_ptr + out, l, mask=rows < n_q)
+
+
+@triton.jit
+def _column_kernel(q_ptr, k_ptr, w_ptr, km_ptr, m_ptr, l_ptr, out_ptr, n_q, n_k, d, group, scale,
+                   sqb, sqh, sqn, sqd, skb, skh, skn, skd, hq,
+                   CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
+                   BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
+    pid_k, b = tl.program_id(0), tl.program_id(1)
+    keys = pid_k * BK + tl.arange(0, BK)
+    offs_d = tl.arange(0, BD)
+    acc = tl.zeros((BK,), dtype=tl.float32)
+    for h in range(0, hq):
+        kbase = b.to(tl.int64) * skb + (h // group) * skh
+        for q0 in range(0, n_q, BQ):
+            rows = q0 + tl.arange(0, BQ)
+            w = tl.load(w_ptr + b * n_q + rows, mask=rows < n_q, other=0.0)
+            if tl.max(w, axis=0) > 0:
+                q = tl.load(q_ptr + b.to(tl.int64) * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :] * sqd,
+                            mask=(rows[:, None] < n_q) & (offs_d[None, :] < d), other=0.0)
+                s, ok = _logits(q, k_ptr, kbase, keys, offs_d, d, skn, skd, n_k, scale, rows, n_q, km_ptr, b * n_k,
+                                CAUSAL, HAS_MASK, IEEE)
+                stat = (b * hq + h) * n_q + rows
+                m = tl.load(m_ptr + stat, mask=rows < n_q, other=0.0)
+                l = tl.load(l_ptr + stat, mask=rows < n_q, other=0.0)
+                ok = ok & (l > 0)[:, None]
+                p = tl.exp(s - tl.where(l > 0, m, 0.0)[:, None]) / tl.where(l > 0, l, 1.0)[:, None]
+                p = tl.where(ok, p, 0.0)
+                acc += tl.sum(p * w[:, None], axis=0)
+    tl.store(out_ptr + b * n_k + keys, acc / hq, mask=keys < n_k)
+
+
+def attention_scores_triton(q: torch.Tensor, k: torch.Tensor, scale: float, query_index=None, *,
+                            causal: bool = False, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as attention_scores_torch: float32 [B, Nk]."""
+    b, hq, n_q, d, hk, n_k = check_attention_args(q, k)
+    w = row_weights(query_index, b, n_q, q.device).contiguous()
+    m = torch.empty(b, hq, n_q, dtype=torch.float32, device=q.device)
+    l = torch.zeros(b, hq, n_q, dtype=torch.float32, device=q.device)
+    out = torch.empty(b, n_k, dtype=torch.float32, device=q.device)
+    km = key_mask.to(device=q.device, dtype=torch.int8).contiguous() if key_mask is not None else out
+    ieee = q.dtype == torch.float32 or k.dtype != q.dtype or not q.is_cuda  # (the interpreter: see greedy_triton)
+    bd = max(16, triton.next_power_of_2(d))
+    bq, bk = 64, 64
+    args = (q, k, w, km, m, l)
+    tail = (n_q, n_k, d, hq // hk, float(scale), *q.stride(), *k.stride(), hq)
+    flags = dict(CAUSAL=bool(causal), HAS_MASK=key_mask is not None, IEEE=ieee, BQ=bq, BK=bk, BD=bd, num_warps=4)
+    _row_stats_kernel[(triton.cdiv(n_q, bq), hq, b)](*args, *tail, **flags)
+    _column_kernel[(triton.cdiv(n_k, bk), b)](*args, out, *tail, **flags)
+    return out
