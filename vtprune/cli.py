@@ -42,6 +42,29 @@ def _tune(args) -> int:
     return 0
 
 
+def _flops(args) -> int:
+    import json
+
+    from .eval import flops, models
+
+    model, processor = models.load(args.model, random_weights=args.random_weights)
+    task = args.task or ("tiny-prompts" if args.model in models.TEST_MODELS else "shapes")
+    inputs = models.calibration(task, model, processor, 1)[0]
+    if (args.keep is None) == (args.ratio is None):
+        raise SystemExit("vtprune flops: give exactly one of --keep and --ratio")
+    budget = {"keep": args.keep} if args.keep is not None else {"ratio": args.ratio}
+    method = args.method or "random"  # every projector-stage strategy gives the same LLM counts
+    base = flops.count(model, inputs)
+    pruned = flops.count(model, inputs, method, **budget)
+    print(flops.format_table(base, pruned, f"{args.model}, one {task} sample: unpatched vs {method} {budget}"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "task": task, "method": method, **budget,
+                       "unpatched": base.to_dict(), "pruned": pruned.to_dict()}, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vtprune", description="Visual-token pruning for vision-language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +85,15 @@ def main(argv=None) -> int:
     p.add_argument("--random-weights", action="store_true", help="bundled architecture with random weights")
     p.add_argument("--out", required=True, help="config file to write (JSON)")
     p.set_defaults(func=_tune)
+    p = sub.add_parser("flops", help="analytic FLOPs per stage and KV-cache bytes, unpatched vs pruned (docs/flops.md)")
+    p.add_argument("--model", required=True, help="a local model directory, a bundled name or a tiny-test model")
+    p.add_argument("--keep", type=int, help="visual tokens kept per image")
+    p.add_argument("--ratio", type=float, help="fraction of visual tokens kept (instead of --keep)")
+    p.add_argument("--method", help="strategy (default: any projector-stage one; in-LLM strategies count per layer)")
+    p.add_argument("--task", help="where the sample input comes from (default: shapes, or tiny-prompts for test models)")
+    p.add_argument("--random-weights", action="store_true", help="bundled architecture with random weights")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.set_defaults(func=_flops)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -46,6 +46,7 @@ class Stats:
     visual_after: list[int] = field(default_factory=list)  # visual tokens per sample left at the last layer
     selection_ms: float = 0.0  # wall time spent in the strategy's selection code
     layout: torch.Tensor | None = None  # [B, L_out]: input slot of each output position, -1 = added padding
+    layer_tokens: list[list[int]] = field(default_factory=list)  # [layer][sample]: real tokens entering each decoder layer
 
     @property
     def kept_fraction(self) -> float:
@@ -222,6 +223,7 @@ class PatchState:
         if run.prefill:
             self.last_stats.visual_after = run.visual.sum(1).tolist()
             self.last_stats.layout = run.layout
+            self.last_stats.layer_tokens = [run.group_for(i)[1].mask.bool().sum(1).tolist() for i in range(len(self.layers))]
             cache = getattr(output, "past_key_values", None)
             if cache is None:
                 cache = kwargs.get("past_key_values")

@@ -1,0 +1,238 @@
+"""Analytic FLOPs per stage and KV-cache bytes, in one documented convention (docs/flops.md).
+
+True FLOPs (2 per multiply-add) of the matrix products; norms, RoPE, softmax, activations and residual
+adds (all O(n d)) are left out. Attention's quadratic term is counted dense (n^2, as FlopCounterMode
+and the kernels compute it); the causal-exact figure, n(n+1)/2 score pairs, is reported beside it.
+Token counts come from the model's real inputs and, under pruning, from the patched forward itself
+(`vtprune.stats(model).layer_tokens`), so in-LLM strategies are counted per layer.
+
+  decoder layer, n tokens:    2 n d (2 d_q + 2 d_kv) + 6 n d m + 4 n^2 d_q     (gated MLP: 3 matrices)
+  decode step, KV length c:   2 d (2 d_q + 2 d_kv) + 6 d m + 4 (c + 1) d_q      per layer, + 2 d V LM head
+  FastV-style (papers):       4 n d^2 + 2 n^2 d + 2 n d m   multiply-adds, 2-matrix MLP, no GQA
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class TextDims:
+    d: int  # hidden size
+    d_q: int  # query heads x head dim
+    d_kv: int  # key/value heads x head dim
+    m: int  # MLP intermediate size (gated: 3 matrices)
+    layers: int
+    vocab: int
+
+    @classmethod
+    def from_config(cls, cfg) -> "TextDims":
+        tc = getattr(cfg, "text_config", cfg)
+        hq = tc.num_attention_heads
+        hd = getattr(tc, "head_dim", None) or tc.hidden_size // hq
+        hkv = getattr(tc, "num_key_value_heads", None) or hq
+        return cls(tc.hidden_size, hq * hd, hkv * hd, tc.intermediate_size, tc.num_hidden_layers, tc.vocab_size)
+
+
+def layer_prefill(n: int, t: TextDims, causal: bool = False) -> int:
+    """FLOPs of one decoder layer over n tokens (dense attention unless causal=True)."""
+    attn = 2 * n * (n + 1) * t.d_q if causal else 4 * n * n * t.d_q
+    return 2 * n * t.d * (2 * t.d_q + 2 * t.d_kv) + 6 * n * t.d * t.m + attn
+
+
+def layer_decode(c: int, t: TextDims) -> int:
+    """FLOPs of one decoder layer for one new token over a KV cache of c tokens (+ itself)."""
+    return 2 * t.d * (2 * t.d_q + 2 * t.d_kv) + 6 * t.d * t.m + 4 * (c + 1) * t.d_q
+
+
+def fastv_layer_macs(n: int, t: TextDims) -> int:
+    """FastV's per-layer count (multiply-adds, MHA, 2-matrix MLP): 4 n d^2 + 2 n^2 d + 2 n d m."""
+    return 4 * n * t.d ** 2 + 2 * n * n * t.d + 2 * n * t.d * t.m
+
+
+def _vit_layer(n: int, d: int, m: int, mlp_mats: int, attn_n2: int | None = None) -> int:
+    """One ViT layer: q, k, v, o projections, attention over `attn_n2` score pairs (default n^2),
+    an MLP with `mlp_mats` matrices of d x m."""
+    n2 = n * n if attn_n2 is None else attn_n2
+    return 8 * n * d * d + 4 * n2 * d + 2 * mlp_mats * n * d * m
+
+
+def vision_flops(model, inputs: dict) -> dict:
+    """Vision encoder and projector FLOPs for the images in `inputs` (LLaVA/CLIP, Qwen2-VL, Qwen2.5-VL)."""
+    cfg = model.config
+    vc = cfg.vision_config
+    kind = type(model).__name__
+    text_d = TextDims.from_config(cfg).d
+    if kind.startswith("Llava"):
+        if "pixel_values" not in inputs or inputs["pixel_values"] is None:
+            return {"vision_encoder": 0, "projector": 0}
+        images = inputs["pixel_values"].shape[0]
+        grid = vc.image_size // vc.patch_size
+        n = grid * grid + 1  # + CLS
+        d, m = vc.hidden_size, vc.intermediate_size
+        embed = 2 * grid * grid * 3 * vc.patch_size ** 2 * d
+        enc = embed + vc.num_hidden_layers * _vit_layer(n, d, m, 2)
+        strategy = getattr(cfg, "vision_feature_select_strategy", "default")
+        feats = n - 1 if strategy == "default" else n
+        proj = 2 * feats * (d * text_d + text_d * text_d)
+        return {"vision_encoder": images * enc, "projector": images * proj}
+    if kind.startswith("Qwen2VL") or kind.startswith("Qwen2_5_VL"):
+        enc = proj = 0
+        for key in ("image_grid_thw", "video_grid_thw"):
+            grids = inputs.get(key)
+            if grids is None:
+                continue
+            for t_, h, w in grids.tolist():
+                e, p = _qwen_vision(vc, kind.startswith("Qwen2_5_VL"), int(t_), int(h), int(w), text_d)
+                enc, proj = enc + e, proj + p
+        return {"vision_encoder": enc, "projector": proj}
+    raise ValueError(f"FLOPs of {kind}'s vision tower are not modelled")
+
+
+def _qwen_vision(vc, v25: bool, t: int, h: int, w: int, text_d: int) -> tuple[int, int]:
+    n = t * h * w
+    ms = vc.spatial_merge_size
+    d = vc.hidden_size if v25 else vc.embed_dim
+    embed = 2 * n * (vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2) * d
+    if v25:
+        m, mats = vc.intermediate_size, 3
+        full = set(vc.fullatt_block_indexes)
+        unit = vc.window_size // ms // vc.patch_size  # merged units per window side
+        lh, lw = h // ms, w // ms
+        windowed = t * sum((min(unit, lh - i) * min(unit, lw - j) * ms * ms) ** 2
+                           for i in range(0, lh, unit) for j in range(0, lw, unit))
+        layers = sum(_vit_layer(n, d, m, mats, n * n // t if i in full else windowed) for i in range(vc.depth))
+        out = vc.out_hidden_size
+    else:
+        m, mats = int(d * vc.mlp_ratio), 2
+        layers = vc.depth * _vit_layer(n, d, m, mats, n * n // t if t else 0)  # frames attend within their image
+        out = vc.hidden_size
+    merged, hidden = n // (ms * ms), d * ms * ms
+    proj = 2 * merged * (hidden * hidden + hidden * out)
+    assert out == text_d, "Qwen merger output must be the LLM width"
+    return embed + layers, proj
+
+
+@dataclass
+class FlopsReport:
+    """One prefill (per batch: samples summed) plus the first decode step, in FLOPs; KV in bytes."""
+
+    vision_encoder: int
+    projector: int
+    selection: int  # the strategy's own arithmetic where it is modelled (greedy Gram); 0 otherwise
+    llm_prefill: int  # decoder layers, dense attention
+    llm_prefill_causal: int  # the same with causal-exact attention
+    llm_prefill_per_layer: list[int]
+    lm_head: int  # last prefill position only (generate computes no other)
+    decode_per_token: int  # first generated token, LM head included
+    kv_bytes: int  # KV cache after the prefill (per-layer lengths)
+    fastv_macs: int  # the FastV papers' prefill count, for comparison
+    tokens_per_layer: list[list[int]]  # [layer][sample] real tokens entering each decoder layer
+    visual_tokens: list[int] = field(default_factory=list)  # per sample entering the LLM
+
+    @property
+    def total_prefill(self) -> int:
+        return self.vision_encoder + self.projector + self.selection + self.llm_prefill + self.lm_head
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total_prefill": self.total_prefill}
+
+
+def _selection_flops(method: str | None, options: dict, visual: list[int], kept: list[int],
+                     per_layer: list[list[int]], t: TextDims) -> int:
+    """The strategy's own products where they are modelled: greedy diversity (DivPrune, ToDRE) builds
+    an N x N Gram matrix of d-wide rows per pruned image (2 N^2 d); FastV scores the n tokens at its
+    layer from every real query row (2 n^2 d_q for q k^T, 2 n^2 for the row average). Other
+    strategies' scoring is not modelled (0)."""
+    if method in ("divprune", "todre"):
+        return sum(2 * n * n * t.d for n, k in zip(visual, kept) if k < n)
+    if method == "fastv":
+        layer = options.get("layer", 2) - 1
+        if 0 <= layer < len(per_layer) and per_layer[layer] != per_layer[-1]:
+            return sum(2 * n * n * t.d_q + 2 * n * n for n in per_layer[layer])
+    return 0
+
+
+@torch.no_grad()
+def count(model, inputs: dict, method: str | None = None, **options) -> FlopsReport:
+    """FLOPs of one prefill of `inputs` (batch) through `model`, pruned by `method` with `options`
+    when given (the model is patched for the call and unpatched after). Runs the forward once to
+    learn how many tokens enter each decoder layer."""
+    import vtprune
+
+    t = TextDims.from_config(model.config)
+    mask = inputs.get("attention_mask")
+    ids = inputs["input_ids"]
+    real = (mask.bool().sum(1) if mask is not None else torch.full((ids.shape[0],), ids.shape[1])).tolist()
+    visual_ids = {getattr(model.config, k, None) for k in ("image_token_id", "video_token_id")} - {None}
+    visual_in = torch.isin(ids, torch.tensor(sorted(visual_ids), device=ids.device))
+    if mask is not None:
+        visual_in &= mask.bool()
+    visual_before = visual_in.sum(1).tolist()
+    per_layer = [list(real) for _ in range(t.layers)]
+    visual_after = visual_before
+    if method is not None:
+        with vtprune.pruned(model, method, **options):
+            model(**inputs, logits_to_keep=1)
+            st = vtprune.stats(model)
+        if st.layer_tokens:
+            per_layer = [list(x) for x in st.layer_tokens]
+            visual_after = list(st.visual_after)
+    layer_flops = [sum(layer_prefill(n, t) for n in ns) for ns in per_layer]
+    kv_dtype_bytes = next(model.parameters()).element_size()
+    kv = sum(2 * n * t.d_kv * kv_dtype_bytes for ns in per_layer for n in ns)
+    vis = vision_flops(model, inputs)
+    first_visual = per_layer[0]
+    kept_first = [v - (r - f) for v, r, f in zip(visual_before, real, first_visual)]
+    return FlopsReport(
+        vision_encoder=vis["vision_encoder"], projector=vis["projector"],
+        selection=_selection_flops(method, options, visual_before, kept_first, per_layer, t),
+        llm_prefill=sum(layer_flops),
+        llm_prefill_causal=sum(layer_prefill(n, t, causal=True) for ns in per_layer for n in ns),
+        llm_prefill_per_layer=layer_flops,
+        lm_head=len(real) * 2 * t.d * t.vocab,
+        decode_per_token=sum(layer_decode(n, t) for ns in per_layer for n in ns) + len(real) * 2 * t.d * t.vocab,
+        kv_bytes=kv,
+        fastv_macs=sum(fastv_layer_macs(n, t) for ns in per_layer for n in ns),
+        tokens_per_layer=per_layer,
+        visual_tokens=list(visual_after),
+    )
+
+
+ROWS = (("vision encoder", "vision_encoder"), ("projector", "projector"), ("selection", "selection"),
+        ("LLM prefill (dense attention)", "llm_prefill"), ("LLM prefill (causal-exact)", "llm_prefill_causal"),
+        ("LM head (last position)", "lm_head"), ("total prefill", "total_prefill"),
+        ("decode, per new token", "decode_per_token"), ("FastV-style prefill (MACs)", "fastv_macs"))
+
+
+def _g(x: int) -> str:
+    return f"{x / 1e12:.4g} T" if x >= 1e12 else f"{x / 1e9:.4g} G" if x >= 1e9 else f"{x / 1e6:.4g} M"
+
+
+def format_table(base: FlopsReport, pruned: FlopsReport, title: str = "") -> str:
+    """Unpatched vs pruned, per stage (FLOPs; KV in MiB), with the pruned/unpatched ratio."""
+    a, b = base.to_dict(), pruned.to_dict()
+    rows = [(label, _g(a[key]), _g(b[key]), f"{b[key] / a[key]:.3f}" if a[key] else "-") for label, key in ROWS]
+    rows.append(("KV cache (MiB)", f"{base.kv_bytes / 2**20:.4g}", f"{pruned.kv_bytes / 2**20:.4g}",
+                 f"{pruned.kv_bytes / base.kv_bytes:.3f}" if base.kv_bytes else "-"))
+    rows.append(("tokens per layer (sample 0)", _runs([ns[0] for ns in base.tokens_per_layer]),
+                 _runs([ns[0] for ns in pruned.tokens_per_layer]), ""))
+    head = ("stage", "unpatched", "pruned", "ratio")
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
+    lines = [title] if title else []
+    lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [head] + rows]
+    return "\n".join(lines)
+
+
+def _runs(xs: list[int]) -> str:
+    """[5, 5, 5, 3, 3] -> '5 x3, 3 x2'."""
+    out, i = [], 0
+    while i < len(xs):
+        j = i
+        while j < len(xs) and xs[j] == xs[i]:
+            j += 1
+        out.append(f"{xs[i]} x{j - i}")
+        i = j
+    return ", ".join(out)
+
