@@ -65,6 +65,43 @@ def _flops(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    import json
+
+    import torch
+
+    from .eval import bench, models
+
+    if (args.keep is None) == (args.ratio is None):
+        raise SystemExit("vtprune bench: give exactly one of --keep and --ratio")
+    budget = {"keep": args.keep} if args.keep is not None else {"ratio": args.ratio}
+    model, processor = models.load(args.model, random_weights=args.random_weights)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device)
+    task = args.task or ("tiny-prompts" if args.model in models.TEST_MODELS else "shapes")
+    methods = [m for m in args.methods.split(",") if m]
+    rows = []
+    for b in [int(x) for x in args.batch.split(",")]:
+        inputs = {k: v.to(device) if hasattr(v, "to") else v
+                  for k, v in models.calibration(task, model, processor, b, batch_size=b)[0].items()}
+        for method in [None] + methods:
+            row = bench.measure(model, inputs, method, budget if method else None, args.new_tokens, args.reps)
+            rows.append(row)
+            print(f"batch {b:3d} {row.method:<13} prefill {row.prefill_ms:8.2f} ms  generate {row.generate_ms:9.1f} ms"
+                  f"  KV {row.kv_bytes / 2**20:.3f} MiB", flush=True)
+    table = bench.markdown(rows)
+    print(table)
+    if args.out:
+        record = {"command": "vtprune " + " ".join(args.argv), "device": torch.cuda.get_device_name() if device == "cuda"
+                  else "cpu", "model": args.model, "rows": [r.to_dict() for r in rows]}
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=1)
+        with open(args.out.rsplit(".", 1)[0] + ".md", "w") as f:
+            f.write(table + "\n")
+        print(f"wrote {args.out} and its .md table")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vtprune", description="Visual-token pruning for vision-language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,7 +131,20 @@ def main(argv=None) -> int:
     p.add_argument("--random-weights", action="store_true", help="bundled architecture with random weights")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=_flops)
+    p = sub.add_parser("bench", help="latency, memory and KV bytes: unpatched and each strategy side by side")
+    p.add_argument("--model", required=True, help="a local model directory, a bundled name or a tiny-test model")
+    p.add_argument("--methods", required=True, help="comma-separated strategies")
+    p.add_argument("--keep", type=int, help="visual tokens kept per image")
+    p.add_argument("--ratio", type=float, help="fraction of visual tokens kept (instead of --keep)")
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run")
+    p.add_argument("--reps", type=int, default=5, help="timed runs per cell (median), after one warm-up")
+    p.add_argument("--task", help="input source (default: shapes, or tiny-prompts for test models)")
+    p.add_argument("--random-weights", action="store_true", help="bundled architecture with random weights")
+    p.add_argument("--out", help="JSON file to write (a markdown table is written beside it)")
+    p.set_defaults(func=_bench)
     args = parser.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
     return args.func(args)
 
 

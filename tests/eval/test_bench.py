@@ -1,0 +1,38 @@
+"""vtprune bench on the CPU with tiny models (timings are not asserted; structure and KV bytes are)."""
+import json
+
+import pytest
+
+from vtprune import tiny
+from vtprune.eval import bench, flops
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_measured_kv_bytes_match_the_analytic_count(family):
+    model = tiny.build(family)
+    inputs = tiny.batch(family, [0])  # batch 1: no padding in the cache
+    for method, options in ((None, None), ("divprune", {"keep": 3}), ("fastv", {"keep": 3})):
+        row = bench.measure(model, inputs, method, options, new_tokens=2, reps=1, warmup=0)
+        want = flops.count(model, inputs, method, **(options or {})).kv_bytes
+        assert row.kv_bytes == want, method
+        assert row.prefill_ms > 0 and row.generate_ms >= row.prefill_ms and row.decode_ms_per_token > 0
+    assert not hasattr(model, "_vtprune")  # unpatched afterwards
+
+
+def test_bench_command_writes_json_and_table(tmp_path, capsys):
+    from vtprune.cli import main
+
+    out = tmp_path / "b.json"
+    assert main(["bench", "--model", "tiny-test-llava", "--methods", "pool,random", "--keep", "4", "--batch", "1,2",
+                 "--new-tokens", "2", "--reps", "1", "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    rows = rec["rows"]
+    assert [(r["batch"], r["method"]) for r in rows] == [(b, m) for b in (1, 2) for m in ("unpatched", "pool", "random")]
+    for b in (1, 2):
+        base = next(r for r in rows if r["batch"] == b and r["method"] == "unpatched")
+        for r in rows:
+            if r["batch"] == b and r["method"] != "unpatched":
+                assert r["visual_tokens"] == 4 and r["kv_bytes"] < base["kv_bytes"]
+    table = (tmp_path / "b.md").read_text()
+    assert table.count("\n") == 2 + len(rows) and "prefill speed-up" in table
+    assert rec["command"].startswith("vtprune bench --model tiny-test-llava")

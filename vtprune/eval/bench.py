@@ -1,0 +1,169 @@
+"""Latency, memory and KV-cache figures: the unpatched model and each strategy side by side, in one run.
+
+Per configuration (model, batch, strategy) and repetition, one `generate` of exactly `new_tokens`
+tokens is timed end to end; hooks on the vision tower and the language model time the vision
+encoder, the prefill (the language model's first call, in-LLM selection included) and each decode
+step. On CUDA the stage times are CUDA events and the peak memory is `max_memory_allocated` above the
+weights; on the CPU, perf_counter and no memory figure. Selection time is `vtprune.stats`'
+(synchronised) `selection_ms`. KV bytes are measured on the cache a prefill returns.
+Reported figures are medians over the repetitions after `warmup` untimed runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+class _Timer:
+    """Start/stop marks around every call of a module (CUDA events or perf_counter)."""
+
+    def __init__(self, module: torch.nn.Module, cuda: bool):
+        self.cuda, self.calls, self._open = cuda, [], []
+        self.handles = [module.register_forward_pre_hook(self._start), module.register_forward_hook(self._stop)]
+
+    def _mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def _start(self, *_):
+        self._open.append(self._mark())
+
+    def _stop(self, *_):
+        self.calls.append((self._open.pop(), self._mark()))
+
+    def times_ms(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in self.calls]
+        return [(b - a) * 1e3 for a, b in self.calls]
+
+    def reset(self):
+        self.calls, self._open = [], []
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def vision_module(model) -> torch.nn.Module:
+    inner = model.model
+    mod = getattr(inner, "vision_tower", None) or getattr(inner, "visual", None)
+    if mod is None:
+        raise ValueError(f"{type(model).__name__}: no vision tower found (vision_tower / visual)")
+    return mod
+
+
+def kv_bytes(cache) -> int:
+    """Bytes of the key/value tensors held by a transformers cache."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def _suppressed(model) -> list[int]:
+    cfg = model.config
+    ids = {getattr(cfg, k, None) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                            "vision_end_token_id", "image_token_index")}
+    return sorted(i for i in ids if isinstance(i, int))
+
+
+@dataclass
+class BenchRow:
+    method: str  # "unpatched" or the strategy
+    options: dict
+    batch: int
+    visual_tokens: float  # per sample entering the LLM (mean)
+    vision_ms: float
+    selection_ms: float
+    prefill_ms: float  # language model's first call (in-LLM selection included)
+    decode_ms_per_token: float
+    generate_ms: float  # end to end, `new_tokens` tokens
+    peak_mib: float | None  # CUDA: peak allocated above the weights during generate
+    kv_bytes: int  # after the prefill
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def measure(model, inputs: dict, method: str | None = None, options: dict | None = None, new_tokens: int = 8,
+            reps: int = 5, warmup: int = 1) -> BenchRow:
+    import vtprune
+
+    options = dict(options or {})
+    cuda = next(model.parameters()).is_cuda
+    vision_t = _Timer(vision_module(model), cuda)
+    lm_t = _Timer(model.model.language_model, cuda)
+    scope = vtprune.pruned(model, method, **options) if method is not None else contextlib.nullcontext()
+    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, suppress_tokens=_suppressed(model))
+    rows = []
+    try:
+        scope.__enter__()
+        for i in range(warmup + reps):
+            vision_t.reset()
+            lm_t.reset()
+            if cuda:
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            model.generate(**inputs, **gen)
+            if cuda:
+                torch.cuda.synchronize()
+            total = (time.perf_counter() - t0) * 1e3
+            lm = lm_t.times_ms()
+            st = vtprune.stats(model) if method is not None else None
+            rows.append(dict(
+                vision=sum(vision_t.times_ms()), prefill=lm[0], decode=statistics.mean(lm[1:]) if len(lm) > 1 else 0.0,
+                generate=total, selection=st.selection_ms if st is not None else 0.0,
+                peak=(torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None,
+                visual=statistics.mean(st.visual_after) if st is not None and st.visual_after else None))
+        out = model(**inputs, use_cache=True, logits_to_keep=1)
+        kv = kv_bytes(out.past_key_values)
+    finally:
+        vision_t.remove()
+        lm_t.remove()
+        scope.__exit__(None, None, None)
+    timed = rows[warmup:]
+
+    def med(key):
+        vals = [r[key] for r in timed if r[key] is not None]
+        return statistics.median(vals) if vals else None
+
+    ids = inputs["input_ids"]
+    vis_in = torch.isin(ids, torch.tensor(_suppressed(model), device=ids.device))
+    if "attention_mask" in inputs:
+        vis_in &= inputs["attention_mask"].bool()
+    visual = med("visual")
+    return BenchRow(method or "unpatched", options, ids.shape[0],
+                    visual if visual is not None else vis_in.sum(1).float().mean().item(),
+                    med("vision"), med("selection"), med("prefill"), med("decode"), med("generate"), med("peak"), kv)
+
+
+def markdown(rows: list[BenchRow]) -> str:
+    """One table; the speed-up columns compare each row with the unpatched row of its batch size."""
+    base = {r.batch: r for r in rows if r.method == "unpatched"}
+    head = ("| batch | method | options | visual tokens | vision ms | selection ms | prefill ms | prefill speed-up "
+            "| decode ms/token | generate ms | generate speed-up | peak MiB | KV MiB |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        b = base.get(r.batch)
+        sp = f"{b.prefill_ms / r.prefill_ms:.2f}x" if b else "-"
+        sg = f"{b.generate_ms / r.generate_ms:.2f}x" if b else "-"
+        opts = ", ".join(f"{k}={v}" for k, v in r.options.items()) or "-"
+        peak = f"{r.peak_mib:.0f}" if r.peak_mib is not None else "-"
+        lines.append(f"| {r.batch} | {r.method} | {opts} | {r.visual_tokens:.0f} | {r.vision_ms:.2f} | "
+                     f"{r.selection_ms:.2f} | {r.prefill_ms:.2f} | {sp} | {r.decode_ms_per_token:.2f} | "
+                     f"{r.generate_ms:.1f} | {sg} | {peak} | {r.kv_bytes / 2**20:.3f} |")
+    return "\n".join(lines)
