@@ -102,6 +102,21 @@ def _bench(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from .eval import sweep
+
+    methods = [m for m in args.methods.split(",") if m] if args.methods != "all" else None
+    if methods is None:
+        from .methods.registry import available
+
+        methods = available()
+    cells = sweep.run(args.model, methods, [float(r) for r in args.ratios.split(",")], args.task, args.out,
+                      n_questions=args.questions, batch=args.batch, random_weights=args.random_weights)
+    print(sweep.table(cells))
+    print(f"wrote {args.out}/results.csv, results.json, accuracy_vs_ratio.png, accuracy_vs_tflops.png, latency_vs_ratio.png")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vtprune", description="Visual-token pruning for vision-language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,6 +158,16 @@ def main(argv=None) -> int:
     p.add_argument("--random-weights", action="store_true", help="bundled architecture with random weights")
     p.add_argument("--out", help="JSON file to write (a markdown table is written beside it)")
     p.set_defaults(func=_bench)
+    p = sub.add_parser("sweep", help="every strategy x ratio on a task: accuracy, FLOPs, latency; CSV/JSON and plots")
+    p.add_argument("--model", required=True, help="a bundled name (tiny-llava, tiny-qwen2vl) or a local model directory")
+    p.add_argument("--methods", default="all", help="comma-separated strategies (default: all)")
+    p.add_argument("--ratios", default="0.5,0.25,0.111", help="comma-separated kept fractions")
+    p.add_argument("--task", default="shapes", help="evaluation task (shapes)")
+    p.add_argument("--questions", type=int, default=1200, help="held-out questions per cell")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--random-weights", action="store_true", help="bundled architecture with random weights")
+    p.add_argument("--out", required=True, help="directory for results and plots (finished cells are reused)")
+    p.set_defaults(func=_sweep)
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     return args.func(args)
