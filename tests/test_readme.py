@@ -38,7 +38,7 @@ def test_demo_command_prints_table():
     from vtprune.cli import main
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert main(["demo", "--families", "llava", "--ratios", "1.0,0.25"]) == 0
+        assert main(["demo", "--plumbing", "--families", "llava", "--ratios", "1.0,0.25"]) == 0
     rows = [l for l in out.getvalue().splitlines() if l.startswith("llava")]
     import vtprune
     assert len(rows) == 2 * len(vtprune.available())  # every registered strategy x 2 ratios

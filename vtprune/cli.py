@@ -19,9 +19,15 @@ def _methods(args) -> int:
 
 
 def _demo(args) -> int:
-    from .demo import run
+    from .demo import bundled_ready, run, run_bundled
 
-    run(families=args.families.split(","), ratios=[float(r) for r in args.ratios.split(",")], out=sys.stdout)
+    ratios = [float(r) for r in args.ratios.split(",")]
+    if bundled_ready() and not args.plumbing:
+        run_bundled(ratios, args.out, questions=args.questions, out=sys.stdout)
+    else:
+        if not args.plumbing:
+            print("(the bundled tiny-llava has no trained weights yet: showing the plumbing on random-weight models)")
+        run(families=args.families.split(","), ratios=ratios, out=sys.stdout)
     return 0
 
 
@@ -122,9 +128,12 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("methods", help="list the registered strategies, their stage and options")
     p.set_defaults(func=_methods)
-    p = sub.add_parser("demo", help="patch tiny random-weight LLaVA and Qwen2-VL models with every strategy")
-    p.add_argument("--families", default="llava,qwen2_vl", help="comma-separated: llava, qwen2_vl, qwen2_5_vl")
+    p = sub.add_parser("demo", help="every strategy x ratio on the bundled tiny model (accuracy table + plots)")
     p.add_argument("--ratios", default="1.0,0.5,0.25,0.111", help="comma-separated kept fractions")
+    p.add_argument("--out", default="vtprune-demo", help="directory for the results and plots (bundled model)")
+    p.add_argument("--questions", type=int, default=120, help="held-out questions per cell (bundled model)")
+    p.add_argument("--plumbing", action="store_true", help="random-weight plumbing table even if trained weights exist")
+    p.add_argument("--families", default="llava,qwen2_vl", help="(plumbing) comma-separated: llava, qwen2_vl, qwen2_5_vl")
     p.set_defaults(func=_demo)
     p = sub.add_parser("tune", help="search a method's hyperparameters for a model (VFlowOpt's flow-guided search)")
     p.add_argument("--method", required=True, help="the method to tune (vflowopt)")

@@ -48,3 +48,22 @@ def test_sweep_rejects_bad_input(tmp_path):
         sweep.run("tiny-llava", ["random"], [1.5], "shapes", tmp_path, random_weights=True)
     with pytest.raises(ValueError, match="unknown strategies"):
         sweep.run("tiny-llava", ["nope"], [0.5], "shapes", tmp_path, random_weights=True)
+
+
+def test_demo_on_a_bundled_model(tmp_path, monkeypatch, capsys):
+    """`vtprune demo` with weights in the package: accuracy table for every strategy x ratio + plots.
+    (A random-weight tiny-llava saved as if bundled stands in for the trained one.)"""
+    import vtprune
+    from vtprune.cli import main
+    from vtprune.eval import models, tinyvlm
+
+    model, proc = models.load("tiny-llava", random_weights=True)
+    model.save_pretrained(tmp_path / "bundled" / "tiny-llava")
+    proc.save_pretrained(tmp_path / "bundled" / "tiny-llava")
+    monkeypatch.setattr(tinyvlm, "BUNDLED", tmp_path / "bundled")
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--ratios", "0.25", "--questions", "6"]) == 0
+    text = capsys.readouterr().out
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "strategy" not in line]
+    assert len(rows) == 1 + len(vtprune.available())  # unpatched + every strategy
+    assert (out / "accuracy_vs_ratio.png").stat().st_size > 5000

@@ -79,7 +79,8 @@ def run(model_name: str, methods: list[str], ratios: list[float], task: str, out
         model, processor = models.load(model_name, random_weights=random_weights)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = model.to(device)
-        sample = {k: v.to(device) for k, v in models.calibration(task, model, processor, batch, batch_size=batch)[0].items()}
+        n = min(batch, n_questions)  # the FLOPs / latency sample: one batch of the task's calibration split
+        sample = {k: v.to(device) for k, v in models.calibration(task, model, processor, n, batch_size=n)[0].items()}
         with tqdm(total=len(missing), desc="sweep", unit="cell", disable=not progress) as bar:
             for method, ratio in missing:
                 bar.set_postfix_str(f"{method} {ratio:g}")
