@@ -115,9 +115,12 @@ def visual_params(model, family):
 
 
 def qa_batch(family, proc, batch, rng, max_q):
-    texts = []
+    """Inputs and answer targets for several question/answer pairs per image, and per sample the
+    chosen questions in order (their refs drive the attention supervision)."""
+    texts, asked = [], []
     for _, _, qs in batch:
         chosen = rng.sample(qs, min(len(qs), rng.randint(1, max_q)))
+        asked.append(chosen)
         parts = [tinyvlm.prompt(family, chosen[0].text)]
         parts += [f"{chosen[0].answer} </s>"]
         for q in chosen[1:]:
@@ -132,10 +135,47 @@ def qa_batch(family, proc, batch, rng, max_q):
     # the answer is the word after a "?" (never a special token)
     answer = (ids[:, :-1] == qmark) & ~torch.isin(ids[:, 1:], special)
     targets[:, 1:][answer] = ids[:, 1:][answer]
-    return inputs, targets
+    return inputs, targets, asked
 
 
-def stage_qa(model, family, proc, steps, batch_size, lr, log, offset, rng, max_q, train_visual, only=None):
+def attention_targets(family, proc, batch, inputs, asked):
+    """(sample, query position, image-token mask) for every question about something: the position is
+    the question's "?" (where the answer is predicted), the mask marks the LLM-side visual tokens
+    under the items the question refers to (shapes.patch_ids with every item marked)."""
+    grid = 16 if family == "llava" else 28
+    ids = inputs["input_ids"]
+    qmark = proc.tokenizer.convert_tokens_to_ids("?")
+    image = proc.tokenizer.convert_tokens_to_ids("<image>" if family == "llava" else "<|image_pad|>")
+    out = []
+    for b, ((scene, _, _), qs) in enumerate(zip(batch, asked)):
+        visual = (ids[b] == image).nonzero().squeeze(1)
+        items = shapes.patch_ids(scene, grid, every_item=True).reshape(-1)
+        if items.numel() != visual.numel():
+            raise RuntimeError(f"{items.numel()} patch cells for {visual.numel()} visual tokens")
+        for pos, q in zip((ids[b] == qmark).nonzero().squeeze(1).tolist(), qs):
+            if q.refs:
+                mask = torch.zeros(ids.shape[1])
+                mask[visual] = torch.isin(items, torch.tensor(q.refs)).float()
+                out.append((b, pos, mask))
+    return out
+
+
+def attention_loss(attentions, targets, layers):
+    """-log of the attention mass (mean over heads) the answer position puts on the referred tokens."""
+    if not targets:
+        return 0.0
+    b = torch.tensor([t[0] for t in targets])
+    pos = torch.tensor([t[1] for t in targets])
+    mask = torch.stack([t[2] for t in targets]).to(attentions[0].device)
+    loss = 0.0
+    for li in layers:
+        mass = (attentions[li][b, :, pos] * mask[:, None]).sum(-1).mean(1)
+        loss = loss - torch.log(mass + 1e-6).mean()
+    return loss / len(layers)
+
+
+def stage_qa(model, family, proc, steps, batch_size, lr, log, offset, rng, max_q, train_visual, only=None,
+             attn_sup=0.0):
     for p in visual_params(model, family):
         p.requires_grad_(train_visual)
     if family != "llava" and not train_visual:
@@ -146,11 +186,17 @@ def stage_qa(model, family, proc, steps, batch_size, lr, log, offset, rng, max_q
     sched = cosine(opt, steps)
     for step in range(steps):
         batch = scenes(family, offset + step * batch_size, batch_size, only=only)
-        inputs, targets = qa_batch(family, proc, batch, rng, max_q)
+        inputs, targets, asked = qa_batch(family, proc, batch, rng, max_q)
         device = next(model.parameters()).device
         inputs, targets = inputs.to(device), targets.to(device)
-        logits = model(**inputs).logits
+        out = model(**inputs, output_attentions=attn_sup > 0)
+        logits = out.logits
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets[:, 1:].reshape(-1))
+        if attn_sup > 0:  # the answer position should look at what the question is about
+            n_layers = len(out.attentions)
+            sup = attention_loss(out.attentions, attention_targets(family, proc, batch, inputs, asked),
+                                 range(1, max(2, n_layers - 1)))
+            loss = loss + attn_sup * sup
         optimise(opt, sched, params, loss)
         if step % 25 == 0 or step == steps - 1:
             mask = targets[:, 1:] != -100
@@ -189,6 +235,8 @@ def main(argv=None):
     ap.add_argument("--reuse-vision", action="store_true", help="start from OUT/vision_stage.pt (stage A) if present")
     ap.add_argument("--only", default=None, help="comma-separated question kinds to train on (experiments)")
     ap.add_argument("--qa-lr", type=float, default=1e-3)
+    ap.add_argument("--attn-sup", type=float, default=0.5,
+                    help="weight of the attention supervision in stages B and C (0: answers only)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args(argv)
     if args.eval_only:
@@ -231,10 +279,13 @@ def main(argv=None):
         offset = stage_a(model, args.family, proc, heads, args.vision_steps, args.batch, 2e-3, log, 0)
         torch.save({"model": model.state_dict(), "offset": offset, "args": [args.seed, args.vision_steps, args.batch]}, ckpt)
     only = set(args.only.split(",")) if args.only else None
+    if args.attn_sup > 0:  # attention weights are needed: eager attention while training (SDPA after)
+        model.set_attn_implementation("eager")
     offset = stage_qa(model, args.family, proc, args.qa_steps, args.batch, args.qa_lr, log, offset, rng,
-                      args.max_questions, False, only)
+                      args.max_questions, False, only, args.attn_sup)
     offset = stage_qa(model, args.family, proc, args.full_steps, args.batch, 2e-4, log, offset, rng,
-                      args.max_questions, True, only)
+                      args.max_questions, True, only, args.attn_sup)
+    model.set_attn_implementation("sdpa")
     model = model.to("cpu").eval()
     model.half().save_pretrained(out)
     proc.save_pretrained(out)

@@ -232,3 +232,28 @@ def test_report_and_majority_baseline_by_hand():
     assert b["majority"] == {"count": "one", "digit": "five", "exist": "no"}  # digit tie: alphabetical
     assert b["by_kind"] == {"count": 0.5, "digit": 0.5, "exist": 2 / 3}
     assert b["n"] == 9 and b["overall"] == pytest.approx(5 / 9)
+
+
+def test_question_refs_and_patch_ids_by_hand():
+    from vtprune.eval.shapes import Digit, Obj, Scene, _candidates, patch_ids
+
+    star = Obj("star", "red", "large", (0, 0), (10, 10, 60, 60))
+    dot = Obj("square", "blue", "small", (1, 1), (106, 106, 117, 117))  # covers no 16-px patch centre
+    scene = Scene(224, 224, [star, dot], [Digit(7, (2, 2), (180, 180, 190, 196), 20)])
+    qs = {q[0]: (q[1], q[2]) for _, pool in
+          [p for kind in ("colour", "shape", "digit", "count", "relation", "exist") for p in _candidates(scene, kind)]
+          for q in pool}
+    assert qs["what colour is the star ?"] == ("red", (1,))
+    assert qs["what shape is at the centre ?"] == ("square", (2,))
+    assert qs["what digit is in the bottom right ?"] == ("seven", (100,))
+    assert qs["how many red shapes are there ?"] == ("one", (1,))
+    assert qs["how many green shapes are there ?"] == ("zero", ())
+    assert qs["is the red star above the blue square ?"] == ("yes", (1, 2))
+    assert qs["is there a red square ?"] == ("no", (1, 2))  # near miss: the red thing and the square
+    assert qs["is there a blue square ?"] == ("yes", (2,))
+    ids = patch_ids(scene, 16)
+    assert ids.shape == (14, 14) and not bool((ids == 2).any())
+    assert int(ids[11, 11]) == 100 and int(ids[2, 2]) == 1  # pixel (40, 40): the star's middle
+    full = patch_ids(scene, 16, every_item=True)
+    assert int(full[6, 6]) == 2 and int((full == 2).sum()) == 1  # (106 + 117) // 2 // 16 = 6
+    assert torch.equal(full[full != 2], ids[full != 2])

@@ -29,3 +29,38 @@ def test_train_script_smoke(family, tmp_path):
     train_tiny.main(["--family", family, "--out", str(out), "--vision-steps", "1", "--qa-steps", "1",
                      "--full-steps", "0", "--batch", "2", "--eval-questions", "6", "--reuse-vision"])
     assert any("stage A reused" in line for line in json.loads((out / "train_log.json").read_text())["log"])
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_attention_supervision_targets(family):
+    import random
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import train_tiny
+    finally:
+        sys.path.pop(0)
+    from vtprune.eval import shapes, tinyvlm
+
+    proc = tinyvlm.processor(family)
+    batch = train_tiny.scenes(family, 0, 3)
+    inputs, _, asked = train_tiny.qa_batch(family, proc, batch, random.Random(0), 3)
+    targets = train_tiny.attention_targets(family, proc, batch, inputs, asked)
+    qmark = proc.tokenizer.convert_tokens_to_ids("?")
+    assert targets and len(targets) == sum(1 for qs in asked for q in qs if q.refs)
+    grid = 16 if family == "llava" else 28
+    for b, pos, mask in targets:
+        assert int(inputs["input_ids"][b, pos]) == qmark
+        ids = shapes.patch_ids(batch[b][0], grid, every_item=True).reshape(-1)
+        visual = mask[mask > 0]
+        assert visual.numel() > 0 and int(mask.sum()) <= ids.numel()
+    # the loss is -log(attention mass on the referred tokens): 0 when all of it goes there
+    b, pos, mask = targets[0]
+    att = torch.zeros(1, 2, inputs["input_ids"].shape[1], inputs["input_ids"].shape[1])
+    att[0, :, pos] = mask / mask.sum()
+    atts = [att.expand(len(batch), -1, -1, -1).clone()] * 3
+    assert float(train_tiny.attention_loss(atts, [targets[0]], [1, 2])) < 1e-5
+    att[0, :, pos] = 1.0 / att.shape[-1]  # uniform: mass = referred share of the sequence
+    atts = [att.expand(len(batch), -1, -1, -1).clone()] * 3
+    want = -torch.log(mask.sum() / att.shape[-1] + 1e-6)
+    assert float(train_tiny.attention_loss(atts, [targets[0]], [1])) == pytest.approx(float(want), rel=1e-5)

@@ -69,6 +69,7 @@ class Question:
     kind: str
     text: str
     answer: str
+    refs: tuple[int, ...] = ()  # the items it is about, numbered as in `patch_ids` (for training signals)
 
 
 # Scenes -----------------------------------------------------------------------------------------
@@ -181,9 +182,10 @@ def render(scene: Scene) -> Image.Image:
     return img
 
 
-def patch_labels(scene: Scene, patch: int) -> dict[str, torch.Tensor]:
-    """Per-patch classes ([height // patch, width // patch] int64) under the centre-pixel rule (module
-    docstring): "colour" 1 + COLOURS index, "shape" 1 + SHAPES index, "digit" 1 + value; 0 = none."""
+def patch_ids(scene: Scene, patch: int, every_item: bool = False) -> torch.Tensor:
+    """Per-patch item under the centre-pixel rule ([height // patch, width // patch] int64): object i ->
+    i + 1, digit j -> 100 + j (its glyph box), 0 = background. every_item=True also marks an item that
+    covers no patch centre (a small object between centres) on the patch holding its box's centre."""
     ids = Image.new("L", (scene.width, scene.height), 0)
     draw = ImageDraw.Draw(ids)
     for i, obj in enumerate(scene.objects):
@@ -192,7 +194,19 @@ def patch_labels(scene: Scene, patch: int) -> dict[str, torch.Tensor]:
         draw.rectangle(d.box, fill=100 + j)
     grid = torch.frombuffer(bytearray(ids.tobytes()), dtype=torch.uint8).view(scene.height, scene.width)
     gh, gw = scene.height // patch, scene.width // patch
-    centre = grid[patch // 2: gh * patch: patch, patch // 2: gw * patch: patch].long()
+    centre = grid[patch // 2: gh * patch: patch, patch // 2: gw * patch: patch].long().clone()
+    if every_item:
+        items = [(i + 1, o.box) for i, o in enumerate(scene.objects)] + [(100 + j, d.box) for j, d in enumerate(scene.digits)]
+        for key, (x0, y0, x1, y1) in items:
+            if not bool((centre == key).any()):
+                centre[min(gh - 1, (y0 + y1) // 2 // patch), min(gw - 1, (x0 + x1) // 2 // patch)] = key
+    return centre
+
+
+def patch_labels(scene: Scene, patch: int) -> dict[str, torch.Tensor]:
+    """Per-patch classes ([height // patch, width // patch] int64) under the centre-pixel rule (module
+    docstring): "colour" 1 + COLOURS index, "shape" 1 + SHAPES index, "digit" 1 + value; 0 = none."""
+    centre = patch_ids(scene, patch)
     lut = torch.zeros(3, 256, dtype=torch.long)
     for i, obj in enumerate(scene.objects):
         lut[0, i + 1], lut[1, i + 1] = 1 + COLOURS.index(obj.colour), 1 + SHAPES.index(obj.shape)
@@ -208,28 +222,36 @@ def _holds(rel: str, a: Obj, b: Obj) -> bool:
     return {"left of": ac < bc, "right of": ac > bc, "above": ar < br, "below": ar > br}[rel]
 
 
-def _candidates(scene: Scene, kind: str) -> list[tuple[float, list[tuple[str, str]]]]:
-    """Weighted pools of (text, answer) for one kind; yes/no kinds get one pool per answer."""
+def _candidates(scene: Scene, kind: str) -> list[tuple[float, list[tuple[str, str, tuple[int, ...]]]]]:
+    """Weighted pools of (text, answer, refs) for one kind; yes/no kinds get one pool per answer.
+    refs: the items the question is about, as `patch_ids` numbers them (object i -> i + 1, digit j -> 100 + j)."""
     objs, pos = scene.objects, lambda cell: POSITIONS[cell[0]][cell[1]]
+    ref = {id(o): i + 1 for i, o in enumerate(objs)}
     combos = Counter((o.colour, o.shape) for o in objs)
     if kind == "colour":
         once = [o for o in objs if sum(p.shape == o.shape for p in objs) == 1]
-        return [(1, [(f"what colour is the {o.shape} ?", o.colour) for o in once])]
+        return [(1, [(f"what colour is the {o.shape} ?", o.colour, (ref[id(o)],)) for o in once])]
     if kind == "shape":
-        return [(1, [(f"what shape is at the {pos(o.cell)} ?", o.shape) for o in objs])]
+        return [(1, [(f"what shape is at the {pos(o.cell)} ?", o.shape, (ref[id(o)],)) for o in objs])]
     if kind == "digit":
-        return [(1, [(f"what digit is in the {pos(d.cell)} ?", NUMBERS[d.value]) for d in scene.digits])]
+        return [(1, [(f"what digit is in the {pos(d.cell)} ?", NUMBERS[d.value], (100 + j,))
+                     for j, d in enumerate(scene.digits)])]
     if kind == "count":  # mostly about colours that are present
         n = {c: sum(o.colour == c for o in objs) for c in COLOURS}
-        qs = [(f"how many {c} shapes are there ?", NUMBERS[n[c]]) for c in COLOURS]
+        qs = [(f"how many {c} shapes are there ?", NUMBERS[n[c]], tuple(ref[id(o)] for o in objs if o.colour == c))
+              for c in COLOURS]
         return [(3, [q for q in qs if q[1] != "zero"]), (1, [q for q in qs if q[1] == "zero"])]
     if kind == "relation":  # between two objects that colour + shape describe uniquely
         unique = [o for o in objs if combos[o.colour, o.shape] == 1]
-        qs = [(f"is the {a.colour} {a.shape} {rel} the {b.colour} {b.shape} ?", "yes" if _holds(rel, a, b) else "no")
-              for a in unique for b in unique if a is not b for rel in RELATIONS]
+        qs = [(f"is the {a.colour} {a.shape} {rel} the {b.colour} {b.shape} ?", "yes" if _holds(rel, a, b) else "no",
+               (ref[id(a)], ref[id(b)])) for a in unique for b in unique if a is not b for rel in RELATIONS]
     elif kind == "exist":  # "no" only for combinations one attribute away from a real object
         near = {(c, o.shape) for o in objs for c in COLOURS} | {(o.colour, s) for o in objs for s in SHAPES}
-        qs = [(f"is there a {c} {s} ?", "yes" if (c, s) in combos else "no") for c, s in sorted(near)]
+        qs = []
+        for c, s in sorted(near):
+            hit = tuple(ref[id(o)] for o in objs if (o.colour, o.shape) == (c, s))
+            qs.append((f"is there a {c} {s} ?", "yes" if hit else "no",
+                       hit or tuple(ref[id(o)] for o in objs if o.colour == c or o.shape == s)))
     else:
         raise ValueError(f"unknown kind {kind!r}")
     return [(1, [q for q in qs if q[1] == "yes"]), (1, [q for q in qs if q[1] == "no"])]
