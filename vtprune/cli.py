@@ -54,7 +54,7 @@ def _flops(args) -> int:
     from .eval import flops, models
 
     model, processor = models.load(args.model, random_weights=args.random_weights)
-    task = args.task or ("tiny-prompts" if args.model in models.TEST_MODELS else "shapes")
+    task = args.task or models.default_task(args.model)
     inputs = models.calibration(task, model, processor, 1)[0]
     if (args.keep is None) == (args.ratio is None):
         raise SystemExit("vtprune flops: give exactly one of --keep and --ratio")
@@ -84,7 +84,7 @@ def _bench(args) -> int:
     model, processor = models.load(args.model, random_weights=args.random_weights)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device)
-    task = args.task or ("tiny-prompts" if args.model in models.TEST_MODELS else "shapes")
+    task = args.task or models.default_task(args.model)
     methods = [m for m in args.methods.split(",") if m]
     rows = []
     for b in [int(x) for x in args.batch.split(",")]:

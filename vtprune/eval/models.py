@@ -12,8 +12,13 @@ def load(name: str, random_weights: bool = False, attn: str = "sdpa"):
 
     Bundled models (`tiny-llava`, `tiny-qwen2vl`) load their trained weights from the package;
     `random_weights=True` builds the same architecture with random weights instead."""
-    from . import tinyvlm
+    from . import configs, tinyvlm
 
+    if name in configs.FULL_SCALE:
+        if not random_weights:
+            raise ValueError(f"{name} is a full-scale architecture without weights here: add --random-weights "
+                             "(speed and memory figures), or pass a local model directory")
+        return configs.build(name, attn=attn), None
     if name in tinyvlm.NAMES:
         if random_weights:
             import torch
@@ -32,15 +37,28 @@ def load(name: str, random_weights: bool = False, attn: str = "sdpa"):
 
         model = AutoModelForImageTextToText.from_pretrained(name, attn_implementation=attn).eval()
         return model, AutoProcessor.from_pretrained(name)
-    names = sorted(tinyvlm.NAMES) + sorted(TEST_MODELS)
+    names = sorted(tinyvlm.NAMES) + sorted(TEST_MODELS) + sorted(configs.FULL_SCALE)
     raise ValueError(f"--model must be a local model directory or one of {', '.join(names)}; got {name!r}")
+
+
+def default_task(name: str) -> str:
+    """The input source that fits a --model: tiny-prompts (test models), synthetic (full-scale random
+    architectures), shapes (bundled models and local directories)."""
+    from .configs import FULL_SCALE
+
+    return "tiny-prompts" if name in TEST_MODELS else "synthetic" if name in FULL_SCALE else "shapes"
 
 
 def calibration(task: str, model, processor, n: int, seed: int = 0, batch_size: int = 8) -> list[dict]:
     """Batches of model inputs (left-padded) for a task's first `n` calibration samples.
 
     Tasks: "shapes" = questions on the benchmark's train split (bundled models; the evaluation split is
-    never used for calibration); "tiny-prompts" = vtprune.tiny's random prompts (its test models)."""
+    never used for calibration); "tiny-prompts" = vtprune.tiny's random prompts (its test models);
+    "synthetic" = BOS + one image + random text tokens (configs.synthetic_inputs; any LLaVA/Qwen2-VL model)."""
+    if task == "synthetic":
+        from .configs import synthetic_inputs
+
+        return [synthetic_inputs(model, min(batch_size, n - i), seed=seed + i) for i in range(0, n, batch_size)]
     if task == "shapes":
         from . import shapes, tinyvlm
 
@@ -69,4 +87,4 @@ def calibration(task: str, model, processor, n: int, seed: int = 0, batch_size: 
             raise ValueError("task 'tiny-prompts' is for the test models (tiny-test-llava, ...)")
         idx = list(range(n))
         return [tiny.batch(fam, idx[i:i + batch_size], seed=seed) for i in range(0, n, batch_size)]
-    raise ValueError(f"unknown task {task!r}; available: shapes, tiny-prompts")
+    raise ValueError(f"unknown task {task!r}; available: shapes, tiny-prompts, synthetic")

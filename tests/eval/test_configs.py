@@ -1,0 +1,34 @@
+"""Full-scale random-weight architectures (built on the meta device here) and synthetic inputs."""
+import pytest
+import torch
+
+from vtprune import tiny
+from vtprune.eval import configs, models
+
+
+@pytest.mark.parametrize("name, params", [("llava-1.5-7b", 7_063_427_072), ("qwen2-vl-7b", 8_291_375_616),
+                                          ("qwen2.5-vl-7b", 8_292_166_656)])
+def test_full_scale_configs_have_the_published_size(name, params):
+    model = configs.build(name, device="meta", dtype=torch.bfloat16)
+    assert sum(p.numel() for p in model.parameters()) == params  # the model cards' counts
+
+
+def test_full_scale_needs_random_weights_and_a_gpu():
+    with pytest.raises(ValueError, match="--random-weights"):
+        models.load("llava-1.5-7b")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            configs.build("qwen2-vl-7b")
+
+
+@pytest.mark.parametrize("family, px, visual", [("llava", None, 16), ("qwen2_vl", 56, 4), ("qwen2_5_vl", 112, 16)])
+def test_synthetic_inputs_run_through_the_model(family, px, visual):
+    model = tiny.build(family)
+    inputs = configs.synthetic_inputs(model, 2, text_tokens=5, image_px=px)
+    image_id = model.config.image_token_id
+    assert (inputs["input_ids"] == image_id).sum(1).tolist() == [visual, visual]
+    with torch.no_grad():
+        out = model(**inputs, logits_to_keep=1)
+    assert out.logits.shape[:2] == (2, 1)
+    batches = models.calibration("synthetic", model, None, 5, batch_size=2)
+    assert [b["input_ids"].shape[0] for b in batches] == [2, 2, 1]

@@ -1,0 +1,106 @@
+"""Full-scale architectures with random weights, for speed and memory figures without downloading
+anything: the published configs of LLaVA-1.5-7B, Qwen2-VL-7B and Qwen2.5-VL-7B written out as
+transformers config objects, and synthetic inputs shaped like a real prompt (image tokens + text).
+
+  vtprune bench --model llava-1.5-7b --random-weights --methods divprune,fastv --keep 64 --batch 1,8
+
+Weights are random, so the outputs are meaningless; shapes, FLOPs, latency and memory are real.
+"""
+from __future__ import annotations
+
+import torch
+
+# (architecture, images' visual tokens per sample with the default synthetic input)
+_LLAMA2_7B = dict(model_type="llama", vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                  pad_token_id=32001, bos_token_id=1, eos_token_id=2)
+_CLIP_L336 = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                  num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
+_QWEN2_7B_TEXT = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                      num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                      rope_parameters=dict(rope_type="default", rope_theta=1000000.0, mrope_section=[16, 24, 24]),
+                      tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645)
+_QWEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+
+
+def llava_1_5_7b():
+    import transformers as tf
+
+    return tf.LlavaConfig(vision_config=_CLIP_L336, text_config=_LLAMA2_7B, image_token_id=32000, image_seq_length=576,
+                          vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                          pad_token_id=32001)
+
+
+def qwen2_vl_7b():
+    import transformers as tf
+
+    vision = dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, hidden_act="quick_gelu")
+    return tf.Qwen2VLConfig(vision_config=vision, text_config=dict(_QWEN2_7B_TEXT), **_QWEN_IDS)
+
+
+def qwen2_5_vl_7b():
+    import transformers as tf
+
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+                  hidden_act="silu", in_channels=3)
+    return tf.Qwen2_5_VLConfig(vision_config=vision, text_config=dict(_QWEN2_7B_TEXT), **_QWEN_IDS)
+
+
+FULL_SCALE = {"llava-1.5-7b": llava_1_5_7b, "qwen2-vl-7b": qwen2_vl_7b, "qwen2.5-vl-7b": qwen2_5_vl_7b}
+
+
+def build(name: str, device=None, dtype=None, attn: str = "sdpa"):
+    """A full-scale model with random weights (bf16 on CUDA by default). Needs ~16 GB of GPU memory."""
+    import transformers as tf
+
+    if name not in FULL_SCALE:
+        raise ValueError(f"unknown full-scale config {name!r}; available: {', '.join(FULL_SCALE)}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device) == "cpu" and dtype is None:
+        raise ValueError(f"{name} with random weights is a ~7-8 B parameter model: build it on a CUDA device "
+                         "(or pass dtype= explicitly to build it on the CPU anyway)")
+    dtype = dtype or torch.bfloat16
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = tf.AutoModelForImageTextToText.from_config(FULL_SCALE[name](), attn_implementation=attn, dtype=dtype)
+    return model.eval()
+
+
+def synthetic_inputs(model, batch: int, text_tokens: int = 48, image_px: int | None = None, seed: int = 0) -> dict:
+    """A batch of prompts shaped like real ones: BOS + one image + `text_tokens` random text tokens (Qwen:
+    vision start/end around the image), no padding. LLaVA images are the tower's size; Qwen images are
+    `image_px` square (default 672 px -> 576 visual tokens, as many as LLaVA-1.5)."""
+    cfg = model.config
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    g = torch.Generator().manual_seed(seed)
+    vocab = cfg.get_text_config().vocab_size
+    text = torch.randint(3, min(vocab, 30000), (batch, text_tokens), generator=g)
+    name = type(model).__name__
+    if name.startswith("Llava"):
+        vc = cfg.vision_config
+        n = (vc.image_size // vc.patch_size) ** 2
+        ids = torch.cat([torch.ones(batch, 1, dtype=torch.long), torch.full((batch, n), cfg.image_token_id), text], 1)
+        pixels = torch.randn(batch, 3, vc.image_size, vc.image_size, generator=g)
+        out = dict(input_ids=ids, pixel_values=pixels.to(dtype))
+    elif name.startswith("Qwen2"):
+        vc = cfg.vision_config
+        px = image_px or 672
+        side = px // vc.patch_size
+        if side % vc.spatial_merge_size:
+            raise ValueError(f"image_px must be a multiple of {vc.patch_size * vc.spatial_merge_size}")
+        n = side * side // vc.spatial_merge_size ** 2
+        block = torch.cat([torch.tensor([cfg.vision_start_token_id]), torch.full((n,), cfg.image_token_id),
+                           torch.tensor([cfg.vision_end_token_id])])
+        bos = cfg.get_text_config().bos_token_id or 1
+        ids = torch.cat([torch.full((batch, 1), bos), block.expand(batch, -1), text], 1)
+        patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+        pixels = torch.randn(batch * side * side, patch_dim, generator=g)
+        out = dict(input_ids=ids, pixel_values=pixels.to(dtype), image_grid_thw=torch.tensor([[1, side, side]] * batch),
+                   mm_token_type_ids=(ids == cfg.image_token_id).int())  # 1 = image token, for M-RoPE
+    else:
+        raise ValueError(f"no synthetic inputs for {name}")
+    out["attention_mask"] = torch.ones_like(out["input_ids"])
+    return {k: v.to(device) for k, v in out.items()}
