@@ -53,15 +53,22 @@ def _flops(args) -> int:
 
     from .eval import flops, models
 
-    model, processor = models.load(args.model, random_weights=args.random_weights)
-    task = args.task or models.default_task(args.model)
-    inputs = models.calibration(task, model, processor, 1)[0]
+    from .eval import configs
+
     if (args.keep is None) == (args.ratio is None):
         raise SystemExit("vtprune flops: give exactly one of --keep and --ratio")
     budget = {"keep": args.keep} if args.keep is not None else {"ratio": args.ratio}
     method = args.method or "random"  # every projector-stage strategy gives the same LLM counts
-    base = flops.count(model, inputs)
-    pruned = flops.count(model, inputs, method, **budget)
+    task = args.task or models.default_task(args.model)
+    if args.model in configs.FULL_SCALE:  # token counts from a narrow stand-in, dimensions from the real config
+        real = configs.FULL_SCALE[args.model]()
+        model, processor = configs.surrogate(real), None
+    else:
+        real = None
+        model, processor = models.load(args.model, random_weights=args.random_weights)
+    inputs = models.calibration(task, model, processor, 1)[0]
+    base = flops.count(model, inputs, config=real)
+    pruned = flops.count(model, inputs, method, config=real, **budget)
     print(flops.format_table(base, pruned, f"{args.model}, one {task} sample: unpatched vs {method} {budget}"))
     if args.json:
         with open(args.json, "w") as f:

@@ -81,3 +81,27 @@ def test_flops_command(capsys, tmp_path):
     assert data["pruned"]["vision_encoder"] == data["unpatched"]["vision_encoder"]
     with pytest.raises(SystemExit):
         main(["flops", "--model", "tiny-test-llava"])
+
+
+@pytest.mark.parametrize("family", tiny.FAMILIES)
+def test_narrow_stand_in_counts_like_the_real_model(family):
+    from vtprune.eval import configs
+
+    real = tiny.build(family)
+    stand_in = configs.surrogate(real.config)
+    assert stand_in.config.get_text_config().num_attention_heads == 1
+    inputs = tiny.batch(family, [0, 1])
+    for method, options in ((None, {}), ("random", {"ratio": 0.5}), ("fastv", {"keep": 3}), ("transprune", {"keep": 2})):
+        want = flops.count(real, inputs, method, **options)
+        got = flops.count(stand_in, inputs, method, config=real.config, **options)
+        assert got.tokens_per_layer == want.tokens_per_layer
+        assert (got.vision_encoder, got.projector, got.llm_prefill, got.lm_head, got.decode_per_token) == \
+            (want.vision_encoder, want.projector, want.llm_prefill, want.lm_head, want.decode_per_token)
+
+
+def test_flops_of_a_full_scale_architecture_on_the_cpu(capsys):
+    from vtprune.cli import main
+
+    assert main(["flops", "--model", "qwen2-vl-7b", "--keep", "64", "--method", "fastv"]) == 0
+    text = capsys.readouterr().out
+    assert "tokens per layer" in text and "T" in text.split("LLM prefill (dense attention)")[1].split("\n")[0]

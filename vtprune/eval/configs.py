@@ -104,3 +104,34 @@ def synthetic_inputs(model, batch: int, text_tokens: int = 48, image_px: int | N
         raise ValueError(f"no synthetic inputs for {name}")
     out["attention_mask"] = torch.ones_like(out["input_ids"])
     return {k: v.to(device) for k, v in out.items()}
+
+
+def surrogate(config):
+    """A narrow copy of a full-scale config: the same layer counts, image geometry, token ids and
+    vocabulary and head sizes, but one attention head per layer and MLPs as narrow, so it runs on a CPU.
+    The tokens entering each decoder layer under a strategy's budget and schedule are the real model's
+    (data-dependent choices, e.g. ToDRE's stage-2 trigger, follow the random weights); `flops.count`
+    then applies the real config's dimensions to them."""
+    import copy
+
+    import transformers as tf
+
+    cfg = copy.deepcopy(config)
+    tc, vc = cfg.get_text_config(), cfg.vision_config
+    head = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads  # RoPE sections need it
+    tc.hidden_size, tc.intermediate_size, tc.num_attention_heads, tc.num_key_value_heads = head, head, 1, 1
+    if getattr(tc, "head_dim", None):
+        tc.head_dim = head
+    name = type(cfg).__name__
+    if name.startswith("Llava"):
+        vh = vc.hidden_size // vc.num_attention_heads
+        vc.hidden_size, vc.intermediate_size, vc.num_attention_heads, vc.projection_dim = vh, vh, 1, vh
+    elif name.startswith("Qwen2VL"):
+        vc.embed_dim, vc.num_heads, vc.mlp_ratio, vc.hidden_size = vc.embed_dim // vc.num_heads, 1, 1, head
+    elif name.startswith("Qwen2_5_VL"):
+        vh = vc.hidden_size // vc.num_heads
+        vc.hidden_size, vc.intermediate_size, vc.num_heads, vc.out_hidden_size = vh, vh, 1, head
+    else:
+        raise ValueError(f"no surrogate for {name}")
+    torch.manual_seed(0)
+    return tf.AutoModelForImageTextToText.from_config(cfg, attn_implementation="sdpa").eval()

@@ -58,9 +58,10 @@ def _vit_layer(n: int, d: int, m: int, mlp_mats: int, attn_n2: int | None = None
     return 8 * n * d * d + 4 * n2 * d + 2 * mlp_mats * n * d * m
 
 
-def vision_flops(model, inputs: dict) -> dict:
-    """Vision encoder and projector FLOPs for the images in `inputs` (LLaVA/CLIP, Qwen2-VL, Qwen2.5-VL)."""
-    cfg = model.config
+def vision_flops(model, inputs: dict, config=None) -> dict:
+    """Vision encoder and projector FLOPs for the images in `inputs` (LLaVA/CLIP, Qwen2-VL, Qwen2.5-VL),
+    for `config` (default: the model's)."""
+    cfg = config or model.config
     vc = cfg.vision_config
     kind = type(model).__name__
     text_d = TextDims.from_config(cfg).d
@@ -155,17 +156,19 @@ def _selection_flops(method: str | None, options: dict, visual: list[int], kept:
 
 
 @torch.no_grad()
-def count(model, inputs: dict, method: str | None = None, **options) -> FlopsReport:
+def count(model, inputs: dict, method: str | None = None, config=None, **options) -> FlopsReport:
     """FLOPs of one prefill of `inputs` (batch) through `model`, pruned by `method` with `options`
     when given (the model is patched for the call and unpatched after). Runs the forward once to
-    learn how many tokens enter each decoder layer."""
+    learn how many tokens enter each decoder layer. `config`: count for this architecture instead of
+    the model's own (the model is then a narrow stand-in with the same geometry: configs.surrogate)."""
     import vtprune
 
-    t = TextDims.from_config(model.config)
+    config = config or model.config
+    t = TextDims.from_config(config)
     mask = inputs.get("attention_mask")
     ids = inputs["input_ids"]
     real = (mask.bool().sum(1) if mask is not None else torch.full((ids.shape[0],), ids.shape[1])).tolist()
-    visual_ids = {getattr(model.config, k, None) for k in ("image_token_id", "video_token_id")} - {None}
+    visual_ids = {getattr(config, k, None) for k in ("image_token_id", "video_token_id")} - {None}
     visual_in = torch.isin(ids, torch.tensor(sorted(visual_ids), device=ids.device))
     if mask is not None:
         visual_in &= mask.bool()
@@ -180,9 +183,9 @@ def count(model, inputs: dict, method: str | None = None, **options) -> FlopsRep
             per_layer = [list(x) for x in st.layer_tokens]
             visual_after = list(st.visual_after)
     layer_flops = [sum(layer_prefill(n, t) for n in ns) for ns in per_layer]
-    kv_dtype_bytes = next(model.parameters()).element_size()
+    kv_dtype_bytes = 2 if config is not model.config else next(model.parameters()).element_size()  # stand-in: bf16
     kv = sum(2 * n * t.d_kv * kv_dtype_bytes for ns in per_layer for n in ns)
-    vis = vision_flops(model, inputs)
+    vis = vision_flops(model, inputs, config)
     first_visual = per_layer[0]
     kept_first = [v - (r - f) for v, r, f in zip(visual_before, real, first_visual)]
     return FlopsReport(
