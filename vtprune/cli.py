@@ -48,16 +48,18 @@ def _tune(args) -> int:
     return 0
 
 
+def _budget(args) -> dict:
+    if (args.keep is None) == (args.ratio is None):
+        raise SystemExit(f"vtprune {args.command}: give exactly one of --keep and --ratio")
+    return {"keep": args.keep} if args.keep is not None else {"ratio": args.ratio}
+
+
 def _flops(args) -> int:
     import json
 
-    from .eval import flops, models
+    from .eval import configs, flops, models
 
-    from .eval import configs
-
-    if (args.keep is None) == (args.ratio is None):
-        raise SystemExit("vtprune flops: give exactly one of --keep and --ratio")
-    budget = {"keep": args.keep} if args.keep is not None else {"ratio": args.ratio}
+    budget = _budget(args)
     method = args.method or "random"  # every projector-stage strategy gives the same LLM counts
     task = args.task or models.default_task(args.model)
     if args.model in configs.FULL_SCALE:  # token counts from a narrow stand-in, dimensions from the real config
@@ -85,9 +87,7 @@ def _bench(args) -> int:
 
     from .eval import bench, models
 
-    if (args.keep is None) == (args.ratio is None):
-        raise SystemExit("vtprune bench: give exactly one of --keep and --ratio")
-    budget = {"keep": args.keep} if args.keep is not None else {"ratio": args.ratio}
+    budget = _budget(args)
     model, processor = models.load(args.model, random_weights=args.random_weights)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device)
@@ -130,6 +130,16 @@ def _sweep(args) -> int:
     return 0
 
 
+def _model_budget_args(p) -> None:
+    p.add_argument("--model", required=True,
+                   help="a local model directory, a bundled name, a tiny-test model or a full-scale architecture "
+                        "(llava-1.5-7b, qwen2-vl-7b, qwen2.5-vl-7b)")
+    p.add_argument("--keep", type=int, help="visual tokens kept per image")
+    p.add_argument("--ratio", type=float, help="fraction of visual tokens kept (instead of --keep)")
+    p.add_argument("--task", help="input source (default: shapes; tiny-prompts for test models; synthetic for full-scale)")
+    p.add_argument("--random-weights", action="store_true", help="the architecture with random weights")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vtprune", description="Visual-token pruning for vision-language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -154,24 +164,16 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="config file to write (JSON)")
     p.set_defaults(func=_tune)
     p = sub.add_parser("flops", help="analytic FLOPs per stage and KV-cache bytes, unpatched vs pruned (docs/flops.md)")
-    p.add_argument("--model", required=True, help="a local model directory, a bundled name or a tiny-test model")
-    p.add_argument("--keep", type=int, help="visual tokens kept per image")
-    p.add_argument("--ratio", type=float, help="fraction of visual tokens kept (instead of --keep)")
+    _model_budget_args(p)
     p.add_argument("--method", help="strategy (default: any projector-stage one; in-LLM strategies count per layer)")
-    p.add_argument("--task", help="where the sample input comes from (default: shapes, or tiny-prompts for test models)")
-    p.add_argument("--random-weights", action="store_true", help="bundled architecture with random weights")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=_flops)
     p = sub.add_parser("bench", help="latency, memory and KV bytes: unpatched and each strategy side by side")
-    p.add_argument("--model", required=True, help="a local model directory, a bundled name or a tiny-test model")
+    _model_budget_args(p)
     p.add_argument("--methods", required=True, help="comma-separated strategies")
-    p.add_argument("--keep", type=int, help="visual tokens kept per image")
-    p.add_argument("--ratio", type=float, help="fraction of visual tokens kept (instead of --keep)")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run")
     p.add_argument("--reps", type=int, default=5, help="timed runs per cell (median), after one warm-up")
-    p.add_argument("--task", help="input source (default: shapes, or tiny-prompts for test models)")
-    p.add_argument("--random-weights", action="store_true", help="bundled architecture with random weights")
     p.add_argument("--out", help="JSON file to write (a markdown table is written beside it)")
     p.set_defaults(func=_bench)
     p = sub.add_parser("sweep", help="every strategy x ratio on a task: accuracy, FLOPs, latency; CSV/JSON and plots")
