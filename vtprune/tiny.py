@@ -24,6 +24,9 @@ QWEN_TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hi
 QWEN_IDS = dict(image_token_id=IMG, video_token_id=VID, vision_start_token_id=VSTART, vision_end_token_id=VEND)
 
 FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl"]
+# LLaVA-NeXT (anyres): 56-px tiles of the tiny CLIP, a base tile + 2 or 4 crops per image
+NEXT_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
+NEXT_SIZES = [(40, 90), (90, 40), (100, 100), (30, 110)]  # (height, width) of sample i % 4
 
 
 def build(family: str, attn: str = "sdpa", seed: int = 0):
@@ -34,6 +37,11 @@ def build(family: str, attn: str = "sdpa", seed: int = 0):
         cfg = tf.LlavaConfig(vision_config=CLIP_VISION, text_config=LLAMA_TEXT, image_token_id=IMG,
                              image_seq_length=16, vision_feature_layer=-2, vision_feature_select_strategy="default")
         cls = tf.LlavaForConditionalGeneration
+    elif family == "llava_next":
+        cfg = tf.LlavaNextConfig(vision_config=CLIP_VISION, text_config=LLAMA_TEXT, image_token_id=IMG,
+                                 image_grid_pinpoints=NEXT_PINPOINTS, vision_feature_layer=-2,
+                                 vision_feature_select_strategy="default")
+        cls = tf.LlavaNextForConditionalGeneration
     elif family == "qwen2_vl":
         cfg = tf.Qwen2VLConfig(vision_config=dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=4,
                                                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
@@ -67,6 +75,11 @@ def sample(family: str, i: int, seed: int = 0):
     if family == "llava":
         ids = [BOS] + before + [IMG] * 16 + after
         vis = {"pixel_values": torch.randn(1, 3, 56, 56, generator=g)}
+    elif family == "llava_next":
+        h, w = NEXT_SIZES[i % len(NEXT_SIZES)]
+        n, tiles = next_tokens(h, w)
+        ids = [BOS] + before + [IMG] * n + after
+        vis = {"pixel_values": torch.randn(1, tiles, 3, 56, 56, generator=g), "image_sizes": torch.tensor([[h, w]])}
     else:
         t, h, w = QWEN_GRIDS[i % len(QWEN_GRIDS)]
         n = t * h * w // 4
@@ -74,6 +87,22 @@ def sample(family: str, i: int, seed: int = 0):
         vis = {"pixel_values": torch.randn(t * h * w, 3 * 2 * 14 * 14, generator=g),
                "image_grid_thw": torch.tensor([[t, h, w]])}
     return ids, vis
+
+
+def next_tokens(height: int, width: int, tile: int = 56, patch: int = 14) -> tuple[int, int]:
+    """(image tokens, tiles) of a LLaVA-NeXT image: the base tile's patches, then the crops' patches
+    after unpadding to the image's aspect ratio with one newline token per row (the processor's rule)."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    bh, bw = select_best_resolution([height, width], NEXT_PINPOINTS)
+    sh, sw = bh // tile, bw // tile
+    side = tile // patch
+    ch, cw = side * sh, side * sw
+    if width / height > cw / ch:
+        ch -= 2 * ((ch - int(round(height * (cw / width), 7))) // 2)
+    else:
+        cw -= 2 * ((cw - int(round(width * (ch / height), 7))) // 2)
+    return side * side + ch * cw + ch, 1 + sh * sw
 
 
 def batch(family: str, indices, padding: str = "left", seed: int = 0):
@@ -87,6 +116,12 @@ def batch(family: str, indices, padding: str = "left", seed: int = 0):
         ids_rows.append(pad + ids if padding == "left" else ids + pad)
         mask_rows.append(zeros + ones if padding == "left" else ones + zeros)
     out = {"input_ids": torch.tensor(ids_rows), "attention_mask": torch.tensor(mask_rows)}
+    if family == "llava_next":  # crops padded to the batch's largest count, as the processor does
+        tiles = max(v["pixel_values"].shape[1] for _, v in samples)
+        out["pixel_values"] = torch.cat([torch.nn.functional.pad(v["pixel_values"], (0, 0, 0, 0, 0, 0, 0,
+                                         tiles - v["pixel_values"].shape[1])) for _, v in samples])
+        out["image_sizes"] = torch.cat([v["image_sizes"] for _, v in samples])
+        return out
     out["pixel_values"] = torch.cat([v["pixel_values"] for _, v in samples])
     if family != "llava":
         out["image_grid_thw"] = torch.cat([v["image_grid_thw"] for _, v in samples])

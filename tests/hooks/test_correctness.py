@@ -14,6 +14,12 @@ STAGE_METHODS = ["random", "vision_attn_test", "hidden_norm_test", "pool",
 # test ids -> (registered name, extra options). todre_stage2: stage 2 after decoder layer 1 with
 # tau=1, so every pruned sample loses all its visual tokens there whatever the attention.
 VARIANTS = {"todre_stage2": ("todre", dict(stage2_layer=1, tau=1.0))}
+# LLaVA-NeXT (anyres): the strategies that need neither vision-encoder attention nor a token grid
+NEXT_METHODS = ["random", "divprune", "fastv", "transprune", "hidden_norm_test"]
+PAIRS = [(f, m) for f in tiny.FAMILIES for m in METHODS] + [("llava_next", m) for m in NEXT_METHODS]
+STAGE_PAIRS = [(f, m) for f in tiny.FAMILIES for m in STAGE_METHODS] + \
+    [("llava_next", m) for m in NEXT_METHODS if m in STAGE_METHODS]
+ALL_FAMILIES = [*tiny.FAMILIES, "llava_next"]
 
 
 def _patch(model, method, **budget):
@@ -21,8 +27,7 @@ def _patch(model, method, **budget):
     return vtprune.patch(model, name, **budget, **extra)
 
 
-@pytest.mark.parametrize("family", tiny.FAMILIES)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family, method", PAIRS)
 @pytest.mark.parametrize("budget", [dict(keep=10_000), dict(ratio=1.0)])
 def test_keep_all_is_bit_identical(model_factory, family, method, budget):
     model = model_factory(family)
@@ -37,8 +42,7 @@ def test_keep_all_is_bit_identical(model_factory, family, method, budget):
     assert torch.equal(ref_gen, gen)
 
 
-@pytest.mark.parametrize("family", tiny.FAMILIES)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family, method", PAIRS)
 def test_unpatch_is_bit_identical_to_never_patched(model_factory, family, method):
     model = model_factory(family)
     fresh = tiny.build(family)  # same seed -> same weights, never patched
@@ -66,8 +70,7 @@ def _logits_by_real_token(logits, layout, mask):
     return out
 
 
-@pytest.mark.parametrize("family", tiny.FAMILIES)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family, method", PAIRS)
 @pytest.mark.parametrize("padding", ["left", "right"])
 def test_batch_prefill_matches_each_sample_alone(model_factory, family, method, padding):
     model = model_factory(family)
@@ -89,8 +92,7 @@ def test_batch_prefill_matches_each_sample_alone(model_factory, family, method, 
                                            msg=lambda m: f"sample {b}, real token {r}: {m}")
 
 
-@pytest.mark.parametrize("family", tiny.FAMILIES)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family, method", PAIRS)
 def test_batch_generate_matches_each_sample_alone(model_factory, family, method):
     model = model_factory(family)
     _patch(model, method, ratio=0.4)
@@ -112,8 +114,7 @@ def test_pool_on_different_image_sizes_keeps_different_counts(model_factory):
     assert vtprune.stats(model).visual_after == [4, 2]
 
 
-@pytest.mark.parametrize("family", tiny.FAMILIES)
-@pytest.mark.parametrize("method", STAGE_METHODS)
+@pytest.mark.parametrize("family, method", STAGE_PAIRS)
 def test_generate_with_cache_equals_without(model_factory, family, method):
     model = model_factory(family)
     _patch(model, method, ratio=0.3)
@@ -128,7 +129,7 @@ def test_generate_with_cache_equals_without(model_factory, family, method):
         torch.testing.assert_close(a[finite], b[finite], atol=2e-5, rtol=1e-4, msg=lambda m: f"step {step}: {m}")
 
 
-@pytest.mark.parametrize("family", tiny.FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_decode_logits_match_manual_full_recompute(model_factory, family):
     """Decode steps after a pruned prefill see the right mask: each step's logits equal a fresh
     pruned forward over prompt + generated tokens (llm stage: fastv, selection fixed by the prompt
@@ -141,7 +142,7 @@ def test_decode_logits_match_manual_full_recompute(model_factory, family):
         full = dict(inputs)
         full["input_ids"] = out.sequences[:, :-1]
         full["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones(2, 2, dtype=torch.long)], 1)
-        if family != "llava":
+        if family.startswith("qwen"):
             full["mm_token_type_ids"] = (full["input_ids"] == tiny.IMG).int()
         recomputed = model(**full).logits[:, -1]
     torch.testing.assert_close(out.logits[-1], recomputed, atol=2e-5, rtol=1e-4)

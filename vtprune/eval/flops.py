@@ -69,6 +69,13 @@ def vision_flops(model, inputs: dict, config=None) -> dict:
         if "pixel_values" not in inputs or inputs["pixel_values"] is None:
             return {"vision_encoder": 0, "projector": 0}
         images = inputs["pixel_values"].shape[0]
+        if inputs["pixel_values"].dim() == 5:  # LLaVA-NeXT anyres: the base tile + the crops each image uses
+            from transformers.image_processing_utils import select_best_resolution
+
+            images = 0
+            for h, w in inputs["image_sizes"].tolist():
+                bh, bw = select_best_resolution([h, w], cfg.image_grid_pinpoints)
+                images += 1 + (bh // vc.image_size) * (bw // vc.image_size)
         grid = vc.image_size // vc.patch_size
         n = grid * grid + 1  # + CLS
         d, m = vc.hidden_size, vc.intermediate_size

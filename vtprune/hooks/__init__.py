@@ -3,11 +3,13 @@ from __future__ import annotations
 
 from .base import Adapter
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
 from .qwen2_vl import QwenVLAdapter
 
 # class name -> adapter; matched against the model's class and its bases (so subclasses work)
 ADAPTERS: dict[str, type[Adapter]] = {
     "LlavaForConditionalGeneration": LlavaAdapter,
+    "LlavaNextForConditionalGeneration": LlavaNextAdapter,
     "Qwen2VLForConditionalGeneration": QwenVLAdapter,
     "Qwen2_5_VLForConditionalGeneration": QwenVLAdapter,
 }

@@ -12,6 +12,8 @@ Flow of one pruned `generate()`:
 """
 from __future__ import annotations
 
+import inspect
+
 import sys
 import time
 from dataclasses import dataclass, field
@@ -180,6 +182,8 @@ class PatchState:
 
     # hooks ------------------------------------------------------------------------------------
     def _inner_pre(self, module, args, kwargs):
+        if args:  # e.g. LlavaNextForConditionalGeneration passes input_ids positionally
+            kwargs = {**inspect.signature(module.forward).bind_partial(*args).arguments, **kwargs}
         self.scratch = self.adapter.read_call(kwargs)
         return None
 

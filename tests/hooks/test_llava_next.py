@@ -1,0 +1,59 @@
+"""LLaVA-NeXT (anyres) specifics; the shared correctness matrix (test_correctness.py) also covers it."""
+import pytest
+import torch
+
+import vtprune
+from vtprune import tiny
+from vtprune.methods import divprune
+
+
+@pytest.mark.parametrize("i", range(len(tiny.NEXT_SIZES)))
+def test_token_count_rule_matches_the_model(model_factory, i):
+    model = model_factory("llava_next")
+    h, w = tiny.NEXT_SIZES[i]
+    n, tiles = tiny.next_tokens(h, w)
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=torch.randn(1, tiles, 3, 56, 56),
+                                               image_sizes=torch.tensor([[h, w]]))
+    feats = getattr(feats, "pooler_output", feats)
+    assert [f.shape[0] for f in feats] == [n]
+
+
+def test_budget_counts_the_whole_image_and_divprune_is_global_across_crops(model_factory):
+    model = model_factory("llava_next")
+    inputs = tiny.batch("llava_next", [2, 0])  # 88 and 52 image tokens (base + crops + newlines)
+    seen = {}
+    def grab(module, args, kwargs):
+        seen["embeds"] = kwargs["inputs_embeds"].clone()
+
+    hook = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+    hook.remove()
+    with vtprune.pruned(model, "divprune", keep=20):
+        with torch.no_grad():
+            model(**inputs)
+        st = vtprune.stats(model)
+    assert st.visual_before == [88, 52] and st.visual_after == [20, 20]
+    visual = inputs["input_ids"] == tiny.IMG
+    for b in range(2):
+        slots = visual[b].nonzero().squeeze(1)
+        want = slots[divprune.select(seen["embeds"][b, slots][None], 20)[0]]
+        kept = [int(s) for s in st.layout[b] if int(s) >= 0 and bool(visual[b, int(s)])]
+        assert kept == want.tolist()
+
+
+@pytest.mark.parametrize("method", ["hiprune", "todre", "vflowopt"])
+def test_vision_attention_strategies_raise_at_patch_time(model_factory, method):
+    model = model_factory("llava_next")
+    with pytest.raises(NotImplementedError, match="LLaVA-NeXT"):
+        vtprune.patch(model, method, ratio=0.25)
+    assert not hasattr(model, "_vtprune")
+
+
+@pytest.mark.parametrize("method", ["pool", "token_shuffle"])
+def test_grid_strategies_raise_a_clear_error(model_factory, method):
+    model = model_factory("llava_next")
+    vtprune.patch(model, method, ratio=0.25)
+    with pytest.raises(ValueError, match="grid"), torch.no_grad():
+        model(**tiny.batch("llava_next", [0]))
