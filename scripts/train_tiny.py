@@ -7,7 +7,9 @@ Stage A pretrains the vision tower on per-token labels the generator knows for f
 and digit under each LLM-side token), as LLaVA starts from a pretrained CLIP: a language model
 trained end to end from scratch never learns to look at the image. Stage B freezes the tower and
 trains the projector and language model on questions (several question/answer pairs per image,
-loss on the answers only). Stage C fine-tunes everything at a lower rate. The result is saved in
+loss on the answers), with the answer position's attention supervised toward the visual tokens of
+the items the question refers to (--attn-sup) and optionally one question kind at a time
+(--curriculum). Stage C fine-tunes everything at a lower rate. The result is saved in
 fp16 with save_pretrained, with its processor, and its held-out accuracy to train_log.json.
 """
 from __future__ import annotations
@@ -185,7 +187,7 @@ def stage_qa(model, family, proc, steps, batch_size, lr, log, offset, rng, max_q
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = cosine(opt, steps)
     for step in range(steps):
-        batch = scenes(family, offset + step * batch_size, batch_size, only=only)
+        batch = scenes(family, offset + step * batch_size, batch_size, only=only(step) if callable(only) else only)
         inputs, targets, asked = qa_batch(family, proc, batch, rng, max_q)
         device = next(model.parameters()).device
         inputs, targets = inputs.to(device), targets.to(device)
@@ -220,6 +222,22 @@ def cosine(opt, steps, warmup=20):
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(1, steps))))
 
 
+def curriculum(args):
+    """step -> the kinds stage B trains on (None without --curriculum)."""
+    if not args.curriculum:
+        return None
+    kinds = args.curriculum.split(",")
+    unknown = set(kinds) - set(shapes.KINDS)
+    if unknown:
+        raise SystemExit(f"--curriculum: unknown kinds {sorted(unknown)}; kinds: {', '.join(shapes.KINDS)}")
+
+    def at(step):
+        n = 1 if step < args.first_phase else 2 + (step - args.first_phase) // args.phase
+        return set(kinds[:n])
+
+    return at
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--family", choices=["llava", "qwen2_vl"], required=True)
@@ -234,6 +252,11 @@ def main(argv=None):
     ap.add_argument("--eval-only", action="store_true", help="only (re-)evaluate the model saved in OUT")
     ap.add_argument("--reuse-vision", action="store_true", help="start from OUT/vision_stage.pt (stage A) if present")
     ap.add_argument("--only", default=None, help="comma-separated question kinds to train on (experiments)")
+    ap.add_argument("--curriculum", default=None,
+                    help="stage B question kinds in order, e.g. colour,shape,digit,exist,relation,count: the first "
+                         "alone for --first-phase steps, then one more kind every --phase steps (cumulative)")
+    ap.add_argument("--first-phase", type=int, default=500)
+    ap.add_argument("--phase", type=int, default=300)
     ap.add_argument("--qa-lr", type=float, default=1e-3)
     ap.add_argument("--attn-sup", type=float, default=0.5,
                     help="weight of the attention supervision in stages B and C (0: answers only)")
@@ -282,7 +305,7 @@ def main(argv=None):
     if args.attn_sup > 0:  # attention weights are needed: eager attention while training (SDPA after)
         model.set_attn_implementation("eager")
     offset = stage_qa(model, args.family, proc, args.qa_steps, args.batch, args.qa_lr, log, offset, rng,
-                      args.max_questions, False, only, args.attn_sup)
+                      args.max_questions, False, curriculum(args) or only, args.attn_sup)
     offset = stage_qa(model, args.family, proc, args.full_steps, args.batch, 2e-4, log, offset, rng,
                       args.max_questions, True, only, args.attn_sup)
     model.set_attn_implementation("sdpa")

@@ -64,3 +64,21 @@ def test_attention_supervision_targets(family):
     atts = [att.expand(len(batch), -1, -1, -1).clone()] * 3
     want = -torch.log(mask.sum() / att.shape[-1] + 1e-6)
     assert float(train_tiny.attention_loss(atts, [targets[0]], [1])) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_curriculum_adds_one_kind_per_phase():
+    import argparse
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import train_tiny
+    finally:
+        sys.path.pop(0)
+    args = argparse.Namespace(curriculum="colour,shape,digit", first_phase=5, phase=3)
+    at = train_tiny.curriculum(args)
+    assert [sorted(at(s)) for s in (0, 4, 5, 7, 8, 100)] == [
+        ["colour"], ["colour"], ["colour", "shape"], ["colour", "shape"], ["colour", "digit", "shape"],
+        ["colour", "digit", "shape"]]
+    assert train_tiny.curriculum(argparse.Namespace(curriculum=None)) is None
+    with pytest.raises(SystemExit):
+        train_tiny.curriculum(argparse.Namespace(curriculum="colour,size", first_phase=1, phase=1))
