@@ -95,8 +95,7 @@ def _bench(args) -> int:
     methods = [m for m in args.methods.split(",") if m]
     rows = []
     for b in [int(x) for x in args.batch.split(",")]:
-        inputs = {k: v.to(device) if hasattr(v, "to") else v
-                  for k, v in models.calibration(task, model, processor, b, batch_size=b)[0].items()}
+        inputs = models.to_model(models.calibration(task, model, processor, b, batch_size=b)[0], model)
         for method in [None] + methods:
             row = bench.measure(model, inputs, method, budget if method else None, args.new_tokens, args.reps)
             rows.append(row)

@@ -41,6 +41,13 @@ def load(name: str, random_weights: bool = False, attn: str = "sdpa"):
     raise ValueError(f"--model must be a local model directory or one of {', '.join(names)}; got {name!r}")
 
 
+def to_model(inputs: dict, model) -> dict:
+    """Inputs on the model's device, floating tensors (pixels) in its dtype."""
+    param = next(model.parameters())
+    return {k: (v.to(param.device, dtype=param.dtype) if v.is_floating_point() else v.to(param.device))
+            if hasattr(v, "is_floating_point") else v for k, v in inputs.items()}
+
+
 def default_task(name: str) -> str:
     """The input source that fits a --model: tiny-prompts (test models), synthetic (full-scale random
     architectures), shapes (bundled models and local directories)."""

@@ -80,7 +80,7 @@ def run(model_name: str, methods: list[str], ratios: list[float], task: str, out
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = model.to(device)
         n = min(batch, n_questions)  # the FLOPs / latency sample: one batch of the task's calibration split
-        sample = {k: v.to(device) for k, v in models.calibration(task, model, processor, n, batch_size=n)[0].items()}
+        sample = models.to_model(models.calibration(task, model, processor, n, batch_size=n)[0], model)
         with tqdm(total=len(missing), desc="sweep", unit="cell", disable=not progress) as bar:
             for method, ratio in missing:
                 bar.set_postfix_str(f"{method} {ratio:g}")

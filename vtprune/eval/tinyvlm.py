@@ -120,12 +120,15 @@ def family_of(model) -> str:
 @torch.no_grad()
 def answers(model, proc, images, questions, batch_size: int = 32) -> list[str]:
     """Greedy one-word answers (the argmax next token after each prompt), batched, left-padded."""
+    from .models import to_model
+
     fam = family_of(model)
     out = []
     for i in range(0, len(questions), batch_size):
         texts = [prompt(fam, q) for q in questions[i:i + batch_size]]
         inputs = proc(images=list(images[i:i + batch_size]), text=texts, padding=True, return_tensors="pt")
         inputs.pop("token_type_ids", None)
+        inputs = to_model(inputs, model)
         logits = model(**inputs, logits_to_keep=1).logits[:, -1]
         out += proc.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
     return out
