@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vtprune.eval.configs import CLIP_L336, LLAMA2_7B  # noqa: E402
 from vtprune.kernels import attention_scores_torch, greedy_select, greedy_select_torch, triton_available  # noqa: E402
 
 
@@ -128,12 +129,6 @@ def llava_inputs(model, batch: int, image_tokens: int, text: int, device, dtype)
     return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pix)
 
 
-CLIP_L336 = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                 num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
-LLAMA_7B = dict(model_type="llama", vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
-
-
 def bench_model(name, model, inputs, method, options, reps, device, log):
     """Prefill (one forward, logits of the last token) unpatched vs patched."""
     import vtprune
@@ -205,11 +200,11 @@ def main(argv=None):
         if args.quick:
             vision = dict(CLIP_L336, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                           image_size=56, projection_dim=32)
-            text, n_img, batch = dict(LLAMA_7B, vocab_size=256, hidden_size=32, intermediate_size=64,
+            text, n_img, batch = dict(LLAMA2_7B, vocab_size=256, pad_token_id=0, hidden_size=32, intermediate_size=64,
                                       num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=1), 16, 2
         else:
             vision, n_img, batch = CLIP_L336, 576, 8
-            text = dict(LLAMA_7B, num_hidden_layers=1)
+            text = dict(LLAMA2_7B, num_hidden_layers=1)
         model = llava(vision, text, n_img, device, dtype)
         inputs = llava_inputs(model, batch, n_img, 16, device, dtype)
         result["tower"] = [bench_model("tower+1-layer LM", model, inputs, "hiprune", {"keep": max(1, n_img // 9)},
@@ -219,10 +214,10 @@ def main(argv=None):
         if args.quick:
             vision = dict(CLIP_L336, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                           image_size=56, projection_dim=32)
-            text, n_img = dict(LLAMA_7B, vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+            text, n_img = dict(LLAMA2_7B, vocab_size=256, pad_token_id=0, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                num_key_value_heads=4, num_hidden_layers=2), 16
         else:
-            vision, text, n_img = CLIP_L336, LLAMA_7B, 576
+            vision, text, n_img = CLIP_L336, LLAMA2_7B, 576
         model = llava(vision, text, n_img, device, dtype)
         inputs = llava_inputs(model, 1, n_img, 48, device, dtype)
         keep = max(1, n_img // 9)

@@ -123,11 +123,12 @@ def test_kernel_benchmark_quick_run(tmp_path):
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
     out = tmp_path / "k.json"
     main = runpy.run_path(str(script))["main"]
-    main(["--quick", "--sections", "greedy,attention", "--out", str(out)])
+    main(["--quick", "--out", str(out)])
     result = json.loads(out.read_text())
     assert result["greedy"] and all(r["same_indices"] for r in result["greedy"])
     assert result["attention"] and all(r["max_rel_diff"] < 1e-5 for r in result["attention"])
     assert result["command"].endswith(f"--out {out}")
+    assert result["tower"][0]["method"] == "hiprune" and result["e2e"][0]["method"] == "divprune"
 
 
 @pytest.mark.gpu

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 
 # (architecture, images' visual tokens per sample with the default synthetic input)
-_LLAMA2_7B = dict(model_type="llama", vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+LLAMA2_7B = dict(model_type="llama", vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                   num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
                   pad_token_id=32001, bos_token_id=1, eos_token_id=2)
-_CLIP_L336 = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+CLIP_L336 = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                   num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
 _QWEN2_7B_TEXT = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                       num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6,
@@ -26,7 +26,7 @@ _QWEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_toke
 def llava_1_5_7b():
     import transformers as tf
 
-    return tf.LlavaConfig(vision_config=_CLIP_L336, text_config=_LLAMA2_7B, image_token_id=32000, image_seq_length=576,
+    return tf.LlavaConfig(vision_config=CLIP_L336, text_config=LLAMA2_7B, image_token_id=32000, image_seq_length=576,
                           vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
                           pad_token_id=32001)
 
