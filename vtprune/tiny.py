@@ -89,12 +89,12 @@ def sample(family: str, i: int, seed: int = 0):
     return ids, vis
 
 
-def next_tokens(height: int, width: int, tile: int = 56, patch: int = 14) -> tuple[int, int]:
+def next_tokens(height: int, width: int, tile: int = 56, patch: int = 14, pinpoints=None) -> tuple[int, int]:
     """(image tokens, tiles) of a LLaVA-NeXT image: the base tile's patches, then the crops' patches
     after unpadding to the image's aspect ratio with one newline token per row (the processor's rule)."""
     from transformers.image_processing_utils import select_best_resolution
 
-    bh, bw = select_best_resolution([height, width], NEXT_PINPOINTS)
+    bh, bw = select_best_resolution([height, width], pinpoints or NEXT_PINPOINTS)
     sh, sw = bh // tile, bw // tile
     side = tile // patch
     ch, cw = side * sh, side * sw

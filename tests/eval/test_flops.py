@@ -87,7 +87,7 @@ def test_flops_command(capsys, tmp_path):
         main(["flops", "--model", "tiny-test-llava"])
 
 
-@pytest.mark.parametrize("family", tiny.FAMILIES)
+@pytest.mark.parametrize("family", [*tiny.FAMILIES, "llava_next"])
 def test_narrow_stand_in_counts_like_the_real_model(family):
     from vtprune.eval import configs
 

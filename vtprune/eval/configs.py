@@ -1,5 +1,6 @@
 """Full-scale architectures with random weights, for speed and memory figures without downloading
-anything: the published configs of LLaVA-1.5-7B, Qwen2-VL-7B and Qwen2.5-VL-7B written out as
+anything: the published configs of LLaVA-1.5-7B, LLaVA-NeXT-7B (v1.6-vicuna), Qwen2-VL-7B and
+Qwen2.5-VL-7B written out as
 transformers config objects, and synthetic inputs shaped like a real prompt (image tokens + text).
 
   vtprune bench --model llava-1.5-7b --random-weights --methods divprune,fastv --keep 64 --batch 1,8
@@ -31,6 +32,16 @@ def llava_1_5_7b():
                           pad_token_id=32001)
 
 
+def llava_next_7b():
+    """llava-v1.6-vicuna-7b: LLaVA-1.5-7B's tower and LLM, anyres tiles up to 672 x 672 (+ image_newline)."""
+    import transformers as tf
+
+    return tf.LlavaNextConfig(vision_config=CLIP_L336, text_config=LLAMA2_7B, image_token_id=32000,
+                              image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+                              vision_feature_layer=-2, vision_feature_select_strategy="default",
+                              projector_hidden_act="gelu", pad_token_id=32001)
+
+
 def qwen2_vl_7b():
     import transformers as tf
 
@@ -48,7 +59,8 @@ def qwen2_5_vl_7b():
     return tf.Qwen2_5_VLConfig(vision_config=vision, text_config=dict(_QWEN2_7B_TEXT), **_QWEN_IDS)
 
 
-FULL_SCALE = {"llava-1.5-7b": llava_1_5_7b, "qwen2-vl-7b": qwen2_vl_7b, "qwen2.5-vl-7b": qwen2_5_vl_7b}
+FULL_SCALE = {"llava-1.5-7b": llava_1_5_7b, "llava-next-7b": llava_next_7b, "qwen2-vl-7b": qwen2_vl_7b,
+              "qwen2.5-vl-7b": qwen2_5_vl_7b}
 
 
 def build(name: str, device=None, dtype=None, attn: str = "sdpa"):
@@ -79,7 +91,16 @@ def synthetic_inputs(model, batch: int, text_tokens: int = 48, image_px: int | N
     vocab = cfg.get_text_config().vocab_size
     text = torch.randint(3, min(vocab, 30000), (batch, text_tokens), generator=g)
     name = type(model).__name__
-    if name.startswith("Llava"):
+    if name.startswith("LlavaNext"):  # anyres: base tile + crops; default 672 x 672 -> 2928 visual tokens
+        from ..tiny import next_tokens
+
+        vc = cfg.vision_config
+        px = image_px or 2 * vc.image_size
+        n, tiles = next_tokens(px, px, vc.image_size, vc.patch_size, cfg.image_grid_pinpoints)
+        ids = torch.cat([torch.ones(batch, 1, dtype=torch.long), torch.full((batch, n), cfg.image_token_id), text], 1)
+        pixels = torch.randn(batch, tiles, 3, vc.image_size, vc.image_size, generator=g)
+        out = dict(input_ids=ids, pixel_values=pixels.to(dtype), image_sizes=torch.tensor([[px, px]] * batch))
+    elif name.startswith("Llava"):
         vc = cfg.vision_config
         n = (vc.image_size // vc.patch_size) ** 2
         ids = torch.cat([torch.ones(batch, 1, dtype=torch.long), torch.full((batch, n), cfg.image_token_id), text], 1)
