@@ -13,7 +13,6 @@ Flow of one pruned `generate()`:
 from __future__ import annotations
 
 import inspect
-
 import sys
 import time
 from dataclasses import dataclass, field
@@ -128,6 +127,8 @@ class PatchState:
         self.last_stats = Stats(method=method_name)
         self.lm = adapter.language_model()
         self.layers = self.lm.layers
+        # names of the multimodal model's forward parameters, for calls that pass some positionally
+        self.inner_params = list(inspect.signature(adapter.inner().forward).parameters)
         n_layers = len(self.layers)
         self.pre_llm = method.stage != "llm"
         self.drop_layers = sorted(set(method.drop_layers(n_layers)))
@@ -183,7 +184,7 @@ class PatchState:
     # hooks ------------------------------------------------------------------------------------
     def _inner_pre(self, module, args, kwargs):
         if args:  # e.g. LlavaNextForConditionalGeneration passes input_ids positionally
-            kwargs = {**inspect.signature(module.forward).bind_partial(*args).arguments, **kwargs}
+            kwargs = {**dict(zip(self.inner_params, args)), **kwargs}
         self.scratch = self.adapter.read_call(kwargs)
         return None
 
@@ -227,7 +228,8 @@ class PatchState:
         if run.prefill:
             self.last_stats.visual_after = run.visual.sum(1).tolist()
             self.last_stats.layout = run.layout
-            self.last_stats.layer_tokens = [run.group_for(i)[1].mask.bool().sum(1).tolist() for i in range(len(self.layers))]
+            counts = [g.mask.bool().sum(1).tolist() for g in run.groups]  # one host sync per layout, not per layer
+            self.last_stats.layer_tokens = [list(counts[run.group_for(i)[0]]) for i in range(len(self.layers))]
             cache = getattr(output, "past_key_values", None)
             if cache is None:
                 cache = kwargs.get("past_key_values")
