@@ -15,6 +15,8 @@ def test_measured_kv_bytes_match_the_analytic_count(family):
         row = bench.measure(model, inputs, method, options, new_tokens=2, reps=1, warmup=0)
         want = flops.count(model, inputs, method, **(options or {})).kv_bytes
         assert row.kv_bytes == want, method
+        if method is None:  # image placeholders only (not Qwen's vision start/end tokens)
+            assert row.visual_tokens == int((inputs["input_ids"] == tiny.IMG).sum())
         assert row.prefill_ms > 0 and row.generate_ms >= row.prefill_ms and row.decode_ms_per_token > 0
     assert not hasattr(model, "_vtprune")  # unpatched afterwards
 

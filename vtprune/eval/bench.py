@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .flops import visual_token_counts
+
 
 class _Timer:
     """Start/stop marks around every call of a module (CUDA events or perf_counter)."""
@@ -83,7 +85,7 @@ class BenchRow:
     method: str  # "unpatched" or the strategy
     options: dict
     batch: int
-    visual_tokens: float  # per sample entering the LLM (mean)
+    visual_tokens: float  # per sample left at the last decoder layer (mean)
     vision_ms: float
     selection_ms: float
     prefill_ms: float  # language model's first call (in-LLM selection included)
@@ -103,51 +105,46 @@ def measure(model, inputs: dict, method: str | None = None, options: dict | None
 
     options = dict(options or {})
     cuda = next(model.parameters()).is_cuda
-    vision_t = _Timer(vision_module(model), cuda)
-    lm_t = _Timer(model.model.language_model, cuda)
-    scope = vtprune.pruned(model, method, **options) if method is not None else contextlib.nullcontext()
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, suppress_tokens=_suppressed(model))
     rows = []
-    try:
-        scope.__enter__()
-        for i in range(warmup + reps):
-            vision_t.reset()
-            lm_t.reset()
-            if cuda:
-                torch.cuda.synchronize()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            model.generate(**inputs, **gen)
-            if cuda:
-                torch.cuda.synchronize()
-            total = (time.perf_counter() - t0) * 1e3
-            lm = lm_t.times_ms()
-            st = vtprune.stats(model) if method is not None else None
-            rows.append(dict(
-                vision=sum(vision_t.times_ms()), prefill=lm[0], decode=statistics.mean(lm[1:]) if len(lm) > 1 else 0.0,
-                generate=total, selection=st.selection_ms if st is not None else 0.0,
-                peak=(torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None,
-                visual=statistics.mean(st.visual_after) if st is not None and st.visual_after else None))
-        out = model(**inputs, use_cache=True, logits_to_keep=1)
-        kv = kv_bytes(out.past_key_values)
-    finally:
-        vision_t.remove()
-        lm_t.remove()
-        scope.__exit__(None, None, None)
+    with vtprune.pruned(model, method, **options) if method is not None else contextlib.nullcontext():
+        vision_t = _Timer(vision_module(model), cuda)
+        lm_t = _Timer(model.model.language_model, cuda)
+        try:
+            for _ in range(warmup + reps):
+                vision_t.reset()
+                lm_t.reset()
+                if cuda:
+                    torch.cuda.synchronize()
+                    base = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                model.generate(**inputs, **gen)
+                if cuda:
+                    torch.cuda.synchronize()
+                total = (time.perf_counter() - t0) * 1e3
+                lm = lm_t.times_ms()
+                st = vtprune.stats(model) if method is not None else None
+                rows.append(dict(
+                    vision=sum(vision_t.times_ms()), prefill=lm[0],
+                    decode=statistics.mean(lm[1:]) if len(lm) > 1 else 0.0,
+                    generate=total, selection=st.selection_ms if st is not None else 0.0,
+                    peak=(torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None,
+                    visual=statistics.mean(st.visual_after) if st is not None and st.visual_after else None))
+            kv = kv_bytes(model(**inputs, use_cache=True, logits_to_keep=1).past_key_values)
+        finally:
+            vision_t.remove()
+            lm_t.remove()
     timed = rows[warmup:]
 
     def med(key):
         vals = [r[key] for r in timed if r[key] is not None]
         return statistics.median(vals) if vals else None
 
-    ids = inputs["input_ids"]
-    vis_in = torch.isin(ids, torch.tensor(_suppressed(model), device=ids.device))
-    if "attention_mask" in inputs:
-        vis_in &= inputs["attention_mask"].bool()
     visual = med("visual")
-    return BenchRow(method or "unpatched", options, ids.shape[0],
-                    visual if visual is not None else vis_in.sum(1).float().mean().item(),
+    if visual is None:  # unpatched (or nothing pruned): the placeholders in the input
+        visual = statistics.mean(visual_token_counts(model.config, inputs))
+    return BenchRow(method or "unpatched", options, inputs["input_ids"].shape[0], visual,
                     med("vision"), med("selection"), med("prefill"), med("decode"), med("generate"), med("peak"), kv)
 
 

@@ -137,7 +137,7 @@ class FlopsReport:
     kv_bytes: int  # KV cache after the prefill (per-layer lengths)
     fastv_macs: int  # the FastV papers' prefill count, for comparison
     tokens_per_layer: list[list[int]]  # [layer][sample] real tokens entering each decoder layer
-    visual_tokens: list[int] = field(default_factory=list)  # per sample entering the LLM
+    visual_tokens: list[int] = field(default_factory=list)  # per sample, left at the last decoder layer
 
     @property
     def total_prefill(self) -> int:
@@ -145,6 +145,16 @@ class FlopsReport:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "total_prefill": self.total_prefill}
+
+
+def visual_token_counts(config, inputs: dict) -> list[int]:
+    """Per sample, the image/video placeholder tokens among the real (unpadded) input tokens."""
+    ids = inputs["input_ids"]
+    visual_ids = {getattr(config, k, None) for k in ("image_token_id", "video_token_id")} - {None}
+    visual = torch.isin(ids, torch.tensor(sorted(visual_ids), device=ids.device))
+    if inputs.get("attention_mask") is not None:
+        visual &= inputs["attention_mask"].bool()
+    return visual.sum(1).tolist()
 
 
 def _selection_flops(method: str | None, options: dict, visual: list[int], kept: list[int],
@@ -156,7 +166,9 @@ def _selection_flops(method: str | None, options: dict, visual: list[int], kept:
     if method in ("divprune", "todre"):
         return sum(2 * n * n * t.d for n, k in zip(visual, kept) if k < n)
     if method == "fastv":
-        layer = options.get("layer", 2) - 1
+        from ..methods.fastv import FastVConfig
+
+        layer = options.get("layer", FastVConfig.layer) - 1
         if 0 <= layer < len(per_layer) and per_layer[layer] != per_layer[-1]:
             return sum(2 * n * n * t.d_q + 2 * n * n for n in per_layer[layer])
     return 0
@@ -175,11 +187,7 @@ def count(model, inputs: dict, method: str | None = None, config=None, **options
     mask = inputs.get("attention_mask")
     ids = inputs["input_ids"]
     real = (mask.bool().sum(1) if mask is not None else torch.full((ids.shape[0],), ids.shape[1])).tolist()
-    visual_ids = {getattr(config, k, None) for k in ("image_token_id", "video_token_id")} - {None}
-    visual_in = torch.isin(ids, torch.tensor(sorted(visual_ids), device=ids.device))
-    if mask is not None:
-        visual_in &= mask.bool()
-    visual_before = visual_in.sum(1).tolist()
+    visual_before = visual_token_counts(config, inputs)
     per_layer = [list(real) for _ in range(t.layers)]
     visual_after = visual_before
     if method is not None:
