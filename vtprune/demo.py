@@ -8,23 +8,12 @@ not accuracy.
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
 from . import patching
 from .methods.registry import available
+from .eval.sweep import prefill_ms
 from .tiny import GEN, batch, build
-
-
-def _prefill_ms(model, inputs, repeats: int = 5) -> float:
-    times = []
-    with torch.no_grad():
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(**inputs)
-            times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def bundled_ready(name: str = "tiny-llava") -> bool:
@@ -54,7 +43,7 @@ def run(families=("llava", "qwen2_vl"), ratios=(1.0, 0.5, 0.25, 0.111), new_toke
         with torch.no_grad():
             ref_logits = model(**inputs).logits[:, -1]
             ref_gen = model.generate(**inputs, max_new_tokens=new_tokens, **GEN)[:, -new_tokens:]
-        base_ms = _prefill_ms(model, inputs)
+        base_ms = prefill_ms(model, inputs, reps=5)
         for method in available():
             for ratio in ratios:
                 with patching.pruned(model, method, ratio=ratio):
@@ -62,7 +51,7 @@ def run(families=("llava", "qwen2_vl"), ratios=(1.0, 0.5, 0.25, 0.111), new_toke
                         logits = model(**inputs).logits
                         st = patching.stats(model)
                         gen = model.generate(**inputs, max_new_tokens=new_tokens, **GEN)[:, -new_tokens:]
-                    ms = _prefill_ms(model, inputs)
+                    ms = prefill_ms(model, inputs, reps=5)
                 rows.append(dict(
                     family=family, method=method, ratio=ratio,
                     visual=f"{sum(st.visual_before)}->{sum(st.visual_after)}" if st.visual_before else "-",

@@ -22,15 +22,18 @@ from . import flops
 UNPATCHED = "none"
 
 
-def _prefill_ms(model, inputs, reps: int = 3) -> float:
+def prefill_ms(model, inputs, reps: int = 3) -> float:
+    """Median wall time of a prefill (one forward, last-position logits) over `reps` runs after one
+    warm-up run; synchronised on CUDA."""
     times = []
+    cuda = next(model.parameters()).is_cuda
     with torch.no_grad():
         for _ in range(reps + 1):
-            if next(model.parameters()).is_cuda:
+            if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             model(**inputs, logits_to_keep=1)
-            if next(model.parameters()).is_cuda:
+            if cuda:
                 torch.cuda.synchronize()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times[1:])  # the first run warms up
@@ -86,11 +89,11 @@ def run(model_name: str, methods: list[str], ratios: list[float], task: str, out
                 bar.set_postfix_str(f"{method} {ratio:g}")
                 if method == UNPATCHED:
                     acc = accuracy(task, model, processor, n_questions, batch)
-                    report, ms = flops.count(model, sample), _prefill_ms(model, sample)
+                    report, ms = flops.count(model, sample), prefill_ms(model, sample)
                 else:
                     with vtprune.pruned(model, method, ratio=ratio):
                         acc = accuracy(task, model, processor, n_questions, batch)
-                        ms = _prefill_ms(model, sample)
+                        ms = prefill_ms(model, sample)
                     report = flops.count(model, sample, method, ratio=ratio)
                 cell = {**base, "method": method, "ratio": ratio, "accuracy": acc["overall"], "by_kind": acc["by_kind"],
                         "prefill_tflops": report.total_prefill / 1e12, "llm_tflops": report.llm_prefill / 1e12,
