@@ -55,10 +55,16 @@ def visual_tokens(model, family, inputs):
     return getattr(out, "pooler_output", out)  # [sum tokens, D]
 
 
+def token_pixels(family):
+    """Side in pixels of the image square under one LLM-side visual token: a 16-px CLIP patch, or
+    Qwen's 2 x 2 merge of 14-px patches."""
+    return 16 if family == "llava" else 28
+
+
 def token_labels(family, batch):
     """Per LLM-side token: colour, shape, digit under its centre (shapes.patch_labels), its cell of the
     3 x 3 grid the questions name, and whether an object's centre falls in it (for counting)."""
-    grid = 16 if family == "llava" else 28
+    grid = token_pixels(family)
     labels = {k: [] for k in KEYS}
     for scene, _, _ in batch:
         lab = shapes.patch_labels(scene, grid)
@@ -144,7 +150,7 @@ def attention_targets(family, proc, batch, inputs, asked):
     """(sample, query position, image-token mask) for every question about something: the position is
     the question's "?" (where the answer is predicted), the mask marks the LLM-side visual tokens
     under the items the question refers to (shapes.patch_ids with every item marked)."""
-    grid = 16 if family == "llava" else 28
+    grid = token_pixels(family)
     ids = inputs["input_ids"]
     qmark = proc.tokenizer.convert_tokens_to_ids("?")
     image = proc.tokenizer.convert_tokens_to_ids("<image>" if family == "llava" else "<|image_pad|>")

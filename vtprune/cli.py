@@ -82,6 +82,7 @@ def _flops(args) -> int:
 
 def _bench(args) -> int:
     import json
+    from pathlib import Path
 
     import torch
 
@@ -108,20 +109,18 @@ def _bench(args) -> int:
                   else "cpu", "model": args.model, "rows": [r.to_dict() for r in rows]}
         with open(args.out, "w") as f:
             json.dump(record, f, indent=1)
-        with open(args.out.rsplit(".", 1)[0] + ".md", "w") as f:
-            f.write(table + "\n")
-        print(f"wrote {args.out} and its .md table")
+        md = Path(args.out).with_suffix(".md")
+        md.write_text(table + "\n")
+        print(f"wrote {args.out} and {md}")
     return 0
 
 
 def _sweep(args) -> int:
     from .eval import sweep
 
-    methods = [m for m in args.methods.split(",") if m] if args.methods != "all" else None
-    if methods is None:
-        from .methods.registry import available
+    from .methods.registry import available
 
-        methods = available()
+    methods = available() if args.methods == "all" else [m for m in args.methods.split(",") if m]
     cells = sweep.run(args.model, methods, [float(r) for r in args.ratios.split(",")], args.task, args.out,
                       n_questions=args.questions, batch=args.batch, random_weights=args.random_weights)
     print(sweep.table(cells))
@@ -132,7 +131,7 @@ def _sweep(args) -> int:
 def _model_budget_args(p) -> None:
     p.add_argument("--model", required=True,
                    help="a local model directory, a bundled name, a tiny-test model or a full-scale architecture "
-                        "(llava-1.5-7b, qwen2-vl-7b, qwen2.5-vl-7b)")
+                        "(llava-1.5-7b, llava-next-7b, qwen2-vl-7b, qwen2.5-vl-7b)")
     p.add_argument("--keep", type=int, help="visual tokens kept per image")
     p.add_argument("--ratio", type=float, help="fraction of visual tokens kept (instead of --keep)")
     p.add_argument("--task", help="input source (default: shapes; tiny-prompts for test models; synthetic for full-scale)")

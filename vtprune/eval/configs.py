@@ -1,7 +1,7 @@
 """Full-scale architectures with random weights, for speed and memory figures without downloading
 anything: the published configs of LLaVA-1.5-7B, LLaVA-NeXT-7B (v1.6-vicuna), Qwen2-VL-7B and
-Qwen2.5-VL-7B written out as
-transformers config objects, and synthetic inputs shaped like a real prompt (image tokens + text).
+Qwen2.5-VL-7B written out as transformers config objects, and synthetic inputs shaped like a real
+prompt (image tokens + text).
 
   vtprune bench --model llava-1.5-7b --random-weights --methods divprune,fastv --keep 64 --batch 1,8
 
@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import torch
 
-# (architecture, images' visual tokens per sample with the default synthetic input)
 LLAMA2_7B = dict(model_type="llama", vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                  pad_token_id=32001, bos_token_id=1, eos_token_id=2)
+                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                 pad_token_id=32001, bos_token_id=1, eos_token_id=2)
 CLIP_L336 = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                  num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
+                 num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
 _QWEN2_7B_TEXT = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                       num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6,
                       rope_parameters=dict(rope_type="default", rope_theta=1000000.0, mrope_section=[16, 24, 24]),
@@ -91,21 +90,20 @@ def synthetic_inputs(model, batch: int, text_tokens: int = 48, image_px: int | N
     vocab = cfg.get_text_config().vocab_size
     text = torch.randint(3, min(vocab, 30000), (batch, text_tokens), generator=g)
     name = type(model).__name__
-    if name.startswith("LlavaNext"):  # anyres: base tile + crops; default 672 x 672 -> 2928 visual tokens
-        from ..tiny import next_tokens
+    if name.startswith("Llava"):
+        vc = cfg.vision_config
+        if name.startswith("LlavaNext"):  # anyres: base tile + crops; default 672 x 672 -> 2928 visual tokens
+            from ..tiny import next_tokens
 
-        vc = cfg.vision_config
-        px = image_px or 2 * vc.image_size
-        n, tiles = next_tokens(px, px, vc.image_size, vc.patch_size, cfg.image_grid_pinpoints)
-        ids = torch.cat([torch.ones(batch, 1, dtype=torch.long), torch.full((batch, n), cfg.image_token_id), text], 1)
-        pixels = torch.randn(batch, tiles, 3, vc.image_size, vc.image_size, generator=g)
-        out = dict(input_ids=ids, pixel_values=pixels.to(dtype), image_sizes=torch.tensor([[px, px]] * batch))
-    elif name.startswith("Llava"):
-        vc = cfg.vision_config
-        n = (vc.image_size // vc.patch_size) ** 2
-        ids = torch.cat([torch.ones(batch, 1, dtype=torch.long), torch.full((batch, n), cfg.image_token_id), text], 1)
-        pixels = torch.randn(batch, 3, vc.image_size, vc.image_size, generator=g)
-        out = dict(input_ids=ids, pixel_values=pixels.to(dtype))
+            px = image_px or 2 * vc.image_size
+            n, tiles = next_tokens(px, px, vc.image_size, vc.patch_size, cfg.image_grid_pinpoints)
+            pixels = torch.randn(batch, tiles, 3, vc.image_size, vc.image_size, generator=g)
+            out = dict(pixel_values=pixels.to(dtype), image_sizes=torch.tensor([[px, px]] * batch))
+        else:
+            n = (vc.image_size // vc.patch_size) ** 2
+            out = dict(pixel_values=torch.randn(batch, 3, vc.image_size, vc.image_size, generator=g).to(dtype))
+        out["input_ids"] = torch.cat([torch.ones(batch, 1, dtype=torch.long), torch.full((batch, n), cfg.image_token_id),
+                                      text], 1)
     elif name.startswith("Qwen2"):
         vc = cfg.vision_config
         px = image_px or 672
