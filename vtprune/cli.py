@@ -123,8 +123,11 @@ def _sweep(args) -> int:
     methods = available() if args.methods == "all" else [m for m in args.methods.split(",") if m]
     cells = sweep.run(args.model, methods, [float(r) for r in args.ratios.split(",")], args.task, args.out,
                       n_questions=args.questions, batch=args.batch, random_weights=args.random_weights)
+    with open(f"{args.out}/commands.txt", "a") as f:  # what made the figures (a resumed sweep adds a line)
+        f.write("vtprune " + " ".join(args.argv) + "\n")
     print(sweep.table(cells))
-    print(f"wrote {args.out}/results.csv, results.json, accuracy_vs_ratio.png, accuracy_vs_tflops.png, latency_vs_ratio.png")
+    print(f"wrote {args.out}/results.csv, results.json, commands.txt, accuracy_vs_ratio.png, accuracy_vs_tflops.png, "
+          "latency_vs_ratio.png")
     return 0
 
 

@@ -67,3 +67,14 @@ def test_demo_on_a_bundled_model(tmp_path, monkeypatch, capsys):
     rows = [line for line in text.splitlines() if line.startswith("| ") and "strategy" not in line]
     assert len(rows) == 1 + len(vtprune.available())  # unpatched + every strategy
     assert (out / "accuracy_vs_ratio.png").stat().st_size > 5000
+
+
+def test_sweep_command_records_what_made_the_figures(tmp_path, capsys):
+    from vtprune.cli import main
+
+    argv = ["sweep", "--model", "tiny-llava", "--random-weights", "--methods", "random", "--ratios", "0.5",
+            "--questions", "6", "--batch", "3", "--out", str(tmp_path)]
+    assert main(argv) == 0 and main(argv) == 0  # the second run resumes: no new cell
+    assert (tmp_path / "commands.txt").read_text().splitlines() == ["vtprune " + " ".join(argv)] * 2
+    assert len((tmp_path / "cells.jsonl").read_text().splitlines()) == 2
+    assert any(line.startswith("| random | ") for line in capsys.readouterr().out.splitlines())
