@@ -19,10 +19,11 @@ def _methods(args) -> int:
 
 
 def _demo(args) -> int:
-    from .demo import bundled_ready, run, run_bundled
+    from .demo import run, run_bundled
+    from .eval.tinyvlm import trained
 
     ratios = [float(r) for r in args.ratios.split(",")]
-    if bundled_ready() and not args.plumbing:
+    if trained("tiny-llava") and not args.plumbing:
         run_bundled(ratios, args.out, questions=args.questions, out=sys.stdout)
     else:
         if not args.plumbing:

@@ -11,21 +11,13 @@ from __future__ import annotations
 import torch
 
 from . import patching
+from .eval import sweep
 from .methods.registry import available
-from .eval.sweep import prefill_ms
 from .tiny import GEN, batch, build
-
-
-def bundled_ready(name: str = "tiny-llava") -> bool:
-    from .eval import tinyvlm
-
-    return (tinyvlm.BUNDLED / name / "model.safetensors").exists()
 
 
 def run_bundled(ratios=(1.0, 0.5, 0.25, 0.111), out_dir="vtprune-demo", questions: int = 120, out=None):
     """Accuracy of every strategy x ratio on the bundled tiny-llava (a small sweep) + plots."""
-    from .eval import sweep
-
     print_ = (lambda s: print(s, file=out)) if out is not None else print
     cells = sweep.run("tiny-llava", available(), list(ratios), "shapes", out_dir, n_questions=questions, batch=40)
     print_(f"vtprune demo: bundled tiny-llava on {questions} held-out `shapes` questions, accuracy per kept ratio")
@@ -43,7 +35,7 @@ def run(families=("llava", "qwen2_vl"), ratios=(1.0, 0.5, 0.25, 0.111), new_toke
         with torch.no_grad():
             ref_logits = model(**inputs).logits[:, -1]
             ref_gen = model.generate(**inputs, max_new_tokens=new_tokens, **GEN)[:, -new_tokens:]
-        base_ms = prefill_ms(model, inputs, reps=5)
+        base_ms = sweep.prefill_ms(model, inputs, reps=5)
         for method in available():
             for ratio in ratios:
                 with patching.pruned(model, method, ratio=ratio):
@@ -51,7 +43,7 @@ def run(families=("llava", "qwen2_vl"), ratios=(1.0, 0.5, 0.25, 0.111), new_toke
                         logits = model(**inputs).logits
                         st = patching.stats(model)
                         gen = model.generate(**inputs, max_new_tokens=new_tokens, **GEN)[:, -new_tokens:]
-                    ms = prefill_ms(model, inputs, reps=5)
+                    ms = sweep.prefill_ms(model, inputs, reps=5)
                 rows.append(dict(
                     family=family, method=method, ratio=ratio,
                     visual=f"{sum(st.visual_before)}->{sum(st.visual_after)}" if st.visual_before else "-",

@@ -53,13 +53,9 @@ def test_configs_build_the_real_classes_within_the_size_limit(family):
     assert sum(p.numel() for p in model.parameters()) * 2 <= 25e6  # fp16 bytes
 
 
-def _trained(name):
-    return (tinyvlm.BUNDLED / name / "model.safetensors").exists()
-
-
 @pytest.mark.parametrize("name", list(tinyvlm.NAMES))
 def test_bundled_model_answers_and_pruning_costs_accuracy(name):
-    if not _trained(name):
+    if not tinyvlm.trained(name):
         pytest.skip(f"{name} weights are not bundled yet")
     model, proc = tinyvlm.load(name)
     full = tinyvlm.evaluate(model, proc, n_questions=240)

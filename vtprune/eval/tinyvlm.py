@@ -88,6 +88,11 @@ def prompt(family: str, question: str) -> str:
     return f"<s> {image} {question}"
 
 
+def trained(name: str) -> bool:
+    """Whether the package holds trained weights for the bundled model `name`."""
+    return (BUNDLED / name / "model.safetensors").exists()
+
+
 def load(name: str, dtype=torch.float32, attn: str = "sdpa"):
     """(model, processor) of a bundled model, from the package's files, offline."""
     import transformers as tf
@@ -95,7 +100,7 @@ def load(name: str, dtype=torch.float32, attn: str = "sdpa"):
     if name not in NAMES:
         raise ValueError(f"unknown bundled model {name!r}; bundled: {', '.join(NAMES)}")
     path = BUNDLED / name
-    if not (path / "model.safetensors").exists():
+    if not trained(name):
         raise FileNotFoundError(f"{path} has no weights; train them with scripts/train_tiny.py --family {NAMES[name]}")
     model = tf.AutoModelForImageTextToText.from_pretrained(os.fspath(path), dtype=dtype, attn_implementation=attn)
     return model.eval(), tf.AutoProcessor.from_pretrained(os.fspath(path))
