@@ -2,7 +2,8 @@
 
 Used by the tests and by `vtprune demo` until the bundled trained models exist; nothing here is
 downloaded. Sample i of a batch = [BOS] + text + image block + text, with a different text length
-per sample (and, for Qwen-VL, a different image size).
+per sample (and, for Qwen-VL, a different image size). Qwen-VL samples can also carry a short video
+after the image (`batch(..., videos=...)`).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ QWEN_TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hi
                  pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
 QWEN_IDS = dict(image_token_id=IMG, video_token_id=VID, vision_start_token_id=VSTART, vision_end_token_id=VEND)
 
-FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl"]
+FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+QWEN_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 # LLaVA-NeXT (anyres): 56-px tiles of the tiny CLIP, a base tile + 2 or 4 crops per image
 NEXT_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
 NEXT_SIZES = [(40, 90), (90, 40), (100, 100), (30, 110)]  # (height, width) of sample i % 4
@@ -53,6 +55,14 @@ def build(family: str, attn: str = "sdpa", seed: int = 0):
                                                      window_size=56, out_hidden_size=64, fullatt_block_indexes=[1]),
                                   text_config=QWEN_TEXT, **QWEN_IDS)
         cls = tf.Qwen2_5_VLForConditionalGeneration
+    elif family == "qwen3_vl":  # deepstack: vision blocks 0 and 1 feed decoder layers 0 and 1
+        text = dict(QWEN_TEXT, head_dim=16, rope_parameters=dict(QWEN_TEXT["rope_parameters"], mrope_interleaved=True))
+        cfg = tf.Qwen3VLConfig(vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4,
+                                                  patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                                                  out_hidden_size=64, num_position_embeddings=16,
+                                                  deepstack_visual_indexes=[0, 1]),
+                               text_config=text, **QWEN_IDS)
+        cls = tf.Qwen3VLForConditionalGeneration
     else:
         raise ValueError(family)
     cfg._attn_implementation = attn
@@ -65,10 +75,31 @@ def build(family: str, attn: str = "sdpa", seed: int = 0):
 
 # Qwen image grids (t, h, w) in ViT patches; LLM tokens = t*h*w/4
 QWEN_GRIDS = [(1, 8, 8), (1, 4, 8), (1, 8, 4), (1, 6, 6)]
+# Qwen video clips (t, h, w) in ViT patches: t temporal patches = t frames of h*w/4 LLM tokens each
+VIDEO_GRIDS = [(2, 4, 4), (3, 4, 6)]
 
 
-def sample(family: str, i: int, seed: int = 0):
-    """One sample's token ids (list) and its visual inputs (dict of tensors for a batch of one)."""
+def _patch_dim(family: str) -> int:
+    return 3 * 2 * (16 if family == "qwen3_vl" else 14) ** 2
+
+
+def _video(family: str, i: int, g: torch.Generator):
+    """Token ids and inputs of sample i's video clip. Qwen3-VL: one vision_start/end group per frame
+    with a timestamp token before it, as its processor writes them; Qwen2/2.5: one group."""
+    t, h, w = VIDEO_GRIDS[i % len(VIDEO_GRIDS)]
+    per_frame = h * w // 4
+    if family == "qwen3_vl":
+        ids = sum(([3 + f, VSTART] + [VID] * per_frame + [VEND] for f in range(t)), [])
+    else:
+        ids = [VSTART] + [VID] * (t * per_frame) + [VEND]
+    vis = {"pixel_values_videos": torch.randn(t * h * w, _patch_dim(family), generator=g),
+           "video_grid_thw": torch.tensor([[t, h, w]])}
+    return ids, vis
+
+
+def sample(family: str, i: int, seed: int = 0, video: bool = False):
+    """One sample's token ids (list) and its visual inputs (dict of tensors for a batch of one).
+    video=True (Qwen-VL only): a video clip follows the image."""
     g = torch.Generator().manual_seed(1000 * seed + i)
     before = (torch.randint(3, 200, (2 + 2 * i,), generator=g)).tolist()
     after = (torch.randint(3, 200, (3 + (i % 2),), generator=g)).tolist()
@@ -84,8 +115,14 @@ def sample(family: str, i: int, seed: int = 0):
         t, h, w = QWEN_GRIDS[i % len(QWEN_GRIDS)]
         n = t * h * w // 4
         ids = [BOS] + before + [VSTART] + [IMG] * n + [VEND] + after
-        vis = {"pixel_values": torch.randn(t * h * w, 3 * 2 * 14 * 14, generator=g),
+        vis = {"pixel_values": torch.randn(t * h * w, _patch_dim(family), generator=g),
                "image_grid_thw": torch.tensor([[t, h, w]])}
+    if video:
+        if family not in QWEN_FAMILIES:
+            raise ValueError(f"tiny video inputs exist for {QWEN_FAMILIES}, not {family!r}")
+        vids, vvis = _video(family, i, g)
+        ids = ids[:-len(after)] + [7] + vids + after
+        vis.update(vvis)
     return ids, vis
 
 
@@ -105,9 +142,10 @@ def next_tokens(height: int, width: int, tile: int = 56, patch: int = 14, pinpoi
     return side * side + ch * cw + ch, 1 + sh * sw
 
 
-def batch(family: str, indices, padding: str = "left", seed: int = 0):
-    """Batch the given samples with padding on one side; returns kwargs for forward/generate."""
-    samples = [sample(family, i, seed) for i in indices]
+def batch(family: str, indices, padding: str = "left", seed: int = 0, videos=()):
+    """Batch the given samples with padding on one side; returns kwargs for forward/generate.
+    videos: the sample indices (values of `indices`) that also carry a video clip (Qwen-VL)."""
+    samples = [sample(family, i, seed, video=i in videos) for i in indices]
     length = max(len(ids) for ids, _ in samples)
     ids_rows, mask_rows = [], []
     for ids, _ in samples:
@@ -125,8 +163,17 @@ def batch(family: str, indices, padding: str = "left", seed: int = 0):
     out["pixel_values"] = torch.cat([v["pixel_values"] for _, v in samples])
     if family != "llava":
         out["image_grid_thw"] = torch.cat([v["image_grid_thw"] for _, v in samples])
-        out["mm_token_type_ids"] = (out["input_ids"] == IMG).int()
+        out["mm_token_type_ids"] = token_types(out["input_ids"])
+        clips = [v for _, v in samples if "video_grid_thw" in v]
+        if clips:
+            out["pixel_values_videos"] = torch.cat([v["pixel_values_videos"] for v in clips])
+            out["video_grid_thw"] = torch.cat([v["video_grid_thw"] for v in clips])
     return out
+
+
+def token_types(input_ids: torch.Tensor) -> torch.Tensor:
+    """Qwen-VL's mm_token_type_ids: 0 text, 1 image, 2 video placeholders."""
+    return (input_ids == IMG).int() + 2 * (input_ids == VID).int()
 
 
 def real_slots(inputs) -> list[torch.Tensor]:

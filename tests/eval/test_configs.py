@@ -8,7 +8,8 @@ from vtprune.eval import configs, models
 
 @pytest.mark.parametrize("name, params", [("llava-1.5-7b", 7_063_427_072), ("llava-next-7b", 7_063_427_072 + 4096),
                                           ("qwen2-vl-7b", 8_291_375_616),
-                                          ("qwen2.5-vl-7b", 8_292_166_656)])
+                                          ("qwen2.5-vl-7b", 8_292_166_656),
+                                          ("qwen3-vl-8b", 8_767_123_696)])
 def test_full_scale_configs_have_the_published_size(name, params):
     model = configs.build(name, device="meta", dtype=torch.bfloat16)
     assert sum(p.numel() for p in model.parameters()) == params  # the model cards' counts
@@ -23,7 +24,7 @@ def test_full_scale_needs_random_weights_and_a_gpu():
 
 
 @pytest.mark.parametrize("family, px, visual", [("llava", None, 16), ("llava_next", 100, 88), ("qwen2_vl", 56, 4),
-                                                ("qwen2_5_vl", 112, 16)])
+                                                ("qwen2_5_vl", 112, 16), ("qwen3_vl", 64, 4)])
 def test_synthetic_inputs_run_through_the_model(family, px, visual):
     model = tiny.build(family)
     inputs = configs.synthetic_inputs(model, 2, text_tokens=5, image_px=px)

@@ -70,26 +70,63 @@ def _logits_by_real_token(logits, layout, mask):
     return out
 
 
-@pytest.mark.parametrize("family, method", PAIRS)
-@pytest.mark.parametrize("padding", ["left", "right"])
-def test_batch_prefill_matches_each_sample_alone(model_factory, family, method, padding):
-    model = model_factory(family)
+def _check_batch_prefill(model, family, method, padding, videos=()):
     _patch(model, method, ratio=0.4)
     idx = [0, 1, 2]
-    inputs = tiny.batch(family, idx, padding=padding)
+    inputs = tiny.batch(family, idx, padding=padding, videos=videos)
     with torch.no_grad():
         logits = model(**inputs).logits
         st = vtprune.stats(model)
         batched = _logits_by_real_token(logits, st.layout, inputs["attention_mask"])
         kept_batched = st.visual_after
+        assert kept_batched != st.visual_before
         for b, i in enumerate(idx):
-            alone = tiny.batch(family, [i])
+            alone = tiny.batch(family, [i], videos=videos)
             single = _logits_by_real_token(model(**alone).logits, vtprune.stats(model).layout, alone["attention_mask"])[0]
             assert vtprune.stats(model).visual_after == [kept_batched[b]]
             assert sorted(single) == sorted(batched[b]), f"sample {b}: different tokens kept"
             for r in single:
                 torch.testing.assert_close(batched[b][r], single[r], atol=2e-5, rtol=1e-4,
                                            msg=lambda m: f"sample {b}, real token {r}: {m}")
+
+
+@pytest.mark.parametrize("family, method", PAIRS)
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_batch_prefill_matches_each_sample_alone(model_factory, family, method, padding):
+    _check_batch_prefill(model_factory(family), family, method, padding)
+
+
+# Qwen-VL batches mixing images and videos: sample 0 has an image, samples 1 and 2 an image and a clip
+VIDEO_PAIRS = [(f, m) for f in tiny.QWEN_FAMILIES for m in METHODS]
+MIXED = (1, 2)
+
+
+@pytest.mark.parametrize("family, method", VIDEO_PAIRS)
+def test_image_video_batch_matches_each_sample_alone(model_factory, family, method):
+    _check_batch_prefill(model_factory(family), family, method, "left", videos=MIXED)
+
+
+@pytest.mark.parametrize("family, method", VIDEO_PAIRS)
+def test_image_video_keep_all_is_bit_identical(model_factory, family, method):
+    model = model_factory(family)
+    inputs = tiny.batch(family, [0, 1, 2], videos=MIXED)
+    with torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=3, output_logits=True, return_dict_in_generate=True, **tiny.GEN)
+        _patch(model, method, keep=10_000)
+        out = model.generate(**inputs, max_new_tokens=3, output_logits=True, return_dict_in_generate=True, **tiny.GEN)
+    assert torch.equal(ref.sequences, out.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(ref.logits, out.logits))
+
+
+def test_video_budget_is_per_frame(model_factory):
+    """keep counts per video frame: a 3-frame clip of 6 tokens per frame keeps 3 x keep."""
+    model = model_factory("qwen2_vl")
+    vtprune.patch(model, "divprune", keep=2)
+    with torch.no_grad():
+        model(**tiny.batch("qwen2_vl", [0, 1], videos=(1,)))
+    st = vtprune.stats(model)
+    assert st.visual_before == [16, 8 + 3 * 6]
+    assert st.visual_after == [2, 2 + 3 * 2]
 
 
 @pytest.mark.parametrize("family, method", PAIRS)
@@ -114,11 +151,12 @@ def test_pool_on_different_image_sizes_keeps_different_counts(model_factory):
     assert vtprune.stats(model).visual_after == [4, 2]
 
 
-@pytest.mark.parametrize("family, method", STAGE_PAIRS)
-def test_generate_with_cache_equals_without(model_factory, family, method):
+@pytest.mark.parametrize("family, method, videos", [(f, m, ()) for f, m in STAGE_PAIRS] + [
+    (f, m, MIXED) for f in tiny.QWEN_FAMILIES for m in STAGE_METHODS])
+def test_generate_with_cache_equals_without(model_factory, family, method, videos):
     model = model_factory(family)
     _patch(model, method, ratio=0.3)
-    inputs = tiny.batch(family, [0, 1, 2])
+    inputs = tiny.batch(family, [0, 1, 2], videos=videos)
     with torch.no_grad():
         cached = model.generate(**inputs, max_new_tokens=6, output_scores=True, return_dict_in_generate=True, **tiny.GEN)
         plain = model.generate(**inputs, max_new_tokens=6, use_cache=False, output_scores=True,
@@ -143,6 +181,6 @@ def test_decode_logits_match_manual_full_recompute(model_factory, family):
         full["input_ids"] = out.sequences[:, :-1]
         full["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones(2, 2, dtype=torch.long)], 1)
         if family.startswith("qwen"):
-            full["mm_token_type_ids"] = (full["input_ids"] == tiny.IMG).int()
+            full["mm_token_type_ids"] = tiny.token_types(full["input_ids"])
         recomputed = model(**full).logits[:, -1]
     torch.testing.assert_close(out.logits[-1], recomputed, atol=2e-5, rtol=1e-4)

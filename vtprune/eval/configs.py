@@ -1,6 +1,6 @@
 """Full-scale architectures with random weights, for speed and memory figures without downloading
-anything: the published configs of LLaVA-1.5-7B, LLaVA-NeXT-7B (v1.6-vicuna), Qwen2-VL-7B and
-Qwen2.5-VL-7B written out as transformers config objects, and synthetic inputs shaped like a real
+anything: the published configs of LLaVA-1.5-7B, LLaVA-NeXT-7B (v1.6-vicuna), Qwen2-VL-7B,
+Qwen2.5-VL-7B and Qwen3-VL-8B written out as transformers config objects, and synthetic inputs shaped like a real
 prompt (image tokens + text).
 
   vtprune bench --model llava-1.5-7b --random-weights --methods divprune,fastv --keep 64 --batch 1,8
@@ -58,8 +58,24 @@ def qwen2_5_vl_7b():
     return tf.Qwen2_5_VLConfig(vision_config=vision, text_config=dict(_QWEN2_7B_TEXT), **_QWEN_IDS)
 
 
+def qwen3_vl_8b():
+    """Qwen3-VL-8B-Instruct: Qwen3-8B (q/k norms, interleaved M-RoPE) and a 27-block SigLIP-2-style ViT
+    with 16-px patches whose blocks 8, 16 and 24 feed the first three decoder layers (deepstack)."""
+    import transformers as tf
+
+    text = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+                rms_norm_eps=1e-6, rope_parameters=dict(rope_type="default", rope_theta=5000000.0,
+                                                        mrope_section=[24, 20, 20], mrope_interleaved=True),
+                bos_token_id=151643, eos_token_id=151645)
+    vision = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16, out_hidden_size=4096,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                  deepstack_visual_indexes=[8, 16, 24], hidden_act="gelu_pytorch_tanh", in_channels=3)
+    return tf.Qwen3VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=False, **_QWEN_IDS)
+
+
 FULL_SCALE = {"llava-1.5-7b": llava_1_5_7b, "llava-next-7b": llava_next_7b, "qwen2-vl-7b": qwen2_vl_7b,
-              "qwen2.5-vl-7b": qwen2_5_vl_7b}
+              "qwen2.5-vl-7b": qwen2_5_vl_7b, "qwen3-vl-8b": qwen3_vl_8b}
 
 
 def build(name: str, device=None, dtype=None, attn: str = "sdpa"):
@@ -82,7 +98,8 @@ def build(name: str, device=None, dtype=None, attn: str = "sdpa"):
 def synthetic_inputs(model, batch: int, text_tokens: int = 48, image_px: int | None = None, seed: int = 0) -> dict:
     """A batch of prompts shaped like real ones: BOS + one image + `text_tokens` random text tokens (Qwen:
     vision start/end around the image), no padding. LLaVA images are the tower's size; Qwen images are
-    `image_px` square (default 672 px -> 576 visual tokens, as many as LLaVA-1.5)."""
+    `image_px` square (default 24 merged patches a side -> 576 visual tokens, as many as LLaVA-1.5:
+    672 px for Qwen2/2.5-VL, 768 px for Qwen3-VL)."""
     cfg = model.config
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -104,9 +121,9 @@ def synthetic_inputs(model, batch: int, text_tokens: int = 48, image_px: int | N
             out = dict(pixel_values=torch.randn(batch, 3, vc.image_size, vc.image_size, generator=g).to(dtype))
         out["input_ids"] = torch.cat([torch.ones(batch, 1, dtype=torch.long), torch.full((batch, n), cfg.image_token_id),
                                       text], 1)
-    elif name.startswith("Qwen2"):
+    elif name.startswith(("Qwen2", "Qwen3")):
         vc = cfg.vision_config
-        px = image_px or 672
+        px = image_px or 24 * vc.spatial_merge_size * vc.patch_size
         side = px // vc.patch_size
         if side % vc.spatial_merge_size:
             raise ValueError(f"image_px must be a multiple of {vc.patch_size * vc.spatial_merge_size}")
@@ -147,7 +164,7 @@ def surrogate(config):
         vc.hidden_size, vc.intermediate_size, vc.num_attention_heads, vc.projection_dim = vh, vh, 1, vh
     elif name.startswith("Qwen2VL"):
         vc.embed_dim, vc.num_heads, vc.mlp_ratio, vc.hidden_size = vc.embed_dim // vc.num_heads, 1, 1, head
-    elif name.startswith("Qwen2_5_VL"):
+    elif name.startswith(("Qwen2_5_VL", "Qwen3VL")):
         vh = vc.hidden_size // vc.num_heads
         vc.hidden_size, vc.intermediate_size, vc.num_heads, vc.out_hidden_size = vh, vh, 1, head
     else:

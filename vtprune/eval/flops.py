@@ -59,7 +59,7 @@ def _vit_layer(n: int, d: int, m: int, mlp_mats: int, attn_n2: int | None = None
 
 
 def vision_flops(model, inputs: dict, config=None) -> dict:
-    """Vision encoder and projector FLOPs for the images in `inputs` (LLaVA/CLIP, Qwen2-VL, Qwen2.5-VL),
+    """Vision encoder and projector FLOPs for the images in `inputs` (LLaVA/CLIP, Qwen2-VL, Qwen2.5-VL, Qwen3-VL),
     for `config` (default: the model's)."""
     cfg = config or model.config
     vc = cfg.vision_config
@@ -85,25 +85,29 @@ def vision_flops(model, inputs: dict, config=None) -> dict:
         feats = n - 1 if strategy == "default" else n
         proj = 2 * feats * (d * text_d + text_d * text_d)
         return {"vision_encoder": images * enc, "projector": images * proj}
-    if kind.startswith("Qwen2VL") or kind.startswith("Qwen2_5_VL"):
+    if kind.startswith(("Qwen2VL", "Qwen2_5_VL", "Qwen3VL")):
+        version = "2.5" if kind.startswith("Qwen2_5_VL") else "3" if kind.startswith("Qwen3VL") else "2"
         enc = proj = 0
         for key in ("image_grid_thw", "video_grid_thw"):
             grids = inputs.get(key)
             if grids is None:
                 continue
             for t_, h, w in grids.tolist():
-                e, p = _qwen_vision(vc, kind.startswith("Qwen2_5_VL"), int(t_), int(h), int(w), text_d)
+                e, p = _qwen_vision(vc, version, int(t_), int(h), int(w), text_d)
                 enc, proj = enc + e, proj + p
         return {"vision_encoder": enc, "projector": proj}
     raise ValueError(f"FLOPs of {kind}'s vision tower are not modelled")
 
 
-def _qwen_vision(vc, v25: bool, t: int, h: int, w: int, text_d: int) -> tuple[int, int]:
+def _qwen_vision(vc, version: str, t: int, h: int, w: int, text_d: int) -> tuple[int, int]:
+    """Qwen-VL ViT (attention within each frame; Qwen2.5 windows) and its merger(s). Qwen3-VL's
+    deepstack mergers count as projector work; its position-embedding interpolation is elementwise."""
     n = t * h * w
     ms = vc.spatial_merge_size
-    d = vc.hidden_size if v25 else vc.embed_dim
+    d = vc.embed_dim if version == "2" else vc.hidden_size
     embed = 2 * n * (vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2) * d
-    if v25:
+    mergers = 1
+    if version == "2.5":
         m, mats = vc.intermediate_size, 3
         full = set(vc.fullatt_block_indexes)
         unit = vc.window_size // ms // vc.patch_size  # merged units per window side
@@ -112,12 +116,16 @@ def _qwen_vision(vc, v25: bool, t: int, h: int, w: int, text_d: int) -> tuple[in
                            for i in range(0, lh, unit) for j in range(0, lw, unit))
         layers = sum(_vit_layer(n, d, m, mats, n * n // t if i in full else windowed) for i in range(vc.depth))
         out = vc.out_hidden_size
+    elif version == "3":
+        layers = vc.depth * _vit_layer(n, d, vc.intermediate_size, 2, n * n // t if t else 0)
+        out = vc.out_hidden_size
+        mergers += len(vc.deepstack_visual_indexes)
     else:
         m, mats = int(d * vc.mlp_ratio), 2
         layers = vc.depth * _vit_layer(n, d, m, mats, n * n // t if t else 0)  # frames attend within their image
         out = vc.hidden_size
     merged, hidden = n // (ms * ms), d * ms * ms
-    proj = 2 * merged * (hidden * hidden + hidden * out)
+    proj = mergers * 2 * merged * (hidden * hidden + hidden * out)
     assert out == text_d, "Qwen merger output must be the LLM width"
     return embed + layers, proj
 

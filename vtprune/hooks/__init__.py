@@ -4,7 +4,7 @@ from __future__ import annotations
 from .base import Adapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
-from .qwen2_vl import QwenVLAdapter
+from .qwen2_vl import Qwen3VLAdapter, QwenVLAdapter
 
 # class name -> adapter; matched against the model's class and its bases (so subclasses work)
 ADAPTERS: dict[str, type[Adapter]] = {
@@ -12,6 +12,7 @@ ADAPTERS: dict[str, type[Adapter]] = {
     "LlavaNextForConditionalGeneration": LlavaNextAdapter,
     "Qwen2VLForConditionalGeneration": QwenVLAdapter,
     "Qwen2_5_VLForConditionalGeneration": QwenVLAdapter,
+    "Qwen3VLForConditionalGeneration": Qwen3VLAdapter,
 }
 
 

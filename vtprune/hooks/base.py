@@ -59,6 +59,10 @@ class Adapter:
         since generate() encodes images before the forward and does not pass the grids on)."""
         raise NotImplementedError
 
+    def deepstack_layers(self) -> int:
+        """Decoder layers that receive extra visual features at the visual slots (Qwen3-VL deepstack)."""
+        return 0
+
     def default_positions(self, batch: int, length: int, device) -> torch.Tensor:
         pos = torch.arange(length, device=device).expand(batch, length)
         return pos[None].expand(3, -1, -1) if self.mrope else pos

@@ -1,4 +1,10 @@
-"""Qwen2-VL and Qwen2.5-VL: dynamic-resolution ViT with a 2x2 patch merger, M-RoPE language model."""
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL: dynamic-resolution ViT with a 2x2 patch merger, M-RoPE language
+model. Images and video frames are units of their own (per-frame budgets).
+
+Qwen2.5-VL's ViT runs most blocks on windows, in window order: vision signals come from its
+full-attention blocks only and are put back in raster order. Qwen3-VL adds "deepstack" features of
+intermediate ViT blocks into the first decoder layers at the visual slots; the runtime carries them
+through the pruned layout (`Adapter.deepstack_layers`)."""
 from __future__ import annotations
 
 import sys
@@ -48,13 +54,15 @@ class QwenVLAdapter(Adapter):
             raise ValueError("Qwen-VL pruning needs the 3-D (t, h, w) position ids the model computes")
         thw = positions[-3:]
         units = []
+        block = 0  # ids unique over images and videos
         for kind, token_id in (("image", self.image_token_id), ("video", self.video_token_id)):
             mask = self.token_mask(scratch, token_id, visual.shape)
             if mask is None or not bool(mask.any()):
                 continue
-            block = 0
             for b in range(mask.shape[0]):
                 slots = mask[b].nonzero().squeeze(1)
+                if slots.numel() == 0:
+                    continue
                 runs = slots.tensor_split((slots[1:] != slots[:-1] + 1).nonzero().squeeze(1).add(1).tolist())
                 for run in runs:
                     t_pos = thw[0, b, run]
@@ -85,7 +93,7 @@ class QwenVLAdapter(Adapter):
                 continue
             if sig.reduce == "cls":
                 raise ValueError(f"vision signal {name!r}: the Qwen-VL vision encoder has no CLS token")
-            wanted.setdefault(self.resolve_layer(sig.layer, n, n - 1), []).append((name, sig))
+            wanted.setdefault(self._signal_layer(visual, sig.layer, n), []).append((name, sig))
         for li, names in wanted.items():
             attn = blocks[li].attn
             captured = {}
@@ -93,6 +101,20 @@ class QwenVLAdapter(Adapter):
             handles.append(attn.qkv.register_forward_hook(partial(_keep_qkv, captured)))
             handles.append(attn.register_forward_hook(partial(self._score, attn, captured, names, call, store)))
         return handles
+
+    def _signal_layer(self, visual, layer, n):
+        """The ViT block a signal reads. Qwen2.5-VL: a full-attention block; "feature"/"object" move back
+        to the nearest one at or before the default (the first one if none is), an explicit windowed
+        block is refused (its attention only spans one window)."""
+        li = self.resolve_layer(layer, n, n - 1)
+        full = sorted(getattr(visual, "fullatt_block_indexes", None) or [])
+        if not full or li in full:
+            return li
+        if layer in ("feature", "object"):
+            before = [f for f in full if f <= li]
+            return before[-1] if before else full[0]
+        raise ValueError(f"vision layer {layer!r} is a windowed block of this Qwen2.5-VL encoder; signals need one of "
+                         f"its full-attention blocks {full}")
 
     def _visual_pre(self, visual, call, module, args, kwargs):
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
@@ -156,3 +178,8 @@ def _keep_kwargs(store, module, args, kwargs):
 
 def _keep_qkv(store, module, args, output):
     store["qkv"] = output
+
+
+class Qwen3VLAdapter(QwenVLAdapter):
+    def deepstack_layers(self):
+        return len(self.model.config.vision_config.deepstack_visual_indexes)

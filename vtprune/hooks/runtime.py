@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
@@ -77,6 +77,9 @@ class Run:
     before: torch.Tensor | None = None  # [B] visual tokens per sample on entering the model
     changed: bool = False
     state: dict = field(default_factory=dict)  # the method's per-prefill scratch (LayerTokens.state)
+    # Qwen3-VL deepstack: per decoder layer i < len, [B, Lcur, D] features added at the visual slots
+    # after layer i (dense over the current layout, so they are compacted with everything else)
+    deepstack: list = field(default_factory=list)
     # per-forward scratch, cleared when the language model returns
     prefill: bool = True
     incoming_mask: torch.Tensor | None = None
@@ -93,7 +96,7 @@ class Run:
     def end_forward(self):
         self.prefill = False
         self.incoming_mask = None
-        self.masks, self.pos_emb, self.captured, self.state = {}, {}, {}, {}
+        self.masks, self.pos_emb, self.captured, self.state, self.deepstack = {}, {}, {}, {}, []
 
 
 def _sync(t: torch.Tensor):
@@ -148,6 +151,8 @@ class PatchState:
             self.handles.append(inner.register_forward_pre_hook(self._inner_pre, with_kwargs=True))
             self.handles.append(self.lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
             self.handles.append(self.lm.register_forward_hook(self._lm_post, with_kwargs=True))
+            for i in range(self.adapter.deepstack_layers()):  # before _layer_post: add, then drop
+                self.handles.append(self.layers[i].register_forward_hook(partial(self._deepstack, i)))
             if self.drop_layers:
                 for i in range(self.drop_layers[0] + 1, len(self.layers)):
                     self.handles.append(
@@ -268,19 +273,26 @@ class PatchState:
             if not run.changed:
                 self.current = None
                 self.last_stats.visual_after = list(self.last_stats.visual_before)
-            return None
+                return None
+            if kwargs.get("deepstack_visual_embeds") is None:
+                return None
+            run.deepstack = _dense_deepstack(kwargs, visual, embeds)
+            return args_kwargs(kwargs)
 
         _sync(embeds)
         t0 = time.perf_counter()
         signals = self.adapter.unit_signals(self.vision_scores, units) if self.vision_scores else [{}] * len(units)
         chosen: list[tuple[Unit, Selection]] = []
+        images: list[ImageTokens] = []
         for i, (u, k) in enumerate(zip(units, budgets)):
             n = len(u.slots)
             if k >= n:
                 continue
-            sel = self.method.select(ImageTokens(embeds[u.sample, u.slots], u.grid, k, signals[i]))
+            image = ImageTokens(embeds[u.sample, u.slots], u.grid, k, signals[i])
+            sel = self.method.select(image)
             sel.indices = _check_selection(sel.indices, n, k, f"{self.method_name}.select")
             chosen.append((u, sel))
+            images.append(image)
         _sync(embeds)
         self.last_stats.selection_ms = (time.perf_counter() - t0) * 1e3
         if not chosen:
@@ -291,6 +303,10 @@ class PatchState:
         keep = ~visual
         new_embeds = embeds
         importance = None
+        deepstack = _dense_deepstack(kwargs, visual, embeds) if kwargs.get("deepstack_visual_embeds") is not None else []
+        for (u, sel), image in zip(chosen, images):
+            if sel.tokens is not None and deepstack:
+                self._merge_deepstack(deepstack, u, sel, image)
         for u, sel in chosen:
             kept_slots = u.slots[sel.indices.to(u.slots.device)]
             keep[u.sample, kept_slots] = True
@@ -309,6 +325,7 @@ class PatchState:
         if new_pos.dim() == 3 and new_pos.shape[0] == 4:  # Qwen's text row: contiguous, as generate() builds it
             new_pos[0] = compact_text_positions(new_mask)
         run.groups = [Group(0, new_mask)]
+        run.deepstack = [take(d, index, 1, 0) for d in deepstack]
         if importance is not None:
             run.state["importance"] = take(importance, index, 1, 0)
         run.visual = take(visual, index, 1, False)
@@ -319,6 +336,19 @@ class PatchState:
         kwargs["attention_mask"] = new_mask
         kwargs["position_ids"] = new_pos
         return args_kwargs(kwargs)
+
+    def _merge_deepstack(self, deepstack, u: Unit, sel: Selection, image: ImageTokens):
+        """A merging method (new tokens, not a subset) must merge the deepstack features the same way:
+        run its selection again on each level's features and check it chose the same slots (true for
+        merges decided by the grid or by vision signals: pool, token_shuffle, vflowopt's recycling)."""
+        for level, dense in enumerate(deepstack):
+            again = self.method.select(replace(image, features=dense[u.sample, u.slots]))
+            idx = _check_selection(again.indices, len(u.slots), image.keep, f"{self.method_name}.select")
+            if not torch.equal(idx.cpu(), sel.indices.cpu()) or again.tokens is None:
+                raise NotImplementedError(
+                    f"{self.method_name}: its merge depends on the token features, so it cannot be applied to "
+                    "Qwen3-VL's deepstack features consistently")
+            dense[u.sample, u.slots[idx.to(u.slots.device)]] = again.tokens.to(dense.dtype)
 
     def _positions(self, pos, keep, mask2d, units, chosen, embeds):
         """Full-length position ids after pruning (gathered by the caller) and the decode shift [B]."""
@@ -458,6 +488,18 @@ class PatchState:
         attn = layer.self_attn
         return _key_attention(attn, attn.q_proj(x), attn.k_proj(x), run.captured.get(p, {}).get("pos"), run, query_rows)
 
+    def _deepstack(self, i, module, args, output):
+        """Qwen3-VL: add layer i's deepstack features at the visual slots of the current layout, as the
+        language model would have done with its own (now stale) visual_pos_masks."""
+        run = self.current
+        if run is None or not run.prefill or i >= len(run.deepstack):
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = hidden.clone()
+        vis = run.visual
+        hidden[vis] = hidden[vis] + run.deepstack[i][vis]
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
     def _layer_post(self, p, module, args, kwargs, output):
         run = self.current
         if run is None or not run.prefill:
@@ -501,6 +543,7 @@ class PatchState:
         for name, value in list(run.state.items()):
             if isinstance(value, torch.Tensor) and value.dim() >= 2 and tuple(value.shape[:2]) == (keep.shape[0], lcur):
                 run.state[name] = take(value, index, 1, 0)
+        run.deepstack = [take(d, index, 1, 0) for d in run.deepstack]
         run.visual = take(run.visual, index, 1, False)
         run.layout = take(run.layout, index, 1, -1)
         new_hidden = take(hidden, index, 1, 0)
@@ -523,6 +566,21 @@ def _key_attention(attn, q_raw, k_raw, pos, run: Run, query_rows=None) -> torch.
     mask = run.groups[-1].mask.bool()
     rows = mask if query_rows is None else (query_rows.bool() & mask)
     return attention_scores(q, k, attn.scaling, rows, causal=True, key_mask=mask)
+
+
+def _dense_deepstack(kwargs, visual, embeds) -> list[torch.Tensor]:
+    """Take Qwen3-VL's deepstack inputs off the language model's kwargs (the runtime adds them itself,
+    in the pruned layout): one [B, L, D] tensor per layer, zero outside the visual slots."""
+    masks, rows = kwargs.pop("visual_pos_masks"), kwargs.pop("deepstack_visual_embeds")
+    kwargs["visual_pos_masks"] = kwargs["deepstack_visual_embeds"] = None
+    if masks is None or not torch.equal(masks.to(visual.device), visual):
+        raise RuntimeError("vtprune: Qwen3-VL's visual_pos_masks differ from the image/video placeholder slots")
+    out = []
+    for r in rows:
+        dense = embeds.new_zeros(*visual.shape, r.shape[-1])
+        dense[visual] = r.to(embeds.device, embeds.dtype)
+        out.append(dense)
+    return out
 
 
 def args_kwargs(kwargs):

@@ -1,0 +1,181 @@
+"""Family-specific plumbing checked against an independent reference: Qwen3-VL deepstack through the
+pruned layout, Qwen2.5-VL vision signals from full-attention blocks in raster order."""
+import sys
+
+import pytest
+import torch
+
+import vtprune
+from vtprune import tiny
+
+
+def _lm_inputs(model, inputs):
+    """The keyword arguments the (unpatched) language model receives for `inputs`."""
+    got = {}
+
+    def grab(module, args, kwargs):
+        got.update(kwargs)
+
+    h = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        h.remove()
+    return got
+
+
+def _gather(x, layout, dim, fill=0):
+    """x[..., b, layout[b], ...] along `dim` (batch at dim-1), `fill` where layout is -1."""
+    rows = []
+    for b in range(layout.shape[0]):
+        xb = x.select(dim - 1, b)
+        idx = layout[b].clamp(min=0)
+        g = xb.index_select(dim - 1, idx)
+        pad = (layout[b] < 0).view([-1 if d == dim - 1 else 1 for d in range(g.dim())])
+        rows.append(g.masked_fill(pad, fill))
+    return torch.stack(rows, dim - 1)
+
+
+@pytest.mark.parametrize("method, videos", [("random", ()), ("divprune", ()), ("random", (1, 2)),
+                                            ("divprune", (1, 2)), ("pool", ())])
+def test_qwen3_deepstack_follows_the_pruned_layout(model_factory, method, videos):
+    """A pruned Qwen3-VL forward equals the unpatched language model run by hand on the pruned inputs,
+    with visual_pos_masks and the deepstack rows reduced to the kept visual tokens (upstream's own
+    _deepstack_process does the adding in the reference). pool merges tokens: its deepstack rows must
+    be the same 2-D average pooling of the image's deepstack grid."""
+    model = model_factory("qwen3_vl")
+    inputs = tiny.batch("qwen3_vl", [0, 1, 2], videos=videos)
+    vtprune.patch(model, method, ratio=0.4)
+    sent = {}
+    h = model.model.language_model.register_forward_pre_hook(lambda m, a, kw: sent.update(kw), with_kwargs=True)
+    with torch.no_grad():
+        pruned = model(**inputs).logits
+    h.remove()
+    layout = vtprune.stats(model).layout
+    assert layout.shape[1] < inputs["input_ids"].shape[1]
+    vtprune.unpatch(model)
+    kw = _lm_inputs(model, inputs)
+    vis = kw["visual_pos_masks"]
+    assert len(kw["deepstack_visual_embeds"]) == 2
+    mask = _gather(kw["attention_mask"], layout, 1)
+    assert torch.equal(sent["attention_mask"], mask)
+    if method == "pool":
+        from vtprune.methods.pool import pooled_grid
+
+        deep = []
+        for d in kw["deepstack_visual_embeds"]:
+            rows, start = [], 0
+            for t, gh, gw in (inputs["image_grid_thw"] // torch.tensor([1, 2, 2])).tolist():
+                img = d[start:start + gh * gw].T.reshape(1, -1, gh, gw)
+                start += gh * gw
+                out = torch.nn.functional.adaptive_avg_pool2d(img, pooled_grid(gh, gw, max(1, round(0.4 * gh * gw))))
+                rows.append(out.reshape(d.shape[1], -1).T)
+            deep.append(torch.cat(rows))
+    else:
+        kept = torch.zeros_like(vis)
+        for b in range(layout.shape[0]):
+            kept[b, layout[b][layout[b] >= 0]] = True
+        deep = [d[kept[vis]] for d in kw["deepstack_visual_embeds"]]  # row-major: the deepstack row order
+        assert torch.equal(sent["inputs_embeds"], _gather(kw["inputs_embeds"], layout, 1))
+        assert torch.equal(sent["position_ids"], _gather(kw["position_ids"], layout, 2))
+    with torch.no_grad():
+        out = model.model.language_model(
+            inputs_embeds=sent["inputs_embeds"], attention_mask=mask, position_ids=sent["position_ids"],
+            visual_pos_masks=_gather(vis, layout, 1, False), deepstack_visual_embeds=deep,
+        )
+        want = model.lm_head(out.last_hidden_state)
+    real = mask.bool()
+    torch.testing.assert_close(pruned[real], want[real], atol=1e-5, rtol=1e-4)
+
+
+def test_qwen3_llm_stage_drop_inside_deepstack_layers_matches_unpruned_when_all_kept(model_factory):
+    """An llm-stage method active at decoder layer 1 (a deepstack layer) that keeps every token: the
+    runtime adds the deepstack features itself, and the logits equal the unpatched model's."""
+
+    @vtprune.register("keep_all_at_1")
+    class KeepAll(vtprune.Method):
+        """keeps every visual token at layer 1 (test only)"""
+        stage = "llm"
+
+        def drop_layers(self, n):
+            return [1]
+
+        def select_in_llm(self, tokens):
+            return [torch.arange(int(v.sum())) for v in tokens.visual]
+
+    model = model_factory("qwen3_vl")
+    inputs = tiny.batch("qwen3_vl", [0, 1, 2], videos=(2,))
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        vtprune.patch(model, "keep_all_at_1", ratio=0.5)
+        out = model(**inputs).logits
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+
+
+def _qwen25_reference(model, pixels, grid, layer):
+    """Mean attention each ViT patch receives in block `layer`, per image, from an explicit softmax
+    over that block's queries and keys; then 2x2-merged and put in raster order."""
+    visual = model.model.visual
+    mod = sys.modules[type(visual).__module__]
+    blk = visual.blocks[layer]
+    got = {}
+
+    def grab(module, args, kwargs):
+        got["x"], got["kw"] = args[0] if args else kwargs["hidden_states"], kwargs
+
+    h = blk.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            visual(pixels, grid_thw=grid)
+    finally:
+        h.remove()
+    attn = blk.attn
+    x = blk.norm1(got["x"])
+    seq = x.shape[0]
+    q, k, _ = attn.qkv(x).reshape(seq, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = mod.apply_rotary_pos_emb_vision(q, k, *got["kw"]["position_embeddings"])
+    window_index, _ = mod.get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
+                                                  window_size=visual.window_size, patch_size=visual.patch_size,
+                                                  kwargs={})
+    merge = visual.spatial_merge_size ** 2
+    cu = got["kw"]["cu_seqlens"].tolist()
+    scores = torch.empty(seq)
+    for s, e in zip(cu[:-1], cu[1:]):
+        p = torch.softmax(torch.einsum("qhd,khd->hqk", q[s:e], k[s:e]).float() * attn.scaling, -1)
+        scores[s:e] = p.mean(0).mean(0)
+    per_token = scores.view(-1, merge).mean(1)[torch.argsort(window_index)]
+    sizes = [int(t * hh * ww) // merge for t, hh, ww in grid.tolist()]
+    return list(per_token.split(sizes)), cu
+
+
+def test_qwen25_signals_come_from_full_attention_blocks_in_raster_order(model_factory):
+    from vtprune.hooks.base import SignalStore
+    from vtprune.hooks.qwen2_vl import QwenVLAdapter
+    from vtprune.methods.base import VisionSignal
+
+    model = model_factory("qwen2_5_vl")  # 2 blocks: 0 windowed, 1 full attention
+    inputs = tiny.batch("qwen2_5_vl", [0, 3])  # 8x8 and 6x6 patch grids: several 4x4 windows each
+    pixels, grid = inputs["pixel_values"], inputs["image_grid_thw"]
+    store = SignalStore()
+    handles = QwenVLAdapter(model).install_vision_signals({"obj": VisionSignal("object", "mean")}, store)
+    hooked = [i for i, b in enumerate(model.model.visual.blocks) if b.attn.qkv._forward_hooks]
+    try:
+        with torch.no_grad():
+            model.model.visual(pixels, grid_thw=grid)
+    finally:
+        for h in handles:
+            h.remove()
+    assert hooked == [1]  # "object" (block 0 by the midpoint rule) moved to the full-attention block
+    want, cu = _qwen25_reference(model, pixels, grid, 1)
+    assert cu == [0, 64, 100]  # full attention: one span per image, not per window
+    got = store.read()["obj"]
+    assert [g.numel() for g in got] == [16, 9]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+    # window order differs from raster order here, so the re-ordering is exercised
+    wi = sys.modules[type(model.model.visual).__module__].get_vision_window_index(
+        grid, spatial_merge_size=2, window_size=56, patch_size=14, kwargs={})[0]
+    assert not torch.equal(wi, torch.arange(wi.numel()))
+    with pytest.raises(ValueError, match="windowed block"):
+        QwenVLAdapter(model).install_vision_signals({"w": VisionSignal(0, "mean")}, SignalStore())
