@@ -118,6 +118,20 @@ def test_image_video_keep_all_is_bit_identical(model_factory, family, method):
     assert all(torch.equal(a, b) for a, b in zip(ref.logits, out.logits))
 
 
+@pytest.mark.parametrize("method", ["divprune", "fastv"])
+def test_images_under_budget_stay_whole_beside_pruned_ones(model_factory, method):
+    """keep=10: the 16-token image keeps 10; the 8-token image and the clips' 4- and 6-token frames keep
+    all of theirs, whether the strategy selects per image or ranks a sample's visual tokens together
+    (fastv). Regression: a pre-LLM strategy used to drop every token of an image under budget."""
+    model = model_factory("qwen2_vl")
+    vtprune.patch(model, method, keep=10)
+    with torch.no_grad():
+        model(**tiny.batch("qwen2_vl", [0, 1], videos=(0, 1)))
+    st = vtprune.stats(model)
+    assert st.visual_before == [16 + 2 * 4, 8 + 3 * 6]
+    assert st.visual_after == [10 + 2 * 4, 8 + 3 * 6]
+
+
 def test_video_budget_is_per_frame(model_factory):
     """keep counts per video frame: a 3-frame clip of 6 tokens per frame keeps 3 x keep."""
     model = model_factory("qwen2_vl")

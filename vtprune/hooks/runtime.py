@@ -300,7 +300,9 @@ class PatchState:
             self.last_stats.visual_after = list(self.last_stats.visual_before)
             return None
 
-        keep = ~visual
+        keep = torch.ones_like(visual)  # images under budget and structural slots in no unit stay whole
+        for u, _ in chosen:
+            keep[u.sample, u.slots] = False
         new_embeds = embeds
         importance = None
         deepstack = _dense_deepstack(kwargs, visual, embeds) if kwargs.get("deepstack_visual_embeds") is not None else []
