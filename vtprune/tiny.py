@@ -23,10 +23,14 @@ QWEN_TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hi
                  rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
                  pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
 QWEN_IDS = dict(image_token_id=IMG, video_token_id=VID, vision_start_token_id=VSTART, vision_end_token_id=VEND)
+SIGLIP_VISION = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                     num_attention_heads=4, image_size=56, patch_size=14)
 
 FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 QWEN_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
-# LLaVA-NeXT (anyres): 56-px tiles of the tiny CLIP, a base tile + 2 or 4 crops per image
+ANYRES_FAMILIES = ["llava_next", "llava_onevision"]
+VIDEO_FAMILIES = [*QWEN_FAMILIES, "llava_onevision"]
+# LLaVA-NeXT / OneVision (anyres): 56-px tiles of the tiny CLIP / SigLIP, a base tile + 2 or 4 crops per image
 NEXT_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
 NEXT_SIZES = [(40, 90), (90, 40), (100, 100), (30, 110)]  # (height, width) of sample i % 4
 
@@ -44,6 +48,12 @@ def build(family: str, attn: str = "sdpa", seed: int = 0):
                                  image_grid_pinpoints=NEXT_PINPOINTS, vision_feature_layer=-2,
                                  vision_feature_select_strategy="default")
         cls = tf.LlavaNextForConditionalGeneration
+    elif family == "llava_onevision":  # SigLIP (no CLS, all patches), Qwen2 LLM, anyres-max-9, videos
+        cfg = tf.LlavaOnevisionConfig(vision_config=SIGLIP_VISION, text_config=dict(LLAMA_TEXT, model_type="qwen2"),
+                                      image_token_id=IMG, video_token_id=VID, image_grid_pinpoints=NEXT_PINPOINTS,
+                                      vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                      vision_aspect_ratio="anyres_max_9")
+        cls = tf.LlavaOnevisionForConditionalGeneration
     elif family == "qwen2_vl":
         cfg = tf.Qwen2VLConfig(vision_config=dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=4,
                                                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
@@ -85,7 +95,12 @@ def _patch_dim(family: str) -> int:
 
 def _video(family: str, i: int, g: torch.Generator):
     """Token ids and inputs of sample i's video clip. Qwen3-VL: one vision_start/end group per frame
-    with a timestamp token before it, as its processor writes them; Qwen2/2.5: one group."""
+    with a timestamp token before it, as its processor writes them; Qwen2/2.5: one group.
+    LLaVA-OneVision: 3 frames of 56 px (a batch's clips share one tensor), each pooled to 2x2 tokens,
+    then one newline token."""
+    if family == "llava_onevision":
+        frames = 3
+        return [VID] * (frames * 4 + 1), {"pixel_values_videos": torch.randn(1, frames, 3, 56, 56, generator=g)}
     t, h, w = VIDEO_GRIDS[i % len(VIDEO_GRIDS)]
     per_frame = h * w // 4
     if family == "qwen3_vl":
@@ -99,14 +114,14 @@ def _video(family: str, i: int, g: torch.Generator):
 
 def sample(family: str, i: int, seed: int = 0, video: bool = False):
     """One sample's token ids (list) and its visual inputs (dict of tensors for a batch of one).
-    video=True (Qwen-VL only): a video clip follows the image."""
+    video=True (Qwen-VL, LLaVA-OneVision): a video clip follows the image."""
     g = torch.Generator().manual_seed(1000 * seed + i)
     before = (torch.randint(3, 200, (2 + 2 * i,), generator=g)).tolist()
     after = (torch.randint(3, 200, (3 + (i % 2),), generator=g)).tolist()
     if family == "llava":
         ids = [BOS] + before + [IMG] * 16 + after
         vis = {"pixel_values": torch.randn(1, 3, 56, 56, generator=g)}
-    elif family == "llava_next":
+    elif family in ("llava_next", "llava_onevision"):
         h, w = NEXT_SIZES[i % len(NEXT_SIZES)]
         n, tiles = next_tokens(h, w)
         ids = [BOS] + before + [IMG] * n + after
@@ -118,8 +133,8 @@ def sample(family: str, i: int, seed: int = 0, video: bool = False):
         vis = {"pixel_values": torch.randn(t * h * w, _patch_dim(family), generator=g),
                "image_grid_thw": torch.tensor([[t, h, w]])}
     if video:
-        if family not in QWEN_FAMILIES:
-            raise ValueError(f"tiny video inputs exist for {QWEN_FAMILIES}, not {family!r}")
+        if family not in VIDEO_FAMILIES:
+            raise ValueError(f"tiny video inputs exist for {VIDEO_FAMILIES}, not {family!r}")
         vids, vvis = _video(family, i, g)
         ids = ids[:-len(after)] + [7] + vids + after
         vis.update(vvis)
@@ -154,11 +169,16 @@ def batch(family: str, indices, padding: str = "left", seed: int = 0, videos=())
         ids_rows.append(pad + ids if padding == "left" else ids + pad)
         mask_rows.append(zeros + ones if padding == "left" else ones + zeros)
     out = {"input_ids": torch.tensor(ids_rows), "attention_mask": torch.tensor(mask_rows)}
-    if family == "llava_next":  # crops padded to the batch's largest count, as the processor does
+    if family in ANYRES_FAMILIES:  # crops padded to the batch's largest count, as the processor does
         tiles = max(v["pixel_values"].shape[1] for _, v in samples)
         out["pixel_values"] = torch.cat([torch.nn.functional.pad(v["pixel_values"], (0, 0, 0, 0, 0, 0, 0,
                                          tiles - v["pixel_values"].shape[1])) for _, v in samples])
         out["image_sizes"] = torch.cat([v["image_sizes"] for _, v in samples])
+        clips = [v["pixel_values_videos"] for _, v in samples if "pixel_values_videos" in v]
+        if clips:  # one tensor [videos, frames, ...]: clips of one batch need the same frame count
+            if len({c.shape[1] for c in clips}) > 1:
+                raise ValueError("LLaVA-OneVision videos in one batch need the same number of frames")
+            out["pixel_values_videos"] = torch.cat(clips)
         return out
     out["pixel_values"] = torch.cat([v["pixel_values"] for _, v in samples])
     if family != "llava":

@@ -9,7 +9,7 @@ from vtprune import tiny
 from vtprune.eval import flops
 
 
-@pytest.fixture(scope="module", params=[*tiny.FAMILIES, "llava_next"])
+@pytest.fixture(scope="module", params=[*tiny.FAMILIES, *tiny.ANYRES_FAMILIES])
 def family_model(request):
     return request.param, tiny.build(request.param)
 
@@ -25,7 +25,7 @@ def counted(model, inputs) -> int:
                          ids=["unpatched", "random", "divprune", "fastv", "pool"])
 def test_analytic_count_matches_the_flop_counter(family_model, method, options):
     family, model = family_model
-    if family == "llava_next" and method == "pool":  # anyres has no single token grid (hooks/llava_next.py)
+    if family in tiny.ANYRES_FAMILIES and method == "pool":  # anyres has no single token grid (hooks/llava_next.py)
         with pytest.raises(ValueError, match="grid"):
             flops.count(model, tiny.batch(family, [0]), method, **options)
         return
@@ -41,6 +41,17 @@ def test_analytic_count_matches_the_flop_counter(family_model, method, options):
         assert got == pytest.approx(want, rel=0.02)
         if method != "fastv":  # everything but FastV's scoring pass is modelled exactly
             assert got == want
+
+
+@pytest.mark.parametrize("family", tiny.VIDEO_FAMILIES)
+@pytest.mark.parametrize("method, options", [(None, {}), ("random", {"ratio": 0.5})], ids=["unpatched", "random"])
+def test_analytic_count_with_a_video_matches_the_flop_counter(family, method, options):
+    model = tiny.build(family)
+    inputs = tiny.batch(family, [1], videos=(1,))
+    r = flops.count(model, inputs, method, **options)
+    with vtprune.pruned(model, method or "random", **(options or {"keep": 10_000})):
+        want = counted(model, inputs)
+    assert r.vision_encoder + r.projector + r.selection + r.llm_prefill + r.lm_head == want
 
 
 def test_formulas_by_hand():
@@ -87,7 +98,7 @@ def test_flops_command(capsys, tmp_path):
         main(["flops", "--model", "tiny-test-llava"])
 
 
-@pytest.mark.parametrize("family", [*tiny.FAMILIES, "llava_next"])
+@pytest.mark.parametrize("family", [*tiny.FAMILIES, *tiny.ANYRES_FAMILIES])
 def test_narrow_stand_in_counts_like_the_real_model(family):
     from vtprune.eval import configs
 

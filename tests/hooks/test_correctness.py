@@ -14,12 +14,12 @@ STAGE_METHODS = ["random", "vision_attn_test", "hidden_norm_test", "pool",
 # test ids -> (registered name, extra options). todre_stage2: stage 2 after decoder layer 1 with
 # tau=1, so every pruned sample loses all its visual tokens there whatever the attention.
 VARIANTS = {"todre_stage2": ("todre", dict(stage2_layer=1, tau=1.0))}
-# LLaVA-NeXT (anyres): the strategies that need neither vision-encoder attention nor a token grid
+# LLaVA-NeXT / OneVision (anyres): the strategies that need neither vision-encoder attention nor a token grid
 NEXT_METHODS = ["random", "divprune", "fastv", "transprune", "hidden_norm_test"]
-PAIRS = [(f, m) for f in tiny.FAMILIES for m in METHODS] + [("llava_next", m) for m in NEXT_METHODS]
+PAIRS = [(f, m) for f in tiny.FAMILIES for m in METHODS] + [(f, m) for f in tiny.ANYRES_FAMILIES for m in NEXT_METHODS]
 STAGE_PAIRS = [(f, m) for f in tiny.FAMILIES for m in STAGE_METHODS] + \
-    [("llava_next", m) for m in NEXT_METHODS if m in STAGE_METHODS]
-ALL_FAMILIES = [*tiny.FAMILIES, "llava_next"]
+    [(f, m) for f in tiny.ANYRES_FAMILIES for m in NEXT_METHODS if m in STAGE_METHODS]
+ALL_FAMILIES = [*tiny.FAMILIES, *tiny.ANYRES_FAMILIES]
 
 
 def _patch(model, method, **budget):
@@ -96,8 +96,8 @@ def test_batch_prefill_matches_each_sample_alone(model_factory, family, method, 
     _check_batch_prefill(model_factory(family), family, method, padding)
 
 
-# Qwen-VL batches mixing images and videos: sample 0 has an image, samples 1 and 2 an image and a clip
-VIDEO_PAIRS = [(f, m) for f in tiny.QWEN_FAMILIES for m in METHODS]
+# batches mixing images and videos: sample 0 has an image, samples 1 and 2 an image and a clip
+VIDEO_PAIRS = [(f, m) for f in tiny.QWEN_FAMILIES for m in METHODS] + [("llava_onevision", m) for m in NEXT_METHODS]
 MIXED = (1, 2)
 
 
@@ -130,6 +130,25 @@ def test_images_under_budget_stay_whole_beside_pruned_ones(model_factory, method
     st = vtprune.stats(model)
     assert st.visual_before == [16 + 2 * 4, 8 + 3 * 6]
     assert st.visual_after == [10 + 2 * 4, 8 + 3 * 6]
+
+
+def test_onevision_video_frames_are_grids_and_the_closing_newline_stays(model_factory):
+    """LLaVA-OneVision: each pooled 2x2 frame is a unit with its grid (pool keeps 1 token per frame at
+    ratio 0.25); the newline closing the video is in no frame and is kept; images are one unit each."""
+    model = model_factory("llava_onevision")
+    inputs = tiny.batch("llava_onevision", [1], videos=(1,))
+    inputs["input_ids"] = torch.where(inputs["input_ids"] == tiny.IMG, 5, inputs["input_ids"])  # video only
+    del inputs["pixel_values"], inputs["image_sizes"]
+    vid = (inputs["input_ids"][0] == tiny.VID).nonzero().squeeze(1)
+    vtprune.patch(model, "pool", ratio=0.25)
+    with torch.no_grad():
+        model(**inputs)
+    st = vtprune.stats(model)
+    assert st.visual_before == [12] and st.visual_after == [3]  # 3 frames of 2x2; the newline is not counted
+    kept = set(st.layout[0].tolist()) & set(vid.tolist())
+    assert kept == {int(vid[0]), int(vid[4]), int(vid[8]), int(vid[12])}  # each frame's window start + newline
+    with pytest.raises(ValueError, match="grid"):  # anyres images have no single grid
+        model(**tiny.batch("llava_onevision", [0]))
 
 
 def test_video_budget_is_per_frame(model_factory):
@@ -166,7 +185,8 @@ def test_pool_on_different_image_sizes_keeps_different_counts(model_factory):
 
 
 @pytest.mark.parametrize("family, method, videos", [(f, m, ()) for f, m in STAGE_PAIRS] + [
-    (f, m, MIXED) for f in tiny.QWEN_FAMILIES for m in STAGE_METHODS])
+    (f, m, MIXED) for f in tiny.QWEN_FAMILIES for m in STAGE_METHODS] + [
+    ("llava_onevision", m, MIXED) for m in NEXT_METHODS if m in STAGE_METHODS])
 def test_generate_with_cache_equals_without(model_factory, family, method, videos):
     model = model_factory(family)
     _patch(model, method, ratio=0.3)

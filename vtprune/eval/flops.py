@@ -59,28 +59,35 @@ def _vit_layer(n: int, d: int, m: int, mlp_mats: int, attn_n2: int | None = None
 
 
 def vision_flops(model, inputs: dict, config=None) -> dict:
-    """Vision encoder and projector FLOPs for the images in `inputs` (LLaVA/CLIP, Qwen2-VL, Qwen2.5-VL, Qwen3-VL),
+    """Vision encoder and projector FLOPs for the images and videos in `inputs` (LLaVA-1.5/NeXT/OneVision with
+    CLIP or SigLIP, Qwen2-VL, Qwen2.5-VL, Qwen3-VL),
     for `config` (default: the model's)."""
     cfg = config or model.config
     vc = cfg.vision_config
     kind = type(model).__name__
     text_d = TextDims.from_config(cfg).d
     if kind.startswith("Llava"):
-        if "pixel_values" not in inputs or inputs["pixel_values"] is None:
-            return {"vision_encoder": 0, "projector": 0}
-        images = inputs["pixel_values"].shape[0]
-        if inputs["pixel_values"].dim() == 5:  # LLaVA-NeXT anyres: the base tile + the crops each image uses
-            from transformers.image_processing_utils import select_best_resolution
+        images = 0
+        if inputs.get("pixel_values") is not None:
+            images = inputs["pixel_values"].shape[0]
+            if inputs["pixel_values"].dim() == 5:  # anyres (NeXT, OneVision): the base tile + the crops each image uses
+                from transformers.image_processing_utils import select_best_resolution
 
-            images = 0
-            for h, w in inputs["image_sizes"].tolist():
-                bh, bw = select_best_resolution([h, w], cfg.image_grid_pinpoints)
-                images += 1 + (bh // vc.image_size) * (bw // vc.image_size)
+                images = 0
+                for h, w in inputs["image_sizes"].tolist():
+                    bh, bw = select_best_resolution([h, w], cfg.image_grid_pinpoints)
+                    images += 1 + (bh // vc.image_size) * (bw // vc.image_size)
+        videos = inputs.get("pixel_values_videos")
+        if videos is not None:  # OneVision: every frame through the tower and projector, then pooled
+            images += videos.shape[0] * videos.shape[1]
         grid = vc.image_size // vc.patch_size
-        n = grid * grid + 1  # + CLS
         d, m = vc.hidden_size, vc.intermediate_size
+        siglip = getattr(vc, "model_type", "") == "siglip_vision_model"
+        n = grid * grid + (0 if siglip else 1)  # CLIP has a CLS token, SigLIP none
         embed = 2 * grid * grid * 3 * vc.patch_size ** 2 * d
         enc = embed + vc.num_hidden_layers * _vit_layer(n, d, m, 2)
+        if siglip and getattr(vc, "vision_use_head", False):  # attention pooling: one probe query, then an MLP
+            enc += 4 * n * d * d + 4 * d * d + 4 * n * d + 4 * d * m
         strategy = getattr(cfg, "vision_feature_select_strategy", "default")
         feats = n - 1 if strategy == "default" else n
         proj = 2 * feats * (d * text_d + text_d * text_d)

@@ -4,12 +4,14 @@ from __future__ import annotations
 from .base import Adapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
+from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import Qwen3VLAdapter, QwenVLAdapter
 
 # class name -> adapter; matched against the model's class and its bases (so subclasses work)
 ADAPTERS: dict[str, type[Adapter]] = {
     "LlavaForConditionalGeneration": LlavaAdapter,
     "LlavaNextForConditionalGeneration": LlavaNextAdapter,
+    "LlavaOnevisionForConditionalGeneration": LlavaOnevisionAdapter,
     "Qwen2VLForConditionalGeneration": QwenVLAdapter,
     "Qwen2_5_VLForConditionalGeneration": QwenVLAdapter,
     "Qwen3VLForConditionalGeneration": Qwen3VLAdapter,

@@ -9,8 +9,23 @@ VFlowOpt), which would have to be mapped through the crop/unpad/newline layout.
 """
 from __future__ import annotations
 
+import torch
+
 from .llava import LlavaAdapter
 from .runtime import Unit
+
+
+def runs(mask: torch.Tensor) -> list[list[torch.Tensor]]:
+    """Per sample, the maximal runs of consecutive True slots of a [B, L] mask (LongTensors of slots)."""
+    out = []
+    for row in mask:
+        slots = row.nonzero().squeeze(1)
+        if slots.numel() == 0:
+            out.append([])
+            continue
+        breaks = (slots[1:] != slots[:-1] + 1).nonzero().squeeze(1) + 1
+        out.append(list(slots.tensor_split(breaks.tolist())))
+    return out
 
 
 class LlavaNextAdapter(LlavaAdapter):
@@ -21,22 +36,20 @@ class LlavaNextAdapter(LlavaAdapter):
             out["n_images"] = pixels.shape[0]
         return out
 
-    def units(self, scratch, visual, positions):
+    def image_units(self, mask: torch.Tensor, n_images: int | None, block0: int = 0) -> list[Unit]:
+        """One unit per image = one run of image tokens (base tile, crops and newlines together)."""
         units = []
-        for b in range(visual.shape[0]):
-            slots = visual[b].nonzero().squeeze(1)
-            if slots.numel() == 0:
-                continue
-            breaks = (slots[1:] != slots[:-1] + 1).nonzero().squeeze(1) + 1
-            runs = [r for r in slots.tensor_split(breaks.tolist())]
-            units += [Unit(b, run, None, block=j) for j, run in enumerate(runs)]
-        n_images = scratch.get("n_images")
+        for b, sample_runs in enumerate(runs(mask)):
+            units += [Unit(b, run, None, block=block0 + len(units)) for run in sample_runs]
         if n_images is not None and n_images != len(units):
-            raise ValueError(f"LLaVA-NeXT: {n_images} images but {len(units)} runs of image tokens; images must be "
-                             "separated by text so that vtprune can tell them apart")
+            raise ValueError(f"{type(self.model).__name__}: {n_images} images but {len(units)} runs of image tokens; "
+                             "images must be separated by text so that vtprune can tell them apart")
         return units
+
+    def units(self, scratch, visual, positions):
+        return self.image_units(visual, scratch.get("n_images"))
 
     def install_vision_signals(self, signals, store):
         raise NotImplementedError(
-            "LLaVA-NeXT: strategies that read vision-encoder attention (hiprune, todre's pivot, vflowopt) are not "
-            "supported on anyres images yet; use divprune, random, fastv or transprune")
+            f"{type(self.model).__name__}: strategies that read vision-encoder attention (hiprune, todre's pivot, "
+            "vflowopt) are not supported on anyres images yet; use divprune, random, fastv or transprune")

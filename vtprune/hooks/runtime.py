@@ -252,6 +252,10 @@ class PatchState:
             raise ValueError("vtprune needs a 2-D attention_mask (or none); got a prepared 4-D mask or mapping")
         mask2d = am if am is not None else torch.ones(b, seq_len, dtype=torch.long, device=embeds.device)
         units = self.adapter.units(scratch, visual, kwargs.get("position_ids"))
+        covered = torch.zeros_like(visual)
+        for u in units:
+            covered[u.sample, u.slots] = True
+        visual = covered  # placeholders in no unit are structural (a video's closing newline): never pruned
         budgets = [self.method.budget(len(u.slots), u.grid) for u in units]
         self.last_stats = Stats(method=self.method_name, visual_before=visual.sum(1).tolist())
         keep_total = torch.zeros(b, dtype=torch.long, device=embeds.device)
@@ -300,7 +304,7 @@ class PatchState:
             self.last_stats.visual_after = list(self.last_stats.visual_before)
             return None
 
-        keep = torch.ones_like(visual)  # images under budget and structural slots in no unit stay whole
+        keep = torch.ones_like(visual)  # images under budget stay whole
         for u, _ in chosen:
             keep[u.sample, u.slots] = False
         new_embeds = embeds

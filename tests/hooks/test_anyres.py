@@ -1,4 +1,5 @@
-"""LLaVA-NeXT (anyres) specifics; the shared correctness matrix (test_correctness.py) also covers it."""
+"""LLaVA-NeXT and LLaVA-OneVision (anyres) specifics; the shared correctness matrix
+(test_correctness.py) also covers them."""
 import pytest
 import torch
 
@@ -7,9 +8,10 @@ from vtprune import tiny
 from vtprune.methods import divprune
 
 
+@pytest.mark.parametrize("family", tiny.ANYRES_FAMILIES)
 @pytest.mark.parametrize("i", range(len(tiny.NEXT_SIZES)))
-def test_token_count_rule_matches_the_model(model_factory, i):
-    model = model_factory("llava_next")
+def test_token_count_rule_matches_the_model(model_factory, family, i):
+    model = model_factory(family)
     h, w = tiny.NEXT_SIZES[i]
     n, tiles = tiny.next_tokens(h, w)
     with torch.no_grad():
@@ -19,9 +21,10 @@ def test_token_count_rule_matches_the_model(model_factory, i):
     assert [f.shape[0] for f in feats] == [n]
 
 
-def test_budget_counts_the_whole_image_and_divprune_is_global_across_crops(model_factory):
-    model = model_factory("llava_next")
-    inputs = tiny.batch("llava_next", [2, 0])  # 88 and 52 image tokens (base + crops + newlines)
+@pytest.mark.parametrize("family", tiny.ANYRES_FAMILIES)
+def test_budget_counts_the_whole_image_and_divprune_is_global_across_crops(model_factory, family):
+    model = model_factory(family)
+    inputs = tiny.batch(family, [2, 0])  # 88 and 52 image tokens (base + crops + newlines)
     seen = {}
     def grab(module, args, kwargs):
         seen["embeds"] = kwargs["inputs_embeds"].clone()
@@ -43,17 +46,19 @@ def test_budget_counts_the_whole_image_and_divprune_is_global_across_crops(model
         assert kept == want.tolist()
 
 
+@pytest.mark.parametrize("family", tiny.ANYRES_FAMILIES)
 @pytest.mark.parametrize("method", ["hiprune", "todre", "vflowopt"])
-def test_vision_attention_strategies_raise_at_patch_time(model_factory, method):
-    model = model_factory("llava_next")
-    with pytest.raises(NotImplementedError, match="LLaVA-NeXT"):
+def test_vision_attention_strategies_raise_at_patch_time(model_factory, family, method):
+    model = model_factory(family)
+    with pytest.raises(NotImplementedError, match="anyres images"):
         vtprune.patch(model, method, ratio=0.25)
     assert not hasattr(model, "_vtprune")
 
 
+@pytest.mark.parametrize("family", tiny.ANYRES_FAMILIES)
 @pytest.mark.parametrize("method", ["pool", "token_shuffle"])
-def test_grid_strategies_raise_a_clear_error(model_factory, method):
-    model = model_factory("llava_next")
+def test_grid_strategies_raise_a_clear_error(model_factory, family, method):
+    model = model_factory(family)
     vtprune.patch(model, method, ratio=0.25)
     with pytest.raises(ValueError, match="grid"), torch.no_grad():
-        model(**tiny.batch("llava_next", [0]))
+        model(**tiny.batch(family, [0]))
