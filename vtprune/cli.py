@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="vtprune-demo", help="directory for the results and plots (bundled model)")
     p.add_argument("--questions", type=int, default=120, help="held-out questions per cell (bundled model)")
     p.add_argument("--plumbing", action="store_true", help="random-weight plumbing table even if trained weights exist")
-    p.add_argument("--families", default="llava,qwen2_vl", help="(plumbing) comma-separated: llava, qwen2_vl, qwen2_5_vl")
+    p.add_argument("--families", default="llava,qwen2_vl", help="(plumbing) comma-separated: llava, qwen2_vl, qwen2_5_vl, qwen3_vl")
     p.set_defaults(func=_demo)
     p = sub.add_parser("tune", help="search a method's hyperparameters for a model (VFlowOpt's flow-guided search)")
     p.add_argument("--method", required=True, help="the method to tune (vflowopt)")
@@ -190,7 +190,10 @@ def main(argv=None) -> int:
     p.set_defaults(func=_sweep)
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, NotImplementedError) as e:  # bad input: one line, not a traceback
+        parser.exit(2, f"vtprune {args.command}: error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -96,6 +96,12 @@ def test_flops_command(capsys, tmp_path):
     assert data["pruned"]["vision_encoder"] == data["unpatched"]["vision_encoder"]
     with pytest.raises(SystemExit):
         main(["flops", "--model", "tiny-test-llava"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:  # bad input: one line on stderr, exit status 2, no traceback
+        main(["flops", "--model", "no-such-model", "--keep", "4"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("vtprune flops: error: --model must be") and "Traceback" not in err
+    assert main(["flops", "--model", "tiny-test-qwen3-vl", "--keep", "4", "--method", "fastv"]) == 0
 
 
 @pytest.mark.parametrize("family", [*tiny.FAMILIES, *tiny.ANYRES_FAMILIES])
