@@ -62,3 +62,32 @@ def test_grid_strategies_raise_a_clear_error(model_factory, family, method):
     vtprune.patch(model, method, ratio=0.25)
     with pytest.raises(ValueError, match="grid"), torch.no_grad():
         model(**tiny.batch(family, [0]))
+
+
+def test_onevision_anyres_max_downsampled_crops(model_factory):
+    """A 224x224 pinpoint gives a 16x16-patch crop grid, more than anyres_max_9 allows (9 tiles of 4x4
+    patches), so OneVision bilinear-downsamples it before adding the row newlines. The image is still
+    one unit of whatever the model produced; pruning keeps exactly `keep` and keep-all is bit-identical."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlavaOnevisionConfig(vision_config=tiny.SIGLIP_VISION, text_config=dict(tiny.LLAMA_TEXT, model_type="qwen2"),
+                                  image_token_id=tiny.IMG, video_token_id=tiny.VID, image_grid_pinpoints=[[224, 224]],
+                                  vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                  vision_aspect_ratio="anyres_max_9")
+    model = tf.LlavaOnevisionForConditionalGeneration(cfg).eval()
+    pixels, sizes = torch.randn(1, 17, 3, 56, 56), torch.tensor([[224, 224]])
+    with torch.no_grad():
+        n = model.model.get_image_features(pixel_values=pixels, image_sizes=sizes).pooler_output[0].shape[0]
+    assert n < 16 + 16 * 16 + 16  # downsampled: fewer than base + full crop grid + newlines
+    ids = torch.tensor([[tiny.BOS, 5, 6] + [tiny.IMG] * n + [7, 8]])
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, image_sizes=sizes)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        for method in ("divprune", "fastv"):
+            with vtprune.pruned(model, method, keep=n):
+                assert torch.equal(model(**inputs).logits, ref)
+            with vtprune.pruned(model, method, keep=12):
+                model(**inputs)
+                st = vtprune.stats(model)
+            assert st.visual_before == [n] and st.visual_after == [12]
