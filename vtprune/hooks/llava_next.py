@@ -13,19 +13,7 @@ import torch
 
 from .llava import LlavaAdapter
 from .runtime import Unit
-
-
-def runs(mask: torch.Tensor) -> list[list[torch.Tensor]]:
-    """Per sample, the maximal runs of consecutive True slots of a [B, L] mask (LongTensors of slots)."""
-    out = []
-    for row in mask:
-        slots = row.nonzero().squeeze(1)
-        if slots.numel() == 0:
-            out.append([])
-            continue
-        breaks = (slots[1:] != slots[:-1] + 1).nonzero().squeeze(1) + 1
-        out.append(list(slots.tensor_split(breaks.tolist())))
-    return out
+from .sequence import runs
 
 
 class LlavaNextAdapter(LlavaAdapter):
@@ -36,11 +24,11 @@ class LlavaNextAdapter(LlavaAdapter):
             out["n_images"] = pixels.shape[0]
         return out
 
-    def image_units(self, mask: torch.Tensor, n_images: int | None, block0: int = 0) -> list[Unit]:
+    def image_units(self, mask: torch.Tensor, n_images: int | None) -> list[Unit]:
         """One unit per image = one run of image tokens (base tile, crops and newlines together)."""
         units = []
         for b, sample_runs in enumerate(runs(mask)):
-            units += [Unit(b, run, None, block=block0 + len(units)) for run in sample_runs]
+            units += [Unit(b, run, None, block=len(units)) for run in sample_runs]
         if n_images is not None and n_images != len(units):
             raise ValueError(f"{type(self.model).__name__}: {n_images} images but {len(units)} runs of image tokens; "
                              "images must be separated by text so that vtprune can tell them apart")

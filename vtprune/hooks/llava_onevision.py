@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 
-from .llava_next import LlavaNextAdapter, runs
+from .llava_next import LlavaNextAdapter
 from .runtime import Unit
+from .sequence import runs
 
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):

@@ -15,6 +15,7 @@ import torch
 from ..methods.vflowopt import patch_entropy
 from .base import Adapter, grey_levels, reduce_attention
 from .runtime import Unit
+from .sequence import runs
 
 
 class QwenVLAdapter(Adapter):
@@ -55,16 +56,12 @@ class QwenVLAdapter(Adapter):
         thw = positions[-3:]
         units = []
         block = 0  # ids unique over images and videos
-        for kind, token_id in (("image", self.image_token_id), ("video", self.video_token_id)):
+        for token_id in (self.image_token_id, self.video_token_id):
             mask = self.token_mask(scratch, token_id, visual.shape)
             if mask is None or not bool(mask.any()):
                 continue
-            for b in range(mask.shape[0]):
-                slots = mask[b].nonzero().squeeze(1)
-                if slots.numel() == 0:
-                    continue
-                runs = slots.tensor_split((slots[1:] != slots[:-1] + 1).nonzero().squeeze(1).add(1).tolist())
-                for run in runs:
+            for b, sample_runs in enumerate(runs(mask)):
+                for run in sample_runs:
                     t_pos = thw[0, b, run]
                     frames = run.tensor_split((t_pos[1:] != t_pos[:-1]).nonzero().squeeze(1).add(1).tolist())
                     for frame in frames:

@@ -311,15 +311,14 @@ class PatchState:
         importance = None
         deepstack = _dense_deepstack(kwargs, visual, embeds) if kwargs.get("deepstack_visual_embeds") is not None else []
         for (u, sel), image in zip(chosen, images):
-            if sel.tokens is not None and deepstack:
-                self._merge_deepstack(deepstack, u, sel, image)
-        for u, sel in chosen:
             kept_slots = u.slots[sel.indices.to(u.slots.device)]
             keep[u.sample, kept_slots] = True
             if sel.tokens is not None:
                 if new_embeds is embeds:
                     new_embeds = embeds.clone()
                 new_embeds[u.sample, kept_slots] = sel.tokens.to(embeds.dtype)
+                if deepstack:
+                    self._merge_deepstack(deepstack, u, sel, image)
             if sel.importance is not None:
                 if importance is None:
                     importance = torch.zeros(b, seq_len, dtype=torch.float32, device=embeds.device)
@@ -577,7 +576,7 @@ def _key_attention(attn, q_raw, k_raw, pos, run: Run, query_rows=None) -> torch.
 def _dense_deepstack(kwargs, visual, embeds) -> list[torch.Tensor]:
     """Take Qwen3-VL's deepstack inputs off the language model's kwargs (the runtime adds them itself,
     in the pruned layout): one [B, L, D] tensor per layer, zero outside the visual slots."""
-    masks, rows = kwargs.pop("visual_pos_masks"), kwargs.pop("deepstack_visual_embeds")
+    masks, rows = kwargs["visual_pos_masks"], kwargs["deepstack_visual_embeds"]
     kwargs["visual_pos_masks"] = kwargs["deepstack_visual_embeds"] = None
     if masks is None or not torch.equal(masks.to(visual.device), visual):
         raise RuntimeError("vtprune: Qwen3-VL's visual_pos_masks differ from the image/video placeholder slots")

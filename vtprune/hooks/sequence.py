@@ -47,6 +47,16 @@ def dropped_before(keep: torch.Tensor) -> torch.Tensor:
     return dropped.cumsum(1) - dropped
 
 
+def runs(mask: torch.Tensor) -> list[list[torch.Tensor]]:
+    """Per sample, the maximal runs of consecutive True slots of a [B, L] mask (LongTensors of slots)."""
+    out = []
+    for row in mask:
+        slots = row.nonzero().squeeze(1)
+        breaks = (slots[1:] != slots[:-1] + 1).nonzero().squeeze(1) + 1
+        out.append(list(slots.tensor_split(breaks.tolist())) if slots.numel() else [])
+    return out
+
+
 def compact_text_positions(mask: torch.Tensor) -> torch.Tensor:
     """Contiguous positions over real slots (pads get 0), as `generate()` builds them from a mask."""
     pos = mask.long().cumsum(-1) - 1
