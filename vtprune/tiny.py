@@ -2,8 +2,8 @@
 
 Used by the tests and by `vtprune demo` until the bundled trained models exist; nothing here is
 downloaded. Sample i of a batch = [BOS] + text + image block + text, with a different text length
-per sample (and, for Qwen-VL, a different image size). Qwen-VL samples can also carry a short video
-after the image (`batch(..., videos=...)`).
+per sample (and, for Qwen-VL, a different image size). Qwen-VL and LLaVA-OneVision samples can also
+carry a short video after the image (`batch(..., videos=...)`).
 """
 from __future__ import annotations
 
@@ -30,6 +30,10 @@ FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 QWEN_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 ANYRES_FAMILIES = ["llava_next", "llava_onevision"]
 VIDEO_FAMILIES = [*QWEN_FAMILIES, "llava_onevision"]
+# family -> the transformers class `build` makes
+CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+           "llava_onevision": "LlavaOnevisionForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration",
+           "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration"}
 # LLaVA-NeXT / OneVision (anyres): 56-px tiles of the tiny CLIP / SigLIP, a base tile + 2 or 4 crops per image
 NEXT_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
 NEXT_SIZES = [(40, 90), (90, 40), (100, 100), (30, 110)]  # (height, width) of sample i % 4
@@ -42,29 +46,24 @@ def build(family: str, attn: str = "sdpa", seed: int = 0):
     if family == "llava":
         cfg = tf.LlavaConfig(vision_config=CLIP_VISION, text_config=LLAMA_TEXT, image_token_id=IMG,
                              image_seq_length=16, vision_feature_layer=-2, vision_feature_select_strategy="default")
-        cls = tf.LlavaForConditionalGeneration
     elif family == "llava_next":
         cfg = tf.LlavaNextConfig(vision_config=CLIP_VISION, text_config=LLAMA_TEXT, image_token_id=IMG,
                                  image_grid_pinpoints=NEXT_PINPOINTS, vision_feature_layer=-2,
                                  vision_feature_select_strategy="default")
-        cls = tf.LlavaNextForConditionalGeneration
     elif family == "llava_onevision":  # SigLIP (no CLS, all patches), Qwen2 LLM, anyres-max-9, videos
         cfg = tf.LlavaOnevisionConfig(vision_config=SIGLIP_VISION, text_config=dict(LLAMA_TEXT, model_type="qwen2"),
                                       image_token_id=IMG, video_token_id=VID, image_grid_pinpoints=NEXT_PINPOINTS,
                                       vision_feature_layer=-1, vision_feature_select_strategy="full",
                                       vision_aspect_ratio="anyres_max_9")
-        cls = tf.LlavaOnevisionForConditionalGeneration
     elif family == "qwen2_vl":
         cfg = tf.Qwen2VLConfig(vision_config=dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=4,
                                                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
                                text_config=QWEN_TEXT, **QWEN_IDS)
-        cls = tf.Qwen2VLForConditionalGeneration
     elif family == "qwen2_5_vl":
         cfg = tf.Qwen2_5_VLConfig(vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4,
                                                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
                                                      window_size=56, out_hidden_size=64, fullatt_block_indexes=[1]),
                                   text_config=QWEN_TEXT, **QWEN_IDS)
-        cls = tf.Qwen2_5_VLForConditionalGeneration
     elif family == "qwen3_vl":  # deepstack: vision blocks 0 and 1 feed decoder layers 0 and 1
         text = dict(QWEN_TEXT, head_dim=16, rope_parameters=dict(QWEN_TEXT["rope_parameters"], mrope_interleaved=True))
         cfg = tf.Qwen3VLConfig(vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4,
@@ -72,11 +71,10 @@ def build(family: str, attn: str = "sdpa", seed: int = 0):
                                                   out_hidden_size=64, num_position_embeddings=16,
                                                   deepstack_visual_indexes=[0, 1]),
                                text_config=text, **QWEN_IDS)
-        cls = tf.Qwen3VLForConditionalGeneration
     else:
         raise ValueError(family)
     cfg._attn_implementation = attn
-    model = cls(cfg).eval()
+    model = getattr(tf, CLASSES[family])(cfg).eval()
     model.set_attn_implementation(attn)
     gc = model.generation_config
     gc.pad_token_id, gc.eos_token_id, gc.bos_token_id = PAD, EOS, BOS
@@ -159,7 +157,7 @@ def next_tokens(height: int, width: int, tile: int = 56, patch: int = 14, pinpoi
 
 def batch(family: str, indices, padding: str = "left", seed: int = 0, videos=()):
     """Batch the given samples with padding on one side; returns kwargs for forward/generate.
-    videos: the sample indices (values of `indices`) that also carry a video clip (Qwen-VL)."""
+    videos: the sample indices (values of `indices`) that also carry a video clip (VIDEO_FAMILIES)."""
     samples = [sample(family, i, seed, video=i in videos) for i in indices]
     length = max(len(ids) for ids, _ in samples)
     ids_rows, mask_rows = [], []

@@ -7,10 +7,6 @@ import os
 TEST_MODELS = {"tiny-test-llava": "llava", "tiny-test-llava-next": "llava_next",
                "tiny-test-llava-onevision": "llava_onevision", "tiny-test-qwen2-vl": "qwen2_vl",
                "tiny-test-qwen2.5-vl": "qwen2_5_vl", "tiny-test-qwen3-vl": "qwen3_vl"}
-_TINY_CLASSES = {"LlavaForConditionalGeneration": "llava", "LlavaNextForConditionalGeneration": "llava_next",
-                 "LlavaOnevisionForConditionalGeneration": "llava_onevision",
-                 "Qwen2VLForConditionalGeneration": "qwen2_vl", "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
-                 "Qwen3VLForConditionalGeneration": "qwen3_vl"}
 
 
 def load(name: str, random_weights: bool = False, attn: str = "sdpa"):
@@ -94,7 +90,7 @@ def calibration(task: str, model, processor, n: int, seed: int = 0, batch_size: 
     if task == "tiny-prompts":
         from .. import tiny
 
-        fam = _TINY_CLASSES.get(type(model).__name__)
+        fam = {cls: family for family, cls in tiny.CLASSES.items()}.get(type(model).__name__)
         if fam is None or processor is not None:
             raise ValueError("task 'tiny-prompts' is for the test models (tiny-test-llava, ...)")
         idx = list(range(n))
