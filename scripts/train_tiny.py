@@ -182,8 +182,18 @@ def attention_loss(attentions, targets, layers):
     return loss / len(layers)
 
 
+def kind_hits(logits, targets, asked):
+    """(kind, correct) for every answer in the batch: answer positions, in order, are the asked questions."""
+    pred = logits[:, :-1].argmax(-1)
+    out = []
+    for b, qs in enumerate(asked):
+        pos = (targets[b, 1:] != -100).nonzero().squeeze(1).tolist()
+        out += [(q.kind, bool(pred[b, p] == targets[b, p + 1])) for q, p in zip(qs, pos)]
+    return out
+
+
 def stage_qa(model, family, proc, steps, batch_size, lr, log, offset, rng, max_q, train_visual, only=None,
-             attn_sup=0.0):
+             attn_sup=0.0, per_kind=3):
     for p in visual_params(model, family):
         p.requires_grad_(train_visual)
     if family != "llava" and not train_visual:
@@ -192,8 +202,10 @@ def stage_qa(model, family, proc, steps, batch_size, lr, log, offset, rng, max_q
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = cosine(opt, steps)
+    hits = []
     for step in range(steps):
-        batch = scenes(family, offset + step * batch_size, batch_size, only=only(step) if callable(only) else only)
+        batch = scenes(family, offset + step * batch_size, batch_size, per_kind=per_kind,
+                       only=only(step) if callable(only) else only)
         inputs, targets, asked = qa_batch(family, proc, batch, rng, max_q)
         device = next(model.parameters()).device
         inputs, targets = inputs.to(device), targets.to(device)
@@ -206,10 +218,13 @@ def stage_qa(model, family, proc, steps, batch_size, lr, log, offset, rng, max_q
                                  range(1, max(2, n_layers - 1)))
             loss = loss + attn_sup * sup
         optimise(opt, sched, params, loss)
-        if step % 25 == 0 or step == steps - 1:
-            mask = targets[:, 1:] != -100
-            acc = (logits[:, :-1].argmax(-1)[mask] == targets[:, 1:][mask]).float().mean().item()
-            log(f"{'C' if train_visual else 'B'} {step:5d} loss {loss.item():.4f} answer acc {acc:.3f}")
+        hits += kind_hits(logits.detach(), targets, asked)
+        if step % 25 == 0 or step == steps - 1:  # answer accuracy on the training batches since the last line
+            by = {k: [h for kk, h in hits if kk == k] for k in shapes.KINDS}
+            log(f"{'C' if train_visual else 'B'} {step:5d} loss {loss.item():.4f} answer acc "
+                f"{sum(h for _, h in hits) / max(1, len(hits)):.3f} "
+                + " ".join(f"{k} {sum(v) / len(v):.2f}" for k, v in by.items() if v))
+            hits = []
     for p in model.parameters():
         p.requires_grad_(True)
     return offset + steps * batch_size
@@ -254,6 +269,7 @@ def main(argv=None):
     ap.add_argument("--full-steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--max-questions", type=int, default=4, help="question/answer pairs per image per sequence")
+    ap.add_argument("--per-kind", type=int, default=3, help="questions of each kind drawn per training scene")
     ap.add_argument("--eval-questions", type=int, default=1200)
     ap.add_argument("--eval-only", action="store_true", help="only (re-)evaluate the model saved in OUT")
     ap.add_argument("--reuse-vision", action="store_true", help="start from OUT/vision_stage.pt (stage A) if present")
@@ -311,9 +327,9 @@ def main(argv=None):
     if args.attn_sup > 0:  # attention weights are needed: eager attention while training (SDPA after)
         model.set_attn_implementation("eager")
     offset = stage_qa(model, args.family, proc, args.qa_steps, args.batch, args.qa_lr, log, offset, rng,
-                      args.max_questions, False, curriculum(args) or only, args.attn_sup)
+                      args.max_questions, False, curriculum(args) or only, args.attn_sup, args.per_kind)
     offset = stage_qa(model, args.family, proc, args.full_steps, args.batch, 2e-4, log, offset, rng,
-                      args.max_questions, True, only, args.attn_sup)
+                      args.max_questions, True, only, args.attn_sup, args.per_kind)
     model.set_attn_implementation("sdpa")
     model = model.to("cpu").eval()
     model.half().save_pretrained(out)

@@ -132,6 +132,13 @@ def _sweep(args) -> int:
     return 0
 
 
+def _lmms_tasks(args) -> int:
+    from pathlib import Path
+
+    print(Path(__file__).resolve().parent / "eval" / "lmms_tasks")  # = vtprune.eval.lmms.TASKS, without lmms-eval
+    return 0
+
+
 def _model_budget_args(p) -> None:
     p.add_argument("--model", required=True,
                    help="a local model directory, a bundled name, a tiny-test model or a full-scale architecture "
@@ -182,12 +189,15 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True, help="a bundled name (tiny-llava, tiny-qwen2vl) or a local model directory")
     p.add_argument("--methods", default="all", help="comma-separated strategies (default: all)")
     p.add_argument("--ratios", default="0.5,0.25,0.111", help="comma-separated kept fractions")
-    p.add_argument("--task", default="shapes", help="evaluation task (shapes)")
-    p.add_argument("--questions", type=int, default=1200, help="held-out questions per cell")
+    p.add_argument("--task", default="shapes", help="evaluation task: shapes, or an lmms-eval task (vtprune_shapes, "
+                   "mme, ...; needs pip install 'vtprune[eval]')")
+    p.add_argument("--questions", type=int, default=1200, help="held-out questions per cell (lmms-eval: --limit)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--random-weights", action="store_true", help="bundled architecture with random weights")
     p.add_argument("--out", required=True, help="directory for results and plots (finished cells are reused)")
     p.set_defaults(func=_sweep)
+    p = sub.add_parser("lmms-tasks", help="print the folder of vtprune's offline lmms-eval tasks (for --include_path)")
+    p.set_defaults(func=_lmms_tasks)
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     try:

@@ -197,6 +197,18 @@ def count(model, inputs: dict, method: str | None = None, config=None, **options
     the model's own (the model is then a narrow stand-in with the same geometry: configs.surrogate)."""
     import vtprune
 
+    st = None
+    if method is not None:
+        with vtprune.pruned(model, method, **options):
+            model(**inputs, logits_to_keep=1)
+            st = vtprune.stats(model)
+    return report(model, inputs, st, method, options, config)
+
+
+def report(model, inputs: dict, stats=None, method: str | None = None, options: dict | None = None,
+           config=None) -> FlopsReport:
+    """The FlopsReport of a prefill of `inputs` that already ran: `stats` is `vtprune.stats(model)` after
+    it (its per-layer token counts), None for an unpatched forward. No forward is run."""
     config = config or model.config
     t = TextDims.from_config(config)
     mask = inputs.get("attention_mask")
@@ -205,13 +217,9 @@ def count(model, inputs: dict, method: str | None = None, config=None, **options
     visual_before = visual_token_counts(config, inputs)
     per_layer = [list(real) for _ in range(t.layers)]
     visual_after = visual_before
-    if method is not None:
-        with vtprune.pruned(model, method, **options):
-            model(**inputs, logits_to_keep=1)
-            st = vtprune.stats(model)
-        if st.layer_tokens:
-            per_layer = [list(x) for x in st.layer_tokens]
-            visual_after = list(st.visual_after)
+    if stats is not None and stats.layer_tokens:
+        per_layer = [list(x) for x in stats.layer_tokens]
+        visual_after = list(stats.visual_after)
     layer_flops = [sum(layer_prefill(n, t) for n in ns) for ns in per_layer]
     kv_dtype_bytes = 2 if config is not model.config else next(model.parameters()).element_size()  # stand-in: bf16
     kv = sum(2 * n * t.d_kv * kv_dtype_bytes for ns in per_layer for n in ns)
@@ -220,7 +228,7 @@ def count(model, inputs: dict, method: str | None = None, config=None, **options
     kept_first = [v - (r - f) for v, r, f in zip(visual_before, real, first_visual)]
     return FlopsReport(
         vision_encoder=vis["vision_encoder"], projector=vis["projector"],
-        selection=_selection_flops(method, options, visual_before, kept_first, per_layer, t),
+        selection=_selection_flops(method, options or {}, visual_before, kept_first, per_layer, t),
         llm_prefill=sum(layer_flops),
         llm_prefill_causal=sum(layer_prefill(n, t, causal=True) for ns in per_layer for n in ns),
         llm_prefill_per_layer=layer_flops,

@@ -9,13 +9,17 @@ TEST_MODELS = {"tiny-test-llava": "llava", "tiny-test-llava-next": "llava_next",
                "tiny-test-qwen2.5-vl": "qwen2_5_vl", "tiny-test-qwen3-vl": "qwen3_vl"}
 
 
-def load(name: str, random_weights: bool = False, attn: str = "sdpa"):
+def load(name: str, random_weights: bool = False, attn: str = "sdpa", dtype=None):
     """(model in eval mode, processor or None) for a bundled name, a test model or a local directory.
 
     Bundled models (`tiny-llava`, `tiny-qwen2vl`) load their trained weights from the package;
-    `random_weights=True` builds the same architecture with random weights instead."""
+    `random_weights=True` builds the same architecture with random weights instead. `dtype` (a torch
+    dtype or "auto") is passed to `from_pretrained` for local directories; other models are cast to it."""
     from . import configs, tinyvlm
 
+    if dtype is not None and dtype != "auto" and not os.path.isdir(name):
+        model, processor = load(name, random_weights, attn)
+        return model.to(dtype), processor
     if name in configs.FULL_SCALE:
         if not random_weights:
             raise ValueError(f"{name} is a full-scale architecture without weights here: add --random-weights "
@@ -37,7 +41,8 @@ def load(name: str, random_weights: bool = False, attn: str = "sdpa"):
     if os.path.isdir(name):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        model = AutoModelForImageTextToText.from_pretrained(name, attn_implementation=attn).eval()
+        extra = {} if dtype is None else {"dtype": dtype}
+        model = AutoModelForImageTextToText.from_pretrained(name, attn_implementation=attn, **extra).eval()
         return model, AutoProcessor.from_pretrained(name)
     names = sorted(tinyvlm.NAMES) + sorted(TEST_MODELS) + sorted(configs.FULL_SCALE)
     raise ValueError(f"--model must be a local model directory or one of {', '.join(names)}; got {name!r}")

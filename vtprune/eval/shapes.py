@@ -328,3 +328,15 @@ def majority_baseline(rows: Iterable[tuple[str, str]]) -> dict:
         counts.setdefault(kind, Counter())[answer] += 1
     majority = {k: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for k, c in sorted(counts.items())}
     return {**report((k, a == majority[k]) for k, a in rows), "majority": majority}
+
+
+def eval_rows(n_questions: int = 1200) -> list[dict]:
+    """The held-out set as plain records, one per question (the lmms-eval task's data file): the eval
+    scene index, its dynamic-resolution size (`qwen_size`, as tiny-qwen2vl is evaluated), kind,
+    question text and answer."""
+    rows = []
+    for i, (idx, q) in enumerate(eval_set(n_questions)):
+        w, h = qwen_size("eval", idx)
+        rows.append({"id": i, "scene": idx, "width": w, "height": h, "kind": q.kind, "question": q.text,
+                     "answer": q.answer})
+    return rows

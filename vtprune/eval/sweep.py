@@ -1,7 +1,8 @@
 """`vtprune sweep`: every strategy x kept ratio on a task -> results (JSONL/CSV/JSON) and plots.
 
-Each cell (strategy, ratio) records accuracy on the task, analytic prefill FLOPs (`flops.count` on
-the task's first batch) and the median prefill latency of that batch. Finished cells are appended to
+Each cell (strategy, ratio) records accuracy on the task, analytic prefill FLOPs and the median
+prefill latency of one batch. Tasks: the bundled `shapes` benchmark (ShapesCells), or any lmms-eval
+task, vtprune's offline `vtprune_shapes` included, through lmms-eval's Python API (LmmsCells). Finished cells are appended to
 OUT/cells.jsonl as they complete, so an interrupted sweep resumes where it stopped (a cell is
 identified by model, task, question count, strategy and ratio). The unpatched model is one more cell
 (ratio 1.0, strategy "none"). Plots: accuracy vs kept ratio, accuracy vs prefill TFLOPs with the
@@ -44,7 +45,86 @@ def accuracy(task: str, model, processor, n_questions: int, batch: int) -> dict:
         from . import tinyvlm
 
         return tinyvlm.evaluate(model, processor, n_questions, batch_size=batch)
-    raise ValueError(f"unknown task {task!r}; available: shapes (lmms-eval tasks come with that integration)")
+    raise ValueError(f"unknown task {task!r}; available: shapes, or an lmms-eval task (pip install 'vtprune[eval]')")
+
+
+class ShapesCells:
+    """Cells on the bundled `shapes` benchmark (vtprune.eval.tinyvlm): accuracy on the held-out
+    questions; FLOPs and prefill latency on one batch of its calibration split."""
+
+    def __init__(self, model_name: str, task: str, n_questions: int, batch: int, random_weights: bool):
+        from . import models
+
+        self.task, self.n_questions, self.batch = task, n_questions, batch
+        self.model, self.processor = models.load(model_name, random_weights=random_weights)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = self.model.to(self.device)
+        n = min(batch, n_questions)  # the FLOPs / latency sample: one batch of the task's calibration split
+        self.sample = models.to_model(models.calibration(task, self.model, self.processor, n, batch_size=n)[0], self.model)
+
+    def cell(self, method: str, ratio: float) -> dict:
+        import vtprune
+
+        if method == UNPATCHED:
+            acc = accuracy(self.task, self.model, self.processor, self.n_questions, self.batch)
+            report, ms = flops.count(self.model, self.sample), prefill_ms(self.model, self.sample)
+        else:
+            with vtprune.pruned(self.model, method, ratio=ratio):
+                acc = accuracy(self.task, self.model, self.processor, self.n_questions, self.batch)
+                ms = prefill_ms(self.model, self.sample)
+            report = flops.count(self.model, self.sample, method, ratio=ratio)
+        return {"accuracy": acc["overall"], "by_kind": acc["by_kind"], "prefill_tflops": report.total_prefill / 1e12,
+                "llm_tflops": report.llm_prefill / 1e12,
+                "visual_tokens": sum(report.visual_tokens) / len(report.visual_tokens), "prefill_ms": ms}
+
+
+class LmmsCells:
+    """Cells on an lmms-eval task, through lmms-eval's Python API (`simple_evaluate` with one
+    vtprune.eval.lmms model re-patched per cell). Accuracy is the task's `accuracy` metric, else its
+    first one; every metric is kept under "by_kind". FLOPs and visual tokens are the per-sample means
+    of the cell's own generations; latency is a prefill of the cell's first batch."""
+
+    def __init__(self, model_name: str, task: str, n_questions: int, batch: int, random_weights: bool):
+        try:
+            from lmms_eval.evaluator import simple_evaluate
+            from lmms_eval.tasks import TaskManager
+        except ImportError:
+            raise ValueError(f"task {task!r} is not 'shapes': lmms-eval tasks need pip install 'vtprune[eval]'") from None
+        from . import lmms
+
+        self.evaluate, self.task, self.n_questions = simple_evaluate, task, n_questions
+        # vtprune's own tasks need no index of lmms-eval's ~2,000 built-in ones
+        self.tasks = TaskManager("WARNING", include_path=str(lmms.TASKS), include_defaults=not task.startswith("vtprune_"))
+        if task not in self.tasks.all_tasks:
+            raise ValueError(f"lmms-eval has no task {task!r} (vtprune's: vtprune_shapes, vtprune_shapes_dynres)")
+        self.lm = lmms.Vtprune(pretrained=model_name, batch_size=batch, random_weights=random_weights)
+        self.lm.reuse = True
+        self.device = self.lm.device.type
+
+    def cell(self, method: str, ratio: float) -> dict:
+        import vtprune
+
+        lm = self.lm
+        if method == UNPATCHED:
+            vtprune.unpatch(lm.model)
+            lm.method, lm.options = None, {}
+        else:
+            vtprune.patch(lm.model, method, ratio=ratio)
+            lm.method, lm.options = method, {"ratio": ratio}
+        lm.records, lm.first_inputs = [], None
+        res = self.evaluate(model=lm, tasks=[self.task], task_manager=self.tasks, limit=self.n_questions,
+                            log_samples=False, bootstrap_iters=0, verbosity="WARNING")
+        metrics = {k.split(",")[0]: v for k, v in res["results"][self.task].items()
+                   if isinstance(v, (int, float)) and v == v and "_stderr" not in k}  # NaN: no such item
+        if not metrics:
+            raise ValueError(f"lmms-eval task {self.task!r} reported no numeric metric")
+        s = lm.summary()
+        ms = prefill_ms(lm.model, lm.first_inputs)
+        vtprune.unpatch(lm.model)
+        primary = "accuracy" if "accuracy" in metrics else next(iter(metrics))
+        return {"accuracy": metrics.pop(primary), "by_kind": metrics,
+                "prefill_tflops": s["prefill_tflops"], "llm_tflops": s["llm_prefill_tflops"],
+                "visual_tokens": s["visual_after"], "prefill_ms": ms}
 
 
 def _key(cell: dict) -> tuple:
@@ -57,8 +137,6 @@ def run(model_name: str, methods: list[str], ratios: list[float], task: str, out
     from tqdm.auto import tqdm
 
     import vtprune
-
-    from . import models
 
     for r in ratios:
         if not 0 < r <= 1:
@@ -79,26 +157,13 @@ def run(model_name: str, methods: list[str], ratios: list[float], task: str, out
     base = dict(model=model_name, task=task, questions=n_questions)
     missing = [(m, r) for m, r in todo if _key({**base, "method": m, "ratio": r}) not in done]
     if missing:
-        model, processor = models.load(model_name, random_weights=random_weights)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = model.to(device)
-        n = min(batch, n_questions)  # the FLOPs / latency sample: one batch of the task's calibration split
-        sample = models.to_model(models.calibration(task, model, processor, n, batch_size=n)[0], model)
+        cells_of = ShapesCells if task == "shapes" else LmmsCells
+        runner = cells_of(model_name, task, n_questions, batch, random_weights)
         with tqdm(total=len(missing), desc="sweep", unit="cell", disable=not progress) as bar:
             for method, ratio in missing:
                 bar.set_postfix_str(f"{method} {ratio:g}")
-                if method == UNPATCHED:
-                    acc = accuracy(task, model, processor, n_questions, batch)
-                    report, ms = flops.count(model, sample), prefill_ms(model, sample)
-                else:
-                    with vtprune.pruned(model, method, ratio=ratio):
-                        acc = accuracy(task, model, processor, n_questions, batch)
-                        ms = prefill_ms(model, sample)
-                    report = flops.count(model, sample, method, ratio=ratio)
-                cell = {**base, "method": method, "ratio": ratio, "accuracy": acc["overall"], "by_kind": acc["by_kind"],
-                        "prefill_tflops": report.total_prefill / 1e12, "llm_tflops": report.llm_prefill / 1e12,
-                        "visual_tokens": sum(report.visual_tokens) / len(report.visual_tokens),
-                        "prefill_ms": ms, "batch": batch, "device": device}
+                cell = {**base, "method": method, "ratio": ratio, **runner.cell(method, ratio), "batch": batch,
+                        "device": runner.device}
                 with log.open("a") as f:
                     f.write(json.dumps(cell) + "\n")
                 done[_key(cell)] = cell
@@ -113,9 +178,10 @@ def write(cells: list[dict], out: Path) -> None:
     cols = ["method", "ratio", "accuracy", "prefill_tflops", "llm_tflops", "visual_tokens", "prefill_ms"]
     with (out / "results.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(cols + sorted(cells[0]["by_kind"]))
+        extra = sorted({k for c in cells for k in c["by_kind"]})
+        w.writerow(cols + extra)
         for c in cells:
-            w.writerow([c[k] for k in cols] + [c["by_kind"][k] for k in sorted(c["by_kind"])])
+            w.writerow([c[k] for k in cols] + [c["by_kind"].get(k, "") for k in extra])
     plot(cells, out)
 
 

@@ -1,0 +1,327 @@
+"""lmms-eval plugin: `python -m lmms_eval --model vtprune --model_args pretrained=M,method=divprune,keep=64`.
+
+Registered through lmms-eval's `lmms_eval.models` entry point (pyproject.toml -> `manifests`), so
+lmms-eval itself is not edited. `Vtprune` is the simple protocol (prompt text + `doc_to_visual`),
+`VtpruneChat` the chat protocol (`doc_to_messages`), which lmms-eval 0.7 picks by default;
+`--force_simple` selects the other. Both batch `generate_until` requests (left padding; every
+sample is pruned on its own, so answers do not depend on the batch), and the simple class also
+answers `loglikelihood`.
+
+--model_args: `pretrained` (a local model directory or a name `vtprune.eval.models.load` knows),
+`method` (a registered strategy; omitted or "none": unpatched), `keep` or `ratio`, any option of the
+method, and `dtype` ("auto", "float16", "bfloat16", "float32"), `attn` ("sdpa", "eager", ...),
+`random_weights` (bundled architectures without trained weights: plumbing only), `max_new_tokens`
+(default when the task sets none), `stats_path` (a folder: each rank writes its pruning figures to
+`vtprune_stats_rank<R>.json` there, as lmms-eval's own throughput log is per process).
+
+The pruning figures (visual tokens before/after, selection time, analytic prefill TFLOPs from the
+real per-layer token counts) go to lmms-eval's `results["throughput"]` as `avg_vtprune_*`, and each
+answer's prompt length after pruning to its token counts.
+
+lmms-eval's task index has no entry point, so the bundled offline tasks (`vtprune_shapes`,
+`vtprune_shapes_dynres`) are found with `--include_path "$(vtprune lmms-tasks)"` (TASKS).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from lmms_eval.api.instance import GenerationResult, TokenCounts
+from lmms_eval.api.model import lmms
+
+# Nothing from lmms_eval.models at import time: importing that package loads the entry points, this
+# module among them, which must then be complete (imports of lmms_eval.models are inside functions).
+
+TASKS = Path(__file__).resolve().parent / "lmms_tasks"
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "auto": "auto"}
+UNPATCHED = (None, "", "none")
+
+
+def manifests() -> list:
+    """The lmms-eval model manifest (entry point `lmms_eval.models: vtprune`)."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return [ModelManifest(model_id="vtprune", simple_class_path=f"{__name__}.Vtprune",
+                          chat_class_path=f"{__name__}.VtpruneChat")]
+
+
+def _value(v):
+    """lmms-eval keeps quotes around values (`x="a"` -> '"a"'); numbers and booleans arrive parsed."""
+    if isinstance(v, str) and len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"":
+        return v[1:-1]
+    return v
+
+
+def _device(device) -> torch.device:
+    """One process per GPU under `accelerate launch` / torchrun (LOCAL_RANK); else `device` or the default."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available():
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Vtprune(lmms):
+    """A Hugging Face LLaVA / Qwen-VL model patched with a vtprune strategy (simple protocol)."""
+
+    is_simple = True
+
+    def __init__(self, pretrained: str, method: str | None = None, batch_size=1, device: str | None = None,
+                 max_batch_size=None, dtype: str = "auto", attn: str = "sdpa", random_weights: bool = False,
+                 max_new_tokens: int = 64, stats_path: str | None = None, **options) -> None:
+        super().__init__()
+        from . import models
+
+        self.batch_size = int(_value(batch_size)) if str(batch_size) != "auto" else 1
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        dtype = _value(dtype)
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        self._device = _device(_value(device))
+        model, processor = models.load(str(_value(pretrained)), random_weights=bool(random_weights),
+                                       attn=_value(attn), dtype=DTYPES[dtype])
+        if processor is None:
+            raise ValueError(f"{pretrained!r} has no processor: lmms-eval needs a model that reads images "
+                             "(a bundled model or a local checkpoint directory)")
+        if getattr(processor, "tokenizer", None) is not None:
+            processor.tokenizer.padding_side = "left"  # batched generation continues every row at the end
+        self.model = model.to(self._device).eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.max_new_tokens = int(max_new_tokens)
+        self.stats_path = _value(stats_path)
+        self.method = _value(method)
+        self.options = {k: _value(v) for k, v in options.items()}
+        if self.method in UNPATCHED:
+            if self.options:
+                raise ValueError(f"options {sorted(self.options)} given without a method")
+            self.method = None
+        else:
+            import vtprune
+
+            vtprune.patch(self.model, self.method, **self.options)  # validates the method and its options
+        self.records: list[dict] = []  # one per generated batch: pruning figures (see summary())
+        self.first_inputs: dict | None = None  # the first batch's model inputs (sweeps time a prefill on it)
+        self.reuse = False  # True: keep the model across evaluations (see clean)
+
+    def clean(self):
+        """lmms-eval calls this after every evaluation and it deletes the model (to free memory for judge
+        models); a sweep evaluates one model many times, so with `reuse` set only caches are emptied."""
+        if not self.reuse:
+            return super().clean()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    @property
+    def device(self):
+        return self._device
+
+    # prompts -----------------------------------------------------------------------------------
+
+    def _prompt(self, text: str, n_images: int, messages: list | None = None) -> str:
+        """The model's prompt: its chat template when the processor has one (`messages`, or one user
+        turn of the images then `text`); else the bundled tiny models' format."""
+        if getattr(self.processor, "chat_template", None):
+            if messages is None:
+                messages = [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}]
+            return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        from . import tinyvlm
+
+        if n_images != 1:
+            raise ValueError(f"a model without a chat template takes one image per prompt, got {n_images}")
+        return tinyvlm.prompt(tinyvlm.family_of(self.model), text)
+
+    def _inputs(self, prompts: list[str], images: list) -> dict:
+        from .models import to_model
+
+        inputs = self.processor(images=images or None, text=prompts, padding=True, return_tensors="pt")
+        inputs.pop("token_type_ids", None)
+        return to_model(dict(inputs), self.model)
+
+    def _request(self, args) -> tuple[str, list, dict]:
+        """(prompt, images, gen_kwargs) of a simple-protocol generate_until request."""
+        ctx, gen_kwargs, doc_to_visual, doc_id, task, split = args
+        images = _images(doc_to_visual(self.task_dict[task][split][doc_id]))
+        return self._prompt(ctx, len(images)), images, gen_kwargs
+
+    # generation --------------------------------------------------------------------------------
+
+    def generate_until(self, requests) -> list:
+        from tqdm.auto import tqdm
+
+        out: list = [None] * len(requests)
+        prepared = [self._request(r.args) for r in requests]
+        groups: dict[str, list[int]] = {}
+        for i, (_, _, kw) in enumerate(prepared):  # one generation config per batch
+            groups.setdefault(json.dumps(kw, sort_keys=True, default=str), []).append(i)
+        elapsed, new_tokens = 0.0, 0
+        with tqdm(total=len(requests), desc="vtprune", unit="q", disable=self.rank != 0) as bar:
+            for idx in groups.values():
+                for s in range(0, len(idx), self.batch_size):
+                    chunk = idx[s:s + self.batch_size]
+                    texts, counts, seconds = self._generate([prepared[i][0] for i in chunk],
+                                                            [im for i in chunk for im in prepared[i][1]],
+                                                            prepared[chunk[0]][2])
+                    for i, text, c in zip(chunk, texts, counts):
+                        out[i] = GenerationResult(text=text, token_counts=c)
+                    elapsed += seconds
+                    new_tokens += sum(c.output_tokens for c in counts)
+                    bar.update(len(chunk))
+        self._log(elapsed, new_tokens)
+        return out
+
+    @torch.no_grad()
+    def _generate(self, prompts: list[str], images: list, gen_kwargs: dict):
+        inputs = self._inputs(prompts, images)
+        if self.first_inputs is None:
+            self.first_inputs = inputs
+        kw = dict(gen_kwargs)
+        until = kw.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        temperature = float(kw.pop("temperature", 0) or 0)
+        sample = bool(kw.pop("do_sample", False)) or temperature > 0
+        gen = {"max_new_tokens": int(kw.pop("max_new_tokens", self.max_new_tokens)), "do_sample": sample,
+               "num_beams": int(kw.pop("num_beams", 1) or 1)}
+        if sample:
+            gen["temperature"] = temperature or 1.0
+            if kw.get("top_p") is not None:
+                gen["top_p"] = float(kw["top_p"])
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        sync = self._device.type == "cuda"
+        if sync:
+            torch.cuda.synchronize(self._device)
+        t0 = time.perf_counter()
+        ids = self.model.generate(**inputs, **gen, pad_token_id=pad)
+        if sync:
+            torch.cuda.synchronize(self._device)
+        seconds = time.perf_counter() - t0
+        new = ids[:, inputs["input_ids"].shape[1]:]
+        prompt_tokens = self._record(inputs, seconds)
+        texts, counts = [], []
+        for row, n_in in zip(new, prompt_tokens):
+            eos = (row == self.tokenizer.eos_token_id).nonzero()
+            n_out = int(eos[0, 0]) + 1 if len(eos) else int((row != pad).sum())
+            text = self.tokenizer.decode(row, skip_special_tokens=True)
+            for stop in until:
+                if stop and stop in text:
+                    text = text[:text.index(stop)]
+            texts.append(text)
+            counts.append(TokenCounts(input_tokens=n_in, output_tokens=n_out))
+        return texts, counts, seconds
+
+    # figures -----------------------------------------------------------------------------------
+
+    def _record(self, inputs: dict, seconds: float) -> list[int]:
+        """Keep this batch's pruning figures; returns each sample's prompt length after pruning."""
+        import vtprune
+
+        from . import flops
+
+        st = vtprune.stats(self.model) if self.method is not None else None
+        rep = flops.report(self.model, inputs, st, self.method, self.options)
+        before = flops.visual_token_counts(self.model.config, inputs)
+        self.records.append({
+            "samples": len(before), "visual_before": sum(before), "visual_after": sum(rep.visual_tokens),
+            "selection_ms": st.selection_ms if st is not None else 0.0, "generate_s": seconds,
+            "prefill_tflops": rep.total_prefill / 1e12, "llm_prefill_tflops": rep.llm_prefill / 1e12,
+            "vision_tflops": (rep.vision_encoder + rep.projector) / 1e12})
+        return [int(n) for n in rep.tokens_per_layer[0]]
+
+    def summary(self) -> dict:
+        """This process's figures so far: per-sample means of visual tokens and TFLOPs, kept fraction,
+        mean selection ms per batch, generate seconds in all."""
+        n = sum(r["samples"] for r in self.records)
+        if not n:
+            return {"method": self.method, "options": self.options, "samples": 0}
+        before = sum(r["visual_before"] for r in self.records)
+        after = sum(r["visual_after"] for r in self.records)
+        return {"method": self.method, "options": self.options, "samples": n, "batches": len(self.records),
+                "visual_before": before / n, "visual_after": after / n, "kept_fraction": after / before if before else 1.0,
+                "selection_ms": sum(r["selection_ms"] for r in self.records) / len(self.records),
+                "prefill_tflops": sum(r["prefill_tflops"] for r in self.records) / n,
+                "llm_prefill_tflops": sum(r["llm_prefill_tflops"] for r in self.records) / n,
+                "vision_tflops": sum(r["vision_tflops"] for r in self.records) / n,
+                "generate_s": sum(r["generate_s"] for r in self.records)}
+
+    def _log(self, elapsed: float, new_tokens: int) -> None:
+        from lmms_eval.models.model_utils.gen_metrics import log_metrics
+
+        s = self.summary()
+        extra = {f"vtprune_{k}": v for k, v in s.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        log_metrics(total_elapsed_time=elapsed, total_gen_tokens=new_tokens,
+                    avg_speed=new_tokens / elapsed if elapsed > 0 else 0.0, additional_metrics={**extra, "rank": self.rank})
+        if self.stats_path:
+            path = Path(self.stats_path)
+            path.mkdir(parents=True, exist_ok=True)
+            (path / f"vtprune_stats_rank{self.rank}.json").write_text(
+                json.dumps({**s, "rank": self.rank, "world_size": self.world_size, "records": self.records}, indent=1) + "\n")
+
+    # likelihood --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        """log p(continuation | image, context) and whether greedy decoding gives the continuation. The
+        continuation's tokens are appended to the prompt's (never pruned: they are text), so their
+        logits are the last positions of the pruned sequence."""
+        out = []
+        for r in requests:
+            ctx, continuation, doc_to_visual, doc_id, task, split = r.args
+            doc = self.task_dict[task][split][doc_id]
+            if callable(continuation):
+                continuation = continuation(doc)
+            images = _images(doc_to_visual(doc))
+            inputs = self._inputs([self._prompt(ctx, len(images))], images)
+            cont = self.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            if cont.shape[1] == 0:
+                raise ValueError(f"continuation {continuation!r} has no tokens")
+            cont = cont.to(inputs["input_ids"].device)
+            inputs["input_ids"] = torch.cat([inputs["input_ids"], cont], 1)
+            inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(cont)], 1)
+            logits = self.model(**inputs).logits[0, -cont.shape[1] - 1:-1].float()
+            logp = torch.log_softmax(logits, -1)
+            out.append((float(logp.gather(1, cont[0][:, None]).sum()), bool((logits.argmax(-1) == cont[0]).all())))
+        return out
+
+    def generate_until_multi_round(self, requests):
+        raise NotImplementedError("vtprune's lmms-eval model does not run multi-round tasks yet")
+
+
+class VtpruneChat(Vtprune):
+    """The chat protocol: messages (`doc_to_messages`) through the processor's chat template."""
+
+    is_simple = False
+
+    def _request(self, args):
+        from lmms_eval.protocol import ChatMessages
+
+        ctx, doc_to_messages, gen_kwargs, doc_id, task, split = args
+        chat = ChatMessages(messages=doc_to_messages(self.task_dict[task][split][doc_id]))
+        images, videos, audios = chat.extract_media()
+        if videos or audios:
+            raise NotImplementedError("vtprune's lmms-eval model takes images only (no video or audio) for now")
+        images = _images(images)
+        if getattr(self.processor, "chat_template", None):
+            return self._prompt("", len(images), chat.to_hf_messages()), images, gen_kwargs
+        text = " ".join(c.text for m in chat.messages if m.role == "user" for c in m.content if c.type == "text")
+        return self._prompt(text, len(images)), images, gen_kwargs
+
+    def loglikelihood(self, requests):
+        raise NotImplementedError("lmms-eval's chat protocol has no loglikelihood; run with --force_simple")
+
+
+def _images(visuals) -> list:
+    """PIL RGB images from what a task gives (images or paths); video paths raise."""
+    from PIL import Image
+
+    out = []
+    for v in visuals or []:
+        if isinstance(v, (str, os.PathLike)):
+            if str(v).lower().endswith((".mp4", ".avi", ".mov", ".mkv", ".webm")):
+                raise NotImplementedError("vtprune's lmms-eval model takes images only (no video) for now")
+            v = Image.open(v)
+        out.append(v.convert("RGB"))
+    return out

@@ -1,0 +1,35 @@
+"""lmms-eval hooks of the `vtprune_shapes` tasks: images are rendered from the scene index (the
+benchmark is deterministic), answers are scored on their first word, overall and per question kind."""
+from vtprune.eval import shapes
+
+
+def doc_to_visual(doc):
+    """The scene at 224 x 224 px (tiny-llava's input size)."""
+    return [shapes.render(shapes.sample("eval", doc["scene"])[0])]
+
+
+def doc_to_visual_dynres(doc):
+    """The scene at its own size (168-280 px a side, as tiny-qwen2vl is trained and evaluated)."""
+    return [shapes.render(shapes.sample("eval", doc["scene"], doc["width"], doc["height"])[0])]
+
+
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    return doc["question"]
+
+
+def process_results(doc, results):
+    words = results[0].strip().split()
+    hit = float(bool(words) and words[0] == doc["answer"])
+    return {"accuracy": hit, **{kind: (doc["kind"], hit) for kind in shapes.KINDS}}
+
+
+def _by_kind(kind):
+    def aggregate(items):
+        hits = [hit for k, hit in items if k == kind]
+        return sum(hits) / len(hits) if hits else float("nan")
+
+    aggregate.__name__ = f"accuracy_{kind}"
+    return aggregate
+
+
+colour, shape, count, relation, digit, exist = (_by_kind(k) for k in shapes.KINDS)
