@@ -191,3 +191,21 @@ def test_cli_under_accelerate_and_two_process_torchrun(tmp_path):
     assert [r["world_size"] for r in per_rank] == [2, 2]
     assert sum(r["samples"] for r in per_rank) == 6  # rank r takes documents r::2
     assert json.loads((tmp_path / "single" / "stats" / "vtprune_stats_rank0.json").read_text())["samples"] == 6
+
+
+@pytest.mark.parametrize("name,image", [("tiny-llava", "<image> "),
+                                        ("tiny-qwen2vl", "<|vision_start|> <|image_pad|> <|vision_end|> ")])
+def test_chat_template_path_builds_the_same_prompt(name, image, tasks):
+    """A checkpoint's chat template is applied to lmms-eval's messages (chat class) and to the simple
+    class's one-turn prompt: with a template that writes the bundled format, answers are unchanged."""
+    template = ("{% for m in messages %}<s> {% for c in m['content'] %}{% if c['type'] == 'image' %}" + image
+                + "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}")
+    task = TASK if name == "tiny-llava" else "vtprune_shapes_dynres"
+    kw = dict(pretrained=name, random_weights=True, method="random", ratio=0.5, batch_size=3)
+    plain = evaluate(lmms.Vtprune(**kw), tasks, 6, task)[1]
+    for cls in (lmms.Vtprune, lmms.VtpruneChat):
+        lm = cls(**kw)
+        lm.processor.chat_template = template
+        assert lm._prompt("what colour is the star ?", 1).split() == ["<s>", *image.split(), "what", "colour", "is",
+                                                                      "the", "star", "?"]
+        assert evaluate(lm, tasks, 6, task)[1] == plain, cls.__name__
