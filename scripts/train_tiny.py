@@ -5,7 +5,8 @@
 
 Stage A pretrains the vision tower on per-token labels the generator knows for free (colour, shape
 and digit under each LLM-side token), as LLaVA starts from a pretrained CLIP: a language model
-trained end to end from scratch never learns to look at the image. Stage B freezes the tower and
+trained end to end from scratch never learns to look at the image. Stage P aligns the projector so
+that visual tokens read, through the LM head, as the words naming them. Stage B freezes the tower and
 trains the projector and language model on questions (several question/answer pairs per image,
 loss on the answers), with the answer position's attention supervised toward the visual tokens of
 the items the question refers to (--attn-sup) and optionally one question kind at a time
@@ -115,6 +116,71 @@ def stage_a(model, family, proc, heads, steps, batch_size, lr, log, offset):
                     hit = heads[k](feats).argmax(-1).reshape(-1) == lab
                     acc[k] = hit[lab > 0].float().mean().item() if k in BACKGROUND_KEYS else hit.float().mean().item()
             log(f"A {step:5d} loss {loss.item():.4f} " + " ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+    return offset + steps * batch_size
+
+
+def projector(model, family):
+    """The module that maps vision features into the language model (LLaVA: the MLP projector; Qwen2-VL:
+    the patch merger, whose output `visual_tokens` already returns)."""
+    return model.model.multi_modal_projector if family == "llava" else model.model.visual.merger
+
+
+def word_targets(family, proc, batch, vocab):
+    """[tokens, vocab]: per LLM-side visual token, a distribution spread evenly over the words that name
+    what lies under it (its colour and shape, or its digit) and where (its cell's position words);
+    all-zero rows for background tokens."""
+    tok = proc.tokenizer
+    ids = lambda words: torch.tensor(tok.convert_tokens_to_ids(list(words)))  # noqa: E731
+    colour, shape, digit = ids(shapes.COLOURS), ids(shapes.SHAPES), ids(shapes.NUMBERS)
+    labels = {k: v.reshape(-1) for k, v in token_labels(family, batch).items()}
+    n = labels["colour"].numel()
+    target = torch.zeros(n, vocab)
+    rows = torch.arange(n)
+    for lab, words in ((labels["colour"], colour), (labels["shape"], shape), (labels["digit"], digit)):
+        hit = lab > 0
+        target[rows[hit], words[lab[hit] - 1]] += 1.0
+    something = target.sum(1) > 0
+    for cell in range(9):
+        at = something & (labels["cell"] == cell)
+        for w in ids(shapes.POSITIONS[cell // 3][cell % 3].split()):
+            target[rows[at], w] += 1.0
+    return target / target.sum(1, keepdim=True).clamp_min(1.0)
+
+
+def stage_align(model, family, proc, steps, batch_size, lr, log, offset):
+    """Projector alignment, as LLaVA's first stage aligns a pretrained CLIP to the LLM with captions:
+    with the vision tower frozen, train the projector so that each visual token, read through the
+    (tied) LM head, names what lies under it (word_targets). Visual tokens then live in the words'
+    embedding space, which the language model can look up from a question."""
+    for p in visual_params(model, family):
+        p.requires_grad_(False)
+    params = list(projector(model, family).parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = cosine(opt, steps)
+    device = next(model.parameters()).device
+    for step in range(steps):
+        batch = scenes(family, offset + step * batch_size, batch_size)
+        inputs = proc.image_processor([img for _, img, _ in batch], return_tensors="pt").to(device)
+        if family == "llava":
+            with torch.no_grad():
+                feats = visual_tokens(model, family, inputs)
+            emb = projector(model, family)(feats).reshape(-1, model.config.text_config.hidden_size)
+        else:  # the merger runs inside the tower: only it has gradients
+            emb = visual_tokens(model, family, inputs)
+        target = word_targets(family, proc, batch, model.config.text_config.vocab_size).to(device)
+        keep = target.sum(1) > 0
+        logp = torch.log_softmax(model.lm_head(emb[keep]).float(), -1)
+        loss = -(target[keep] * logp).sum(-1).mean()
+        optimise(opt, sched, params, loss)
+        if step % 25 == 0 or step == steps - 1:
+            with torch.no_grad():
+                top = logp.argmax(-1)
+                acc = target[keep].gather(1, top[:, None]).gt(0).float().mean().item()
+            log(f"P {step:5d} loss {loss.item():.4f} top word names the token {acc:.3f}")
+    for p in model.parameters():
+        p.requires_grad_(True)
     return offset + steps * batch_size
 
 
@@ -265,6 +331,7 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vision-steps", type=int, default=400)
+    ap.add_argument("--align-steps", type=int, default=300, help="projector alignment steps (stage P) before stage B")
     ap.add_argument("--qa-steps", type=int, default=1200)
     ap.add_argument("--full-steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=32)
@@ -323,6 +390,7 @@ def main(argv=None):
     else:
         offset = stage_a(model, args.family, proc, heads, args.vision_steps, args.batch, 2e-3, log, 0)
         torch.save({"model": model.state_dict(), "offset": offset, "args": [args.seed, args.vision_steps, args.batch]}, ckpt)
+    offset = stage_align(model, args.family, proc, args.align_steps, args.batch, 2e-3, log, offset)
     only = set(args.only.split(",")) if args.only else None
     if args.attn_sup > 0:  # attention weights are needed: eager attention while training (SDPA after)
         model.set_attn_implementation("eager")

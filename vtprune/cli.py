@@ -142,7 +142,7 @@ def _lmms_tasks(args) -> int:
 def _model_budget_args(p) -> None:
     p.add_argument("--model", required=True,
                    help="a local model directory, a bundled name, a tiny-test model or a full-scale architecture "
-                        "(llava-1.5-7b, llava-next-7b, qwen2-vl-7b, qwen2.5-vl-7b, qwen3-vl-8b)")
+                        "(llava-1.5-7b, llava-next-7b, llava-onevision-7b, qwen2-vl-7b, qwen2.5-vl-7b, qwen3-vl-8b)")
     p.add_argument("--keep", type=int, help="visual tokens kept per image")
     p.add_argument("--ratio", type=float, help="fraction of visual tokens kept (instead of --keep)")
     p.add_argument("--task", help="input source (default: shapes; tiny-prompts for test models; synthetic for full-scale)")

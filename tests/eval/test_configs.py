@@ -7,6 +7,7 @@ from vtprune.eval import configs, models
 
 
 @pytest.mark.parametrize("name, params", [("llava-1.5-7b", 7_063_427_072), ("llava-next-7b", 7_063_427_072 + 4096),
+                                          ("llava-onevision-7b", 8_030_807_584),
                                           ("qwen2-vl-7b", 8_291_375_616),
                                           ("qwen2.5-vl-7b", 8_292_166_656),
                                           ("qwen3-vl-8b", 8_767_123_696)])
@@ -23,7 +24,8 @@ def test_full_scale_needs_random_weights_and_a_gpu():
             configs.build("qwen2-vl-7b")
 
 
-@pytest.mark.parametrize("family, px, visual", [("llava", None, 16), ("llava_next", 100, 88), ("qwen2_vl", 56, 4),
+@pytest.mark.parametrize("family, px, visual", [("llava", None, 16), ("llava_next", 100, 88),
+                                                ("llava_onevision", 100, 88), ("qwen2_vl", 56, 4),
                                                 ("qwen2_5_vl", 112, 16), ("qwen3_vl", 64, 4)])
 def test_synthetic_inputs_run_through_the_model(family, px, visual):
     model = tiny.build(family)
@@ -35,3 +37,8 @@ def test_synthetic_inputs_run_through_the_model(family, px, visual):
     assert out.logits.shape[:2] == (2, 1)
     batches = models.calibration("synthetic", model, None, 5, batch_size=2)
     assert [b["input_ids"].shape[0] for b in batches] == [2, 2, 1]
+
+
+def test_onevision_synthetic_inputs_refuse_downsampled_sizes():
+    with pytest.raises(ValueError, match="anyres_max_9"):  # > 3 x 3 tiles would be downsampled: counts would lie
+        configs.synthetic_inputs(tiny.build("llava_onevision"), 1, image_px=200)

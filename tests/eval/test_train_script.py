@@ -17,8 +17,8 @@ def test_train_script_smoke(family, tmp_path):
     finally:
         sys.path.pop(0)
     out = tmp_path / family
-    train_tiny.main(["--family", family, "--out", str(out), "--vision-steps", "1", "--qa-steps", "1",
-                     "--full-steps", "1", "--batch", "2", "--eval-questions", "12"])
+    train_tiny.main(["--family", family, "--out", str(out), "--vision-steps", "1", "--align-steps", "1",
+                     "--qa-steps", "1", "--full-steps", "1", "--batch", "2", "--eval-questions", "12"])
     log = json.loads((out / "train_log.json").read_text())
     assert log["eval"]["full"]["n"] == 12 and "random@0.111" in log["eval"]
     import transformers as tf
@@ -26,8 +26,8 @@ def test_train_script_smoke(family, tmp_path):
     model = tf.AutoModelForImageTextToText.from_pretrained(out)
     assert next(model.parameters()).dtype == torch.float16  # shipped in fp16
     # stage A is reused from its checkpoint when the settings match
-    train_tiny.main(["--family", family, "--out", str(out), "--vision-steps", "1", "--qa-steps", "1",
-                     "--full-steps", "0", "--batch", "2", "--eval-questions", "6", "--reuse-vision"])
+    train_tiny.main(["--family", family, "--out", str(out), "--vision-steps", "1", "--align-steps", "0",
+                     "--qa-steps", "1", "--full-steps", "0", "--batch", "2", "--eval-questions", "6", "--reuse-vision"])
     assert any("stage A reused" in line for line in json.loads((out / "train_log.json").read_text())["log"])
 
 
@@ -82,3 +82,34 @@ def test_curriculum_adds_one_kind_per_phase():
     assert train_tiny.curriculum(argparse.Namespace(curriculum=None)) is None
     with pytest.raises(SystemExit):
         train_tiny.curriculum(argparse.Namespace(curriculum="colour,size", first_phase=1, phase=1))
+
+
+def test_alignment_targets_name_what_lies_under_each_token():
+    """Stage P's word targets on a hand-made LLaVA scene: a large red circle in the top-left cell and a
+    digit 7 in the centre cell; every other token is background."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import train_tiny
+    finally:
+        sys.path.pop(0)
+    from vtprune.eval import shapes, tinyvlm
+
+    circle = shapes.Obj("circle", "red", "large", (0, 0), (10, 10, 59, 59))
+    digit = shapes.Digit(7, (1, 1), (100, 100, 111, 115), 22)
+    scene = shapes.Scene(224, 224, [circle], [digit])
+    proc = tinyvlm.processor("llava")
+    vocab = len(proc.tokenizer)
+    target = train_tiny.word_targets("llava", proc, [(scene, None, None)], vocab)
+    assert target.shape == (196, vocab)
+    word = lambda w: proc.tokenizer.convert_tokens_to_ids(w)  # noqa: E731
+    centre_of_circle = 2 * 14 + 2  # patch (2, 2): pixels 32-47, centre pixel (40, 40) inside the circle
+    want = torch.zeros(vocab)
+    want[[word("red"), word("circle"), word("top"), word("left")]] = 0.25
+    assert torch.equal(target[centre_of_circle], want)
+    seven = 6 * 14 + 6  # patch (6, 6): centre pixel (104, 104) inside the digit's glyph box
+    want = torch.zeros(vocab)
+    want[[word("seven"), word("centre")]] = 0.5
+    assert torch.equal(target[seven], want)
+    ids = shapes.patch_ids(scene, 16).reshape(-1)
+    assert torch.equal(target.sum(1) > 0, ids > 0)  # background rows are all zero
+    assert torch.allclose(target[ids > 0].sum(1), torch.ones(int((ids > 0).sum())))

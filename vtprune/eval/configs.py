@@ -1,5 +1,5 @@
 """Full-scale architectures with random weights, for speed and memory figures without downloading
-anything: the published configs of LLaVA-1.5-7B, LLaVA-NeXT-7B (v1.6-vicuna), Qwen2-VL-7B,
+anything: the published configs of LLaVA-1.5-7B, LLaVA-NeXT-7B (v1.6-vicuna), LLaVA-OneVision-7B, Qwen2-VL-7B,
 Qwen2.5-VL-7B and Qwen3-VL-8B written out as transformers config objects, and synthetic inputs shaped like a real
 prompt (image tokens + text).
 
@@ -41,6 +41,20 @@ def llava_next_7b():
                               projector_hidden_act="gelu", pad_token_id=32001)
 
 
+def llava_onevision_7b():
+    """llava-onevision-qwen2-7b-ov: SigLIP-so400m at 384 px (26 layers used, no pooling head), Qwen2-7B,
+    anyres-max-9 over 384-px tiles (transformers' default pinpoints: 1 x 1 to 6 x 6 tiles)."""
+    import transformers as tf
+
+    vision = dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, patch_size=14,
+                  image_size=384, num_hidden_layers=26, num_attention_heads=16, vision_use_head=False)
+    text = dict(model_type="qwen2", **{**_QWEN2_7B_TEXT, "vocab_size": 152128, "rope_parameters": dict(
+        rope_type="default", rope_theta=1000000.0)})
+    return tf.LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=151646,
+                                   video_token_index=151647, vision_feature_layer=-1,
+                                   vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9")
+
+
 def qwen2_vl_7b():
     import transformers as tf
 
@@ -74,7 +88,8 @@ def qwen3_vl_8b():
     return tf.Qwen3VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=False, **_QWEN_IDS)
 
 
-FULL_SCALE = {"llava-1.5-7b": llava_1_5_7b, "llava-next-7b": llava_next_7b, "qwen2-vl-7b": qwen2_vl_7b,
+FULL_SCALE = {"llava-1.5-7b": llava_1_5_7b, "llava-next-7b": llava_next_7b, "llava-onevision-7b": llava_onevision_7b,
+              "qwen2-vl-7b": qwen2_vl_7b,
               "qwen2.5-vl-7b": qwen2_5_vl_7b, "qwen3-vl-8b": qwen3_vl_8b}
 
 
@@ -109,11 +124,13 @@ def synthetic_inputs(model, batch: int, text_tokens: int = 48, image_px: int | N
     name = type(model).__name__
     if name.startswith("Llava"):
         vc = cfg.vision_config
-        if name.startswith("LlavaNext"):  # anyres: base tile + crops; default 672 x 672 -> 2928 visual tokens
-            from ..tiny import next_tokens
+        if name.startswith(("LlavaNext", "LlavaOnevision")):  # anyres: base tile + crops (+ a newline per row);
+            from ..tiny import next_tokens                     # default 2 x 2 tiles: 672 px -> 2928 tokens (NeXT)
 
             px = image_px or 2 * vc.image_size
             n, tiles = next_tokens(px, px, vc.image_size, vc.patch_size, cfg.image_grid_pinpoints)
+            if name.startswith("LlavaOnevision") and px > 3 * vc.image_size:  # > 3 x 3 tiles: downsampled
+                raise ValueError(f"{px} px would be downsampled by anyres_max_9: pick image_px <= {3 * vc.image_size}")
             pixels = torch.randn(batch, tiles, 3, vc.image_size, vc.image_size, generator=g)
             out = dict(pixel_values=pixels.to(dtype), image_sizes=torch.tensor([[px, px]] * batch))
         else:
