@@ -6,10 +6,11 @@
 """
 from .methods import ImageTokens, LayerTokens, Method, PruneConfig, Selection, VisionSignal, available, register
 from .patching import patch, pruned, stats, unpatch
+from .vit import patch_vit
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ImageTokens", "LayerTokens", "Method", "PruneConfig", "Selection", "VisionSignal",
-    "available", "patch", "pruned", "register", "stats", "unpatch",
+    "available", "patch", "patch_vit", "pruned", "register", "stats", "unpatch",
 ]

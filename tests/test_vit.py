@@ -1,0 +1,191 @@
+"""patch_vit: token pruning inside timm and open_clip ViTs, against forwards written out by hand."""
+import pytest
+import torch
+
+import vtprune
+from vtprune.methods import divprune, hiprune, pool, todre
+
+timm = pytest.importorskip("timm", reason="patch_vit tests need timm: pip install 'vtprune[vit]'")
+open_clip = pytest.importorskip("open_clip", reason="patch_vit tests need open_clip: pip install 'vtprune[vit]'")
+
+IMAGES = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def timm_vit(**kw):
+    torch.manual_seed(0)
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)
+    return timm.models.vision_transformer.VisionTransformer(**{**args, **kw}).eval()
+
+
+def clip_vit(batch_first=True):
+    torch.manual_seed(0)
+    v = open_clip.transformer.VisionTransformer(image_size=32, patch_size=8, width=32, layers=4, heads=2, mlp_ratio=2,
+                                                output_dim=16).eval()
+    v.transformer.batch_first = batch_first  # older open_clip runs its blocks sequence-first
+    for blk in v.transformer.resblocks:
+        blk.attn.batch_first = batch_first
+    return v
+
+
+def reference(model, images, layer, pick):
+    """The model's forward written out block by block, with `pick(patches [B, N, D]) -> [B, k, D]`
+    applied to the patch tokens after block `layer` (prefix tokens kept)."""
+    if hasattr(model, "patch_embed"):
+        p = model.num_prefix_tokens
+        x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+        for i, blk in enumerate(model.blocks):
+            x = blk(x)
+            if i == layer:
+                x = torch.cat([x[:, :p], pick(x[:, p:])], 1)
+        return model.forward_head(model.norm(x))
+    x = model._embeds(images)
+    seq_first = not model.transformer.batch_first
+    for i, blk in enumerate(model.transformer.resblocks):
+        x = blk(x.transpose(0, 1)).transpose(0, 1) if seq_first else blk(x)
+        if i == layer:
+            x = torch.cat([x[:, :1], pick(x[:, 1:])], 1)
+    pooled, _ = model._pool(x)
+    return pooled @ model.proj
+
+
+def attention_received(model, layer, images):
+    """Explicit softmax attention at block `layer`, mean over heads and query rows, prefix key columns dropped."""
+    store = {}
+    if hasattr(model, "patch_embed"):
+        blk = model.blocks[layer]
+        h = blk.norm1.register_forward_hook(lambda m, a, o: store.setdefault("x", o))
+        model(images)
+        h.remove()
+        x = store["x"]
+        b, n, _ = x.shape
+        qkv = blk.attn.qkv(x).reshape(b, n, 3, blk.attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, scale, p = qkv[0], qkv[1], blk.attn.scale, model.num_prefix_tokens
+    else:
+        blk = model.transformer.resblocks[layer]
+        h = blk.ln_1.register_forward_hook(lambda m, a, o: store.setdefault("x", o))
+        model(images)
+        h.remove()
+        x, d, heads = store["x"], blk.attn.embed_dim, blk.attn.num_heads
+        x = x if model.transformer.batch_first else x.transpose(0, 1)
+        b, n, _ = x.shape
+        q = (x @ blk.attn.in_proj_weight[:d].T + blk.attn.in_proj_bias[:d]).view(b, n, heads, -1).transpose(1, 2)
+        k = (x @ blk.attn.in_proj_weight[d:2 * d].T + blk.attn.in_proj_bias[d:2 * d]).view(b, n, heads, -1).transpose(1, 2)
+        scale, p = (d // heads) ** -0.5, 1
+    att = torch.softmax((q @ k.transpose(-1, -2)).float() * scale, -1)
+    return att.mean(1).mean(1)[:, p:], att.mean(1)[:, 0, p:]  # received by all rows, CLS row
+
+
+MODELS = {"timm": timm_vit, "timm-registers-avg": lambda: timm_vit(class_token=False, reg_tokens=2, global_pool="avg"),
+          "open_clip": clip_vit, "open_clip-seq-first": lambda: clip_vit(batch_first=False)}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_keep_all_and_unpatch_are_bit_identical(name):
+    model = MODELS[name]()
+    with torch.no_grad():
+        ref = model(IMAGES)
+        vtprune.patch_vit(model, "divprune", ratio=1.0, layer=1)
+        assert torch.equal(model(IMAGES), ref)
+        vtprune.patch_vit(model, "random", keep=5, layer=1)  # patching again replaces the configuration
+        assert not torch.equal(model(IMAGES), ref)
+        assert vtprune.stats(model).visual_after == [5, 5, 5]
+        vtprune.unpatch(model)
+        assert torch.equal(model(IMAGES), ref)
+        assert not hasattr(model, "_vtprune")
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_divprune_and_pool_match_the_forward_written_out(name):
+    model = MODELS[name]()
+    with torch.no_grad():
+        want = reference(model, IMAGES, 1, lambda x: torch.stack([x[i, divprune.select(x[i:i + 1], 6)[0]]
+                                                                   for i in range(len(x))]))
+        vtprune.patch_vit(model, "divprune", keep=6, layer=1)
+        torch.testing.assert_close(model(IMAGES), want, rtol=0, atol=1e-6)
+        vtprune.unpatch(model)  # references run the unpatched blocks
+        want = reference(model, IMAGES, 2, lambda x: torch.stack([pool.pool(x[i], (4, 4), 6)[0] for i in range(len(x))]))
+        vtprune.patch_vit(model, "pool", keep=6, layer=2)
+        torch.testing.assert_close(model(IMAGES), want, rtol=0, atol=1e-6)
+        assert vtprune.stats(model).visual_before == [16] * 3 and vtprune.stats(model).visual_after == [4] * 3  # 2x2
+
+
+@pytest.mark.parametrize("name", ["timm", "open_clip", "open_clip-seq-first"])
+def test_attention_signals_match_explicit_softmax(name):
+    """HiPrune's object/deep scores and ToDRE's CLS-attended pivot come from the blocks' own q, k: the
+    selections equal those made from explicitly computed attention maps."""
+    model = MODELS[name]()
+    with torch.no_grad():
+        obj, _ = attention_received(model, 1, IMAGES)  # "object": the middle of blocks 0..2 = block 1
+        deep, cls_row = attention_received(model, 2, IMAGES)  # "feature" / -1: the pruning block
+        want = hiprune.select(obj, deep, (4, 4), 6, 0.1)
+        blocks = model.blocks if hasattr(model, "blocks") else model.transformer.resblocks
+        seq_first = not (hasattr(model, "blocks") or model.transformer.batch_first)
+        full = {}
+        hook = blocks[2].register_forward_hook(lambda m, a, o: full.setdefault("x", o))
+        model(IMAGES)
+        hook.remove()
+        y = full["x"].transpose(0, 1) if seq_first else full["x"]  # block 2's output, unpatched
+        ref = reference(model, IMAGES, 2, lambda t: torch.stack([t[i, want[i]] for i in range(len(t))]))
+        pivot = cls_row.argmax(1)
+        want_todre = torch.stack([todre.select(y[i:i + 1, 1:], 5, pivot[i:i + 1])[0] for i in range(3)])
+        ref_todre = reference(model, IMAGES, 2, lambda t: torch.stack([t[i, want_todre[i]] for i in range(len(t))]))
+
+        vtprune.patch_vit(model, "hiprune", keep=6, layer=2, deep_layer=-1)
+        got = {}
+        hook = blocks[3].register_forward_pre_hook(lambda m, a: got.setdefault("x", a[0]))
+        out = model(IMAGES)
+        hook.remove()
+        x = got["x"].transpose(0, 1) if seq_first else got["x"]  # what block 3 receives
+        assert torch.equal(x[:, 0], y[:, 0])  # the CLS token is kept, first
+        assert torch.equal(x[:, 1:], torch.stack([y[i, 1:][want[i]] for i in range(3)]))
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+        vtprune.patch_vit(model, "todre", keep=5, layer=2)
+        torch.testing.assert_close(model(IMAGES), ref_todre, rtol=0, atol=1e-6)
+
+
+def test_batch_invariance_and_token_shuffle():
+    model = timm_vit()
+    with torch.no_grad():
+        for method in ("divprune", "hiprune", "token_shuffle", "random"):
+            vtprune.patch_vit(model, method, ratio=0.25, layer=1)
+            both = model(IMAGES)
+            alone = torch.cat([model(IMAGES[i:i + 1]) for i in range(3)])
+            torch.testing.assert_close(both, alone, rtol=0, atol=1e-5, msg=method)
+            assert vtprune.stats(model).visual_after[0] <= 4
+
+
+def test_unsupported_strategies_and_bad_input_raise_clearly():
+    model = timm_vit()
+    for method in ("fastv", "transprune", "vflowopt"):
+        with pytest.raises(ValueError, match="language model|no ViT form"):
+            vtprune.patch_vit(model, method, keep=4)
+    with pytest.raises(ValueError, match="stage 2"):
+        vtprune.patch_vit(model, "todre", keep=4, stage2=True)
+    with pytest.raises(ValueError, match="layer"):
+        vtprune.patch_vit(model, "divprune", keep=4, layer=3)  # the last block: nothing follows it
+    with pytest.raises(ValueError):
+        vtprune.patch_vit(model, "divprune", keep=4, ratio=0.5)
+    no_cls = timm_vit(class_token=False, global_pool="avg")  # todre's pivot falls back to the most-attended token
+    with torch.no_grad():
+        vtprune.patch_vit(no_cls, "todre", keep=4, layer=1)(IMAGES)
+    assert vtprune.stats(no_cls).visual_after == [4, 4, 4]
+    with pytest.raises(TypeError, match="timm VisionTransformer"):
+        vtprune.patch_vit(torch.nn.Linear(2, 2), "divprune", keep=4)
+    assert not hasattr(model, "_vtprune")  # failed patches leave the model untouched
+
+
+def test_throughput_benchmark_runs_side_by_side(tmp_path, monkeypatch):
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "vit.py"
+    spec = importlib.util.spec_from_file_location("bench_vit", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "models", lambda: iter([("tiny timm", timm_vit()), ("tiny open_clip", clip_vit())]))
+    bench.main(["--quick", "--methods", "divprune,pool", "--ratios", "0.5", "--layer", "1", "--out", str(tmp_path / "v.json")])
+    rows = json.loads((tmp_path / "v.json").read_text())["rows"]
+    assert [(r["model"], r["method"]) for r in rows] == [(m, x) for m in ("tiny timm", "tiny open_clip")
+                                                         for x in ("none", "divprune", "pool")]
+    assert all(r["images_per_s"] > 0 for r in rows) and [r.get("kept") for r in rows[:3]] == [None, 8, 4]  # pool: a 2 x 2 grid
