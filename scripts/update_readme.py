@@ -5,11 +5,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from vtprune.eval import tinyvlm  # noqa: E402
+from vtprune.eval import tinyvit, tinyvlm  # noqa: E402
 
 readme = ROOT / "README.md"
 text = readme.read_text()
 text = re.sub(r"(<!-- accuracy:start -->\n).*?(<!-- accuracy:end -->)",
               lambda m: m.group(1) + tinyvlm.accuracy_table() + "\n" + m.group(2), text, flags=re.S)
+text = re.sub(r"(<!-- vit-accuracy:start -->\n).*?(<!-- vit-accuracy:end -->)",
+              lambda m: m.group(1) + tinyvit.readme_table() + "\n" + m.group(2), text, flags=re.S)
 readme.write_text(text)
 print("README.md updated")

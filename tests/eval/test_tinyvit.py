@@ -1,0 +1,56 @@
+"""The bundled tiny ViT: deterministic data, the shipped weights' accuracy, and the README table."""
+import pathlib
+import re
+
+import pytest
+import torch
+
+pytest.importorskip("timm", reason="the tiny ViT is a timm model: pip install 'vtprune[vit]'")
+
+import vtprune  # noqa: E402
+from vtprune.eval import tinyvit  # noqa: E402
+
+
+def test_samples_are_deterministic_and_balanced():
+    a, ya = tinyvit.tensors("eval", 5, 4)
+    b, yb = tinyvit.tensors("eval", 5, 4)
+    assert torch.equal(a, b) and torch.equal(ya, yb)
+    assert not torch.equal(a, tinyvit.tensors("train", 5, 4)[0])
+    _, y = tinyvit.tensors("train", 0, 500)
+    counts = torch.bincount(y, minlength=5)
+    assert counts.min() > 70  # five shapes, roughly uniform
+
+
+@pytest.mark.skipif(not tinyvit.trained(), reason="tiny-vit weights not trained yet")
+def test_bundled_vit_accuracy_and_pruning_costs_accuracy():
+    model = tinyvit.load()
+    assert next(iter(tinyvit.load_file_dtypes())) == torch.float16  # shipped in fp16
+    full = tinyvit.accuracy(model, 300)
+    vtprune.patch_vit(model, "random", ratio=0.111, layer=2)
+    pruned = tinyvit.accuracy(model, 300)
+    vtprune.unpatch(model)
+    assert full >= 0.9 and pruned < full - 0.1, (full, pruned)
+    assert (tinyvit.BUNDLED / "model.safetensors").stat().st_size <= 10 * 2 ** 20
+
+
+def test_readme_vit_table_is_generated_from_the_training_log():
+    readme = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = re.search(r"<!-- vit-accuracy:start -->\n(.*?)<!-- vit-accuracy:end -->", readme, re.S)
+    assert block, "README lacks the tiny-vit accuracy block"
+    assert block.group(1).strip() == tinyvit.readme_table().strip(), "stale: python scripts/update_readme.py"
+
+
+def test_training_script_smoke(tmp_path):
+    import json
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "scripts"))
+    try:
+        import train_tiny_vit
+    finally:
+        sys.path.pop(0)
+    train_tiny_vit.main(["--out", str(tmp_path), "--steps", "2", "--batch", "8", "--eval-images", "20", "--ratios", "0.5"])
+    log = json.loads((tmp_path / "train_log.json").read_text())
+    assert [(r["method"], r["ratio"]) for r in log["eval"]["rows"]] == [("none", 1.0)] + [
+        (m, 0.5) for m in train_tiny_vit.METHODS]
+    assert log["command"].startswith("python scripts/train_tiny_vit.py --out")
