@@ -29,6 +29,16 @@ def _demo(args) -> int:
         if not args.plumbing:
             print("(the bundled tiny-llava has no trained weights yet: showing the plumbing on random-weight models)")
         run(families=args.families.split(","), ratios=ratios, out=sys.stdout)
+    if not args.plumbing:
+        try:
+            import timm  # noqa: F401
+        except ImportError:
+            print("(install the vit extra, pip install -e '.[vit]', for the tiny-vit accuracy table)")
+            return 0
+        from .demo import run_vit
+
+        print()
+        run_vit(ratios, args.out, out=sys.stdout)
     return 0
 
 

@@ -35,6 +35,13 @@ LLM_ONLY = {"fastv": "it drops tokens inside a language model's decoder, by the 
             "vflowopt": "its schedule drops tokens inside a language model (r2, r3) and recycles them there"}
 
 
+def supported() -> list[str]:
+    """Registered strategies that patch_vit can run (those that do not act inside a language model)."""
+    from .methods.registry import available, get_method
+
+    return [m for m in available() if m not in LLM_ONLY and get_method(m).stage != "llm"]
+
+
 @dataclass
 class Tower:
     """What patch_vit needs to know about a ViT."""

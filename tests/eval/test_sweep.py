@@ -61,6 +61,9 @@ def test_demo_on_a_bundled_model(tmp_path, monkeypatch, capsys):
     model.save_pretrained(tmp_path / "bundled" / "tiny-llava")
     proc.save_pretrained(tmp_path / "bundled" / "tiny-llava")
     monkeypatch.setattr(tinyvlm, "BUNDLED", tmp_path / "bundled")
+    import vtprune.demo
+
+    monkeypatch.setattr(vtprune.demo, "run_vit", lambda *a, **k: None)  # the tiny-vit part has its own test
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--ratios", "0.25", "--questions", "6"]) == 0
     text = capsys.readouterr().out

@@ -54,3 +54,16 @@ def test_training_script_smoke(tmp_path):
     assert [(r["method"], r["ratio"]) for r in log["eval"]["rows"]] == [("none", 1.0)] + [
         (m, 0.5) for m in train_tiny_vit.METHODS]
     assert log["command"].startswith("python scripts/train_tiny_vit.py --out")
+
+
+@pytest.mark.skipif(not tinyvit.trained(), reason="tiny-vit weights not trained yet")
+def test_demo_prints_the_vit_accuracy_table_and_plot(tmp_path, capsys):
+    from vtprune.demo import run_vit
+
+    rows = run_vit([0.25], tmp_path, images=200)
+    text = capsys.readouterr().out
+    want = {"divprune", "hiprune", "pool", "random", "todre", "token_shuffle"}
+    assert want <= {r["method"] for r in rows} and not {"fastv", "transprune", "vflowopt"} & {r["method"] for r in rows}
+    assert "| divprune | " in text and (tmp_path / "vit_accuracy_vs_ratio.png").stat().st_size > 5000
+    acc = {r["method"]: r["accuracy"] for r in rows}
+    assert acc["divprune"] > acc["random"]  # diversity keeps the one distinctive object

@@ -90,26 +90,53 @@ def load_file_dtypes() -> set:
 
 
 @torch.no_grad()
-def accuracy(model, n: int = 1000, batch: int = 250) -> float:
-    """Top-1 accuracy on the first `n` held-out images (patch_vit pruning on `model` applies)."""
-    hits = 0
-    for s in range(0, n, batch):
-        x, y = tensors("eval", s, min(batch, n - s))
-        hits += int((model(x).argmax(-1) == y).sum())
+def accuracy(model, n: int = 1000, batch: int = 250, data=None) -> float:
+    """Top-1 accuracy on the first `n` held-out images (patch_vit pruning on `model` applies); `data`:
+    those images and labels already made by `tensors("eval", 0, n)`."""
+    x, y = data if data is not None else tensors("eval", 0, n)
+    hits = sum(int((model(x[s:s + batch]).argmax(-1) == y[s:s + batch]).sum()) for s in range(0, n, batch))
     return hits / n
 
 
-def sweep(model, methods, ratios, layer: int = 2, n: int = 1000) -> list[dict]:
+def sweep(model, methods, ratios, layer: int = 2, n: int = 1000, progress: bool = False) -> list[dict]:
     """Accuracy of every strategy x kept ratio (patch_vit after `layer`), plus the unpatched model."""
+    from tqdm.auto import tqdm
+
     import vtprune
 
-    rows = [{"method": "none", "ratio": 1.0, "accuracy": accuracy(model, n)}]
-    for m in methods:
-        for r in ratios:
-            vtprune.patch_vit(model, m, ratio=r, layer=layer)
-            rows.append({"method": m, "ratio": r, "accuracy": accuracy(model, n)})
-            vtprune.unpatch(model)
+    data = tensors("eval", 0, n)
+    rows = [{"method": "none", "ratio": 1.0, "accuracy": accuracy(model, n, data=data)}]
+    cells = [(m, r) for m in methods for r in ratios]
+    for m, r in tqdm(cells, desc="tiny-vit", unit="cell", disable=not progress):
+        vtprune.patch_vit(model, m, ratio=r, layer=layer)
+        rows.append({"method": m, "ratio": r, "accuracy": accuracy(model, n, data=data)})
+        vtprune.unpatch(model)
     return rows
+
+
+def plot(rows: list[dict], path) -> Path:
+    """Accuracy vs kept ratio, one line per strategy, the unpatched model dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for m in dict.fromkeys(r["method"] for r in rows if r["method"] != "none"):
+        pts = sorted((r["ratio"], r["accuracy"]) for r in rows if r["method"] == m)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+    full = next(r for r in rows if r["method"] == "none")
+    ax.axhline(full["accuracy"], color="grey", linestyle="--", label="unpatched")
+    ax.set_xlabel("kept patch-token ratio")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("tiny-vit (patch_vit)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
 
 
 def table(rows: list[dict]) -> str:
