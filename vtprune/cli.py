@@ -30,9 +30,9 @@ def _demo(args) -> int:
             print("(the bundled tiny-llava has no trained weights yet: showing the plumbing on random-weight models)")
         run(families=args.families.split(","), ratios=ratios, out=sys.stdout)
     if not args.plumbing:
-        try:
-            import timm  # noqa: F401
-        except ImportError:
+        import importlib.util
+
+        if importlib.util.find_spec("timm") is None:
             print("(install the vit extra, pip install -e '.[vit]', for the tiny-vit accuracy table)")
             return 0
         from .demo import run_vit
