@@ -72,7 +72,8 @@ def main(argv=None):
     for name, model in models():
         model = model.to(device, dtype).eval()
         x = torch.randn(args.batch, 3, *image_size(model), generator=torch.Generator().manual_seed(0)).to(device, dtype)
-        patches = vtprune.vit.tower(model).grid[0] * vtprune.vit.tower(model).grid[1]
+        h, w = vtprune.vit.tower(model).grid
+        patches = h * w
         base = images_per_s(model, x, args.reps)
         rows.append(dict(model=name, method="none", ratio=1.0, images_per_s=base, speedup=1.0))
         print(f"{name:<26} {'unpatched':<14} {'':>5} {base:10.1f} img/s", flush=True)

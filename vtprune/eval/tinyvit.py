@@ -35,8 +35,8 @@ def sample(split: str, index: int):
     draw = ImageDraw.Draw(img)
     draw.fontmode = "1"
     obj = shapes.Obj(shape, colour, "small" if side < 16 else "large", (0, 0), (x0, y0, x0 + side - 1, y0 + side - 1))
+    font = shapes._font(14)
     for _ in range(rng.randint(0, 2)):  # distractors where the object is not
-        font = shapes._font(14)
         for _ in range(10):
             dx, dy = rng.randint(0, SIZE - 10), rng.randint(0, SIZE - 14)
             if dx + 10 < x0 or dx > x0 + side or dy + 14 < y0 or dy > y0 + side:
@@ -139,17 +139,6 @@ def plot(rows: list[dict], path) -> Path:
     return Path(path)
 
 
-def table(rows: list[dict]) -> str:
-    ratios = sorted({r["ratio"] for r in rows if r["method"] != "none"}, reverse=True)
-    out = ["| strategy | " + " | ".join(f"{r:g}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
-    full = next(r for r in rows if r["method"] == "none")
-    out.append(f"| unpatched | {full['accuracy']:.3f} |" + " |" * (len(ratios) - 1))
-    for m in dict.fromkeys(r["method"] for r in rows if r["method"] != "none"):
-        acc = {r["ratio"]: r["accuracy"] for r in rows if r["method"] == m}
-        out.append(f"| {m} | " + " | ".join(f"{acc[r]:.3f}" for r in ratios) + " |")
-    return "\n".join(out)
-
-
 def train_log() -> dict:
     path = BUNDLED / "train_log.json"
     return json.loads(path.read_text()) if path.exists() else {}
@@ -162,6 +151,13 @@ def readme_table() -> str:
         return "(tiny-vit not trained yet: python scripts/train_tiny_vit.py --out vtprune/bundled/tiny-vit)"
     return (f"Held-out accuracy on {ev['images']} images, pruning after block {ev['layer']} of {ARCH['depth']} "
             f"({(SIZE // PATCH) ** 2} patches):\n\n" + table(ev["rows"]))
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: accuracy per strategy and kept ratio (the sweep's table; rows use its keys)."""
+    from .sweep import table as sweep_table
+
+    return sweep_table(rows)
 
 
 def seed_all(seed: int):
