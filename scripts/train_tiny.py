@@ -62,13 +62,14 @@ def token_pixels(family):
     return 16 if family == "llava" else 28
 
 
-def token_labels(family, batch):
-    """Per LLM-side token: colour, shape, digit under its centre (shapes.patch_labels), its cell of the
-    3 x 3 grid the questions name, and whether an object's centre falls in it (for counting)."""
+def token_labels(family, batch, rule="cover"):
+    """Per LLM-side token: colour, shape, digit under it (shapes.patch_labels by `rule`: "cover" also
+    labels small objects that straddle token centres), its cell of the 3 x 3 grid the questions name,
+    and whether an object's centre falls in it (for counting)."""
     grid = token_pixels(family)
     labels = {k: [] for k in KEYS}
     for scene, _, _ in batch:
-        lab = shapes.patch_labels(scene, grid)
+        lab = shapes.patch_labels(scene, grid, rule)
         rows, cols = lab["colour"].shape
         cy = (torch.arange(rows) * grid + grid // 2) * 3 // scene.height
         cx = (torch.arange(cols) * grid + grid // 2) * 3 // scene.width
@@ -95,7 +96,7 @@ def class_weights(key, n, device):
     return w
 
 
-def stage_a(model, family, proc, heads, steps, batch_size, lr, log, offset):
+def stage_a(model, family, proc, heads, steps, batch_size, lr, log, offset, rule):
     params = list(visual_params(model, family)) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = cosine(opt, steps)
@@ -104,7 +105,7 @@ def stage_a(model, family, proc, heads, steps, batch_size, lr, log, offset):
         device = next(model.parameters()).device
         inputs = proc.image_processor([img for _, img, _ in batch], return_tensors="pt").to(device)
         feats = visual_tokens(model, family, inputs)
-        labels = {k: v.to(device) for k, v in token_labels(family, batch).items()}
+        labels = {k: v.to(device) for k, v in token_labels(family, batch, rule).items()}
         loss = sum(F.cross_entropy(heads[k](feats).reshape(-1, heads[k].out_features), labels[k].reshape(-1),
                                    weight=class_weights(k, heads[k].out_features, device)) for k in KEYS)
         optimise(opt, sched, params, loss)
@@ -125,14 +126,14 @@ def projector(model, family):
     return model.model.multi_modal_projector if family == "llava" else model.model.visual.merger
 
 
-def word_targets(family, proc, batch, vocab):
+def word_targets(family, proc, batch, vocab, rule="cover"):
     """[tokens, vocab]: per LLM-side visual token, a distribution spread evenly over the words that name
     what lies under it (its colour and shape, or its digit) and where (its cell's position words);
     all-zero rows for background tokens."""
     tok = proc.tokenizer
     ids = lambda words: torch.tensor(tok.convert_tokens_to_ids(list(words)))  # noqa: E731
     colour, shape, digit = ids(shapes.COLOURS), ids(shapes.SHAPES), ids(shapes.NUMBERS)
-    labels = {k: v.reshape(-1) for k, v in token_labels(family, batch).items()}
+    labels = {k: v.reshape(-1) for k, v in token_labels(family, batch, rule).items()}
     n = labels["colour"].numel()
     target = torch.zeros(n, vocab)
     rows = torch.arange(n)
@@ -147,7 +148,7 @@ def word_targets(family, proc, batch, vocab):
     return target / target.sum(1, keepdim=True).clamp_min(1.0)
 
 
-def stage_align(model, family, proc, steps, batch_size, lr, log, offset):
+def stage_align(model, family, proc, steps, batch_size, lr, log, offset, rule):
     """Projector alignment, as LLaVA's first stage aligns a pretrained CLIP to the LLM with captions:
     with the vision tower frozen, train the projector so that each visual token, read through the
     (tied) LM head, names what lies under it (word_targets). Visual tokens then live in the words'
@@ -169,7 +170,7 @@ def stage_align(model, family, proc, steps, batch_size, lr, log, offset):
             emb = projector(model, family)(feats).reshape(-1, model.config.text_config.hidden_size)
         else:  # the merger runs inside the tower: only it has gradients
             emb = visual_tokens(model, family, inputs)
-        target = word_targets(family, proc, batch, model.config.text_config.vocab_size).to(device)
+        target = word_targets(family, proc, batch, model.config.text_config.vocab_size, rule).to(device)
         keep = target.sum(1) > 0
         logp = torch.log_softmax(model.lm_head(emb[keep]).float(), -1)
         loss = -(target[keep] * logp).sum(-1).mean()
@@ -215,7 +216,7 @@ def qa_batch(family, proc, batch, rng, max_q):
 def attention_targets(family, proc, batch, inputs, asked):
     """(sample, query position, image-token mask) for every question about something: the position is
     the question's "?" (where the answer is predicted), the mask marks the LLM-side visual tokens
-    under the items the question refers to (shapes.patch_ids with every item marked)."""
+    under the items the question refers to (shapes.patch_cover: every item is marked somewhere)."""
     grid = token_pixels(family)
     ids = inputs["input_ids"]
     qmark = proc.tokenizer.convert_tokens_to_ids("?")
@@ -223,7 +224,7 @@ def attention_targets(family, proc, batch, inputs, asked):
     out = []
     for b, ((scene, _, _), qs) in enumerate(zip(batch, asked)):
         visual = (ids[b] == image).nonzero().squeeze(1)
-        items = shapes.patch_ids(scene, grid, every_item=True).reshape(-1)
+        items = shapes.patch_cover(scene, grid).reshape(-1)
         if items.numel() != visual.numel():
             raise RuntimeError(f"{items.numel()} patch cells for {visual.numel()} visual tokens")
         for pos, q in zip((ids[b] == qmark).nonzero().squeeze(1).tolist(), qs):
@@ -350,6 +351,9 @@ def main(argv=None):
     ap.add_argument("--attn-sup", type=float, default=0.5,
                     help="weight of the attention supervision in stages B and C (0: answers only)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--label-rule", choices=["cover", "centre"], default="cover",
+                    help="per-token labels in stages A and P (shapes.patch_labels): cover = also small objects "
+                         "between token centres")
     args = ap.parse_args(argv)
     if args.eval_only:
         evaluate_saved(Path(args.out), args.eval_questions)
@@ -381,16 +385,17 @@ def main(argv=None):
         "colour": torch.nn.Linear(dim, len(shapes.COLOURS) + 1), "shape": torch.nn.Linear(dim, len(shapes.SHAPES) + 1),
         "digit": torch.nn.Linear(dim, 11), "cell": torch.nn.Linear(dim, 9), "centre": torch.nn.Linear(dim, 2)}).to(device)
     ckpt = out / "vision_stage.pt"
+    stage_a_key = [args.seed, args.vision_steps, args.batch, args.label_rule]
     if args.reuse_vision and ckpt.exists():  # the same stage A (same seed and steps) done before
         saved = torch.load(ckpt, map_location="cpu")
-        assert saved["args"] == [args.seed, args.vision_steps, args.batch], "stage A checkpoint from other settings"
+        assert saved["args"] == stage_a_key, f"stage A checkpoint from other settings: {saved['args']}"
         model.load_state_dict(saved["model"])
         offset = saved["offset"]
         log(f"stage A reused from {ckpt}")
     else:
-        offset = stage_a(model, args.family, proc, heads, args.vision_steps, args.batch, 2e-3, log, 0)
-        torch.save({"model": model.state_dict(), "offset": offset, "args": [args.seed, args.vision_steps, args.batch]}, ckpt)
-    offset = stage_align(model, args.family, proc, args.align_steps, args.batch, 2e-3, log, offset)
+        offset = stage_a(model, args.family, proc, heads, args.vision_steps, args.batch, 2e-3, log, 0, args.label_rule)
+        torch.save({"model": model.state_dict(), "offset": offset, "args": stage_a_key}, ckpt)
+    offset = stage_align(model, args.family, proc, args.align_steps, args.batch, 2e-3, log, offset, args.label_rule)
     only = set(args.only.split(",")) if args.only else None
     if args.attn_sup > 0:  # attention weights are needed: eager attention while training (SDPA after)
         model.set_attn_implementation("eager")

@@ -257,3 +257,26 @@ def test_question_refs_and_patch_ids_by_hand():
     full = patch_ids(scene, 16, every_item=True)
     assert int(full[6, 6]) == 2 and int((full == 2).sum()) == 1  # (106 + 117) // 2 // 16 = 6
     assert torch.equal(full[full != 2], ids[full != 2])
+
+
+def test_patch_cover_by_hand():
+    from vtprune.eval.shapes import Digit, Obj, Scene, patch_cover, patch_labels
+
+    dot = Obj("square", "blue", "small", (1, 1), (106, 106, 117, 117))  # 6 x 6 px in each of 4 patches
+    sliver = Obj("square", "red", "small", (0, 2), (180, 10, 180, 40))  # 1 px wide: under 1/8 of every patch
+    digit = Digit(7, (2, 2), (180, 180, 190, 196), 20)
+    scene = Scene(224, 224, [dot, sliver], [digit])
+    ids = patch_cover(scene, 16)
+    assert ids.shape == (14, 14)
+    assert sorted(map(tuple, (ids == 1).nonzero().tolist())) == [(6, 6), (6, 7), (7, 6), (7, 7)]  # 36 px >= 32 each
+    # the sliver covers 6, 16 and 9 px of patches (0, 11), (1, 11), (2, 11): all under 32 px, so
+    # only the patch it covers most keeps it
+    assert (ids == 2).nonzero().tolist() == [[1, 11]]
+    # the digit box (180-190 x 180-196): patch (11, 11) holds 11 x 12 = 132 px, (12, 11) 11 x 5 = 55 px
+    assert sorted(map(tuple, (ids == 100).nonzero().tolist())) == [(11, 11), (12, 11)]
+    assert int((ids > 0).sum()) == 7
+    lab = patch_labels(scene, 16, rule="cover")
+    assert int(lab["colour"][6, 7]) == 1 + 2 and int(lab["shape"][1, 11]) == 1 + 1 and int(lab["digit"][12, 11]) == 8
+    assert int(patch_labels(scene, 16)["colour"][6, 7]) == 0  # the centre rule misses the dot
+    with pytest.raises(ValueError, match="rule"):
+        patch_labels(scene, 16, rule="middle")

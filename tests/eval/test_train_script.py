@@ -51,7 +51,7 @@ def test_attention_supervision_targets(family):
     grid = 16 if family == "llava" else 28
     for b, pos, mask in targets:
         assert int(inputs["input_ids"][b, pos]) == qmark
-        ids = shapes.patch_ids(batch[b][0], grid, every_item=True).reshape(-1)
+        ids = shapes.patch_cover(batch[b][0], grid).reshape(-1)
         visual = mask[mask > 0]
         assert visual.numel() > 0 and int(mask.sum()) <= ids.numel()
     # the loss is -log(attention mass on the referred tokens): 0 when all of it goes there
@@ -99,7 +99,7 @@ def test_alignment_targets_name_what_lies_under_each_token():
     scene = shapes.Scene(224, 224, [circle], [digit])
     proc = tinyvlm.processor("llava")
     vocab = len(proc.tokenizer)
-    target = train_tiny.word_targets("llava", proc, [(scene, None, None)], vocab)
+    target = train_tiny.word_targets("llava", proc, [(scene, None, None)], vocab, rule="centre")
     assert target.shape == (196, vocab)
     word = lambda w: proc.tokenizer.convert_tokens_to_ids(w)  # noqa: E731
     centre_of_circle = 2 * 14 + 2  # patch (2, 2): pixels 32-47, centre pixel (40, 40) inside the circle
@@ -113,3 +113,6 @@ def test_alignment_targets_name_what_lies_under_each_token():
     ids = shapes.patch_ids(scene, 16).reshape(-1)
     assert torch.equal(target.sum(1) > 0, ids > 0)  # background rows are all zero
     assert torch.allclose(target[ids > 0].sum(1), torch.ones(int((ids > 0).sum())))
+    cover = train_tiny.word_targets("llava", proc, [(scene, None, None)], vocab)  # the default: coverage rule
+    assert torch.equal(cover.sum(1) > 0, shapes.patch_cover(scene, 16).reshape(-1) > 0)
+    assert int((cover.sum(1) > 0).sum()) > int((ids > 0).sum())  # edge patches mostly covered count too

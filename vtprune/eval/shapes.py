@@ -182,17 +182,23 @@ def render(scene: Scene) -> Image.Image:
     return img
 
 
-def patch_ids(scene: Scene, patch: int, every_item: bool = False) -> torch.Tensor:
-    """Per-patch item under the centre-pixel rule ([height // patch, width // patch] int64): object i ->
-    i + 1, digit j -> 100 + j (its glyph box), 0 = background. every_item=True also marks an item that
-    covers no patch centre (a small object between centres) on the patch holding its box's centre."""
+def _item_map(scene: Scene) -> torch.Tensor:
+    """[height, width] uint8: per pixel the item painted there (object i -> i + 1, digit j -> 100 + j, its
+    glyph box), 0 = background."""
     ids = Image.new("L", (scene.width, scene.height), 0)
     draw = ImageDraw.Draw(ids)
     for i, obj in enumerate(scene.objects):
         _draw_shape(draw, obj, i + 1)
     for j, d in enumerate(scene.digits):
         draw.rectangle(d.box, fill=100 + j)
-    grid = torch.frombuffer(bytearray(ids.tobytes()), dtype=torch.uint8).view(scene.height, scene.width)
+    return torch.frombuffer(bytearray(ids.tobytes()), dtype=torch.uint8).view(scene.height, scene.width)
+
+
+def patch_ids(scene: Scene, patch: int, every_item: bool = False) -> torch.Tensor:
+    """Per-patch item under the centre-pixel rule ([height // patch, width // patch] int64): object i ->
+    i + 1, digit j -> 100 + j (its glyph box), 0 = background. every_item=True also marks an item that
+    covers no patch centre (a small object between centres) on the patch holding its box's centre."""
+    grid = _item_map(scene)
     gh, gw = scene.height // patch, scene.width // patch
     centre = grid[patch // 2: gh * patch: patch, patch // 2: gw * patch: patch].long().clone()
     if every_item:
@@ -203,10 +209,34 @@ def patch_ids(scene: Scene, patch: int, every_item: bool = False) -> torch.Tenso
     return centre
 
 
-def patch_labels(scene: Scene, patch: int) -> dict[str, torch.Tensor]:
+def patch_cover(scene: Scene, patch: int, min_fraction: float = 0.125) -> torch.Tensor:
+    """Per-patch item under the coverage rule ([height // patch, width // patch] int64, numbered as in
+    `patch_ids`): the item covering most of the patch's pixels (ties: the lower number) where it covers
+    at least `min_fraction` of them, else 0. Every item is marked at least on the patch it covers most
+    (first in raster order on ties), so a small object straddling patch centres is never lost."""
+    gh, gw = scene.height // patch, scene.width // patch
+    grid = _item_map(scene)[: gh * patch, : gw * patch].long()
+    blocks = grid.view(gh, patch, gw, patch).permute(0, 2, 1, 3).reshape(gh, gw, patch * patch)
+    keys = torch.tensor([i + 1 for i in range(len(scene.objects))] + [100 + j for j in range(len(scene.digits))])
+    out = torch.zeros(gh, gw, dtype=torch.long)
+    if not len(keys):
+        return out
+    counts = (blocks[..., None] == keys).sum(2)  # [gh, gw, items]
+    best, which = counts.max(-1)  # max returns the first maximum: the lower item number
+    out = torch.where(best >= min_fraction * patch * patch, keys[which], out)
+    for k, key in enumerate(keys.tolist()):
+        if not bool((out == key).any()) and int(counts[..., k].max()) > 0:
+            out.view(-1)[int(counts[..., k].reshape(-1).argmax())] = key
+    return out
+
+
+def patch_labels(scene: Scene, patch: int, rule: str = "centre") -> dict[str, torch.Tensor]:
     """Per-patch classes ([height // patch, width // patch] int64) under the centre-pixel rule (module
-    docstring): "colour" 1 + COLOURS index, "shape" 1 + SHAPES index, "digit" 1 + value; 0 = none."""
-    centre = patch_ids(scene, patch)
+    docstring) or, with rule="cover", `patch_cover`'s: "colour" 1 + COLOURS index, "shape" 1 + SHAPES
+    index, "digit" 1 + value; 0 = none."""
+    if rule not in ("centre", "cover"):
+        raise ValueError(f"rule must be 'centre' or 'cover', got {rule!r}")
+    centre = patch_ids(scene, patch) if rule == "centre" else patch_cover(scene, patch)
     lut = torch.zeros(3, 256, dtype=torch.long)
     for i, obj in enumerate(scene.objects):
         lut[0, i + 1], lut[1, i + 1] = 1 + COLOURS.index(obj.colour), 1 + SHAPES.index(obj.shape)
