@@ -46,28 +46,152 @@ def test_budget_counts_the_whole_image_and_divprune_is_global_across_crops(model
         assert kept == want.tolist()
 
 
-@pytest.mark.parametrize("family", tiny.ANYRES_FAMILIES)
-@pytest.mark.parametrize("method", ["hiprune", "todre", "vflowopt"])
-def test_vision_attention_strategies_raise_at_patch_time(model_factory, family, method):
-    model = model_factory(family)
-    with pytest.raises(NotImplementedError, match="anyres images"):
-        vtprune.patch(model, method, ratio=0.25)
-    assert not hasattr(model, "_vtprune")
+def _lm_inputs(model, inputs):
+    """The language model's input embeddings of an unpatched forward."""
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["embeds"] = kwargs["inputs_embeds"].clone()
+
+    hook = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        hook.remove()
+    return seen["embeds"]
+
+
+def _kept_image_slots(st, inputs, b=0):
+    """Indices into sample b's image tokens that the last pruned forward kept."""
+    slots = (inputs["input_ids"][b] == tiny.IMG).nonzero().squeeze(1).tolist()
+    return sorted(slots.index(int(s)) for s in st.layout[b] if int(s) in slots)
+
+
+def test_layout_comes_from_the_models_own_packing(model_factory):
+    from vtprune.hooks.anyres import Layout
+    from vtprune.hooks.llava_next import LlavaNextAdapter
+
+    adapter = LlavaNextAdapter(model_factory("llava_next"))
+    # 30 x 110 px: a 1 x 2 crop pinpoint = a 4 x 8 patch grid, unpadded to rows 1..2 (2 x 8), newline per row
+    lay = adapter.layout(3, (30, 110))
+    assert lay.n == 34 == tiny.next_tokens(30, 110)[0]
+    assert lay.parts[0][0].tolist() == list(range(16)) and lay.parts[0][1] == (4, 4)
+    assert lay.parts[1][1] == (2, 8)
+    assert lay.parts[1][0].tolist() == [16 + r * 9 + c for r in range(2) for c in range(8)]
+    assert lay.newlines.tolist() == lay.crop_rows.tolist() == [24, 33]
+    # one tile (OneVision's multi-image rule): the base grid and a closing newline
+    single = Layout.from_map(torch.cat([torch.ones(16), torch.zeros(1)]), 16)
+    assert len(single.parts) == 1 and single.parts[0][1] == (4, 4) and single.newlines.tolist() == [16]
+    with pytest.raises(ValueError, match="layout"):
+        Layout.from_map(torch.tensor([1.0] * 16 + [1, 0, 1, 1, 0, 1]), 16)  # newlines not at row ends
+
+
+def test_onevision_layout_of_a_downsampled_crop_grid():
+    """anyres_max_9 bilinear-downsamples a 16 x 16 crop grid to 12 x 12 (ratio sqrt(256 / 144) > 1.1)."""
+    from vtprune.hooks.llava_onevision import LlavaOnevisionAdapter
+
+    lay = LlavaOnevisionAdapter(_onevision_224()).layout(17, (224, 224))
+    assert lay.parts[1][1] == (12, 12) and lay.n == 16 + 12 * 13
+    assert lay.newlines.tolist() == [16 + r * 13 + 12 for r in range(12)]
+
+
+def test_budget_shares_by_largest_remainder():
+    from vtprune.hooks.anyres import shares
+
+    assert shares(14, [16, 64]) == [3, 11]  # 2.8, 11.2
+    assert shares(15, [16, 16]) == [8, 7]  # 7.5 each: the tie goes to the earlier grid
+    assert shares(2, [1, 100]) == [1, 1]  # at least one each
+    assert shares(10, [3, 100]) == [1, 9]  # 0.29 -> at least 1, taken from the larger
+    with pytest.raises(ValueError):
+        shares(1, [4, 4])
+
+
+def test_pool_merges_each_grid_and_keeps_one_newline_per_merged_row(model_factory):
+    """100 x 100 px: base 4 x 4, crops 8 x 8 + 8 newlines = 88 tokens; ratio 0.25 -> 22. Shares by size
+    (base 16, crop grid 64 + its 8 newlines): 4 and 18. Base -> 2 x 2; the crop grid's largest pooled
+    grid whose rows' newlines also fit in 18 is 3 x 3 (+ 3 newlines; 4 x 4 + 4 = 20 would not)."""
+    from vtprune.methods.pool import pool
+
+    model = model_factory("llava_next")
+    inputs = tiny.batch("llava_next", [2])
+    embeds = _lm_inputs(model, inputs)
+    img = (inputs["input_ids"][0] == tiny.IMG).nonzero().squeeze(1)
+    feats = embeds[0, img]
+    with vtprune.pruned(model, "pool", ratio=0.25):
+        got = _lm_inputs(model, inputs)
+        st = vtprune.stats(model)
+    crop = [16 + r * 9 + c for r in (0, 2, 5) for c in (0, 2, 5, 8)]  # window starts 0, 2, 5 + each row's newline
+    assert _kept_image_slots(st, inputs) == [0, 2, 8, 10] + crop
+    assert st.visual_after == [16]
+    base, _, _ = pool(feats[:16], (4, 4), 4)
+    grid = feats[16:].view(8, 9, -1)
+    merged, _, _ = pool(grid[:, :8].reshape(64, -1), (8, 8), 15)
+    want = torch.cat([base, torch.cat([merged.view(3, 3, -1), grid[[0, 2, 5], 8][:, None]], 1).reshape(12, -1)])
+    start = int(st.layout[0].tolist().index(int(img[0])))
+    torch.testing.assert_close(got[0, start:start + 16], want, atol=0, rtol=0)
+
+
+def test_hiprune_runs_per_grid_on_scores_packed_like_the_features(model_factory):
+    """30 x 110 px (34 tokens: base 4 x 4, crop grid 2 x 8 unpadded from rows 1..2 of the 4 x 8 grid of
+    tiles 1 and 2, 2 newlines). Reference scores: eager CLIP attention per tile, stitched and unpadded
+    by hand. ratio 0.5 -> 17 = 2 newlines + shares(15, [16, 16]) = 8 base + 7 crop."""
+    from vtprune.methods import hiprune
+
+    model, eager = model_factory("llava_next"), model_factory("llava_next", "eager")
+    inputs = tiny.batch("llava_next", [3])
+    tiles = inputs["pixel_values"][0, :3]
+    with torch.no_grad():
+        att = eager.model.vision_tower(tiles, output_attentions=True).attentions
+    n = len(att)
+    received = lambda li: att[li].mean(1).mean(1)[:, 1:]  # noqa: E731  [tiles, 16]: heads, queries; no CLS
+    obj, deep = received(max(0, round(9 * n / 24) - 1)), received(n - 2)  # object layer; feature layer -2
+
+    def crop_grid(scores):  # tile 1 + c // 4, patch ((r + 1) * 4 + c % 4) for crop row r, column c
+        return torch.stack([scores[1 + c // 4, (r + 1) * 4 + c % 4] for r in range(2) for c in range(8)])
+
+    base = hiprune.select(obj[0][None], deep[0][None], (4, 4), 8)[0]
+    crop = hiprune.select(crop_grid(obj)[None], crop_grid(deep)[None], (2, 8), 7)[0]
+    want = base.tolist() + sorted([16 + int(i) // 8 * 9 + int(i) % 8 for i in crop] + [24, 33])
+    vtprune.patch(model, "hiprune", ratio=0.5)
+    with torch.no_grad():
+        model(**inputs)
+    st = vtprune.stats(model)
+    assert st.visual_after == [17]
+    assert _kept_image_slots(st, inputs) == want
 
 
 @pytest.mark.parametrize("family", tiny.ANYRES_FAMILIES)
-@pytest.mark.parametrize("method", ["pool", "token_shuffle"])
-def test_grid_strategies_raise_a_clear_error(model_factory, family, method):
+def test_vflowopt_never_drops_newlines(model_factory, family):
+    """Newline tokens are never pruned before the LLM (VFlowOpt's spec) and go last in its in-LLM drops:
+    22 kept before the LLM (8 newlines), then 18 and 14."""
     model = model_factory(family)
-    vtprune.patch(model, method, ratio=0.25)
-    with pytest.raises(ValueError, match="grid"), torch.no_grad():
-        model(**tiny.batch(family, [0]))
+    inputs = tiny.batch(family, [2])
+    vtprune.patch(model, "vflowopt", ratio=0.25, r2=0.8, r3=0.8)
+    with torch.no_grad():
+        model(**inputs)
+    st = vtprune.stats(model)
+    kept = _kept_image_slots(st, inputs)
+    assert st.visual_after == [len(kept)] == [14]
+    assert set(16 + r * 9 + 8 for r in range(8)) <= set(kept)
 
 
-def test_onevision_anyres_max_downsampled_crops(model_factory):
-    """A 224x224 pinpoint gives a 16x16-patch crop grid, more than anyres_max_9 allows (9 tiles of 4x4
-    patches), so OneVision bilinear-downsamples it before adding the row newlines. The image is still
-    one unit of whatever the model produced; pruning keeps exactly `keep` and keep-all is bit-identical."""
+@pytest.mark.parametrize("method", ["hiprune", "pool"])
+def test_a_budget_below_newlines_plus_grids_is_refused(model_factory, method):
+    model = model_factory("llava_next")
+    vtprune.patch(model, method, keep=5 if method == "hiprune" else 2)  # 8 newlines + 2 grids for hiprune
+    with pytest.raises(ValueError, match="newline"), torch.no_grad():
+        model(**tiny.batch("llava_next", [2]))
+
+
+def test_onevision_video_with_vision_signals_is_refused(model_factory):
+    model = model_factory("llava_onevision")
+    vtprune.patch(model, "hiprune", ratio=0.5)
+    with pytest.raises(NotImplementedError, match="videos"), torch.no_grad():
+        model(**tiny.batch("llava_onevision", [1], videos=(1,)))
+
+
+def _onevision_224():
     import transformers as tf
 
     torch.manual_seed(0)
@@ -75,7 +199,14 @@ def test_onevision_anyres_max_downsampled_crops(model_factory):
                                   image_token_id=tiny.IMG, video_token_id=tiny.VID, image_grid_pinpoints=[[224, 224]],
                                   vision_feature_layer=-1, vision_feature_select_strategy="full",
                                   vision_aspect_ratio="anyres_max_9")
-    model = tf.LlavaOnevisionForConditionalGeneration(cfg).eval()
+    return tf.LlavaOnevisionForConditionalGeneration(cfg).eval()
+
+
+def test_onevision_anyres_max_downsampled_crops(model_factory):
+    """A 224x224 pinpoint gives a 16x16-patch crop grid, more than anyres_max_9 allows (9 tiles of 4x4
+    patches), so OneVision bilinear-downsamples it before adding the row newlines. The image is still
+    one unit of whatever the model produced; pruning keeps exactly `keep` and keep-all is bit-identical."""
+    model = _onevision_224()
     pixels, sizes = torch.randn(1, 17, 3, 56, 56), torch.tensor([[224, 224]])
     with torch.no_grad():
         n = model.model.get_image_features(pixel_values=pixels, image_sizes=sizes).pooler_output[0].shape[0]

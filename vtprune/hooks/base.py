@@ -67,6 +67,14 @@ class Adapter:
         pos = torch.arange(length, device=device).expand(batch, length)
         return pos[None].expand(3, -1, -1) if self.mrope else pos
 
+    def install_hooks(self) -> list:
+        """Hooks the adapter itself needs on every patched model (e.g. to record image sizes). Returns handles."""
+        return []
+
+    def layout_hint(self) -> str:
+        """Appended to the error raised when a per-grid strategy meets an image without a known grid."""
+        return ""
+
     # vision signals ---------------------------------------------------------------------------
     def install_vision_signals(self, signals: dict[str, VisionSignal], store: "SignalStore") -> list:
         """Register hooks that add per-unit float32 score vectors to `store`. Returns handles."""

@@ -2,42 +2,132 @@
 the image's aspect ratio, one `image_newline` token per crop row; all of them are image-token slots.
 
 Each image is one unit holding all its tokens (base, crops and newlines), so budgets count the whole
-image (specs/README.md) and global strategies (DivPrune, random, FastV, TransPrune) choose across
-crops. Not supported yet, with a clear error: strategies that need a per-crop token grid (pool,
-token_shuffle, HiPrune, VFlowOpt's cells) or vision-encoder attention (HiPrune, ToDRE's pivot,
-VFlowOpt), which would have to be mapped through the crop/unpad/newline layout.
+image (specs/README.md) and global strategies (DivPrune, ToDRE, random, FastV, TransPrune) choose
+across crops. Strategies that work on a token grid (pool, token_shuffle, HiPrune, VFlowOpt) run on
+the base grid and the crop grid separately (vtprune.hooks.anyres). The layout comes from the model's
+own `pack_image_features`, fed the image sizes recorded when the model encodes images, and vision
+signals are computed per tile and packed the same way (newline slots score 0).
 """
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 
+from .anyres import Layout
 from .llava import LlavaAdapter
 from .runtime import Unit
 from .sequence import runs
 
 
+class _Restore:
+    """Handle that removes an instance attribute set over a class method."""
+
+    def __init__(self, obj, name):
+        self.obj, self.name = obj, name
+
+    def remove(self):
+        self.obj.__dict__.pop(self.name, None)
+
+
 class LlavaNextAdapter(LlavaAdapter):
+    def __init__(self, model):
+        super().__init__(model)
+        vc = model.config.vision_config
+        self.tile_side = vc.image_size // vc.patch_size  # tokens per side of one tile
+        self.images: list[tuple[int, tuple[int, int]]] | None = None  # (tiles, (h, w)) per image, last encode
+        self._layouts: dict = {}
+
     def read_call(self, kwargs):
         out = super().read_call(kwargs)
         pixels = kwargs.get("pixel_values")
         if pixels is not None and pixels.dim() == 5:  # [images, tiles, 3, H, W]
             out["n_images"] = pixels.shape[0]
+        if pixels is None and (kwargs.get("mm_encoder_outputs") or {}).get("image") is None:
+            self.images = None  # images in this call (if any) were not encoded by the model: layout unknown
         return out
 
+    # image sizes: recorded where the model encodes images (generate() encodes them before the forward)
+    def install_hooks(self):
+        inner = self.model.model
+        original = inner.get_image_features
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def recording(*args, **kwargs):
+            bound = signature.bind_partial(*args, **kwargs).arguments
+            sizes = bound.get("image_sizes")
+            self.images = None if sizes is None else self.tiles(sizes, bound.get("batch_num_images"))
+            return original(*args, **kwargs)
+
+        inner.get_image_features = recording
+        return [_Restore(inner, "get_image_features")]
+
+    def tiles(self, sizes, batch_num_images=None) -> list[tuple[int, tuple[int, int]]]:
+        """(tiles the model encodes, (h, w)) per image, by the model's own rule."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        cfg = self.model.config
+        sizes = [tuple(int(v) for v in s) for s in torch.as_tensor(sizes).tolist()]
+        crops = [True] * len(sizes) if batch_num_images is None else \
+            [int(n) == 1 for n in torch.as_tensor(batch_num_images).tolist() for _ in range(int(n))]  # OneVision
+        return [(image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size) if c else 1, s)
+                for s, c in zip(sizes, crops)]
+
+    def pack(self, maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """One image's per-tile maps [tiles, side*side, C] laid out as its tokens [N, C] (zero newlines)."""
+        inner = self.model.model
+        packed, _ = inner.pack_image_features([maps], torch.tensor([size]), self.select_strategy,
+                                              image_newline=maps.new_zeros(maps.shape[-1]))
+        return packed[0] if isinstance(packed, (list, tuple)) else packed
+
+    def layout(self, tiles: int, size: tuple[int, int]) -> Layout:
+        key = (tiles, size)
+        if key not in self._layouts:
+            ones = torch.ones(tiles, self.tile_side ** 2, 1)
+            self._layouts[key] = Layout.from_map(self.pack(ones, size)[:, 0], self.tile_side ** 2)
+        return self._layouts[key]
+
+    def layout_hint(self):
+        return (" (anyres images: run the model on pixel_values with image_sizes, so that vtprune can read "
+                "each image's crop layout)")
+
     def image_units(self, mask: torch.Tensor, n_images: int | None) -> list[Unit]:
-        """One unit per image = one run of image tokens (base tile, crops and newlines together)."""
+        """One unit per image = one run of image tokens (base tile, crops and newlines together), with
+        its anyres layout when the image sizes of the last encode match."""
         units = []
         for b, sample_runs in enumerate(runs(mask)):
             units += [Unit(b, run, None, block=len(units)) for run in sample_runs]
         if n_images is not None and n_images != len(units):
             raise ValueError(f"{type(self.model).__name__}: {n_images} images but {len(units)} runs of image tokens; "
                              "images must be separated by text so that vtprune can tell them apart")
+        if self.images is not None and len(self.images) == len(units):
+            for u, (tiles, size) in zip(units, self.images):
+                lay = self.layout(tiles, size)
+                u.layout = lay if lay.n == len(u.slots) else None
         return units
 
     def units(self, scratch, visual, positions):
         return self.image_units(visual, scratch.get("n_images"))
 
-    def install_vision_signals(self, signals, store):
-        raise NotImplementedError(
-            f"{type(self.model).__name__}: strategies that read vision-encoder attention (hiprune, todre's pivot, "
-            "vflowopt) are not supported on anyres images yet; use divprune, random, fastv or transprune")
+    def unit_signals(self, store, units):
+        """Per-tile vision scores packed into each image's token layout (newline slots score 0)."""
+        scores = store.read()
+        out = [{} for _ in units]
+        if not scores:
+            return out
+        if any(u.layout is None for u in units) or self.images is None or len(self.images) != len(units):
+            raise NotImplementedError(
+                f"{type(self.model).__name__}: vision-encoder signals are supported on anyres images encoded from "
+                "pixel_values with image_sizes, not on videos or precomputed image features")
+        for name, per_tile in scores.items():
+            if len(per_tile) != sum(t for t, _ in self.images):
+                raise RuntimeError(f"vision signal {name!r}: {len(per_tile)} tiles scored, "
+                                   f"{sum(t for t, _ in self.images)} encoded")
+            start = 0
+            for i, (tiles, size) in enumerate(self.images):
+                maps = torch.stack([s.float() for s in per_tile[start:start + tiles]])[..., None]
+                out[i][name] = self.pack(maps, size)[:, 0]
+                start += tiles
+        return out

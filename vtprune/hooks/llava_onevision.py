@@ -3,13 +3,17 @@ patches are features), anyres-max images laid out as in LLaVA-NeXT (base tile, u
 downsampled crops, one newline per row) and videos: each frame's patch grid is 2x2 bilinear-pooled,
 the frames follow each other, and one newline token closes the video.
 
-Images are one unit each, as in LLaVA-NeXT (see llava_next.py for what that supports). Each video
-frame is a unit of its own with its pooled (h, w) grid, so budgets count per frame and grid
-strategies (pool, token_shuffle) work on videos; the closing newline belongs to no frame and is kept.
+Images are one unit each, as in LLaVA-NeXT (see llava_next.py for what that supports; crop grids
+that anyres-max downsampled get their vision scores downsampled the same way). Each video frame is a
+unit of its own with its pooled (h, w) grid, so budgets count per frame and grid strategies (pool,
+token_shuffle) work on videos; the closing newline belongs to no frame and is kept. Vision-encoder
+signals on videos are not supported yet (a clear error).
 """
 from __future__ import annotations
 
 import math
+
+import torch
 
 from .llava_next import LlavaNextAdapter
 from .runtime import Unit
@@ -23,6 +27,12 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         self.video_token_id = cfg.video_token_id
         side = cfg.vision_config.image_size // cfg.vision_config.patch_size
         self.frame_grid = (math.ceil(side / 2), math.ceil(side / 2))  # apply_pooling's output
+
+    def pack(self, maps, size):
+        cfg = self.model.config
+        packed, _ = self.model.model.pack_image_features([maps], torch.tensor([size]), image_newline=maps.new_zeros(
+            maps.shape[-1]), vision_aspect_ratio=cfg.vision_aspect_ratio)
+        return packed[0] if isinstance(packed, (list, tuple)) else packed
 
     def visual_token_ids(self):
         return [self.image_token_id, self.video_token_id]

@@ -22,6 +22,7 @@ import torch
 
 from ..kernels import attention_scores
 from ..methods.base import ImageTokens, LayerTokens, Method, Selection
+from . import anyres
 from .base import SignalStore
 from .sequence import compact_index, compact_text_positions, dropped_before, take
 
@@ -36,6 +37,7 @@ class Unit:
     slots: torch.Tensor  # LongTensor[N], ascending sequence positions
     grid: tuple[int, int, int] | None
     block: int  # id of the contiguous visual block (image or video) it belongs to
+    layout: object = None  # anyres.Layout of a multi-grid image (LLaVA-NeXT / OneVision), else None
 
 
 @dataclass
@@ -172,6 +174,7 @@ class PatchState:
                 for name, mod in (("attn_in", layer.input_layernorm), ("attn_out", layer.self_attn),
                                   ("mlp_in", layer.post_attention_layernorm), ("mlp_out", layer.mlp)):
                     self.handles.append(mod.register_forward_hook(partial(self._capture, p, name)))
+            self.handles.extend(self.adapter.install_hooks())
             signals = self.method.vision_signals() if self.pre_llm else {}
             if signals:
                 self.handles.extend(self.adapter.install_vision_signals(signals, self.vision_scores))
@@ -244,6 +247,24 @@ class PatchState:
         return None
 
     # prefill ---------------------------------------------------------------------------------
+    def _per_grid(self, u: Unit) -> bool:
+        if not self.method.per_grid or u.grid is not None:
+            return False
+        if u.layout is None:
+            raise ValueError(f"{self.method_name} works on each image's token grid(s), which this model's adapter "
+                             "could not determine for this input" + self.adapter.layout_hint())
+        return True
+
+    def _budget(self, u: Unit) -> int:
+        if self._per_grid(u):
+            return anyres.budget(self.method, u.layout)
+        return self.method.budget(len(u.slots), u.grid)
+
+    def _select(self, u: Unit, image: ImageTokens) -> Selection:
+        if self._per_grid(u):
+            return anyres.select(self.method, image, u.layout)
+        return self.method.select(image)
+
     def _prefill(self, kwargs, scratch, visual):
         embeds = kwargs["inputs_embeds"]
         b, seq_len, _ = embeds.shape
@@ -256,7 +277,7 @@ class PatchState:
         for u in units:
             covered[u.sample, u.slots] = True
         visual = covered  # placeholders in no unit are structural (a video's closing newline): never pruned
-        budgets = [self.method.budget(len(u.slots), u.grid) for u in units]
+        budgets = [self._budget(u) for u in units]
         self.last_stats = Stats(method=self.method_name, visual_before=visual.sum(1).tolist())
         keep_total = torch.zeros(b, dtype=torch.long, device=embeds.device)
         for u, k in zip(units, budgets):
@@ -293,7 +314,7 @@ class PatchState:
             if k >= n:
                 continue
             image = ImageTokens(embeds[u.sample, u.slots], u.grid, k, signals[i])
-            sel = self.method.select(image)
+            sel = self._select(u, image)
             sel.indices = _check_selection(sel.indices, n, k, f"{self.method_name}.select")
             chosen.append((u, sel))
             images.append(image)

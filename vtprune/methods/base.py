@@ -192,6 +192,9 @@ class Method:
     stage: ClassVar[str] = ""
     Config: ClassVar[type[PruneConfig]] = PruneConfig
     paper: ClassVar[str] = ""
+    # multi-grid images (LLaVA-NeXT / OneVision anyres: base tile + crop grid): "" = the method sees the
+    # whole image at once; "select" / "merge" = it runs on each grid separately (vtprune.hooks.anyres)
+    per_grid: ClassVar[str] = ""
 
     def __init__(self, config: PruneConfig):
         self.config = config
@@ -199,6 +202,10 @@ class Method:
     def budget(self, n: int, grid: tuple[int, int, int] | None) -> int:
         """Tokens this method keeps for an image of `n` tokens laid out on `grid` (default: the config's rule)."""
         return self.config.budget(n)
+
+    def merged_grid(self, h: int, w: int, keep: int) -> tuple[int, int]:
+        """per_grid "merge" methods: the (h', w') grid a (h, w) grid is merged to with budget `keep`."""
+        raise NotImplementedError(f"{self.name} does not merge grids")
 
     # vision / projector stage -------------------------------------------------------------
     def vision_signals(self) -> dict[str, VisionSignal]:

@@ -95,6 +95,7 @@ class HiPrune(Method):
 
     stage = "vision"
     Config = HiPruneConfig
+    per_grid = "select"
     paper = "HiPrune: Training-Free Visual Token Pruning via Hierarchical Attention (arXiv 2508.00553)"
 
     def vision_signals(self):

@@ -65,6 +65,10 @@ class Pool(Method):
 
     stage = "projector"
     Config = PoolConfig
+    per_grid = "merge"
+
+    def merged_grid(self, h, w, keep):
+        return pooled_grid(h, w, keep)
 
     def select(self, image: ImageTokens) -> Selection:
         h, w = frame_grid(image, "pool")

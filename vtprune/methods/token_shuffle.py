@@ -90,6 +90,11 @@ class TokenShuffle(Method):
     stage = "projector"
     Config = TokenShuffleConfig
     paper = "after Ma et al., Token-Shuffle (arXiv 2504.17789); training-free window-mean variant"
+    per_grid = "merge"
+
+    def merged_grid(self, h, w, keep):
+        s = self.config.s
+        return (math.ceil(h / s), math.ceil(w / s)) if s is not None else pooled_grid(h, w, keep)
 
     def budget(self, n, grid):
         s = self.config.s

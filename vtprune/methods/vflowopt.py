@@ -145,6 +145,7 @@ class VFlowOpt(Method):
 
     stage = "vision"
     Config = VFlowOptConfig
+    per_grid = "select"
     paper = "Yang et al., VFlowOpt: A Token Pruning Framework for LMMs with Visual Information Flow-Guided Optimization, ICCV 2025 (arXiv 2508.05211)"
 
     def vision_signals(self):
