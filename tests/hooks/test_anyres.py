@@ -184,11 +184,26 @@ def test_a_budget_below_newlines_plus_grids_is_refused(model_factory, method):
         model(**tiny.batch("llava_next", [2]))
 
 
-def test_onevision_video_with_vision_signals_is_refused(model_factory):
-    model = model_factory("llava_onevision")
-    vtprune.patch(model, "hiprune", ratio=0.5)
-    with pytest.raises(NotImplementedError, match="videos"), torch.no_grad():
-        model(**tiny.batch("llava_onevision", [1], videos=(1,)))
+def test_onevision_video_frame_scores_are_pooled_like_the_frames(model_factory):
+    """A 3-frame clip after an image: each frame's SigLIP attention (eager reference, mean over heads and
+    queries) bilinear-pooled 4 x 4 -> 2 x 2 as the frames' features are; the test strategy keeps the top 2
+    of each frame's 4 tokens; the image before it is scored from its own tiles."""
+    import torch.nn.functional as F
+
+    model, eager = model_factory("llava_onevision"), model_factory("llava_onevision", "eager")
+    inputs = tiny.batch("llava_onevision", [1], videos=(1,))
+    with torch.no_grad():
+        att = eager.model.vision_tower(inputs["pixel_values_videos"][0], output_attentions=True).attentions[-1]
+    pooled = F.interpolate(att.mean(1).mean(1).view(3, 1, 4, 4), size=(2, 2), mode="bilinear").view(3, 4)
+    want = [f * 4 + int(i) for f in range(3) for i in pooled[f].topk(2).indices.sort().values]
+    vtprune.patch(model, "vision_attn_test", keep=2)
+    with torch.no_grad():
+        model(**inputs)
+    st = vtprune.stats(model)
+    vid = (inputs["input_ids"][0] == tiny.VID).nonzero().squeeze(1).tolist()
+    kept = sorted(vid.index(int(s)) for s in st.layout[0] if int(s) in vid)
+    assert kept == want + [12]  # and the newline closing the video
+    assert st.visual_before == [56 + 12] and st.visual_after == [2 + 3 * 2]
 
 
 def _onevision_224():

@@ -17,9 +17,7 @@ VARIANTS = {"todre_stage2": ("todre", dict(stage2_layer=1, tau=1.0))}
 ALL_FAMILIES = [*tiny.FAMILIES, *tiny.ANYRES_FAMILIES]
 PAIRS = [(f, m) for f in ALL_FAMILIES for m in METHODS]
 STAGE_PAIRS = [(f, m) for f in ALL_FAMILIES for m in STAGE_METHODS]
-# LLaVA-OneVision videos: vision-encoder signals are not supported on them yet (test_anyres checks the error)
-SIGNAL_METHODS = ["hiprune", "todre", "todre_stage2", "vflowopt", "vision_attn_test"]
-OV_VIDEO_METHODS = [m for m in METHODS if m not in SIGNAL_METHODS]
+
 
 
 def _patch(model, method, **budget):
@@ -97,7 +95,7 @@ def test_batch_prefill_matches_each_sample_alone(model_factory, family, method, 
 
 
 # batches mixing images and videos: sample 0 has an image, samples 1 and 2 an image and a clip
-VIDEO_PAIRS = [(f, m) for f in tiny.QWEN_FAMILIES for m in METHODS] + [("llava_onevision", m) for m in OV_VIDEO_METHODS]
+VIDEO_PAIRS = [(f, m) for f in tiny.QWEN_FAMILIES for m in METHODS] + [("llava_onevision", m) for m in METHODS]
 MIXED = (1, 2)
 
 
@@ -184,7 +182,7 @@ def test_pool_on_different_image_sizes_keeps_different_counts(model_factory):
 
 @pytest.mark.parametrize("family, method, videos", [(f, m, ()) for f, m in STAGE_PAIRS] + [
     (f, m, MIXED) for f in tiny.QWEN_FAMILIES for m in STAGE_METHODS] + [
-    ("llava_onevision", m, MIXED) for m in OV_VIDEO_METHODS if m in STAGE_METHODS])
+    ("llava_onevision", m, MIXED) for m in STAGE_METHODS])
 def test_generate_with_cache_equals_without(model_factory, family, method, videos):
     model = model_factory(family)
     _patch(model, method, ratio=0.3)

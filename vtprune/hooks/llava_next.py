@@ -111,23 +111,34 @@ class LlavaNextAdapter(LlavaAdapter):
     def units(self, scratch, visual, positions):
         return self.image_units(visual, scratch.get("n_images"))
 
+    def frame_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """One video frame's per-patch scores laid out as its tokens (LLaVA-OneVision)."""
+        raise NotImplementedError(f"{type(self.model).__name__} has no video input")
+
     def unit_signals(self, store, units):
-        """Per-tile vision scores packed into each image's token layout (newline slots score 0)."""
+        """Per-tile vision scores packed into each image's token layout (newline slots score 0), and
+        per-frame scores pooled as the frames are. The encoder runs on the images' tiles first, then
+        on the video frames (images' units come first too)."""
         scores = store.read()
         out = [{} for _ in units]
         if not scores:
             return out
-        if any(u.layout is None for u in units) or self.images is None or len(self.images) != len(units):
+        images = [i for i, u in enumerate(units) if u.grid is None]
+        frames = [i for i, u in enumerate(units) if u.grid is not None]
+        if self.images is None or len(self.images) != len(images) or any(units[i].layout is None for i in images):
             raise NotImplementedError(
-                f"{type(self.model).__name__}: vision-encoder signals are supported on anyres images encoded from "
-                "pixel_values with image_sizes, not on videos or precomputed image features")
+                f"{type(self.model).__name__}: vision-encoder signals need the images encoded by the model from "
+                "pixel_values with image_sizes (not precomputed features)")
+        encoded = sum(t for t, _ in self.images) + len(frames)
         for name, per_tile in scores.items():
-            if len(per_tile) != sum(t for t, _ in self.images):
-                raise RuntimeError(f"vision signal {name!r}: {len(per_tile)} tiles scored, "
-                                   f"{sum(t for t, _ in self.images)} encoded")
+            if len(per_tile) != encoded:
+                raise RuntimeError(f"vision signal {name!r}: {len(per_tile)} tiles or frames scored, {encoded} encoded")
             start = 0
-            for i, (tiles, size) in enumerate(self.images):
+            for i, (tiles, size) in zip(images, self.images):
                 maps = torch.stack([s.float() for s in per_tile[start:start + tiles]])[..., None]
                 out[i][name] = self.pack(maps, size)[:, 0]
                 start += tiles
+            for i in frames:
+                out[i][name] = self.frame_scores(per_tile[start].float())
+                start += 1
         return out

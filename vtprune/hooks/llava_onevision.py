@@ -7,7 +7,7 @@ Images are one unit each, as in LLaVA-NeXT (see llava_next.py for what that supp
 that anyres-max downsampled get their vision scores downsampled the same way). Each video frame is a
 unit of its own with its pooled (h, w) grid, so budgets count per frame and grid strategies (pool,
 token_shuffle) work on videos; the closing newline belongs to no frame and is kept. Vision-encoder
-signals on videos are not supported yet (a clear error).
+scores of a frame are pooled exactly as its features are (the model's `apply_pooling`).
 """
 from __future__ import annotations
 
@@ -33,6 +33,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         packed, _ = self.model.model.pack_image_features([maps], torch.tensor([size]), image_newline=maps.new_zeros(
             maps.shape[-1]), vision_aspect_ratio=cfg.vision_aspect_ratio)
         return packed[0] if isinstance(packed, (list, tuple)) else packed
+
+    def frame_scores(self, scores):
+        return self.model.model.apply_pooling(scores[None, :, None])[0, :, 0]  # the frames' 2x2 bilinear pooling
 
     def visual_token_ids(self):
         return [self.image_token_id, self.video_token_id]
