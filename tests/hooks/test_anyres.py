@@ -237,3 +237,54 @@ def test_onevision_anyres_max_downsampled_crops(model_factory):
                 model(**inputs)
                 st = vtprune.stats(model)
             assert st.visual_before == [n] and st.visual_after == [12]
+
+
+@pytest.mark.parametrize("method", ["hiprune", "pool"])
+def test_two_images_in_one_sample_are_pruned_as_each_alone(model_factory, method):
+    """Two LLaVA-NeXT images of different sizes in one sample are two units, each with its own layout:
+    each keeps the slots it keeps when it is the only image."""
+    model = model_factory("llava_next")
+    pics = [tiny.sample("llava_next", i)[1] for i in (0, 2)]
+    sizes = [(40, 90), (100, 100)]
+    counts = [tiny.next_tokens(*s)[0] for s in sizes]
+    pixels = torch.zeros(2, pics[1]["pixel_values"].shape[1], 3, 56, 56)
+    for j, p in enumerate(pics):
+        pixels[j, : p["pixel_values"].shape[1]] = p["pixel_values"][0]
+
+    def run(which):
+        ids = [tiny.BOS, 5]
+        for j in which:
+            ids += [tiny.IMG] * counts[j] + [6 + j]
+        ids = torch.tensor([ids])
+        inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels[which],
+                      image_sizes=torch.tensor([sizes[j] for j in which]))
+        with torch.no_grad():
+            model(**inputs)
+        kept, out, start = _kept_image_slots(vtprune.stats(model), inputs), [], 0
+        for j in which:
+            out.append([k - start for k in kept if start <= k < start + counts[j]])
+            start += counts[j]
+        return out
+
+    vtprune.patch(model, method, ratio=0.5)
+    both = run([0, 1])
+    assert both == [run([0])[0], run([1])[0]]
+    assert all(len(k) > 0 for k in both)
+
+
+def test_onevision_multi_image_samples_use_one_tile_per_image(model_factory):
+    """batch_num_images > 1: OneVision encodes each image as its base tile only (16 tokens + a closing
+    newline). ratio 0.5 -> 8 = the newline + 7 HiPrune tokens; pool: 2 x 2 windows + the newline."""
+    model = model_factory("llava_onevision")
+    pixels = torch.stack([tiny.sample("llava_onevision", i)[1]["pixel_values"][0, :1] for i in (0, 2)])
+    ids = torch.tensor([[tiny.BOS, 5] + [tiny.IMG] * 17 + [6] + [tiny.IMG] * 17 + [7]])
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                  image_sizes=torch.tensor([[40, 90], [100, 100]]), batch_num_images=torch.tensor([2]))
+    for method, want in (("pool", [0, 2, 8, 10, 16]), ("hiprune", None)):
+        with vtprune.pruned(model, method, ratio=0.5), torch.no_grad():
+            model(**inputs)
+            kept = _kept_image_slots(vtprune.stats(model), inputs)
+        first, second = [k for k in kept if k < 17], [k - 17 for k in kept if k >= 17]
+        assert 16 in first and 16 in second and len(first) == len(second) == (5 if method == "pool" else 8)
+        if want is not None:
+            assert first == second == want
