@@ -16,6 +16,7 @@ fp16 with save_pretrained, with its processor, and its held-out accuracy to trai
 from __future__ import annotations
 
 import argparse
+from copy import deepcopy
 import json
 import math
 import random
@@ -260,7 +261,7 @@ def kind_hits(logits, targets, asked):
 
 
 def stage_qa(model, family, proc, steps, batch_size, lr, log, offset, rng, max_q, train_visual, only=None,
-             attn_sup=0.0, per_kind=3):
+             attn_sup=0.0, per_kind=3, every=None):
     for p in visual_params(model, family):
         p.requires_grad_(train_visual)
     if family != "llava" and not train_visual:
@@ -286,6 +287,9 @@ def stage_qa(model, family, proc, steps, batch_size, lr, log, offset, rng, max_q
             loss = loss + attn_sup * sup
         optimise(opt, sched, params, loss)
         hits += kind_hits(logits.detach(), targets, asked)
+        if every is not None and (step + 1) % every[0] == 0:  # (n, save, [next scene]): a checkpoint
+            every[2][0] = offset + (step + 1) * batch_size
+            every[1](step)
         if step % 25 == 0 or step == steps - 1:  # answer accuracy on the training batches since the last line
             by = {k: [h for kk, h in hits if kk == k] for k in shapes.KINDS}
             log(f"{'C' if train_visual else 'B'} {step:5d} loss {loss.item():.4f} answer acc "
@@ -341,6 +345,10 @@ def main(argv=None):
     ap.add_argument("--eval-questions", type=int, default=1200)
     ap.add_argument("--eval-only", action="store_true", help="only (re-)evaluate the model saved in OUT")
     ap.add_argument("--reuse-vision", action="store_true", help="start from OUT/vision_stage.pt (stage A) if present")
+    ap.add_argument("--init", default=None, help="continue from a model saved by this script (skips stages A and P)")
+    ap.add_argument("--start-scene", type=int, default=None,
+                    help="first training scene index (default 0, or where the --init run stopped)")
+    ap.add_argument("--save-every", type=int, default=0, help="also save the model to OUT every N stage B/C steps")
     ap.add_argument("--only", default=None, help="comma-separated question kinds to train on (experiments)")
     ap.add_argument("--curriculum", default=None,
                     help="stage B question kinds in order, e.g. colour,shape,digit,exist,relation,count: the first "
@@ -386,7 +394,14 @@ def main(argv=None):
         "digit": torch.nn.Linear(dim, 11), "cell": torch.nn.Linear(dim, 9), "centre": torch.nn.Linear(dim, 2)}).to(device)
     ckpt = out / "vision_stage.pt"
     stage_a_key = [args.seed, args.vision_steps, args.batch, args.label_rule]
-    if args.reuse_vision and ckpt.exists():  # the same stage A (same seed and steps) done before
+    if args.init:
+        init = tf.AutoModelForImageTextToText.from_pretrained(args.init, dtype=torch.float32)
+        model.load_state_dict(init.state_dict())
+        prev = Path(args.init) / "train_log.json"
+        offset = json.loads(prev.read_text()).get("next_scene", 0) if prev.exists() else 0
+        offset = args.start_scene if args.start_scene is not None else offset
+        log(f"continuing from {args.init} at training scene {offset}")
+    elif args.reuse_vision and ckpt.exists():  # the same stage A (same seed and steps) done before
         saved = torch.load(ckpt, map_location="cpu")
         assert saved["args"] == stage_a_key, f"stage A checkpoint from other settings: {saved['args']}"
         model.load_state_dict(saved["model"])
@@ -395,22 +410,33 @@ def main(argv=None):
     else:
         offset = stage_a(model, args.family, proc, heads, args.vision_steps, args.batch, 2e-3, log, 0, args.label_rule)
         torch.save({"model": model.state_dict(), "offset": offset, "args": stage_a_key}, ckpt)
-    offset = stage_align(model, args.family, proc, args.align_steps, args.batch, 2e-3, log, offset, args.label_rule)
+    if not args.init:
+        offset = stage_align(model, args.family, proc, args.align_steps, args.batch, 2e-3, log, offset, args.label_rule)
+
+    def save(step=None):
+        copy = type(model)(deepcopy(model.config))  # its own config: attention dispatch reads it at call time
+        copy.load_state_dict(model.state_dict())
+        copy.set_attn_implementation("sdpa")
+        copy.half().save_pretrained(out)
+        proc.save_pretrained(out)
+        record = {"command": " ".join(["python", "scripts/train_tiny.py"] + (argv or sys.argv[1:])),
+                  "args": vars(args), "device": device, "torch": torch.__version__, "transformers": tf.__version__,
+                  "train_seconds": round(time.time() - t0, 1), "next_scene": offset_now[0], "log": lines}
+        if step is not None:
+            record["saved_at_step"] = step
+        (out / "train_log.json").write_text(json.dumps(record, indent=1) + "\n")
+
+    offset_now = [offset]
     only = set(args.only.split(",")) if args.only else None
     if args.attn_sup > 0:  # attention weights are needed: eager attention while training (SDPA after)
         model.set_attn_implementation("eager")
+    every = (args.save_every, save, offset_now) if args.save_every else None
     offset = stage_qa(model, args.family, proc, args.qa_steps, args.batch, args.qa_lr, log, offset, rng,
-                      args.max_questions, False, curriculum(args) or only, args.attn_sup, args.per_kind)
+                      args.max_questions, False, curriculum(args) or only, args.attn_sup, args.per_kind, every)
     offset = stage_qa(model, args.family, proc, args.full_steps, args.batch, 2e-4, log, offset, rng,
-                      args.max_questions, True, only, args.attn_sup, args.per_kind)
-    model.set_attn_implementation("sdpa")
-    model = model.to("cpu").eval()
-    model.half().save_pretrained(out)
-    proc.save_pretrained(out)
-    record = {"command": " ".join(["python", "scripts/train_tiny.py"] + (argv or sys.argv[1:])),
-              "args": vars(args), "device": device, "torch": torch.__version__, "transformers": tf.__version__,
-              "train_seconds": round(time.time() - t0, 1), "log": lines}
-    (out / "train_log.json").write_text(json.dumps(record, indent=1) + "\n")
+                      args.max_questions, True, only, args.attn_sup, args.per_kind, every)
+    offset_now[0] = offset
+    save()
     evaluate_saved(out, args.eval_questions)
 
 

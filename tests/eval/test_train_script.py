@@ -116,3 +116,24 @@ def test_alignment_targets_name_what_lies_under_each_token():
     cover = train_tiny.word_targets("llava", proc, [(scene, None, None)], vocab)  # the default: coverage rule
     assert torch.equal(cover.sum(1) > 0, shapes.patch_cover(scene, 16).reshape(-1) > 0)
     assert int((cover.sum(1) > 0).sum()) > int((ids > 0).sum())  # edge patches mostly covered count too
+
+
+def test_train_script_continues_from_a_saved_model_and_saves_checkpoints(tmp_path):
+    """--save-every writes a loadable model mid-run (and the next training scene); --init continues from
+    it (no stage A or P) with fresh scenes."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import train_tiny
+    finally:
+        sys.path.pop(0)
+    first, second = tmp_path / "a", tmp_path / "b"
+    train_tiny.main(["--family", "llava", "--out", str(first), "--vision-steps", "1", "--align-steps", "1",
+                     "--qa-steps", "2", "--full-steps", "0", "--batch", "2", "--eval-questions", "6", "--save-every", "1"])
+    log = json.loads((first / "train_log.json").read_text())
+    assert log["next_scene"] == 2 + 2 + 2 * 2  # stage A, stage P, two stage B steps of 2 scenes
+    train_tiny.main(["--family", "llava", "--out", str(second), "--init", str(first), "--vision-steps", "5",
+                     "--qa-steps", "1", "--full-steps", "0", "--batch", "2", "--eval-questions", "6"])
+    log = json.loads((second / "train_log.json").read_text())
+    assert any(f"continuing from {first} at training scene 8" in line for line in log["log"])
+    assert not any(line.split()[1] in ("A", "P") for line in log["log"] if len(line.split()) > 1)
+    assert log["next_scene"] == 10
