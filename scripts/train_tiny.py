@@ -345,6 +345,9 @@ def main(argv=None):
     ap.add_argument("--eval-questions", type=int, default=1200)
     ap.add_argument("--eval-only", action="store_true", help="only (re-)evaluate the model saved in OUT")
     ap.add_argument("--reuse-vision", action="store_true", help="start from OUT/vision_stage.pt (stage A) if present")
+    ap.add_argument("--vision-from", default=None,
+                    help="a stage A checkpoint (vision_stage.pt) to continue stage A from for --vision-steps more steps")
+    ap.add_argument("--vision-lr", type=float, default=2e-3, help="stage A learning rate")
     ap.add_argument("--init", default=None, help="continue from a model saved by this script (skips stages A and P)")
     ap.add_argument("--start-scene", type=int, default=None,
                     help="first training scene index (default 0, or where the --init run stopped)")
@@ -401,6 +404,13 @@ def main(argv=None):
         offset = json.loads(prev.read_text()).get("next_scene", 0) if prev.exists() else 0
         offset = args.start_scene if args.start_scene is not None else offset
         log(f"continuing from {args.init} at training scene {offset}")
+    elif args.vision_from:  # more stage A steps (e.g. with another --label-rule) after an earlier stage A
+        saved = torch.load(args.vision_from, map_location="cpu")
+        model.load_state_dict(saved["model"])
+        log(f"stage A continued from {args.vision_from} (settings {saved['args']})")
+        offset = stage_a(model, args.family, proc, heads, args.vision_steps, args.batch, args.vision_lr, log,
+                         saved["offset"], args.label_rule)
+        torch.save({"model": model.state_dict(), "offset": offset, "args": stage_a_key + [args.vision_from]}, ckpt)
     elif args.reuse_vision and ckpt.exists():  # the same stage A (same seed and steps) done before
         saved = torch.load(ckpt, map_location="cpu")
         assert saved["args"] == stage_a_key, f"stage A checkpoint from other settings: {saved['args']}"
@@ -408,7 +418,8 @@ def main(argv=None):
         offset = saved["offset"]
         log(f"stage A reused from {ckpt}")
     else:
-        offset = stage_a(model, args.family, proc, heads, args.vision_steps, args.batch, 2e-3, log, 0, args.label_rule)
+        offset = stage_a(model, args.family, proc, heads, args.vision_steps, args.batch, args.vision_lr, log, 0,
+                         args.label_rule)
         torch.save({"model": model.state_dict(), "offset": offset, "args": stage_a_key}, ckpt)
     if not args.init:
         offset = stage_align(model, args.family, proc, args.align_steps, args.batch, 2e-3, log, offset, args.label_rule)

@@ -137,3 +137,23 @@ def test_train_script_continues_from_a_saved_model_and_saves_checkpoints(tmp_pat
     assert any(f"continuing from {first} at training scene 8" in line for line in log["log"])
     assert not any(line.split()[1] in ("A", "P") for line in log["log"] if len(line.split()) > 1)
     assert log["next_scene"] == 10
+
+
+def test_stage_a_continues_from_a_checkpoint(tmp_path):
+    """--vision-from: more stage A steps start where the checkpoint's scenes stopped."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import train_tiny
+    finally:
+        sys.path.pop(0)
+    first, second = tmp_path / "a", tmp_path / "b"
+    train_tiny.main(["--family", "llava", "--out", str(first), "--vision-steps", "2", "--align-steps", "0",
+                     "--qa-steps", "0", "--full-steps", "0", "--batch", "2", "--eval-questions", "6", "--label-rule", "centre"])
+    train_tiny.main(["--family", "llava", "--out", str(second), "--vision-from", str(first / "vision_stage.pt"),
+                     "--vision-steps", "1", "--vision-lr", "1e-3", "--align-steps", "0", "--qa-steps", "1",
+                     "--full-steps", "0", "--batch", "2", "--eval-questions", "6"])
+    log = json.loads((second / "train_log.json").read_text())
+    assert any("stage A continued from" in line for line in log["log"])
+    assert log["next_scene"] == 2 * 2 + 2 + 2  # 2 + 1 stage A steps, one stage B step, of 2 scenes
+    saved = torch.load(second / "vision_stage.pt", map_location="cpu")
+    assert saved["offset"] == 6 and saved["args"][-1] == str(first / "vision_stage.pt")
