@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("demo", help="every strategy x ratio on the bundled tiny model (accuracy table + plots)")
     p.add_argument("--ratios", default="1.0,0.5,0.25,0.111", help="comma-separated kept fractions")
     p.add_argument("--out", default="vtprune-demo", help="directory for the results and plots (bundled model)")
-    p.add_argument("--questions", type=int, default=120, help="held-out questions per cell (bundled model)")
+    p.add_argument("--questions", type=int, default=90, help="held-out questions per cell (bundled model)")
     p.add_argument("--plumbing", action="store_true", help="random-weight plumbing table even if trained weights exist")
     p.add_argument("--families", default="llava,qwen2_vl", help="(plumbing) comma-separated: llava, qwen2_vl, qwen2_5_vl, qwen3_vl")
     p.set_defaults(func=_demo)

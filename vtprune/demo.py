@@ -1,7 +1,7 @@
 """`vtprune demo`: every strategy x ratio, as a table.
 
 With the bundled trained `tiny-llava` in the package: accuracy on the `shapes` benchmark per strategy
-and kept ratio (a `vtprune sweep` over a 120-question slice), the table on the terminal and the plots
+and kept ratio (a `vtprune sweep` over a 90-question slice), the table on the terminal and the plots
 in the output directory. Without it (weights not trained yet): the plumbing on tiny random-weight
 models (tokens kept, sequence length, selection and prefill time, agreement with the unpruned model),
 not accuracy. Then, when timm is installed, the real accuracy trade-off of every ViT-capable strategy
@@ -17,7 +17,7 @@ from .methods.registry import available
 from .tiny import GEN, batch, build
 
 
-def run_bundled(ratios=(1.0, 0.5, 0.25, 0.111), out_dir="vtprune-demo", questions: int = 120, out=None):
+def run_bundled(ratios=(1.0, 0.5, 0.25, 0.111), out_dir="vtprune-demo", questions: int = 90, out=None):
     """Accuracy of every strategy x ratio on the bundled tiny-llava (a small sweep) + plots."""
     print_ = (lambda s: print(s, file=out)) if out is not None else print
     cells = sweep.run("tiny-llava", available(), list(ratios), "shapes", out_dir, n_questions=questions, batch=40)
@@ -27,7 +27,7 @@ def run_bundled(ratios=(1.0, 0.5, 0.25, 0.111), out_dir="vtprune-demo", question
     return cells
 
 
-def run_vit(ratios=(0.5, 0.25, 0.111), out_dir="vtprune-demo", images: int = 1000, out=None):
+def run_vit(ratios=(0.5, 0.25, 0.111), out_dir="vtprune-demo", images: int = 500, out=None):
     """Accuracy of every ViT-capable strategy x ratio on the bundled trained tiny-vit (patch_vit) + a plot."""
     from pathlib import Path
 

@@ -62,8 +62,11 @@ def test_bundled_model_answers_and_pruning_costs_accuracy(name):
     vtprune.patch(model, "random", ratio=0.111)
     pruned = tinyvlm.evaluate(model, proc, n_questions=240)
     vtprune.unpatch(model)
-    assert full["overall"] >= 0.85, full
-    assert pruned["overall"] < full["overall"] - 0.05, (full, pruned)
+    # well above always answering each kind's most common answer, and random 11 % clearly costs accuracy
+    base = shapes.majority_baseline([(q.kind, q.answer) for _, q in shapes.eval_set(240)])
+    assert full["overall"] >= base["overall"] + 0.25, (full, base)
+    assert full["by_kind"]["colour"] >= 0.9, full
+    assert pruned["overall"] < full["overall"] - 0.15, (full, pruned)
 
 
 def test_readme_accuracy_table_is_generated_from_the_training_logs():
