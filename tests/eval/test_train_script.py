@@ -9,13 +9,19 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_train_script_smoke(family, tmp_path):
+def _script():
+    """scripts/train_tiny.py as a module."""
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
         import train_tiny
     finally:
         sys.path.pop(0)
+    return train_tiny
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_train_script_smoke(family, tmp_path):
+    train_tiny = _script()
     out = tmp_path / family
     train_tiny.main(["--family", family, "--out", str(out), "--vision-steps", "1", "--align-steps", "1",
                      "--qa-steps", "1", "--full-steps", "1", "--batch", "2", "--eval-questions", "12"])
@@ -35,11 +41,7 @@ def test_train_script_smoke(family, tmp_path):
 def test_attention_supervision_targets(family):
     import random
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import train_tiny
-    finally:
-        sys.path.pop(0)
+    train_tiny = _script()
     from vtprune.eval import shapes, tinyvlm
 
     proc = tinyvlm.processor(family)
@@ -69,11 +71,7 @@ def test_attention_supervision_targets(family):
 def test_curriculum_adds_one_kind_per_phase():
     import argparse
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import train_tiny
-    finally:
-        sys.path.pop(0)
+    train_tiny = _script()
     args = argparse.Namespace(curriculum="colour,shape,digit", first_phase=5, phase=3)
     at = train_tiny.curriculum(args)
     assert [sorted(at(s)) for s in (0, 4, 5, 7, 8, 100)] == [
@@ -87,11 +85,7 @@ def test_curriculum_adds_one_kind_per_phase():
 def test_alignment_targets_name_what_lies_under_each_token():
     """Stage P's word targets on a hand-made LLaVA scene: a large red circle in the top-left cell and a
     digit 7 in the centre cell; every other token is background."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import train_tiny
-    finally:
-        sys.path.pop(0)
+    train_tiny = _script()
     from vtprune.eval import shapes, tinyvlm
 
     circle = shapes.Obj("circle", "red", "large", (0, 0), (10, 10, 59, 59))
@@ -121,11 +115,7 @@ def test_alignment_targets_name_what_lies_under_each_token():
 def test_train_script_continues_from_a_saved_model_and_saves_checkpoints(tmp_path):
     """--save-every writes a loadable model mid-run (and the next training scene); --init continues from
     it (no stage A or P) with fresh scenes."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import train_tiny
-    finally:
-        sys.path.pop(0)
+    train_tiny = _script()
     first, second = tmp_path / "a", tmp_path / "b"
     train_tiny.main(["--family", "llava", "--out", str(first), "--vision-steps", "1", "--align-steps", "1",
                      "--qa-steps", "2", "--full-steps", "0", "--batch", "2", "--eval-questions", "6", "--save-every", "1"])
@@ -141,11 +131,7 @@ def test_train_script_continues_from_a_saved_model_and_saves_checkpoints(tmp_pat
 
 def test_stage_a_continues_from_a_checkpoint(tmp_path):
     """--vision-from: more stage A steps start where the checkpoint's scenes stopped."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import train_tiny
-    finally:
-        sys.path.pop(0)
+    train_tiny = _script()
     first, second = tmp_path / "a", tmp_path / "b"
     train_tiny.main(["--family", "llava", "--out", str(first), "--vision-steps", "2", "--align-steps", "0",
                      "--qa-steps", "0", "--full-steps", "0", "--batch", "2", "--eval-questions", "6", "--label-rule", "centre"])

@@ -144,7 +144,7 @@ def select(method: Method, image: ImageTokens, layout: Layout) -> Selection:
                           else torch.full((chosen.numel(),), float("inf"), device=idx.device))
     newlines = layout.newlines.to(image.features.device)
     if mode == "merge" and not single:  # one newline per crop row that still holds a (merged) token
-        crop, ch, cw = slots[1], *layout.parts[1][1]
+        crop, cw = slots[1], layout.parts[1][1][1]
         rows = torch.unique((crop - layout.parts[1][0][0].to(crop.device)) // (cw + 1))
         newlines = layout.crop_rows.to(crop.device)[rows]
     slots.append(newlines)
