@@ -287,9 +287,8 @@ def stage_qa(model, family, proc, steps, batch_size, lr, log, offset, rng, max_q
             loss = loss + attn_sup * sup
         optimise(opt, sched, params, loss)
         hits += kind_hits(logits.detach(), targets, asked)
-        if every is not None and (step + 1) % every[0] == 0:  # (n, save, [next scene]): a checkpoint
-            every[2][0] = offset + (step + 1) * batch_size
-            every[1](step)
+        if every is not None and (step + 1) % every[0] == 0:  # (n, save(next scene, step)): a checkpoint
+            every[1](offset + (step + 1) * batch_size, step)
         if step % 25 == 0 or step == steps - 1:  # answer accuracy on the training batches since the last line
             by = {k: [h for kk, h in hits if kk == k] for k in shapes.KINDS}
             log(f"{'C' if train_visual else 'B'} {step:5d} loss {loss.item():.4f} answer acc "
@@ -424,7 +423,7 @@ def main(argv=None):
     if not args.init:
         offset = stage_align(model, args.family, proc, args.align_steps, args.batch, 2e-3, log, offset, args.label_rule)
 
-    def save(step=None):
+    def save(next_scene, step=None):
         copy = type(model)(deepcopy(model.config))  # its own config: attention dispatch reads it at call time
         copy.load_state_dict(model.state_dict())
         copy.set_attn_implementation("sdpa")
@@ -432,22 +431,20 @@ def main(argv=None):
         proc.save_pretrained(out)
         record = {"command": " ".join(["python", "scripts/train_tiny.py"] + (argv or sys.argv[1:])),
                   "args": vars(args), "device": device, "torch": torch.__version__, "transformers": tf.__version__,
-                  "train_seconds": round(time.time() - t0, 1), "next_scene": offset_now[0], "log": lines}
+                  "train_seconds": round(time.time() - t0, 1), "next_scene": next_scene, "log": lines}
         if step is not None:
             record["saved_at_step"] = step
         (out / "train_log.json").write_text(json.dumps(record, indent=1) + "\n")
 
-    offset_now = [offset]
     only = set(args.only.split(",")) if args.only else None
     if args.attn_sup > 0:  # attention weights are needed: eager attention while training (SDPA after)
         model.set_attn_implementation("eager")
-    every = (args.save_every, save, offset_now) if args.save_every else None
+    every = (args.save_every, save) if args.save_every else None
     offset = stage_qa(model, args.family, proc, args.qa_steps, args.batch, args.qa_lr, log, offset, rng,
                       args.max_questions, False, curriculum(args) or only, args.attn_sup, args.per_kind, every)
     offset = stage_qa(model, args.family, proc, args.full_steps, args.batch, 2e-4, log, offset, rng,
                       args.max_questions, True, only, args.attn_sup, args.per_kind, every)
-    offset_now[0] = offset
-    save()
+    save(offset)
     evaluate_saved(out, args.eval_questions)
 
 

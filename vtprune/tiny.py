@@ -194,6 +194,23 @@ def token_types(input_ids: torch.Tensor) -> torch.Tensor:
     return (input_ids == IMG).int() + 2 * (input_ids == VID).int()
 
 
+def lm_kwargs(model, inputs) -> dict:
+    """The keyword arguments the language model receives when `model` runs on `inputs` (after any
+    pruning patched onto it)."""
+    got = {}
+
+    def grab(module, args, kwargs):
+        got.update(kwargs)
+
+    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    return got
+
+
 def real_slots(inputs) -> list[torch.Tensor]:
     """Per sample, the sequence slots holding real tokens."""
     return [row.nonzero().squeeze(1) for row in inputs["attention_mask"]]

@@ -25,14 +25,7 @@ def test_token_count_rule_matches_the_model(model_factory, family, i):
 def test_budget_counts_the_whole_image_and_divprune_is_global_across_crops(model_factory, family):
     model = model_factory(family)
     inputs = tiny.batch(family, [2, 0])  # 88 and 52 image tokens (base + crops + newlines)
-    seen = {}
-    def grab(module, args, kwargs):
-        seen["embeds"] = kwargs["inputs_embeds"].clone()
-
-    hook = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
-    with torch.no_grad():
-        model(**inputs)
-    hook.remove()
+    embeds = tiny.lm_kwargs(model, inputs)["inputs_embeds"]
     with vtprune.pruned(model, "divprune", keep=20):
         with torch.no_grad():
             model(**inputs)
@@ -41,25 +34,9 @@ def test_budget_counts_the_whole_image_and_divprune_is_global_across_crops(model
     visual = inputs["input_ids"] == tiny.IMG
     for b in range(2):
         slots = visual[b].nonzero().squeeze(1)
-        want = slots[divprune.select(seen["embeds"][b, slots][None], 20)[0]]
+        want = slots[divprune.select(embeds[b, slots][None], 20)[0]]
         kept = [int(s) for s in st.layout[b] if int(s) >= 0 and bool(visual[b, int(s)])]
         assert kept == want.tolist()
-
-
-def _lm_inputs(model, inputs):
-    """The language model's input embeddings of an unpatched forward."""
-    seen = {}
-
-    def grab(module, args, kwargs):
-        seen["embeds"] = kwargs["inputs_embeds"].clone()
-
-    hook = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        hook.remove()
-    return seen["embeds"]
 
 
 def _kept_image_slots(st, inputs, b=0):
@@ -115,11 +92,11 @@ def test_pool_merges_each_grid_and_keeps_one_newline_per_merged_row(model_factor
 
     model = model_factory("llava_next")
     inputs = tiny.batch("llava_next", [2])
-    embeds = _lm_inputs(model, inputs)
+    embeds = tiny.lm_kwargs(model, inputs)["inputs_embeds"]
     img = (inputs["input_ids"][0] == tiny.IMG).nonzero().squeeze(1)
     feats = embeds[0, img]
     with vtprune.pruned(model, "pool", ratio=0.25):
-        got = _lm_inputs(model, inputs)
+        got = tiny.lm_kwargs(model, inputs)["inputs_embeds"]
         st = vtprune.stats(model)
     crop = [16 + r * 9 + c for r in (0, 2, 5) for c in (0, 2, 5, 8)]  # window starts 0, 2, 5 + each row's newline
     assert _kept_image_slots(st, inputs) == [0, 2, 8, 10] + crop

@@ -9,22 +9,6 @@ import vtprune
 from vtprune import tiny
 
 
-def _lm_inputs(model, inputs):
-    """The keyword arguments the (unpatched) language model receives for `inputs`."""
-    got = {}
-
-    def grab(module, args, kwargs):
-        got.update(kwargs)
-
-    h = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        h.remove()
-    return got
-
-
 def _gather(x, layout, dim, fill=0):
     """x[..., b, layout[b], ...] along `dim` (batch at dim-1), `fill` where layout is -1."""
     rows = []
@@ -55,7 +39,7 @@ def test_qwen3_deepstack_follows_the_pruned_layout(model_factory, method, videos
     layout = vtprune.stats(model).layout
     assert layout.shape[1] < inputs["input_ids"].shape[1]
     vtprune.unpatch(model)
-    kw = _lm_inputs(model, inputs)
+    kw = tiny.lm_kwargs(model, inputs)
     vis = kw["visual_pos_masks"]
     assert len(kw["deepstack_visual_embeds"]) == 2
     mask = _gather(kw["attention_mask"], layout, 1)

@@ -42,10 +42,9 @@ class Layout:
         n = packed.numel()
         idx = torch.arange(n)
         nl = idx[newline]
-        if n == base + 1 and nl.tolist() == [base]:  # one tile: the base grid and a closing newline
-            side = int(round(base ** 0.5))
-            return cls(n, [(idx[:base], (side, side))], nl)
         side = int(round(base ** 0.5))
+        if n == base + 1 and nl.tolist() == [base]:  # one tile: the base grid and a closing newline
+            return cls(n, [(idx[:base], (side, side))], nl)
         rest = n - base
         ch = int(newline[base:].sum())
         if side * side != base or bool(newline[:base].any()) or ch == 0 or rest % ch:

@@ -77,10 +77,12 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def pack(self, maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """One image's per-tile maps [tiles, side*side, C] laid out as its tokens [N, C] (zero newlines)."""
-        inner = self.model.model
-        packed, _ = inner.pack_image_features([maps], torch.tensor([size]), self.select_strategy,
-                                              image_newline=maps.new_zeros(maps.shape[-1]))
+        packed, _ = self._pack_features(maps, torch.tensor([size]), maps.new_zeros(maps.shape[-1]))
         return packed[0] if isinstance(packed, (list, tuple)) else packed
+
+    def _pack_features(self, maps, sizes, newline):
+        """The model's own pack_image_features on one image (its signature differs per family)."""
+        return self.model.model.pack_image_features([maps], sizes, self.select_strategy, image_newline=newline)
 
     def layout(self, tiles: int, size: tuple[int, int]) -> Layout:
         key = (tiles, size)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from .llava_next import LlavaNextAdapter
 from .runtime import Unit
 from .sequence import runs
@@ -28,11 +26,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         side = cfg.vision_config.image_size // cfg.vision_config.patch_size
         self.frame_grid = (math.ceil(side / 2), math.ceil(side / 2))  # apply_pooling's output
 
-    def pack(self, maps, size):
-        cfg = self.model.config
-        packed, _ = self.model.model.pack_image_features([maps], torch.tensor([size]), image_newline=maps.new_zeros(
-            maps.shape[-1]), vision_aspect_ratio=cfg.vision_aspect_ratio)
-        return packed[0] if isinstance(packed, (list, tuple)) else packed
+    def _pack_features(self, maps, sizes, newline):
+        return self.model.model.pack_image_features([maps], sizes, image_newline=newline,
+                                                    vision_aspect_ratio=self.model.config.vision_aspect_ratio)
 
     def frame_scores(self, scores):
         return self.model.model.apply_pooling(scores[None, :, None])[0, :, 0]  # the frames' 2x2 bilinear pooling

@@ -102,7 +102,8 @@ class TokenShuffle(Method):
             return self.config.budget(n)
         if grid is None or grid[0] != 1:
             raise ValueError("token_shuffle needs each image's (1, h, w) token grid, which this adapter could not determine")
-        return min(n, math.ceil(grid[1] / s) * math.ceil(grid[2] / s))
+        hp, wp = self.merged_grid(grid[1], grid[2], n)
+        return min(n, hp * wp)
 
     def select(self, image: ImageTokens) -> Selection:
         h, w = frame_grid(image, "token_shuffle")
