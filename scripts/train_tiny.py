@@ -149,6 +149,23 @@ def word_targets(family, proc, batch, vocab, rule="cover"):
     return target / target.sum(1, keepdim=True).clamp_min(1.0)
 
 
+def readout(logits, proc, labels):
+    """Per key (colour, shape, digit): on the tokens that hold one, how often the best-scoring of that
+    key's words (logits: [tokens, vocab], the visual tokens read through the LM head) is the right one.
+    Stage B can only bind a question's words to visual tokens that name them: a token that reads as
+    its colour but not its shape leaves "what colour is the star ?" unanswerable (tiny-qwen2vl's stage
+    B stalled at picking any colour in the scene while its shape readout was 0.68)."""
+    tok = proc.tokenizer
+    out = {}
+    for key, words in (("colour", shapes.COLOURS), ("shape", shapes.SHAPES), ("digit", shapes.NUMBERS)):
+        lab = labels[key].reshape(-1).to(logits.device)
+        has = lab > 0
+        if has.any():
+            ids = torch.tensor(tok.convert_tokens_to_ids(list(words)), device=logits.device)
+            out[key] = (logits[has][:, ids].argmax(-1) + 1 == lab[has]).float().mean().item()
+    return out
+
+
 def stage_align(model, family, proc, steps, batch_size, lr, log, offset, rule):
     """Projector alignment, as LLaVA's first stage aligns a pretrained CLIP to the LLM with captions:
     with the vision tower frozen, train the projector so that each visual token, read through the
@@ -180,7 +197,9 @@ def stage_align(model, family, proc, steps, batch_size, lr, log, offset, rule):
             with torch.no_grad():
                 top = logp.argmax(-1)
                 acc = target[keep].gather(1, top[:, None]).gt(0).float().mean().item()
-            log(f"P {step:5d} loss {loss.item():.4f} top word names the token {acc:.3f}")
+                read = readout(model.lm_head(emb).float(), proc, token_labels(family, batch, rule))
+            log(f"P {step:5d} loss {loss.item():.4f} top word names the token {acc:.3f} read through the LM head: "
+                + " ".join(f"{k} {v:.3f}" for k, v in read.items()))
     for p in model.parameters():
         p.requires_grad_(True)
     return offset + steps * batch_size

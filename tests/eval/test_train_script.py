@@ -112,6 +112,28 @@ def test_alignment_targets_name_what_lies_under_each_token():
     assert int((cover.sum(1) > 0).sum()) > int((ids > 0).sum())  # edge patches mostly covered count too
 
 
+def test_readout_scores_each_key_on_the_tokens_that_hold_one():
+    """Four visual tokens read through the LM head, worked by hand: token 0 is a red circle that reads
+    red + circle, token 1 a blue star that reads blue + square (wrong shape), token 2 a digit 7 that
+    reads seven, token 3 background (not scored)."""
+    train_tiny = _script()
+    from vtprune.eval import shapes, tinyvlm
+
+    proc = tinyvlm.processor("llava")
+    word = lambda w: proc.tokenizer.convert_tokens_to_ids(w)  # noqa: E731
+    logits = torch.zeros(4, len(proc.tokenizer))
+    for t, words in enumerate((["red", "circle"], ["blue", "square"], ["seven"], ["green", "star"])):
+        for w in words:
+            logits[t, word(w)] = 5.0
+    c, s = shapes.COLOURS.index, shapes.SHAPES.index
+    labels = {"colour": torch.tensor([1 + c("red"), 1 + c("blue"), 0, 0]),
+              "shape": torch.tensor([1 + s("circle"), 1 + s("star"), 0, 0]),
+              "digit": torch.tensor([0, 0, 1 + 7, 0])}
+    assert train_tiny.readout(logits, proc, labels) == {"colour": 1.0, "shape": 0.5, "digit": 1.0}
+    labels["digit"][:] = 0  # no digit anywhere: the key is left out rather than scored 0/0
+    assert set(train_tiny.readout(logits, proc, labels)) == {"colour", "shape"}
+
+
 def test_train_script_continues_from_a_saved_model_and_saves_checkpoints(tmp_path):
     """--save-every writes a loadable model mid-run (and the next training scene); --init continues from
     it (no stage A or P) with fresh scenes."""
