@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_tiny  # noqa: E402
 
-from vtprune.eval import shapes, tinyvlm  # noqa: E402
+from vtprune.eval import tinyvlm  # noqa: E402
 
 FIRST_SCENE = 900_000  # training-split scenes far beyond any training run's
 
@@ -55,12 +55,10 @@ def attention(model, family, proc, n_scenes):
 
 
 def colour_errors(model, family, proc, n_questions):
-    items = [(i, q) for i, q in shapes.eval_set(n_questions, sizes=lambda i: tinyvlm.scene_size(family, "eval", i))
-             if q.kind == "colour"]
-    scenes = [shapes.sample("eval", i, *tinyvlm.scene_size(family, "eval", i))[0] for i, _ in items]
-    got = tinyvlm.answers(model, proc, [shapes.render(s) for s in scenes], [q.text for _, q in items])
+    rows = [r for r in tinyvlm.held_out(family, n_questions) if r[2].kind == "colour"]
+    got = tinyvlm.answers(model, proc, [img for _, img, _ in rows], [q.text for _, _, q in rows])
     count = Counter()
-    for (_, q), answer, scene in zip(items, got, scenes):
+    for (scene, _, q), answer in zip(rows, got):
         present = {o.colour for o in scene.objects}
         count["right" if answer == q.answer else "another_object" if answer in present else "not_in_scene"] += 1
     return dict(count)
@@ -79,10 +77,11 @@ def main(argv=None):
     family = tinyvlm.family_of(model)
     proc = tinyvlm.processor(family)
     with torch.no_grad():
-        result = {"model": args.model, "family": family,
-                  "colour_errors": colour_errors(model, family, proc, args.questions),
-                  "readout": {k: round(v, 4) for k, v in readout(model, family, proc, args.scenes).items()},
-                  "attention": attention(model, family, proc, args.scenes)}
+        errors = colour_errors(model, family, proc, args.questions)
+        read = readout(model, family, proc, args.scenes)
+        attn = attention(model, family, proc, args.scenes)  # last: it switches the model to eager attention
+    result = {"model": args.model, "family": family, "colour_errors": errors,
+              "readout": {k: round(v, 4) for k, v in read.items()}, "attention": attn}
     print(json.dumps(result, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

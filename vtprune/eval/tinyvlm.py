@@ -139,27 +139,37 @@ def answers(model, proc, images, questions, batch_size: int = 32) -> list[str]:
     return out
 
 
+def held_out(family: str, n_questions: int = 1200) -> list:
+    """The fixed held-out `shapes` questions at `family`'s image sizes: (scene, image, question) each,
+    every scene rendered once."""
+    from . import shapes
+
+    scenes = {}
+    out = []
+    for idx, q in shapes.eval_set(n_questions, sizes=lambda i: scene_size(family, "eval", i)):
+        if idx not in scenes:
+            scene = shapes.sample("eval", idx, *scene_size(family, "eval", idx))[0]
+            scenes[idx] = (scene, shapes.render(scene))
+        out.append((*scenes[idx], q))
+    return out
+
+
 def evaluate(model, proc, n_questions: int = 1200, batch_size: int = 32, progress: bool = False) -> dict:
     """Accuracy on the fixed held-out `shapes` questions, overall and per question kind (batched;
     `progress=True` shows a progress bar). Pruning patched onto `model` applies."""
     from . import shapes
 
-    fam = family_of(model)
-    items = shapes.eval_set(n_questions, sizes=lambda i: scene_size(fam, "eval", i))
-    images, cache = [], {}
-    for idx, _ in items:
-        if idx not in cache:
-            w, h = scene_size(fam, "eval", idx)
-            cache[idx] = shapes.render(shapes.sample("eval", idx, w, h)[0])
-        images.append(cache[idx])
+    rows = held_out(family_of(model), n_questions)
+    items = [q for _, _, q in rows]
+    images = [img for _, img, _ in rows]
     got = []
     from tqdm.auto import tqdm
 
     with tqdm(total=len(items), desc="shapes", unit="q", disable=not progress) as bar:
         for i in range(0, len(items), batch_size):
-            got += answers(model, proc, images[i:i + batch_size], [q.text for _, q in items[i:i + batch_size]], batch_size)
+            got += answers(model, proc, images[i:i + batch_size], [q.text for q in items[i:i + batch_size]], batch_size)
             bar.update(len(got) - bar.n)
-    return shapes.report([(q.kind, a == q.answer) for (_, q), a in zip(items, got)])
+    return shapes.report([(q.kind, a == q.answer) for q, a in zip(items, got)])
 
 
 def accuracy_table() -> str:
