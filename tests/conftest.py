@@ -84,3 +84,4 @@ def model_factory(models):
     yield get
     for m in used:
         vtprune.unpatch(m)
+        vtprune.uncompile_llm(m)

@@ -5,12 +5,12 @@
     out = model.generate(**inputs)
 """
 from .methods import ImageTokens, LayerTokens, Method, PruneConfig, Selection, VisionSignal, available, register
-from .patching import patch, pruned, stats, unpatch
+from .patching import compile_llm, patch, pruned, stats, uncompile_llm, unpatch
 from .vit import patch_vit
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ImageTokens", "LayerTokens", "Method", "PruneConfig", "Selection", "VisionSignal",
-    "available", "patch", "patch_vit", "pruned", "register", "stats", "unpatch",
+    "available", "compile_llm", "patch", "patch_vit", "pruned", "register", "stats", "uncompile_llm", "unpatch",
 ]

@@ -91,6 +91,12 @@ def _flops(args) -> int:
     return 0
 
 
+def _compile_options(args) -> dict:
+    if args.compile_backend == "inductor":
+        return {"mode": args.compile_mode}
+    return {"mode": None, "backend": args.compile_backend}
+
+
 def _bench(args) -> int:
     import json
     from pathlib import Path
@@ -98,6 +104,7 @@ def _bench(args) -> int:
     import torch
 
     from .eval import bench, models
+    from .methods.registry import build_method
 
     budget = _budget(args)
     model, processor = models.load(args.model, random_weights=args.random_weights)
@@ -105,14 +112,22 @@ def _bench(args) -> int:
     model = model.to(device)
     task = args.task or models.default_task(args.model)
     methods = [m for m in args.methods.split(",") if m]
+    n_layers = model.config.get_text_config().num_hidden_layers
     rows = []
     for b in [int(x) for x in args.batch.split(",")]:
         inputs = models.to_model(models.calibration(task, model, processor, b, batch_size=b)[0], model)
-        for method in [None] + methods:
-            row = bench.measure(model, inputs, method, budget if method else None, args.new_tokens, args.reps)
-            rows.append(row)
-            print(f"batch {b:3d} {row.method:<13} prefill {row.prefill_ms:8.2f} ms  generate {row.generate_ms:9.1f} ms"
-                  f"  KV {row.kv_bytes / 2**20:.3f} MiB", flush=True)
+        paths = [None, _compile_options(args)] if args.compile else [None]
+        for compiled in paths:
+            for method in [None] + methods:
+                if compiled is not None and method is not None and build_method(method, budget).drop_layers(n_layers):
+                    print(f"batch {b:3d} compiled {method:<13} skipped: it drops tokens inside the decoder, which a "
+                          "static KV cache cannot hold", flush=True)
+                    continue
+                row = bench.measure(model, inputs, method, budget if method else None, args.new_tokens, args.reps,
+                                    warmup=1 if compiled is None else args.compile_warmup, compiled=compiled)
+                rows.append(row)
+                print(f"batch {b:3d} {row.path:<8} {row.method:<13} prefill {row.prefill_ms:8.2f} ms  generate "
+                      f"{row.generate_ms:9.1f} ms  KV {row.kv_bytes / 2**20:.3f} MiB", flush=True)
     table = bench.markdown(rows)
     print(table)
     if args.out:
@@ -193,6 +208,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch", default="1", help="comma-separated batch sizes")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run")
     p.add_argument("--reps", type=int, default=5, help="timed runs per cell (median), after one warm-up")
+    p.add_argument("--compile", action="store_true",
+                   help="also measure every row on the compiled path (vtprune.compile_llm: torch.compile of the "
+                        "language model + static KV cache), side by side with the plain one")
+    p.add_argument("--compile-warmup", type=int, default=3,
+                   help="untimed runs per compiled cell (compilation and CUDA-graph recording happen in these)")
+    p.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode of the compiled path")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend of the compiled path ('eager' traces only: a CPU smoke test)")
     p.add_argument("--out", help="JSON file to write (a markdown table is written beside it)")
     p.set_defaults(func=_bench)
     p = sub.add_parser("sweep", help="every strategy x ratio on a task: accuracy, FLOPs, latency; CSV/JSON and plots")

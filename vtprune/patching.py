@@ -1,4 +1,4 @@
-"""The public verbs: patch, unpatch, pruned, stats."""
+"""The public verbs: patch, unpatch, pruned, stats, and the opt-in compiled path compile_llm / uncompile_llm."""
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +10,8 @@ from .hooks.runtime import PatchState, Stats
 from .methods.registry import build_method
 
 _ATTR = "_vtprune"
+_COMPILED = "_vtprune_compiled"
+RECOMPILE_LIMIT = 64  # compiled variants of the language model (prompt lengths x batch sizes x mask kinds)
 
 
 def load_config(config) -> tuple[str | None, dict]:
@@ -108,3 +110,50 @@ def stats(model) -> Stats:
     if state is None:
         raise ValueError("model is not patched; call vtprune.patch(model, method, keep=...) first")
     return state.last_stats
+
+
+def compile_llm(model, mode: str | None = "reduce-overhead", **compile_options):
+    """Opt-in fast path for small batches, where transformers' Python loop over the decoder layers costs
+    more than the pruned prefill itself: `torch.compile` the language model only (mode
+    "reduce-overhead" records CUDA graphs) and make `generate()` use a static KV cache, so that decode
+    steps keep one shape. Works patched or not, before or after `patch`; returns the same model.
+
+    The pruning hooks stay outside the compiled region (they run around the language model's call), and
+    generate()'s own auto-compile of the whole forward is switched off. The first calls at each new
+    prompt length compile (seconds to minutes); a static cache does not shrink with pruning (it is sized
+    for the unpruned prompt), and strategies that drop tokens inside the decoder (fastv, transprune,
+    vflowopt, todre unless stage2=False) cannot use it. `uncompile_llm` undoes all of this. Extra keyword arguments go to `torch.compile`
+    (`mode=None, backend="eager"` traces without generating code, e.g. on a CPU without a compiler)."""
+    import torch
+
+    uncompile_llm(model)
+    lm = adapter_for(model).language_model()
+    gc = model.generation_config
+    saved = {"cache_implementation": gc.cache_implementation, "disable_compile": gc.disable_compile}
+    if mode is not None:
+        compile_options["mode"] = mode
+    compiled = torch.compile(lm.forward, **compile_options)
+
+    def forward(*args, **kwargs):
+        # Every transformers model's forward shares one decorator frame, so dynamo's per-frame recompile
+        # limit (8) counts all shapes and mask kinds together; past it, calls silently fall back to eager.
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            return compiled(*args, **kwargs)
+
+    lm.forward = forward
+    setattr(lm, _COMPILED, saved)
+    gc.cache_implementation, gc.disable_compile = "static", True
+    return model
+
+
+def uncompile_llm(model):
+    """Undo `compile_llm`: the language model's own forward and the previous generation settings."""
+    lm = adapter_for(model).language_model()
+    saved = getattr(lm, _COMPILED, None)
+    if saved is None:
+        return model
+    del lm.forward  # the instance attribute set by compile_llm; the class's forward shows through again
+    for key, value in saved.items():
+        setattr(model.generation_config, key, value)
+    delattr(lm, _COMPILED)
+    return model

@@ -38,3 +38,21 @@ def test_bench_command_writes_json_and_table(tmp_path, capsys):
     table = (tmp_path / "b.md").read_text()
     assert table.count("\n") == 2 + len(rows) and "prefill speed-up" in table
     assert rec["command"].startswith("vtprune bench --model tiny-test-llava")
+
+
+def test_bench_compiled_path_rows_side_by_side(tmp_path):
+    from vtprune.cli import main
+
+    out = tmp_path / "c.json"
+    assert main(["bench", "--model", "tiny-test-llava", "--methods", "pool,fastv", "--keep", "4", "--batch", "1",
+                 "--new-tokens", "2", "--reps", "1", "--compile", "--compile-backend", "eager", "--compile-warmup", "1",
+                 "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    # fastv drops tokens inside the decoder: no static cache, so no compiled row (todre with its stage 2 alike)
+    assert [(r["path"], r["method"]) for r in rows] == [
+        ("eager", "unpatched"), ("eager", "pool"), ("eager", "fastv"), ("compiled", "unpatched"), ("compiled", "pool")]
+    by = {(r["path"], r["method"]): r for r in rows}
+    assert by["compiled", "pool"]["kv_bytes"] == by["eager", "pool"]["kv_bytes"] < by["compiled", "unpatched"]["kv_bytes"]
+    assert by["compiled", "pool"]["visual_tokens"] == 4
+    table = (tmp_path / "c.md").read_text()
+    assert "| 1 | compiled | pool |" in table and table.count("1.00x") >= 4  # each path's unpatched row is its own base

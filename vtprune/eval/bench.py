@@ -7,6 +7,9 @@ step. On CUDA the stage times are CUDA events and the peak memory is `max_memory
 weights; on the CPU, perf_counter and no memory figure. Selection time is `vtprune.stats`'
 (synchronised) `selection_ms`. KV bytes are measured on the cache a prefill returns.
 Reported figures are medians over the repetitions after `warmup` untimed runs.
+
+`compiled={...}` measures the opt-in small-batch path (`vtprune.compile_llm`: the language model under
+`torch.compile`, a static KV cache); its rows are compared with the unpatched row of the same path.
 """
 from __future__ import annotations
 
@@ -93,6 +96,7 @@ class BenchRow:
     generate_ms: float  # end to end, `new_tokens` tokens
     peak_mib: float | None  # CUDA: peak allocated above the weights during generate
     kv_bytes: int  # after the prefill
+    path: str = "eager"  # "compiled": vtprune.compile_llm (torch.compile + static cache)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,7 +104,10 @@ class BenchRow:
 
 @torch.no_grad()
 def measure(model, inputs: dict, method: str | None = None, options: dict | None = None, new_tokens: int = 8,
-            reps: int = 5, warmup: int = 1) -> BenchRow:
+            reps: int = 5, warmup: int = 1, compiled: dict | None = None) -> BenchRow:
+    """One row: `generate` timed `reps` times after `warmup` runs. `compiled`: measure the compiled path,
+    with these `vtprune.compile_llm` options ({} = its defaults); its first runs at a new shape compile,
+    so give it a few warm-up runs."""
     import vtprune
 
     options = dict(options or {})
@@ -110,6 +117,8 @@ def measure(model, inputs: dict, method: str | None = None, options: dict | None
     with vtprune.pruned(model, method, **options) if method is not None else contextlib.nullcontext():
         vision_t = _Timer(vision_module(model), cuda)
         lm_t = _Timer(model.model.language_model, cuda)
+        if compiled is not None:
+            vtprune.compile_llm(model, **compiled)
         try:
             for _ in range(warmup + reps):
                 vision_t.reset()
@@ -131,10 +140,11 @@ def measure(model, inputs: dict, method: str | None = None, options: dict | None
                     generate=total, selection=st.selection_ms if st is not None else 0.0,
                     peak=(torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None,
                     visual=statistics.mean(st.visual_after) if st is not None and st.visual_after else None))
-            kv = kv_bytes(model(**inputs, use_cache=True, logits_to_keep=1).past_key_values)
         finally:
             vision_t.remove()
             lm_t.remove()
+            vtprune.uncompile_llm(model)
+        kv = kv_bytes(model(**inputs, use_cache=True, logits_to_keep=1).past_key_values)  # dynamic cache: what is held
     timed = rows[warmup:]
 
     def med(key):
@@ -145,22 +155,23 @@ def measure(model, inputs: dict, method: str | None = None, options: dict | None
     if visual is None:  # unpatched (or nothing pruned): the placeholders in the input
         visual = statistics.mean(visual_token_counts(model.config, inputs))
     return BenchRow(method or "unpatched", options, inputs["input_ids"].shape[0], visual,
-                    med("vision"), med("selection"), med("prefill"), med("decode"), med("generate"), med("peak"), kv)
+                    med("vision"), med("selection"), med("prefill"), med("decode"), med("generate"), med("peak"), kv,
+                    "eager" if compiled is None else "compiled")
 
 
 def markdown(rows: list[BenchRow]) -> str:
-    """One table; the speed-up columns compare each row with the unpatched row of its batch size."""
-    base = {r.batch: r for r in rows if r.method == "unpatched"}
-    head = ("| batch | method | options | visual tokens | vision ms | selection ms | prefill ms | prefill speed-up "
+    """One table; the speed-up columns compare each row with the unpatched row of its batch size and path."""
+    base = {(r.batch, r.path): r for r in rows if r.method == "unpatched"}
+    head = ("| batch | path | method | options | visual tokens | vision ms | selection ms | prefill ms | prefill speed-up "
             "| decode ms/token | generate ms | generate speed-up | peak MiB | KV MiB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        b = base.get(r.batch)
+        b = base.get((r.batch, r.path))
         sp = f"{b.prefill_ms / r.prefill_ms:.2f}x" if b else "-"
         sg = f"{b.generate_ms / r.generate_ms:.2f}x" if b else "-"
         opts = ", ".join(f"{k}={v}" for k, v in r.options.items()) or "-"
         peak = f"{r.peak_mib:.0f}" if r.peak_mib is not None else "-"
-        lines.append(f"| {r.batch} | {r.method} | {opts} | {r.visual_tokens:.0f} | {r.vision_ms:.2f} | "
+        lines.append(f"| {r.batch} | {r.path} | {r.method} | {opts} | {r.visual_tokens:.0f} | {r.vision_ms:.2f} | "
                      f"{r.selection_ms:.2f} | {r.prefill_ms:.2f} | {sp} | {r.decode_ms_per_token:.2f} | "
                      f"{r.generate_ms:.1f} | {sg} | {peak} | {r.kv_bytes / 2**20:.3f} |")
     return "\n".join(lines)

@@ -77,6 +77,7 @@ class Run:
     keep_total: torch.Tensor  # [B] visual tokens an llm-stage method keeps per sample
     pos_shift: torch.Tensor  # [B] added to decode positions
     before: torch.Tensor | None = None  # [B] visual tokens per sample on entering the model
+    orig_mask: torch.Tensor | None = None  # [B, orig_len] the caller's 2-D mask of the prefill
     changed: bool = False
     state: dict = field(default_factory=dict)  # the method's per-prefill scratch (LayerTokens.state)
     # Qwen3-VL deepstack: per decoder layer i < len, [B, Lcur, D] features added at the visual slots
@@ -206,6 +207,8 @@ class PatchState:
             return None
         cache = kwargs.get("past_key_values")
         run = getattr(cache, _CACHE_ATTR, None) if cache is not None else None
+        if run is not None and _compileable(cache) and int(cache.get_seq_length()) == 0:
+            run = None  # generate() reset and reused its static cache: the record is from the last call
         if run is not None:
             if scratch is not None and scratch.get("visual_input"):
                 raise NotImplementedError(
@@ -226,6 +229,13 @@ class PatchState:
         if cache is not None and cache.get_seq_length() > 0:
             raise NotImplementedError(
                 "vtprune: images in a call that continues an existing KV cache are not supported; use a fresh cache"
+            )
+        if _compileable(cache) and self.drop_layers:
+            raise NotImplementedError(
+                f"vtprune: {self.method_name} drops tokens inside the decoder (after layer {self.drop_layers[0]}), "
+                "which a static (compileable) KV cache cannot hold (its layers would hold different lengths); use "
+                "the default dynamic cache, or a strategy (or option, e.g. todre's stage2=False) that prunes before "
+                "the language model only"
             )
         return self._prefill(kwargs, scratch, visual)
 
@@ -269,6 +279,8 @@ class PatchState:
         embeds = kwargs["inputs_embeds"]
         b, seq_len, _ = embeds.shape
         am = kwargs.get("attention_mask")
+        if _compileable(kwargs.get("past_key_values")):
+            am = padding_mask(am, seq_len)  # generate() prepared the full mask from the 2-D one
         if am is not None and (not isinstance(am, torch.Tensor) or am.dim() != 2):
             raise ValueError("vtprune needs a 2-D attention_mask (or none); got a prepared 4-D mask or mapping")
         mask2d = am if am is not None else torch.ones(b, seq_len, dtype=torch.long, device=embeds.device)
@@ -290,6 +302,7 @@ class PatchState:
             keep_total=keep_total,
             pos_shift=torch.zeros(b, dtype=torch.long, device=embeds.device),
             before=visual.sum(1),
+            orig_mask=mask2d,
         )
         self.current = run
         if not self.pre_llm:
@@ -359,7 +372,9 @@ class PatchState:
         run.pos_shift = shift
         run.changed = True
         kwargs["inputs_embeds"] = take(new_embeds, index, 1, 0)
-        kwargs["attention_mask"] = new_mask
+        cache = kwargs.get("past_key_values")
+        kwargs["attention_mask"] = (self._prepared_mask(new_mask, kwargs["inputs_embeds"], cache)
+                                    if _compileable(cache) else new_mask)
         kwargs["position_ids"] = new_pos
         return args_kwargs(kwargs)
 
@@ -421,12 +436,36 @@ class PatchState:
         new = torch.cat([pos[:-3], rows]) if pos.shape[0] > 3 else rows
         return new, total
 
+    def _prepared_mask(self, mask2d, embeds, cache):
+        """With a static cache: the mask generate() would have prepared from `mask2d` for these queries
+        (4-D, or a mapping by layer type), so that a compiled language model sees the same kinds of
+        input, pruned or not, and a decode step keeps one shape (the cache's full length)."""
+        from transformers import masking_utils  # imports triton: load only when needed
+
+        model = self.adapter.model
+        make = getattr(model, "create_masks_for_generate", masking_utils.create_masks_for_generate)
+        out = make(config=model.config, inputs_embeds=embeds.new_empty(*embeds.shape[:2], 0), attention_mask=mask2d,
+                   past_key_values=cache, position_ids=None)
+        if isinstance(out, dict):
+            return {k: v.contiguous() if v is not None else None for k, v in out.items()}
+        return out.contiguous() if out is not None else None
+
     # decode ----------------------------------------------------------------------------------
     def _decode(self, run: Run, kwargs):
         embeds = kwargs["inputs_embeds"]
         b, q = embeds.shape[:2]
         am = kwargs.get("attention_mask")
         cache = kwargs["past_key_values"]
+        static = _compileable(cache) and not (isinstance(am, torch.Tensor) and am.dim() == 2)
+        if static:
+            if torch.compiler.is_compiling():
+                raise RuntimeError("vtprune: the pruning hooks cannot run inside a compiled model forward (generate()'s "
+                                   "auto-compile with a static cache); use vtprune.compile_llm(model), which compiles "
+                                   "the language model only")
+            # generate() prepared a full mask for the unpruned layout: rebuild the 2-D one it came from
+            # (the prompt's, then one real column per token generated so far)
+            seen = int(cache.get_seq_length()) - run.groups[0].mask.shape[1]
+            am = torch.cat([run.orig_mask, run.orig_mask.new_ones(b, seen + q)], dim=1)
         if am is None:
             seen = cache.get_seq_length() - run.groups[0].mask.shape[1]
             am = torch.ones(b, run.orig_len + seen + q, dtype=torch.long, device=embeds.device)
@@ -435,7 +474,8 @@ class PatchState:
         run.prefill = False
         run.incoming_mask = am
         self.current = run
-        kwargs["attention_mask"] = torch.cat([run.groups[0].mask.to(am.dtype), am[:, run.orig_len:]], dim=1)
+        mask = torch.cat([run.groups[0].mask.to(am.dtype), am[:, run.orig_len:]], dim=1)
+        kwargs["attention_mask"] = self._prepared_mask(mask, embeds, cache) if static else mask
         if bool(run.pos_shift.any()) or kwargs.get("position_ids") is None:
             pos = kwargs.get("position_ids")
             if pos is None:
@@ -607,6 +647,33 @@ def _dense_deepstack(kwargs, visual, embeds) -> list[torch.Tensor]:
         dense[visual] = r.to(embeds.device, embeds.dtype)
         out.append(dense)
     return out
+
+
+def _compileable(cache) -> bool:
+    """A static-shape KV cache (StaticCache & co.): generate() hands the model prepared 4-D masks."""
+    return bool(getattr(cache, "is_compileable", False))
+
+
+def padding_mask(mask, seq_len: int):
+    """The 2-D padding mask [B, seq_len] (1 = real token) behind a causal mask that transformers prepared
+    for a static cache: a 4-D [B, 1, q, kv] mask (bool: True = attend; float: 0 = attend), or a mapping
+    of them by layer type, or a 2-D mask already padded to the cache length. The last query row of a
+    causal + padding mask sees exactly the real keys up to it, so over the first `seq_len` keys it is
+    the padding mask. None stays None (no padding)."""
+    if isinstance(mask, dict):
+        if "full_attention" not in mask:
+            raise ValueError(f"vtprune: no full-attention mask among the prepared masks {sorted(mask)}")
+        mask = mask["full_attention"]
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 4):
+        raise ValueError("vtprune: expected a 2-D or 4-D attention mask from generate() with a static cache")
+    if mask.dim() == 4:
+        row = mask[:, 0, -1, :seq_len]
+        mask = row if row.dtype == torch.bool else row == 0
+    if mask.shape[1] < seq_len:
+        raise ValueError(f"vtprune: the prepared attention mask covers {mask.shape[1]} of {seq_len} tokens")
+    return mask[:, :seq_len].long()
 
 
 def args_kwargs(kwargs):

@@ -1,0 +1,115 @@
+"""Pruned generate() with a static (compileable) KV cache, and the compiled path `vtprune.compile_llm`.
+
+With a static cache, generate() prepares 4-D masks for the unpruned layout before the model runs; the
+runtime rebuilds the 2-D mask, prunes, and prepares the masks of the pruned layout (notes §3(b))."""
+import pytest
+import torch
+
+import vtprune
+from vtprune import tiny
+from vtprune.hooks.runtime import padding_mask
+
+FAMILIES = ["llava", "qwen2_vl", "qwen3_vl", "llava_next"]
+GEN = dict(max_new_tokens=5, output_scores=True, return_dict_in_generate=True, **tiny.GEN)
+
+
+def _max_score_diff(a, b) -> float:
+    """Largest difference of the generated steps' scores (suppressed tokens are -inf in both)."""
+    out = 0.0
+    for x, y in zip(a.scores, b.scores):
+        assert torch.equal(torch.isfinite(x), torch.isfinite(y))
+        f = torch.isfinite(x)
+        out = max(out, (x[f] - y[f]).abs().max().item())
+    return out
+
+
+def test_padding_mask_recovers_the_2d_mask_from_prepared_masks():
+    am = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    kv = 6  # a static cache longer than the prompt
+    causal = torch.arange(kv)[None, :] <= torch.arange(4)[:, None]  # [q, kv]
+    real = torch.nn.functional.pad(am, (0, kv - 4)).bool()  # [B, kv]
+    bool4d = (causal[None] & real[:, None])[:, None]  # [B, 1, q, kv]
+    float4d = torch.zeros(bool4d.shape).masked_fill(~bool4d, torch.finfo(torch.float32).min)
+    for prepared in (bool4d, float4d, {"full_attention": bool4d}, torch.nn.functional.pad(am, (0, 2))):
+        got = padding_mask(prepared, 4)
+        assert got.dtype == torch.long and torch.equal(got, am)
+    assert padding_mask(None, 4) is None
+    with pytest.raises(ValueError, match="full-attention"):
+        padding_mask({"sliding_attention": bool4d}, 4)
+    with pytest.raises(ValueError, match="covers 3 of 4"):
+        padding_mask(am[:, :3], 4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method, budget", [("divprune", dict(keep=4)), ("token_shuffle", dict(ratio=0.25))])
+def test_static_cache_generate_equals_dynamic(model_factory, family, method, budget):
+    model = model_factory(family)
+    inputs = tiny.batch(family, [0, 1, 2])  # left padding: the masks matter
+    with torch.no_grad():
+        unpatched = model.generate(**inputs, cache_implementation="static", **GEN)
+        vtprune.patch(model, method, **budget)
+        dynamic = model.generate(**inputs, **GEN)
+        static = model.generate(**inputs, cache_implementation="static", **GEN)
+        after = vtprune.stats(model).visual_after
+        again = model.generate(**inputs, cache_implementation="static", **GEN)  # generate() reuses its cache
+    assert after == vtprune.stats(model).visual_after and max(after) < min(vtprune.stats(model).visual_before)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    assert _max_score_diff(static, dynamic) < 1e-5
+    assert torch.equal(again.sequences, static.sequences) and _max_score_diff(again, static) == 0.0
+    assert _max_score_diff(static, unpatched) > 1e-2  # the static path did prune
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_static_cache_with_eager_attention_float_masks(model_factory, family):
+    model = model_factory(family, attn="eager")
+    inputs = tiny.batch(family, [0, 1, 2])
+    vtprune.patch(model, "divprune", keep=4)
+    with torch.no_grad():
+        dynamic = model.generate(**inputs, **GEN)
+        static = model.generate(**inputs, cache_implementation="static", **GEN)
+    assert torch.equal(static.sequences, dynamic.sequences) and _max_score_diff(static, dynamic) < 1e-5
+
+
+@pytest.mark.parametrize("method, options", [("fastv", {}), ("todre", {})])  # todre: its stage 2 is in the decoder
+def test_static_cache_refuses_strategies_that_prune_inside_the_decoder(model_factory, method, options):
+    model = model_factory("llava")
+    vtprune.patch(model, method, keep=4, **options)
+    with pytest.raises(NotImplementedError, match="static"):
+        model.generate(**tiny.batch("llava", [0, 1]), cache_implementation="static", **GEN)
+
+
+def test_static_cache_with_todre_stage1_only(model_factory):
+    model = model_factory("llava")
+    inputs = tiny.batch("llava", [0, 1, 2])
+    vtprune.patch(model, "todre", keep=4, stage2=False)
+    with torch.no_grad():
+        dynamic = model.generate(**inputs, **GEN)
+        static = model.generate(**inputs, cache_implementation="static", **GEN)
+    assert torch.equal(static.sequences, dynamic.sequences) and _max_score_diff(static, dynamic) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_compile_llm_gives_the_plain_path_tokens_and_undoes_cleanly(model_factory, family):
+    model = model_factory(family)
+    lm = model.model.language_model
+    inputs = tiny.batch(family, [0, 1, 2])
+    gc = model.generation_config
+    before = (gc.cache_implementation, gc.disable_compile)
+    with torch.no_grad():
+        plain = model.generate(**inputs, **GEN)
+        vtprune.patch(model, "divprune", keep=4)
+        pruned = model.generate(**inputs, **GEN)
+        vtprune.compile_llm(model, mode=None, backend="eager")  # dynamo traces; no code generation on the CPU
+        vtprune.compile_llm(model, mode=None, backend="eager")  # again: replaces, does not stack
+        assert (gc.cache_implementation, gc.disable_compile) == ("static", True)
+        first = model.generate(**inputs, **GEN)
+        second = model.generate(**inputs, **GEN)
+        vtprune.unpatch(model)
+        compiled_plain = model.generate(**inputs, **GEN)
+        vtprune.uncompile_llm(model)
+    assert "forward" not in vars(lm) and not hasattr(lm, "_vtprune_compiled")
+    assert (gc.cache_implementation, gc.disable_compile) == before
+    for out in (first, second):
+        assert torch.equal(out.sequences, pruned.sequences) and _max_score_diff(out, pruned) < 1e-5
+    assert torch.equal(compiled_plain.sequences, plain.sequences) and _max_score_diff(compiled_plain, plain) < 1e-5
+    vtprune.uncompile_llm(model)  # a no-op when not compiled
