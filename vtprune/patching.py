@@ -135,6 +135,7 @@ def compile_llm(model, mode: str | None = "reduce-overhead", **compile_options):
     compiled = torch.compile(lm.forward, **compile_options)
 
     def forward(*args, **kwargs):
+        _init_static_cache(lm, kwargs)
         # Every transformers model's forward shares one decorator frame, so dynamo's per-frame recompile
         # limit (8) counts all shapes and mask kinds together; past it, calls silently fall back to eager.
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
@@ -144,6 +145,22 @@ def compile_llm(model, mode: str | None = "reduce-overhead", **compile_options):
     setattr(lm, _COMPILED, saved)
     gc.cache_implementation, gc.disable_compile = "static", True
     return model
+
+
+def _init_static_cache(lm, kwargs):
+    """Allocate a static cache's tensors before the compiled prefill, not inside it: allocated while
+    tracing they would not be marked as static addresses, and CUDA graphs would copy or skip them
+    (transformers compiles only decode steps, so it never meets this)."""
+    cache = kwargs.get("past_key_values")
+    if not getattr(cache, "is_compileable", False) or all(layer.is_initialized for layer in cache.layers):
+        return
+    x = kwargs.get("inputs_embeds")
+    if x is None:
+        x = kwargs["input_ids"]
+    cfg = lm.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    weight = lm.get_input_embeddings().weight
+    cache.early_initialization(x.shape[0], cfg.num_key_value_heads, head_dim, weight.dtype, x.device)
 
 
 def uncompile_llm(model):
