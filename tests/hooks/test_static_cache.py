@@ -51,7 +51,7 @@ def test_static_cache_generate_equals_dynamic(model_factory, family, method, bud
         dynamic = model.generate(**inputs, **GEN)
         static = model.generate(**inputs, cache_implementation="static", **GEN)
         after = vtprune.stats(model).visual_after
-        again = model.generate(**inputs, cache_implementation="static", **GEN)  # generate() reuses its cache
+        again = model.generate(**inputs, cache_implementation="static", **GEN)
     assert after == vtprune.stats(model).visual_after and max(after) < min(vtprune.stats(model).visual_before)
     assert torch.equal(static.sequences, dynamic.sequences)
     assert _max_score_diff(static, dynamic) < 1e-5
@@ -116,3 +116,19 @@ def test_compile_llm_gives_the_plain_path_tokens_and_undoes_cleanly(model_factor
         assert torch.equal(out.sequences, pruned.sequences) and _max_score_diff(out, pruned) < 1e-5
     assert torch.equal(compiled_plain.sequences, plain.sequences) and _max_score_diff(compiled_plain, plain) < 1e-5
     vtprune.uncompile_llm(model)  # a no-op when not compiled
+
+
+def test_a_static_cache_reset_and_reused_forgets_the_last_pruning(model_factory):
+    from transformers import StaticCache
+
+    model = model_factory("llava")
+    inputs = tiny.batch("llava", [0, 1, 2])
+    cache = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=64)
+    with torch.no_grad():
+        unpatched = model.generate(**inputs, **GEN)
+        vtprune.patch(model, "divprune", keep=4)
+        model.generate(**inputs, past_key_values=cache, **GEN)
+        cache.reset()
+        vtprune.patch(model, "divprune", keep=10_000)  # keeps every token: no new record on the cache
+        out = model.generate(**inputs, past_key_values=cache, **GEN)
+    assert torch.equal(out.sequences, unpatched.sequences) and _max_score_diff(out, unpatched) < 1e-5

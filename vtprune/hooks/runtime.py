@@ -208,7 +208,8 @@ class PatchState:
         cache = kwargs.get("past_key_values")
         run = getattr(cache, _CACHE_ATTR, None) if cache is not None else None
         if run is not None and _compileable(cache) and int(cache.get_seq_length()) == 0:
-            run = None  # generate() reset and reused its static cache: the record is from the last call
+            delattr(cache, _CACHE_ATTR)  # a static cache reset for reuse: the record is from its last prompt
+            run = None
         if run is not None:
             if scratch is not None and scratch.get("visual_input"):
                 raise NotImplementedError(
