@@ -673,7 +673,9 @@ def padding_mask(mask, seq_len: int):
         row = mask[:, 0, -1, :seq_len]
         mask = row if row.dtype == torch.bool else row == 0
     if mask.shape[1] < seq_len:
-        raise ValueError(f"vtprune: the prepared attention mask covers {mask.shape[1]} of {seq_len} tokens")
+        raise ValueError(f"vtprune: the prepared attention mask covers {mask.shape[1]} of {seq_len} tokens, so the "
+                         "prompt's padding cannot be recovered from it; size a static cache for the unpruned prompt "
+                         "(as generate() does by default)")
     return mask[:, :seq_len].long()
 
 
