@@ -122,8 +122,9 @@ def compile_llm(model, mode: str | None = "reduce-overhead", **compile_options):
     generate()'s own auto-compile of the whole forward is switched off. The first calls at each new
     prompt length compile (seconds to minutes); a static cache does not shrink with pruning (it is sized
     for the unpruned prompt), and strategies that drop tokens inside the decoder (fastv, transprune,
-    vflowopt, todre unless stage2=False) cannot use it. `uncompile_llm` undoes all of this. Extra keyword arguments go to `torch.compile`
-    (`mode=None, backend="eager"` traces without generating code, e.g. on a CPU without a compiler)."""
+    vflowopt, todre unless stage2=False) cannot use it. `uncompile_llm` undoes all of this.
+    Extra keyword arguments go to `torch.compile` (`mode=None, backend="eager"` traces without
+    generating code, e.g. on a CPU without a compiler)."""
     import torch
 
     uncompile_llm(model)
