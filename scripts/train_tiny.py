@@ -167,22 +167,11 @@ def readout(logits, proc, labels):
     return out
 
 
-def background_penalty(emb, has):
-    """Mean squared norm of the background visual tokens (`has` False: nothing under them) relative to
-    that of the object tokens (held fixed): small background tokens do not compete for the question's
-    attention. Without it, tiny-qwen2vl's stage B stalled at naming any colour in the scene; with its
-    background tokens zeroed, the same model learnt colour questions."""
-    if bool(has.all()) or not bool(has.any()):
-        return emb.new_zeros(())
-    return (emb[~has] ** 2).sum(-1).mean() / (emb[has] ** 2).sum(-1).mean().detach()
-
-
-def stage_align(model, family, proc, steps, batch_size, lr, log, offset, rule, background=0.0):
+def stage_align(model, family, proc, steps, batch_size, lr, log, offset, rule):
     """Projector alignment, as LLaVA's first stage aligns a pretrained CLIP to the LLM with captions:
     with the vision tower frozen, train the projector so that each visual token, read through the
     (tied) LM head, names what lies under it (word_targets). Visual tokens then live in the words'
-    embedding space, which the language model can look up from a question. `background` > 0 adds
-    that weight of `background_penalty`."""
+    embedding space, which the language model can look up from a question."""
     for p in visual_params(model, family):
         p.requires_grad_(False)
     params = list(projector(model, family).parameters())
@@ -204,9 +193,6 @@ def stage_align(model, family, proc, steps, batch_size, lr, log, offset, rule, b
         keep = target.sum(1) > 0
         logp = torch.log_softmax(model.lm_head(emb[keep]).float(), -1)
         loss = -(target[keep] * logp).sum(-1).mean()
-        bg = background_penalty(emb, keep) if background > 0 else None
-        if bg is not None:
-            loss = loss + background * bg
         optimise(opt, sched, params, loss)
         if step % 25 == 0 or step == steps - 1:
             with torch.no_grad():
@@ -214,8 +200,7 @@ def stage_align(model, family, proc, steps, batch_size, lr, log, offset, rule, b
                 acc = target[keep].gather(1, top[:, None]).gt(0).float().mean().item()
                 read = readout(model.lm_head(emb).float(), proc, token_labels(family, batch, rule))
             log(f"P {step:5d} loss {loss.item():.4f} top word names the token {acc:.3f} read through the LM head: "
-                + " ".join(f"{k} {v:.3f}" for k, v in read.items())
-                + (f" background/object squared norm {bg.item():.4f}" if bg is not None else ""))
+                + " ".join(f"{k} {v:.3f}" for k, v in read.items()))
     for p in model.parameters():
         p.requires_grad_(True)
     return offset + steps * batch_size
@@ -395,9 +380,6 @@ def main(argv=None):
     ap.add_argument("--qa-lr", type=float, default=1e-3)
     ap.add_argument("--attn-sup", type=float, default=0.5,
                     help="weight of the attention supervision in stages B and C (0: answers only)")
-    ap.add_argument("--p-background", type=float, default=0.0,
-                    help="stage P: weight of a penalty on the background visual tokens' squared norm, relative to "
-                         "the object tokens' (train_tiny.background_penalty)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--label-rule", choices=["cover", "centre"], default="cover",
                     help="per-token labels in stages A and P (shapes.patch_labels): cover = also small objects "
@@ -459,8 +441,7 @@ def main(argv=None):
                          args.label_rule)
         torch.save({"model": model.state_dict(), "offset": offset, "args": stage_a_key}, ckpt)
     if not args.init:
-        offset = stage_align(model, args.family, proc, args.align_steps, args.batch, 2e-3, log, offset, args.label_rule,
-                             args.p_background)
+        offset = stage_align(model, args.family, proc, args.align_steps, args.batch, 2e-3, log, offset, args.label_rule)
 
     def save(next_scene, step=None):
         copy = type(model)(deepcopy(model.config))  # its own config: attention dispatch reads it at call time

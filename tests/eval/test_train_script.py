@@ -112,21 +112,6 @@ def test_alignment_targets_name_what_lies_under_each_token():
     assert int((cover.sum(1) > 0).sum()) > int((ids > 0).sum())  # edge patches mostly covered count too
 
 
-def test_background_penalty_by_hand():
-    """Object token (3, 4): squared norm 25; background tokens (1, 0) and (0, 2): mean squared norm 2.5,
-    so the penalty is 0.1. The object tokens' norm is the fixed scale: no gradient reaches them."""
-    train_tiny = _script()
-    emb = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 2.0]], requires_grad=True)
-    has = torch.tensor([True, False, False])
-    pen = train_tiny.background_penalty(emb, has)
-    assert pen.item() == pytest.approx(0.1)
-    pen.backward()
-    assert torch.equal(emb.grad[0], torch.zeros(2))
-    assert torch.allclose(emb.grad[1:], torch.tensor([[1.0, 0.0], [0.0, 2.0]]) * 2 / 2 / 25)
-    assert train_tiny.background_penalty(emb, torch.ones(3, dtype=torch.bool)).item() == 0.0
-    assert train_tiny.background_penalty(emb, torch.zeros(3, dtype=torch.bool)).item() == 0.0
-
-
 def test_readout_scores_each_key_on_the_tokens_that_hold_one():
     """Four visual tokens read through the LM head, worked by hand: token 0 is a red circle that reads
     red + circle, token 1 a blue star that reads blue + square (wrong shape), token 2 a digit 7 that
