@@ -56,3 +56,15 @@ def test_bench_compiled_path_rows_side_by_side(tmp_path):
     assert by["compiled", "pool"]["visual_tokens"] == 4
     table = (tmp_path / "c.md").read_text()
     assert "| 1 | compiled | pool |" in table and table.count("1.00x") >= 4  # each path's unpatched row is its own base
+
+
+def test_plain_measure_leaves_a_model_the_caller_compiled_compiled():
+    import vtprune
+
+    model = tiny.build("llava")
+    vtprune.compile_llm(model, mode=None, backend="eager")
+    try:
+        bench.measure(model, tiny.batch("llava", [0]), "pool", {"keep": 3}, new_tokens=2, reps=1, warmup=0)
+        assert "forward" in vars(model.model.language_model)  # still compiled
+    finally:
+        vtprune.uncompile_llm(model)

@@ -117,9 +117,9 @@ def measure(model, inputs: dict, method: str | None = None, options: dict | None
     with vtprune.pruned(model, method, **options) if method is not None else contextlib.nullcontext():
         vision_t = _Timer(vision_module(model), cuda)
         lm_t = _Timer(model.model.language_model, cuda)
-        if compiled is not None:
-            vtprune.compile_llm(model, **compiled)
         try:
+            if compiled is not None:
+                vtprune.compile_llm(model, **compiled)
             for _ in range(warmup + reps):
                 vision_t.reset()
                 lm_t.reset()
@@ -143,7 +143,8 @@ def measure(model, inputs: dict, method: str | None = None, options: dict | None
         finally:
             vision_t.remove()
             lm_t.remove()
-            vtprune.uncompile_llm(model)
+            if compiled is not None:  # a model the caller compiled stays compiled on the plain path
+                vtprune.uncompile_llm(model)
         kv = kv_bytes(model(**inputs, use_cache=True, logits_to_keep=1).past_key_values)  # dynamic cache: what is held
     timed = rows[warmup:]
 
