@@ -6,7 +6,7 @@ import json
 import os
 
 from .hooks import adapter_for
-from .hooks.runtime import PatchState, Stats
+from .hooks.runtime import PatchState, Stats, compileable
 from .methods.registry import build_method
 
 _ATTR = "_vtprune"
@@ -153,7 +153,7 @@ def _init_static_cache(lm, kwargs):
     tracing they would not be marked as static addresses, and CUDA graphs would copy or skip them
     (transformers compiles only decode steps, so it never meets this)."""
     cache = kwargs.get("past_key_values")
-    if not getattr(cache, "is_compileable", False) or all(layer.is_initialized for layer in cache.layers):
+    if not compileable(cache) or all(layer.is_initialized for layer in cache.layers):
         return
     x = kwargs.get("inputs_embeds")
     if x is None:

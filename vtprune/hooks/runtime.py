@@ -207,7 +207,7 @@ class PatchState:
             return None
         cache = kwargs.get("past_key_values")
         run = getattr(cache, _CACHE_ATTR, None) if cache is not None else None
-        if run is not None and _compileable(cache) and int(cache.get_seq_length()) == 0:
+        if run is not None and compileable(cache) and int(cache.get_seq_length()) == 0:
             delattr(cache, _CACHE_ATTR)  # a static cache reset for reuse: the record is from its last prompt
             run = None
         if run is not None:
@@ -231,7 +231,7 @@ class PatchState:
             raise NotImplementedError(
                 "vtprune: images in a call that continues an existing KV cache are not supported; use a fresh cache"
             )
-        if _compileable(cache) and self.drop_layers:
+        if compileable(cache) and self.drop_layers:
             raise NotImplementedError(
                 f"vtprune: {self.method_name} drops tokens inside the decoder (after layer {self.drop_layers[0]}), "
                 "which a static (compileable) KV cache cannot hold (its layers would hold different lengths); use "
@@ -280,7 +280,9 @@ class PatchState:
         embeds = kwargs["inputs_embeds"]
         b, seq_len, _ = embeds.shape
         am = kwargs.get("attention_mask")
-        if _compileable(kwargs.get("past_key_values")):
+        cache = kwargs.get("past_key_values")
+        static = compileable(cache)
+        if static:
             am = padding_mask(am, seq_len)  # generate() prepared the full mask from the 2-D one
         if am is not None and (not isinstance(am, torch.Tensor) or am.dim() != 2):
             raise ValueError("vtprune needs a 2-D attention_mask (or none); got a prepared 4-D mask or mapping")
@@ -373,9 +375,8 @@ class PatchState:
         run.pos_shift = shift
         run.changed = True
         kwargs["inputs_embeds"] = take(new_embeds, index, 1, 0)
-        cache = kwargs.get("past_key_values")
         kwargs["attention_mask"] = (self._prepared_mask(new_mask, kwargs["inputs_embeds"], cache)
-                                    if _compileable(cache) else new_mask)
+                                    if static else new_mask)
         kwargs["position_ids"] = new_pos
         return args_kwargs(kwargs)
 
@@ -457,7 +458,7 @@ class PatchState:
         b, q = embeds.shape[:2]
         am = kwargs.get("attention_mask")
         cache = kwargs["past_key_values"]
-        static = _compileable(cache) and not (isinstance(am, torch.Tensor) and am.dim() == 2)
+        static = compileable(cache) and not (isinstance(am, torch.Tensor) and am.dim() == 2)
         if static:
             if torch.compiler.is_compiling():
                 raise RuntimeError("vtprune: the pruning hooks cannot run inside a compiled model forward (generate()'s "
@@ -650,7 +651,7 @@ def _dense_deepstack(kwargs, visual, embeds) -> list[torch.Tensor]:
     return out
 
 
-def _compileable(cache) -> bool:
+def compileable(cache) -> bool:
     """A static-shape KV cache (StaticCache & co.): generate() hands the model prepared 4-D masks."""
     return bool(getattr(cache, "is_compileable", False))
 
