@@ -16,6 +16,7 @@ fp16 with save_pretrained, with its processor, and its held-out accuracy to trai
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager, nullcontext
 from copy import deepcopy
 import json
 import math
@@ -270,6 +271,50 @@ def attention_loss(attentions, targets, layers):
     return loss / len(layers)
 
 
+def background_keys(family, proc, batch, inputs):
+    """[batch, seq] bool: the visual tokens with nothing under them (shapes.patch_cover 0: no object or
+    digit covers an eighth of the token's pixels, and none is marked there)."""
+    grid = token_pixels(family)
+    ids = inputs["input_ids"]
+    image = proc.tokenizer.convert_tokens_to_ids("<image>" if family == "llava" else "<|image_pad|>")
+    out = torch.zeros(ids.shape, dtype=torch.bool)
+    for b, (scene, _, _) in enumerate(batch):
+        visual = (ids[b] == image).nonzero().squeeze(1)
+        out[b, visual] = shapes.patch_cover(scene, grid).reshape(-1) == 0
+    return out
+
+
+@contextmanager
+def key_bias(model, bias):
+    """Add `bias` ([batch, seq], float) to every language-model layer's attention logits on those keys,
+    for every query (eager attention: the layers' additive or boolean masks are extended)."""
+    def pre(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            raise RuntimeError("key_bias needs the layers' attention mask (eager attention)")
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+        kwargs["attention_mask"] = mask + bias[:, None, None, :].to(mask)
+        return args, kwargs
+
+    handles = [layer.self_attn.register_forward_pre_hook(pre, with_kwargs=True)
+               for layer in model.model.language_model.layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def background_bias(at, start, stop, step):
+    """The attention bias on background keys at `step`: -at until `start`, rising linearly to 0 at `stop`."""
+    if step >= stop:
+        return 0.0
+    if step < start:
+        return -at
+    return -at * (1 - (step - start) / (stop - start))
+
+
 def kind_hits(logits, targets, asked):
     """(kind, correct) for every answer in the batch: answer positions, in order, are the asked questions."""
     pred = logits[:, :-1].argmax(-1)
@@ -281,7 +326,10 @@ def kind_hits(logits, targets, asked):
 
 
 def stage_qa(model, family, proc, steps, batch_size, lr, log, offset, rng, max_q, train_visual, only=None,
-             attn_sup=0.0, per_kind=3, every=None):
+             attn_sup=0.0, per_kind=3, every=None, bg_bias=None):
+    """bg_bias=(at, start, stop): while training, the language model's attention to background visual
+    tokens is damped by an additive bias (background_bias), released to 0 by step `stop`: tiny-qwen2vl's
+    stage B otherwise stalls at naming any colour in the scene, distracted by its background tokens."""
     for p in visual_params(model, family):
         p.requires_grad_(train_visual)
     if family != "llava" and not train_visual:
@@ -297,7 +345,11 @@ def stage_qa(model, family, proc, steps, batch_size, lr, log, offset, rng, max_q
         inputs, targets, asked = qa_batch(family, proc, batch, rng, max_q)
         device = next(model.parameters()).device
         inputs, targets = inputs.to(device), targets.to(device)
-        out = model(**inputs, output_attentions=attn_sup > 0)
+        bias = background_bias(*bg_bias, step) if bg_bias else 0.0
+        damp = (key_bias(model, background_keys(family, proc, batch, inputs).to(device).float() * bias)
+                if bias else nullcontext())
+        with damp:
+            out = model(**inputs, output_attentions=attn_sup > 0)
         logits = out.logits
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets[:, 1:].reshape(-1))
         if attn_sup > 0:  # the answer position should look at what the question is about
@@ -313,7 +365,8 @@ def stage_qa(model, family, proc, steps, batch_size, lr, log, offset, rng, max_q
             by = {k: [h for kk, h in hits if kk == k] for k in shapes.KINDS}
             log(f"{'C' if train_visual else 'B'} {step:5d} loss {loss.item():.4f} answer acc "
                 f"{sum(h for _, h in hits) / max(1, len(hits)):.3f} "
-                + " ".join(f"{k} {sum(v) / len(v):.2f}" for k, v in by.items() if v))
+                + " ".join(f"{k} {sum(v) / len(v):.2f}" for k, v in by.items() if v)
+                + (f" background bias {bias:.1f}" if bg_bias else ""))
             hits = []
     for p in model.parameters():
         p.requires_grad_(True)
@@ -380,11 +433,26 @@ def main(argv=None):
     ap.add_argument("--qa-lr", type=float, default=1e-3)
     ap.add_argument("--attn-sup", type=float, default=0.5,
                     help="weight of the attention supervision in stages B and C (0: answers only)")
+    ap.add_argument("--background-bias", default=None, metavar="AT,START,STOP",
+                    help="stage B: damp the language model's attention to background visual tokens by -AT until "
+                         "step START, releasing it linearly to 0 at STOP (needs --attn-sup > 0: eager attention), "
+                         "e.g. 30,1500,1900")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--label-rule", choices=["cover", "centre"], default="cover",
                     help="per-token labels in stages A and P (shapes.patch_labels): cover = also small objects "
                          "between token centres")
     args = ap.parse_args(argv)
+    bg_bias = None
+    if args.background_bias:
+        try:
+            at, start, stop = (float(x) for x in args.background_bias.split(","))
+        except ValueError:
+            raise SystemExit(f"--background-bias: AT,START,STOP, e.g. 30,1500,1900; got {args.background_bias!r}")
+        if at < 0 or not 0 <= start <= stop:
+            raise SystemExit(f"--background-bias: AT >= 0 and 0 <= START <= STOP; got {args.background_bias!r}")
+        if args.attn_sup <= 0:
+            raise SystemExit("--background-bias needs eager attention while training: use it with --attn-sup > 0")
+        bg_bias = (at, int(start), int(stop))
     if args.eval_only:
         evaluate_saved(Path(args.out), args.eval_questions)
         return
@@ -461,7 +529,8 @@ def main(argv=None):
         model.set_attn_implementation("eager")
     every = (args.save_every, save) if args.save_every else None
     offset = stage_qa(model, args.family, proc, args.qa_steps, args.batch, args.qa_lr, log, offset, rng,
-                      args.max_questions, False, curriculum(args) or only, args.attn_sup, args.per_kind, every)
+                      args.max_questions, False, curriculum(args) or only, args.attn_sup, args.per_kind, every,
+                      bg_bias)
     offset = stage_qa(model, args.family, proc, args.full_steps, args.batch, 2e-4, log, offset, rng,
                       args.max_questions, True, only, args.attn_sup, args.per_kind, every)
     save(offset)

@@ -188,3 +188,78 @@ def test_diagnose_tiny_on_the_bundled_llava(tmp_path):
     assert layers[2]["on_named_object"] > 0.5
     assert result["attention"]["named_share_of_image_tokens"] < 0.05
     assert all(0.0 <= r["on_named_object"] <= r["on_image"] <= 1.0 + 1e-4 for r in layers)
+
+
+def _qwen_inputs(scenes):
+    from vtprune.eval import shapes, tinyvlm
+
+    proc = tinyvlm.processor("qwen2_vl")
+    texts = [tinyvlm.prompt("qwen2_vl", "what colour is the square ?")] * len(scenes)
+    inputs = proc(images=[shapes.render(s) for s in scenes], text=texts, padding=True, return_tensors="pt")
+    inputs.pop("token_type_ids", None)
+    return proc, inputs
+
+
+def test_background_keys_mark_the_visual_tokens_with_nothing_under_them():
+    """A 168 x 168 Qwen scene is 6 x 6 visual tokens of 28 px; a square filling the top-left 56 x 56
+    pixels covers tokens (0, 0), (0, 1), (1, 0), (1, 1): the other 32 are background. The second scene
+    (224 x 168: 8 x 6 tokens) has nothing in it; left padding shifts the first scene's tokens."""
+    train_tiny = _script()
+    from vtprune.eval import shapes
+
+    square = shapes.Obj("square", "red", "large", (0, 0), (0, 0, 55, 55))
+    scenes = [shapes.Scene(168, 168, [square], []), shapes.Scene(224, 168, [], [])]
+    proc, inputs = _qwen_inputs(scenes)
+    bg = train_tiny.background_keys("qwen2_vl", proc, [(s, None, None) for s in scenes], inputs)
+    image = inputs["input_ids"] == proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert image.sum(1).tolist() == [36, 48]
+    assert not bool((bg & ~image).any())  # only visual tokens are ever background
+    first = image[0].nonzero().squeeze(1)
+    want = torch.ones(36, dtype=torch.bool)
+    want[[0, 1, 6, 7]] = False
+    assert torch.equal(bg[0, first], want)
+    assert bool(bg[1][image[1]].all())
+
+
+def test_key_bias_shifts_the_attention_logits_of_the_marked_keys():
+    """Layer 0's attention with a bias b on some keys is softmax(logits + b): every query's weights are
+    the unbiased ones times exp(b), renormalised. A zero bias changes nothing, and leaving the context
+    removes the hooks (outputs bit-identical to before)."""
+    train_tiny = _script()
+    import transformers as tf
+    from vtprune.eval import shapes, tinyvlm
+
+    torch.manual_seed(0)
+    model = tf.Qwen2VLForConditionalGeneration(tinyvlm.config("qwen2_vl")).eval()
+    model.set_attn_implementation("eager")
+    square = shapes.Obj("square", "red", "large", (0, 0), (0, 0, 55, 55))
+    scenes = [shapes.Scene(168, 168, [square], []), shapes.Scene(224, 168, [], [])]
+    proc, inputs = _qwen_inputs(scenes)
+    bg = train_tiny.background_keys("qwen2_vl", proc, [(s, None, None) for s in scenes], inputs)
+    with torch.no_grad():
+        base = model(**inputs, output_attentions=True)
+        with train_tiny.key_bias(model, bg.float() * -2.0):
+            damped = model(**inputs, output_attentions=True)
+        with train_tiny.key_bias(model, torch.zeros(bg.shape)):
+            zero = model(**inputs, output_attentions=True)
+        after = model(**inputs, output_attentions=True)
+    want = base.attentions[0] * torch.where(bg, torch.exp(torch.tensor(-2.0)), 1.0)[:, None, None, :]
+    want = want / want.sum(-1, keepdim=True)
+    real = inputs["attention_mask"].bool()  # padded query rows are not compared
+    assert torch.allclose(damped.attentions[0][real[:, None, :, None].expand_as(want)],
+                          want[real[:, None, :, None].expand_as(want)], atol=1e-6)
+    assert not torch.allclose(damped.logits, base.logits, atol=1e-3)
+    assert torch.equal(zero.logits, base.logits)
+    assert torch.equal(after.logits, base.logits)
+
+
+def test_background_bias_schedule_and_cli_checks(tmp_path):
+    train_tiny = _script()
+    assert [train_tiny.background_bias(30, 10, 20, s) for s in (0, 9, 10, 15, 19, 20, 25)] == \
+        pytest.approx([-30, -30, -30, -15, -3, 0, 0])
+    assert [train_tiny.background_bias(30, 5, 5, s) for s in (4, 5)] == [-30, 0]
+    for bad, msg in (("30,20", "AT,START,STOP"), ("30,20,10", "START <= STOP"), ("-1,0,1", "AT >= 0")):
+        with pytest.raises(SystemExit, match=msg):
+            train_tiny.main(["--family", "llava", "--out", str(tmp_path), f"--background-bias={bad}"])
+    with pytest.raises(SystemExit, match="--attn-sup"):
+        train_tiny.main(["--family", "llava", "--out", str(tmp_path), "--background-bias", "1,0,1", "--attn-sup", "0"])
