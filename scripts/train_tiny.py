@@ -10,7 +10,8 @@ that visual tokens read, through the LM head, as the words naming them. Stage B 
 trains the projector and language model on questions (several question/answer pairs per image,
 loss on the answers), with the answer position's attention supervised toward the visual tokens of
 the items the question refers to (--attn-sup) and optionally one question kind at a time
-(--curriculum). Stage C fine-tunes everything at a lower rate. The result is saved in
+(--curriculum), and optionally its attention to background visual tokens damped until the questions
+are learnt (--background-bias). Stage C fine-tunes everything at a lower rate. The result is saved in
 fp16 with save_pretrained, with its processor, and its held-out accuracy to train_log.json.
 """
 from __future__ import annotations
