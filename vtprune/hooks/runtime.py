@@ -459,18 +459,15 @@ class PatchState:
         am = kwargs.get("attention_mask")
         cache = kwargs["past_key_values"]
         static = compileable(cache) and not (isinstance(am, torch.Tensor) and am.dim() == 2)
-        if static:
-            if torch.compiler.is_compiling():
-                raise RuntimeError("vtprune: the pruning hooks cannot run inside a compiled model forward (generate()'s "
-                                   "auto-compile with a static cache); use vtprune.compile_llm(model), which compiles "
-                                   "the language model only")
-            # generate() prepared a full mask for the unpruned layout: rebuild the 2-D one it came from
-            # (the prompt's, then one real column per token generated so far)
+        if static and torch.compiler.is_compiling():
+            raise RuntimeError("vtprune: the pruning hooks cannot run inside a compiled model forward (generate()'s "
+                               "auto-compile with a static cache); use vtprune.compile_llm(model), which compiles "
+                               "the language model only")
+        if static or am is None:
+            # the 2-D mask generate() grows (with a static cache it prepared a full mask for the unpruned layout
+            # instead): the prompt's, then one real column per token generated so far
             seen = int(cache.get_seq_length()) - run.groups[0].mask.shape[1]
             am = torch.cat([run.orig_mask, run.orig_mask.new_ones(b, seen + q)], dim=1)
-        if am is None:
-            seen = cache.get_seq_length() - run.groups[0].mask.shape[1]
-            am = torch.ones(b, run.orig_len + seen + q, dtype=torch.long, device=embeds.device)
         if not isinstance(am, torch.Tensor) or am.dim() != 2 or am.shape[1] < run.orig_len + q:
             raise ValueError("vtprune: decode steps need the 2-D attention mask that grows from the prompt's")
         run.prefill = False
