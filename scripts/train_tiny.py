@@ -236,20 +236,29 @@ def qa_batch(family, proc, batch, rng, max_q):
     return inputs, targets, asked
 
 
+def visual_cover(family, proc, batch, inputs):
+    """Per sample: the positions of its LLM-side visual tokens in `inputs` and the item under each
+    (shapes.patch_cover numbering, 0 = nothing)."""
+    grid = token_pixels(family)
+    image = proc.tokenizer.convert_tokens_to_ids("<image>" if family == "llava" else "<|image_pad|>")
+    out = []
+    for row, (scene, _, _) in zip(inputs["input_ids"], batch):
+        visual = (row == image).nonzero().squeeze(1)
+        items = shapes.patch_cover(scene, grid).reshape(-1)
+        if items.numel() != visual.numel():
+            raise RuntimeError(f"{items.numel()} patch cells for {visual.numel()} visual tokens")
+        out.append((visual, items))
+    return out
+
+
 def attention_targets(family, proc, batch, inputs, asked):
     """(sample, query position, image-token mask) for every question about something: the position is
     the question's "?" (where the answer is predicted), the mask marks the LLM-side visual tokens
     under the items the question refers to (shapes.patch_cover: every item is marked somewhere)."""
-    grid = token_pixels(family)
     ids = inputs["input_ids"]
     qmark = proc.tokenizer.convert_tokens_to_ids("?")
-    image = proc.tokenizer.convert_tokens_to_ids("<image>" if family == "llava" else "<|image_pad|>")
     out = []
-    for b, ((scene, _, _), qs) in enumerate(zip(batch, asked)):
-        visual = (ids[b] == image).nonzero().squeeze(1)
-        items = shapes.patch_cover(scene, grid).reshape(-1)
-        if items.numel() != visual.numel():
-            raise RuntimeError(f"{items.numel()} patch cells for {visual.numel()} visual tokens")
+    for b, ((visual, items), qs) in enumerate(zip(visual_cover(family, proc, batch, inputs), asked)):
         for pos, q in zip((ids[b] == qmark).nonzero().squeeze(1).tolist(), qs):
             if q.refs:
                 mask = torch.zeros(ids.shape[1])
@@ -275,13 +284,9 @@ def attention_loss(attentions, targets, layers):
 def background_keys(family, proc, batch, inputs):
     """[batch, seq] bool: the visual tokens with nothing under them (shapes.patch_cover 0: no object or
     digit covers an eighth of the token's pixels, and none is marked there)."""
-    grid = token_pixels(family)
-    ids = inputs["input_ids"]
-    image = proc.tokenizer.convert_tokens_to_ids("<image>" if family == "llava" else "<|image_pad|>")
-    out = torch.zeros(ids.shape, dtype=torch.bool)
-    for b, (scene, _, _) in enumerate(batch):
-        visual = (ids[b] == image).nonzero().squeeze(1)
-        out[b, visual] = shapes.patch_cover(scene, grid).reshape(-1) == 0
+    out = torch.zeros(inputs["input_ids"].shape, dtype=torch.bool)
+    for b, (visual, items) in enumerate(visual_cover(family, proc, batch, inputs)):
+        out[b, visual] = items == 0
     return out
 
 
