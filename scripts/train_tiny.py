@@ -11,7 +11,10 @@ trains the projector and language model on questions (several question/answer pa
 loss on the answers), with the answer position's attention supervised toward the visual tokens of
 the items the question refers to (--attn-sup) and optionally one question kind at a time
 (--curriculum), and optionally its attention to background visual tokens damped until the questions
-are learnt (--background-bias). Stage C fine-tunes everything at a lower rate. The result is saved in
+are learnt (--background-bias). --attn-targets word routes count and relation questions through the
+words that name their objects (those words look at the objects, the last layer's answer position reads
+the words) and --aux-probe asks the words' states to hold each object's grid cell and the count, and the
+answer position's both cells. Stage C fine-tunes everything at a lower rate. The result is saved in
 fp16 with save_pretrained, with its processor, and its held-out accuracy to train_log.json.
 """
 from __future__ import annotations
@@ -251,34 +254,127 @@ def visual_cover(family, proc, batch, inputs):
     return out
 
 
-def attention_targets(family, proc, batch, inputs, asked):
-    """(sample, query position, image-token mask) for every question about something: the position is
-    the question's "?" (where the answer is predicted), the mask marks the LLM-side visual tokens
-    under the items the question refers to (shapes.patch_cover: every item is marked somewhere)."""
+def attention_targets(family, proc, batch, inputs, asked, mode="union"):
+    """(sample, query position, target, exact[, layers]) for every question with something to look at.
+    The target ([seq], or [heads', seq]: per block of heads) marks the tokens to look at; exact=False:
+    the loss wants all attention mass on them; exact=True: the target is a distribution the attention
+    should equal; layers (if given) replace the supervised layers (-1: the last one).
+
+    mode "union": the question's "?" (where the answer is predicted) looks at the LLM-side visual tokens
+    under all the items it refers to (shapes.patch_cover: every item is marked somewhere). A mean over
+    several objects cannot tell which is left of which, nor how many there are, so mode "word" routes
+    count and relation questions through the words that name their objects: a relation's two shape
+    words each look at their object, and the last layer's "?" reads them (the first half of its heads
+    the first word, the rest the second); a count's colour word looks, exactly and uniformly, at one
+    token per counted object (the one it covers most) and at the <s> sink, so that the sink's share is
+    1 / (count + 1), and the last layer's "?" reads that word. Other kinds are as in "union"."""
     ids = inputs["input_ids"]
     qmark = proc.tokenizer.convert_tokens_to_ids("?")
+    bos = proc.tokenizer.convert_tokens_to_ids("<s>")
     out = []
     for b, ((visual, items), qs) in enumerate(zip(visual_cover(family, proc, batch, inputs), asked)):
         for pos, q in zip((ids[b] == qmark).nonzero().squeeze(1).tolist(), qs):
-            if q.refs:
+            def on(refs):
                 mask = torch.zeros(ids.shape[1])
-                mask[visual] = torch.isin(items, torch.tensor(q.refs)).float()
-                out.append((b, pos, mask))
+                mask[visual] = torch.isin(items, torch.tensor(refs)).float()
+                return mask
+
+            def one(i):
+                mask = torch.zeros(ids.shape[1])
+                mask[i] = 1.0
+                return mask
+            if mode == "word" and q.kind == "relation":
+                first, second = naming_words(proc, ids[b], pos, q)
+                out += [(b, first, on(q.refs[:1]), False), (b, second, on(q.refs[1:]), False),
+                        (b, pos, torch.stack([one(first), one(second)]), False, (-1,))]
+            elif mode == "word" and q.kind == "count":
+                dist = torch.zeros(ids.shape[1])
+                dist[int((ids[b] == bos).nonzero()[0])] = 1.0
+                dist[visual[most_covered(batch[b][0], token_pixels(family), q.refs)]] = 1.0
+                at, = naming_words(proc, ids[b], pos, q)
+                out += [(b, at, dist / dist.sum(), True), (b, pos, one(at), False, (-1,))]
+            elif q.refs:
+                out.append((b, pos, on(q.refs), False))
     return out
 
 
+def naming_words(proc, row, pos, q):
+    """Positions in `row` of the words naming what a question ending at `pos` (its "?") is about: a
+    relation's two shape words, in order, or a count's colour word."""
+    words = shapes.SHAPES if q.kind == "relation" else shapes.COLOURS
+    ids = set(proc.tokenizer.convert_tokens_to_ids(list(words)))
+    n = 2 if q.kind == "relation" else 1
+    return [i for i in range(pos - 1, -1, -1) if int(row[i]) in ids][:n][::-1]
+
+
+PROBE_GROUPS = {"cell": 9, "count": len(shapes.NUMBERS), "first": 9, "second": 9}  # --aux-probe's outputs
+
+
+def word_labels(proc, inputs, asked, batch):
+    """(sample, position, hidden state, group, class) for the --aux-probe loss, read from the last layer's
+    input (hidden state -2) at the words naming things: each relation object's shape word -> its grid cell
+    (3 * row + col), a count's colour word -> the count; and from the output (-1) at a relation's "?":
+    the first and the second object's cells (groups "first", "second")."""
+    ids = inputs["input_ids"]
+    qmark = proc.tokenizer.convert_tokens_to_ids("?")
+    out = []
+    for b, qs in enumerate(asked):
+        for pos, q in zip((ids[b] == qmark).nonzero().squeeze(1).tolist(), qs):
+            if q.kind == "relation":
+                cells = [3 * r + c for r, c in (batch[b][0].objects[ref - 1].cell for ref in q.refs)]
+                out += [(b, at, -2, "cell", cell) for at, cell in zip(naming_words(proc, ids[b], pos, q), cells)]
+                out += [(b, pos, -1, "first", cells[0]), (b, pos, -1, "second", cells[1])]
+            elif q.kind == "count":
+                out.append((b, naming_words(proc, ids[b], pos, q)[0], -2, "count", len(q.refs)))
+    return out
+
+
+def probe_loss(probe, hidden_states, labels):
+    """Mean cross-entropy of the read-out `probe` (one linear map, its outputs split into PROBE_GROUPS)
+    on `labels` (word_labels), each over its own group's outputs."""
+    starts = dict(zip(PROBE_GROUPS, [0, *torch.tensor(list(PROBE_GROUPS.values())).cumsum(0).tolist()]))
+    loss = 0.0
+    for b, pos, state, group, cls in labels:
+        logits = probe(hidden_states[state][b, pos].float())
+        lo = starts[group]
+        loss = loss + F.cross_entropy(logits[lo:lo + PROBE_GROUPS[group]][None], torch.tensor([cls], device=logits.device))
+    return loss / max(1, len(labels))
+
+
+def most_covered(scene, patch, refs):
+    """Per item in `refs` (patch_ids numbering), the raster index of the patch it covers most pixels of
+    (the first on ties)."""
+    gh, gw = scene.height // patch, scene.width // patch
+    grid = shapes._item_map(scene)[: gh * patch, : gw * patch].long()
+    blocks = grid.view(gh, patch, gw, patch).permute(0, 2, 1, 3).reshape(gh * gw, patch * patch)
+    return torch.tensor([int((blocks == r).sum(1).argmax()) for r in refs], dtype=torch.long)
+
+
 def attention_loss(attentions, targets, layers):
-    """-log of the attention mass (mean over heads) the answer position puts on the referred tokens."""
+    """Over `layers` and heads, for each target: -log(attention mass on the marked tokens), or for exact
+    targets the cross-entropy of the attention to the target distribution (0 where they are equal,
+    up to the 1e-6 floor). A [heads', seq] target is repeated over the layer's heads in blocks."""
     if not targets:
         return 0.0
     b = torch.tensor([t[0] for t in targets])
     pos = torch.tensor([t[1] for t in targets])
-    mask = torch.stack([t[2] for t in targets]).to(attentions[0].device)
-    loss = 0.0
-    for li in layers:
-        mass = (attentions[li][b, :, pos] * mask[:, None]).sum(-1).mean(1)
-        loss = loss - torch.log(mass + 1e-6).mean()
-    return loss / len(layers)
+    heads = attentions[0].shape[1]
+    mask = torch.stack([t[2].reshape(-1, t[2].shape[-1]).repeat_interleave(heads // t[2].reshape(-1, t[2].shape[-1]).shape[0], 0)
+                        for t in targets]).to(attentions[0].device)  # [n, heads, seq]
+    exact = torch.tensor([bool(t[3]) for t in targets], device=mask.device)
+    n_layers = len(attentions)
+    own = [None if len(t) < 5 else {li % n_layers for li in t[4]} for t in targets]
+    loss, terms = 0.0, 0
+    for li in sorted(set(layers) | {li for o in own if o for li in o}):
+        use = torch.tensor([li in o if o else li in layers for o in own], device=mask.device)
+        if not bool(use.any()):
+            continue
+        att = attentions[li][b[use], :, pos[use]]  # [n, heads, seq]
+        m = mask[use]
+        union = -torch.log((att * m).sum(-1) + 1e-6)
+        match = -(m * torch.log(att + 1e-6)).sum(-1) + (m * torch.log(m + 1e-6)).sum(-1)
+        loss, terms = loss + torch.where(exact[use][:, None], match, union).mean(), terms + 1
+    return loss / max(1, terms)
 
 
 def background_keys(family, proc, batch, inputs):
@@ -332,7 +428,7 @@ def kind_hits(logits, targets, asked):
 
 
 def stage_qa(model, family, proc, steps, batch_size, lr, log, offset, rng, max_q, train_visual, only=None,
-             attn_sup=0.0, per_kind=3, every=None, bg_bias=None):
+             attn_sup=0.0, per_kind=3, every=None, bg_bias=None, attn_targets="union", aux_probe=0.0):
     """bg_bias=(at, start, stop): while training, the language model's attention to background visual
     tokens is damped by an additive bias (background_bias), released to 0 by step `stop`: tiny-qwen2vl's
     stage B otherwise stalls at naming any colour in the scene, distracted by its background tokens."""
@@ -342,6 +438,11 @@ def stage_qa(model, family, proc, steps, batch_size, lr, log, offset, rng, max_q
         for p in model.model.visual.merger.parameters():  # the merger is Qwen's projector
             p.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
+    probe = None
+    if aux_probe > 0:  # a linear read-out of hidden states (word_labels), trained alongside, then dropped
+        dim = model.config.text_config.hidden_size
+        probe = torch.nn.Linear(dim, sum(PROBE_GROUPS.values())).to(next(model.parameters()).device)
+        params += list(probe.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = cosine(opt, steps)
     hits = []
@@ -355,14 +456,17 @@ def stage_qa(model, family, proc, steps, batch_size, lr, log, offset, rng, max_q
         damp = (key_bias(model, background_keys(family, proc, batch, inputs).to(device).float() * bias)
                 if bias else nullcontext())
         with damp:
-            out = model(**inputs, output_attentions=attn_sup > 0)
+            out = model(**inputs, output_attentions=attn_sup > 0, output_hidden_states=probe is not None)
         logits = out.logits
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets[:, 1:].reshape(-1))
         if attn_sup > 0:  # the answer position should look at what the question is about
             n_layers = len(out.attentions)
-            sup = attention_loss(out.attentions, attention_targets(family, proc, batch, inputs, asked),
+            sup = attention_loss(out.attentions, attention_targets(family, proc, batch, inputs, asked, attn_targets),
                                  range(1, max(2, n_layers - 1)))
             loss = loss + attn_sup * sup
+        labels = word_labels(proc, inputs, asked, batch) if probe is not None else []
+        if labels:  # what the answer needs, readable where the question names it and where it is answered
+            loss = loss + aux_probe * probe_loss(probe, out.hidden_states, labels)
         optimise(opt, sched, params, loss)
         hits += kind_hits(logits.detach(), targets, asked)
         if every is not None and (step + 1) % every[0] == 0:  # (n, save(next scene, step)): a checkpoint
@@ -443,6 +547,14 @@ def main(argv=None):
                     help="stage B: damp the language model's attention to background visual tokens by -AT until "
                          "step START, releasing it linearly to 0 at STOP (needs --attn-sup > 0: eager attention), "
                          "e.g. 30,1500,1900")
+    ap.add_argument("--attn-targets", choices=["union", "word"], default="union",
+                    help="what --attn-sup looks for: the tokens of every referred item from the answer position "
+                         "(union), or, for count and relation questions, routed through the words naming their "
+                         "objects (word; see attention_targets)")
+    ap.add_argument("--aux-probe", type=float, default=0.0,
+                    help="weight of an auxiliary loss (stage B/C): a linear read-out of the hidden states must find each "
+                         "relation object's grid cell and each count where the question names them, and both "
+                         "cells at a relation's answer position (see word_labels)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--label-rule", choices=["cover", "centre"], default="cover",
                     help="per-token labels in stages A and P (shapes.patch_labels): cover = also small objects "
@@ -536,9 +648,9 @@ def main(argv=None):
     every = (args.save_every, save) if args.save_every else None
     offset = stage_qa(model, args.family, proc, args.qa_steps, args.batch, args.qa_lr, log, offset, rng,
                       args.max_questions, False, curriculum(args) or only, args.attn_sup, args.per_kind, every,
-                      bg_bias)
+                      bg_bias, args.attn_targets, args.aux_probe)
     offset = stage_qa(model, args.family, proc, args.full_steps, args.batch, 2e-4, log, offset, rng,
-                      args.max_questions, True, only, args.attn_sup, args.per_kind, every)
+                      args.max_questions, True, only, args.attn_sup, args.per_kind, every, None, args.attn_targets, args.aux_probe)
     save(offset)
     evaluate_saved(out, args.eval_questions)
 

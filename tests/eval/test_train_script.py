@@ -1,6 +1,7 @@
 """scripts/train_tiny.py runs end to end (a few steps) and writes a model that loads offline."""
 import importlib
 import json
+import math
 import pathlib
 import sys
 
@@ -51,13 +52,13 @@ def test_attention_supervision_targets(family):
     qmark = proc.tokenizer.convert_tokens_to_ids("?")
     assert targets and len(targets) == sum(1 for qs in asked for q in qs if q.refs)
     grid = 16 if family == "llava" else 28
-    for b, pos, mask in targets:
-        assert int(inputs["input_ids"][b, pos]) == qmark
+    for b, pos, mask, exact in targets:
+        assert int(inputs["input_ids"][b, pos]) == qmark and not exact
         ids = shapes.patch_cover(batch[b][0], grid).reshape(-1)
         visual = mask[mask > 0]
         assert visual.numel() > 0 and int(mask.sum()) <= ids.numel()
     # the loss is -log(attention mass on the referred tokens): 0 when all of it goes there
-    b, pos, mask = targets[0]
+    b, pos, mask, _ = targets[0]
     att = torch.zeros(1, 2, inputs["input_ids"].shape[1], inputs["input_ids"].shape[1])
     att[0, :, pos] = mask / mask.sum()
     atts = [att.expand(len(batch), -1, -1, -1).clone()] * 3
@@ -66,6 +67,69 @@ def test_attention_supervision_targets(family):
     atts = [att.expand(len(batch), -1, -1, -1).clone()] * 3
     want = -torch.log(mask.sum() / att.shape[-1] + 1e-6)
     assert float(train_tiny.attention_loss(atts, [targets[0]], [1])) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_word_attention_targets_and_probe_labels():
+    """--attn-targets word: the words naming a relation's objects (or a count's colour) look at them, and
+    the last layer's "?" reads those words (a relation's heads split over its two); --aux-probe labels."""
+    import random
+
+    train_tiny = _script()
+    from vtprune.eval import shapes, tinyvlm
+
+    proc = tinyvlm.processor("llava")
+    batch = train_tiny.scenes("llava", 0, 6, only={"count", "relation"})
+    inputs, _, asked = train_tiny.qa_batch("llava", proc, batch, random.Random(0), 3)
+    ids = inputs["input_ids"]
+    word = lambda b, i: proc.tokenizer.convert_ids_to_tokens(int(ids[b, i]))  # noqa: E731
+    image = proc.tokenizer.convert_tokens_to_ids("<image>")
+    targets = iter(train_tiny.attention_targets("llava", proc, batch, inputs, asked, "word"))
+    want = []
+    qmark = proc.tokenizer.convert_tokens_to_ids("?")
+    for b, qs in enumerate(asked):
+        visual = (ids[b] == image).nonzero().squeeze(1)
+        cover = shapes.patch_cover(batch[b][0], 16).reshape(-1)
+        for pos, q in zip((ids[b] == qmark).nonzero().squeeze(1).tolist(), qs):
+            named = train_tiny.naming_words(proc, ids[b], pos, q)
+            objs = [batch[b][0].objects[r - 1] for r in q.refs]
+            if q.kind == "relation":  # "is the <colour> <shape> <rel> the <colour> <shape> ?"
+                assert [word(b, i) for i in named] == [o.shape for o in objs] and named[1] == pos - 1
+                for at, ref in zip(named, q.refs):
+                    tb, tpos, target, exact = next(targets)
+                    assert (tb, tpos, exact) == (b, at, False)
+                    assert torch.equal(target[visual], (cover == ref).float()) and target.sum() == target[visual].sum()
+                tb, tpos, target, exact, layers = next(targets)
+                assert (tb, tpos, exact, layers) == (b, pos, False, (-1,)) and target.shape == (2, ids.shape[1])
+                assert target[0].nonzero().squeeze(1).tolist() == [named[0]] and target[1].nonzero().squeeze(1).tolist() == [named[1]]
+                cells = [3 * o.cell[0] + o.cell[1] for o in objs]
+                want += [(b, named[0], -2, "cell", cells[0]), (b, named[1], -2, "cell", cells[1]),
+                         (b, pos, -1, "first", cells[0]), (b, pos, -1, "second", cells[1])]
+            else:  # "how many <colour> shapes are there ?"
+                assert [word(b, i) for i in named] == [q.text.split()[2]] and named[0] == pos - 4
+                tb, tpos, target, exact = next(targets)
+                assert (tb, tpos, exact) == (b, named[0], True) and (target > 0).sum() == len(q.refs) + 1
+                tb, tpos, target, exact, layers = next(targets)
+                assert (tb, tpos, exact, layers) == (b, pos, False, (-1,)) and target.nonzero().squeeze(1).tolist() == named
+                want.append((b, named[0], -2, "count", shapes.NUMBERS.index(q.answer)))
+    assert next(targets, None) is None and train_tiny.word_labels(proc, inputs, asked, batch) == want
+    # a target with its own layers counts only there: (-1,) is the last layer; others go to `layers`
+    n = ids.shape[1]
+    att = [torch.full((len(batch), 4, n, n), 1.0 / n) for _ in range(3)]
+    b, pos, target, exact, layers = next(t for t in train_tiny.attention_targets("llava", proc, batch, inputs, asked,
+                                                                               "word") if len(t) == 5)
+    att[2][b, :, pos] = target.reshape(-1, n).repeat_interleave(4 // target.reshape(-1, n).shape[0], 0)
+    assert abs(float(train_tiny.attention_loss(att, [(b, pos, target, exact, layers)], [0, 1]))) < 1e-5
+    att[2][b, :, pos] = 1.0 / n
+    assert float(train_tiny.attention_loss(att, [(b, pos, target, exact, layers)], [0, 1])) == pytest.approx(
+        -math.log(1.0 / n + 1e-6), rel=1e-5)
+    # an exact target (a count of one: its object and the sink, half each): cross-entropy minus entropy
+    b, pos, target, exact = next(t for t in train_tiny.attention_targets("llava", proc, batch, inputs, asked, "word")
+                                 if t[3] and (t[2] > 0).sum() == 2)
+    att[1][b, :, pos] = target
+    assert abs(float(train_tiny.attention_loss(att, [(b, pos, target, exact)], [1]))) < 1e-5
+    att[1][b, :, pos] = 1.0 / n
+    want = -math.log(1.0 / n + 1e-6) + math.log(0.5 + 1e-6)
+    assert float(train_tiny.attention_loss(att, [(b, pos, target, exact)], [1])) == pytest.approx(want, rel=1e-5)
 
 
 def test_curriculum_adds_one_kind_per_phase():
@@ -149,6 +213,38 @@ def test_train_script_continues_from_a_saved_model_and_saves_checkpoints(tmp_pat
     assert any(f"continuing from {first} at training scene 8" in line for line in log["log"])
     assert not any(line.split()[1] in ("A", "P") for line in log["log"] if len(line.split()) > 1)
     assert log["next_scene"] == 10
+
+
+def test_probe_loss_reads_each_label_within_its_group():
+    train_tiny = _script()
+    sizes = train_tiny.PROBE_GROUPS
+    probe = torch.nn.Linear(4, sum(sizes.values())).requires_grad_(False)
+    hidden = (torch.randn(2, 5, 4), torch.randn(2, 5, 4))
+    labels = [(0, 1, -2, "cell", 4), (1, 3, -1, "second", 8), (1, 0, -2, "count", 2)]
+    want, lo = [], dict(zip(sizes, [0, 9, 9 + len(train_tiny.shapes.NUMBERS), 18 + len(train_tiny.shapes.NUMBERS)]))
+    for b, pos, state, group, cls in labels:
+        logits = probe(hidden[state][b, pos])[lo[group]:lo[group] + sizes[group]]
+        want.append(-torch.log_softmax(logits, 0)[cls])
+    assert float(train_tiny.probe_loss(probe, hidden, labels)) == pytest.approx(float(sum(want) / 3), rel=1e-6)
+
+
+def test_aux_probe_trains_the_model_and_is_not_saved(tmp_path):
+    """--aux-probe adds a loss (so one step from the same start lands elsewhere) through a read-out that
+    is dropped afterwards: the saved model has exactly the parameters it started with."""
+    from safetensors.torch import load_file
+
+    train_tiny = _script()
+    start = tmp_path / "start"
+    train_tiny.main(["--family", "llava", "--out", str(start), "--vision-steps", "1", "--align-steps", "0",
+                     "--qa-steps", "0", "--full-steps", "0", "--batch", "2", "--eval-questions", "6"])
+    weights = {}
+    for name, extra in (("plain", []), ("probe", ["--aux-probe", "1.0"])):
+        train_tiny.main(["--family", "llava", "--out", str(tmp_path / name), "--init", str(start), "--qa-steps", "1",
+                         "--full-steps", "0", "--batch", "2", "--only", "count,relation", "--attn-targets", "word",
+                         "--eval-questions", "6", *extra])
+        weights[name] = load_file(str(tmp_path / name / "model.safetensors"))
+    assert weights["plain"].keys() == weights["probe"].keys() == load_file(str(start / "model.safetensors")).keys()
+    assert any(not torch.equal(weights["plain"][k], weights["probe"][k]) for k in weights["plain"])
 
 
 def test_stage_a_continues_from_a_checkpoint(tmp_path):
