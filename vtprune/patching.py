@@ -6,7 +6,7 @@ import json
 import os
 
 from .hooks import adapter_for
-from .hooks.runtime import PatchState, Stats, compileable
+from .hooks.runtime import PatchState, Stats, compileable, kv_cache
 from .methods.registry import build_method
 
 _ATTR = "_vtprune"
@@ -152,7 +152,7 @@ def _init_static_cache(lm, kwargs):
     """Allocate a static cache's tensors before the compiled prefill, not inside it: allocated while
     tracing they would not be marked as static addresses, and CUDA graphs would copy or skip them
     (transformers compiles only decode steps, so it never meets this)."""
-    cache = kwargs.get("past_key_values")
+    cache = kv_cache(kwargs)
     if not compileable(cache) or all(layer.is_initialized for layer in cache.layers):
         return
     x = kwargs.get("inputs_embeds")

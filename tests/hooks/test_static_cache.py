@@ -132,3 +132,18 @@ def test_a_static_cache_reset_and_reused_forgets_the_last_pruning(model_factory)
         vtprune.patch(model, "divprune", keep=10_000)  # keeps every token: no new record on the cache
         out = model.generate(**inputs, past_key_values=cache, **GEN)
     assert torch.equal(out.sequences, unpatched.sequences) and _max_score_diff(out, unpatched) < 1e-5
+
+
+def test_kv_cache_is_found_under_either_transformers_name():
+    """transformers 5.24 renamed the KV cache argument and output field `past_key_values` -> `cache`."""
+    from types import SimpleNamespace
+
+    from transformers import DynamicCache
+
+    from vtprune.hooks.runtime import kv_cache
+
+    a, b = DynamicCache(), DynamicCache()  # empty caches are falsy (len 0): found all the same
+    assert kv_cache({"cache": a}) is a and kv_cache({"past_key_values": b}) is b
+    assert kv_cache({"cache": a, "past_key_values": b}) is a and kv_cache({"cache": None, "past_key_values": b}) is b
+    assert kv_cache({}) is None and kv_cache(SimpleNamespace()) is None
+    assert kv_cache(SimpleNamespace(cache=None, past_key_values=b)) is b and kv_cache(SimpleNamespace(cache=a)) is a

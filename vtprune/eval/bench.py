@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..hooks.runtime import kv_cache
 from .flops import visual_token_counts
 
 
@@ -145,7 +146,7 @@ def measure(model, inputs: dict, method: str | None = None, options: dict | None
             lm_t.remove()
             if compiled is not None:  # a model the caller compiled stays compiled on the plain path
                 vtprune.uncompile_llm(model)
-        kv = kv_bytes(model(**inputs, use_cache=True, logits_to_keep=1).past_key_values)  # dynamic cache: what is held
+        kv = kv_bytes(kv_cache(model(**inputs, use_cache=True, logits_to_keep=1)))  # dynamic cache: what is held
     timed = rows[warmup:]
 
     def med(key):

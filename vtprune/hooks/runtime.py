@@ -205,7 +205,7 @@ class PatchState:
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:  # text-only call with input_ids straight to the LM: nothing to prune
             return None
-        cache = kwargs.get("past_key_values")
+        cache = kv_cache(kwargs)
         run = getattr(cache, _CACHE_ATTR, None) if cache is not None else None
         if run is not None and compileable(cache) and int(cache.get_seq_length()) == 0:
             delattr(cache, _CACHE_ATTR)  # a static cache reset for reuse: the record is from its last prompt
@@ -249,9 +249,9 @@ class PatchState:
             self.last_stats.layout = run.layout
             counts = [g.mask.bool().sum(1).tolist() for g in run.groups]  # one host sync per layout, not per layer
             self.last_stats.layer_tokens = [list(counts[run.group_for(i)[0]]) for i in range(len(self.layers))]
-            cache = getattr(output, "past_key_values", None)
+            cache = kv_cache(output)
             if cache is None:
-                cache = kwargs.get("past_key_values")
+                cache = kv_cache(kwargs)
             if cache is not None and run.changed:
                 setattr(cache, _CACHE_ATTR, run)
         run.end_forward()
@@ -280,7 +280,7 @@ class PatchState:
         embeds = kwargs["inputs_embeds"]
         b, seq_len, _ = embeds.shape
         am = kwargs.get("attention_mask")
-        cache = kwargs.get("past_key_values")
+        cache = kv_cache(kwargs)
         static = compileable(cache)
         if static:
             am = padding_mask(am, seq_len)  # generate() prepared the full mask from the 2-D one
@@ -447,7 +447,7 @@ class PatchState:
         model = self.adapter.model
         make = getattr(model, "create_masks_for_generate", masking_utils.create_masks_for_generate)
         out = make(config=model.config, inputs_embeds=embeds.new_empty(*embeds.shape[:2], 0), attention_mask=mask2d,
-                   past_key_values=cache, position_ids=None)
+                   position_ids=None, **{_cache_kwarg(make): cache})
         if isinstance(out, dict):
             return {k: v.contiguous() if v is not None else None for k, v in out.items()}
         return out.contiguous() if out is not None else None
@@ -457,7 +457,7 @@ class PatchState:
         embeds = kwargs["inputs_embeds"]
         b, q = embeds.shape[:2]
         am = kwargs.get("attention_mask")
-        cache = kwargs["past_key_values"]
+        cache = kv_cache(kwargs)
         static = compileable(cache) and not (isinstance(am, torch.Tensor) and am.dim() == 2)
         if static and torch.compiler.is_compiling():
             raise RuntimeError("vtprune: the pruning hooks cannot run inside a compiled model forward (generate()'s "
@@ -510,8 +510,8 @@ class PatchState:
             make = (masking_utils.create_sliding_window_causal_mask if layer_type == "sliding_attention"
                     else masking_utils.create_causal_mask)
             run.masks[key] = make(
-                config=self.lm.config, inputs_embeds=hidden, attention_mask=mask2d,
-                past_key_values=kwargs.get("past_key_values"), position_ids=None, layer_idx=group.start_layer,
+                config=self.lm.config, inputs_embeds=hidden, attention_mask=mask2d, position_ids=None,
+                layer_idx=group.start_layer, **{_cache_kwarg(make): kv_cache(kwargs)},
             )
         kwargs["attention_mask"] = run.masks[key]
         if run.prefill:
@@ -646,6 +646,19 @@ def _dense_deepstack(kwargs, visual, embeds) -> list[torch.Tensor]:
         dense[visual] = r.to(embeds.device, embeds.dtype)
         out.append(dense)
     return out
+
+
+def kv_cache(call) -> object | None:
+    """The KV cache in a transformers call's kwargs (a dict) or in its output: named `cache` from
+    transformers 5.24, `past_key_values` before."""
+    get = call.get if isinstance(call, dict) else lambda name: getattr(call, name, None)
+    cache = get("cache")
+    return cache if cache is not None else get("past_key_values")
+
+
+def _cache_kwarg(fn) -> str:
+    """The name `fn` (a transformers mask function) takes the KV cache by: `cache` or `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
 
 
 def compileable(cache) -> bool:
