@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 from contextlib import contextmanager, nullcontext
 from copy import deepcopy
+import itertools
 import json
 import math
 import random
@@ -272,17 +273,18 @@ def attention_targets(family, proc, batch, inputs, asked, mode="union"):
     qmark = proc.tokenizer.convert_tokens_to_ids("?")
     bos = proc.tokenizer.convert_tokens_to_ids("<s>")
     out = []
-    for b, ((visual, items), qs) in enumerate(zip(visual_cover(family, proc, batch, inputs), asked)):
-        for pos, q in zip((ids[b] == qmark).nonzero().squeeze(1).tolist(), qs):
-            def on(refs):
-                mask = torch.zeros(ids.shape[1])
-                mask[visual] = torch.isin(items, torch.tensor(refs)).float()
-                return mask
+    def one(i):
+        mask = torch.zeros(ids.shape[1])
+        mask[i] = 1.0
+        return mask
 
-            def one(i):
-                mask = torch.zeros(ids.shape[1])
-                mask[i] = 1.0
-                return mask
+    for b, ((visual, items), qs) in enumerate(zip(visual_cover(family, proc, batch, inputs), asked)):
+        def on(refs):
+            mask = torch.zeros(ids.shape[1])
+            mask[visual] = torch.isin(items, torch.tensor(refs)).float()
+            return mask
+
+        for pos, q in zip((ids[b] == qmark).nonzero().squeeze(1).tolist(), qs):
             if mode == "word" and q.kind == "relation":
                 first, second = naming_words(proc, ids[b], pos, q)
                 out += [(b, first, on(q.refs[:1]), False), (b, second, on(q.refs[1:]), False),
@@ -332,7 +334,7 @@ def word_labels(proc, inputs, asked, batch):
 def probe_loss(probe, hidden_states, labels):
     """Mean cross-entropy of the read-out `probe` (one linear map, its outputs split into PROBE_GROUPS)
     on `labels` (word_labels), each over its own group's outputs."""
-    starts = dict(zip(PROBE_GROUPS, [0, *torch.tensor(list(PROBE_GROUPS.values())).cumsum(0).tolist()]))
+    starts = dict(zip(PROBE_GROUPS, itertools.accumulate(PROBE_GROUPS.values(), initial=0)))
     loss = 0.0
     for b, pos, state, group, cls in labels:
         logits = probe(hidden_states[state][b, pos].float())
@@ -344,10 +346,9 @@ def probe_loss(probe, hidden_states, labels):
 def most_covered(scene, patch, refs):
     """Per item in `refs` (patch_ids numbering), the raster index of the patch it covers most pixels of
     (the first on ties)."""
-    gh, gw = scene.height // patch, scene.width // patch
-    grid = shapes._item_map(scene)[: gh * patch, : gw * patch].long()
-    blocks = grid.view(gh, patch, gw, patch).permute(0, 2, 1, 3).reshape(gh * gw, patch * patch)
-    return torch.tensor([int((blocks == r).sum(1).argmax()) for r in refs], dtype=torch.long)
+    keys, counts = shapes.patch_counts(scene, patch)
+    counts = counts.reshape(-1, len(keys))
+    return torch.tensor([int(counts[:, keys.tolist().index(r)].argmax()) for r in refs], dtype=torch.long)
 
 
 def attention_loss(attentions, targets, layers):
@@ -359,8 +360,12 @@ def attention_loss(attentions, targets, layers):
     b = torch.tensor([t[0] for t in targets])
     pos = torch.tensor([t[1] for t in targets])
     heads = attentions[0].shape[1]
-    mask = torch.stack([t[2].reshape(-1, t[2].shape[-1]).repeat_interleave(heads // t[2].reshape(-1, t[2].shape[-1]).shape[0], 0)
-                        for t in targets]).to(attentions[0].device)  # [n, heads, seq]
+
+    def per_head(target):  # [seq] or [blocks, seq] -> [heads, seq]
+        rows = target.reshape(-1, target.shape[-1])
+        return rows.repeat_interleave(heads // rows.shape[0], 0)
+
+    mask = torch.stack([per_head(t[2]) for t in targets]).to(attentions[0].device)  # [n, heads, seq]
     exact = torch.tensor([bool(t[3]) for t in targets], device=mask.device)
     n_layers = len(attentions)
     own = [None if len(t) < 5 else {li % n_layers for li in t[4]} for t in targets]

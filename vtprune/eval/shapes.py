@@ -209,19 +209,26 @@ def patch_ids(scene: Scene, patch: int, every_item: bool = False) -> torch.Tenso
     return centre
 
 
+def patch_counts(scene: Scene, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scene's item numbers (as in `patch_ids`: objects, then digits) and, per patch, how many of its
+    pixels each item covers ([height // patch, width // patch, items] int64)."""
+    gh, gw = scene.height // patch, scene.width // patch
+    grid = _item_map(scene)[: gh * patch, : gw * patch].long()
+    blocks = grid.view(gh, patch, gw, patch).permute(0, 2, 1, 3).reshape(gh, gw, patch * patch)
+    keys = torch.tensor([i + 1 for i in range(len(scene.objects))] + [100 + j for j in range(len(scene.digits))],
+                        dtype=torch.long)
+    return keys, (blocks[..., None] == keys).sum(2)
+
+
 def patch_cover(scene: Scene, patch: int, min_fraction: float = 0.125) -> torch.Tensor:
     """Per-patch item under the coverage rule ([height // patch, width // patch] int64, numbered as in
     `patch_ids`): the item covering most of the patch's pixels (ties: the lower number) where it covers
     at least `min_fraction` of them, else 0. Every item is marked at least on the patch it covers most
     (first in raster order on ties), so a small object straddling patch centres is never lost."""
-    gh, gw = scene.height // patch, scene.width // patch
-    grid = _item_map(scene)[: gh * patch, : gw * patch].long()
-    blocks = grid.view(gh, patch, gw, patch).permute(0, 2, 1, 3).reshape(gh, gw, patch * patch)
-    keys = torch.tensor([i + 1 for i in range(len(scene.objects))] + [100 + j for j in range(len(scene.digits))])
-    out = torch.zeros(gh, gw, dtype=torch.long)
+    keys, counts = patch_counts(scene, patch)
+    out = torch.zeros(counts.shape[:2], dtype=torch.long)
     if not len(keys):
         return out
-    counts = (blocks[..., None] == keys).sum(2)  # [gh, gw, items]
     best, which = counts.max(-1)  # max returns the first maximum: the lower item number
     out = torch.where(best >= min_fraction * patch * patch, keys[which], out)
     for k, key in enumerate(keys.tolist()):

@@ -16,7 +16,7 @@ import inspect
 import sys
 import time
 from dataclasses import dataclass, field, replace
-from functools import partial
+from functools import lru_cache, partial
 
 import torch
 
@@ -656,6 +656,7 @@ def kv_cache(call) -> object | None:
     return cache if cache is not None else get("past_key_values")
 
 
+@lru_cache(maxsize=None)
 def _cache_kwarg(fn) -> str:
     """The name `fn` (a transformers mask function) takes the KV cache by: `cache` or `past_key_values`."""
     return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
