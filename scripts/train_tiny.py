@@ -13,8 +13,8 @@ the items the question refers to (--attn-sup) and optionally one question kind a
 (--curriculum), and optionally its attention to background visual tokens damped until the questions
 are learnt (--background-bias). --attn-targets word routes count and relation questions through the
 words that name their objects (those words look at the objects, the last layer's answer position reads
-the words) and --aux-probe asks the words' states to hold each object's grid cell and the count, and the
-answer position's both cells. Stage C fine-tunes everything at a lower rate. The result is saved in
+the words) and --aux-probe asks the words' states to hold each object's grid cell and the count, the
+answer position's both cells, and a shape or digit question's answer position the cell it asks about. Stage C fine-tunes everything at a lower rate. The result is saved in
 fp16 with save_pretrained, with its processor, and its held-out accuracy to train_log.json.
 """
 from __future__ import annotations
@@ -309,14 +309,17 @@ def naming_words(proc, row, pos, q):
     return [i for i in range(pos - 1, -1, -1) if int(row[i]) in ids][:n][::-1]
 
 
-PROBE_GROUPS = {"cell": 9, "count": len(shapes.NUMBERS), "first": 9, "second": 9}  # --aux-probe's outputs
+PROBE_GROUPS = {"cell": 9, "count": len(shapes.NUMBERS), "first": 9, "second": 9, "asked": 9}  # --aux-probe's outputs
 
 
 def word_labels(proc, inputs, asked, batch):
     """(sample, position, hidden state, group, class) for the --aux-probe loss, read from the last layer's
     input (hidden state -2) at the words naming things: each relation object's shape word -> its grid cell
     (3 * row + col), a count's colour word -> the count; and from the output (-1) at a relation's "?":
-    the first and the second object's cells (groups "first", "second")."""
+    the first and the second object's cells (groups "first", "second"); and from the second layer's input
+    (hidden state 1) at a shape or digit question's "?": the cell it asks about (group "asked"), so that the
+    query that must find that cell holds it plainly (tiny-qwen2vl, whose grid varies in size, has to find a
+    cell by content, not by sequence position)."""
     ids = inputs["input_ids"]
     qmark = proc.tokenizer.convert_tokens_to_ids("?")
     out = []
@@ -328,6 +331,10 @@ def word_labels(proc, inputs, asked, batch):
                 out += [(b, pos, -1, "first", cells[0]), (b, pos, -1, "second", cells[1])]
             elif q.kind == "count":
                 out.append((b, naming_words(proc, ids[b], pos, q)[0], -2, "count", len(q.refs)))
+            elif q.kind in ("shape", "digit"):
+                scene, ref = batch[b][0], q.refs[0]
+                r, c = (scene.digits[ref - 100] if ref >= 100 else scene.objects[ref - 1]).cell
+                out.append((b, pos, 1, "asked", 3 * r + c))
     return out
 
 
@@ -558,8 +565,9 @@ def main(argv=None):
                          "objects (word; see attention_targets)")
     ap.add_argument("--aux-probe", type=float, default=0.0,
                     help="weight of an auxiliary loss (stage B/C): a linear read-out of the hidden states must find each "
-                         "relation object's grid cell and each count where the question names them, and both "
-                         "cells at a relation's answer position (see word_labels)")
+                         "relation object's grid cell and each count where the question names them, both cells at "
+                         "a relation's answer position, and the asked cell at a shape or digit question's "
+                         "(see word_labels)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--label-rule", choices=["cover", "centre"], default="cover",
                     help="per-token labels in stages A and P (shapes.patch_labels): cover = also small objects "

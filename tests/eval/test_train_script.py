@@ -215,17 +215,42 @@ def test_train_script_continues_from_a_saved_model_and_saves_checkpoints(tmp_pat
     assert log["next_scene"] == 10
 
 
+def test_probe_labels_ask_shape_and_digit_questions_for_their_cell():
+    """--aux-probe: at a shape or digit question's "?", the second layer's input (hidden state 1) must
+    hold the grid cell its position words name (Qwen batches: the grid varies in size)."""
+    import random
+
+    train_tiny = _script()
+    from vtprune.eval import shapes, tinyvlm
+
+    proc = tinyvlm.processor("qwen2_vl")
+    batch = train_tiny.scenes("qwen2_vl", 0, 6, only={"shape", "digit"})
+    inputs, _, asked = train_tiny.qa_batch("qwen2_vl", proc, batch, random.Random(0), 3)
+    ids = inputs["input_ids"]
+    qmark = proc.tokenizer.convert_tokens_to_ids("?")
+    names = {p: 3 * r + c for r, row in enumerate(shapes.POSITIONS) for c, p in enumerate(row)}
+    want = []
+    for b, qs in enumerate(asked):
+        for pos, q in zip((ids[b] == qmark).nonzero().squeeze(1).tolist(), qs):
+            words = q.text.split()  # "what shape is at the <position> ?" / "what digit is in the <position> ?"
+            assert proc.tokenizer.convert_ids_to_tokens(int(ids[b, pos - 1])) == words[-2]
+            want.append((b, pos, 1, "asked", names[" ".join(words[5:-1])]))
+    assert len(want) >= 6 and {w[-1] for w in want} != {want[0][-1]}
+    assert train_tiny.word_labels(proc, inputs, asked, batch) == want
+
+
 def test_probe_loss_reads_each_label_within_its_group():
     train_tiny = _script()
     sizes = train_tiny.PROBE_GROUPS
     probe = torch.nn.Linear(4, sum(sizes.values())).requires_grad_(False)
-    hidden = (torch.randn(2, 5, 4), torch.randn(2, 5, 4))
-    labels = [(0, 1, -2, "cell", 4), (1, 3, -1, "second", 8), (1, 0, -2, "count", 2)]
-    want, lo = [], dict(zip(sizes, [0, 9, 9 + len(train_tiny.shapes.NUMBERS), 18 + len(train_tiny.shapes.NUMBERS)]))
+    hidden = (torch.randn(2, 5, 4), torch.randn(2, 5, 4), torch.randn(2, 5, 4))
+    labels = [(0, 1, -2, "cell", 4), (1, 3, -1, "second", 8), (1, 0, -2, "count", 2), (0, 4, 1, "asked", 7)]
+    n = len(train_tiny.shapes.NUMBERS)
+    want, lo = [], dict(zip(sizes, [0, 9, 9 + n, 18 + n, 27 + n]))
     for b, pos, state, group, cls in labels:
         logits = probe(hidden[state][b, pos])[lo[group]:lo[group] + sizes[group]]
         want.append(-torch.log_softmax(logits, 0)[cls])
-    assert float(train_tiny.probe_loss(probe, hidden, labels)) == pytest.approx(float(sum(want) / 3), rel=1e-6)
+    assert float(train_tiny.probe_loss(probe, hidden, labels)) == pytest.approx(float(sum(want) / 4), rel=1e-6)
 
 
 def test_aux_probe_trains_the_model_and_is_not_saved(tmp_path):
