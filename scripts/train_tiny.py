@@ -255,7 +255,7 @@ def visual_cover(family, proc, batch, inputs):
     return out
 
 
-def attention_targets(family, proc, batch, inputs, asked, mode="union"):
+def attention_targets(family, proc, batch, inputs, asked, mode="union", read=-1):
     """(sample, query position, target, exact[, layers]) for every question with something to look at.
     The target ([seq], or [heads', seq]: per block of heads) marks the tokens to look at; exact=False:
     the loss wants all attention mass on them; exact=True: the target is a distribution the attention
@@ -268,7 +268,8 @@ def attention_targets(family, proc, batch, inputs, asked, mode="union"):
     words each look at their object, and the last layer's "?" reads them (the first half of its heads
     the first word, the rest the second); a count's colour word looks, exactly and uniformly, at one
     token per counted object (the one it covers most) and at the <s> sink, so that the sink's share is
-    1 / (count + 1), and the last layer's "?" reads that word. Other kinds are as in "union"."""
+    1 / (count + 1), and the last layer's "?" reads that word. Other kinds are as in "union". `read`: the
+    layer at which a relation's "?" reads its words (-2 leaves the last layer to compare the two)."""
     ids = inputs["input_ids"]
     qmark = proc.tokenizer.convert_tokens_to_ids("?")
     bos = proc.tokenizer.convert_tokens_to_ids("<s>")
@@ -288,7 +289,7 @@ def attention_targets(family, proc, batch, inputs, asked, mode="union"):
             if mode == "word" and q.kind == "relation":
                 first, second = naming_words(proc, ids[b], pos, q)
                 out += [(b, first, on(q.refs[:1]), False), (b, second, on(q.refs[1:]), False),
-                        (b, pos, torch.stack([one(first), one(second)]), False, (-1,))]
+                        (b, pos, torch.stack([one(first), one(second)]), False, (read,))]
             elif mode == "word" and q.kind == "count":
                 dist = torch.zeros(ids.shape[1])
                 dist[int((ids[b] == bos).nonzero()[0])] = 1.0
@@ -309,17 +310,20 @@ def naming_words(proc, row, pos, q):
     return [i for i in range(pos - 1, -1, -1) if int(row[i]) in ids][:n][::-1]
 
 
-PROBE_GROUPS = {"cell": 9, "count": len(shapes.NUMBERS), "first": 9, "second": 9, "asked": 9}  # --aux-probe's outputs
+PROBE_GROUPS = {"cell": 9, "count": len(shapes.NUMBERS), "first": 9, "second": 9, "asked": 9,
+                "colour": len(shapes.COLOURS), "shape": len(shapes.SHAPES)}  # --aux-probe's outputs
 
 
-def word_labels(proc, inputs, asked, batch):
+def word_labels(proc, inputs, asked, batch, read=-1):
     """(sample, position, hidden state, group, class) for the --aux-probe loss, read from the last layer's
     input (hidden state -2) at the words naming things: each relation object's shape word -> its grid cell
-    (3 * row + col), a count's colour word -> the count; and from the output (-1) at a relation's "?":
-    the first and the second object's cells (groups "first", "second"); and from the second layer's input
-    (hidden state 1) at a shape or digit question's "?": the cell it asks about (group "asked"), so that the
-    query that must find that cell holds it plainly (tiny-qwen2vl, whose grid varies in size, has to find a
-    cell by content, not by sequence position)."""
+    (3 * row + col), a count's colour word -> the count; from the output of layer `read` (hidden state
+    `read`: -1 the last) at a relation's "?": the first and the second object's cells (groups "first",
+    "second"). And where a query is formed, from the second layer's input (hidden state 1), what it looks
+    for, so that the query holds it plainly (a conjunction of two words is no linear read of one state):
+    a shape or digit question's "?" -> the cell it asks about (group "asked": tiny-qwen2vl, whose grid varies
+    in size, must find a cell by content, not by sequence position); an exist question's "?" -> the colour and
+    shape asked for; a relation's shape words -> their object's colour (the word itself is its shape)."""
     ids = inputs["input_ids"]
     qmark = proc.tokenizer.convert_tokens_to_ids("?")
     out = []
@@ -327,14 +331,20 @@ def word_labels(proc, inputs, asked, batch):
         for pos, q in zip((ids[b] == qmark).nonzero().squeeze(1).tolist(), qs):
             if q.kind == "relation":
                 cells = [3 * r + c for r, c in (batch[b][0].objects[ref - 1].cell for ref in q.refs)]
-                out += [(b, at, -2, "cell", cell) for at, cell in zip(naming_words(proc, ids[b], pos, q), cells)]
-                out += [(b, pos, -1, "first", cells[0]), (b, pos, -1, "second", cells[1])]
+                named = naming_words(proc, ids[b], pos, q)
+                out += [(b, at, -2, "cell", cell) for at, cell in zip(named, cells)]
+                out += [(b, at, 1, "colour", shapes.COLOURS.index(batch[b][0].objects[ref - 1].colour))
+                        for at, ref in zip(named, q.refs)]
+                out += [(b, pos, read, "first", cells[0]), (b, pos, read, "second", cells[1])]
             elif q.kind == "count":
                 out.append((b, naming_words(proc, ids[b], pos, q)[0], -2, "count", len(q.refs)))
             elif q.kind in ("shape", "digit"):
                 scene, ref = batch[b][0], q.refs[0]
                 r, c = (scene.digits[ref - 100] if ref >= 100 else scene.objects[ref - 1]).cell
                 out.append((b, pos, 1, "asked", 3 * r + c))
+            elif q.kind == "exist":  # "is there a <colour> <shape> ?"
+                colour, shape = q.text.split()[-3:-1]
+                out += [(b, pos, 1, "colour", shapes.COLOURS.index(colour)), (b, pos, 1, "shape", shapes.SHAPES.index(shape))]
     return out
 
 
@@ -440,7 +450,7 @@ def kind_hits(logits, targets, asked):
 
 
 def stage_qa(model, family, proc, steps, batch_size, lr, log, offset, rng, max_q, train_visual, only=None,
-             attn_sup=0.0, per_kind=3, every=None, bg_bias=None, attn_targets="union", aux_probe=0.0):
+             attn_sup=0.0, per_kind=3, every=None, bg_bias=None, attn_targets="union", aux_probe=0.0, read=-1):
     """bg_bias=(at, start, stop): while training, the language model's attention to background visual
     tokens is damped by an additive bias (background_bias), released to 0 by step `stop`: tiny-qwen2vl's
     stage B otherwise stalls at naming any colour in the scene, distracted by its background tokens."""
@@ -473,10 +483,10 @@ def stage_qa(model, family, proc, steps, batch_size, lr, log, offset, rng, max_q
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets[:, 1:].reshape(-1))
         if attn_sup > 0:  # the answer position should look at what the question is about
             n_layers = len(out.attentions)
-            sup = attention_loss(out.attentions, attention_targets(family, proc, batch, inputs, asked, attn_targets),
+            sup = attention_loss(out.attentions, attention_targets(family, proc, batch, inputs, asked, attn_targets, read),
                                  range(1, max(2, n_layers - 1)))
             loss = loss + attn_sup * sup
-        labels = word_labels(proc, inputs, asked, batch) if probe is not None else []
+        labels = word_labels(proc, inputs, asked, batch, read) if probe is not None else []
         if labels:  # what the answer needs, readable where the question names it and where it is answered
             loss = loss + aux_probe * probe_loss(probe, out.hidden_states, labels)
         optimise(opt, sched, params, loss)
@@ -568,6 +578,10 @@ def main(argv=None):
                          "relation object's grid cell and each count where the question names them, both cells at "
                          "a relation's answer position, and the asked cell at a shape or digit question's "
                          "(see word_labels)")
+    ap.add_argument("--relation-read", type=int, choices=[-1, -2], default=-1,
+                    help="--attn-targets word: the layer at which a relation's answer position reads the words "
+                         "naming its objects, and whose output --aux-probe asks for their cells (-1: the last; "
+                         "-2: the one before, leaving the last layer to compare them)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--label-rule", choices=["cover", "centre"], default="cover",
                     help="per-token labels in stages A and P (shapes.patch_labels): cover = also small objects "
@@ -661,9 +675,10 @@ def main(argv=None):
     every = (args.save_every, save) if args.save_every else None
     offset = stage_qa(model, args.family, proc, args.qa_steps, args.batch, args.qa_lr, log, offset, rng,
                       args.max_questions, False, curriculum(args) or only, args.attn_sup, args.per_kind, every,
-                      bg_bias, args.attn_targets, args.aux_probe)
+                      bg_bias, args.attn_targets, args.aux_probe, args.relation_read)
     offset = stage_qa(model, args.family, proc, args.full_steps, args.batch, 2e-4, log, offset, rng,
-                      args.max_questions, True, only, args.attn_sup, args.per_kind, every, None, args.attn_targets, args.aux_probe)
+                      args.max_questions, True, only, args.attn_sup, args.per_kind, every, None, args.attn_targets, args.aux_probe,
+                      args.relation_read)
     save(offset)
     evaluate_saved(out, args.eval_questions)
 

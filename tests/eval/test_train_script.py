@@ -102,7 +102,9 @@ def test_word_attention_targets_and_probe_labels():
                 assert (tb, tpos, exact, layers) == (b, pos, False, (-1,)) and target.shape == (2, ids.shape[1])
                 assert target[0].nonzero().squeeze(1).tolist() == [named[0]] and target[1].nonzero().squeeze(1).tolist() == [named[1]]
                 cells = [3 * o.cell[0] + o.cell[1] for o in objs]
+                colours = [shapes.COLOURS.index(word(b, i - 1)) for i in named]  # "the <colour> <shape>"
                 want += [(b, named[0], -2, "cell", cells[0]), (b, named[1], -2, "cell", cells[1]),
+                         (b, named[0], 1, "colour", colours[0]), (b, named[1], 1, "colour", colours[1]),
                          (b, pos, -1, "first", cells[0]), (b, pos, -1, "second", cells[1])]
             else:  # "how many <colour> shapes are there ?"
                 assert [word(b, i) for i in named] == [q.text.split()[2]] and named[0] == pos - 4
@@ -112,6 +114,15 @@ def test_word_attention_targets_and_probe_labels():
                 assert (tb, tpos, exact, layers) == (b, pos, False, (-1,)) and target.nonzero().squeeze(1).tolist() == named
                 want.append((b, named[0], -2, "count", shapes.NUMBERS.index(q.answer)))
     assert next(targets, None) is None and train_tiny.word_labels(proc, inputs, asked, batch) == want
+    # --relation-read -2: a relation's "?" reads its words one layer earlier, and the cells are asked there
+    default = train_tiny.attention_targets("llava", proc, batch, inputs, asked, "word")
+    moved = train_tiny.attention_targets("llava", proc, batch, inputs, asked, "word", read=-2)
+    assert len(moved) == len(default) and any(len(d) == 5 and d[2].dim() == 2 for d in default)
+    for d, m in zip(default, moved):
+        assert m[:2] == d[:2] and torch.equal(m[2], d[2]) and m[3] == d[3]
+        assert m[4:] == (((-2,),) if len(d) == 5 and d[2].dim() == 2 else d[4:])
+    assert train_tiny.word_labels(proc, inputs, asked, batch, read=-2) == [
+        (b, pos, -2 if group in ("first", "second") else state, group, cls) for b, pos, state, group, cls in want]
     # a target with its own layers counts only there: (-1,) is the last layer; others go to `layers`
     n = ids.shape[1]
     att = [torch.full((len(batch), 4, n, n), 1.0 / n) for _ in range(3)]
@@ -215,16 +226,17 @@ def test_train_script_continues_from_a_saved_model_and_saves_checkpoints(tmp_pat
     assert log["next_scene"] == 10
 
 
-def test_probe_labels_ask_shape_and_digit_questions_for_their_cell():
+def test_probe_labels_ask_queries_for_what_they_look_for():
     """--aux-probe: at a shape or digit question's "?", the second layer's input (hidden state 1) must
-    hold the grid cell its position words name (Qwen batches: the grid varies in size)."""
+    hold the grid cell its position words name (Qwen batches: the grid varies in size); at an exist
+    question's "?", the colour and the shape it asks about."""
     import random
 
     train_tiny = _script()
     from vtprune.eval import shapes, tinyvlm
 
     proc = tinyvlm.processor("qwen2_vl")
-    batch = train_tiny.scenes("qwen2_vl", 0, 6, only={"shape", "digit"})
+    batch = train_tiny.scenes("qwen2_vl", 0, 8, only={"shape", "digit", "exist"})
     inputs, _, asked = train_tiny.qa_batch("qwen2_vl", proc, batch, random.Random(0), 3)
     ids = inputs["input_ids"]
     qmark = proc.tokenizer.convert_tokens_to_ids("?")
@@ -232,10 +244,15 @@ def test_probe_labels_ask_shape_and_digit_questions_for_their_cell():
     want = []
     for b, qs in enumerate(asked):
         for pos, q in zip((ids[b] == qmark).nonzero().squeeze(1).tolist(), qs):
-            words = q.text.split()  # "what shape is at the <position> ?" / "what digit is in the <position> ?"
+            words = q.text.split()
             assert proc.tokenizer.convert_ids_to_tokens(int(ids[b, pos - 1])) == words[-2]
-            want.append((b, pos, 1, "asked", names[" ".join(words[5:-1])]))
-    assert len(want) >= 6 and {w[-1] for w in want} != {want[0][-1]}
+            if q.kind == "exist":  # "is there a <colour> <shape> ?"
+                want += [(b, pos, 1, "colour", shapes.COLOURS.index(words[3])),
+                         (b, pos, 1, "shape", shapes.SHAPES.index(words[4]))]
+            else:  # "what shape is at the <position> ?" / "what digit is in the <position> ?"
+                want.append((b, pos, 1, "asked", names[" ".join(words[5:-1])]))
+    groups = [w[3] for w in want]
+    assert groups.count("asked") >= 4 and groups.count("colour") >= 2 and len({w[-1] for w in want}) > 2
     assert train_tiny.word_labels(proc, inputs, asked, batch) == want
 
 
@@ -255,7 +272,8 @@ def test_probe_loss_reads_each_label_within_its_group():
 
 def test_aux_probe_trains_the_model_and_is_not_saved(tmp_path):
     """--aux-probe adds a loss (so one step from the same start lands elsewhere) through a read-out that
-    is dropped afterwards: the saved model has exactly the parameters it started with."""
+    is dropped afterwards: the saved model has exactly the parameters it started with. --relation-read
+    reaches the losses (another step again)."""
     from safetensors.torch import load_file
 
     train_tiny = _script()
@@ -263,13 +281,15 @@ def test_aux_probe_trains_the_model_and_is_not_saved(tmp_path):
     train_tiny.main(["--family", "llava", "--out", str(start), "--vision-steps", "1", "--align-steps", "0",
                      "--qa-steps", "0", "--full-steps", "0", "--batch", "2", "--eval-questions", "6"])
     weights = {}
-    for name, extra in (("plain", []), ("probe", ["--aux-probe", "1.0"])):
+    for name, extra in (("plain", []), ("probe", ["--aux-probe", "1.0"]),
+                        ("read2", ["--aux-probe", "1.0", "--relation-read", "-2"])):
         train_tiny.main(["--family", "llava", "--out", str(tmp_path / name), "--init", str(start), "--qa-steps", "1",
                          "--full-steps", "0", "--batch", "2", "--only", "count,relation", "--attn-targets", "word",
                          "--eval-questions", "6", *extra])
         weights[name] = load_file(str(tmp_path / name / "model.safetensors"))
     assert weights["plain"].keys() == weights["probe"].keys() == load_file(str(start / "model.safetensors")).keys()
     assert any(not torch.equal(weights["plain"][k], weights["probe"][k]) for k in weights["plain"])
+    assert any(not torch.equal(weights["read2"][k], weights["probe"][k]) for k in weights["plain"])  # wired through
 
 
 def test_stage_a_continues_from_a_checkpoint(tmp_path):
