@@ -323,7 +323,8 @@ def word_labels(proc, inputs, asked, batch, read=-1):
     for, so that the query holds it plainly (a conjunction of two words is no linear read of one state):
     a shape or digit question's "?" -> the cell it asks about (group "asked": tiny-qwen2vl, whose grid varies
     in size, must find a cell by content, not by sequence position); an exist question's "?" -> the colour and
-    shape asked for; a relation's shape words -> their object's colour (the word itself is its shape)."""
+    shape asked for; a relation's shape words -> their object's colour (the word itself is its shape); a
+    count's colour word -> that colour."""
     ids = inputs["input_ids"]
     qmark = proc.tokenizer.convert_tokens_to_ids("?")
     out = []
@@ -337,7 +338,8 @@ def word_labels(proc, inputs, asked, batch, read=-1):
                         for at, ref in zip(named, q.refs)]
                 out += [(b, pos, read, "first", cells[0]), (b, pos, read, "second", cells[1])]
             elif q.kind == "count":
-                out.append((b, naming_words(proc, ids[b], pos, q)[0], -2, "count", len(q.refs)))
+                at, = naming_words(proc, ids[b], pos, q)
+                out += [(b, at, 1, "colour", shapes.COLOURS.index(q.text.split()[2])), (b, at, -2, "count", len(q.refs))]
             elif q.kind in ("shape", "digit"):
                 scene, ref = batch[b][0], q.refs[0]
                 r, c = (scene.digits[ref - 100] if ref >= 100 else scene.objects[ref - 1]).cell

@@ -112,7 +112,8 @@ def test_word_attention_targets_and_probe_labels():
                 assert (tb, tpos, exact) == (b, named[0], True) and (target > 0).sum() == len(q.refs) + 1
                 tb, tpos, target, exact, layers = next(targets)
                 assert (tb, tpos, exact, layers) == (b, pos, False, (-1,)) and target.nonzero().squeeze(1).tolist() == named
-                want.append((b, named[0], -2, "count", shapes.NUMBERS.index(q.answer)))
+                want += [(b, named[0], 1, "colour", shapes.COLOURS.index(word(b, named[0]))),
+                         (b, named[0], -2, "count", shapes.NUMBERS.index(q.answer))]
     assert next(targets, None) is None and train_tiny.word_labels(proc, inputs, asked, batch) == want
     # --relation-read -2: a relation's "?" reads its words one layer earlier, and the cells are asked there
     default = train_tiny.attention_targets("llava", proc, batch, inputs, asked, "word")
