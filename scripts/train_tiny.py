@@ -14,8 +14,9 @@ the items the question refers to (--attn-sup) and optionally one question kind a
 are learnt (--background-bias). --attn-targets word routes count and relation questions through the
 words that name their objects (those words look at the objects, the last layer's answer position reads
 the words) and --aux-probe asks the words' states to hold each object's grid cell and the count, the
-answer position's both cells, and a shape or digit question's answer position the cell it asks about. Stage C fine-tunes everything at a lower rate. The result is saved in
-fp16 with save_pretrained, with its processor, and its held-out accuracy to train_log.json.
+answer position's both cells, and each query, where it forms, what it looks for (the asked cell, colour
+or shape). Stage C fine-tunes everything at a lower rate. The result is saved in fp16 with
+save_pretrained, with its processor, and its held-out accuracy to train_log.json.
 """
 from __future__ import annotations
 
@@ -331,11 +332,11 @@ def word_labels(proc, inputs, asked, batch, read=-1):
     for b, qs in enumerate(asked):
         for pos, q in zip((ids[b] == qmark).nonzero().squeeze(1).tolist(), qs):
             if q.kind == "relation":
-                cells = [3 * r + c for r, c in (batch[b][0].objects[ref - 1].cell for ref in q.refs)]
+                objs = [batch[b][0].objects[ref - 1] for ref in q.refs]
+                cells = [3 * o.cell[0] + o.cell[1] for o in objs]
                 named = naming_words(proc, ids[b], pos, q)
                 out += [(b, at, -2, "cell", cell) for at, cell in zip(named, cells)]
-                out += [(b, at, 1, "colour", shapes.COLOURS.index(batch[b][0].objects[ref - 1].colour))
-                        for at, ref in zip(named, q.refs)]
+                out += [(b, at, 1, "colour", shapes.COLOURS.index(o.colour)) for at, o in zip(named, objs)]
                 out += [(b, pos, read, "first", cells[0]), (b, pos, read, "second", cells[1])]
             elif q.kind == "count":
                 at, = naming_words(proc, ids[b], pos, q)
@@ -578,8 +579,9 @@ def main(argv=None):
     ap.add_argument("--aux-probe", type=float, default=0.0,
                     help="weight of an auxiliary loss (stage B/C): a linear read-out of the hidden states must find each "
                          "relation object's grid cell and each count where the question names them, both cells at "
-                         "a relation's answer position, and the asked cell at a shape or digit question's "
-                         "(see word_labels)")
+                         "a relation's answer position, and, at the second layer's input, what each query looks "
+                         "for: the asked cell (shape, digit), colour and shape (exist), a relation object's or "
+                         "a count's colour (see word_labels)")
     ap.add_argument("--relation-read", type=int, choices=[-1, -2], default=-1,
                     help="--attn-targets word: the layer at which a relation's answer position reads the words "
                          "naming its objects, and whose output --aux-probe asks for their cells (-1: the last; "
