@@ -15,7 +15,8 @@ are learnt (--background-bias). --attn-targets word routes count and relation qu
 words that name their objects (those words look at the objects, the last layer's answer position reads
 the words) and --aux-probe asks the words' states to hold each object's grid cell and the count, the
 answer position's both cells, and each query, where it forms, what it looks for (the asked cell, colour
-or shape). Stage C fine-tunes everything at a lower rate. The result is saved in fp16 with
+or shape); --relation-query has a relation's answer position read its relation word and asks it for
+that word and how the two objects' rows and columns compare. Stage C fine-tunes everything at a lower rate. The result is saved in fp16 with
 save_pretrained, with its processor, and its held-out accuracy to train_log.json.
 """
 from __future__ import annotations
@@ -256,7 +257,7 @@ def visual_cover(family, proc, batch, inputs):
     return out
 
 
-def attention_targets(family, proc, batch, inputs, asked, mode="union", read=-1):
+def attention_targets(family, proc, batch, inputs, asked, mode="union", read=-1, query=False):
     """(sample, query position, target, exact[, layers]) for every question with something to look at.
     The target ([seq], or [heads', seq]: per block of heads) marks the tokens to look at; exact=False:
     the loss wants all attention mass on them; exact=True: the target is a distribution the attention
@@ -270,7 +271,9 @@ def attention_targets(family, proc, batch, inputs, asked, mode="union", read=-1)
     the first word, the rest the second); a count's colour word looks, exactly and uniformly, at one
     token per counted object (the one it covers most) and at the <s> sink, so that the sink's share is
     1 / (count + 1), and the last layer's "?" reads that word. Other kinds are as in "union". `read`: the
-    layer at which a relation's "?" reads its words (-2 leaves the last layer to compare the two)."""
+    layer at which a relation's "?" reads its words (-2 leaves the last layer to compare the two). `query`
+    (mode "word"): a relation's "?" also reads, at the first layer, the relation word ("left", "right",
+    "above", "below") that decides its answer, which tiny-qwen2vl's had never read."""
     ids = inputs["input_ids"]
     qmark = proc.tokenizer.convert_tokens_to_ids("?")
     bos = proc.tokenizer.convert_tokens_to_ids("<s>")
@@ -291,6 +294,8 @@ def attention_targets(family, proc, batch, inputs, asked, mode="union", read=-1)
                 first, second = naming_words(proc, ids[b], pos, q)
                 out += [(b, first, on(q.refs[:1]), False), (b, second, on(q.refs[1:]), False),
                         (b, pos, torch.stack([one(first), one(second)]), False, (read,))]
+                if query:  # "is the <colour> <shape> <relation> the <colour> <shape> ?"
+                    out.append((b, pos, one(first + 1), False, (0,)))
             elif mode == "word" and q.kind == "count":
                 dist = torch.zeros(ids.shape[1])
                 dist[int((ids[b] == bos).nonzero()[0])] = 1.0
@@ -312,20 +317,25 @@ def naming_words(proc, row, pos, q):
 
 
 PROBE_GROUPS = {"cell": 9, "count": len(shapes.NUMBERS), "first": 9, "second": 9, "asked": 9,
-                "colour": len(shapes.COLOURS), "shape": len(shapes.SHAPES)}  # --aux-probe's outputs
+                "colour": len(shapes.COLOURS), "shape": len(shapes.SHAPES),
+                "relation": len(shapes.RELATIONS), "rows": 3, "cols": 3}  # --aux-probe's outputs
 
 
-def word_labels(proc, inputs, asked, batch, read=-1):
-    """(sample, position, hidden state, group, class) for the --aux-probe loss, read from the last layer's
-    input (hidden state -2) at the words naming things: each relation object's shape word -> its grid cell
-    (3 * row + col), a count's colour word -> the count; from the output of layer `read` (hidden state
-    `read`: -1 the last) at a relation's "?": the first and the second object's cells (groups "first",
-    "second"). And where a query is formed, from the second layer's input (hidden state 1), what it looks
-    for, so that the query holds it plainly (a conjunction of two words is no linear read of one state):
-    a shape or digit question's "?" -> the cell it asks about (group "asked": tiny-qwen2vl, whose grid varies
-    in size, must find a cell by content, not by sequence position); an exist question's "?" -> the colour and
-    shape asked for; a relation's shape words -> their object's colour (the word itself is its shape); a
-    count's colour word -> that colour."""
+def word_labels(proc, inputs, asked, batch, read=-1, query=False):
+    """(sample, position, hidden state, group, class) for the --aux-probe loss, read at the words naming
+    things from the input of the layer that reads them: each relation object's shape word -> its grid cell
+    (3 * row + col) at hidden state `read` - 1 (-2: the last layer's input), a count's colour word -> the
+    count at hidden state -2; from the output of layer `read` (hidden state `read`: -1 the last) at a
+    relation's "?": the first and the second object's cells (groups "first", "second"). With `query`, the
+    facts a relation's answer is decided by, at its "?": which relation it asks (group "relation",
+    shapes.RELATIONS index; also at hidden state 1, where the query forms: tiny-qwen2vl's "?" had never
+    read it) and, at hidden state `read`, how the two cells compare (groups "rows", "cols": 0 the first
+    object's row or column is before the second's, 1 the same, 2 after). And where a query is formed, from
+    the second layer's input (hidden state 1), what it looks for, so that the query holds it plainly (a
+    conjunction of two words is no linear read of one state): a shape or digit question's "?" -> the cell
+    it asks about (group "asked": tiny-qwen2vl, whose grid varies in size, must find a cell by content, not
+    by sequence position); an exist question's "?" -> the colour and shape asked for; a relation's shape
+    words -> their object's colour (the word itself is its shape); a count's colour word -> that colour."""
     ids = inputs["input_ids"]
     qmark = proc.tokenizer.convert_tokens_to_ids("?")
     out = []
@@ -335,9 +345,14 @@ def word_labels(proc, inputs, asked, batch, read=-1):
                 objs = [batch[b][0].objects[ref - 1] for ref in q.refs]
                 cells = [3 * o.cell[0] + o.cell[1] for o in objs]
                 named = naming_words(proc, ids[b], pos, q)
-                out += [(b, at, -2, "cell", cell) for at, cell in zip(named, cells)]
+                out += [(b, at, read - 1, "cell", cell) for at, cell in zip(named, cells)]
                 out += [(b, at, 1, "colour", shapes.COLOURS.index(o.colour)) for at, o in zip(named, objs)]
                 out += [(b, pos, read, "first", cells[0]), (b, pos, read, "second", cells[1])]
+                if query:  # "is the <colour> <shape> <relation> the <colour> <shape> ?"
+                    (r1, c1), (r2, c2) = objs[0].cell, objs[1].cell
+                    rel = shapes.RELATIONS.index(" ".join(q.text.split()[4:-4]))
+                    out += [(b, pos, 1, "relation", rel), (b, pos, read, "relation", rel),
+                            (b, pos, read, "rows", (r1 > r2) - (r1 < r2) + 1), (b, pos, read, "cols", (c1 > c2) - (c1 < c2) + 1)]
             elif q.kind == "count":
                 at, = naming_words(proc, ids[b], pos, q)
                 out += [(b, at, 1, "colour", shapes.COLOURS.index(q.text.split()[2])), (b, at, -2, "count", len(q.refs))]
@@ -453,7 +468,8 @@ def kind_hits(logits, targets, asked):
 
 
 def stage_qa(model, family, proc, steps, batch_size, lr, log, offset, rng, max_q, train_visual, only=None,
-             attn_sup=0.0, per_kind=3, every=None, bg_bias=None, attn_targets="union", aux_probe=0.0, read=-1):
+             attn_sup=0.0, per_kind=3, every=None, bg_bias=None, attn_targets="union", aux_probe=0.0, read=-1,
+             query=False):
     """bg_bias=(at, start, stop): while training, the language model's attention to background visual
     tokens is damped by an additive bias (background_bias), released to 0 by step `stop`: tiny-qwen2vl's
     stage B otherwise stalls at naming any colour in the scene, distracted by its background tokens."""
@@ -486,10 +502,10 @@ def stage_qa(model, family, proc, steps, batch_size, lr, log, offset, rng, max_q
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets[:, 1:].reshape(-1))
         if attn_sup > 0:  # the answer position should look at what the question is about
             n_layers = len(out.attentions)
-            sup = attention_loss(out.attentions, attention_targets(family, proc, batch, inputs, asked, attn_targets, read),
+            sup = attention_loss(out.attentions, attention_targets(family, proc, batch, inputs, asked, attn_targets, read, query),
                                  range(1, max(2, n_layers - 1)))
             loss = loss + attn_sup * sup
-        labels = word_labels(proc, inputs, asked, batch, read) if probe is not None else []
+        labels = word_labels(proc, inputs, asked, batch, read, query) if probe is not None else []
         if labels:  # what the answer needs, readable where the question names it and where it is answered
             loss = loss + aux_probe * probe_loss(probe, out.hidden_states, labels)
         optimise(opt, sched, params, loss)
@@ -586,6 +602,11 @@ def main(argv=None):
                     help="--attn-targets word: the layer at which a relation's answer position reads the words "
                          "naming its objects, and whose output --aux-probe asks for their cells (-1: the last; "
                          "-2: the one before, leaving the last layer to compare them)")
+    ap.add_argument("--relation-query", action="store_true",
+                    help="--attn-targets word: a relation's answer position also reads the relation word at the "
+                         "first layer; --aux-probe asks it for what its answer is decided by: which relation "
+                         "(at the second layer's input and where it reads the two objects' words) and, there, "
+                         "how the objects' rows and columns compare (before, same, after)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--label-rule", choices=["cover", "centre"], default="cover",
                     help="per-token labels in stages A and P (shapes.patch_labels): cover = also small objects "
@@ -679,10 +700,10 @@ def main(argv=None):
     every = (args.save_every, save) if args.save_every else None
     offset = stage_qa(model, args.family, proc, args.qa_steps, args.batch, args.qa_lr, log, offset, rng,
                       args.max_questions, False, curriculum(args) or only, args.attn_sup, args.per_kind, every,
-                      bg_bias, args.attn_targets, args.aux_probe, args.relation_read)
+                      bg_bias, args.attn_targets, args.aux_probe, args.relation_read, args.relation_query)
     offset = stage_qa(model, args.family, proc, args.full_steps, args.batch, 2e-4, log, offset, rng,
                       args.max_questions, True, only, args.attn_sup, args.per_kind, every, None, args.attn_targets, args.aux_probe,
-                      args.relation_read)
+                      args.relation_read, args.relation_query)
     save(offset)
     evaluate_saved(out, args.eval_questions)
 

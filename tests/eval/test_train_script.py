@@ -115,6 +115,8 @@ def test_word_attention_targets_and_probe_labels():
                 want += [(b, named[0], 1, "colour", shapes.COLOURS.index(word(b, named[0]))),
                          (b, named[0], -2, "count", shapes.NUMBERS.index(q.answer))]
     assert next(targets, None) is None and train_tiny.word_labels(proc, inputs, asked, batch) == want
+    q_text = lambda b, pos: next(q.text for p, q in zip((ids[b] == qmark).nonzero().squeeze(1).tolist(), asked[b])  # noqa: E731
+                                 if p == pos)
     # --relation-read -2: a relation's "?" reads its words one layer earlier, and the cells are asked there
     default = train_tiny.attention_targets("llava", proc, batch, inputs, asked, "word")
     moved = train_tiny.attention_targets("llava", proc, batch, inputs, asked, "word", read=-2)
@@ -122,8 +124,40 @@ def test_word_attention_targets_and_probe_labels():
     for d, m in zip(default, moved):
         assert m[:2] == d[:2] and torch.equal(m[2], d[2]) and m[3] == d[3]
         assert m[4:] == (((-2,),) if len(d) == 5 and d[2].dim() == 2 else d[4:])
+    # ... so the words must hold their cells one layer earlier too, at that layer's input (hidden state -3)
+    moved = {"first": -2, "second": -2, "cell": -3}
     assert train_tiny.word_labels(proc, inputs, asked, batch, read=-2) == [
-        (b, pos, -2 if group in ("first", "second") else state, group, cls) for b, pos, state, group, cls in want]
+        (b, pos, moved.get(group, state), group, cls) for b, pos, state, group, cls in want]
+    # --relation-query: a relation's "?" also reads its relation word at the first layer
+    queried = iter(train_tiny.attention_targets("llava", proc, batch, inputs, asked, "word", query=True))
+    for d in default:
+        assert all(torch.equal(a, b) if torch.is_tensor(a) else a == b for a, b in zip(next(queried), d))
+        if len(d) == 5 and d[2].dim() == 2:  # the relation's "?" reading its two words: then the relation word
+            b, pos = d[:2]
+            tb, tpos, target, exact, layers = next(queried)
+            assert (tb, tpos, exact, layers) == (b, pos, False, (0,)) and target.sum() == 1
+            assert word(b, int(target.argmax())) == q_text(b, pos).split()[4]  # "left", "right", "above", "below"
+    assert next(queried, None) is None
+    # --relation-query: what the answer is decided by: the relation asked, how the rows and columns compare
+    compared = iter(train_tiny.word_labels(proc, inputs, asked, batch, read=-2, query=True))
+    seen = 0
+    for label in want:
+        assert next(compared) == (*label[:2], moved.get(label[3], label[2]), *label[3:])
+        if label[3] == "second":
+            b, pos = label[:2]
+            q = next(q for p, q in zip((ids[b] == qmark).nonzero().squeeze(1).tolist(), asked[b]) if p == pos)
+            (r1, c1), (r2, c2) = (batch[b][0].objects[r - 1].cell for r in q.refs)
+            rel = q.text.split()[4:-4]  # "left of", "right of", "above", "below"
+            asks = shapes.RELATIONS.index(" ".join(rel))
+            assert [next(compared), next(compared)] == [(b, pos, 1, "relation", asks), (b, pos, -2, "relation", asks)]
+            rows, cols = next(compared), next(compared)
+            assert rows[:4] == (b, pos, -2, "rows") and cols[:4] == (b, pos, -2, "cols")
+            assert rows[4] == (0 if r1 < r2 else 1 if r1 == r2 else 2) and cols[4] == (0 if c1 < c2 else 1 if c1 == c2 else 2)
+            # the relation word is decided by them: its answer is "yes" exactly when they say so
+            holds = {"left": cols[4] == 0, "right": cols[4] == 2, "above": rows[4] == 0, "below": rows[4] == 2}[rel[0]]
+            assert (q.answer == "yes") == holds
+            seen += 1
+    assert next(compared, None) is None and seen >= 2
     # a target with its own layers counts only there: (-1,) is the last layer; others go to `layers`
     n = ids.shape[1]
     att = [torch.full((len(batch), 4, n, n), 1.0 / n) for _ in range(3)]
@@ -274,7 +308,7 @@ def test_probe_loss_reads_each_label_within_its_group():
 def test_aux_probe_trains_the_model_and_is_not_saved(tmp_path):
     """--aux-probe adds a loss (so one step from the same start lands elsewhere) through a read-out that
     is dropped afterwards: the saved model has exactly the parameters it started with. --relation-read
-    reaches the losses (another step again)."""
+    and --relation-query reach the losses (another step again)."""
     from safetensors.torch import load_file
 
     train_tiny = _script()
@@ -283,14 +317,16 @@ def test_aux_probe_trains_the_model_and_is_not_saved(tmp_path):
                      "--qa-steps", "0", "--full-steps", "0", "--batch", "2", "--eval-questions", "6"])
     weights = {}
     for name, extra in (("plain", []), ("probe", ["--aux-probe", "1.0"]),
-                        ("read2", ["--aux-probe", "1.0", "--relation-read", "-2"])):
+                        ("read2", ["--aux-probe", "1.0", "--relation-read", "-2"]),
+                        ("query", ["--aux-probe", "1.0", "--relation-query"])):
         train_tiny.main(["--family", "llava", "--out", str(tmp_path / name), "--init", str(start), "--qa-steps", "1",
                          "--full-steps", "0", "--batch", "2", "--only", "count,relation", "--attn-targets", "word",
                          "--eval-questions", "6", *extra])
         weights[name] = load_file(str(tmp_path / name / "model.safetensors"))
     assert weights["plain"].keys() == weights["probe"].keys() == load_file(str(start / "model.safetensors")).keys()
     assert any(not torch.equal(weights["plain"][k], weights["probe"][k]) for k in weights["plain"])
-    assert any(not torch.equal(weights["read2"][k], weights["probe"][k]) for k in weights["plain"])  # wired through
+    for variant in ("read2", "query"):  # wired through
+        assert any(not torch.equal(weights[variant][k], weights["probe"][k]) for k in weights["plain"])
 
 
 def test_stage_a_continues_from_a_checkpoint(tmp_path):
