@@ -101,6 +101,37 @@ def test_qwen_vision_signal_per_image_and_token(model_factory, family):
         assert abs(float(s.sum()) - 0.25) < 1e-5
 
 
+def test_qwen2_vl_vision_signal_equals_eager_attention_per_merged_token(model_factory, monkeypatch):
+    """Qwen2-VL's ViT sees patches in 2x2 merge-window order: an LLM token's score is the mean of the
+    4 consecutive patches the merger concatenates, per image, on non-square grids (4x8 and 8x4)."""
+    import transformers.models.qwen2_vl.modeling_qwen2_vl as mq
+
+    from vtprune.hooks.qwen2_vl import QwenVLAdapter
+    from vtprune.methods.base import VisionSignal
+
+    model = model_factory("qwen2_vl", "eager")
+    inputs = tiny.batch("qwen2_vl", [1, 2])  # grids (1, 4, 8) and (1, 8, 4)
+    weights = []
+    eager = mq.eager_attention_forward
+
+    def recording(module, *args, **kwargs):
+        out, w = eager(module, *args, **kwargs)
+        weights.append(w)
+        return out, w
+
+    monkeypatch.setattr(mq, "eager_attention_forward", recording)
+    visual = model.model.visual
+    got = _signals(model, QwenVLAdapter, {"last": VisionSignal(-1, "mean")},
+                   lambda: visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]))["last"]
+    last = weights[-2:]  # the last block's attention, one [1, H, T, T] chunk per image
+    assert [w.shape[-1] for w in last] == [32, 32]
+    for scores, w in zip(got, last):
+        want = w[0].mean(0).mean(0).view(-1, 4).mean(1)  # heads, all query rows; 4 patches per token
+        torch.testing.assert_close(scores, want, atol=1e-6, rtol=1e-5)
+    # the merger concatenates the same 4 consecutive patches into one LLM token
+    assert visual.merger.hidden_size == 4 * visual.config.embed_dim
+
+
 def test_llava_context_signal_equals_eager_clip_attention(model_factory):
     """VFlowOpt's map: rows S = tokens receiving > t x the mean attention, then the mean of those rows."""
     from vtprune.hooks.llava import LlavaAdapter
