@@ -1,0 +1,45 @@
+"""benchmarks/tiny_options.py: a strategy with its defaults and with given options, side by side."""
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+import vtprune
+from vtprune.eval import tinyvlm
+
+
+def _bench():
+    path = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "tiny_options.py"
+    spec = importlib.util.spec_from_file_location("tiny_options", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_tiny_options_rows_match_patching_by_hand(tmp_path):
+    bench = _bench()
+    out = tmp_path / "o.json"
+    result = bench.main(["--model", "tiny-llava", "--method", "hiprune", "--ratios", "0.25", "--option", "object_layer=2",
+                         "--option", "deep_layer=2", "--questions", "12", "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert result["command"].startswith("python benchmarks/tiny_options.py --model tiny-llava --method hiprune")
+    assert [(r["ratio"], r["options"]) for r in result["rows"]] == [(0.25, {}), (0.25, {"object_layer": 2, "deep_layer": 2})]
+    model, proc = tinyvlm.load("tiny-llava")
+    for row in result["rows"]:  # the same numbers as patching by hand
+        vtprune.patch(model, "hiprune", ratio=0.25, **row["options"])
+        rep = tinyvlm.evaluate(model, proc, 12)
+        vtprune.unpatch(model)
+        assert (row["overall"], row["by_kind"]) == (rep["overall"], rep["by_kind"])
+
+
+def test_tiny_options_rejects_bad_input(tmp_path):
+    bench = _bench()
+    args = ["--model", "tiny-llava", "--method", "hiprune", "--questions", "6", "--out", str(tmp_path / "o.json")]
+    with pytest.raises(SystemExit):
+        bench.main(args)  # nothing to compare with the defaults
+    with pytest.raises(SystemExit):
+        bench.main(args + ["--option", "object_layer"])
+    with pytest.raises(Exception, match="no_such_option"):
+        bench.main(args + ["--option", "no_such_option=1"])
+    assert not (tmp_path / "o.json").exists()
