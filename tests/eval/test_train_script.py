@@ -356,7 +356,7 @@ def test_diagnose_tiny_on_the_bundled_llava(tmp_path):
     diagnose_tiny = _script("diagnose_tiny")
     out = tmp_path / "diag.json"
     result = diagnose_tiny.main(["--model", str(tinyvlm.BUNDLED / "tiny-llava"), "--scenes", "8",
-                                 "--questions", "60", "--json", str(out)])
+                                 "--questions", "60", "--relation-questions", "40", "--json", str(out)])
     assert json.loads(out.read_text()) == result
     errors = result["colour_errors"]
     assert sum(errors.values()) == 10 and errors["right"] >= 8
@@ -366,6 +366,32 @@ def test_diagnose_tiny_on_the_bundled_llava(tmp_path):
     assert layers[2]["on_named_object"] > 0.5
     assert result["attention"]["named_share_of_image_tokens"] < 0.05
     assert all(0.0 <= r["on_named_object"] <= r["on_image"] <= 1.0 + 1e-4 for r in layers)
+    rel = result["relation"]  # the shape words look at their objects in the middle layers
+    assert rel["questions"] == 40 and len(rel["shape_word_on_its_object"]) == 4 and len(rel["probes"]) == 5
+    assert rel["shape_word_on_its_object"][2] > 0.5 and 0.0 <= rel["accuracy"] <= 1.0
+
+
+def test_diagnose_relation_probes_find_what_the_answer_reads():
+    """The relation probes on the shipped tiny-qwen2vl: its "?" holds the relation asked from the second
+    layer's input on (its predecessor's never did: 0.21-0.30, chance 0.25), and the first object's cell
+    only after the last layer reads the shape words; the linear read-out itself scores separable data
+    perfectly and constant data no better than the majority class."""
+    from vtprune.eval import tinyvlm
+
+    diagnose_tiny = _script("diagnose_tiny")
+    x = torch.eye(3)[torch.tensor([0, 1, 2] * 10)] + 0.01 * torch.randn(30, 3)
+    assert diagnose_tiny.linear_probe(x, torch.tensor([0, 1, 2] * 10), 3) == 1.0
+    y = torch.tensor([0] * 21 + [0, 0, 0, 1, 1, 1, 1, 1, 1])
+    assert diagnose_tiny.linear_probe(torch.ones(30, 2), y, 2) <= 6 / 9
+    if not tinyvlm.trained("tiny-qwen2vl"):
+        pytest.skip("tiny-qwen2vl has no weights")
+    model, proc = tinyvlm.load("tiny-qwen2vl")
+    with torch.no_grad():
+        rel = diagnose_tiny.relation(model, "qwen2_vl", proc, 96)
+    probes = [p["at_answer"] for p in rel["probes"]]
+    assert rel["questions"] == 96 and rel["accuracy"] > 0.8
+    assert probes[0]["relation"] < 0.6 and min(p["relation"] for p in probes[1:]) > 0.9
+    assert probes[3]["first_cell"] < 0.5 and probes[4]["first_cell"] > 0.7
 
 
 def _qwen_inputs(scenes):
