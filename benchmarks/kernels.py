@@ -27,7 +27,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+HERE = Path(__file__).resolve().parent  # off the path: this file would shadow the `kernels` package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # that transformers imports
+sys.path.insert(0, str(HERE.parent))
 from vtprune.eval.configs import CLIP_L336, LLAMA2_7B  # noqa: E402
 from vtprune.kernels import attention_scores_torch, greedy_select, greedy_select_torch, triton_available  # noqa: E402
 

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+HERE = Path(__file__).resolve().parent  # off the path: benchmarks/kernels.py would shadow the `kernels` package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # that transformers imports
+sys.path.insert(0, str(HERE.parent))
 import vtprune  # noqa: E402
 
 

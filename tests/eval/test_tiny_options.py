@@ -1,7 +1,10 @@
 """benchmarks/tiny_options.py: a strategy with its defaults and with given options, side by side."""
 import importlib.util
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -43,3 +46,14 @@ def test_tiny_options_rejects_bad_input(tmp_path):
     with pytest.raises(Exception, match="no_such_option"):
         bench.main(args + ["--option", "no_such_option=1"])
     assert not (tmp_path / "o.json").exists()
+
+
+def test_tiny_options_runs_as_a_script(tmp_path):
+    """`python benchmarks/tiny_options.py` has benchmarks/ on the path, where kernels.py would shadow the
+    `kernels` package that transformers imports when it loads the model."""
+    root = pathlib.Path(__file__).resolve().parents[2]
+    out = tmp_path / "o.json"
+    subprocess.run([sys.executable, "benchmarks/tiny_options.py", "--model", "tiny-llava", "--method", "random",
+                    "--ratios", "0.5", "--option", "seed=1", "--questions", "6", "--out", str(out)],
+                   cwd=root, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True, capture_output=True, timeout=600)
+    assert [r["options"] for r in json.loads(out.read_text())["rows"]] == [{}, {"seed": 1}]

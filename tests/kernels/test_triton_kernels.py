@@ -131,6 +131,24 @@ def test_kernel_benchmark_quick_run(tmp_path):
     assert result["tower"][0]["method"] == "hiprune" and result["e2e"][0]["method"] == "divprune"
 
 
+def test_kernel_benchmark_runs_as_a_script(tmp_path):
+    """As benchmarks/gpu_figures.sh runs it: `python benchmarks/kernels.py` puts benchmarks/ on the path,
+    where this file would shadow the `kernels` package that transformers imports (the tower section
+    builds a transformers model)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "k.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "benchmarks/kernels.py", "--quick", "--sections", "tower", "--out", str(out)],
+                   cwd=root, env=env, check=True, capture_output=True, timeout=600)
+    assert json.loads(out.read_text())["tower"][0]["method"] == "hiprune"
+
+
 @pytest.mark.gpu
 def test_bf16_tensor_core_paths_on_gpu():
     x = torch.randn(2, 577, 1024, device="cuda").to(torch.bfloat16)
