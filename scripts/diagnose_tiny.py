@@ -105,9 +105,9 @@ def relation(model, family, proc, n_questions):
             right.append(bool(pred[b, pos] == targets[b, pos + 1]))
             states.append(torch.stack([h[b, [pos, first, second]] for h in out.hidden_states]))  # [states, 3, d]
             cells = [3 * o.cell[0] + o.cell[1] for o in (batch[b][0].objects[r - 1] for r in q.refs)]
-            labels.append([" ".join(q.text.split()[4:-4]), *cells, q.answer])
+            labels.append([train_tiny.relation_asked(q), *cells, q.answer])
     states = torch.stack(states)  # [questions, hidden states, 3, d]
-    rel = torch.tensor([train_tiny.shapes.RELATIONS.index(r[0]) for r in labels])
+    rel = torch.tensor([r[0] for r in labels])
     first, second = torch.tensor([r[1] for r in labels]), torch.tensor([r[2] for r in labels])
     answer = torch.tensor([r[3] == "yes" for r in labels]).long()
     probes = [{"hidden_state": k,

@@ -16,8 +16,9 @@ words that name their objects (those words look at the objects, the last layer's
 the words) and --aux-probe asks the words' states to hold each object's grid cell and the count, the
 answer position's both cells, and each query, where it forms, what it looks for (the asked cell, colour
 or shape); --relation-query has a relation's answer position read its relation word and asks it for
-that word and how the two objects' rows and columns compare. Stage C fine-tunes everything at a lower rate. The result is saved in fp16 with
-save_pretrained, with its processor, and its held-out accuracy to train_log.json.
+that word and how the two objects' rows and columns compare. Stage C fine-tunes everything at a lower
+rate. The result is saved in fp16 with save_pretrained, with its processor, and its held-out accuracy
+to train_log.json.
 """
 from __future__ import annotations
 
@@ -316,6 +317,12 @@ def naming_words(proc, row, pos, q):
     return [i for i in range(pos - 1, -1, -1) if int(row[i]) in ids][:n][::-1]
 
 
+def relation_asked(q):
+    """The shapes.RELATIONS index a relation question asks ("is the <colour> <shape> <relation> the
+    <colour> <shape> ?")."""
+    return shapes.RELATIONS.index(" ".join(q.text.split()[4:-4]))
+
+
 PROBE_GROUPS = {"cell": 9, "count": len(shapes.NUMBERS), "first": 9, "second": 9, "asked": 9,
                 "colour": len(shapes.COLOURS), "shape": len(shapes.SHAPES),
                 "relation": len(shapes.RELATIONS), "rows": 3, "cols": 3}  # --aux-probe's outputs
@@ -348,9 +355,9 @@ def word_labels(proc, inputs, asked, batch, read=-1, query=False):
                 out += [(b, at, read - 1, "cell", cell) for at, cell in zip(named, cells)]
                 out += [(b, at, 1, "colour", shapes.COLOURS.index(o.colour)) for at, o in zip(named, objs)]
                 out += [(b, pos, read, "first", cells[0]), (b, pos, read, "second", cells[1])]
-                if query:  # "is the <colour> <shape> <relation> the <colour> <shape> ?"
+                if query:
                     (r1, c1), (r2, c2) = objs[0].cell, objs[1].cell
-                    rel = shapes.RELATIONS.index(" ".join(q.text.split()[4:-4]))
+                    rel = relation_asked(q)
                     out += [(b, pos, 1, "relation", rel), (b, pos, read, "relation", rel),
                             (b, pos, read, "rows", (r1 > r2) - (r1 < r2) + 1), (b, pos, read, "cols", (c1 > c2) - (c1 < c2) + 1)]
             elif q.kind == "count":
