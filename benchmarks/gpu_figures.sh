@@ -1,46 +1,118 @@
 #!/usr/bin/env bash
-# Every GPU figure the README still lacks, in parts that each fit one 10-minute device call.
-# Run from the repository root on a CUDA machine with the package installed:
-#   bash benchmarks/gpu_figures.sh kernels vit      # or: all
-# Each part writes results/<name>.json (which records its own command) and a log beside it.
-set -euo pipefail
+# Every GPU figure the README still lacks, in one command. Run from a checkout on a CUDA machine with
+# PyTorch (vtprune need not be installed: the checkout goes on PYTHONPATH):
+#   bash benchmarks/gpu_figures.sh all
+#   bash benchmarks/gpu_figures.sh --wheels .whl --archive /somewhere/figures.tgz --deadline 540 all
+# --wheels DIR    install these wheels (benchmarks/offline_wheels.py makes them) into a temporary folder
+#                 placed first on PYTHONPATH: for an offline machine whose packages are missing or too old
+# --archive FILE  after every part, pack results/ as far as it got into FILE (.tgz)
+# --deadline S    stop within S seconds of the start: each part gets a time limit from what is left, and
+#                 a part cut short keeps what it measured (each writes its JSON as it goes)
+# Parts, in the order `all` runs them (the longest and riskiest last): kernels vit bench7b next7b compiled7b.
+# Each writes results/<name>.json (which records its own command) and a log beside it; results/gpu_env.json
+# records the machine and the versions used. A failed part does not stop the next; the exit status is 1
+# if any failed.
+set -uo pipefail
+usage="usage: $0 [--wheels DIR] [--archive FILE] [--deadline SECONDS] PART...
+  parts: kernels vit bench7b next7b compiled7b, or all"
+wheels="" archive="" deadline=""
+while [ $# -gt 0 ]; do
+  case $1 in
+    --wheels) wheels=$(realpath -m "$2"); shift 2 ;;
+    --archive) archive=$(realpath -m "$2"); mkdir -p "$(dirname "$archive")"; shift 2 ;;
+    --deadline) deadline=$2; shift 2 ;;
+    -*) echo "$usage" >&2; exit 2 ;;
+    *) break ;;
+  esac
+done
+[ $# -gt 0 ] || { echo "$usage" >&2; exit 2; }
+parts=()
+for p in "$@"; do
+  case $p in
+    all) parts+=(kernels vit bench7b next7b compiled7b) ;;
+    kernels|vit|bench7b|next7b|compiled7b) parts+=("$p") ;;
+    *) echo "unknown part $p; $usage" >&2; exit 2 ;;
+  esac
+done
+
 cd "$(dirname "$0")/.."
 mkdir -p results
-export HF_HUB_OFFLINE=1
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+if [ -n "$wheels" ]; then
+  site=$(mktemp -d)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$wheels"/*.whl || exit 1
+  export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+written=(results/gpu_env.json)
+python3 - <<'EOF' | tee results/gpu_env.json
+import importlib, json, platform, subprocess, torch
+versions = {}
+for name in ("torch", "triton", "transformers", "huggingface_hub", "timm", "open_clip", "vtprune"):
+    try:
+        versions[name] = getattr(importlib.import_module(name), "__version__", "?")
+    except Exception as e:  # recorded, not fatal: the part that needs it says so
+        versions[name] = f"missing ({type(e).__name__}: {e})"
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                     capture_output=True, text=True).stdout.strip() if gpu else None
+print(json.dumps({"python": platform.python_version(), "gpu": gpu, "nvidia_smi": smi, "versions": versions}, indent=1))
+EOF
 
-part() {
-  local name=$1; shift
-  echo "== $name: $*"
-  "$@" 2>&1 | tee "results/$name.log"
+pack() {
+  [ -z "$archive" ] && return
+  local have=()
+  for f in "${written[@]}"; do [ -e "$f" ] && have+=("$f"); done
+  tar czf "$archive.tmp" "${have[@]}" && mv "$archive.tmp" "$archive"
 }
 
-run_part() {
-  case $1 in
+failed=()
+part() {  # part NAME COMMAND...: run it under the time left, log beside its JSON
+  local name=$1; shift
+  local limit=""
+  if [ -n "$deadline" ]; then
+    limit=$((deadline - SECONDS - 15))  # 15 s kept for packing
+    if [ "$limit" -lt 30 ]; then
+      echo "== $name: skipped, ${limit}s left before the deadline"; failed+=("$name (no time)"); return
+    fi
+  fi
+  echo "== $name: $* ${limit:+(limit ${limit}s)}"
+  written+=("results/$name.json" "results/$name.md" "results/$name.log")
+  local t0=$SECONDS
+  if [ -n "$limit" ]; then
+    timeout -k 10 "$limit" "$@" 2>&1 | tee "results/$name.log"
+  else
+    "$@" 2>&1 | tee "results/$name.log"
+  fi
+  local rc=${PIPESTATUS[0]}
+  echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "results/$name.log"
+  [ "$rc" -eq 0 ] || failed+=("$name (exit $rc)")
+  pack
+}
+
+for p in "${parts[@]}"; do
+  case $p in
     kernels)  # issue 6: reference vs Triton, whole selection path, ViT signals, end-to-end share
-      part kernels_gpu python benchmarks/kernels.py --out results/kernels_gpu.json ;;
+      part kernels_gpu python3 benchmarks/kernels.py --out results/kernels_gpu.json ;;
     vit)  # issue 10: images/s unpatched vs patched, timm ViT-B/16 and open_clip ViT-B-16
-      part vit_gpu python benchmarks/vit.py --out results/vit_gpu.json ;;
+      part vit_gpu python3 benchmarks/vit.py --out results/vit_gpu.json ;;
     bench7b)  # issue 7: LLaVA-1.5-7B-sized, 64 of 576 tokens, batch 1 and 8, plain path
-      part bench_llava15_7b vtprune bench --model llava-1.5-7b --random-weights \
+      part bench_llava15_7b python3 -m vtprune bench --model llava-1.5-7b --random-weights \
         --methods divprune,hiprune,todre,fastv,random --keep 64 --batch 1,8 --new-tokens 32 \
         --out results/bench_llava15_7b.json ;;
-    compiled7b)  # issue 7: the batch-1 compiled path (compile_llm) beside the plain one
-      part bench_llava15_7b_compiled vtprune bench --model llava-1.5-7b --random-weights \
-        --methods divprune,random --keep 64 --batch 1 --new-tokens 32 --compile \
-        --out results/bench_llava15_7b_compiled.json ;;
     next7b)  # issue 7: LLaVA-NeXT-7B-sized, 2880 -> 320 tokens, batch 4
-      part bench_llava_next_7b vtprune bench --model llava-next-7b --random-weights \
+      part bench_llava_next_7b python3 -m vtprune bench --model llava-next-7b --random-weights \
         --methods divprune,random --ratio 0.111 --batch 4 --new-tokens 32 \
         --out results/bench_llava_next_7b.json ;;
-    *) echo "unknown part $1 (kernels vit bench7b compiled7b next7b all)" >&2; exit 2 ;;
+    compiled7b)  # issue 7: the batch-1 compiled path (compile_llm) beside the plain one
+      part bench_llava15_7b_compiled python3 -m vtprune bench --model llava-1.5-7b --random-weights \
+        --methods divprune,random --keep 64 --batch 1 --new-tokens 32 --compile \
+        --out results/bench_llava15_7b_compiled.json ;;
   esac
-}
-
-[ $# -gt 0 ] || { echo "usage: $0 PART... (kernels vit bench7b compiled7b next7b all)" >&2; exit 2; }
-for p in "$@"; do
-  if [ "$p" = all ]; then
-    for q in kernels vit bench7b compiled7b next7b; do run_part "$q"; done
-  else
-    run_part "$p"
-  fi
 done
+pack
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "failed: ${failed[*]}"; exit 1
+fi
+echo "all parts done"

@@ -179,7 +179,13 @@ def main(argv=None):
 
     result = {"command": " ".join(["python", "benchmarks/kernels.py"] + (argv if argv is not None else sys.argv[1:])),
               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)",
-              "torch": torch.__version__, "triton": triton.__version__, "transformers": tf.__version__}
+              "torch": torch.__version__, "triton": triton.__version__, "transformers": tf.__version__,
+              "complete": False, "log": lines}
+
+    def save():  # after every section: a run cut short keeps the sections it finished
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
     if "greedy" in sections:
         if args.quick:
             cases = [(40, 8, 16, 1), (70, 16, 24, 2)]
@@ -187,6 +193,7 @@ def main(argv=None):
             cases = [(n, k, d, b) for n in (576, 2304, 2880, 5000) for k in (64, 128, 192, 320)
                      for d in (1024, 4096) for b in (1, 8)]
         result["greedy"] = bench_greedy(cases, reps, device, log)
+        save()
     if "attention" in sections:
         if args.quick:
             cases = [("vit all rows", 2, 4, 4, 20, 20, 16, None, False), ("llm last row", 1, 4, 2, 30, 30, 16, [29], True)]
@@ -197,6 +204,7 @@ def main(argv=None):
                      ("llama7b all rows b1", 1, 32, 32, 640, 640, 128, None, True),
                      ("llava-next last row b4", 4, 32, 32, 2944, 2944, 128, [2943], True)]
         result["attention"] = bench_attention(cases, reps, device, log)
+        save()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if "tower" in sections:
         if args.quick:
@@ -212,6 +220,7 @@ def main(argv=None):
         result["tower"] = [bench_model("tower+1-layer LM", model, inputs, "hiprune", {"keep": max(1, n_img // 9)},
                                        reps, device, log)]
         del model
+        save()
     if "e2e" in sections:
         if args.quick:
             vision = dict(CLIP_L336, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -230,9 +239,9 @@ def main(argv=None):
         row.update(selection_ms=greedy_ms, prefill_saved_ms=saved, selection_share_of_saved=greedy_ms / saved if saved > 0 else None)
         log(f"divprune selection {greedy_ms:.3f} ms = {row['selection_share_of_saved']} of the {saved:.2f} ms saved")
         result["e2e"] = [row]
-    result["log"] = lines
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        save()
+    result["complete"] = True
+    save()
     print(f"wrote {args.out}")
 
 

@@ -71,6 +71,15 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rows = []
+
+    def save(complete: bool):  # after each model too: a run cut short keeps what it measured
+        if args.out:
+            record = {"command": "python benchmarks/vit.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                      "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": str(dtype),
+                      "batch": args.batch, "layer": args.layer, "complete": complete, "rows": rows}
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+
     for name, model in models():
         model = model.to(device, dtype).eval()
         x = torch.randn(args.batch, 3, *image_size(model), generator=torch.Generator().manual_seed(0)).to(device, dtype)
@@ -88,11 +97,9 @@ def main(argv=None):
                 rows.append(dict(model=name, method=method, ratio=ratio, kept=kept, images_per_s=ips, speedup=ips / base))
                 print(f"{name:<26} {method:<14} {ratio:5.2f} {ips:10.1f} img/s  x{ips / base:.2f}  ({kept} of {patches} kept)",
                       flush=True)
+        save(complete=False)
+    save(complete=True)
     if args.out:
-        record = {"command": "python benchmarks/vit.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                  "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": str(dtype),
-                  "batch": args.batch, "layer": args.layer, "rows": rows}
-        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
         print(f"wrote {args.out}")
     return rows
 

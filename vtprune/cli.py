@@ -114,6 +114,15 @@ def _bench(args) -> int:
     methods = [m for m in args.methods.split(",") if m]
     n_layers = model.config.get_text_config().num_hidden_layers
     rows = []
+
+    def save(complete: bool):  # after every row too, so that a run cut short keeps what it measured
+        gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+        record = {"command": "vtprune " + " ".join(args.argv), "device": gpu, "model": args.model, "complete": complete,
+                  "rows": [r.to_dict() for r in rows]}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+        Path(args.out).with_suffix(".md").write_text(bench.markdown(rows) + "\n")
+
     for b in [int(x) for x in args.batch.split(",")]:
         inputs = models.to_model(models.calibration(task, model, processor, b, batch_size=b)[0], model)
         paths = [None, _compile_options(args)] if args.compile else [None]
@@ -128,16 +137,12 @@ def _bench(args) -> int:
                 rows.append(row)
                 print(f"batch {b:3d} {row.path:<8} {row.method:<13} prefill {row.prefill_ms:8.2f} ms  generate "
                       f"{row.generate_ms:9.1f} ms  KV {row.kv_bytes / 2**20:.3f} MiB", flush=True)
-    table = bench.markdown(rows)
-    print(table)
+                if args.out:
+                    save(complete=False)
+    print(bench.markdown(rows))
     if args.out:
-        record = {"command": "vtprune " + " ".join(args.argv), "device": torch.cuda.get_device_name() if device == "cuda"
-                  else "cpu", "model": args.model, "rows": [r.to_dict() for r in rows]}
-        with open(args.out, "w") as f:
-            json.dump(record, f, indent=1)
-        md = Path(args.out).with_suffix(".md")
-        md.write_text(table + "\n")
-        print(f"wrote {args.out} and {md}")
+        save(complete=True)
+        print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')}")
     return 0
 
 

@@ -37,7 +37,29 @@ def test_bench_command_writes_json_and_table(tmp_path, capsys):
                 assert r["visual_tokens"] == 4 and r["kv_bytes"] < base["kv_bytes"]
     table = (tmp_path / "b.md").read_text()
     assert table.count("\n") == 2 + len(rows) and "prefill speed-up" in table
-    assert rec["command"].startswith("vtprune bench --model tiny-test-llava")
+    assert rec["command"].startswith("vtprune bench --model tiny-test-llava") and rec["complete"] is True
+
+
+def test_bench_command_keeps_the_rows_of_a_run_cut_short(tmp_path, monkeypatch):
+    from vtprune.cli import main
+    from vtprune.eval import bench
+
+    measure, calls = bench.measure, []
+
+    def measure_then_stop(*a, **k):  # the third row never comes (a timeout, say)
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return measure(*a, **k)
+
+    monkeypatch.setattr(bench, "measure", measure_then_stop)
+    out = tmp_path / "b.json"
+    with pytest.raises(KeyboardInterrupt):
+        main(["bench", "--model", "tiny-test-llava", "--methods", "pool,random", "--keep", "4", "--batch", "1",
+              "--new-tokens", "2", "--reps", "1", "--out", str(out)])
+    rec = json.loads(out.read_text())
+    assert rec["complete"] is False and [r["method"] for r in rec["rows"]] == ["unpatched", "pool"]
+    assert (tmp_path / "b.md").read_text().count("\n") == 2 + 2
 
 
 def test_bench_compiled_path_rows_side_by_side(tmp_path):

@@ -15,9 +15,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def bench_parts() -> dict[str, list[str]]:
-    """{part name: its `vtprune bench ...` arguments} as the script writes them."""
+    """{part name: its `vtprune bench ...` arguments} as the script writes them (`python3 -m vtprune bench ...`)."""
     text = (ROOT / "benchmarks" / "gpu_figures.sh").read_text().replace("\\\n", " ")
-    return {m.group(1): shlex.split(m.group(2)) for m in re.finditer(r"part (\w+) vtprune (bench .*?) ;;", text)}
+    found = re.finditer(r"part (\w+) python3 -m vtprune (bench .*?) ;;", text)
+    return {m.group(1): shlex.split(m.group(2)) for m in found}
 
 
 @pytest.fixture
@@ -63,3 +64,66 @@ def test_gpu_bench_part_runs_on_the_cpu(part, small_full_scale, tmp_path):
         else:  # LLaVA-NeXT at 11 %: 2928 visual tokens (2 x 2 tiles + base + newlines) -> 11 % of them
             assert r["visual_tokens"] == round(0.111 * base["visual_tokens"]) and base["visual_tokens"] > 2000
         assert r["kv_bytes"] < base["kv_bytes"]
+
+
+def run_script(tmp_path, *args):
+    """benchmarks/gpu_figures.sh copied into an empty tree (its parts' scripts absent, so each fails at
+    once), run with this interpreter's folder first on PATH."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    (tmp_path / "tree" / "benchmarks").mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "benchmarks" / "gpu_figures.sh", tmp_path / "tree" / "benchmarks")
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    return subprocess.run(["bash", str(tmp_path / "tree" / "benchmarks" / "gpu_figures.sh"), *args], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_script_keeps_going_after_a_failed_part_and_packs_what_it_wrote(tmp_path):
+    import tarfile
+
+    r = run_script(tmp_path, "--archive", str(tmp_path / "out" / "figures.tgz"), "--deadline", "100", "kernels", "vit")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "failed: kernels_gpu (exit 2) vit_gpu (exit 2)" in r.stdout  # python3: can't open file
+    with tarfile.open(tmp_path / "out" / "figures.tgz") as t:
+        names = sorted(t.getnames())
+        env = json.load(t.extractfile("results/gpu_env.json"))
+    assert names == ["results/gpu_env.json", "results/kernels_gpu.log", "results/vit_gpu.log"]
+    assert env["versions"]["torch"] == torch.__version__ and env["gpu"] == (torch.cuda.get_device_name()
+                                                                           if torch.cuda.is_available() else None)
+
+
+def test_script_skips_parts_past_its_deadline_and_rejects_unknown_parts(tmp_path):
+    r = run_script(tmp_path, "bench7b", "bench8b")
+    assert r.returncode == 2 and "unknown part bench8b" in r.stderr
+    assert not (tmp_path / "tree" / "results").exists()  # refused before anything ran
+    r = run_script(tmp_path, "--deadline", "0", "bench7b")
+    assert r.returncode == 1 and "bench_llava15_7b: skipped" in r.stdout
+    assert "failed: bench_llava15_7b (no time)" in r.stdout
+
+
+def test_offline_wheels_lists_what_a_torch_machine_lacks():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "offline_wheels.py"), "--dest", "unused",
+                          "--dry-run"], capture_output=True, text=True, check=True).stdout.split()
+    names = {line.split("==")[0] for line in out}
+    assert {"transformers", "huggingface-hub", "tokenizers", "timm", "open-clip-torch"} <= names
+    assert not names & {"torch", "torchvision", "numpy", "pillow", "matplotlib", "vtprune", "sympy", "triton"}
+    from importlib.metadata import version
+
+    assert f"transformers=={version('transformers')}" in out  # pinned to what is installed here
+
+
+def test_python_m_vtprune_is_the_cli():  # what the script calls: no install needed on the GPU machine
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "vtprune", "methods"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and "divprune" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "vtprune", "bench", "--model", "nope", "--methods", "random", "--keep", "4"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--model must be" in r.stderr

@@ -1,0 +1,82 @@
+"""Wheels to run vtprune from a checkout on an offline GPU machine that already has PyTorch.
+
+  python benchmarks/offline_wheels.py --dest .whl --python-version 3.12
+  # there:  bash benchmarks/gpu_figures.sh --wheels .whl PART...
+
+Run it in the project's environment (vtprune installed with its `vit` extra). It walks the requirements
+of vtprune[vit] through the distributions installed here, pins each to the version installed here, and
+leaves out what the GPU machine brings with its PyTorch: the closure of --have (torch, torchvision,
+numpy, pillow, matplotlib and everything they require). The rest is downloaded as binary wheels for the target
+Python on x86-64 Linux with `pip download --no-deps`. `gpu_figures.sh --wheels DIR` installs them with
+`pip install --no-index --no-deps --target` and puts that folder first on PYTHONPATH, so they take
+precedence over older versions installed there (a transformers older than vtprune needs, say).
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from packaging.markers import default_environment
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
+             "manylinux1_x86_64"]
+
+
+def closure(roots: list[tuple[str, set[str]]], python_version: str) -> dict[str, str]:
+    """{canonical name: installed version} of the roots and everything they require, with extras, for
+    the target Python. A requirement not installed here raises: the environment is incomplete."""
+    env = dict(default_environment(), python_version=python_version, python_full_version=python_version + ".0")
+    found: dict[str, str] = {}
+    todo = list(roots)
+    while todo:
+        name, extras = todo.pop()
+        dist = metadata.distribution(name)
+        key = canonicalize_name(dist.metadata["Name"])
+        found[key] = dist.version
+        for line in dist.requires or []:
+            req = Requirement(line)
+            wanted = req.marker is None or any(req.marker.evaluate(dict(env, extra=e)) for e in extras | {""})
+            if not wanted:
+                continue
+            dep = canonicalize_name(req.name)
+            if dep not in found or req.extras:
+                try:
+                    metadata.distribution(dep)
+                except metadata.PackageNotFoundError:
+                    raise SystemExit(f"{key} requires {req}, which is not installed here: install vtprune[vit] first")
+                todo.append((dep, set(req.extras)))
+    return found
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dest", required=True, help="folder for the wheels")
+    ap.add_argument("--python-version", default="3.12", help="the GPU machine's Python (major.minor)")
+    ap.add_argument("--have", default="torch,torchvision,numpy,pillow,matplotlib",
+                    help="distributions the GPU machine has already, with all they require")
+    ap.add_argument("--dry-run", action="store_true", help="list the wheels, download nothing")
+    args = ap.parse_args(argv)
+    need = closure([("vtprune", {"vit"})], args.python_version)
+    have = closure([(n, set()) for n in args.have.split(",") if n], args.python_version)
+    wanted = sorted((n, v) for n, v in need.items() if n not in have and n != "vtprune")
+    for n, v in wanted:
+        print(f"{n}=={v}")
+    if args.dry_run:
+        return 0
+    Path(args.dest).mkdir(parents=True, exist_ok=True)
+    platforms = [a for p in PLATFORMS for a in ("--platform", p)]
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                    "--python-version", args.python_version, "--implementation", "cp", *platforms, "-d", args.dest,
+                    *[f"{n}=={v}" for n, v in wanted]], check=True)
+    size = sum(f.stat().st_size for f in Path(args.dest).glob("*.whl"))
+    print(f"{len(wanted)} wheels, {size / 2**20:.1f} MiB in {args.dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
