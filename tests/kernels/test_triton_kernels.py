@@ -96,6 +96,19 @@ def test_attention_scores_match_reference(hq, hk, causal, nq, nk, dtype):
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_attention_scores_with_a_wide_head_not_a_power_of_two(dtype):
+    # head dim 80 -> 128-wide tiles with masked columns; 45 rows/keys cross the fp32 (16 x 32) and bf16 (64 x 32)
+    # tiles; grouped keys (4 query heads over 2 key heads)
+    q, k = rand(2, 4, 45, 80, seed=3, dtype=dtype), rand(2, 2, 45, 80, seed=4, dtype=dtype)
+    key_mask = torch.ones(2, 45, dtype=torch.bool, device=DEVICE)
+    key_mask[0, :5] = False
+    for index, causal in [(None, False), (torch.tensor([44, 40], device=DEVICE), True)]:
+        want = attention_scores_torch(q, k, 80 ** -0.5, index, causal=causal, key_mask=key_mask)
+        got = attention_scores_triton(q, k, 80 ** -0.5, index, causal=causal, key_mask=key_mask)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
 def test_attention_query_index_forms_and_no_mask():
     q, k = rand(2, 4, 66, 16, seed=1), rand(2, 2, 66, 16, seed=2)
     for index in (None, torch.tensor([65]), torch.tensor([[0, 64], [3, 65]])):

@@ -1,9 +1,9 @@
 """Triton path of `greedy_select`: the whole DivPrune / ToDRE selection in three launches.
 
 1. `_gram_kernel`: cosine similarity of every pair of rows, normalisation fused in (squared norms
-   accumulated in the same pass over D), upper-triangle tiles only, each mirrored. bf16/fp16 tiles go through tensor cores with float32
-   accumulation (their products are exact in float32); float32 inputs use IEEE float32 dots (so do
-   all inputs in the CPU interpreter).
+   accumulated in the same pass over D), upper-triangle tiles only, each mirrored. bf16/fp16 tiles go
+   through tensor cores with float32 accumulation (their products are exact in float32); float32
+   inputs use IEEE float32 dots (so do all inputs in the CPU interpreter).
 2. `_isolated_kernel`: for DivPrune's seed, each token's distance to its nearest other token
    (1 - similarity, min over rows, the diagonal excluded) -- the same arithmetic as the reference.
 3. `_greedy_kernel`: all `keep` max-min / max-sum steps in ONE launch, one program per image; the
@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention_triton import compiled
 from .greedy_torch import check_greedy_args
 
 
@@ -108,11 +109,13 @@ def cosine_gram_triton(features: torch.Tensor) -> torch.Tensor:
     g = torch.empty(b, n, n, dtype=torch.float32, device=features.device)
     # bf16/fp16 through tensor cores on the GPU; Triton's CPU interpreter gets low-precision dots
     # wrong, so there the tiles are upcast (the same products: bf16 x bf16 is exact in float32)
-    ieee = features.dtype == torch.float32 or not features.is_cuda
-    bm, bk = 64, 32 if ieee else 64
+    ieee = features.dtype == torch.float32 or not compiled(features)
+    # 64 x 64 output tiles over 8 warps; float32 dots (CUDA cores) take narrower K steps. With these, ptxas
+    # reports no spills on sm_90, where BK=64 over 4 warps spilled 328 B (benchmarks/kernel_resources.py)
+    bm, bk = 64, 16 if features.dtype == torch.float32 else 32
     tiles = triton.cdiv(n, bm)
     _gram_kernel[(tiles, tiles, b)](features, g, n, d, *features.stride(), g.stride(0), g.stride(1),
-                                    BM=bm, BK=bk, IEEE=ieee, num_warps=4)
+                                    BM=bm, BK=bk, IEEE=ieee, num_warps=8)
     return g
 
 

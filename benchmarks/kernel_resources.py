@@ -1,0 +1,141 @@
+"""Compile every Triton kernel launch vtprune makes for a GPU architecture, without a GPU, and report
+each one's registers and spills (ptxas -v).
+
+  python benchmarks/kernel_resources.py                 # sm_90 (H100 / H200)
+  python benchmarks/kernel_resources.py --arch 80 --out /tmp/sm80.json
+
+The launchers (greedy_select_triton, attention_scores_triton) run on small CPU tensors with the kernel
+launch replaced by a recorder and told they are on a GPU, so the recorded argument types, tile sizes
+and warps are the ones a CUDA run would use; each distinct launch is then compiled with
+`triton.compile` for the target and its PTX passed to the ptxas bundled with Triton. Cases: bf16, fp16
+and float32 inputs; greedy max-min and max-sum at N = 70 and 5000; attention with head dims 64, 80 and
+128, plain and causal + key mask. Exit status 1 if a launch fails to compile, or spills when
+--no-spills is given.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, not the interpreter's stand-ins
+HERE = Path(__file__).resolve().parent  # off the path: benchmarks/kernels.py would shadow the `kernels` package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+sys.path.insert(0, str(HERE.parent))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
+         torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
+
+
+def record_launches() -> list[tuple[JITFunction, dict, dict]]:
+    """(kernel, {argument name: value}, launch options) of every launch the cases make."""
+    from vtprune.kernels import attention_triton, greedy_triton
+
+    launches = []
+
+    def record(self, *args, grid, warmup, **kwargs):
+        options = {k: kwargs.pop(k) for k in LAUNCH_OPTIONS if k in kwargs}
+        launches.append((self, {**dict(zip(self.arg_names, args)), **kwargs}, options))
+
+    run, compiled = JITFunction.run, (attention_triton.compiled, greedy_triton.compiled)
+    JITFunction.run = record
+    attention_triton.compiled = greedy_triton.compiled = lambda t: True
+    try:
+        g = torch.Generator().manual_seed(0)
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for n in (70, 5000):
+                x = torch.randn(1, n, 32, generator=g).to(dtype)
+                for rule in ("maxmin", "maxsum"):
+                    greedy_triton.greedy_select_triton(x, 8, rule=rule)
+            for d in (64, 80, 128):
+                q, k = torch.randn(1, 4, 20, d, generator=g).to(dtype), torch.randn(1, 2, 20, d, generator=g).to(dtype)
+                attention_triton.attention_scores_triton(q, k, d ** -0.5)
+                attention_triton.attention_scores_triton(q, k, d ** -0.5, torch.tensor([19]), causal=True,
+                                                         key_mask=torch.ones(1, 20, dtype=torch.bool))
+    finally:
+        JITFunction.run = run
+        attention_triton.compiled, greedy_triton.compiled = compiled
+    return launches
+
+
+def arg_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for {type(value).__name__}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90 = Hopper, 80 = A100)")
+    ap.add_argument("--no-spills", action="store_true", help="fail if any launch spills registers")
+    ap.add_argument("--out", help="JSON file to write")
+    args = ap.parse_args(argv)
+    ptxas = Path(triton.backends.nvidia.__file__).parent / "bin" / "ptxas"
+    if not ptxas.exists():
+        raise SystemExit(f"no ptxas at {ptxas}: this Triton has no bundled CUDA backend")
+    sm = f"sm_{args.arch}a" if args.arch >= 90 else f"sm_{args.arch}"
+    rows, seen = [], set()
+    for fn, values, options in record_launches():
+        signature = {p.name: "constexpr" if p.is_constexpr else arg_type(values[p.name]) for p in fn.params}
+        constants = {p.name: values[p.name] for p in fn.params if p.is_constexpr}
+        inputs = sorted({TYPES[v.dtype] for v in values.values() if isinstance(v, torch.Tensor)
+                         and v.dtype in (torch.bfloat16, torch.float16)}) or ["fp32"]
+        key = (fn.__name__, json.dumps(signature, sort_keys=True), json.dumps(constants, sort_keys=True),
+               json.dumps(options, sort_keys=True))
+        if key in seen:
+            continue
+        seen.add(key)
+        row = dict(kernel=fn.__name__, inputs=inputs[0], constants=constants, **options)
+        try:
+            kernel = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", args.arch, 32),
+                                    options=options)
+        except Exception as e:  # noqa: BLE001 -- reported per launch
+            row.update(error=f"{type(e).__name__}: {e}"[:2000])
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                src = Path(tmp) / "k.ptx"
+                src.write_text(kernel.asm["ptx"])
+                log = subprocess.run([str(ptxas), f"-arch={sm}", "-v", str(src), "-o", str(Path(tmp) / "k.cubin")],
+                                     capture_output=True, text=True).stderr
+            regs = re.search(r"Used (\d+) registers", log)
+            spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+            row.update(registers=int(regs.group(1)) if regs else None,
+                       spill_stores=int(spill.group(1)) if spill else None,
+                       spill_loads=int(spill.group(2)) if spill else None)
+        rows.append(row)
+        shown = " ".join(f"{k}={v}" for k, v in constants.items())
+        print(f"{row['kernel']:<18} {row['inputs']:<5} {shown:<62} warps={options.get('num_warps', 4):<3} "
+              + (f"ERROR {row['error'][:200]}" if "error" in row else
+                 f"regs {row['registers']:>3}  spills {row['spill_stores']}/{row['spill_loads']} B"), flush=True)
+    failed = [r for r in rows if "error" in r]
+    spilled = [r for r in rows if r.get("spill_stores") or r.get("spill_loads")]
+    print(f"{len(rows)} launches for {sm} with Triton {triton.__version__}: {len(failed)} failed to compile, "
+          f"{len(spilled)} spill")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"command": "python benchmarks/kernel_resources.py "
+                                              + " ".join(argv if argv is not None else sys.argv[1:]),
+                                              "arch": sm, "triton": triton.__version__, "launches": rows}, indent=1)
+                                  + "\n")
+    return 1 if failed or (args.no_spills and spilled) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Every Triton launch vtprune makes compiles for Hopper (sm_90) with the installed Triton, and ptxas
+reports no register spills: checked without a GPU (benchmarks/kernel_resources.py). The interpreter
+tests beside this one check what the kernels compute; this one checks what the GPU would be given."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+triton = pytest.importorskip("triton")
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_every_launch_compiles_for_sm90_without_spills(tmp_path):
+    try:
+        import triton.backends.nvidia as nvidia
+    except ImportError:
+        pytest.skip("this Triton has no CUDA backend")
+    if not (pathlib.Path(nvidia.__file__).parent / "bin" / "ptxas").exists():
+        pytest.skip("this Triton bundles no ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "sm90.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--arch", "90", "--no-spills",
+                        "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    launches = json.loads(out.read_text())["launches"]
+    kernels = {x["kernel"] for x in launches}
+    assert kernels == {"_gram_kernel", "_isolated_kernel", "_greedy_kernel", "_row_stats_kernel", "_column_kernel"}
+    assert all(0 < x["registers"] <= 255 and x["spill_stores"] == x["spill_loads"] == 0 for x in launches)
+    # the launchers' GPU choices, not the interpreter's: bf16 tiles go through tensor cores (IEEE off)
+    bf16 = [x for x in launches if x["inputs"] == "bf16" and "IEEE" in x["constants"]]
+    assert bf16 and not any(x["constants"]["IEEE"] for x in bf16)
+    assert {x["constants"]["BD"] for x in launches if x["kernel"] == "_column_kernel"} == {64, 128}
