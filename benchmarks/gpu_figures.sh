@@ -9,6 +9,7 @@
 # --deadline S    stop within S seconds of the start: each part gets a time limit from what is left, and
 #                 a part cut short keeps what it measured (each writes its JSON as it goes)
 # Parts, in the order `all` runs them (the longest and riskiest last): kernels vit bench7b next7b compiled7b.
+# Medians of 10 runs for the kernel and ViT benchmarks (their default is 20), so that `all` fits ~9 minutes.
 # Each writes results/<name>.json (which records its own command) and a log beside it; results/gpu_env.json
 # records the machine and the versions used. A failed part does not stop the next; the exit status is 1
 # if any failed.
@@ -94,9 +95,9 @@ part() {  # part NAME COMMAND...: run it under the time left, log beside its JSO
 for p in "${parts[@]}"; do
   case $p in
     kernels)  # issue 6: reference vs Triton, whole selection path, ViT signals, end-to-end share
-      part kernels_gpu python3 benchmarks/kernels.py --out results/kernels_gpu.json ;;
+      part kernels_gpu python3 benchmarks/kernels.py --reps 10 --out results/kernels_gpu.json ;;
     vit)  # issue 10: images/s unpatched vs patched, timm ViT-B/16 and open_clip ViT-B-16
-      part vit_gpu python3 benchmarks/vit.py --out results/vit_gpu.json ;;
+      part vit_gpu python3 benchmarks/vit.py --reps 10 --out results/vit_gpu.json ;;
     bench7b)  # issue 7: LLaVA-1.5-7B-sized, 64 of 576 tokens, batch 1 and 8, plain path
       part bench_llava15_7b python3 -m vtprune bench --model llava-1.5-7b --random-weights \
         --methods divprune,hiprune,todre,fastv,random --keep 64 --batch 1,8 --new-tokens 32 \

@@ -124,6 +124,39 @@ def test_python_m_vtprune_is_the_cli():  # what the script calls: no install nee
 
     r = subprocess.run([sys.executable, "-m", "vtprune", "methods"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and "divprune" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "vtprune", "bench", "--model", "nope", "--methods", "random", "--keep", "4"],
-                       capture_output=True, text=True)
+    bad = ["bench", "--model", "nope", "--methods", "random", "--keep", "4"]
+    r = subprocess.run([sys.executable, "-m", "vtprune", *bad], capture_output=True, text=True)
     assert r.returncode == 2 and "--model must be" in r.stderr
+
+
+def script_parts() -> dict[str, list[str]]:
+    """{part name: [script, its arguments...]} of the script's `python3 benchmarks/X.py ...` parts."""
+    text = (ROOT / "benchmarks" / "gpu_figures.sh").read_text().replace("\\\n", " ")
+    found = re.finditer(r"part (\w+) python3 (benchmarks/\S+ .*?) ;;", text)
+    return {m.group(1): shlex.split(m.group(2)) for m in found}
+
+
+def test_gpu_script_parts_take_their_arguments_as_written(tmp_path, monkeypatch):
+    """kernels.py and vit.py run with the script's own arguments (its --out redirected), shrunk by --quick."""
+    import importlib.util
+
+    parts = script_parts()
+    assert sorted(parts) == ["kernels_gpu", "vit_gpu"]
+    for name, (script, *args) in parts.items():
+        i = args.index("--out")
+        assert args[i + 1] == f"results/{name}.json"
+        args[i + 1] = str(tmp_path / f"{name}.json")
+        spec = importlib.util.spec_from_file_location(f"gpu_part_{name}", ROOT / script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if name == "vit_gpu":  # the real ViT-B/16s take a minute on a CPU: a tiny timm tower instead
+            import timm
+
+            tiny = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4,
+                                                                    num_heads=2, num_classes=5)
+            monkeypatch.setattr(module, "models", lambda: iter([("tiny timm", tiny)]))
+            module.main(args + ["--quick", "--methods", "random", "--ratios", "0.5", "--layer", "1"])
+        else:
+            module.main(args + ["--quick", "--sections", "attention"])
+        record = json.loads((tmp_path / f"{name}.json").read_text())
+        assert record["complete"] is True and "--reps 10" in record["command"]
