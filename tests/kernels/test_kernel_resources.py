@@ -1,5 +1,5 @@
-"""Every Triton launch vtprune makes compiles for Hopper (sm_90) with the installed Triton, and ptxas
-reports no register spills: checked without a GPU (benchmarks/kernel_resources.py). The interpreter
+"""Every Triton launch vtprune makes compiles for Hopper (sm_90) and Ampere (sm_80) with the installed
+Triton, and ptxas reports no register spills: checked without a GPU (benchmarks/kernel_resources.py). The interpreter
 tests beside this one check what the kernels compute; this one checks what the GPU would be given."""
 import json
 import os
@@ -13,7 +13,8 @@ triton = pytest.importorskip("triton")
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def test_every_launch_compiles_for_sm90_without_spills(tmp_path):
+@pytest.mark.parametrize("arch", [90, 80])
+def test_every_launch_compiles_without_spills(arch, tmp_path):
     try:
         import triton.backends.nvidia as nvidia
     except ImportError:
@@ -21,9 +22,10 @@ def test_every_launch_compiles_for_sm90_without_spills(tmp_path):
     if not (pathlib.Path(nvidia.__file__).parent / "bin" / "ptxas").exists():
         pytest.skip("this Triton bundles no ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = tmp_path / "sm90.json"
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--arch", "90", "--no-spills",
-                        "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    out = tmp_path / f"sm{arch}.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--arch", str(arch), "--no-spills",
+           "--out", str(out)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     launches = json.loads(out.read_text())["launches"]
     kernels = {x["kernel"] for x in launches}
