@@ -32,24 +32,23 @@ def closure(roots: list[tuple[str, set[str]]], python_version: str) -> dict[str,
     the target Python. A requirement not installed here raises: the environment is incomplete."""
     env = dict(default_environment(), python_version=python_version, python_full_version=python_version + ".0")
     found: dict[str, str] = {}
-    todo = list(roots)
+    seen: set[tuple[str, frozenset]] = set()  # (name, extras) walked: extras may require their own package
+    todo = [(canonicalize_name(name), frozenset(extras), None) for name, extras in roots]
     while todo:
-        name, extras = todo.pop()
-        dist = metadata.distribution(name)
-        key = canonicalize_name(dist.metadata["Name"])
-        found[key] = dist.version
+        name, extras, wanted_by = todo.pop()
+        if (name, extras) in seen:
+            continue
+        seen.add((name, extras))
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            raise SystemExit(f"{wanted_by or 'the walk'} requires {name}, which is not installed here: "
+                             "install vtprune[vit] first")
+        found[name] = dist.version
         for line in dist.requires or []:
             req = Requirement(line)
-            wanted = req.marker is None or any(req.marker.evaluate(dict(env, extra=e)) for e in extras | {""})
-            if not wanted:
-                continue
-            dep = canonicalize_name(req.name)
-            if dep not in found or req.extras:
-                try:
-                    metadata.distribution(dep)
-                except metadata.PackageNotFoundError:
-                    raise SystemExit(f"{key} requires {req}, which is not installed here: install vtprune[vit] first")
-                todo.append((dep, set(req.extras)))
+            if req.marker is None or any(req.marker.evaluate(dict(env, extra=e)) for e in extras | {""}):
+                todo.append((canonicalize_name(req.name), frozenset(req.extras), name))
     return found
 
 

@@ -160,3 +160,29 @@ def test_gpu_script_parts_take_their_arguments_as_written(tmp_path, monkeypatch)
             module.main(args + ["--quick", "--sections", "attention"])
         record = json.loads((tmp_path / f"{name}.json").read_text())
         assert record["complete"] is True and "--reps 10" in record["command"]
+
+
+def test_offline_wheels_walks_extras_that_require_their_own_package(monkeypatch):
+    """a[x] requires b[y], whose y extra requires a[x] again (as packages' 'all' extras do): walked once."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("offline_wheels", ROOT / "benchmarks" / "offline_wheels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    dists = {"a": SimpleNamespace(version="1.0", requires=["b[y]; extra == 'x'", "c"]),
+             "b": SimpleNamespace(version="2.0", requires=["a[x]; extra == 'y'", "d; python_version < '3.9'"]),
+             "c": SimpleNamespace(version="3.0", requires=None)}
+    calls = []
+
+    def distribution(name):
+        calls.append(name)
+        if name not in dists:
+            raise module.metadata.PackageNotFoundError(name)
+        return dists[name]
+
+    monkeypatch.setattr(module.metadata, "distribution", distribution)
+    assert module.closure([("a", {"x"})], "3.12") == {"a": "1.0", "b": "2.0", "c": "3.0"}  # d: not on 3.12
+    assert sorted(calls) == ["a", "b", "c"]
+    with pytest.raises(SystemExit, match="b requires d"):
+        module.closure([("a", {"x"})], "3.8")
