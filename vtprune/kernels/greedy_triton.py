@@ -111,7 +111,8 @@ def cosine_gram_triton(features: torch.Tensor) -> torch.Tensor:
     # wrong, so there the tiles are upcast (the same products: bf16 x bf16 is exact in float32)
     ieee = features.dtype == torch.float32 or not compiled(features)
     # 64 x 64 output tiles over 8 warps; float32 dots (CUDA cores) take narrower K steps. With these, ptxas
-    # reports no spills on sm_90, where BK=64 over 4 warps spilled 328 B (benchmarks/kernel_resources.py)
+    # reports no spills on sm_90 or sm_80, where BK=64 over 4 warps spilled 328 B on sm_90
+    # (benchmarks/kernel_resources.py)
     bm, bk = 64, 16 if features.dtype == torch.float32 else 32
     tiles = triton.cdiv(n, bm)
     _gram_kernel[(tiles, tiles, b)](features, g, n, d, *features.stride(), g.stride(0), g.stride(1),
