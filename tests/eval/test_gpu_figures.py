@@ -186,3 +186,27 @@ def test_offline_wheels_walks_extras_that_require_their_own_package(monkeypatch)
     assert sorted(calls) == ["a", "b", "c"]
     with pytest.raises(SystemExit, match="b requires d"):
         module.closure([("a", {"x"})], "3.8")
+
+
+def test_script_wheels_take_precedence_over_what_is_installed(tmp_path):
+    """--wheels installs into a folder placed first on PYTHONPATH: a wheel of `timm` 0.0.1 (a stand-in
+    made here) is the timm the parts see, though another timm is installed."""
+    import tarfile
+    import zipfile
+
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    with zipfile.ZipFile(wheels / "timm-0.0.1-py3-none-any.whl", "w") as z:
+        z.writestr("timm/__init__.py", "__version__ = '0.0.1'\n")
+        z.writestr("timm-0.0.1.dist-info/METADATA", "Metadata-Version: 2.1\nName: timm\nVersion: 0.0.1\n")
+        z.writestr("timm-0.0.1.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                   "Tag: py3-none-any\n")
+        z.writestr("timm-0.0.1.dist-info/RECORD", "")
+    archive = tmp_path / "figures.tgz"
+    r = run_script(tmp_path, "--wheels", str(wheels), "--archive", str(archive), "--deadline", "0", "vit")
+    assert r.returncode == 1 and "vit_gpu: skipped" in r.stdout, r.stdout + r.stderr
+    with tarfile.open(archive) as t:
+        versions = json.load(t.extractfile("results/gpu_env.json"))["versions"]
+    import timm
+
+    assert versions["timm"] == "0.0.1" != timm.__version__ and versions["torch"] == torch.__version__
