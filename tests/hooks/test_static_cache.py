@@ -4,6 +4,8 @@ With a static cache, generate() prepares 4-D masks for the unpruned layout befor
 runtime rebuilds the 2-D mask, prunes, and prepares the masks of the pruned layout (notes §3(b))."""
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 
 import vtprune
 from vtprune import tiny
@@ -124,13 +126,15 @@ def test_a_static_cache_reset_and_reused_forgets_the_last_pruning(model_factory)
     model = model_factory("llava")
     inputs = tiny.batch("llava", [0, 1, 2])
     cache = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=64)
+    # transformers 5.24 renamed generate's `past_key_values=` to `cache=` (the old name warns)
+    arg = {"cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values": cache}
     with torch.no_grad():
         unpatched = model.generate(**inputs, **GEN)
         vtprune.patch(model, "divprune", keep=4)
-        model.generate(**inputs, past_key_values=cache, **GEN)
+        model.generate(**inputs, **arg, **GEN)
         cache.reset()
         vtprune.patch(model, "divprune", keep=10_000)  # keeps every token: no new record on the cache
-        out = model.generate(**inputs, past_key_values=cache, **GEN)
+        out = model.generate(**inputs, **arg, **GEN)
     assert torch.equal(out.sequences, unpatched.sequences) and _max_score_diff(out, unpatched) < 1e-5
 
 
