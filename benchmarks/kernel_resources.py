@@ -7,7 +7,7 @@ each one's registers and spills (ptxas -v).
 The launchers (greedy_select_triton, attention_scores_triton) run on small CPU tensors with the kernel
 launch replaced by a recorder and told they are on a GPU, so the recorded argument types, tile sizes
 and warps are the ones a CUDA run would use; each distinct launch is then compiled with
-`triton.compile` for the target and its PTX passed to the ptxas bundled with Triton. Cases: bf16, fp16
+`triton.compile` for the target and its PTX passed to the ptxas Triton itself uses for it. Cases: bf16, fp16
 and float32 inputs; greedy max-min and max-sum at N = 70 and 5000; attention with head dims 64, 80 and
 128, plain and causal + key mask. Exit status 1 if a launch fails to compile, or spills when
 --no-spills is given.
@@ -36,22 +36,25 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
          torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
-LAUNCH_OPTIONS = ("num_warps", "num_stages")
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
 
 
 def record_launches() -> list[tuple[JITFunction, dict, dict]]:
     """(kernel, {argument name: value}, launch options) of every launch the cases make."""
-    from vtprune.kernels import attention_triton, greedy_triton
+    from vtprune.kernels import attention_triton, greedy_triton, launch
 
     launches = []
 
     def record(self, *args, grid, warmup, **kwargs):
         options = {k: kwargs.pop(k) for k in LAUNCH_OPTIONS if k in kwargs}
-        launches.append((self, {**dict(zip(self.arg_names, args)), **kwargs}, options))
+        values = {**dict(zip(self.arg_names, args)), **kwargs}
+        if unknown := set(values) - set(self.arg_names):
+            raise TypeError(f"{self.__name__} launched with {sorted(unknown)}: add them to LAUNCH_OPTIONS")
+        launches.append((self, values, options))
 
-    run, compiled = JITFunction.run, (attention_triton.compiled, greedy_triton.compiled)
+    run, compiled = JITFunction.run, launch.compiled
     JITFunction.run = record
-    attention_triton.compiled = greedy_triton.compiled = lambda t: True
+    launch.compiled = lambda t: True
     try:
         g = torch.Generator().manual_seed(0)
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -66,8 +69,21 @@ def record_launches() -> list[tuple[JITFunction, dict, dict]]:
                                                          key_mask=torch.ones(1, 20, dtype=torch.bool))
     finally:
         JITFunction.run = run
-        attention_triton.compiled, greedy_triton.compiled = compiled
+        launch.compiled = compiled
     return launches
+
+
+def triton_ptxas(arch: int) -> Path:
+    """The ptxas Triton assembles with for `arch`: its PTX is written for that one (Triton 3.9 uses its
+    newer `ptxas-blackwell` from sm_90 on, whose PTX version the older `ptxas` beside it rejects)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+    except ImportError as e:
+        raise SystemExit(f"this Triton has no CUDA backend ({e})") from e
+    ptxas = Path(get_ptxas(arch).path)
+    if not ptxas.exists():
+        raise SystemExit(f"no ptxas at {ptxas}: this Triton bundles none")
+    return ptxas
 
 
 def arg_type(value) -> str:
@@ -88,9 +104,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-spills", action="store_true", help="fail if any launch spills registers")
     ap.add_argument("--out", help="JSON file to write")
     args = ap.parse_args(argv)
-    ptxas = Path(triton.backends.nvidia.__file__).parent / "bin" / "ptxas"
-    if not ptxas.exists():
-        raise SystemExit(f"no ptxas at {ptxas}: this Triton has no bundled CUDA backend")
+    ptxas = triton_ptxas(args.arch)
     sm = f"sm_{args.arch}a" if args.arch >= 90 else f"sm_{args.arch}"
     rows, seen = [], set()
     for fn, values, options in record_launches():
@@ -113,13 +127,15 @@ def main(argv=None) -> int:
             with tempfile.TemporaryDirectory() as tmp:
                 src = Path(tmp) / "k.ptx"
                 src.write_text(kernel.asm["ptx"])
-                log = subprocess.run([str(ptxas), f"-arch={sm}", "-v", str(src), "-o", str(Path(tmp) / "k.cubin")],
-                                     capture_output=True, text=True).stderr
-            regs = re.search(r"Used (\d+) registers", log)
-            spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-            row.update(registers=int(regs.group(1)) if regs else None,
-                       spill_stores=int(spill.group(1)) if spill else None,
-                       spill_loads=int(spill.group(2)) if spill else None)
+                r = subprocess.run([str(ptxas), f"-arch={sm}", "-v", str(src), "-o", str(Path(tmp) / "k.cubin")],
+                                   capture_output=True, text=True)
+            regs = re.search(r"Used (\d+) registers", r.stderr)
+            spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)
+            if r.returncode or not (regs and spill):
+                row.update(error=f"{ptxas.name} exit {r.returncode}: {r.stderr.strip()}"[:2000])
+            else:
+                row.update(registers=int(regs.group(1)), spill_stores=int(spill.group(1)),
+                           spill_loads=int(spill.group(2)))
         rows.append(row)
         shown = " ".join(f"{k}={v}" for k, v in constants.items())
         print(f"{row['kernel']:<18} {row['inputs']:<5} {shown:<62} warps={options.get('num_warps', 4):<3} "

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch
 from .attention_scores_torch import check_attention_args, row_weights
 
 
@@ -97,15 +98,10 @@ def _column_kernel(q_ptr, k_ptr, w_ptr, km_ptr, m_ptr, l_ptr, out_ptr, n_q, n_k,
     tl.store(out_ptr + (b * hq + h).to(tl.int64) * n_k + keys, acc, mask=keys < n_k)
 
 
-def compiled(t: torch.Tensor) -> bool:
-    """Whether the kernels run compiled for a GPU (else Triton's CPU interpreter runs them)."""
-    return t.is_cuda
-
-
 def tiles(fp32: bool) -> tuple[int, int, int]:
     """(BQ, BK, num_warps). bf16/fp16 tiles go through tensor cores; float32 dots (IEEE) run on CUDA cores
     and hold more of each tile in registers, so they take fewer query rows. With these, ptxas reports no
-    spills on sm_90 and sm_80 for head dims up to 128 with Triton 3.6 and 3.8, where 64 x 64 tiles over
+    spills on sm_90 and sm_80 for head dims up to 128 with Triton 3.6 to 3.9, where 64 x 64 tiles over
     4 warps spilled up to 0.7 KB (bf16, Triton 3.6) and 23 KB (float32) per thread
     (benchmarks/kernel_resources.py, tests/kernels/test_kernel_resources.py)."""
     return (16, 32, 8) if fp32 else (64, 32, 8)
@@ -121,12 +117,13 @@ def attention_scores_triton(q: torch.Tensor, k: torch.Tensor, scale: float, quer
     per_head = torch.empty(b, hq, n_k, dtype=torch.float32, device=q.device)
     km = key_mask.to(device=q.device, dtype=torch.int8).contiguous() if key_mask is not None else per_head
     fp32 = q.dtype == torch.float32 or k.dtype != q.dtype
-    ieee = fp32 or not compiled(q)  # (the interpreter: see greedy_triton)
+    ieee = fp32 or not launch.compiled(q)  # (the interpreter: see greedy_triton)
     bd = max(16, triton.next_power_of_2(d))
     bq, bk, warps = tiles(fp32)
     args = (q, k, w, km, m, l)
     tail = (n_q, n_k, d, hq // hk, float(scale), *q.stride(), *k.stride(), hq)
-    flags = dict(CAUSAL=bool(causal), HAS_MASK=key_mask is not None, IEEE=ieee, BQ=bq, BK=bk, BD=bd, num_warps=warps)
+    flags = dict(CAUSAL=bool(causal), HAS_MASK=key_mask is not None, IEEE=ieee, BQ=bq, BK=bk, BD=bd, num_warps=warps,
+                 **launch.OPTIONS)
     _row_stats_kernel[(triton.cdiv(n_q, bq), hq, b)](*args, *tail, **flags)
     _column_kernel[(triton.cdiv(n_k, bk), hq, b)](*args, per_head, *tail, **flags)
     return per_head.mean(dim=1)

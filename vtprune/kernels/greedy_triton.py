@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_triton import compiled
+from . import launch
 from .greedy_torch import check_greedy_args
 
 
@@ -109,14 +109,14 @@ def cosine_gram_triton(features: torch.Tensor) -> torch.Tensor:
     g = torch.empty(b, n, n, dtype=torch.float32, device=features.device)
     # bf16/fp16 through tensor cores on the GPU; Triton's CPU interpreter gets low-precision dots
     # wrong, so there the tiles are upcast (the same products: bf16 x bf16 is exact in float32)
-    ieee = features.dtype == torch.float32 or not compiled(features)
+    ieee = features.dtype == torch.float32 or not launch.compiled(features)
     # 64 x 64 output tiles over 8 warps; float32 dots (CUDA cores) take narrower K steps. With these, ptxas
     # reports no spills on sm_90 or sm_80, where BK=64 over 4 warps spilled 328 B on sm_90
     # (benchmarks/kernel_resources.py)
     bm, bk = 64, 16 if features.dtype == torch.float32 else 32
     tiles = triton.cdiv(n, bm)
     _gram_kernel[(tiles, tiles, b)](features, g, n, d, *features.stride(), g.stride(0), g.stride(1),
-                                    BM=bm, BK=bk, IEEE=ieee, num_warps=8)
+                                    BM=bm, BK=bk, IEEE=ieee, num_warps=8, **launch.OPTIONS)
     return g
 
 
@@ -126,7 +126,8 @@ def most_isolated_triton(sim: torch.Tensor) -> torch.Tensor:
     if n == 1:
         return torch.zeros(b, dtype=torch.long, device=sim.device)
     nearest = torch.empty(b, n, dtype=torch.float32, device=sim.device)
-    _isolated_kernel[(triton.cdiv(n, 64), b)](sim, nearest, n, sim.stride(0), sim.stride(1), BR=64, BC=64, num_warps=4)
+    _isolated_kernel[(triton.cdiv(n, 64), b)](sim, nearest, n, sim.stride(0), sim.stride(1), BR=64, BC=64, num_warps=4,
+                                              **launch.OPTIONS)
     return nearest.argmax(dim=1)
 
 
@@ -139,7 +140,7 @@ def greedy_from_gram_triton(sim: torch.Tensor, keep: int, first: torch.Tensor, r
     block = triton.next_power_of_2(n)
     warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
     _greedy_kernel[(b,)](sim, first.to(torch.int32).contiguous(), out, n, keep, sim.stride(0), sim.stride(1),
-                         MAXMIN=rule == "maxmin", BLOCK=block, num_warps=warps)
+                         MAXMIN=rule == "maxmin", BLOCK=block, num_warps=warps, **launch.OPTIONS)
     return out.long()
 
 

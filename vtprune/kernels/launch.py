@@ -1,0 +1,13 @@
+"""What every Triton launch in vtprune shares (imported only where Triton is)."""
+from __future__ import annotations
+
+import torch
+
+# Passed to every launch. Fused multiply-add stays on, as every Triton up to 3.8 defaulted and as the
+# kernels were checked: Triton 3.9 warns when it is left to the default, and Triton 3.10 turns it off.
+OPTIONS = dict(enable_fp_fusion=True)
+
+
+def compiled(t: torch.Tensor) -> bool:
+    """Whether the kernels run compiled for a GPU (else Triton's CPU interpreter runs them)."""
+    return t.is_cuda
