@@ -1,4 +1,6 @@
+import importlib.util
 import os
+import pathlib
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # an accidental download fails loudly
 
@@ -57,6 +59,20 @@ class HiddenNormTest(Method):
 
     def select_in_llm(self, tokens):
         return fastv_mod.select(tokens.hidden.float().norm(dim=-1), tokens.visual, tokens.keep)
+
+
+@pytest.fixture
+def benchmark_script():
+    """benchmarks/<name>.py loaded as a module (its `if __name__ == "__main__":` part not run), to call
+    its main() or patch what it uses."""
+    def load(name):
+        path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 @pytest.fixture(scope="session")

@@ -174,15 +174,10 @@ def test_unsupported_strategies_and_bad_input_raise_clearly():
     assert not hasattr(model, "_vtprune")  # failed patches leave the model untouched
 
 
-def test_throughput_benchmark_runs_side_by_side(tmp_path, monkeypatch):
-    import importlib.util
+def test_throughput_benchmark_runs_side_by_side(tmp_path, monkeypatch, benchmark_script):
     import json
-    import pathlib
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "vit.py"
-    spec = importlib.util.spec_from_file_location("bench_vit", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = benchmark_script("vit")
     monkeypatch.setattr(bench, "models", lambda: iter([("tiny timm", timm_vit()), ("tiny open_clip", clip_vit())]))
     bench.main(["--quick", "--methods", "divprune,pool", "--ratios", "0.5", "--layer", "1", "--out", str(tmp_path / "v.json")])
     rows = json.loads((tmp_path / "v.json").read_text())["rows"]

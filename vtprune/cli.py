@@ -114,9 +114,9 @@ def _bench(args) -> int:
     methods = [m for m in args.methods.split(",") if m]
     n_layers = model.config.get_text_config().num_hidden_layers
     rows = []
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
 
     def save(complete: bool):  # after every row too, so that a run cut short keeps what it measured
-        gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
         record = {"command": "vtprune " + " ".join(args.argv), "device": gpu, "model": args.model, "complete": complete,
                   "rows": [r.to_dict() for r in rows]}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -136,19 +136,15 @@ def script_parts() -> dict[str, list[str]]:
     return {m.group(1): shlex.split(m.group(2)) for m in found}
 
 
-def test_gpu_script_parts_take_their_arguments_as_written(tmp_path, monkeypatch):
+def test_gpu_script_parts_take_their_arguments_as_written(tmp_path, monkeypatch, benchmark_script):
     """kernels.py and vit.py run with the script's own arguments (its --out redirected), shrunk by --quick."""
-    import importlib.util
-
     parts = script_parts()
     assert sorted(parts) == ["kernels_gpu", "vit_gpu"]
     for name, (script, *args) in parts.items():
         i = args.index("--out")
         assert args[i + 1] == f"results/{name}.json"
         args[i + 1] = str(tmp_path / f"{name}.json")
-        spec = importlib.util.spec_from_file_location(f"gpu_part_{name}", ROOT / script)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = benchmark_script(pathlib.Path(script).stem)
         if name == "vit_gpu":  # the real ViT-B/16s take a minute on a CPU: a tiny timm tower instead
             import timm
 
@@ -162,14 +158,11 @@ def test_gpu_script_parts_take_their_arguments_as_written(tmp_path, monkeypatch)
         assert record["complete"] is True and "--reps 10" in record["command"]
 
 
-def test_offline_wheels_walks_extras_that_require_their_own_package(monkeypatch):
+def test_offline_wheels_walks_extras_that_require_their_own_package(monkeypatch, benchmark_script):
     """a[x] requires b[y], whose y extra requires a[x] again (as packages' 'all' extras do): walked once."""
-    import importlib.util
     from types import SimpleNamespace
 
-    spec = importlib.util.spec_from_file_location("offline_wheels", ROOT / "benchmarks" / "offline_wheels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = benchmark_script("offline_wheels")
     dists = {"a": SimpleNamespace(version="1.0", requires=["b[y]; extra == 'x'", "c"]),
              "b": SimpleNamespace(version="2.0", requires=["a[x]; extra == 'y'", "d; python_version < '3.9'"]),
              "c": SimpleNamespace(version="3.0", requires=None)}

@@ -1,5 +1,4 @@
 """benchmarks/tiny_options.py: a strategy with its defaults and with given options, side by side."""
-import importlib.util
 import json
 import os
 import pathlib
@@ -12,16 +11,8 @@ import vtprune
 from vtprune.eval import tinyvlm
 
 
-def _bench():
-    path = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "tiny_options.py"
-    spec = importlib.util.spec_from_file_location("tiny_options", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
-def test_tiny_options_rows_match_patching_by_hand(tmp_path):
-    bench = _bench()
+def test_tiny_options_rows_match_patching_by_hand(tmp_path, benchmark_script):
+    bench = benchmark_script("tiny_options")
     out = tmp_path / "o.json"
     result = bench.main(["--model", "tiny-llava", "--method", "hiprune", "--ratios", "0.25", "--option", "object_layer=2",
                          "--option", "deep_layer=2", "--questions", "12", "--out", str(out)])
@@ -36,8 +27,8 @@ def test_tiny_options_rows_match_patching_by_hand(tmp_path):
         assert (row["overall"], row["by_kind"]) == (rep["overall"], rep["by_kind"])
 
 
-def test_tiny_options_rejects_bad_input(tmp_path):
-    bench = _bench()
+def test_tiny_options_rejects_bad_input(tmp_path, benchmark_script):
+    bench = benchmark_script("tiny_options")
     args = ["--model", "tiny-llava", "--method", "hiprune", "--questions", "6", "--out", str(tmp_path / "o.json")]
     with pytest.raises(SystemExit):
         bench.main(args)  # nothing to compare with the defaults

@@ -128,15 +128,11 @@ def test_attention_rows_with_no_allowed_key_contribute_nothing():
 
 # The benchmark script and the GPU-only low-precision paths ---------------------------------------
 
-def test_kernel_benchmark_quick_run(tmp_path):
+def test_kernel_benchmark_quick_run(tmp_path, benchmark_script):
     import json
-    import runpy
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
     out = tmp_path / "k.json"
-    main = runpy.run_path(str(script))["main"]
-    main(["--quick", "--out", str(out)])
+    benchmark_script("kernels").main(["--quick", "--out", str(out)])
     result = json.loads(out.read_text())
     assert result["greedy"] and all(r["same_indices"] for r in result["greedy"])
     assert result["attention"] and all(r["max_rel_diff"] < 1e-5 for r in result["attention"])
