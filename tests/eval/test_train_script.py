@@ -115,8 +115,10 @@ def test_word_attention_targets_and_probe_labels():
                 want += [(b, named[0], 1, "colour", shapes.COLOURS.index(word(b, named[0]))),
                          (b, named[0], -2, "count", shapes.NUMBERS.index(q.answer))]
     assert next(targets, None) is None and train_tiny.word_labels(proc, inputs, asked, batch) == want
-    q_text = lambda b, pos: next(q.text for p, q in zip((ids[b] == qmark).nonzero().squeeze(1).tolist(), asked[b])  # noqa: E731
-                                 if p == pos)
+
+    def question_at(b, pos):
+        return next(q for p, q in zip((ids[b] == qmark).nonzero().squeeze(1).tolist(), asked[b]) if p == pos)
+
     # --relation-read -2: a relation's "?" reads its words one layer earlier, and the cells are asked there
     default = train_tiny.attention_targets("llava", proc, batch, inputs, asked, "word")
     moved = train_tiny.attention_targets("llava", proc, batch, inputs, asked, "word", read=-2)
@@ -136,7 +138,7 @@ def test_word_attention_targets_and_probe_labels():
             b, pos = d[:2]
             tb, tpos, target, exact, layers = next(queried)
             assert (tb, tpos, exact, layers) == (b, pos, False, (0,)) and target.sum() == 1
-            assert word(b, int(target.argmax())) == q_text(b, pos).split()[4]  # "left", "right", "above", "below"
+            assert word(b, int(target.argmax())) == question_at(b, pos).text.split()[4]  # "left", "right", "above", "below"
     assert next(queried, None) is None
     # --relation-query: what the answer is decided by: the relation asked, how the rows and columns compare
     compared = iter(train_tiny.word_labels(proc, inputs, asked, batch, read=-2, query=True))
@@ -145,7 +147,7 @@ def test_word_attention_targets_and_probe_labels():
         assert next(compared) == (*label[:2], moved.get(label[3], label[2]), *label[3:])
         if label[3] == "second":
             b, pos = label[:2]
-            q = next(q for p, q in zip((ids[b] == qmark).nonzero().squeeze(1).tolist(), asked[b]) if p == pos)
+            q = question_at(b, pos)
             (r1, c1), (r2, c2) = (batch[b][0].objects[r - 1].cell for r in q.refs)
             rel = q.text.split()[4:-4]  # "left of", "right of", "above", "below"
             asks = shapes.RELATIONS.index(" ".join(rel))

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-# Passed to every launch. Fused multiply-add stays on, as every Triton up to 3.8 defaulted and as the
-# kernels were checked: Triton 3.9 warns when it is left to the default, and Triton 3.10 turns it off.
+# Passed to every launch. Fused multiply-add stays on, the default of every Triton up to 3.9 and how the
+# kernels were checked: Triton 3.9 warns when it is left to the default, which it says 3.10 turns off.
 OPTIONS = dict(enable_fp_fusion=True)
 
 
