@@ -139,6 +139,34 @@ def test_hiprune_runs_per_grid_on_scores_packed_like_the_features(model_factory)
 
 
 @pytest.mark.parametrize("family", tiny.ANYRES_FAMILIES)
+@pytest.mark.parametrize("i", [0, 1, 2])
+def test_todre_searches_its_pivot_over_the_base_tile_only(model_factory, family, i):
+    """The pivot is the base (thumbnail) token with the highest CLS attention at the feature layer
+    (SigLIP, without CLS: the highest mean attention received), from the eager tower on tile 0 by hand,
+    even where a crop token scores higher; the rest is the greedy max-min over all the image's tokens
+    seeded by it."""
+    from vtprune.methods import todre
+
+    model, eager = model_factory(family), model_factory(family, "eager")
+    inputs = tiny.batch(family, [i])
+    embeds = tiny.lm_kwargs(model, inputs)["inputs_embeds"]
+    slots = (inputs["input_ids"][0] == tiny.IMG).nonzero().squeeze(1)
+    with torch.no_grad():
+        att = eager.model.vision_tower(inputs["pixel_values"][0, :1], output_attentions=True).attentions
+    layer = model.config.vision_feature_layer % (len(att) + 1) - 1  # hidden_states[f] is layer f - 1's output
+    probs = att[layer][0].mean(0)  # heads averaged; columns in the base grid's order (after a CLS)
+    scores = probs[0, 1:] if family == "llava_next" else probs.mean(0)  # CLIP: the CLS row; SigLIP: all rows
+    pivot = int(scores.argmax())
+    want = todre.select(embeds[0, slots][None], 8, torch.tensor([pivot]))[0]
+    with vtprune.pruned(model, "todre", keep=8, stage2=False):
+        with torch.no_grad():
+            model(**inputs)
+        st = vtprune.stats(model)
+    assert _kept_image_slots(st, inputs) == want.tolist()
+    assert pivot in want.tolist() and pivot < 16
+
+
+@pytest.mark.parametrize("family", tiny.ANYRES_FAMILIES)
 def test_vflowopt_never_drops_newlines(model_factory, family):
     """Newline tokens are never pruned before the LLM (VFlowOpt's spec) and go last in its in-LLM drops:
     22 kept before the LLM (8 newlines), then 18 and 14."""

@@ -329,7 +329,8 @@ class PatchState:
             n = len(u.slots)
             if k >= n:
                 continue
-            image = ImageTokens(embeds[u.sample, u.slots], u.grid, k, signals[i])
+            base = u.layout.parts[0][0].to(embeds.device) if u.layout is not None and len(u.layout.parts) > 1 else None
+            image = ImageTokens(embeds[u.sample, u.slots], u.grid, k, signals[i], base)
             sel = self._select(u, image)
             sel.indices = _check_selection(sel.indices, n, k, f"{self.method_name}.select")
             chosen.append((u, sel))

@@ -90,12 +90,15 @@ class ImageTokens:
     grid: (t, h, w) of those tokens on the LLM-side grid, or None when unknown.
     keep: the resolved budget for this image (< N; images with keep >= N never reach a method).
     signals: name -> [N] float32 scores requested through `Method.vision_signals`.
+    base: for a multi-grid (anyres) image, LongTensor of the indices of its base (thumbnail) grid's
+      tokens, ascending; None for a single-grid image.
     """
 
     features: torch.Tensor
     grid: tuple[int, int, int] | None
     keep: int
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
+    base: torch.Tensor | None = None
 
 
 def frame_grid(image: ImageTokens, method: str) -> tuple[int, int]:

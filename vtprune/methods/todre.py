@@ -61,7 +61,11 @@ class ToDRE(Method):
 
     def select(self, image: ImageTokens) -> Selection:
         pivot = image.signals["pivot"].float()
-        first = ranking(pivot)[:1]
+        if image.base is None:
+            first = ranking(pivot)[:1]
+        else:  # anyres: the pivot is searched over the base (thumbnail) grid only
+            base = image.base.to(pivot.device)
+            first = base[ranking(pivot[base])[:1]]
         return Selection(select(image.features[None], image.keep, first.to(image.features.device), self.config.rule)[0])
 
     def _layer(self, num_layers: int) -> list[int]:
