@@ -67,6 +67,10 @@ def test_greedy_rejects_bad_input():
         todre.select(POINTS[None], 2, torch.tensor([4]))
     with pytest.raises(ValueError):
         todre.select(POINTS[None], 2, torch.tensor([0]), rule="kcenter")
+    for pivot in (torch.tensor([1.9]), torch.tensor([True])):  # not truncated or cast to index 1
+        with pytest.raises(TypeError, match="integer"):
+            todre.select(POINTS[None], 2, pivot)
+    assert todre.select(POINTS[None], 2, [1]).tolist() == todre.select(POINTS[None], 2, torch.tensor([1])).tolist()
 
 
 # HiPrune on a 4x4 grid -------------------------------------------------------------------------

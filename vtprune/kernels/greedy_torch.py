@@ -39,7 +39,10 @@ def check_greedy_args(features: torch.Tensor, keep: int, rule: str, first=None):
         raise ValueError(f"keep must be an int in [1, {n}], got {keep!r}")
     if first is None:
         return None
-    first = torch.as_tensor(first, device=features.device).long().reshape(-1)
+    first = torch.as_tensor(first, device=features.device)
+    if first.dtype == torch.bool or first.is_floating_point() or first.is_complex():
+        raise TypeError(f"first/pivot must hold integer indices, got dtype {first.dtype}")
+    first = first.long().reshape(-1)
     if first.shape != (b,) or bool((first < 0).any()) or bool((first >= n).any()):
         raise ValueError(f"first/pivot must be a LongTensor[{b}] of indices in [0, {n})")
     return first
