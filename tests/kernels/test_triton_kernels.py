@@ -58,6 +58,31 @@ def test_ties_go_to_the_lowest_index():
     assert greedy_select_triton(x, 7).tolist() == greedy_select_torch(x, 7).tolist() == [list(range(7))]
 
 
+def test_duplicate_tokens_tie_exactly_in_both_backends():
+    """Max-min on tokens [a, b, a, b] (random, not unit length): once a and b are chosen, the copies 2
+    and 3 are both at distance 0 -- a true tie, so 2 must win. Without snapping self-similarities to 1,
+    rounding picked 3 for some draws (in either backend). (Max-sum's tie here, 1 + cos(a, b) against
+    cos(b, a) + 1, rests on two dot products at different places of the matrix and is not exact.)"""
+    for seed in range(24):
+        ab = rand(2, 37, seed=seed)
+        x = ab[[0, 1, 0, 1]][None]
+        for select in (greedy_select_torch, greedy_select_triton):
+            assert select(x, 3, torch.tensor([0], device=DEVICE)).tolist() == [[0, 1, 2]], (seed, select.__name__)
+            # every token has a copy at distance 0: the most isolated is the first
+            assert select(x, 3).tolist() == [[0, 1, 2]], (seed, select.__name__)
+
+
+@pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered:RuntimeWarning")
+def test_a_row_whose_squared_norm_overflows_counts_as_zero_in_both_backends():
+    # (the interpreter's numpy warns about the overflow this test makes on purpose)
+    x = rand(1, 5, 16, seed=1)
+    x[0, 1] *= 1e21  # its float32 squared norm is inf: the row's similarities are all 0, never NaN
+    for gram in (cosine_gram, cosine_gram_triton):
+        sim = gram(x)
+        assert not bool(sim.isnan().any()) and bool((sim[0, 1] == 0).all()) and bool((sim[0, :, 1] == 0).all())
+    assert greedy_select_triton(x, 3).tolist() == greedy_select_torch(x, 3).tolist()
+
+
 def test_gram_matches_reference_with_zero_rows_and_low_precision():
     x = rand(2, 70, 37, seed=5)
     x[1, 4] = 0  # zero rows stay zero

@@ -3,7 +3,8 @@
 1. `_gram_kernel`: cosine similarity of every pair of rows, normalisation fused in (squared norms
    accumulated in the same pass over D), upper-triangle tiles only, each mirrored. bf16/fp16 tiles go
    through tensor cores with float32 accumulation (their products are exact in float32); float32
-   inputs use IEEE float32 dots (so do all inputs in the CPU interpreter).
+   inputs use IEEE float32 dots (so do all inputs in the CPU interpreter). Cosines within SAME of 1
+   become exactly 1, as in the reference (duplicate tokens tie exactly).
 2. `_isolated_kernel`: for DivPrune's seed, each token's distance to its nearest other token
    (1 - similarity, min over rows, the diagonal excluded) -- the same arithmetic as the reference.
 3. `_greedy_kernel`: all `keep` max-min / max-sum steps in ONE launch, one program per image; the
@@ -19,7 +20,9 @@ import triton
 import triton.language as tl
 
 from . import launch
-from .greedy_torch import check_greedy_args
+from .greedy_torch import SAME as _SAME, check_greedy_args
+
+SAME = tl.constexpr(_SAME)
 
 
 @triton.jit
@@ -52,6 +55,8 @@ def _gram_kernel(x_ptr, g_ptr, n, d, sxb, sxn, sxd, sgb, sgn,
         inv_r = 1.0 / tl.maximum(tl.sqrt(sq_r), 1e-12)
         inv_c = 1.0 / tl.maximum(tl.sqrt(sq_c), 1e-12)
         g = acc * inv_r[:, None] * inv_c[None, :]
+        g = tl.where(g == g, g, 0.0)  # a squared norm that overflowed float32 (inf * 0): the row counts as zero
+        g = tl.where(g >= 1.0 - SAME, 1.0, g)  # duplicates tie exactly (greedy_torch.SAME)
         ok = (rows[:, None] < n) & (cols[None, :] < n)
         gb = g_ptr + b.to(tl.int64) * sgb
         tl.store(gb + rows[:, None] * sgn + cols[None, :], g, mask=ok)
