@@ -116,18 +116,31 @@ def test_image_video_keep_all_is_bit_identical(model_factory, family, method):
     assert all(torch.equal(a, b) for a, b in zip(ref.logits, out.logits))
 
 
-@pytest.mark.parametrize("method", ["divprune", "fastv"])
-def test_images_under_budget_stay_whole_beside_pruned_ones(model_factory, method):
-    """keep=10: the 16-token image keeps 10; the 8-token image and the clips' 4- and 6-token frames keep
-    all of theirs, whether the strategy selects per image or ranks a sample's visual tokens together
-    (fastv). Regression: a pre-LLM strategy used to drop every token of an image under budget."""
+@pytest.mark.parametrize("method, options, big", [
+    ("divprune", {}, 10), ("fastv", {}, 10), ("transprune", {}, 10),
+    ("vflowopt", dict(r2=0.5, r3=0.5), 3),  # 10 before the LLM, then 10 - round(5) = 5, 5 - round(2.5) = 3
+    ("todre", dict(tau=1.0), 0),  # stage 2 always fires: the pruned image loses all its tokens
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_images_under_budget_stay_whole_beside_pruned_ones(model_factory, method, options, big):
+    """keep=10: the 16-token image is pruned (to 10, or further inside the LLM); the 8-token image and
+    the clips' 4- and 6-token frames keep every token, also through in-LLM drops that rank or count a
+    sample's visual tokens (fastv, transprune, vflowopt, todre's stage 2 used to take the sample's total
+    budget across its images and frames). Regression: a pre-LLM strategy used to drop every token of
+    an image under budget."""
     model = model_factory("qwen2_vl")
-    vtprune.patch(model, method, keep=10)
+    inputs = tiny.batch("qwen2_vl", [0, 1], videos=(0, 1))
+    vtprune.patch(model, method, keep=10, **options)
     with torch.no_grad():
-        model(**tiny.batch("qwen2_vl", [0, 1], videos=(0, 1)))
+        model(**inputs)
     st = vtprune.stats(model)
     assert st.visual_before == [16 + 2 * 4, 8 + 3 * 6]
-    assert st.visual_after == [10 + 2 * 4, 8 + 3 * 6]
+    assert st.visual_after == [big + 2 * 4, 8 + 3 * 6]
+    kept = [set(st.layout[b].tolist()) for b in range(2)]
+    for b in range(2):
+        img = (inputs["input_ids"][b] == tiny.IMG).nonzero().squeeze(1).tolist()
+        vid = (inputs["input_ids"][b] == tiny.VID).nonzero().squeeze(1).tolist()
+        assert set(vid) <= kept[b]  # every frame is within its budget
+        assert len(set(img) & kept[b]) == (big if b == 0 else 8)
 
 
 def test_onevision_video_frames_are_grids_and_the_closing_newline_stays(model_factory):

@@ -76,6 +76,9 @@ class Run:
     layout: torch.Tensor  # [B, Lcur] caller-side slot of each current slot (-1 = padding we added)
     keep_total: torch.Tensor  # [B] visual tokens an llm-stage method keeps per sample
     pos_shift: torch.Tensor  # [B] added to decode positions
+    unit: torch.Tensor | None = None  # [B, Lcur] the image/frame (index into unit_keep) of each visual slot, else -1
+    unit_keep: tuple = ()  # per image/frame of this forward: its budget
+    unit_before: tuple = ()  # per image/frame: its tokens on entering the model
     before: torch.Tensor | None = None  # [B] visual tokens per sample on entering the model
     orig_mask: torch.Tensor | None = None  # [B, orig_len] the caller's 2-D mask of the prefill
     changed: bool = False
@@ -295,8 +298,10 @@ class PatchState:
         budgets = [self._budget(u) for u in units]
         self.last_stats = Stats(method=self.method_name, visual_before=visual.sum(1).tolist())
         keep_total = torch.zeros(b, dtype=torch.long, device=embeds.device)
-        for u, k in zip(units, budgets):
+        unit = torch.full((b, seq_len), -1, dtype=torch.long, device=embeds.device)
+        for i, (u, k) in enumerate(zip(units, budgets)):
             keep_total[u.sample] += k
+            unit[u.sample, u.slots] = i
         run = Run(
             orig_len=seq_len,
             groups=[Group(0, mask2d)],
@@ -304,6 +309,9 @@ class PatchState:
             layout=torch.arange(seq_len, device=embeds.device).expand(b, seq_len),
             keep_total=keep_total,
             pos_shift=torch.zeros(b, dtype=torch.long, device=embeds.device),
+            unit=unit,
+            unit_keep=tuple(budgets),
+            unit_before=tuple(len(u.slots) for u in units),
             before=visual.sum(1),
             orig_mask=mask2d,
         )
@@ -372,6 +380,7 @@ class PatchState:
         if importance is not None:
             run.state["importance"] = take(importance, index, 1, 0)
         run.visual = take(visual, index, 1, False)
+        run.unit = take(unit, index, 1, -1)
         run.layout = index
         run.pos_shift = shift
         run.changed = True
@@ -574,7 +583,8 @@ class PatchState:
         group = run.groups[-1]
         tokens = LayerTokens(
             layer=p, hidden=hidden, visual=run.visual, mask=group.mask.bool(), keep=run.keep_total,
-            before=run.before, num_layers=len(self.layers), attention=partial(self._layer_attention, p, run),
+            before=run.before, unit=run.unit, unit_keep=run.unit_keep, unit_before=run.unit_before,
+            num_layers=len(self.layers), attention=partial(self._layer_attention, p, run),
             attention_next=partial(self._next_attention, p, run, hidden) if p in self.drop_layers else None,
             state=run.state,
         )
@@ -611,6 +621,7 @@ class PatchState:
                 run.state[name] = take(value, index, 1, 0)
         run.deepstack = [take(d, index, 1, 0) for d in run.deepstack]
         run.visual = take(run.visual, index, 1, False)
+        run.unit = take(run.unit, index, 1, -1)
         run.layout = take(run.layout, index, 1, -1)
         new_hidden = take(hidden, index, 1, 0)
         return (new_hidden, *output[1:]) if isinstance(output, tuple) else new_hidden

@@ -136,6 +136,9 @@ class LayerTokens:
     mask: BoolTensor [B, L] real (non-pad) slots; keep: LongTensor [B] the user's budget per sample
       (the sum of its images' budgets); before: LongTensor [B] visual tokens the sample had on entering
       the model (before any pruning); keep >= before means the user asked for nothing to be pruned.
+    unit: LongTensor [B, L] the image (or video frame) each current visual slot belongs to, an index
+      into unit_keep / unit_before (the budget and the token count on entering the model of each image
+      of the batch); -1 at other slots. Budgets are per image: use `top_per_image`.
     attention: callable(query_rows) -> float32 [B, L], attention each key receives at this layer,
       averaged over heads and the given query rows (BoolTensor [B, L]; None = all real rows);
       available when the method lists the layer in `attention_layers`.
@@ -152,6 +155,9 @@ class LayerTokens:
     mask: torch.Tensor
     keep: torch.Tensor
     before: torch.Tensor | None = None
+    unit: torch.Tensor | None = None
+    unit_keep: tuple = ()
+    unit_before: tuple = ()
     num_layers: int = 0  # decoder layers in the model
     attention: object = None
     attention_next: object = None
@@ -167,6 +173,27 @@ def top_visual(scores: torch.Tensor, visual: torch.Tensor, keep) -> list[torch.T
     """Per sample: ascending indices, into that sample's visual slots in order, of its keep[b] highest
     scores (ties to the lower index). scores [B, L]; visual BoolTensor [B, L]; keep: ints or LongTensor [B]."""
     return [ranking(scores[b][visual[b]])[: int(keep[b])].sort().values for b in range(scores.shape[0])]
+
+
+def top_per_image(scores: torch.Tensor, tokens: LayerTokens, count) -> list[torch.Tensor]:
+    """Per sample: ascending indices, into its current visual slots in order, of the highest `scores`
+    within each image (or frame), ties to the lower index. An image with `present` tokens left, budget
+    `keep` and `before` tokens on entering the model keeps min(present, count(present, keep, before)) of
+    them, or all of them when keep >= before (nothing is pruned for an image within its budget)."""
+    out = []
+    for b in range(scores.shape[0]):
+        vis = tokens.visual[b]
+        uid, s = tokens.unit[b][vis], scores[b][vis]
+        picks = []
+        for u in torch.unique(uid).tolist():
+            if u < 0:
+                raise RuntimeError("a visual slot belongs to no image")
+            members = (uid == u).nonzero().squeeze(1)
+            present, keep, before = members.numel(), tokens.unit_keep[u], tokens.unit_before[u]
+            k = present if keep >= before else max(0, min(present, int(count(present, keep, before))))
+            picks.append(members[ranking(s[members])[:k]])
+        out.append(torch.cat(picks).sort().values if picks else torch.zeros(0, dtype=torch.long, device=vis.device))
+    return out
 
 
 def question_rows(tokens: LayerTokens) -> torch.Tensor:

@@ -6,13 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import LayerTokens, Method, PruneConfig, top_visual
+from .base import LayerTokens, Method, PruneConfig, top_per_image, top_visual
 from .registry import register
 
 
 def select(scores: torch.Tensor, visual: torch.Tensor, keep: torch.Tensor) -> list[torch.Tensor]:
     """Per sample: ascending indices (into that sample's visual slots, in order) of the `keep[b]`
-    highest-scoring visual tokens; ties go to the lower index.
+    highest-scoring visual tokens; ties go to the lower index. (One image per sample: with several,
+    the method keeps each image's own budget, `top_per_image`.)
 
     scores: float [B, L] attention received per slot; visual: BoolTensor [B, L]; keep: LongTensor [B].
     """
@@ -50,4 +51,4 @@ class FastV(Method):
 
     def select_in_llm(self, tokens: LayerTokens) -> list[torch.Tensor]:
         scores = tokens.attention(None)  # all real query rows
-        return select(scores, tokens.visual, tokens.keep)
+        return top_per_image(scores, tokens, lambda present, keep, before: keep)

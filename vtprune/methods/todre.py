@@ -7,7 +7,9 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import greedy_select
-from .base import ImageTokens, LayerTokens, Method, PruneConfig, Selection, VisionSignal, question_rows, ranking
+from .base import (
+    ImageTokens, LayerTokens, Method, PruneConfig, Selection, VisionSignal, question_rows, ranking, top_per_image,
+)
 from .registry import register
 
 
@@ -84,10 +86,8 @@ class ToDRE(Method):
     def select_in_llm(self, tokens: LayerTokens) -> list[torch.Tensor]:
         rows = question_rows(tokens)
         share = visual_share(tokens.attention(rows), tokens.visual)
-        out = []
-        for b in range(tokens.visual.shape[0]):
-            n = int(tokens.visual[b].sum())
-            pruned_here = int(tokens.keep[b]) < int(tokens.before[b])  # keep >= N: nothing is pruned
-            drop = pruned_here and bool(rows[b].any()) and float(share[b]) < self.config.tau
-            out.append(torch.arange(0 if drop else n, device=tokens.visual.device))
-        return out
+        drop = (rows.any(1) & (share < self.config.tau)).tolist()  # per sample: its question looks away
+        # where it does, every image loses all its tokens, except one within its budget (keep >= N)
+        emptied = top_per_image(torch.zeros(tokens.visual.shape, device=share.device), tokens, lambda *_: 0)
+        return [emptied[b] if drop[b] else torch.arange(int(n), device=tokens.visual.device)
+                for b, n in enumerate(tokens.visual.sum(1).tolist())]

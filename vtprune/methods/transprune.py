@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import LayerTokens, Method, PruneConfig, question_rows, top_visual
+from .base import LayerTokens, Method, PruneConfig, question_rows, top_per_image
 from .registry import register
 
 # The paper's "High" setting for a 32-layer LLM: drops after layers 7, 9, 12 (1-indexed), keeping
@@ -101,17 +101,9 @@ class TransPrune(Method):
         sched = self._schedule(tokens.num_layers)
         fraction = dict(sched)[tokens.layer]
         last = tokens.layer == sched[-1][0]
-        targets = []
-        for b in range(tokens.visual.shape[0]):
-            n, budget = int(tokens.before[b]), int(tokens.keep[b])
-            if budget >= n:
-                targets.append(n)
-            elif last:
-                targets.append(budget)
-            else:
-                targets.append(max(budget, int(n * fraction)))
         ttv = tokens.state.get("ttv", torch.zeros_like(tokens.visual, dtype=torch.float32))
         iga = tokens.attention_next(question_rows(tokens))
         a = self.config.alpha
         score = a * normalise(ttv, tokens.visual) + (1 - a) * normalise(iga, tokens.visual)
-        return top_visual(score, tokens.visual, targets)
+        # per image of N tokens: the budget at the last stage, max(budget, int(N * fraction)) before it
+        return top_per_image(score, tokens, lambda present, budget, n: budget if last else max(budget, int(n * fraction)))

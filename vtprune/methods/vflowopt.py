@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import (
-    CLIP_MEAN, CLIP_STD, ImageTokens, LayerTokens, Method, PruneConfig, Selection, VisionSignal, frame_grid, ranking, top_visual,
+    CLIP_MEAN, CLIP_STD, ImageTokens, LayerTokens, Method, PruneConfig, Selection, VisionSignal, frame_grid, ranking, top_per_image,
 )
 from .registry import register
 
@@ -171,10 +171,7 @@ class VFlowOpt(Method):
         if len(layers) == 1:  # a 2-layer decoder: both drops at once
             frac = self.config.r2 * self.config.r3
         scores = tokens.state.get("importance")
-        present = tokens.visual.sum(1).tolist()
         if scores is None:  # nothing was pruned before the LLM
-            return [torch.arange(n, device=tokens.visual.device) for n in present]
-        # the authors' count: drop round(n * (1 - R)) of the n present; keep >= N prunes nothing
-        keep = [n if int(k) >= int(n0) else n - round(n * (1 - frac))
-                for n, k, n0 in zip(present, tokens.keep, tokens.before)]
-        return top_visual(scores, tokens.visual, keep)
+            return [torch.arange(int(n), device=tokens.visual.device) for n in tokens.visual.sum(1).tolist()]
+        # the authors' count, per image: drop round(n * (1 - R)) of the n present; keep >= N prunes nothing
+        return top_per_image(scores, tokens, lambda present, keep, before: present - round(present * (1 - frac)))
