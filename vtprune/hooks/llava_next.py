@@ -44,6 +44,8 @@ class LlavaNextAdapter(LlavaAdapter):
         pixels = kwargs.get("pixel_values")
         if pixels is not None and pixels.dim() == 5:  # [images, tiles, 3, H, W]
             out["n_images"] = pixels.shape[0]
+        elif pixels is not None and kwargs.get("image_sizes") is not None:  # 4-D: all images' tiles stacked
+            out["n_images"] = len(kwargs["image_sizes"])
         if pixels is None and (kwargs.get("mm_encoder_outputs") or {}).get("image") is None:
             self.images = None  # images in this call (if any) were not encoded by the model: layout unknown
         return out

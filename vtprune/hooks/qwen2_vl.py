@@ -62,8 +62,9 @@ class QwenVLAdapter(Adapter):
                 continue
             for b, sample_runs in enumerate(runs(mask)):
                 for run in sample_runs:
-                    t_pos = thw[0, b, run]
-                    frames = run.tensor_split((t_pos[1:] != t_pos[:-1]).nonzero().squeeze(1).add(1).tolist())
+                    h_all, w_all = thw[1, b, run], thw[2, b, run]
+                    starts = ((h_all == h_all[0]) & (w_all == w_all[0])).nonzero().squeeze(1)[1:]  # each frame starts top-left
+                    frames = run.tensor_split(starts.tolist())
                     for frame in frames:
                         h_pos, w_pos = thw[1, b, frame], thw[2, b, frame]
                         gh = int(h_pos.max() - h_pos.min()) + 1

@@ -81,6 +81,7 @@ class Run:
     unit_before: tuple = ()  # per image/frame: its tokens on entering the model
     before: torch.Tensor | None = None  # [B] visual tokens per sample on entering the model
     orig_mask: torch.Tensor | None = None  # [B, orig_len] the caller's 2-D mask of the prefill
+    default_positions: bool = False  # the prefill had no position_ids (the model's default, arange over slots)
     changed: bool = False
     state: dict = field(default_factory=dict)  # the method's per-prefill scratch (LayerTokens.state)
     # Qwen3-VL deepstack: per decoder layer i < len, [B, Lcur, D] features added at the visual slots
@@ -155,6 +156,8 @@ class PatchState:
         try:
             inner = self.adapter.inner()
             self.handles.append(inner.register_forward_pre_hook(self._inner_pre, with_kwargs=True))
+            # an encode's scores belong to the forward that follows it, even one that raised before reading them
+            self.handles.append(inner.register_forward_hook(self._inner_post, always_call=True))
             self.handles.append(self.lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
             self.handles.append(self.lm.register_forward_hook(self._lm_post, with_kwargs=True))
             for i in range(self.adapter.deepstack_layers()):  # before _layer_post: add, then drop
@@ -200,6 +203,9 @@ class PatchState:
         self.scratch = self.adapter.read_call(kwargs)
         return None
 
+    def _inner_post(self, module, args, output):
+        self.vision_scores.read()  # the next encode starts afresh (they stay for a use_cache=False rerun)
+
     def _lm_pre(self, module, args, kwargs):
         self.current = None
         scratch, self.scratch = self.scratch, None
@@ -210,7 +216,7 @@ class PatchState:
             return None
         cache = kv_cache(kwargs)
         run = getattr(cache, _CACHE_ATTR, None) if cache is not None else None
-        if run is not None and compileable(cache) and int(cache.get_seq_length()) == 0:
+        if run is not None and int(cache.get_seq_length()) == 0:
             delattr(cache, _CACHE_ATTR)  # a static cache reset for reuse: the record is from its last prompt
             run = None
         if run is not None:
@@ -233,13 +239,6 @@ class PatchState:
         if cache is not None and cache.get_seq_length() > 0:
             raise NotImplementedError(
                 "vtprune: images in a call that continues an existing KV cache are not supported; use a fresh cache"
-            )
-        if compileable(cache) and self.drop_layers:
-            raise NotImplementedError(
-                f"vtprune: {self.method_name} drops tokens inside the decoder (after layer {self.drop_layers[0]}), "
-                "which a static (compileable) KV cache cannot hold (its layers would hold different lengths); use "
-                "the default dynamic cache, or a strategy (or option, e.g. todre's stage2=False) that prunes before "
-                "the language model only"
             )
         return self._prefill(kwargs, scratch, visual)
 
@@ -296,6 +295,13 @@ class PatchState:
             covered[u.sample, u.slots] = True
         visual = covered  # placeholders in no unit are structural (a video's closing newline): never pruned
         budgets = [self._budget(u) for u in units]
+        if static and self.drop_layers and any(k < len(u.slots) for u, k in zip(units, budgets)):
+            raise NotImplementedError(
+                f"vtprune: {self.method_name} drops tokens inside the decoder (after layer {self.drop_layers[0]}), "
+                "which a static (compileable) KV cache cannot hold (its layers would hold different lengths); use "
+                "the default dynamic cache, or a strategy (or option, e.g. todre's stage2=False) that prunes before "
+                "the language model only"
+            )
         self.last_stats = Stats(method=self.method_name, visual_before=visual.sum(1).tolist())
         keep_total = torch.zeros(b, dtype=torch.long, device=embeds.device)
         unit = torch.full((b, seq_len), -1, dtype=torch.long, device=embeds.device)
@@ -387,7 +393,13 @@ class PatchState:
         kwargs["inputs_embeds"] = take(new_embeds, index, 1, 0)
         kwargs["attention_mask"] = (self._prepared_mask(new_mask, kwargs["inputs_embeds"], cache)
                                     if static else new_mask)
+        run.default_positions = kwargs.get("position_ids") is None
         kwargs["position_ids"] = new_pos
+        inner = self.adapter.inner()
+        if self.adapter.mrope and getattr(inner, "rope_deltas", None) is not None:
+            # a decode step without position_ids is placed at cache length + rope_deltas by the model: the
+            # cache is shorter than the prompt now (generate() passes positions and is unaffected)
+            inner.rope_deltas = inner.rope_deltas + (seq_len - new_mask.shape[1])
         return args_kwargs(kwargs)
 
     def _merge_deepstack(self, deepstack, u: Unit, sel: Selection, image: ImageTokens):
@@ -441,7 +453,7 @@ class PatchState:
         for sample, block in sorted(merged_blocks):
             slots = torch.cat([u.slots for u in units if u.sample == sample and u.block == block])
             kept = slots[keep[sample, slots]]
-            delta = int(rows[:, sample, kept].max() - original[:, sample, slots].max())
+            delta = int(rows[1:, sample, kept].max() - original[1:, sample, slots].max())  # h/w extent, as get_rope_index
             shift_slots[sample, int(slots.max()) + 1:] += delta
             total[sample] += delta
         rows = rows + shift_slots[None]
@@ -488,7 +500,10 @@ class PatchState:
         if bool(run.pos_shift.any()) or kwargs.get("position_ids") is None:
             pos = kwargs.get("position_ids")
             if pos is None:
-                pos = compact_text_positions(am)[:, -q:]
+                if run.default_positions:  # the prefill counted every slot (arange), as the model does
+                    pos = torch.arange(am.shape[1] - q, am.shape[1], device=am.device).expand(b, q)
+                else:
+                    pos = compact_text_positions(am)[:, -q:]
                 if self.adapter.mrope:
                     pos = pos[None].expand(3, -1, -1)
             pos = pos.clone()
