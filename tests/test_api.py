@@ -8,6 +8,7 @@ import torch
 
 import vtprune
 from vtprune import tiny
+from vtprune.methods.registry import build_method
 
 
 def test_available_lists_baselines_sorted():
@@ -62,6 +63,10 @@ def test_method_option_validation():
         vtprune.patch(tiny.build("llava"), "pool", keep=4, positions="middle")
     with pytest.raises(ValueError, match="layer"):
         vtprune.patch(tiny.build("llava"), "fastv", keep=4, layer=0)
+    for method in ("fastv", "transprune"):  # in-LLM drops keep original positions; renumbering is not built
+        assert build_method(method, {"keep": 4}).config.keep_positions is True
+        with pytest.raises(NotImplementedError, match="keep_positions=False"):
+            vtprune.patch(tiny.build("llava"), method, keep=4, keep_positions=False)
 
 
 def test_fastv_layer_beyond_depth_leaves_model_unpatched(model_factory):

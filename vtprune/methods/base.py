@@ -43,6 +43,20 @@ class PruneConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class InLLMConfig(PruneConfig):
+    """Options of a strategy that drops tokens inside the decoder only: the tokens it keeps keep their
+    original positions (renumbering them per layer group, as some authors' code does, is not implemented)."""
+
+    keep_positions: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.keep_positions is not True:
+            raise NotImplementedError("keep_positions=False (renumbering the kept tokens inside the decoder) is not "
+                                      "implemented: tokens dropped inside the LLM keep their original positions")
+
+
 # OpenAI CLIP's image normalisation (the processors of LLaVA-1.5 and Qwen2-VL / 2.5-VL use it)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import LayerTokens, Method, PruneConfig, top_per_image, top_visual
+from .base import InLLMConfig, LayerTokens, Method, top_per_image, top_visual
 from .registry import register
 
 
@@ -21,7 +21,7 @@ def select(scores: torch.Tensor, visual: torch.Tensor, keep: torch.Tensor) -> li
 
 
 @dataclass
-class FastVConfig(PruneConfig):
+class FastVConfig(InLLMConfig):
     layer: int = 2  # K: tokens are dropped after decoder layer K-1 (0-indexed); layers 0..K-1 see all tokens
 
     def __post_init__(self):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import LayerTokens, Method, PruneConfig, question_rows, top_per_image
+from .base import InLLMConfig, LayerTokens, Method, question_rows, top_per_image
 from .registry import register
 
 # The paper's "High" setting for a 32-layer LLM: drops after layers 7, 9, 12 (1-indexed), keeping
@@ -50,7 +50,7 @@ def default_schedule(num_layers: int) -> list[tuple[int, float]]:
 
 
 @dataclass
-class TransPruneConfig(PruneConfig):
+class TransPruneConfig(InLLMConfig):
     alpha: float = 0.5  # score = alpha * TTV + (1 - alpha) * IGA
     abs_cos: bool = False  # direction term 1 - |cos| (the paper's text) instead of 1 - cos (the authors' code)
     schedule: list | None = None  # [(0-based layer, fraction of N kept), ...]; the last stage keeps the budget
