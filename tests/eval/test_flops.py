@@ -40,8 +40,10 @@ def test_analytic_count_matches_the_flop_counter(family_model, method, options):
 
 
 @pytest.mark.parametrize("family", tiny.VIDEO_FAMILIES)
-@pytest.mark.parametrize("method, options", [(None, {}), ("random", {"ratio": 0.5})], ids=["unpatched", "random"])
+@pytest.mark.parametrize("method, options", [(None, {}), ("random", {"ratio": 0.5}), ("divprune", {"keep": 2})],
+                         ids=["unpatched", "random", "divprune"])
 def test_analytic_count_with_a_video_matches_the_flop_counter(family, method, options):
+    """An image and a clip in one sample: DivPrune's Gram matrices are per image and per frame."""
     model = tiny.build(family)
     inputs = tiny.batch(family, [1], videos=(1,))
     r = flops.count(model, inputs, method, **options)

@@ -172,14 +172,14 @@ def visual_token_counts(config, inputs: dict) -> list[int]:
     return visual.sum(1).tolist()
 
 
-def _selection_flops(method: str | None, options: dict, visual: list[int], kept: list[int],
+def _selection_flops(method: str | None, options: dict, images: list[tuple[int, int]],
                      per_layer: list[list[int]], t: TextDims) -> int:
     """The strategy's own products where they are modelled: greedy diversity (DivPrune, ToDRE) builds
-    an N x N Gram matrix of d-wide rows per pruned image (2 N^2 d); FastV scores the n tokens at its
-    layer from every real query row (2 n^2 d_q for q k^T, 2 n^2 for the row average). Other
-    strategies' scoring is not modelled (0)."""
+    an N x N Gram matrix of d-wide rows per pruned image or video frame (2 N^2 d; `images` holds each
+    one's (N, budget)); FastV scores the n tokens at its layer from every real query row (2 n^2 d_q for
+    q k^T, 2 n^2 for the row average). Other strategies' scoring is not modelled (0)."""
     if method in ("divprune", "todre"):
-        return sum(2 * n * n * t.d for n, k in zip(visual, kept) if k < n)
+        return sum(2 * n * n * t.d for n, k in images if k < n)
     if method == "fastv":
         from ..methods.fastv import FastVConfig
 
@@ -224,11 +224,13 @@ def report(model, inputs: dict, stats=None, method: str | None = None, options: 
     kv_dtype_bytes = 2 if config is not model.config else next(model.parameters()).element_size()  # stand-in: bf16
     kv = sum(2 * n * t.d_kv * kv_dtype_bytes for ns in per_layer for n in ns)
     vis = vision_flops(model, inputs, config)
-    first_visual = per_layer[0]
-    kept_first = [v - (r - f) for v, r, f in zip(visual_before, real, first_visual)]
+    if stats is not None and stats.images:
+        images = [(n, k) for _, n, k in stats.images]
+    else:  # no record of the images: each sample's visual tokens as one image, pruned if fewer entered the LLM
+        images = [(v, v - (r - f)) for v, r, f in zip(visual_before, real, per_layer[0])]
     return FlopsReport(
         vision_encoder=vis["vision_encoder"], projector=vis["projector"],
-        selection=_selection_flops(method, options or {}, visual_before, kept_first, per_layer, t),
+        selection=_selection_flops(method, options or {}, images, per_layer, t),
         llm_prefill=sum(layer_flops),
         llm_prefill_causal=sum(layer_prefill(n, t, causal=True) for ns in per_layer for n in ns),
         llm_prefill_per_layer=layer_flops,

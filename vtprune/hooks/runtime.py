@@ -50,6 +50,7 @@ class Stats:
     selection_ms: float = 0.0  # wall time spent in the strategy's selection code
     layout: torch.Tensor | None = None  # [B, L_out]: input slot of each output position, -1 = added padding
     layer_tokens: list[list[int]] = field(default_factory=list)  # [layer][sample]: real tokens entering each decoder layer
+    images: list[tuple[int, int, int]] = field(default_factory=list)  # (sample, tokens, budget) per image / video frame
 
     @property
     def kept_fraction(self) -> float:
@@ -302,7 +303,8 @@ class PatchState:
                 "the default dynamic cache, or a strategy (or option, e.g. todre's stage2=False) that prunes before "
                 "the language model only"
             )
-        self.last_stats = Stats(method=self.method_name, visual_before=visual.sum(1).tolist())
+        self.last_stats = Stats(method=self.method_name, visual_before=visual.sum(1).tolist(),
+                                images=[(u.sample, len(u.slots), k) for u, k in zip(units, budgets)])
         keep_total = torch.zeros(b, dtype=torch.long, device=embeds.device)
         unit = torch.full((b, seq_len), -1, dtype=torch.long, device=embeds.device)
         for i, (u, k) in enumerate(zip(units, budgets)):
