@@ -5,7 +5,9 @@ tokens is timed end to end; hooks on the vision tower and the language model tim
 encoder, the prefill (the language model's first call, in-LLM selection included) and each decode
 step. On CUDA the stage times are CUDA events and the peak memory is `max_memory_allocated` above the
 weights; on the CPU, perf_counter and no memory figure. Selection time is `vtprune.stats`'
-(synchronised) `selection_ms`. KV bytes are measured on the cache a prefill returns.
+(synchronised) `selection_ms`. KV bytes: on the eager path, those of the (dynamic) cache a prefill
+returns; on the compiled path, those of the static cache `generate` allocated, which is sized for the
+unpruned prompt plus the new tokens whether or not the prompt was pruned.
 Reported figures are medians over the repetitions after `warmup` untimed runs.
 
 `compiled={...}` measures the opt-in small-batch path (`vtprune.compile_llm`: the language model under
@@ -96,7 +98,7 @@ class BenchRow:
     decode_ms_per_token: float
     generate_ms: float  # end to end, `new_tokens` tokens
     peak_mib: float | None  # CUDA: peak allocated above the weights during generate
-    kv_bytes: int  # after the prefill
+    kv_bytes: int  # eager: the cache after the prefill; compiled: the static cache generate() allocated
     path: str = "eager"  # "compiled": vtprune.compile_llm (torch.compile + static cache)
 
     def to_dict(self) -> dict:
@@ -118,6 +120,9 @@ def measure(model, inputs: dict, method: str | None = None, options: dict | None
     with vtprune.pruned(model, method, **options) if method is not None else contextlib.nullcontext():
         vision_t = _Timer(vision_module(model), cuda)
         lm_t = _Timer(model.model.language_model, cuda)
+        caches = []  # compiled path: the cache each generate() handed the language model
+        grab = model.model.language_model.register_forward_pre_hook(
+            lambda m, a, kw: caches.append(kv_cache(kw)), with_kwargs=True) if compiled is not None else None
         try:
             if compiled is not None:
                 vtprune.compile_llm(model, **compiled)
@@ -144,9 +149,14 @@ def measure(model, inputs: dict, method: str | None = None, options: dict | None
         finally:
             vision_t.remove()
             lm_t.remove()
+            if grab is not None:
+                grab.remove()
             if compiled is not None:  # a model the caller compiled stays compiled on the plain path
                 vtprune.uncompile_llm(model)
-        kv = kv_bytes(kv_cache(model(**inputs, use_cache=True, logits_to_keep=1)))  # dynamic cache: what is held
+        if compiled is not None:
+            kv = kv_bytes(caches[-1])  # the static cache, allocated in full
+        else:
+            kv = kv_bytes(kv_cache(model(**inputs, use_cache=True, logits_to_keep=1)))  # dynamic cache: what is held
     timed = rows[warmup:]
 
     def med(key):
