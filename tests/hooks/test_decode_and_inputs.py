@@ -1,0 +1,183 @@
+"""Decode-loop and input-form regressions of the model hooks: manual decode loops without position_ids,
+Qwen video positions and frames, failed forwards, cache reuse, 4-D pixel_values, keep-all with a static cache."""
+import pytest
+import torch
+import transformers
+from packaging.version import Version
+from transformers import DynamicCache
+
+import vtprune
+from vtprune import tiny
+
+# transformers 5.24 renamed the KV cache argument `past_key_values=` to `cache=` (the old name warns)
+CACHE = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
+GEN = dict(max_new_tokens=3, output_scores=True, return_dict_in_generate=True, **tiny.GEN)
+
+
+def _new_cache(model):
+    return DynamicCache(config=model.config.get_text_config(decoder=True))
+
+
+def _rotary_positions(model, seen):
+    """Hook the language model's rotary embedding; appends the position ids of each call to `seen`."""
+    return model.model.language_model.rotary_emb.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append((args[1] if len(args) > 1 else kwargs["position_ids"]).clone()),
+        with_kwargs=True)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_manual_decode_without_positions_continues_after_the_pruned_prompt(model_factory, family):
+    """A pruning prefill shifts rope_deltas, so a decode step with the cache but no
+    position_ids continues at max + 1 and gives the logits of a no-cache pruned forward."""
+    model = model_factory(family)
+    inputs = tiny.batch(family, [0])  # batch 1, no padding
+    vtprune.patch(model, "random", ratio=0.25)
+    ids, cache, seen = inputs["input_ids"], _new_cache(model), []
+    hook = _rotary_positions(model, seen)
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=True, **{CACHE: cache})
+            prompt_max = int(seen[0][-3:].max())
+            for step in range(3):
+                nxt = torch.tensor([[5 + step]])
+                ids = torch.cat([ids, nxt], 1)
+                cached = model(input_ids=nxt, use_cache=True, **{CACHE: cache}).logits[:, -1]
+                full = model(**dict(inputs, input_ids=ids, attention_mask=torch.ones_like(ids),
+                                    mm_token_type_ids=tiny.token_types(ids))).logits[:, -1]
+                assert (cached - full).abs().max().item() < 1e-5, f"step {step}"
+    finally:
+        hook.remove()
+    decode = [pos[-3:, 0, -1].tolist() for pos in seen[1::2]]  # the cached steps (every other call)
+    assert decode == [[prompt_max + 1 + step] * 3 for step in range(3)]
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_pool_on_video_gives_get_rope_index_positions(model_factory, family):
+    """after a pooled video the text moves back by the h/w extent lost (as
+    get_rope_index advances by max(h, w)), even where the clip's t positions reach further."""
+    model = model_factory(family)
+    inputs = tiny.batch(family, [1], videos=(1,))  # image 2x4 tokens; video 3 frames of 2x3 tokens
+    vtprune.patch(model, "pool", keep=2)
+    got = tiny.lm_kwargs(model, inputs)["position_ids"][-3:, 0]
+    st = vtprune.stats(model)
+    assert st.visual_before == [8 + 18] and st.visual_after == [2 + 3 * 1]  # 1x2 image, three 1x1 frames
+    ids = inputs["input_ids"][0, st.layout[0]][None]
+    image_grid = torch.tensor([[1, 2, 4]])  # ViT patches (x2 merge) of a 1x2 token grid
+    video_grid = torch.tensor([[3, 2, 2]])  # three frames of 1x1 tokens
+    want, _ = model.model.get_rope_index(ids, tiny.token_types(ids), image_grid, video_grid)
+    assert torch.equal(got, want[:, 0])
+
+
+def test_qwen25_frames_sharing_a_t_position_keep_per_frame_budgets(model_factory):
+    """Qwen2.5-VL frames with tokens_per_second * second_per_grid_ts < 1 share t
+    positions; keep still counts per frame, keep >= frame size is a no-op, and pool works."""
+    model = model_factory("qwen2_5_vl")
+    inputs = dict(tiny.batch("qwen2_5_vl", [1], videos=(1,)), second_per_grid_ts=torch.tensor([0.1]))
+    with torch.no_grad():
+        unpatched = model(**inputs).logits
+        vtprune.patch(model, "divprune", keep=2)
+        model(**inputs)
+        assert vtprune.stats(model).visual_after == [2 + 3 * 2]  # image 8 -> 2, each 6-token frame -> 2
+        vtprune.patch(model, "pool", keep=2)
+        model(**inputs)
+        assert vtprune.stats(model).visual_after == [2 + 3 * 1]
+        vtprune.patch(model, "divprune", keep=8)  # >= the image's 8 and every frame's 6 tokens
+        kept = model(**inputs).logits
+    assert vtprune.stats(model).visual_after == [26]
+    assert torch.equal(kept, unpatched)
+
+
+@pytest.mark.parametrize("keep_positions", [False, True])
+def test_llava_manual_decode_on_left_padding_equals_no_cache_forward(model_factory, keep_positions):
+    """A LLaVA decode step without position_ids, after a prefill without them,
+    counts pad slots as the prefill did, so left-padded rows match a no-cache pruned forward."""
+    model = model_factory("llava")
+    inputs = tiny.batch("llava", [0, 1])  # row 0 is left-padded
+    assert int((inputs["attention_mask"][0] == 0).sum()) > 0
+    vtprune.patch(model, "divprune", keep=4, keep_positions=keep_positions)
+    ids, am, cache = inputs["input_ids"], inputs["attention_mask"], _new_cache(model)
+    with torch.no_grad():
+        model(**inputs, use_cache=True, **{CACHE: cache})
+        for step in range(3):
+            nxt = torch.tensor([[5 + step], [9 + step]])
+            ids, am = torch.cat([ids, nxt], 1), torch.cat([am, torch.ones_like(nxt)], 1)
+            cached = model(input_ids=nxt, attention_mask=am, use_cache=True, **{CACHE: cache}).logits[:, -1]
+            full = model(input_ids=ids, attention_mask=am, pixel_values=inputs["pixel_values"]).logits[:, -1]
+            assert (cached - full).abs().amax(-1).tolist() == pytest.approx([0.0, 0.0], abs=1e-5), f"step {step}"
+
+
+def test_failed_forward_after_encoding_leaves_no_stale_vision_scores(model_factory):
+    """A forward that raises after the vision encoder ran releases its scores, so
+    the next valid forward and generate() work and equal a clean run."""
+    model = model_factory("llava")
+    good = tiny.batch("llava", [0, 1])
+    bad = dict(good, input_ids=good["input_ids"].clone())
+    bad["input_ids"][0, (bad["input_ids"][0] == tiny.IMG).nonzero()[0]] = 5  # one image token short
+    vtprune.patch(model, "hiprune", keep=4)
+    with torch.no_grad():
+        clean = model(**good).logits
+        clean_gen = model.generate(**good, **GEN)
+        with pytest.raises(ValueError):
+            model(**bad)
+        again = model(**good).logits
+        with pytest.raises(ValueError):
+            model.generate(**bad, **GEN)
+        again_gen = model.generate(**good, **GEN)
+    assert vtprune.stats(model).visual_after == [4, 4]
+    assert torch.equal(again, clean)
+    assert torch.equal(again_gen.sequences, clean_gen.sequences)
+    assert all(torch.equal(x, y) for x, y in zip(again_gen.scores, clean_gen.scores))
+
+
+def test_reset_dynamic_cache_can_be_reused_while_patched(model_factory):
+    """A DynamicCache reset after a pruned generate() is reused like a fresh one."""
+    model = model_factory("llava")
+    inputs = tiny.batch("llava", [0, 1])
+    vtprune.patch(model, "divprune", keep=4)
+    cache = _new_cache(model)
+    with torch.no_grad():
+        fresh = model.generate(**inputs, **GEN)
+        first = model.generate(**inputs, **{CACHE: cache}, **GEN)
+        cache.reset()
+        again = model.generate(**inputs, **{CACHE: cache}, **GEN)
+    assert vtprune.stats(model).visual_after == [4, 4]
+    for out in (first, again):
+        assert torch.equal(out.sequences, fresh.sequences)
+        assert all(torch.equal(x, y) for x, y in zip(out.scores, fresh.scores))
+
+
+def test_llava_next_takes_4d_pixel_values(model_factory):
+    """LLaVA-NeXT with 4-D pixel_values (all images' tiles stacked) prunes as the
+    5-D form does, as transformers accepts both."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    model = model_factory("llava_next")
+    inputs = tiny.batch("llava_next", [0, 1])
+    cfg = model.config
+    tiles = [image_size_to_num_patches(s, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+             for s in inputs["image_sizes"]]
+    flat = dict(inputs, pixel_values=torch.cat([p[:n] for p, n in zip(inputs["pixel_values"], tiles)]))
+    assert flat["pixel_values"].dim() == 4 and flat["pixel_values"].shape[0] == sum(tiles) > 2
+    vtprune.patch(model, "random", ratio=0.5)
+    with torch.no_grad():
+        five = model(**inputs).logits
+        stats5 = vtprune.stats(model)
+        four = model(**flat).logits
+        stats4 = vtprune.stats(model)
+    assert stats4.visual_before == stats5.visual_before and stats4.visual_after == stats5.visual_after
+    assert stats4.visual_after < stats4.visual_before
+    assert torch.equal(four, five)
+
+
+def test_keep_all_with_in_llm_strategy_and_static_cache_is_a_no_op(model_factory):
+    """keep >= N with fastv (drops inside the decoder) and a static cache prunes
+    nothing and gives the unpatched tokens and scores, instead of raising."""
+    model = model_factory("llava")
+    inputs = tiny.batch("llava", [0, 1])
+    with torch.no_grad():
+        unpatched = model.generate(**inputs, cache_implementation="static", **GEN)
+        vtprune.patch(model, "fastv", keep=10_000)
+        out = model.generate(**inputs, cache_implementation="static", **GEN)
+    assert vtprune.stats(model).visual_after == vtprune.stats(model).visual_before == [16, 16]
+    assert torch.equal(out.sequences, unpatched.sequences)
+    assert all(torch.equal(x, y) for x, y in zip(out.scores, unpatched.scores))
