@@ -53,7 +53,7 @@ def test_qwen_manual_decode_without_positions_continues_after_the_pruned_prompt(
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_qwen_pool_on_video_gives_get_rope_index_positions(model_factory, family):
-    """after a pooled video the text moves back by the h/w extent lost (as
+    """After a pooled video the text moves back by the h/w extent lost (as
     get_rope_index advances by max(h, w)), even where the clip's t positions reach further."""
     model = model_factory(family)
     inputs = tiny.batch(family, [1], videos=(1,))  # image 2x4 tokens; video 3 frames of 2x3 tokens
