@@ -109,10 +109,11 @@ def test_pool_merges_each_grid_and_keeps_one_newline_per_merged_row(model_factor
     torch.testing.assert_close(got[0, start:start + 16], want, atol=0, rtol=0)
 
 
-def test_hiprune_runs_per_grid_on_scores_packed_like_the_features(model_factory):
+def test_hiprune_runs_per_crop_on_scores_packed_like_the_features(model_factory):
     """30 x 110 px (34 tokens: base 4 x 4, crop grid 2 x 8 unpadded from rows 1..2 of the 4 x 8 grid of
-    tiles 1 and 2, 2 newlines). Reference scores: eager CLIP attention per tile, stitched and unpadded
-    by hand. ratio 0.5 -> 17 = 2 newlines + shares(15, [16, 16]) = 8 base + 7 crop."""
+    tiles 1 and 2, 2 newlines). Reference scores: eager CLIP attention per tile, by hand. HiPrune runs on
+    the base grid and on each crop's 2 x 4 part (its spec: each crop separately, so no neighbour crosses
+    a crop). ratio 0.5 -> 17 = 2 newlines + shares(15, [16, 8, 8]) = 7 base + 4 + 4."""
     from vtprune.methods import hiprune
 
     model, eager = model_factory("llava_next"), model_factory("llava_next", "eager")
@@ -124,18 +125,36 @@ def test_hiprune_runs_per_grid_on_scores_packed_like_the_features(model_factory)
     received = lambda li: att[li].mean(1).mean(1)[:, 1:]  # noqa: E731  [tiles, 16]: heads, queries; no CLS
     obj, deep = received(max(0, round(9 * n / 24) - 1)), received(n - 2)  # object layer; feature layer -2
 
-    def crop_grid(scores):  # tile 1 + c // 4, patch ((r + 1) * 4 + c % 4) for crop row r, column c
-        return torch.stack([scores[1 + c // 4, (r + 1) * 4 + c % 4] for r in range(2) for c in range(8)])
+    def crop(scores, t):  # tile t's rows 1..2 (the unpadded ones), row-major
+        return scores[t, 4:12]
 
-    base = hiprune.select(obj[0][None], deep[0][None], (4, 4), 8)[0]
-    crop = hiprune.select(crop_grid(obj)[None], crop_grid(deep)[None], (2, 8), 7)[0]
-    want = base.tolist() + sorted([16 + int(i) // 8 * 9 + int(i) % 8 for i in crop] + [24, 33])
+    want = hiprune.select(obj[0][None], deep[0][None], (4, 4), 7)[0].tolist()
+    for t in (1, 2):
+        picked = hiprune.select(crop(obj, t)[None], crop(deep, t)[None], (2, 4), 4)[0]
+        want += [16 + int(i) // 4 * 9 + (t - 1) * 4 + int(i) % 4 for i in picked]
+    want = sorted(want + [24, 33])
     vtprune.patch(model, "hiprune", ratio=0.5)
     with torch.no_grad():
         model(**inputs)
     st = vtprune.stats(model)
     assert st.visual_after == [17]
     assert _kept_image_slots(st, inputs) == want
+
+
+def test_crop_tiles_come_from_the_models_packing(model_factory):
+    """Each crop tile's rectangle of the unpadded crop grid, from the model's own packing of tile numbers;
+    none where OneVision's anyres_max downsampling mixed the tiles."""
+    from vtprune.hooks.llava_next import LlavaNextAdapter
+    from vtprune.hooks.llava_onevision import LlavaOnevisionAdapter
+
+    lay = LlavaNextAdapter(model_factory("llava_next")).layout(5, (100, 100))  # crop grid 8 x 8 = 2 x 2 tiles
+    assert [g for _, g in lay.tiles] == [(4, 4)] * 4
+    assert [i[:5].tolist() for i, _ in lay.tiles] == [[16, 17, 18, 19, 25], [20, 21, 22, 23, 29],
+                                                      [52, 53, 54, 55, 61], [56, 57, 58, 59, 65]]
+    lay = LlavaNextAdapter(model_factory("llava_next")).layout(3, (30, 110))  # rows 1..2 of two tiles
+    assert [(i.tolist(), g) for i, g in lay.tiles] == [([16, 17, 18, 19, 25, 26, 27, 28], (2, 4)),
+                                                       ([20, 21, 22, 23, 29, 30, 31, 32], (2, 4))]
+    assert LlavaOnevisionAdapter(_onevision_224()).layout(17, (224, 224)).tiles is None
 
 
 @pytest.mark.parametrize("family", tiny.ANYRES_FAMILIES)

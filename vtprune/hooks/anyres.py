@@ -7,10 +7,14 @@ the model's own `pack_image_features` (so it is right by construction).
 
 A strategy that works per grid (`Method.per_grid`) is run on each grid separately, and the
 image's budget is shared so that everything kept adds up to at most the image's `keep`:
-- "select" strategies (HiPrune, VFlowOpt) never drop newline tokens (VFlowOpt's spec): the newlines
-  are taken out of the budget first, the rest is split over the base and crop grids in proportion
-  to their sizes (largest remainder, at least one token each), exactly `keep` in all; newlines and
-  grids kept whole carry an infinite importance, so in-LLM drops by importance take them last;
+- "select" strategies (HiPrune, VFlowOpt) run on the base grid and on each crop tile's part of the
+  crop grid (their specs handle each crop separately: HiPrune's neighbours and VFlowOpt's recycling
+  cells stay within a crop); where the crop grid was downsampled across tiles (OneVision's
+  anyres_max) the tiles are gone and the whole crop grid is one part. They never drop newline
+  tokens (VFlowOpt's spec): the newlines are taken out of the budget first, the rest is split over
+  the parts in proportion to their sizes (largest remainder, at least one token each), exactly
+  `keep` in all; newlines and parts kept whole carry an infinite importance, so in-LLM drops by
+  importance take them last;
 - "merge" strategies (pool, token_shuffle) merge each grid separately and keep one newline per
   merged crop row (token_shuffle's spec); the crop grid's share of the budget pays for its rows'
   newlines, so the count may fall short of `keep` as a merged grid does.
@@ -33,6 +37,38 @@ class Layout:
     parts: list[tuple[torch.Tensor, tuple[int, int]]]  # (indices, (h, w)) of the base grid, then the crop grid
     newlines: torch.Tensor  # indices of the newline tokens, ascending (one per crop row, or the closing one)
     crop_rows: torch.Tensor | None = None  # [ch]: the newline index closing each crop-grid row
+    tiles: list | None = None  # (indices, (h, w)) of each crop tile's rectangle of the crop grid, when known
+
+    def with_tiles(self, packed: torch.Tensor) -> "Layout":
+        """Record each crop tile's part of the crop grid from the image's packed map of tile numbers
+        (tile t's patches all t, newlines 0). None where the map is not whole numbers in rectangles
+        (a crop grid downsampled across tiles)."""
+        self.tiles = None
+        if len(self.parts) < 2:
+            return self
+        idx, (ch, cw) = self.parts[1]
+        values = packed[idx]
+        if not bool((values == values.round()).all()):
+            return self
+        base = int(self.parts[0][0].numel())
+        rows, cols = (idx - base) // (cw + 1), (idx - base) % (cw + 1)
+        tiles = []
+        for t in torch.unique(values).tolist():
+            member = values == t
+            r, c = rows[member], cols[member]
+            h, w = int(r.max() - r.min()) + 1, int(c.max() - c.min()) + 1
+            if h * w != int(member.sum()):
+                return self
+            tiles.append((idx[member], (h, w)))
+        self.tiles = tiles
+        return self
+
+    def grids(self, mode: str) -> list:
+        """The parts a per-grid strategy runs on: the base grid, then the crop grid ("merge") or each
+        crop tile's part of it when known ("select")."""
+        if mode == "select" and self.tiles:
+            return [self.parts[0], *self.tiles]
+        return self.parts
 
     @classmethod
     def from_map(cls, packed: torch.Tensor, base: int) -> "Layout":
@@ -109,7 +145,8 @@ def _crop_keep(method: Method, grid: tuple[int, int], share: int) -> int:
 def select(method: Method, image: ImageTokens, layout: Layout) -> Selection:
     """Run a per-grid `method` on each grid of an anyres image; one Selection for the whole image."""
     mode = method.per_grid
-    sizes = [idx.numel() for idx, _ in layout.parts]
+    grids = layout.grids(mode)
+    sizes = [idx.numel() for idx, _ in grids]
     single = len(layout.parts) == 1
     if _fixed(method):
         part_keep = [method.budget(s, (1, h, w)) for s, (_, (h, w)) in zip(sizes, layout.parts)]
@@ -125,7 +162,7 @@ def select(method: Method, image: ImageTokens, layout: Layout) -> Selection:
             raise _too_small(method, image.keep, 1 + 2)
     slots, tokens, importance = [], [], []
     merged = scored = False
-    for (idx, (h, w)), k in zip(layout.parts, part_keep):
+    for (idx, (h, w)), k in zip(grids, part_keep):
         idx = idx.to(image.features.device)
         if k >= idx.numel():  # the grid stays whole
             slots.append(idx)

@@ -3,10 +3,11 @@ the image's aspect ratio, one `image_newline` token per crop row; all of them ar
 
 Each image is one unit holding all its tokens (base, crops and newlines), so budgets count the whole
 image (specs/README.md) and global strategies (DivPrune, ToDRE, random, FastV, TransPrune) choose
-across crops. Strategies that work on a token grid (pool, token_shuffle, HiPrune, VFlowOpt) run on
-the base grid and the crop grid separately (vtprune.hooks.anyres). The layout comes from the model's
-own `pack_image_features`, fed the image sizes recorded when the model encodes images, and vision
-signals are computed per tile and packed the same way (newline slots score 0).
+across crops. Strategies that work on a token grid run on the base grid and the crop grid (pool,
+token_shuffle) or each crop tile's part of it (HiPrune, VFlowOpt) separately (vtprune.hooks.anyres).
+The layout, tiles included, comes from the model's own `pack_image_features` (fed all-ones tiles, then
+the tile numbers), with the image sizes recorded when the model encodes images, and vision signals
+are computed per tile and packed the same way (newline slots score 0).
 """
 from __future__ import annotations
 
@@ -90,7 +91,9 @@ class LlavaNextAdapter(LlavaAdapter):
         key = (tiles, size)
         if key not in self._layouts:
             ones = torch.ones(tiles, self.tile_side ** 2, 1)
-            self._layouts[key] = Layout.from_map(self.pack(ones, size)[:, 0], self.tile_side ** 2)
+            numbers = torch.arange(1, tiles + 1, dtype=torch.float32)[:, None, None].expand(tiles, self.tile_side ** 2, 1)
+            self._layouts[key] = Layout.from_map(self.pack(ones, size)[:, 0], self.tile_side ** 2).with_tiles(
+                self.pack(numbers, size)[:, 0])
         return self._layouts[key]
 
     def layout_hint(self):
