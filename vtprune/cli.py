@@ -59,6 +59,19 @@ def _tune(args) -> int:
     return 0
 
 
+def _count(least: int):
+    """argparse type: an int >= least."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
+        return value
+    return parse
+
+
 def _budget(args) -> dict:
     if (args.keep is None) == (args.ratio is None):
         raise SystemExit(f"vtprune {args.command}: give exactly one of --keep and --ratio")
@@ -107,11 +120,19 @@ def _bench(args) -> int:
     from .methods.registry import build_method
 
     budget = _budget(args)
+    methods = [m for m in args.methods.split(",") if m]
+    for m in methods:  # bad strategies or options fail before the model loads and the baseline runs
+        build_method(m, budget)
+    try:
+        batches = [_count(1)(x) for x in args.batch.split(",") if x.strip()]
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"--batch: {e}") from None
+    if not batches:
+        raise ValueError("--batch needs at least one batch size")
     model, processor = models.load(args.model, random_weights=args.random_weights)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device)
     task = args.task or models.default_task(args.model)
-    methods = [m for m in args.methods.split(",") if m]
     n_layers = model.config.get_text_config().num_hidden_layers
     rows = []
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
@@ -123,7 +144,7 @@ def _bench(args) -> int:
         Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
         Path(args.out).with_suffix(".md").write_text(bench.markdown(rows) + "\n")
 
-    for b in [int(x) for x in args.batch.split(",")]:
+    for b in batches:
         inputs = models.to_model(models.calibration(task, model, processor, b, batch_size=b)[0], model)
         paths = [None, _compile_options(args)] if args.compile else [None]
         for compiled in paths:
@@ -147,13 +168,17 @@ def _bench(args) -> int:
 
 
 def _sweep(args) -> int:
+    import warnings
+
     from .eval import sweep
 
     from .methods.registry import available
 
     methods = available() if args.methods == "all" else [m for m in args.methods.split(",") if m]
-    cells = sweep.run(args.model, methods, [float(r) for r in args.ratios.split(",")], args.task, args.out,
-                      n_questions=args.questions, batch=args.batch, random_weights=args.random_weights)
+    with warnings.catch_warnings():  # the sweep's warnings (cells not reused, a cut-short line) as one line each
+        warnings.showwarning = lambda message, *_, **__: print(f"vtprune sweep: warning: {message}", file=sys.stderr)
+        cells = sweep.run(args.model, methods, [float(r) for r in args.ratios.split(",") if r.strip()], args.task,
+                          args.out, n_questions=args.questions, batch=args.batch, random_weights=args.random_weights)
     with open(f"{args.out}/commands.txt", "a") as f:  # what made the figures (a resumed sweep adds a line)
         f.write("vtprune " + " ".join(args.argv) + "\n")
     print(sweep.table(cells))
@@ -187,7 +212,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("demo", help="every strategy x ratio on the bundled tiny model (accuracy table + plots)")
     p.add_argument("--ratios", default="1.0,0.5,0.25,0.111", help="comma-separated kept fractions")
     p.add_argument("--out", default="vtprune-demo", help="directory for the results and plots (bundled model)")
-    p.add_argument("--questions", type=int, default=90, help="held-out questions per cell (bundled model)")
+    p.add_argument("--questions", type=_count(1), default=90, help="held-out questions per cell (bundled model)")
     p.add_argument("--plumbing", action="store_true", help="random-weight plumbing table even if trained weights exist")
     p.add_argument("--families", default="llava,qwen2_vl", help="(plumbing) comma-separated: llava, qwen2_vl, qwen2_5_vl, qwen3_vl")
     p.set_defaults(func=_demo)
@@ -196,8 +221,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True, help="a local model directory or a bundled name (tiny-llava, tiny-qwen2vl)")
     p.add_argument("--task", default="shapes", help="calibration task: shapes (train split), tiny-prompts (test models)")
     p.add_argument("--budget", type=float, required=True, help="layer-averaged kept fraction, e.g. 0.25")
-    p.add_argument("--samples", type=int, default=30, help="calibration samples (default 30, as the paper)")
-    p.add_argument("--iterations", type=int, default=50, help="optimiser trials (default 50, as the paper)")
+    p.add_argument("--samples", type=_count(1), default=30, help="calibration samples (default 30, as the paper)")
+    p.add_argument("--iterations", type=_count(1), default=50, help="optimiser trials (default 50, as the paper)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--random-weights", action="store_true", help="bundled architecture with random weights")
     p.add_argument("--out", required=True, help="config file to write (JSON)")
@@ -211,12 +236,12 @@ def main(argv=None) -> int:
     _model_budget_args(p)
     p.add_argument("--methods", required=True, help="comma-separated strategies")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes")
-    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run")
-    p.add_argument("--reps", type=int, default=5, help="timed runs per cell (median), after one warm-up")
+    p.add_argument("--new-tokens", type=_count(1), default=32, help="tokens generated per run")
+    p.add_argument("--reps", type=_count(1), default=5, help="timed runs per cell (median), after one warm-up")
     p.add_argument("--compile", action="store_true",
                    help="also measure every row on the compiled path (vtprune.compile_llm: torch.compile of the "
                         "language model + static KV cache), side by side with the plain one")
-    p.add_argument("--compile-warmup", type=int, default=3,
+    p.add_argument("--compile-warmup", type=_count(0), default=3,
                    help="untimed runs per compiled cell (compilation and CUDA-graph recording happen in these)")
     p.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode of the compiled path")
     p.add_argument("--compile-backend", default="inductor",
@@ -229,10 +254,12 @@ def main(argv=None) -> int:
     p.add_argument("--ratios", default="0.5,0.25,0.111", help="comma-separated kept fractions")
     p.add_argument("--task", default="shapes", help="evaluation task: shapes, or an lmms-eval task (vtprune_shapes, "
                    "mme, ...; needs pip install 'vtprune[eval]')")
-    p.add_argument("--questions", type=int, default=1200, help="held-out questions per cell (lmms-eval: --limit)")
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--questions", type=_count(1), default=1200, help="held-out questions per cell (lmms-eval: --limit)")
+    p.add_argument("--batch", type=_count(1), default=32,
+                   help="evaluation batch size (prefill latency is of one batch; FLOPs are per sample)")
     p.add_argument("--random-weights", action="store_true", help="bundled architecture with random weights")
-    p.add_argument("--out", required=True, help="directory for results and plots (finished cells are reused)")
+    p.add_argument("--out", required=True, help="directory for results and plots (finished cells with the same model, "
+                   "task, --questions, --random-weights, --batch and device are reused)")
     p.set_defaults(func=_sweep)
     p = sub.add_parser("lmms-tasks", help="print the folder of vtprune's offline lmms-eval tasks (for --include_path)")
     p.set_defaults(func=_lmms_tasks)
@@ -240,7 +267,7 @@ def main(argv=None) -> int:
     args.argv = list(argv if argv is not None else sys.argv[1:])
     try:
         return args.func(args)
-    except (ValueError, NotImplementedError) as e:  # bad input: one line, not a traceback
+    except (ValueError, NotImplementedError, OSError) as e:  # bad input or a path: one line, not a traceback
         parser.exit(2, f"vtprune {args.command}: error: {e}\n")
 
 

@@ -93,3 +93,41 @@ def test_plain_measure_leaves_a_model_the_caller_compiled_compiled():
         assert "forward" in vars(model.model.language_model)  # still compiled
     finally:
         vtprune.uncompile_llm(model)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--reps", "0"], "--reps: must be >= 1, got 0"),
+    (["--new-tokens", "x"], "--new-tokens: expected an integer"),
+    (["--batch", "1,0"], "must be >= 1, got 0"),
+    (["--methods", "bogus"], "bogus"),
+    (["--ratio", "1.5", "--keep", None], "ratio"),
+])
+def test_bench_refuses_bad_arguments_before_loading_the_model(monkeypatch, capsys, argv, words):
+    """One line on stderr, exit status 2, and no model loaded (a full-scale build and its baseline
+    used to run before a bad strategy or budget was noticed; --reps 0 ended in a traceback)."""
+    from vtprune.cli import main
+    from vtprune.eval import models
+
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    args = {"--model": "tiny-test-llava", "--methods": "random", "--keep": "4", "--batch": "1"}
+    for flag, value in zip(argv[::2], argv[1::2]):
+        if value is None:
+            args.pop(flag)
+        else:
+            args[flag] = value
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", *[x for kv in args.items() for x in kv]])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert words in err[-1] and "Traceback" not in "".join(err)
+
+
+def test_an_unwritable_output_path_is_one_line(capsys, tmp_path):
+    from vtprune.cli import main
+
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        main(["flops", "--model", "tiny-test-llava", "--keep", "4", "--json", str(blocked / "x.json")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith("vtprune flops: error: ")

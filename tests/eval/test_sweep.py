@@ -3,6 +3,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from vtprune.eval import sweep
 
@@ -38,9 +39,102 @@ def test_sweep_resumes_and_writes_results_and_plots(tmp_path, monkeypatch, capsy
     assert cells[2]["visual_tokens"] == round(0.25 * 196)
     rows = list(csv.reader((tmp_path / "results.csv").open()))
     assert rows[0][:3] == ["method", "ratio", "accuracy"] and len(rows) == 4
+    assert rows[0][3:6] == ["prefill_tflops_per_sample", "llm_tflops_per_sample", "visual_tokens_per_sample"]
     for name in ("accuracy_vs_ratio.png", "accuracy_vs_tflops.png", "latency_vs_ratio.png"):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def _counting(monkeypatch):
+    calls = []
+    real = sweep.accuracy
+
+    def counting(task, model, processor, n, batch):
+        calls.append(batch)
+        return real(task, model, processor, n, batch)
+
+    monkeypatch.setattr(sweep, "accuracy", counting)
+    return calls
+
+
+def test_resume_reuses_only_cells_of_the_same_experiment(tmp_path, monkeypatch):
+    """--random-weights, --batch (and the device) are part of a cell's identity: a cell from another
+    experiment is never reused, and the warning says why it runs again."""
+    calls = _counting(monkeypatch)
+    args = dict(model_name="tiny-llava", methods=["random"], ratios=[0.5], task="shapes", out=tmp_path, n_questions=6,
+                progress=False)
+    trained = sweep.run(batch=3, random_weights=False, **args)
+    assert len(calls) == 2
+    with pytest.warns(UserWarning, match=r"2 of the 2 cells.*not reused.*random_weights=False"):
+        rand = sweep.run(batch=3, random_weights=True, **args)
+    assert len(calls) == 4
+    with pytest.warns(UserWarning, match=r"not reused.*batch=3"):
+        rand2 = sweep.run(batch=2, random_weights=True, **args)
+    assert len(calls) == 6 and calls[-2:] == [2, 2]
+    assert {(c["random_weights"], c["batch"], c["format"]) for c in trained} == {(False, 3, 2)}
+    assert {(c["random_weights"], c["batch"]) for c in rand} == {(True, 3)}
+    assert {(c["random_weights"], c["batch"]) for c in rand2} == {(True, 2)}
+    assert sweep.run(batch=3, random_weights=False, **args) == trained  # each experiment's cells are kept
+    assert sweep.run(batch=2, random_weights=True, **args) == rand2
+    assert len(calls) == 6 and len((tmp_path / "cells.jsonl").read_text().splitlines()) == 6
+
+
+def test_cells_of_the_older_format_are_not_reused(tmp_path, monkeypatch):
+    """A cell written before `format` 2 (no random_weights; shapes TFLOPs summed over the batch) is
+    ambiguous: it runs again, with a warning, and stays in the file."""
+    calls = _counting(monkeypatch)
+    args = dict(model_name="tiny-llava", methods=["random"], ratios=[0.5], task="shapes", out=tmp_path, n_questions=6,
+                batch=3, random_weights=True, progress=False)
+    old = [{"model": "tiny-llava", "task": "shapes", "questions": 6, "method": m, "ratio": r, "accuracy": 0.5,
+            "by_kind": {}, "prefill_tflops": 3.0, "llm_tflops": 1.0, "visual_tokens": 98.0, "prefill_ms": 1.0,
+            "batch": 3, "device": "cuda" if torch.cuda.is_available() else "cpu"} for m, r in (("none", 1.0), ("random", 0.5))]
+    (tmp_path / "cells.jsonl").write_text("".join(json.dumps(c) + "\n" for c in old))
+    with pytest.warns(UserWarning, match="older vtprune"):
+        cells = sweep.run(**args)
+    assert len(calls) == 2 and all(c["format"] == 2 and c["prefill_tflops"] < 0.01 for c in cells)
+    assert len((tmp_path / "cells.jsonl").read_text().splitlines()) == 4
+
+
+def test_tflops_are_per_sample_whatever_the_batch():
+    """The shapes task counts FLOPs on one batch of min(batch, questions) samples; a cell holds the
+    per-sample mean, as the lmms-eval path and visual_tokens do."""
+    one, four = (sweep.ShapesCells("tiny-llava", "shapes", 4, b, True).cell("random", 0.5) for b in (1, 4))
+    for k in ("prefill_tflops", "llm_tflops", "visual_tokens"):
+        assert one[k] == pytest.approx(four[k], rel=1e-9), k
+    assert one["visual_tokens"] == 98
+
+
+def test_a_cut_short_last_line_is_dropped_and_its_cell_runs_again(tmp_path, monkeypatch):
+    calls = _counting(monkeypatch)
+    args = dict(model_name="tiny-llava", methods=["random"], ratios=[0.5], task="shapes", out=tmp_path, n_questions=6,
+                batch=3, random_weights=True, progress=False)
+    first = sweep.run(**args)
+    log = tmp_path / "cells.jsonl"
+    text = log.read_text()
+    log.write_text(text[:len(text) - len(text.splitlines()[-1]) // 2])  # killed while writing the random cell
+    with pytest.warns(UserWarning, match=r"cells.jsonl, line 2: skipped an unparsable last line"):
+        again = sweep.run(**args)
+    assert len(calls) == 3 and calls[-1] == 3  # the random cell ran again, the unpatched one was reused
+    assert [(c["method"], c["ratio"]) for c in again] == [("none", 1.0), ("random", 0.5)] and again[0] == first[0]
+    assert [json.loads(line)["method"] for line in log.read_text().splitlines()] == ["none", "random"]
+    assert sweep.run(**args) == again and len(calls) == 3  # and the file resumes cleanly after that
+
+
+def test_a_corrupt_line_before_the_last_is_an_error_naming_it(tmp_path):
+    cell = {"model": "tiny-llava", "task": "shapes", "questions": 6, "method": "none", "ratio": 1.0}
+    (tmp_path / "cells.jsonl").write_text(json.dumps(cell) + "\n" + '{"model": "tiny-ll\n' + json.dumps(cell) + "\n")
+    with pytest.raises(ValueError, match=r"cells\.jsonl, line 2: not a sweep cell"):
+        sweep.run("tiny-llava", ["random"], [0.5], "shapes", tmp_path, n_questions=6, batch=3, random_weights=True,
+                  progress=False)
+
+
+def test_repeated_strategies_and_ratios_run_once(tmp_path, monkeypatch):
+    calls = _counting(monkeypatch)
+    cells = sweep.run("tiny-llava", ["random", "random"], [0.5, 0.5], "shapes", tmp_path, n_questions=6, batch=3,
+                      random_weights=True, progress=False)
+    assert len(calls) == 2 and [(c["method"], c["ratio"]) for c in cells] == [("none", 1.0), ("random", 0.5)]
+    assert len((tmp_path / "cells.jsonl").read_text().splitlines()) == 2
+    assert len(list(csv.reader((tmp_path / "results.csv").open()))) == 3
 
 
 def test_sweep_rejects_bad_input(tmp_path):

@@ -1,19 +1,25 @@
 """`vtprune sweep`: every strategy x kept ratio on a task -> results (JSONL/CSV/JSON) and plots.
 
-Each cell (strategy, ratio) records accuracy on the task, analytic prefill FLOPs and the median
-prefill latency of one batch. Tasks: the bundled `shapes` benchmark (ShapesCells), or any lmms-eval
-task, vtprune's offline `vtprune_shapes` included, through lmms-eval's Python API (LmmsCells). Finished cells are appended to
-OUT/cells.jsonl as they complete, so an interrupted sweep resumes where it stopped (a cell is
-identified by model, task, question count, strategy and ratio). The unpatched model is one more cell
-(ratio 1.0, strategy "none"). Plots: accuracy vs kept ratio, accuracy vs prefill TFLOPs with the
-Pareto front marked, prefill latency vs kept ratio.
+Each cell (strategy, ratio) records accuracy on the task, analytic prefill FLOPs and visual tokens
+per sample (cell keys `prefill_tflops`, `llm_tflops`, `visual_tokens`; the `_per_sample` columns of
+results.csv) and the median prefill latency of one batch (`prefill_ms`). Tasks: the bundled `shapes`
+benchmark (ShapesCells), or any lmms-eval task, vtprune's offline `vtprune_shapes` included, through
+lmms-eval's Python API (LmmsCells). Finished cells are appended to OUT/cells.jsonl as they complete,
+so an interrupted sweep resumes where it stopped. A cell is reused only when it was made with the same
+settings: model, task, question count, --random-weights, --batch, device (cpu/cuda), strategy and
+ratio, in this cell format (FORMAT); a finished cell made with other settings, or by a vtprune before
+FORMAT 2 (whose shapes TFLOPs were summed over the batch), is run again, with a warning. The unpatched
+model is one more cell (ratio 1.0, strategy "none"). Plots: accuracy vs kept ratio, accuracy vs prefill
+TFLOPs per sample with the Pareto front marked, prefill latency vs kept ratio.
 """
 from __future__ import annotations
 
 import csv
 import json
+import os
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,6 +27,8 @@ import torch
 from . import flops
 
 UNPATCHED = "none"
+FORMAT = 2  # OUT/cells.jsonl cell format: 2 = per-sample TFLOPs, random_weights recorded (none before)
+SETTINGS = ("random_weights", "batch", "device")  # besides model, task and questions: what makes an experiment
 
 
 def prefill_ms(model, inputs, reps: int = 3) -> float:
@@ -48,16 +56,21 @@ def accuracy(task: str, model, processor, n_questions: int, batch: int) -> dict:
     raise ValueError(f"unknown task {task!r}; available: shapes, or an lmms-eval task (pip install 'vtprune[eval]')")
 
 
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 class ShapesCells:
     """Cells on the bundled `shapes` benchmark (vtprune.eval.tinyvlm): accuracy on the held-out
-    questions; FLOPs and prefill latency on one batch of its calibration split."""
+    questions; FLOPs (per-sample means) and prefill latency on one batch of its calibration split."""
 
-    def __init__(self, model_name: str, task: str, n_questions: int, batch: int, random_weights: bool):
+    def __init__(self, model_name: str, task: str, n_questions: int, batch: int, random_weights: bool,
+                 device: str | None = None):
         from . import models
 
         self.task, self.n_questions, self.batch = task, n_questions, batch
         self.model, self.processor = models.load(model_name, random_weights=random_weights)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device or default_device()
         self.model = self.model.to(self.device)
         n = min(batch, n_questions)  # the FLOPs / latency sample: one batch of the task's calibration split
         self.sample = models.to_model(models.calibration(task, self.model, self.processor, n, batch_size=n)[0], self.model)
@@ -73,9 +86,10 @@ class ShapesCells:
                 acc = accuracy(self.task, self.model, self.processor, self.n_questions, self.batch)
                 ms = prefill_ms(self.model, self.sample)
             report = flops.count(self.model, self.sample, method, ratio=ratio)
-        return {"accuracy": acc["overall"], "by_kind": acc["by_kind"], "prefill_tflops": report.total_prefill / 1e12,
-                "llm_tflops": report.llm_prefill / 1e12,
-                "visual_tokens": sum(report.visual_tokens) / len(report.visual_tokens), "prefill_ms": ms}
+        n = len(report.visual_tokens)  # the report sums over the sample's batch; a cell holds per-sample means
+        return {"accuracy": acc["overall"], "by_kind": acc["by_kind"], "prefill_tflops": report.total_prefill / n / 1e12,
+                "llm_tflops": report.llm_prefill / n / 1e12, "visual_tokens": sum(report.visual_tokens) / n,
+                "prefill_ms": ms}
 
 
 class LmmsCells:
@@ -84,7 +98,8 @@ class LmmsCells:
     first one; every metric is kept under "by_kind". FLOPs and visual tokens are the per-sample means
     of the cell's own generations; latency is a prefill of the cell's first batch."""
 
-    def __init__(self, model_name: str, task: str, n_questions: int, batch: int, random_weights: bool):
+    def __init__(self, model_name: str, task: str, n_questions: int, batch: int, random_weights: bool,
+                 device: str | None = None):
         try:
             from lmms_eval.evaluator import simple_evaluate
             from lmms_eval.tasks import TaskManager
@@ -97,7 +112,7 @@ class LmmsCells:
         self.tasks = TaskManager("WARNING", include_path=str(lmms.TASKS), include_defaults=not task.startswith("vtprune_"))
         if task not in self.tasks.all_tasks:
             raise ValueError(f"lmms-eval has no task {task!r} (vtprune's: vtprune_shapes, vtprune_shapes_dynres)")
-        self.lm = lmms.Vtprune(pretrained=model_name, batch_size=batch, random_weights=random_weights)
+        self.lm = lmms.Vtprune(pretrained=model_name, batch_size=batch, random_weights=random_weights, device=device)
         self.lm.reuse = True
         self.device = self.lm.device.type
 
@@ -127,13 +142,99 @@ class LmmsCells:
                 "visual_tokens": s["visual_after"], "prefill_ms": ms}
 
 
+def _ratio(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def _key(cell: dict) -> tuple:
-    return cell["model"], cell["task"], cell["questions"], cell["method"], float(cell["ratio"])
+    """What identifies a cell (of this FORMAT): the experiment's settings, strategy and ratio."""
+    return (cell["model"], cell["task"], cell["questions"], *(cell[k] for k in SETTINGS), cell["method"],
+            float(cell["ratio"]))
+
+
+def _cell_of(cell: dict) -> tuple:
+    """The cell alone, whatever its settings or format: model, task, questions, strategy, ratio."""
+    return cell.get("model"), cell.get("task"), cell.get("questions"), cell.get("method"), _ratio(cell.get("ratio"))
+
+
+def read_cells(log: Path) -> list[dict]:
+    """The cells in OUT/cells.jsonl, in file order. An unparsable last line (a write cut short by a
+    kill or a full disk) is removed from the file with a warning, so its cell runs again; an
+    unparsable line before the last is an error naming the file and line."""
+    log = Path(log)
+    if not log.exists():
+        return []
+    data = log.read_bytes()
+    cells, start, lineno = [], 0, 0
+    while start < len(data):
+        end = data.find(b"\n", start)
+        end = len(data) if end < 0 else end + 1
+        line, lineno = data[start:end], lineno + 1
+        if line.strip():
+            try:
+                cell = json.loads(line)  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                if not isinstance(cell, dict):
+                    raise ValueError(f"a JSON {type(cell).__name__}, not an object")
+            except ValueError as e:
+                if data[end:].strip():
+                    raise ValueError(f"{log}, line {lineno}: not a sweep cell ({e}); fix or delete that line "
+                                     "(its cell then runs again)") from None
+                warnings.warn(f"{log}, line {lineno}: skipped an unparsable last line, a write cut short? ({e}); "
+                              "removed it from the file, its cell runs again", stacklevel=3)
+                with log.open("r+b") as f:
+                    f.truncate(start)
+                    f.flush()
+                    os.fsync(f.fileno())
+                return cells
+            cells.append(cell)
+        start = end
+    if data and not data.endswith(b"\n"):  # a complete last cell without its newline: the next one goes below it
+        _append(log, b"\n")
+    return cells
+
+
+def _append(log: Path, data: bytes) -> None:
+    """Append `data` with one write call (repeated only for what a short write leaves), then fsync."""
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _warn_not_reused(log: Path, logged: list[dict], base: dict, missing: list[tuple[str, float]]) -> None:
+    """Warn when a cell about to run has a finished counterpart in OUT/cells.jsonl made with other
+    settings or in an older format, which is not reused."""
+    wanted = {(base["model"], base["task"], base["questions"], m, float(r)) for m, r in missing}
+    hit, why = set(), set()
+    for c in logged:
+        if _cell_of(c) not in wanted:
+            continue
+        if c.get("format") != FORMAT:
+            why.add("written by an older vtprune (no random_weights recorded, TFLOPs summed over the batch)"
+                    if "format" not in c else f"cell format {c['format']!r} (this vtprune writes {FORMAT})")
+        elif any(c[k] != base[k] for k in SETTINGS):
+            why.update(f"{k}={c[k]!r}" for k in SETTINGS if c[k] != base[k])
+        else:
+            continue
+        hit.add(_cell_of(c))
+    if hit:
+        now = ", ".join(f"{k}={base[k]!r}" for k in SETTINGS)
+        warnings.warn(f"{log}: {len(hit)} of the {len(missing)} cells to run have finished cells there that are not "
+                      f"reused, made with other settings: {'; '.join(sorted(why))} (this run: {now}); they run "
+                      "again", stacklevel=3)
 
 
 def run(model_name: str, methods: list[str], ratios: list[float], task: str, out: str | Path,
         n_questions: int = 1200, batch: int = 32, random_weights: bool = False, progress: bool = True) -> list[dict]:
-    """Run the missing cells, then write OUT/results.{json,csv} and the plots; returns every cell."""
+    """Run the missing cells, then write OUT/results.{json,csv} and the plots; returns every cell
+    (repeated strategies and ratios count once)."""
     from tqdm.auto import tqdm
 
     import vtprune
@@ -141,31 +242,32 @@ def run(model_name: str, methods: list[str], ratios: list[float], task: str, out
     for r in ratios:
         if not 0 < r <= 1:
             raise ValueError(f"ratios must be in (0, 1], got {r}")
+    if n_questions < 1 or batch < 1:
+        raise ValueError(f"questions and batch must be >= 1, got {n_questions} and {batch}")
     unknown = [m for m in methods if m not in vtprune.available()]
     if unknown:
         raise ValueError(f"unknown strategies {unknown}; available: {', '.join(vtprune.available())}")
+    methods, ratios = list(dict.fromkeys(methods)), list(dict.fromkeys(float(r) for r in ratios))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "cells.jsonl"
-    done = {}
-    if log.exists():
-        for line in log.read_text().splitlines():
-            if line.strip():
-                cell = json.loads(line)
-                done[_key(cell)] = cell
+    logged = read_cells(log)
+    base = dict(format=FORMAT, model=model_name, task=task, questions=n_questions, random_weights=bool(random_weights),
+                batch=batch, device=default_device())
+    done = {_key(c): c for c in logged if c.get("format") == FORMAT}  # a later line wins
     todo = [(UNPATCHED, 1.0)] + [(m, r) for m in methods for r in ratios]
-    base = dict(model=model_name, task=task, questions=n_questions)
     missing = [(m, r) for m, r in todo if _key({**base, "method": m, "ratio": r}) not in done]
     if missing:
+        _warn_not_reused(log, logged, base, missing)
         cells_of = ShapesCells if task == "shapes" else LmmsCells
-        runner = cells_of(model_name, task, n_questions, batch, random_weights)
+        runner = cells_of(model_name, task, n_questions, batch, random_weights, device=base["device"])
+        if runner.device != base["device"]:
+            raise RuntimeError(f"the sweep runs on {runner.device}, not {base['device']}")
         with tqdm(total=len(missing), desc="sweep", unit="cell", disable=not progress) as bar:
             for method, ratio in missing:
                 bar.set_postfix_str(f"{method} {ratio:g}")
-                cell = {**base, "method": method, "ratio": ratio, **runner.cell(method, ratio), "batch": batch,
-                        "device": runner.device}
-                with log.open("a") as f:
-                    f.write(json.dumps(cell) + "\n")
+                cell = {**base, "method": method, "ratio": ratio, **runner.cell(method, ratio)}
+                _append(log, (json.dumps(cell) + "\n").encode())
                 done[_key(cell)] = cell
                 bar.update(1)
     cells = [done[_key({**base, "method": m, "ratio": r})] for m, r in todo]
@@ -176,10 +278,11 @@ def run(model_name: str, methods: list[str], ratios: list[float], task: str, out
 def write(cells: list[dict], out: Path) -> None:
     (out / "results.json").write_text(json.dumps(cells, indent=1) + "\n")
     cols = ["method", "ratio", "accuracy", "prefill_tflops", "llm_tflops", "visual_tokens", "prefill_ms"]
+    header = {k: k + "_per_sample" for k in ("prefill_tflops", "llm_tflops", "visual_tokens")}
     with (out / "results.csv").open("w", newline="") as f:
         w = csv.writer(f)
         extra = sorted({k for c in cells for k in c["by_kind"]})
-        w.writerow(cols + extra)
+        w.writerow([header.get(k, k) for k in cols] + extra)
         for c in cells:
             w.writerow([c[k] for k in cols] + [c["by_kind"].get(k, "") for k in extra])
     plot(cells, out)
@@ -207,8 +310,8 @@ def plot(cells: list[dict], out: Path) -> list[Path]:
     paths = []
     for name, xkey, ykey, xlabel, ylabel in (
             ("accuracy_vs_ratio.png", "ratio", "accuracy", "kept visual-token ratio", "accuracy"),
-            ("accuracy_vs_tflops.png", "prefill_tflops", "accuracy", "prefill TFLOPs (analytic)", "accuracy"),
-            ("latency_vs_ratio.png", "ratio", "prefill_ms", "kept visual-token ratio", "prefill ms (median)")):
+            ("accuracy_vs_tflops.png", "prefill_tflops", "accuracy", "prefill TFLOPs per sample (analytic)", "accuracy"),
+            ("latency_vs_ratio.png", "ratio", "prefill_ms", "kept visual-token ratio", "prefill ms per batch (median)")):
         fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
         for m in methods:
             pts = sorted((c[xkey], c[ykey]) for c in cells if c["method"] == m)
