@@ -87,7 +87,10 @@ class ToDRE(Method):
         rows = question_rows(tokens)
         share = visual_share(tokens.attention(rows), tokens.visual)
         drop = (rows.any(1) & (share < self.config.tau)).tolist()  # per sample: its question looks away
+        present = tokens.visual.sum(1).tolist()
+        if not any(drop):
+            return [torch.arange(int(n), device=tokens.visual.device) for n in present]
         # where it does, every image loses all its tokens, except one within its budget (keep >= N)
         emptied = top_per_image(torch.zeros(tokens.visual.shape, device=share.device), tokens, lambda *_: 0)
         return [emptied[b] if drop[b] else torch.arange(int(n), device=tokens.visual.device)
-                for b, n in enumerate(tokens.visual.sum(1).tolist())]
+                for b, n in enumerate(present)]
