@@ -14,15 +14,21 @@ def test_pareto_front_by_hand():
     assert sweep.pareto(pts) == [4, 0, 1, 5]
 
 
-def test_sweep_resumes_and_writes_results_and_plots(tmp_path, monkeypatch, capsys):
+def _counting(monkeypatch):
+    """Count the accuracy evaluations (one per cell run); the list holds each one's batch size."""
     calls = []
     real = sweep.accuracy
 
     def counting(task, model, processor, n, batch):
-        calls.append(n)
+        calls.append(batch)
         return real(task, model, processor, n, batch)
 
     monkeypatch.setattr(sweep, "accuracy", counting)
+    return calls
+
+
+def test_sweep_resumes_and_writes_results_and_plots(tmp_path, monkeypatch, capsys):
+    calls = _counting(monkeypatch)
     args = dict(model_name="tiny-llava", task="shapes", out=tmp_path, n_questions=6, batch=3, random_weights=True,
                 progress=False)
     first = sweep.run(methods=["random"], ratios=[0.5], **args)
@@ -43,18 +49,6 @@ def test_sweep_resumes_and_writes_results_and_plots(tmp_path, monkeypatch, capsy
     for name in ("accuracy_vs_ratio.png", "accuracy_vs_tflops.png", "latency_vs_ratio.png"):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
-
-
-def _counting(monkeypatch):
-    calls = []
-    real = sweep.accuracy
-
-    def counting(task, model, processor, n, batch):
-        calls.append(batch)
-        return real(task, model, processor, n, batch)
-
-    monkeypatch.setattr(sweep, "accuracy", counting)
-    return calls
 
 
 def test_resume_reuses_only_cells_of_the_same_experiment(tmp_path, monkeypatch):
