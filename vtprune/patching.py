@@ -131,6 +131,7 @@ def compile_llm(model, mode: str | None = "reduce-overhead", **compile_options):
     lm = adapter_for(model).language_model()
     gc = model.generation_config
     saved = {"cache_implementation": gc.cache_implementation, "disable_compile": gc.disable_compile}
+    own = lm.__dict__.get("forward")  # a forward already set on the instance (e.g. accelerate's device hooks)
     if mode is not None:
         compile_options["mode"] = mode
     compiled = torch.compile(lm.forward, **compile_options)
@@ -143,7 +144,7 @@ def compile_llm(model, mode: str | None = "reduce-overhead", **compile_options):
             return compiled(*args, **kwargs)
 
     lm.forward = forward
-    setattr(lm, _COMPILED, saved)
+    setattr(lm, _COMPILED, (saved, own))
     gc.cache_implementation, gc.disable_compile = "static", True
     return model
 
@@ -167,10 +168,14 @@ def _init_static_cache(lm, kwargs):
 def uncompile_llm(model):
     """Undo `compile_llm`: the language model's own forward and the previous generation settings."""
     lm = adapter_for(model).language_model()
-    saved = getattr(lm, _COMPILED, None)
-    if saved is None:
+    record = getattr(lm, _COMPILED, None)
+    if record is None:
         return model
-    del lm.forward  # the instance attribute set by compile_llm; the class's forward shows through again
+    saved, own = record
+    if own is not None:
+        lm.forward = own  # the instance forward compile_llm found (e.g. accelerate's device hooks)
+    else:
+        del lm.forward  # compile_llm's; the class's forward shows through again
     for key, value in saved.items():
         setattr(model.generation_config, key, value)
     delattr(lm, _COMPILED)

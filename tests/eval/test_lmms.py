@@ -63,6 +63,11 @@ def test_model_args_are_validated():
         lmms.Vtprune(pretrained="tiny-test-llava", method="random", keep=4)
     with pytest.raises(ValueError, match="dtype"):
         lmms.Vtprune(pretrained="tiny-llava", random_weights=True, dtype="int8")
+    from lmms_eval.utils import simple_parse_args_string  # list options through --model_args, as lmms-eval parses them
+
+    args = simple_parse_args_string("pretrained=tiny-llava,random_weights=true,method=transprune,keep=8,"
+                                    "schedule=[[1,0.5],[2,0.25]]")
+    assert lmms.Vtprune(**args).model._vtprune.method.config.schedule == [[1, 0.5], [2, 0.25]]
 
 
 @pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2vl"])
@@ -129,6 +134,51 @@ def test_loglikelihood_is_the_continuations_log_probability():
     vtprune.patch(lm.model, "divprune", ratio=0.25)  # pruned: a different, finite log-probability
     lp, _ = lm.loglikelihood([_Req(qs[0].text, "red", visual, 0, "t", "test")])[0]
     assert lp != pytest.approx(got[0][0], abs=1e-6) and lp < 0
+
+
+def test_loglikelihood_on_qwen_vl_extends_the_token_types():
+    """Qwen-VL inputs carry mm_token_type_ids: the appended continuation is text there too (it raised an
+    IndexError); keep-all gives the unpatched model's log-probability."""
+    from vtprune.eval import tinyvlm
+
+    lm = lmms.Vtprune(pretrained="tiny-qwen2vl", random_weights=True, method="divprune", ratio=1.0)
+    scene, qs = shapes.sample("eval", 3)
+    lm.task_dict = {"t": {"test": {0: {"scene": 3}}}}
+    visual = lambda d: [shapes.render(shapes.sample("eval", d["scene"])[0])]  # noqa: E731
+    (lp, _), = lm.loglikelihood([_Req(qs[0].text, "red", visual, 0, "t", "test")])
+    inputs = lm.processor(images=[shapes.render(scene)], text=[tinyvlm.prompt("qwen2_vl", qs[0].text) + " red"],
+                          return_tensors="pt")
+    inputs.pop("token_type_ids", None)
+    ids = inputs["input_ids"][0]
+    import vtprune
+
+    vtprune.unpatch(lm.model)
+    with torch.no_grad():
+        logp = torch.log_softmax(lm.model(**inputs).logits[0, -2].float(), -1)
+    assert lp == pytest.approx(float(logp[ids[-1]]), abs=1e-4)
+
+
+def test_a_batch_without_images_reports_its_own_figures():
+    """A text-only batch after a pruned one prunes nothing: its prompt lengths and visual-token figures
+    are its own (they were the previous batch's, and the zip over them dropped an answer)."""
+    lm = lmms.Vtprune(pretrained="tiny-llava", random_weights=True, method="divprune", ratio=0.25, batch_size=2)
+    # a chat template, as real checkpoints have, so that a prompt without an image is allowed
+    lm.processor.chat_template = ("<s> {% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+                                  "<image> {% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}")
+    scene, qs = shapes.sample("eval", 3)
+    lm.task_dict = {"t": {"test": {0: {}, 1: {}, 2: {}}}}
+    image, none = (lambda d: [shapes.render(scene)]), (lambda d: [])
+    gen = {"max_new_tokens": 3, "until": ["</s>"]}
+    reqs = [_Req(qs[0].text, gen, image, 0, "t", "test"), _Req("what colour is the sky", gen, none, 1, "t", "test"),
+            _Req("how many legs has a cat", gen, none, 2, "t", "test")]
+    out = lm.generate_until(reqs)
+    assert len(out) == 3 and all(o is not None for o in out)
+    for r, o in zip(reqs[1:], out[1:]):
+        real = lm._inputs([lm._prompt(r.args[0], 0)], [])["input_ids"].shape[1]
+        assert o.token_counts.input_tokens == real
+    figures = [(x["samples"], x["visual_before"], x["visual_after"]) for x in lm.records]
+    assert sum(n for n, _, _ in figures) == 3 and sum(b for _, b, _ in figures) == 196  # one image of 196 tokens
+    assert all(after == 0 for _, before, after in figures if before == 0)
 
 
 def test_sweep_on_an_lmms_eval_task_resumes(tmp_path, monkeypatch):

@@ -151,3 +151,28 @@ def test_kv_cache_is_found_under_either_transformers_name():
     assert kv_cache({"cache": a, "past_key_values": b}) is a and kv_cache({"cache": None, "past_key_values": b}) is b
     assert kv_cache({}) is None and kv_cache(SimpleNamespace()) is None
     assert kv_cache(SimpleNamespace(cache=None, past_key_values=b)) is b and kv_cache(SimpleNamespace(cache=a)) is a
+
+
+def test_uncompile_restores_a_forward_set_on_the_instance_before(model_factory):
+    """A forward already on the language-model instance (accelerate's device hooks put one there) is
+    compiled through and comes back on uncompile_llm (it used to be deleted with compile_llm's)."""
+    model = model_factory("llava")
+    lm = model.model.language_model
+    calls = []
+    plain = lm.forward
+
+    def hooked(*args, **kwargs):
+        calls.append(1)
+        return plain(*args, **kwargs)
+
+    lm.forward = hooked
+    inputs = tiny.batch("llava", [0])
+    with torch.no_grad():
+        vtprune.compile_llm(model, mode=None, backend="eager")
+        model(**inputs)
+        assert calls  # compiled through the instance forward
+        vtprune.uncompile_llm(model)
+        assert vars(lm)["forward"] is hooked
+        calls.clear()
+        model(**inputs)
+    assert calls == [1]

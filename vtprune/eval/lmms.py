@@ -49,9 +49,17 @@ def manifests() -> list:
 
 
 def _value(v):
-    """lmms-eval keeps quotes around values (`x="a"` -> '"a"'); numbers and booleans arrive parsed."""
+    """lmms-eval keeps quotes around values (`x="a"` -> '"a"') and brackets as text (`schedule=[[1,0.5]]`
+    -> '[[1,0.5]]'); numbers and booleans arrive parsed. Bracketed literals become lists / tuples."""
     if isinstance(v, str) and len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"":
         return v[1:-1]
+    if isinstance(v, str) and len(v) >= 2 and (v[0], v[-1]) in (("[", "]"), ("(", ")")):
+        import ast
+
+        try:
+            return ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            return v
     return v
 
 
@@ -221,9 +229,10 @@ class Vtprune(lmms):
 
         from . import flops
 
-        st = vtprune.stats(self.model) if self.method is not None else None
-        rep = flops.report(self.model, inputs, st, self.method, self.options)
         before = flops.visual_token_counts(self.model.config, inputs)
+        # a batch without images prunes nothing and leaves the record of the last batch that did
+        st = vtprune.stats(self.model) if self.method is not None and sum(before) else None
+        rep = flops.report(self.model, inputs, st, self.method, self.options)
         self.records.append({
             "samples": len(before), "visual_before": sum(before), "visual_after": sum(rep.visual_tokens),
             "selection_ms": st.selection_ms if st is not None else 0.0, "generate_s": seconds,
@@ -281,6 +290,8 @@ class Vtprune(lmms):
             cont = cont.to(inputs["input_ids"].device)
             inputs["input_ids"] = torch.cat([inputs["input_ids"], cont], 1)
             inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(cont)], 1)
+            if "mm_token_type_ids" in inputs:  # Qwen-VL: the continuation is text (type 0)
+                inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(cont)], 1)
             logits = self.model(**inputs).logits[0, -cont.shape[1] - 1:-1].float()
             logp = torch.log_softmax(logits, -1)
             out.append((float(logp.gather(1, cont[0][:, None]).sum()), bool((logits.argmax(-1) == cont[0]).all())))
