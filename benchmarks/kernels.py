@@ -30,6 +30,7 @@ import torch
 HERE = Path(__file__).resolve().parent  # off the path: this file would shadow the `kernels` package
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # that transformers imports
 sys.path.insert(0, str(HERE.parent))
+from vtprune.eval.bench import save_text  # noqa: E402
 from vtprune.eval.configs import CLIP_L336, LLAMA2_7B  # noqa: E402
 from vtprune.kernels import attention_scores_torch, greedy_select, greedy_select_torch, triton_available  # noqa: E402
 
@@ -183,8 +184,7 @@ def main(argv=None):
               "complete": False, "log": lines}
 
     def save():  # after every section: a run cut short keeps the sections it finished
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        save_text(args.out, json.dumps(result, indent=1) + "\n")
 
     if "greedy" in sections:
         if args.quick:

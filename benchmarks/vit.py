@@ -22,6 +22,7 @@ HERE = Path(__file__).resolve().parent  # off the path: benchmarks/kernels.py wo
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # that transformers imports
 sys.path.insert(0, str(HERE.parent))
 import vtprune  # noqa: E402
+from vtprune.eval.bench import save_text  # noqa: E402
 
 
 def models():
@@ -77,8 +78,7 @@ def main(argv=None):
             record = {"command": "python benchmarks/vit.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                       "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": str(dtype),
                       "batch": args.batch, "layer": args.layer, "complete": complete, "rows": rows}
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+            save_text(args.out, json.dumps(record, indent=1) + "\n")
 
     for name, model in models():
         model = model.to(device, dtype).eval()

@@ -140,9 +140,8 @@ def _bench(args) -> int:
     def save(complete: bool):  # after every row too, so that a run cut short keeps what it measured
         record = {"command": "vtprune " + " ".join(args.argv), "device": gpu, "model": args.model, "complete": complete,
                   "rows": [r.to_dict() for r in rows]}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
-        Path(args.out).with_suffix(".md").write_text(bench.markdown(rows) + "\n")
+        bench.save_text(args.out, json.dumps(record, indent=1) + "\n")
+        bench.save_text(Path(args.out).with_suffix(".md"), bench.markdown(rows) + "\n")
 
     for b in batches:
         inputs = models.to_model(models.calibration(task, model, processor, b, batch_size=b)[0], model)

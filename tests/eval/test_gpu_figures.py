@@ -63,7 +63,10 @@ def test_gpu_bench_part_runs_on_the_cpu(part, small_full_scale, tmp_path):
             assert r["visual_tokens"] == int(args[args.index("--keep") + 1])
         else:  # LLaVA-NeXT at 11 %: 2928 visual tokens (2 x 2 tiles + base + newlines) -> 11 % of them
             assert r["visual_tokens"] == round(0.111 * base["visual_tokens"]) and base["visual_tokens"] > 2000
-        assert r["kv_bytes"] < base["kv_bytes"]
+        if r["path"] == "eager":
+            assert r["kv_bytes"] < base["kv_bytes"]
+        else:  # the static cache is sized for the unpruned prompt
+            assert r["kv_bytes"] == base["kv_bytes"]
 
 
 def run_script(tmp_path, *args):

@@ -16,9 +16,11 @@ Reported figures are medians over the repetitions after `warmup` untimed runs.
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -58,6 +60,16 @@ class _Timer:
     def remove(self):
         for h in self.handles:
             h.remove()
+
+
+def save_text(path, text: str) -> None:
+    """Write `text` to `path` whole or not at all (a temporary file, then a rename): a figures file saved
+    after every row must not be left cut short when a deadline kills the run mid-write."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def vision_module(model) -> torch.nn.Module:
@@ -120,9 +132,15 @@ def measure(model, inputs: dict, method: str | None = None, options: dict | None
     with vtprune.pruned(model, method, **options) if method is not None else contextlib.nullcontext():
         vision_t = _Timer(vision_module(model), cuda)
         lm_t = _Timer(model.model.language_model, cuda)
-        caches = []  # compiled path: the cache each generate() handed the language model
-        grab = model.model.language_model.register_forward_pre_hook(
-            lambda m, a, kw: caches.append(kv_cache(kw)), with_kwargs=True) if compiled is not None else None
+        # compiled path: the static cache generate() hands the language model, the last one only (keeping
+        # every run's alive would give each new addresses, and CUDA graphs re-record when a static input moves)
+        last_cache = [None]
+
+        def grab_cache(module, args, kwargs):
+            last_cache[0] = kv_cache(kwargs)
+
+        grab = (model.model.language_model.register_forward_pre_hook(grab_cache, with_kwargs=True)
+                if compiled is not None else None)
         try:
             if compiled is not None:
                 vtprune.compile_llm(model, **compiled)
@@ -154,7 +172,7 @@ def measure(model, inputs: dict, method: str | None = None, options: dict | None
             if compiled is not None:  # a model the caller compiled stays compiled on the plain path
                 vtprune.uncompile_llm(model)
         if compiled is not None:
-            kv = kv_bytes(caches[-1])  # the static cache, allocated in full
+            kv = kv_bytes(last_cache[0])  # the static cache, allocated in full
         else:
             kv = kv_bytes(kv_cache(model(**inputs, use_cache=True, logits_to_keep=1)))  # dynamic cache: what is held
     timed = rows[warmup:]
