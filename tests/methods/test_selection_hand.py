@@ -212,3 +212,22 @@ def test_vflowopt_llm_layers():
     assert vflowopt.llm_layers(28) == [8, 17]  # drops before layers 9 and 18
     assert vflowopt.llm_layers(32) == [9, 20]
     assert vflowopt.llm_layers(4) == [0, 2]
+
+
+def test_batched_selection_equals_one_image_at_a_time():
+    """select_batch (one launch for a ViT batch) returns what select returns for each image; ToDRE with
+    each image's own pivot, an anyres base grid included."""
+    from vtprune.methods.base import ImageTokens
+    from vtprune.methods.registry import build_method
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(4, 16, 8, generator=g)
+    pivot = torch.rand(4, 16, generator=g)
+    base = [None, None, torch.arange(4, 8), None]  # image 2: the pivot from tokens 4..7 only
+    images = [ImageTokens(feats[i], (1, 4, 4), 5, {"pivot": pivot[i]}, base[i]) for i in range(4)]
+    for name, options in (("divprune", {}), ("todre", {"stage2": False}), ("todre", {"stage2": False, "rule": "maxsum"}),
+                          ("random", {})):
+        method = build_method(name, {"keep": 5, **options})
+        one = [method.select(im).indices.tolist() for im in images]
+        assert [s.indices.tolist() for s in method.select_batch(images)] == one, (name, options)
+    assert int(pivot[2, 4:8].argmax()) + 4 in build_method("todre", {"keep": 5}).select(images[2]).indices.tolist()

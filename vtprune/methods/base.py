@@ -259,6 +259,12 @@ class Method:
     def select(self, image: ImageTokens) -> Selection:
         raise NotImplementedError
 
+    def select_batch(self, images: list[ImageTokens]) -> list[Selection]:
+        """`select` for images of one shape (same N, grid and keep), e.g. a ViT batch. The default calls
+        `select` per image; a method whose selection runs batched (one kernel launch for all) overrides it
+        and must return exactly what `select` returns for each image."""
+        return [self.select(image) for image in images]
+
     # llm stage ----------------------------------------------------------------------------
     def drop_layers(self, num_layers: int) -> list[int]:
         return []

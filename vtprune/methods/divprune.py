@@ -28,3 +28,7 @@ class DivPrune(Method):
 
     def select(self, image: ImageTokens) -> Selection:
         return Selection(select(image.features[None], image.keep)[0])
+
+    def select_batch(self, images: list[ImageTokens]) -> list[Selection]:
+        picks = select(torch.stack([im.features for im in images]), images[0].keep)
+        return [Selection(row) for row in picks]

@@ -61,14 +61,23 @@ class ToDRE(Method):
         # the pivot: CLS->patch attention at the feature layer; encoders without CLS: attention received
         return {"pivot": VisionSignal("feature", "cls_else_mean")}
 
-    def select(self, image: ImageTokens) -> Selection:
+    @staticmethod
+    def _pivot(image: ImageTokens) -> torch.Tensor:
+        """LongTensor[1]: the highest-scoring token (anyres: of the base (thumbnail) grid only)."""
         pivot = image.signals["pivot"].float()
         if image.base is None:
-            first = ranking(pivot)[:1]
-        else:  # anyres: the pivot is searched over the base (thumbnail) grid only
-            base = image.base.to(pivot.device)
-            first = base[ranking(pivot[base])[:1]]
-        return Selection(select(image.features[None], image.keep, first.to(image.features.device), self.config.rule)[0])
+            return ranking(pivot)[:1]
+        base = image.base.to(pivot.device)
+        return base[ranking(pivot[base])[:1]]
+
+    def select(self, image: ImageTokens) -> Selection:
+        first = self._pivot(image).to(image.features.device)
+        return Selection(select(image.features[None], image.keep, first, self.config.rule)[0])
+
+    def select_batch(self, images: list[ImageTokens]) -> list[Selection]:
+        features = torch.stack([im.features for im in images])
+        first = torch.cat([self._pivot(im) for im in images]).to(features.device)
+        return [Selection(row) for row in select(features, images[0].keep, first, self.config.rule)]
 
     def _layer(self, num_layers: int) -> list[int]:
         if not self.config.stage2:
