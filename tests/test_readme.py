@@ -45,3 +45,41 @@ def test_demo_command_prints_table():
     for row in rows:
         if " 1.000 " in row:
             assert row.split()[-2:] == ["1.00", "1.00"]  # keep-all agrees with the unpruned model
+
+
+def test_reproduce_doc_model_args_build():
+    """Every `run NAME "MODEL_ARGS" TASKS` line of docs/reproduce.md (shell variables expanded) names a
+    strategy whose options, budget included, build: a paper command must not fail on its arguments."""
+    import ast
+
+    from vtprune.methods.registry import build_method
+
+    doc = README.parent / "docs" / "reproduce.md"
+    env, runs = {}, []
+    for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), re.S):
+        for line in block.splitlines():
+            if m := re.match(r"^([A-Z])=(\S+)", line):
+                env[m.group(1)] = m.group(2)
+                continue
+            loop = re.match(r"^for (\w) in ([^;]*); do (.*); done", line)  # for k in 192 128; do run ...; done
+            bodies = [loop.group(3).replace("$" + loop.group(1), v) for v in loop.group(2).split()] if loop else [line]
+            for body in bodies:
+                for args in re.findall(r'(?:^|; )run \S+\s+"([^"]*)"', body):
+                    runs.append(re.sub(r"\$([A-Z])", lambda v: env[v.group(1)], args))
+    methods = set()
+    for args in runs:
+        kv = dict(item.split("=", 1) for item in re.split(r",(?![^\[]*\])", args))
+        method = kv.pop("method", None)
+        if method is None:
+            continue
+        options = {}
+        for k, v in kv.items():
+            if k in ("pretrained", "dtype", "attn", "config"):
+                continue
+            try:
+                options[k] = ast.literal_eval(v)
+            except (ValueError, SyntaxError):
+                options[k] = v
+        build_method(method, options)
+        methods.add(method)
+    assert methods >= {"divprune", "hiprune", "todre", "transprune", "vflowopt", "fastv"} and len(runs) == 19

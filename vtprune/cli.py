@@ -47,13 +47,18 @@ def _tune(args) -> int:
 
     if args.method != "vflowopt":
         raise SystemExit(f"vtprune tune: only --method vflowopt has a tuner, got {args.method!r}")
+    import torch
+
     model, processor = models.load(args.model, random_weights=args.random_weights)
-    batches = models.calibration(args.task, model, processor, args.samples, seed=args.seed)
+    model = model.to("cuda" if torch.cuda.is_available() else "cpu")
+    batches = [models.to_model(b, model) for b in models.calibration(args.task, model, processor, args.samples,
+                                                                       seed=args.seed)]
     config = tune.tune(model, batches, args.budget, iterations=args.iterations, seed=args.seed)
     config["tuned"].update(model=args.model, task=args.task)
     tune.write(config, args.out)
     t = config["tuned"]
-    print(f"best mean cos(h, h~) = {t['objective']:.5f} (released preset start: {t['start_objective']:.5f}); "
+    start = "infeasible at this budget" if t["start_objective"] is None else f"{t['start_objective']:.5f}"
+    print(f"best mean cos(h, h~) = {t['objective']:.5f} (released preset start: {start}); "
           f"layer-averaged retention {t['layer_averaged_retention']:.3f}")
     print(f"wrote {args.out}: vtprune.patch(model, config={args.out!r})")
     return 0

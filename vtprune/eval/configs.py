@@ -68,8 +68,10 @@ def qwen2_5_vl_7b():
 
     vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
-                  hidden_act="silu", in_channels=3)
-    return tf.Qwen2_5_VLConfig(vision_config=vision, text_config=dict(_QWEN2_7B_TEXT), **_QWEN_IDS)
+                  hidden_act="silu", in_channels=3, tokens_per_second=2)
+    # the published text config differs from Qwen2-VL-7B's in its context length only
+    return tf.Qwen2_5_VLConfig(vision_config=vision, text_config={**_QWEN2_7B_TEXT, "max_position_embeddings": 128000},
+                               **_QWEN_IDS)
 
 
 def qwen3_vl_8b():

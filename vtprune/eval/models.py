@@ -86,9 +86,17 @@ def calibration(task: str, model, processor, n: int, seed: int = 0, batch_size: 
             texts.append(tinyvlm.prompt(fam, qs[0].text))
             images.append(shapes.render(scene))
         out = []
-        for i in range(0, n, batch_size):
-            inputs = processor(images=images[i:i + batch_size], text=texts[i:i + batch_size], padding=True,
-                               return_tensors="pt")
+        tok = getattr(processor, "tokenizer", None)
+        side = getattr(tok, "padding_side", None)
+        if tok is not None:
+            tok.padding_side = "left"  # the last position is every sample's last prompt token
+        try:
+            batches = [processor(images=images[i:i + batch_size], text=texts[i:i + batch_size], padding=True,
+                                 return_tensors="pt") for i in range(0, n, batch_size)]
+        finally:
+            if tok is not None:
+                tok.padding_side = side
+        for inputs in batches:
             inputs.pop("token_type_ids", None)
             out.append(dict(inputs))
         return out

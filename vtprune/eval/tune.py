@@ -5,7 +5,10 @@ hidden state of the last prefill token without and with pruning. Searched: R1 (t
 the LLM, within [budget, 1.5 x budget]), R2, t, a, alpha, by Gaussian-process Bayesian optimisation
 (optuna's GPSampler, seeded); R3 is solved from the layer-averaged budget
     (R1 * n1 + R1 * R2 * n2 + R1 * R2 * R3 * n3) / L = budget,
-with n1, n2, n3 the decoder layers before, between and after the two in-LLM drops."""
+with n1, n2, n3 the decoder layers before, between and after the two in-LLM drops (a decoder too
+shallow for two drops makes both at once: (R1 * n1 + R1 * R2 * R3 * n2) / L). A trial whose R3 would
+have to leave [R3_MIN, 1], or whose options the model refuses, is infeasible; the written config meets
+the budget exactly."""
 from __future__ import annotations
 
 import json
@@ -16,6 +19,7 @@ from ..methods.vflowopt import PRESETS, llm_layers
 
 SPACE = {"r2": (0.5, 1.0), "t": (0.0, 50.0), "a": (3.0, 24.0), "alpha": (-1.0, 1.0)}  # the authors' ranges
 R3_MIN = 0.01
+INFEASIBLE = -1.0  # a trial's score when its options cannot meet the budget (below any cosine)
 
 
 def layer_split(num_layers: int) -> tuple[int, int, int]:
@@ -24,12 +28,15 @@ def layer_split(num_layers: int) -> tuple[int, int, int]:
 
 
 def solve_r3(budget: float, r1: float, r2: float, num_layers: int) -> float | None:
-    """R3 meeting the layer-averaged budget, capped at 1; None when no R3 >= R3_MIN meets it."""
+    """R3 meeting the layer-averaged budget exactly; None when it would have to leave [R3_MIN, 1]."""
     n1, n2, n3 = layer_split(num_layers)
-    if n3 == 0:
-        return 1.0
-    r3 = (budget * num_layers - r1 * n1 - r1 * r2 * n2) / (n3 * r1 * r2)
-    return None if r3 < R3_MIN else min(1.0, r3)
+    if n3 == 0:  # one drop point: the layers after it see R1 * R2 * R3
+        r3 = (budget * num_layers - r1 * n1) / (n2 * r1 * r2)
+    else:
+        r3 = (budget * num_layers - r1 * n1 - r1 * r2 * n2) / (n3 * r1 * r2)
+    if r3 < R3_MIN or r3 > 1.0 + 1e-9:
+        return None
+    return min(1.0, r3)
 
 
 def last_hidden(model, inputs) -> torch.Tensor:
@@ -76,7 +83,12 @@ def tune(model, batches: list[dict], budget: float, iterations: int = 50, seed: 
         p = {"r1": trial.suggest_float("r1", *r1_range)}
         p.update({k: trial.suggest_float(k, *rng) for k, rng in SPACE.items()})
         opts = options_of(p)
-        return -1.0 if opts is None else objective(model, batches, reference, opts)  # infeasible: worst cosine
+        if opts is None:
+            return INFEASIBLE
+        try:
+            return objective(model, batches, reference, opts)
+        except ValueError:  # e.g. an anyres budget below its newlines + grids: this point is infeasible
+            return INFEASIBLE
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.GPSampler(seed=seed))
@@ -85,16 +97,19 @@ def tune(model, batches: list[dict], budget: float, iterations: int = 50, seed: 
              "t": nearest["t"], "a": nearest["a"], "alpha": 0.0}
     study.enqueue_trial(start)
     study.optimize(run, n_trials=iterations, show_progress_bar=progress)
-    best = options_of(study.best_params)
+    best = options_of(study.best_params) if study.best_value > INFEASIBLE else None
     if best is None:
         raise RuntimeError("no feasible configuration found; raise --iterations or the budget")
+    if abs(_retention(best, num_layers) - budget) > 1e-6:
+        raise RuntimeError(f"internal error: retention {_retention(best, num_layers)} != budget {budget}")
+    start_value = study.trials[0].value
     return {
         "method": "vflowopt",
         "options": best,
         "tuned": {
             "budget": budget,
             "objective": study.best_value,
-            "start_objective": study.trials[0].value,
+            "start_objective": start_value if start_value > INFEASIBLE else None,  # None: the preset is infeasible here
             "layer_averaged_retention": _retention(best, num_layers),
             "samples": sum(int(b["input_ids"].shape[0]) for b in batches),
             "iterations": iterations,
@@ -107,6 +122,8 @@ def tune(model, batches: list[dict], budget: float, iterations: int = 50, seed: 
 def _retention(options: dict, num_layers: int) -> float:
     n1, n2, n3 = layer_split(num_layers)
     r1, r2, r3 = options["ratio"], options["r2"], options["r3"]
+    if n3 == 0:  # both drops at once
+        return (r1 * n1 + r1 * r2 * r3 * n2) / num_layers
     return (r1 * n1 + r1 * r2 * n2 + r1 * r2 * r3 * n3) / num_layers
 
 
