@@ -12,6 +12,7 @@ def test_pareto_front_by_hand():
     pts = [(1.0, 0.5), (2.0, 0.7), (1.5, 0.4), (3.0, 0.7), (0.5, 0.1), (2.5, 0.9)]
     # (1.5, 0.4) is beaten by (1.0, 0.5); (3.0, 0.7) by (2.0, 0.7) and (2.5, 0.9)
     assert sweep.pareto(pts) == [4, 0, 1, 5]
+    assert sweep.pareto([(1.0, 1.0), (1.0, 2.0)]) == [1]  # beaten in one coordinate, tied in the other
 
 
 def _counting(monkeypatch):

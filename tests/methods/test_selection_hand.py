@@ -159,6 +159,54 @@ def test_transprune_default_schedule():
     assert transprune.default_schedule(32) == [(6, 0.875), (8, 0.625), (11, 0.125)]
     assert transprune.default_schedule(28) == [(6, 0.875), (8, 0.625), (11, 0.125)]
     assert transprune.default_schedule(4) == [(0, 0.625), (1, 0.125)]
+    assert transprune.default_schedule(13) == [(6, 0.875), (8, 0.625), (11, 0.125)]  # the paper's layers from 13 on
+    assert transprune.default_schedule(12) == [(2, 0.625), (3, 0.125)]  # scaled: a layer must follow the last drop
+
+
+def test_hiprune_neighbours_on_a_grid_that_is_not_square():
+    # 2 x 3 grid:  0 1 2 / 3 4 5 -- the anchor 2's in-grid neighbours are 1 (left) and 5 (below)
+    assert hiprune.anchors_and_buffers(torch.tensor([2]), (2, 3), 6).nonzero().flatten().tolist() == [1, 2, 5]
+
+
+def test_pool_window_starts_are_adaptive_pooling_floors():
+    from vtprune.methods.pool import window_starts
+
+    assert window_starts(5, 3).tolist() == [0, 1, 3]  # floor(i * 5 / 3)
+
+
+def test_in_llm_layers_of_fastv_and_todre():
+    from vtprune.methods.fastv import FastV, FastVConfig
+
+    fastv = FastV(FastVConfig(keep=4))  # K = 2: layers 0 and 1 see every token, the drop follows layer 1
+    assert fastv.drop_layers(32) == fastv.attention_layers(32) == [1]
+    stage2 = todre.ToDRE(todre.ToDREConfig(keep=4))
+    assert stage2.drop_layers(32) == [28] and stage2.drop_layers(28) == [24]  # floor(7L/8)
+    assert stage2.drop_layers(4) == [2]  # floor(28/8) = 3 is the last layer: clamped to L - 2
+
+
+def test_vflowopt_drop_counts_round_half_to_even_as_the_authors():
+    """5 tokens present, R2 = 0.5: drop round(2.5) = 2 (Python's, as the authors' code), keep the 3 most
+    important."""
+    from vtprune.methods.base import LayerTokens
+
+    n = 5
+    tokens = LayerTokens(layer=vflowopt.llm_layers(28)[0], hidden=torch.zeros(1, n, 2),
+                         visual=torch.ones(1, n, dtype=torch.bool), mask=torch.ones(1, n, dtype=torch.bool),
+                         keep=torch.tensor([2]), before=torch.tensor([10]), unit=torch.zeros(1, n, dtype=torch.long),
+                         unit_keep=(2,), unit_before=(10,), num_layers=28,
+                         state={"importance": torch.tensor([[5.0, 4, 3, 2, 1]])})
+    method = vflowopt.VFlowOpt(vflowopt.VFlowOptConfig(keep=2, r2=0.5, r3=0.5))
+    assert method.select_in_llm(tokens)[0].tolist() == [0, 1, 2]
+
+
+def test_top_per_image_keeps_an_image_within_its_budget_whole():
+    from vtprune.methods.base import LayerTokens, top_per_image
+
+    n = 5
+    tokens = LayerTokens(layer=0, hidden=torch.zeros(1, n, 2), visual=torch.ones(1, n, dtype=torch.bool),
+                         mask=torch.ones(1, n, dtype=torch.bool), keep=torch.tensor([5]), before=torch.tensor([5]),
+                         unit=torch.zeros(1, n, dtype=torch.long), unit_keep=(5,), unit_before=(5,))
+    assert top_per_image(torch.zeros(1, n), tokens, lambda *_: 0)[0].tolist() == [0, 1, 2, 3, 4]
 
 
 def test_top_visual_picks_within_visual_slots():
@@ -212,6 +260,13 @@ def test_vflowopt_llm_layers():
     assert vflowopt.llm_layers(28) == [8, 17]  # drops before layers 9 and 18
     assert vflowopt.llm_layers(32) == [9, 20]
     assert vflowopt.llm_layers(4) == [0, 2]
+
+
+def test_vflowopt_recycling_keeps_exactly_keep():
+    # importance 4 > 3 > 2 > 1 on a 2 x 2 grid in cells of one token: keeping k outright leaves 4 - k cells
+    # with a pruned token, so k + (4 - k) = 4 tokens for every k, never 3: no recycling, the top 3
+    idx, _, _ = vflowopt.prune_recycle(torch.eye(4), torch.tensor([4.0, 3.0, 2.0, 1.0]), (2, 2), 3, 1.0)
+    assert idx.tolist() == [0, 1, 2]
 
 
 def test_batched_selection_equals_one_image_at_a_time():
