@@ -48,10 +48,9 @@ def test_solve_r3_meets_the_layer_averaged_budget(layers):
     r1, r2, budget = 0.3, 0.9, 0.25
     r3 = tune.solve_r3(budget, r1, r2, layers)
     assert 0 < r3 <= 1
-    if n3:
-        assert abs((r1 * n1 + r1 * r2 * n2 + r1 * r2 * r3 * n3) / layers - budget) < 1e-12
-    else:  # a 2-layer decoder makes both drops at once: layer 1 sees R1 * R2 * R3
-        assert (n1, n2) == (1, 1) and abs((r1 + r1 * r2 * r3) / 2 - budget) < 1e-12
+    assert abs((r1 * n1 + r1 * r2 * n2 + r1 * r2 * r3 * n3) / layers - budget) < 1e-12
+    if layers == 2:  # both drops at once, after layer 0: layer 1 sees R1 * R2 * R3
+        assert (n1, n2, n3) == (1, 0, 1)
     assert abs(tune._retention(dict(ratio=r1, r2=r2, r3=r3), layers) - budget) < 1e-12
     assert tune.solve_r3(0.05, 0.3, 1.0, layers) is None  # the budget is spent before the last drop
     assert tune.solve_r3(0.29, 0.3, 0.9, layers) is None  # it would need R3 > 1: infeasible, not capped at 1

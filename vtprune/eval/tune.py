@@ -6,7 +6,7 @@ the LLM, within [budget, 1.5 x budget]), R2, t, a, alpha, by Gaussian-process Ba
 (optuna's GPSampler, seeded); R3 is solved from the layer-averaged budget
     (R1 * n1 + R1 * R2 * n2 + R1 * R2 * R3 * n3) / L = budget,
 with n1, n2, n3 the decoder layers before, between and after the two in-LLM drops (a decoder too
-shallow for two drops makes both at once: (R1 * n1 + R1 * R2 * R3 * n2) / L). A trial whose R3 would
+shallow for two drops makes both at once: n2 = 0). A trial whose R3 would
 have to leave [R3_MIN, 1], or whose options the model refuses, is infeasible; the written config meets
 the budget exactly."""
 from __future__ import annotations
@@ -23,17 +23,17 @@ INFEASIBLE = -1.0  # a trial's score when its options cannot meet the budget (be
 
 
 def layer_split(num_layers: int) -> tuple[int, int, int]:
-    p1, p2 = (llm_layers(num_layers) + [num_layers - 1])[:2]
+    """Decoder layers (n1, n2, n3) seeing R1, R1 * R2 and R1 * R2 * R3 of the tokens. A decoder with one
+    drop point makes both drops there (VFlowOpt.select_in_llm), so none sees R1 * R2 alone: n2 = 0."""
+    layers = llm_layers(num_layers)
+    p1, p2 = layers[0], layers[-1]
     return p1 + 1, p2 - p1, num_layers - p2 - 1
 
 
 def solve_r3(budget: float, r1: float, r2: float, num_layers: int) -> float | None:
     """R3 meeting the layer-averaged budget exactly; None when it would have to leave [R3_MIN, 1]."""
     n1, n2, n3 = layer_split(num_layers)
-    if n3 == 0:  # one drop point: the layers after it see R1 * R2 * R3
-        r3 = (budget * num_layers - r1 * n1) / (n2 * r1 * r2)
-    else:
-        r3 = (budget * num_layers - r1 * n1 - r1 * r2 * n2) / (n3 * r1 * r2)
+    r3 = (budget * num_layers - r1 * n1 - r1 * r2 * n2) / (n3 * r1 * r2)
     if r3 < R3_MIN or r3 > 1.0 + 1e-9:
         return None
     return min(1.0, r3)
@@ -122,8 +122,6 @@ def tune(model, batches: list[dict], budget: float, iterations: int = 50, seed: 
 def _retention(options: dict, num_layers: int) -> float:
     n1, n2, n3 = layer_split(num_layers)
     r1, r2, r3 = options["ratio"], options["r2"], options["r3"]
-    if n3 == 0:  # both drops at once
-        return (r1 * n1 + r1 * r2 * r3 * n2) / num_layers
     return (r1 * n1 + r1 * r2 * n2 + r1 * r2 * r3 * n3) / num_layers
 
 
