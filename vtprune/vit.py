@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .hooks.base import reduce_attention
-from .hooks.runtime import Stats, _sync
+from .hooks.runtime import Stats, _check_selection, _sync
 from .methods.base import ImageTokens, VisionSignal
 from .methods.registry import build_method
 from .patching import _ATTR, unpatch
@@ -152,7 +152,7 @@ class VitState:
         if len(counts) != 1:
             raise RuntimeError(f"{self.method_name} kept different token counts per image: {sorted(counts)}")
         idx = torch.stack([torch.as_tensor(s.indices).long().to(x.device) for s in sels])
-        _check_indices(idx, n, keep, f"{self.method_name}.select")
+        idx = _check_selection(idx, n, keep, f"{self.method_name}.select", rows=True)  # one host sync for the batch
         if all(s.tokens is None for s in sels):
             kept = patches.gather(1, idx[..., None].expand(-1, -1, patches.shape[-1]))
         else:
@@ -163,19 +163,6 @@ class VitState:
         self.last_stats.selection_ms = (time.perf_counter() - t0) * 1e3
         self.last_stats.visual_after = [idx.shape[1]] * b
         return out if self.tower.batch_first else out.transpose(0, 1)
-
-
-def _check_indices(idx: torch.Tensor, n: int, budget: int, what: str) -> None:
-    """Every image's selection [B, k]: 1 <= k <= budget, indices in [0, n), unique and ascending (one
-    host sync for the batch)."""
-    k = idx.shape[1]
-    if not 1 <= k <= budget:
-        raise RuntimeError(f"{what}: expected 1..{budget} indices per image, got {k}")
-    bad = (idx < 0).any() | (idx >= n).any()
-    if k > 1:
-        bad = bad | (idx[:, 1:] <= idx[:, :-1]).any()
-    if bool(bad):
-        raise RuntimeError(f"{what}: indices must be unique, ascending and in [0, {n})")
 
 
 def _resolve(layer, n: int) -> int:

@@ -112,13 +112,18 @@ def _sync(t: torch.Tensor):
         torch.cuda.synchronize(t.device)
 
 
-def _check_selection(sel: torch.Tensor, n: int, budget: int, what: str, least: int = 1) -> torch.Tensor:
+def _check_selection(sel: torch.Tensor, n: int, budget: int, what: str, least: int = 1,
+                     rows: bool = False) -> torch.Tensor:
+    """A method's selection as a LongTensor: [k] indices (rows=True: [B, k], each row one image's) with
+    least <= k <= budget, in [0, n), unique and ascending; one host sync for all the checks."""
     sel = torch.as_tensor(sel).long()
-    if sel.dim() != 1 or sel.numel() < least or sel.numel() > budget:
+    if sel.dim() != (2 if rows else 1) or not least <= sel.shape[-1] <= budget:
         raise RuntimeError(f"{what}: expected {least}..{budget} indices, got shape {tuple(sel.shape)}")
-    if bool((sel < 0).any()) or bool((sel >= n).any()):
+    out_of_range, unordered = torch.stack([(sel < 0).any() | (sel >= n).any(),
+                                           (sel[..., 1:] <= sel[..., :-1]).any()]).tolist()
+    if out_of_range:
         raise RuntimeError(f"{what}: indices out of range [0, {n})")
-    if sel.numel() > 1 and not bool((sel[1:] > sel[:-1]).all()):
+    if unordered:
         raise RuntimeError(f"{what}: indices must be unique and ascending")
     return sel
 
