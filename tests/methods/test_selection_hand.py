@@ -193,7 +193,7 @@ def test_vflowopt_drop_counts_round_half_to_even_as_the_authors():
     tokens = LayerTokens(layer=vflowopt.llm_layers(28)[0], hidden=torch.zeros(1, n, 2),
                          visual=torch.ones(1, n, dtype=torch.bool), mask=torch.ones(1, n, dtype=torch.bool),
                          keep=torch.tensor([2]), before=torch.tensor([10]), unit=torch.zeros(1, n, dtype=torch.long),
-                         unit_keep=(2,), unit_before=(10,), num_layers=28,
+                         images=((0, 10, 2),), num_layers=28,
                          state={"importance": torch.tensor([[5.0, 4, 3, 2, 1]])})
     method = vflowopt.VFlowOpt(vflowopt.VFlowOptConfig(keep=2, r2=0.5, r3=0.5))
     assert method.select_in_llm(tokens)[0].tolist() == [0, 1, 2]
@@ -205,7 +205,7 @@ def test_top_per_image_keeps_an_image_within_its_budget_whole():
     n = 5
     tokens = LayerTokens(layer=0, hidden=torch.zeros(1, n, 2), visual=torch.ones(1, n, dtype=torch.bool),
                          mask=torch.ones(1, n, dtype=torch.bool), keep=torch.tensor([5]), before=torch.tensor([5]),
-                         unit=torch.zeros(1, n, dtype=torch.long), unit_keep=(5,), unit_before=(5,))
+                         unit=torch.zeros(1, n, dtype=torch.long), images=((0, 5, 5),))
     assert top_per_image(torch.zeros(1, n), tokens, lambda *_: 0)[0].tolist() == [0, 1, 2, 3, 4]
 
 

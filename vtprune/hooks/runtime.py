@@ -77,9 +77,8 @@ class Run:
     layout: torch.Tensor  # [B, Lcur] caller-side slot of each current slot (-1 = padding we added)
     keep_total: torch.Tensor  # [B] visual tokens an llm-stage method keeps per sample
     pos_shift: torch.Tensor  # [B] added to decode positions
-    unit: torch.Tensor | None = None  # [B, Lcur] the image/frame (index into unit_keep) of each visual slot, else -1
-    unit_keep: tuple = ()  # per image/frame of this forward: its budget
-    unit_before: tuple = ()  # per image/frame: its tokens on entering the model
+    unit: torch.Tensor | None = None  # [B, Lcur] the image/frame (index into images) of each visual slot, else -1
+    images: tuple = ()  # (sample, tokens, budget) per image / video frame of this forward (= Stats.images)
     before: torch.Tensor | None = None  # [B] visual tokens per sample on entering the model
     orig_mask: torch.Tensor | None = None  # [B, orig_len] the caller's 2-D mask of the prefill
     default_positions: bool = False  # the prefill had no position_ids (the model's default, arange over slots)
@@ -308,8 +307,8 @@ class PatchState:
                 "the default dynamic cache, or a strategy (or option, e.g. todre's stage2=False) that prunes before "
                 "the language model only"
             )
-        self.last_stats = Stats(method=self.method_name, visual_before=visual.sum(1).tolist(),
-                                images=[(u.sample, len(u.slots), k) for u, k in zip(units, budgets)])
+        images = tuple((u.sample, len(u.slots), k) for u, k in zip(units, budgets))
+        self.last_stats = Stats(method=self.method_name, visual_before=visual.sum(1).tolist(), images=list(images))
         keep_total = torch.zeros(b, dtype=torch.long, device=embeds.device)
         unit = torch.full((b, seq_len), -1, dtype=torch.long, device=embeds.device)
         for i, (u, k) in enumerate(zip(units, budgets)):
@@ -323,8 +322,7 @@ class PatchState:
             keep_total=keep_total,
             pos_shift=torch.zeros(b, dtype=torch.long, device=embeds.device),
             unit=unit,
-            unit_keep=tuple(budgets),
-            unit_before=tuple(len(u.slots) for u in units),
+            images=images,
             before=visual.sum(1),
             orig_mask=mask2d,
         )
@@ -605,7 +603,7 @@ class PatchState:
         group = run.groups[-1]
         tokens = LayerTokens(
             layer=p, hidden=hidden, visual=run.visual, mask=group.mask.bool(), keep=run.keep_total,
-            before=run.before, unit=run.unit, unit_keep=run.unit_keep, unit_before=run.unit_before,
+            before=run.before, unit=run.unit, images=run.images,
             num_layers=len(self.layers), attention=partial(self._layer_attention, p, run),
             attention_next=partial(self._next_attention, p, run, hidden) if p in self.drop_layers else None,
             state=run.state,

@@ -151,8 +151,8 @@ class LayerTokens:
       (the sum of its images' budgets); before: LongTensor [B] visual tokens the sample had on entering
       the model (before any pruning); keep >= before means the user asked for nothing to be pruned.
     unit: LongTensor [B, L] the image (or video frame) each current visual slot belongs to, an index
-      into unit_keep / unit_before (the budget and the token count on entering the model of each image
-      of the batch); -1 at other slots. Budgets are per image: use `top_per_image`.
+      into `images`, (sample, tokens on entering the model, budget) of each image of the batch (what
+      `vtprune.stats(model).images` reports); -1 at other slots. Budgets are per image: `top_per_image`.
     attention: callable(query_rows) -> float32 [B, L], attention each key receives at this layer,
       averaged over heads and the given query rows (BoolTensor [B, L]; None = all real rows);
       available when the method lists the layer in `attention_layers`.
@@ -170,8 +170,7 @@ class LayerTokens:
     keep: torch.Tensor
     before: torch.Tensor | None = None
     unit: torch.Tensor | None = None
-    unit_keep: tuple = ()
-    unit_before: tuple = ()
+    images: tuple = ()
     num_layers: int = 0  # decoder layers in the model
     attention: object = None
     attention_next: object = None
@@ -203,7 +202,8 @@ def top_per_image(scores: torch.Tensor, tokens: LayerTokens, count) -> list[torc
             if u < 0:
                 raise RuntimeError("a visual slot belongs to no image")
             members = (uid == u).nonzero().squeeze(1)
-            present, keep, before = members.numel(), tokens.unit_keep[u], tokens.unit_before[u]
+            _, before, keep = tokens.images[u]
+            present = members.numel()
             k = present if keep >= before else max(0, min(present, int(count(present, keep, before))))
             picks.append(members[ranking(s[members])[:k]])
         out.append(torch.cat(picks).sort().values if picks else torch.zeros(0, dtype=torch.long, device=vis.device))
