@@ -3,14 +3,14 @@ Qwen video positions and frames, failed forwards, cache reuse, 4-D pixel_values,
 import pytest
 import torch
 import transformers
-from packaging.version import Version
 from transformers import DynamicCache
 
 import vtprune
 from vtprune import tiny
+from vtprune.hooks.runtime import _cache_kwarg
 
-# transformers 5.24 renamed the KV cache argument `past_key_values=` to `cache=` (the old name warns)
-CACHE = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
+# the KV cache argument: `cache=` from transformers 5.24, `past_key_values=` before (the old name warns)
+CACHE = _cache_kwarg(transformers.LlavaForConditionalGeneration.forward)
 GEN = dict(max_new_tokens=3, output_scores=True, return_dict_in_generate=True, **tiny.GEN)
 
 

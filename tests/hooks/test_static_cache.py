@@ -4,12 +4,10 @@ With a static cache, generate() prepares 4-D masks for the unpruned layout befor
 runtime rebuilds the 2-D mask, prunes, and prepares the masks of the pruned layout (notes §3(b))."""
 import pytest
 import torch
-import transformers
-from packaging.version import Version
 
 import vtprune
 from vtprune import tiny
-from vtprune.hooks.runtime import padding_mask
+from vtprune.hooks.runtime import _cache_kwarg, padding_mask
 
 FAMILIES = ["llava", "qwen2_vl", "qwen3_vl", "llava_next"]
 GEN = dict(max_new_tokens=5, output_scores=True, return_dict_in_generate=True, **tiny.GEN)
@@ -126,8 +124,7 @@ def test_a_static_cache_reset_and_reused_forgets_the_last_pruning(model_factory)
     model = model_factory("llava")
     inputs = tiny.batch("llava", [0, 1, 2])
     cache = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=64)
-    # transformers 5.24 renamed generate's `past_key_values=` to `cache=` (the old name warns)
-    arg = {"cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values": cache}
+    arg = {_cache_kwarg(model.forward): cache}  # `cache=` from transformers 5.24, `past_key_values=` before
     with torch.no_grad():
         unpatched = model.generate(**inputs, **GEN)
         vtprune.patch(model, "divprune", keep=4)
