@@ -5,6 +5,8 @@ import torch
 
 import vtprune
 from vtprune import tiny
+from vtprune.methods.base import Method, Selection
+from vtprune.methods.registry import get_method
 
 SEED = ["divprune", "hiprune", "todre", "todre_stage2", "token_shuffle", "transprune", "vflowopt"]
 METHODS = ["random", "pool", "fastv", "vision_attn_test", "hidden_norm_test", *SEED]
@@ -227,3 +229,58 @@ def test_decode_logits_match_manual_full_recompute(model_factory, family):
             full["mm_token_type_ids"] = tiny.token_types(full["input_ids"])
         recomputed = model(**full).logits[:, -1]
     torch.testing.assert_close(out.logits[-1], recomputed, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family, method, videos, calls", [
+    # three 16-token LLaVA images: one batched selection
+    ("llava", "divprune", (), [3]),
+    ("llava", "todre", (), [3]),
+    # Qwen2-VL samples 0, 1, 4: the two 8x8 images together; sample 1's 4x8 image alone (select); its
+    # clip's three frames together
+    ("qwen2_vl", "divprune", (1,), [2, 3]),
+    ("qwen2_vl", "todre", (1,), [2, 3]),
+])
+def test_images_of_one_shape_are_selected_in_one_batched_call(model_factory, monkeypatch, family, method, videos,
+                                                              calls):
+    """The runtime hands images of one shape to the method's select_batch together (one kernel launch), and
+    what it keeps is exactly what selecting each image alone keeps."""
+    cls = get_method(method)
+    model = model_factory(family)
+    inputs = tiny.batch(family, [0, 1, 4], videos=videos)
+    with torch.no_grad():
+        monkeypatch.setattr(cls, "select_batch", Method.select_batch)  # one by one
+        vtprune.patch(model, method, ratio=0.5)
+        ref = model(**inputs).logits
+        ref_layout = vtprune.stats(model).layout
+        vtprune.unpatch(model)
+        monkeypatch.undo()
+        seen, singles = [], []
+        real_batch, real_select = cls.select_batch, cls.select
+        monkeypatch.setattr(cls, "select_batch", lambda self, ims: seen.append(len(ims)) or real_batch(self, ims))
+        monkeypatch.setattr(cls, "select", lambda self, im: singles.append(1) or real_select(self, im))
+        vtprune.patch(model, method, ratio=0.5)
+        out = model(**inputs).logits
+    assert sorted(seen) == calls
+    assert len(singles) == len(vtprune.stats(model).images) - sum(calls)  # the rest one by one
+    assert ref_layout.shape[1] < inputs["input_ids"].shape[1]
+    assert torch.equal(vtprune.stats(model).layout, ref_layout)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("where", ["select", "select_batch"])
+@pytest.mark.parametrize("bad, message", [
+    (lambda k, n: torch.tensor([0] * k), "indices must be unique and ascending"),
+    (lambda k, n: torch.arange(n - k + 1, n + 1), r"indices out of range \[0, 16\)"),
+    (lambda k, n: torch.arange(k + 1), r"expected 1\.\.8 indices"),
+    (lambda k, n: torch.arange(k)[None], r"expected 1\.\.8 indices"),
+], ids=["repeated", "out_of_range", "too_many", "wrong_shape"])
+def test_a_strategys_bad_selection_is_an_error(model_factory, monkeypatch, where, bad, message):
+    """What a strategy returns is checked on both paths (one image, or a batch of one shape): a wrong
+    selection is an error naming the strategy, never silently applied."""
+    cls = get_method("divprune")
+    monkeypatch.setattr(cls, where, (lambda self, im: Selection(bad(im.keep, len(im.features)))) if where == "select"
+                        else (lambda self, ims: [Selection(bad(im.keep, len(im.features))) for im in ims]))
+    model = model_factory("llava")
+    vtprune.patch(model, "divprune", keep=8)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="divprune.select: " + message):
+        model(**tiny.batch("llava", [0] if where == "select" else [0, 1]))

@@ -278,10 +278,32 @@ class PatchState:
             return anyres.budget(self.method, u.layout)
         return self.method.budget(len(u.slots), u.grid)
 
-    def _select(self, u: Unit, image: ImageTokens) -> Selection:
-        if self._per_grid(u):
-            return anyres.select(self.method, image, u.layout)
-        return self.method.select(image)
+    def _select_all(self, todo: list[tuple[Unit, ImageTokens]]) -> list[Selection]:
+        """Each image's checked selection, in order. Images of one shape (tokens, grid, budget; no anyres
+        layout) go to the method's `select_batch` together where it has a batched form (DivPrune, ToDRE:
+        one kernel launch and one host sync for a LLaVA batch or a clip's frames); the rest one by one."""
+        what = f"{self.method_name}.select"
+        out: list[Selection | None] = [None] * len(todo)
+        groups: dict[tuple, list[int]] = {}
+        batched = type(self.method).select_batch is not Method.select_batch
+        for j, (u, image) in enumerate(todo):
+            if batched and image.base is None and not self._per_grid(u):
+                groups.setdefault((len(u.slots), u.grid, image.keep, image.features.device), []).append(j)
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            sels = self.method.select_batch([todo[j][1] for j in members])
+            idx = torch.stack([torch.as_tensor(s.indices).long() for s in sels])
+            idx = _check_selection(idx, len(todo[members[0]][0].slots), todo[members[0]][1].keep, what, rows=True)
+            for j, s, row in zip(members, sels, idx):
+                s.indices = row
+                out[j] = s
+        for j, (u, image) in enumerate(todo):
+            if out[j] is None:
+                sel = anyres.select(self.method, image, u.layout) if self._per_grid(u) else self.method.select(image)
+                sel.indices = _check_selection(sel.indices, len(u.slots), image.keep, what)
+                out[j] = sel
+        return out
 
     def _prefill(self, kwargs, scratch, visual):
         embeds = kwargs["inputs_embeds"]
@@ -342,18 +364,14 @@ class PatchState:
         _sync(embeds)
         t0 = time.perf_counter()
         signals = self.adapter.unit_signals(self.vision_scores, units) if self.vision_scores else [{}] * len(units)
-        chosen: list[tuple[Unit, Selection]] = []
-        images: list[ImageTokens] = []
+        todo: list[tuple[Unit, ImageTokens]] = []
         for i, (u, k) in enumerate(zip(units, budgets)):
-            n = len(u.slots)
-            if k >= n:
+            if k >= len(u.slots):
                 continue
             base = u.layout.parts[0][0].to(embeds.device) if u.layout is not None and len(u.layout.parts) > 1 else None
-            image = ImageTokens(embeds[u.sample, u.slots], u.grid, k, signals[i], base)
-            sel = self._select(u, image)
-            sel.indices = _check_selection(sel.indices, n, k, f"{self.method_name}.select")
-            chosen.append((u, sel))
-            images.append(image)
+            todo.append((u, ImageTokens(embeds[u.sample, u.slots], u.grid, k, signals[i], base)))
+        chosen = [(u, sel) for (u, _), sel in zip(todo, self._select_all(todo))]
+        images = [image for _, image in todo]
         _sync(embeds)
         self.last_stats.selection_ms = (time.perf_counter() - t0) * 1e3
         if not chosen:
