@@ -69,9 +69,9 @@ def test_gpu_bench_part_runs_on_the_cpu(part, small_full_scale, tmp_path):
             assert r["kv_bytes"] == base["kv_bytes"]
 
 
-def run_script(tmp_path, *args):
+def run_script(tmp_path, *args, path=()):
     """benchmarks/gpu_figures.sh copied into an empty tree (its parts' scripts absent, so each fails at
-    once), run with this interpreter's folder first on PATH."""
+    once), run with `path` and then this interpreter's folder first on PATH."""
     import os
     import shutil
     import subprocess
@@ -79,7 +79,7 @@ def run_script(tmp_path, *args):
 
     (tmp_path / "tree" / "benchmarks").mkdir(parents=True, exist_ok=True)
     shutil.copy(ROOT / "benchmarks" / "gpu_figures.sh", tmp_path / "tree" / "benchmarks")
-    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    env = dict(os.environ, PATH=os.pathsep.join([*map(str, path), os.path.dirname(sys.executable), os.environ["PATH"]]))
     return subprocess.run(["bash", str(tmp_path / "tree" / "benchmarks" / "gpu_figures.sh"), *args], env=env,
                           capture_output=True, text=True, timeout=120)
 
@@ -105,6 +105,38 @@ def test_script_skips_parts_past_its_deadline_and_rejects_unknown_parts(tmp_path
     r = run_script(tmp_path, "--deadline", "0", "bench7b")
     assert r.returncode == 1 and "bench_llava15_7b: skipped" in r.stdout
     assert "failed: bench_llava15_7b (no time)" in r.stdout
+
+
+def test_deadline_kills_a_running_part_and_keeps_what_it_wrote(tmp_path):
+    """A part still running at its limit is killed (timeout's exit 124); what it wrote so far is packed, and
+    the next part, with under 30 s left, is skipped. (~32 s: the shortest limit the script gives a part.)"""
+    import tarfile
+    import time
+
+    import sys
+
+    shim = tmp_path / "bin"  # python3 without torch's import time for the machine record (times are tight)
+    shim.mkdir()
+    (shim / "python3").write_text(f'#!/bin/sh\n[ "$1" = - ] && {{ echo {{}}; exit; }}\nexec {sys.executable} "$@"\n')
+    (shim / "python3").chmod(0o755)
+    (tmp_path / "tree" / "benchmarks").mkdir(parents=True)
+    (tmp_path / "tree" / "benchmarks" / "kernels.py").write_text(
+        "import sys, time\n"
+        "out = sys.argv[sys.argv.index('--out') + 1]\n"
+        "open(out, 'w').write('{\"rows\": [1], \"complete\": false}')\n"
+        "print('first row measured', flush=True)\n"
+        "time.sleep(600)\n")
+    t0 = time.monotonic()
+    r = run_script(tmp_path, "--archive", str(tmp_path / "figures.tgz"), "--deadline", "47", "kernels", "vit",
+                   path=[shim])
+    took = time.monotonic() - t0
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "failed: kernels_gpu (exit 124) vit_gpu (no time)" in r.stdout
+    assert took < 60  # killed at its limit, not after the 600 s sleep
+    with tarfile.open(tmp_path / "figures.tgz") as t:
+        assert json.load(t.extractfile("results/kernels_gpu.json")) == {"rows": [1], "complete": False}
+        log = t.extractfile("results/kernels_gpu.log").read().decode()
+    assert "first row measured" in log and "== kernels_gpu: exit 124 after" in log
 
 
 def test_offline_wheels_lists_what_a_torch_machine_lacks():
