@@ -181,3 +181,100 @@ def test_keep_all_with_in_llm_strategy_and_static_cache_is_a_no_op(model_factory
     assert vtprune.stats(model).visual_after == vtprune.stats(model).visual_before == [16, 16]
     assert torch.equal(out.sequences, unpatched.sequences)
     assert all(torch.equal(x, y) for x, y in zip(out.scores, unpatched.scores))
+
+
+# strategies that read vision-encoder scores or an anyres layout, which generate() records for the B prompts
+# and then repeats per beam / returned sequence; divprune needs neither (a control)
+EXPAND_METHODS = ["todre", "hiprune", "vflowopt", "pool", "token_shuffle", "divprune"]
+EXPAND_CASES = [(f, m, ()) for f in [*tiny.FAMILIES, *tiny.ANYRES_FAMILIES] for m in EXPAND_METHODS] + \
+               [(f, m, (1,)) for f in ["qwen2_vl", "llava_onevision"] for m in EXPAND_METHODS]  # with a video
+
+
+@pytest.mark.parametrize("family, method, videos", EXPAND_CASES)
+def test_beams_and_returned_sequences_prune_each_copy_as_its_prompt(model_factory, family, method, videos):
+    """generate() with num_return_sequences / num_beams k encodes the prompts' images once and repeats each
+    prompt k times: every copy is pruned as its prompt is in a plain forward (same slots kept, same first-step
+    logits), and with keep-all beams equal the unpatched model's."""
+    model = model_factory(family)
+    inputs = tiny.batch(family, [0, 1], videos=videos)
+    sample = dict(do_sample=True, num_return_sequences=3, max_new_tokens=1, output_logits=True,
+                  return_dict_in_generate=True, suppress_tokens=tiny.SPECIAL)
+    beams = dict(num_beams=2, num_return_sequences=2, max_new_tokens=3, **tiny.GEN)
+    with torch.no_grad():
+        unpatched = model.generate(**inputs, **beams)
+        vtprune.patch(model, method, keep=10_000)
+        assert torch.equal(model.generate(**inputs, **beams), unpatched)
+        vtprune.unpatch(model)
+        vtprune.patch(model, method, ratio=0.5)
+        plain = model(**inputs).logits[:, -1]
+        st = vtprune.stats(model)
+        layout, images = st.layout, st.images
+        assert layout.shape[1] < inputs["input_ids"].shape[1]
+        torch.manual_seed(0)
+        out = model.generate(**inputs, **sample)
+        st = vtprune.stats(model)
+        assert torch.equal(st.layout, layout.repeat_interleave(3, 0))
+        assert sorted(st.images) == sorted((b * 3 + c, n, k) for c in range(3) for b, n, k in images)
+        torch.testing.assert_close(out.logits[0], plain.repeat_interleave(3, 0), atol=2e-5, rtol=1e-4)
+        model.generate(**inputs, **beams)
+        assert torch.equal(vtprune.stats(model).layout[::2], layout)
+
+
+def test_llava_text_only_sample_beside_an_image_has_no_image(model_factory):
+    """A LLaVA batch with a text-only sample: it has no image unit, and strategies reading vision scores
+    run (the scores are the one image's), keeping the image tokens it keeps alone and all of the text."""
+    ids0, vis0 = tiny.sample("llava", 0)
+    ids1 = [tiny.BOS] + list(range(10, 40))
+    pad = len(ids1) - len(ids0)
+    inputs = {"input_ids": torch.tensor([[tiny.PAD] * pad + ids0, ids1]),
+              "attention_mask": torch.tensor([[0] * pad + [1] * len(ids0), [1] * len(ids1)]), **vis0}
+    model = model_factory("llava")
+
+    def kept_image_slots(layout, ids):
+        return [int(s) for s in layout if s >= 0 and ids[s] == tiny.IMG]
+
+    for method in ["todre", "hiprune", "vflowopt", "divprune"]:
+        vtprune.patch(model, method, keep=4)
+        with torch.no_grad():
+            model(**inputs)
+            st = vtprune.stats(model)
+            model(input_ids=torch.tensor([ids0]), **vis0)
+            alone = vtprune.stats(model)
+        assert st.images == [(0, 16, 4)], method
+        batch_kept = [s - pad for s in kept_image_slots(st.layout[0], inputs["input_ids"][0])]
+        assert batch_kept == kept_image_slots(alone.layout[0], ids0) and len(batch_kept) == 4, method
+        assert [int(s) for s in st.layout[1] if s >= 0] == list(range(len(ids1))), method
+        vtprune.unpatch(model)
+
+
+@pytest.mark.parametrize("samples, encoded, order", [
+    ([0, 0, 1, 1], 4, [0, 1, 2, 3]),  # no expansion
+    ([0, 1, 2, 3], 2, [0, 0, 1, 1]),  # 2 prompts x 2 copies, one image each
+    ([0, 0, 1, 1, 2, 3], 3, [0, 1, 0, 1, 2, 2]),  # prompt 0 with two images, prompt 1 with one
+    ([0, 1, 2, 3, 0, 1, 2, 3], 4, [0, 0, 1, 1, 2, 2, 3, 3]),  # Qwen order: all images, then all frames
+    ([0, 1, 1, 1], 2, None),  # copies of one prompt with different image counts
+    ([0, 1, 2], 2, None),
+    ([0, 1], 0, None),
+])
+def test_encode_order_matches_units_to_encoded_images(samples, encoded, order):
+    from vtprune.hooks.base import encode_order
+    from vtprune.hooks.runtime import Unit
+
+    units = [Unit(b, torch.arange(2), None, block=0) for b in samples]
+    assert encode_order(units, encoded) == order
+
+
+def test_several_new_tokens_on_a_pruned_cache_are_refused(model_factory):
+    """A pruned cache continued with more than one token at once (a second turn, prompt-lookup decoding) would
+    need the new tokens placed after the pruned prompt as a block: refused with an error naming both uses."""
+    model = model_factory("llava")
+    inputs = tiny.batch("llava", [0])
+    vtprune.patch(model, "divprune", keep=4)
+    cache = _new_cache(model)
+    with torch.no_grad():
+        model(**inputs, use_cache=True, **{CACHE: cache})
+        am = torch.cat([inputs["attention_mask"], torch.ones(1, 2, dtype=torch.long)], 1)
+        with pytest.raises(NotImplementedError, match="multi-turn reuse .* prompt-lookup"):
+            model(input_ids=torch.tensor([[5, 6]]), attention_mask=am, use_cache=True, **{CACHE: cache})
+        with pytest.raises(NotImplementedError, match="several new tokens at once"):
+            model.generate(**inputs, prompt_lookup_num_tokens=2, max_new_tokens=4, **tiny.GEN)

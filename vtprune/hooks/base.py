@@ -83,9 +83,11 @@ class Adapter:
     def unit_signals(self, store: "SignalStore", units: list) -> list[dict]:
         out = [{} for _ in units]
         for name, per_unit in store.read().items():
-            if len(per_unit) != len(units):
+            order = encode_order(units, len(per_unit))
+            if order is None:
                 raise RuntimeError(f"vision signal {name!r}: {len(per_unit)} images scored, {len(units)} in the batch")
-            for i, scores in enumerate(per_unit):
+            for i, j in enumerate(order):
+                scores = per_unit[j]
                 if scores.numel() != len(units[i].slots):
                     raise RuntimeError(
                         f"vision signal {name!r}: {scores.numel()} scores for an image of {len(units[i].slots)} tokens"
@@ -107,6 +109,29 @@ class Adapter:
                 f"vision layer must be 'feature', 'object' or an int in [{-n_layers}, {n_layers}), got {layer!r}"
             )
         return layer % n_layers
+
+
+def encode_order(units: list, encoded: int) -> list[int] | None:
+    """For each unit (image or frame of this forward), the index of the one the vision encoder produced it
+    from, out of `encoded` in encode order; None where they cannot be matched.
+
+    Normally unit i is item i. generate() with num_beams or num_return_sequences k encodes the prompts'
+    images once and then repeats each prompt k times in a row, each copy with its prompt's images
+    (`_expand_inputs_for_generation`): the units of sample b are then those of prompt b // k, and the first
+    copies' units (b % k == 0), in order, are the encoded ones."""
+    if len(units) == encoded:
+        return list(range(encoded))
+    if encoded <= 0 or len(units) % encoded:
+        return None
+    k = len(units) // encoded
+    seen: dict[int, int] = {}
+    keys = []
+    for u in units:
+        seen[u.sample] = seen.get(u.sample, -1) + 1
+        keys.append((u.sample, seen[u.sample]))  # (sample, rank of the unit in its sample)
+    first = {key: i for i, key in enumerate(key for key in keys if key[0] % k == 0)}
+    order = [first.get((b - b % k, j)) for b, j in keys]
+    return None if len(first) != encoded or None in order else order
 
 
 def grey_levels(pixels: torch.Tensor, mean, std) -> torch.Tensor:

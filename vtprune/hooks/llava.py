@@ -63,6 +63,8 @@ class LlavaAdapter(Adapter):
         units = []
         for b in range(visual.shape[0]):
             slots = visual[b].nonzero().squeeze(1)
+            if slots.numel() == 0:  # a text-only sample
+                continue
             if slots.numel() % per_image:
                 raise ValueError(f"sample {b} has {slots.numel()} image tokens, not a multiple of {per_image}")
             for j, chunk in enumerate(slots.split(per_image)):

@@ -17,6 +17,7 @@ import inspect
 import torch
 
 from .anyres import Layout
+from .base import encode_order
 from .llava import LlavaAdapter
 from .runtime import Unit
 from .sequence import runs
@@ -109,10 +110,10 @@ class LlavaNextAdapter(LlavaAdapter):
         if n_images is not None and n_images != len(units):
             raise ValueError(f"{type(self.model).__name__}: {n_images} images but {len(units)} runs of image tokens; "
                              "images must be separated by text so that vtprune can tell them apart")
-        if self.images is not None and len(self.images) == len(units):
-            for u, (tiles, size) in zip(units, self.images):
-                lay = self.layout(tiles, size)
-                u.layout = lay if lay.n == len(u.slots) else None
+        order = None if self.images is None else encode_order(units, len(self.images))
+        for u, j in zip(units, order or ()):
+            lay = self.layout(*self.images[j])
+            u.layout = lay if lay.n == len(u.slots) else None
         return units
 
     def units(self, scratch, visual, positions):
@@ -132,20 +133,25 @@ class LlavaNextAdapter(LlavaAdapter):
             return out
         images = [i for i, u in enumerate(units) if u.grid is None]
         frames = [i for i, u in enumerate(units) if u.grid is not None]
-        if self.images is None or len(self.images) != len(images) or any(units[i].layout is None for i in images):
+        image_order = None if self.images is None else encode_order([units[i] for i in images], len(self.images))
+        if image_order is None or any(units[i].layout is None for i in images):
             raise NotImplementedError(
                 f"{type(self.model).__name__}: vision-encoder signals need the images encoded by the model from "
                 "pixel_values with image_sizes (not precomputed features)")
-        encoded = sum(t for t, _ in self.images) + len(frames)
+        starts = [0]
+        for tiles, _ in self.images:
+            starts.append(starts[-1] + tiles)
         for name, per_tile in scores.items():
-            if len(per_tile) != encoded:
-                raise RuntimeError(f"vision signal {name!r}: {len(per_tile)} tiles or frames scored, {encoded} encoded")
-            start = 0
-            for i, (tiles, size) in zip(images, self.images):
-                maps = torch.stack([s.float() for s in per_tile[start:start + tiles]])[..., None]
-                out[i][name] = self.pack(maps, size)[:, 0]
-                start += tiles
-            for i in frames:
-                out[i][name] = self.frame_scores(per_tile[start].float())
-                start += 1
+            frame_order = encode_order([units[i] for i in frames], len(per_tile) - starts[-1])
+            if frame_order is None:
+                raise RuntimeError(f"vision signal {name!r}: {len(per_tile)} tiles or frames scored, "
+                                   f"{starts[-1]} image tiles and {len(frames)} frames in the batch")
+            packed = {}  # per encoded image (generate()'s beams repeat them)
+            for i, j in zip(images, image_order):
+                if j not in packed:
+                    maps = torch.stack([s.float() for s in per_tile[starts[j]:starts[j + 1]]])[..., None]
+                    packed[j] = self.pack(maps, self.images[j][1])[:, 0]
+                out[i][name] = packed[j]
+            for i, j in zip(frames, frame_order):
+                out[i][name] = self.frame_scores(per_tile[starts[-1] + j].float())
         return out
