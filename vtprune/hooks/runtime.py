@@ -232,8 +232,9 @@ class PatchState:
                 )
             if embeds.shape[1] != 1:
                 raise NotImplementedError(
-                    "vtprune: continuing a pruned KV cache with several new tokens at once (multi-turn reuse) is "
-                    "not supported; pass the whole conversation with a fresh cache"
+                    "vtprune: continuing a pruned KV cache with several new tokens at once is not supported: "
+                    "multi-turn reuse (pass the whole conversation with a fresh cache) or generate()'s assisted / "
+                    "prompt-lookup decoding (generate one token per step)"
                 )
             return self._decode(run, kwargs)
         if scratch is None or not scratch.get("visual_input"):
