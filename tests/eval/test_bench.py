@@ -131,3 +131,27 @@ def test_an_unwritable_output_path_is_one_line(capsys, tmp_path):
         main(["flops", "--model", "tiny-test-llava", "--keep", "4", "--json", str(blocked / "x.json")])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.startswith("vtprune flops: error: ")
+
+
+def test_compiled_measure_holds_no_earlier_run_s_static_cache():
+    """Each generate() makes a new static cache; the bench must not keep the previous run's alive, or the new
+    one cannot take its address and CUDA graphs (recorded on those static addresses) record again."""
+    import gc
+
+    from transformers import StaticCache
+
+    model = tiny.build("llava")
+    inputs = tiny.batch("llava", [0])
+    alive = []
+
+    def count(module, args, kwargs):
+        if kwargs.get("inputs_embeds") is not None and kwargs["inputs_embeds"].shape[1] > 1:  # a prefill
+            gc.collect()
+            alive.append(sum(isinstance(o, StaticCache) for o in gc.get_objects()))
+
+    hook = model.model.language_model.register_forward_pre_hook(count, with_kwargs=True)
+    row = bench.measure(model, inputs, "random", dict(keep=4), new_tokens=2, reps=2, warmup=1,
+                        compiled=dict(mode=None, backend="eager"))
+    hook.remove()
+    assert alive == [1, 1, 1]  # the current run's only
+    assert row.kv_bytes > 0

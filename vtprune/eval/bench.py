@@ -132,14 +132,18 @@ def measure(model, inputs: dict, method: str | None = None, options: dict | None
     with vtprune.pruned(model, method, **options) if method is not None else contextlib.nullcontext():
         vision_t = _Timer(vision_module(model), cuda)
         lm_t = _Timer(model.model.language_model, cuda)
-        # compiled path: the static cache generate() hands the language model, the last one only (keeping
-        # every run's alive would give each new addresses, and CUDA graphs re-record when a static input moves)
-        last_cache = [None]
+        # compiled path: the bytes of the static cache generate() hands the language model, read after the
+        # forward that allocates it. No reference is kept: each generate() makes a new cache, and one freed at
+        # the end of the previous run can take the same address, which CUDA graphs (recorded on those
+        # static addresses) need in order to replay instead of recording again.
+        static_kv = [None]
 
-        def grab_cache(module, args, kwargs):
-            last_cache[0] = kv_cache(kwargs)
+        def grab_cache(module, args, kwargs, output):
+            cache = kv_cache(kwargs)
+            if cache is not None:
+                static_kv[0] = kv_bytes(cache)
 
-        grab = (model.model.language_model.register_forward_pre_hook(grab_cache, with_kwargs=True)
+        grab = (model.model.language_model.register_forward_hook(grab_cache, with_kwargs=True)
                 if compiled is not None else None)
         try:
             if compiled is not None:
@@ -172,7 +176,7 @@ def measure(model, inputs: dict, method: str | None = None, options: dict | None
             if compiled is not None:  # a model the caller compiled stays compiled on the plain path
                 vtprune.uncompile_llm(model)
         if compiled is not None:
-            kv = kv_bytes(last_cache[0])  # the static cache, allocated in full
+            kv = static_kv[0]  # the static cache, allocated in full
         else:
             kv = kv_bytes(kv_cache(model(**inputs, use_cache=True, logits_to_keep=1)))  # dynamic cache: what is held
     timed = rows[warmup:]
