@@ -184,3 +184,134 @@ def test_throughput_benchmark_runs_side_by_side(tmp_path, monkeypatch, benchmark
     assert [(r["model"], r["method"]) for r in rows] == [(m, x) for m in ("tiny timm", "tiny open_clip")
                                                          for x in ("none", "divprune", "pool")]
     assert all(r["images_per_s"] > 0 for r in rows) and [r.get("kept") for r in rows[:3]] == [None, 8, 4]  # pool: a 2 x 2 grid
+
+
+class _SeqFirstTransformer(torch.nn.Module):
+    """An open_clip transformer as before 2.26: no batch_first attribute, blocks run sequence-first."""
+
+    def __init__(self, resblocks):
+        super().__init__()
+        self.resblocks = resblocks
+
+    def forward(self, x, attn_mask=None):
+        x = x.transpose(0, 1)
+        for blk in self.resblocks:
+            x = blk(x, attn_mask=attn_mask)
+        return x.transpose(0, 1)
+
+
+def test_open_clip_tower_without_batch_first_is_sequence_first():
+    new = clip_vit(batch_first=False)
+    old = clip_vit(batch_first=False)
+    old.transformer = _SeqFirstTransformer(old.transformer.resblocks)
+    with torch.no_grad():
+        assert torch.equal(old(IMAGES), new(IMAGES))
+        for model in (new, old):
+            vtprune.patch_vit(model, "divprune", keep=5, layer=1)
+        out = old(IMAGES)
+        assert out.shape == (3, 16) and vtprune.stats(old).visual_after == [5, 5, 5]
+        assert torch.equal(out, new(IMAGES))
+
+
+@pytest.mark.parametrize("kind", ["timm", "open_clip"])
+def test_forward_intermediates_refuses_grids_after_the_pruning_block(kind):
+    model = timm_vit() if kind == "timm" else clip_vit()
+    with torch.no_grad():
+        ref = model.forward_intermediates(IMAGES, indices=[0, 3], output_fmt="NLC")
+        early = model.forward_intermediates(IMAGES, indices=[0])
+        vtprune.patch_vit(model, "divprune", keep=5, layer=1)
+        with pytest.raises(ValueError, match=r"blocks \[3\] come after the pruning"):
+            model.forward_intermediates(IMAGES, indices=[0, 3])
+        with pytest.raises(ValueError, match=r"blocks \[1, 2, 3\]"):
+            model.forward_intermediates(IMAGES, indices=3)  # the last 3
+        out = model.forward_intermediates(IMAGES, indices=[0, 3], output_fmt="NLC")
+        same = model.forward_intermediates(IMAGES, indices=[0])  # before the pruning block: the full grid
+        vtprune.unpatch(model)
+    inter = (lambda o: o[1]) if kind == "timm" else (lambda o: o["image_intermediates"])
+    assert inter(out)[0].shape == inter(ref)[0].shape and torch.equal(inter(out)[0], inter(ref)[0])
+    assert inter(out)[1].shape[1] == inter(ref)[1].shape[1] - 11  # 16 patches -> 5
+    assert torch.equal(inter(same)[0], inter(early)[0]) and inter(same)[0].dim() == 4
+    assert "forward_intermediates" not in vars(model)  # unpatch restores the class method
+
+
+def test_towers_patch_vit_cannot_run_are_refused_when_patching():
+    with pytest.raises(TypeError, match="not Eva"):
+        vtprune.patch_vit(timm.models.eva.Eva(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2,
+                                              num_classes=5), "divprune", keep=4)
+    with pytest.raises(ValueError, match="dynamic_img_size"):
+        vtprune.patch_vit(timm_vit(dynamic_img_size=True), "divprune", keep=4)
+    parallel = timm_vit(block_fn=timm.models.vision_transformer.ParallelThingsBlock)
+    with pytest.raises(ValueError, match="hiprune: vision signals need timm blocks with norm1"):
+        vtprune.patch_vit(parallel, "hiprune", keep=4, layer=1)
+    with torch.no_grad():
+        vtprune.patch_vit(parallel, "divprune", keep=4, layer=1)(IMAGES)  # no signals needed: works
+    custom = open_clip.transformer.VisionTransformer(image_size=32, patch_size=8, width=32, layers=4, heads=2,
+                                                     mlp_ratio=2, output_dim=16, block_type="custom")
+    with pytest.raises(ValueError, match="todre: vision signals need open_clip blocks"):
+        vtprune.patch_vit(custom, "todre", keep=4, layer=1)
+    assert not hasattr(custom, "_vtprune")
+
+
+def test_set_input_size_after_patching_and_patch_dropout_in_train_mode():
+    model = timm_vit()
+    vtprune.patch_vit(model, "divprune", keep=5, layer=1)
+    model.set_input_size(img_size=48)
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 48, 48)).shape == (2, 5)
+    assert vtprune.stats(model).visual_before == [36, 36]
+    dropping = timm_vit(patch_drop_rate=0.25).train()
+    vtprune.patch_vit(dropping, "divprune", keep=5, layer=1)
+    with pytest.raises(ValueError, match="patch dropout is on in train mode"):
+        dropping(IMAGES)
+    dropping.eval()
+    assert dropping(IMAGES).shape == (3, 5)
+
+
+def _hooks(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_a_refused_repatch_leaves_the_previous_configuration():
+    model = timm_vit()
+    vtprune.patch_vit(model, "random", keep=5, layer=1)
+    installed = _hooks(model)
+    with pytest.raises(ValueError, match="layer"):
+        vtprune.patch_vit(model, "hiprune", keep=5, layer=1, deep_layer=3)  # deep_layer past the pruning block
+    assert _hooks(model) == installed
+    with torch.no_grad():
+        model(IMAGES)
+    assert vtprune.stats(model).method == "random" and vtprune.stats(model).visual_after == [5, 5, 5]
+    vtprune.unpatch(model)
+    assert _hooks(model) == 0
+
+
+def test_clip_model_and_its_visual_tower_share_one_configuration():
+    torch.manual_seed(0)
+    clip = open_clip.model.CLIP(embed_dim=16, vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=4, head_width=16),
+                                text_cfg=dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1)).eval()
+    with torch.no_grad():
+        ref = clip.encode_image(IMAGES)
+        vtprune.patch_vit(clip, "divprune", keep=6, layer=1)
+        vtprune.patch_vit(clip.visual, "random", keep=5, layer=1)  # replaces the CLIP model's configuration
+        clip.encode_image(IMAGES)
+        assert vtprune.stats(clip.visual).visual_after == [5, 5, 5]
+        assert vtprune.stats(clip) is vtprune.stats(clip.visual)
+        assert _hooks(clip.visual) == 1
+        vtprune.unpatch(clip)
+        assert _hooks(clip) == 0 and not hasattr(clip.visual, "_vtprune")
+        assert torch.equal(clip.encode_image(IMAGES), ref)
+
+
+def test_pruned_context_on_a_vit_restores_the_previous_configuration():
+    model = timm_vit()
+    with torch.no_grad():
+        ref = model(IMAGES)
+        with vtprune.pruned(model, "divprune", keep=4, layer=1):
+            model(IMAGES)
+            assert vtprune.stats(model).visual_after == [4, 4, 4]
+        assert torch.equal(model(IMAGES), ref) and _hooks(model) == 0
+        vtprune.patch_vit(model, "random", keep=6, layer=2)
+        with vtprune.pruned(model, "pool", keep=4, layer=1):
+            model(IMAGES)
+        model(IMAGES)
+    assert vtprune.stats(model).method == "random" and vtprune.stats(model).visual_after == [6, 6, 6]

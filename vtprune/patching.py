@@ -78,35 +78,72 @@ def patch(model, method: str | None = None, *, config=None, **options):
     return model
 
 
+def _state(model):
+    """What patch / patch_vit attached to `model`; for an open_clip CLIP model, also its patched visual tower."""
+    state = getattr(model, _ATTR, None)
+    if state is None:
+        visual = getattr(model, "visual", None)
+        state = getattr(visual, "__dict__", {}).get(_ATTR)
+    return state
+
+
 def unpatch(model):
     """Remove every hook `patch` installed; the model then behaves exactly as never patched."""
-    state = getattr(model, _ATTR, None)
+    state = _state(model)
     if state is None:
         return model
     state.remove()
-    delattr(model, _ATTR)
+    if model.__dict__.get(_ATTR) is state:  # (a ViT's state detaches itself)
+        delattr(model, _ATTR)
     return model
 
 
 @contextlib.contextmanager
 def pruned(model, method: str | None = None, *, config=None, **options):
-    """`with vtprune.pruned(model, "random", ratio=0.25): ...` patches inside the block only.
+    """`with vtprune.pruned(model, "random", ratio=0.25): ...` patches inside the block only (a timm or
+    open_clip ViT through `patch_vit`, which also takes `layer`).
 
     A configuration already on the model is restored on exit."""
-    previous = getattr(model, _ATTR, None)
-    prev_args = (previous.method_name, previous.options) if previous is not None else None
-    patch(model, method, config=config, **options)
+    previous = _state(model)
+    if _is_vit(model):
+        if config is not None:
+            raise ValueError("pruned: config files are for vision-language models; pass a ViT's options directly")
+        from .vit import patch_vit
+
+        patch_vit(model, method, **options)
+    else:
+        patch(model, method, config=config, **options)
     try:
         yield model
     finally:
         unpatch(model)
-        if prev_args is not None:
-            patch(model, prev_args[0], **prev_args[1])
+        if previous is not None:
+            previous.install()
+            if _state(model) is not previous:  # (a ViT's state attaches itself)
+                setattr(model, _ATTR, previous)
+
+
+def _is_vit(model) -> bool:
+    """A model patch_vit handles (and `patch` does not)."""
+    try:
+        adapter_for(model)
+        return False
+    except TypeError:
+        pass
+    from .vit import tower
+
+    try:
+        tower(model)
+    except TypeError:
+        return False
+    except ValueError:  # a ViT patch_vit refuses: let it say why
+        pass
+    return True
 
 
 def stats(model) -> Stats:
     """Figures of the last forward that pruned (visual tokens before/after per sample, selection ms)."""
-    state = getattr(model, _ATTR, None)
+    state = _state(model)
     if state is None:
         raise ValueError("model is not patched; call vtprune.patch(model, method, keep=...) first")
     return state.last_stats

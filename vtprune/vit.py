@@ -24,11 +24,11 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from .hooks.base import reduce_attention
+from .hooks.base import Restore, reduce_attention
 from .hooks.runtime import Stats, _check_selection, _sync
 from .methods.base import ImageTokens, VisionSignal
 from .methods.registry import build_method
-from .patching import _ATTR, unpatch
+from .patching import _ATTR
 
 LLM_ONLY = {"fastv": "it drops tokens inside a language model's decoder, by the text's attention",
             "transprune": "it drops tokens inside a language model's decoder, by the text's attention",
@@ -49,26 +49,57 @@ class Tower:
     blocks: torch.nn.ModuleList
     prefix: int  # tokens before the patches (CLS, registers): never pruned
     has_cls: bool
-    grid: tuple[int, int]
+    owner: torch.nn.Module  # the timm model or open_clip visual tower: grid size, patch dropout
     batch_first: bool
     kind: str  # "timm" | "open_clip"
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The patch grid, read when needed (timm's set_input_size changes it)."""
+        g = self.owner.patch_embed.grid_size if self.kind == "timm" else self.owner.grid_size
+        return int(g[0]), int(g[1])
+
+    def patch_dropout(self) -> float:
+        """Probability with which this tower drops patches before its blocks (train mode only)."""
+        drop = getattr(self.owner, "patch_drop" if self.kind == "timm" else "patch_dropout", None)
+        return float(getattr(drop, "prob", 0.0) or 0.0) if self.owner.training else 0.0
 
 
 def tower(model) -> Tower:
     """The blocks and token layout of a timm VisionTransformer or an open_clip visual tower (or CLIP model)."""
     if hasattr(model, "blocks") and hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens"):
-        grid = tuple(model.patch_embed.grid_size)
-        if getattr(model.patch_embed, "dynamic_img_size", False):
-            raise ValueError("timm ViTs with dynamic_img_size are not supported: the patch grid must be fixed")
+        from timm.models.vision_transformer import VisionTransformer
+
+        if not isinstance(model, VisionTransformer):  # Eva, BEiT, NaFlexVit...: rotary / relative positions
+            raise TypeError(f"patch_vit supports timm's VisionTransformer family (ViT, DeiT, DINOv2, SigLIP, ...), not "
+                            f"{type(model).__name__}: its position encoding inside the blocks needs the full grid")
+        if getattr(model, "dynamic_img_size", False) or getattr(model.patch_embed, "dynamic_img_size", False):
+            raise ValueError("timm ViTs with dynamic_img_size are not supported: the patch grid must be fixed "
+                             "(model.set_input_size changes it between calls, and works)")
         return Tower(model.blocks, int(model.num_prefix_tokens), getattr(model, "cls_token", None) is not None,
-                     grid, True, "timm")
+                     model, True, "timm")
     visual = getattr(model, "visual", model)
     if hasattr(visual, "transformer") and hasattr(visual.transformer, "resblocks") and hasattr(visual, "grid_size"):
         if getattr(visual, "attn_pool", None) is not None and getattr(visual, "attn_pool_type", "") == "parallel":
             raise ValueError("open_clip towers with a parallel attention pool are not supported")
-        return Tower(visual.transformer.resblocks, 1, True, tuple(visual.grid_size),
-                     getattr(visual.transformer, "batch_first", True), "open_clip")
+        # open_clip before 2.26 has no batch_first and runs its blocks sequence-first
+        return Tower(visual.transformer.resblocks, 1, True, visual,
+                     getattr(visual.transformer, "batch_first", False), "open_clip")
     raise TypeError(f"patch_vit supports timm VisionTransformer and open_clip visual towers, got {type(model).__name__}")
+
+
+def _signal_block_error(block, kind: str) -> str | None:
+    """Why vision signals cannot be read from this block (None: they can)."""
+    if kind == "timm":
+        attn = getattr(block, "attn", None)
+        if not hasattr(block, "norm1") or not all(hasattr(attn, a) for a in ("qkv", "q_norm", "k_norm", "scale")):
+            return (f"vision signals need timm blocks with norm1 and attn.qkv (a standard Attention); "
+                    f"{type(block).__name__} has none")
+        return None
+    attn = getattr(block, "attn", None)
+    if not hasattr(block, "ln_1") or not isinstance(attn, torch.nn.MultiheadAttention) or attn.in_proj_weight is None:
+        return "vision signals need open_clip blocks with torch.nn.MultiheadAttention (packed in-projection)"
+    return None
 
 
 def _qk_timm(block, x):
@@ -81,8 +112,6 @@ def _qk_timm(block, x):
 
 def _qk_open_clip(block, x):
     attn = block.attn
-    if not isinstance(attn, torch.nn.MultiheadAttention) or attn.in_proj_weight is None:
-        raise ValueError("vision signals need open_clip blocks with torch.nn.MultiheadAttention (packed in-projection)")
     d = attn.embed_dim
     bias = attn.in_proj_bias
     q = F.linear(x, attn.in_proj_weight[:d], None if bias is None else bias[:d])
@@ -103,23 +132,61 @@ class VitState:
         self.scores: dict[str, torch.Tensor] = {}
         self.last_stats = Stats(method=method_name)
 
-    def install(self):
+    def holders(self) -> list:
+        """The modules this state is attached to: the model given, and an open_clip CLIP's visual tower."""
+        return [self.model] + ([self.tower.owner] if self.tower.owner is not self.model else [])
+
+    def check(self):
+        """Everything install() would refuse, before any hook is added."""
         n = self.layer + 1
         for name, sig in self.method.vision_signals().items():
             if sig.reduce == "entropy":
                 raise ValueError(f"{self.method_name}: entropy signals need the raw image; not available in patch_vit")
             if sig.reduce in ("cls",) and not self.tower.has_cls:
                 raise ValueError(f"{self.method_name}: signal {name!r} needs a CLS token; this ViT has none")
-            li = _resolve(sig.layer, n)
-            block = self.tower.blocks[li]
+            why = _signal_block_error(self.tower.blocks[_resolve(sig.layer, n)], self.tower.kind)
+            if why is not None:
+                raise ValueError(f"{self.method_name}: {why}")
+
+    def install(self):
+        self.check()
+        n = self.layer + 1
+        for name, sig in self.method.vision_signals().items():
+            block = self.tower.blocks[_resolve(sig.layer, n)]
             norm = block.norm1 if self.tower.kind == "timm" else block.ln_1
             self.handles.append(norm.register_forward_hook(partial(self._signal, name, sig, block)))
         self.handles.append(self.tower.blocks[self.layer].register_forward_hook(self._drop))
+        owner = self.tower.owner
+        if hasattr(owner, "forward_intermediates"):
+            owner.forward_intermediates = partial(self._intermediates, owner.forward_intermediates)
+            self.handles.append(Restore(owner, "forward_intermediates"))
+        for holder in self.holders():
+            setattr(holder, _ATTR, self)
 
     def remove(self):
         for h in self.handles:
             h.remove()
         self.handles = []
+        for holder in self.holders():
+            if holder.__dict__.get(_ATTR) is self:
+                delattr(holder, _ATTR)
+
+    def _intermediates(self, original, *args, **kwargs):
+        """forward_intermediates: spatial (NCHW) maps exist only for blocks before the pruning one."""
+        import inspect
+
+        bound = inspect.signature(original).bind_partial(*args, **kwargs).arguments
+        fmt = bound.get("output_fmt", "NCHW")
+        indices = bound.get("indices")
+        n = len(self.tower.blocks)
+        taken = range(n) if indices is None else range(n - indices, n) if isinstance(indices, int) else \
+            [i % n for i in indices]
+        late = [i for i in taken if i >= self.layer]
+        if fmt != "NLC" and late:
+            raise ValueError(f"forward_intermediates: blocks {late} come after the pruning (block {self.layer} and "
+                             "later hold the kept tokens, not a full grid); pass output_fmt='NLC', or ask for "
+                             f"blocks before {self.layer}")
+        return original(*args, **kwargs)
 
     def _tokens(self, x):
         return x if self.tower.batch_first else x.transpose(0, 1)
@@ -138,7 +205,9 @@ class VitState:
         b, n, _ = patches.shape
         h, w = self.tower.grid
         if n != h * w:
-            raise ValueError(f"block {self.layer} output has {n} patch tokens, the {h}x{w} grid needs {h * w}")
+            hint = (" (patch dropout is on in train mode: it drops patches before the blocks; use eval mode or "
+                    "set it to 0)") if self.tower.patch_dropout() > 0 else ""
+            raise ValueError(f"block {self.layer} output has {n} patch tokens, the {h}x{w} grid needs {h * w}{hint}")
         keep = self.method.budget(n, (1, h, w))
         scores, self.scores = self.scores, {}
         self.last_stats = Stats(method=self.method_name, visual_before=[n] * b, visual_after=[n] * b)
@@ -201,7 +270,16 @@ def patch_vit(model, method: str, *, layer: int | None = None, **options):
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_blocks - 1:
         raise ValueError(f"layer must be an int in [0, {n_blocks - 1}) (a block must follow it), got {layer!r}")
     state = VitState(model, built, method, options, layer, t)
-    unpatch(model)
-    state.install()
-    setattr(model, _ATTR, state)
+    state.check()  # refusals before the previous configuration is touched
+    previous = model.__dict__.get(_ATTR) or t.owner.__dict__.get(_ATTR)  # patched as CLIP or as CLIP.visual
+    if previous is not None:
+        previous.remove()
+    try:
+        state.install()
+    except BaseException:
+        state.remove()
+        if previous is not None:  # leave the model as it was before this call
+            previous.install()
+        raise
     return model
+

@@ -111,6 +111,16 @@ class Adapter:
         return layer % n_layers
 
 
+class Restore:
+    """Hook handle that removes an instance attribute set over a class method."""
+
+    def __init__(self, obj, name):
+        self.obj, self.name = obj, name
+
+    def remove(self):
+        self.obj.__dict__.pop(self.name, None)
+
+
 def encode_order(units: list, encoded: int) -> list[int] | None:
     """For each unit (image or frame of this forward), the index of the one the vision encoder produced it
     from, out of `encoded` in encode order; None where they cannot be matched.

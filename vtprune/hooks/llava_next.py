@@ -17,20 +17,10 @@ import inspect
 import torch
 
 from .anyres import Layout
-from .base import encode_order
+from .base import Restore, encode_order
 from .llava import LlavaAdapter
 from .runtime import Unit
 from .sequence import runs
-
-
-class _Restore:
-    """Handle that removes an instance attribute set over a class method."""
-
-    def __init__(self, obj, name):
-        self.obj, self.name = obj, name
-
-    def remove(self):
-        self.obj.__dict__.pop(self.name, None)
 
 
 class LlavaNextAdapter(LlavaAdapter):
@@ -66,7 +56,7 @@ class LlavaNextAdapter(LlavaAdapter):
             return original(*args, **kwargs)
 
         inner.get_image_features = recording
-        return [_Restore(inner, "get_image_features")]
+        return [Restore(inner, "get_image_features")]
 
     def tiles(self, sizes, batch_num_images=None) -> list[tuple[int, tuple[int, int]]]:
         """(tiles the model encodes, (h, w)) per image, by the model's own rule."""
