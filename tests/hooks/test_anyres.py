@@ -200,12 +200,32 @@ def test_vflowopt_never_drops_newlines(model_factory, family):
     assert set(16 + r * 9 + 8 for r in range(8)) <= set(kept)
 
 
-@pytest.mark.parametrize("method", ["hiprune", "pool"])
-def test_a_budget_below_newlines_plus_grids_is_refused(model_factory, method):
+@pytest.mark.parametrize("method, keep", [("hiprune", 5), ("pool", 2), ("pool", 1), ("token_shuffle", 1)])
+def test_a_budget_below_newlines_plus_grids_is_refused(model_factory, method, keep):
+    """hiprune needs 8 newlines + 2 grids; a merge needs a base token, a crop token and its row's newline."""
     model = model_factory("llava_next")
-    vtprune.patch(model, method, keep=5 if method == "hiprune" else 2)  # 8 newlines + 2 grids for hiprune
-    with pytest.raises(ValueError, match="newline"), torch.no_grad():
+    vtprune.patch(model, method, keep=keep)
+    with pytest.raises(ValueError, match=f"a budget of {keep} is below the"), torch.no_grad():
         model(**tiny.batch("llava_next", [2]))
+
+
+@pytest.mark.parametrize("method", ["hiprune", "todre", "vflowopt", "vision_attn_test"])
+def test_onevision_video_without_an_image(model_factory, method):
+    """A video-only prompt: strategies reading vision scores work (no image layout is needed), keep-all
+    is bit-identical, and each frame gets its budget."""
+    from vtprune.tiny import _video
+
+    vids, vis = _video("llava_onevision", 1, torch.Generator().manual_seed(0))
+    ids = torch.tensor([[tiny.BOS, 5, 6, *vids, 7, 8]])
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), **vis)
+    model = model_factory("llava_onevision")
+    with torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=3, **tiny.GEN)
+        vtprune.patch(model, method, keep=10_000)
+        assert torch.equal(model.generate(**inputs, max_new_tokens=3, **tiny.GEN), ref)
+        vtprune.patch(model, method, keep=2)
+        model(**inputs)
+    assert vtprune.stats(model).images == [(0, 4, 2)] * 3
 
 
 def test_onevision_video_frame_scores_are_pooled_like_the_frames(model_factory):

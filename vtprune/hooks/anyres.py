@@ -156,6 +156,8 @@ def select(method: Method, image: ImageTokens, layout: Layout) -> Selection:
             raise _too_small(method, image.keep, len(layout.newlines) + len(sizes))
         part_keep = shares(spare, sizes)
     else:  # merge: the crop grid's share pays for its merged rows' newlines
+        if image.keep < 1 + 2:  # a merged base token, a merged crop token and its row's newline
+            raise _too_small(method, image.keep, 1 + 2)
         first = shares(image.keep, [sizes[0], sizes[1] + len(layout.newlines)])
         part_keep = [first[0], _crop_keep(method, layout.parts[1][1], first[1])]
         if part_keep[1] < 1:

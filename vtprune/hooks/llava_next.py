@@ -123,13 +123,14 @@ class LlavaNextAdapter(LlavaAdapter):
             return out
         images = [i for i, u in enumerate(units) if u.grid is None]
         frames = [i for i, u in enumerate(units) if u.grid is not None]
-        image_order = None if self.images is None else encode_order([units[i] for i in images], len(self.images))
+        encoded = self.images if images else []  # a video-only call encodes no images
+        image_order = None if encoded is None else encode_order([units[i] for i in images], len(encoded))
         if image_order is None or any(units[i].layout is None for i in images):
             raise NotImplementedError(
                 f"{type(self.model).__name__}: vision-encoder signals need the images encoded by the model from "
                 "pixel_values with image_sizes (not precomputed features)")
         starts = [0]
-        for tiles, _ in self.images:
+        for tiles, _ in encoded:
             starts.append(starts[-1] + tiles)
         for name, per_tile in scores.items():
             frame_order = encode_order([units[i] for i in frames], len(per_tile) - starts[-1])
@@ -140,7 +141,7 @@ class LlavaNextAdapter(LlavaAdapter):
             for i, j in zip(images, image_order):
                 if j not in packed:
                     maps = torch.stack([s.float() for s in per_tile[starts[j]:starts[j + 1]]])[..., None]
-                    packed[j] = self.pack(maps, self.images[j][1])[:, 0]
+                    packed[j] = self.pack(maps, encoded[j][1])[:, 0]
                 out[i][name] = packed[j]
             for i, j in zip(frames, frame_order):
                 out[i][name] = self.frame_scores(per_tile[starts[-1] + j].float())
