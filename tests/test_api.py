@@ -69,6 +69,60 @@ def test_method_option_validation():
             vtprune.patch(tiny.build("llava"), method, keep=4, keep_positions=False)
 
 
+@pytest.mark.parametrize("method, options, exc, words", [
+    ("divprune", dict(keep=4, keep_positions="false"), TypeError, "keep_positions must be a bool"),
+    ("fastv", dict(keep=4, keep_positions=1), TypeError, "keep_positions must be a bool"),
+    ("token_shuffle", dict(s=2, keep_positions=0), TypeError, "keep_positions must be a bool"),
+    ("transprune", dict(keep=4, abs_cos="no"), TypeError, "abs_cos must be a bool"),
+    ("transprune", dict(keep=4, accumulate_from="2"), TypeError, "accumulate_from must be an int"),
+    ("transprune", dict(keep=4, accumulate_from=True), TypeError, "accumulate_from must be an int"),
+    ("transprune", dict(keep=4, schedule=[(1, 0.5), (2, 0.25)], accumulate_from=3), ValueError, "after the last drop"),
+    ("transprune", dict(keep=4, schedule=[(1, "abc")]), TypeError, "schedule fraction must be a number"),
+    ("transprune", dict(keep=4, schedule=[(1, "0.5")]), TypeError, "schedule fraction must be a number"),
+    ("transprune", dict(keep=4, schedule=[(True, 0.5)]), TypeError, "schedule layer must be an int"),
+    ("transprune", dict(keep=4, schedule=[5]), ValueError, "pairs"),
+    ("transprune", dict(keep=4, schedule=[(1, float("nan"))]), ValueError, "schedule fraction must be a finite"),
+    ("todre", dict(keep=4, stage2=False, stage2_layer=2), ValueError, "needs stage2=True"),
+    ("vflowopt", dict(keep=4, t=float("nan")), ValueError, "t must be a finite number >= 0.0"),
+    ("vflowopt", dict(keep=4, t=float("inf")), ValueError, "t must be a finite"),
+    ("vflowopt", dict(keep=4, alpha=float("nan")), ValueError, "alpha must be a finite number"),
+    ("vflowopt", dict(keep=4, pixel_mean=(0.5,)), ValueError, "pixel_mean must be 3 numbers"),
+    ("vflowopt", dict(keep=4, pixel_std=(0.2, 0.0, 0.2)), ValueError, r"pixel_std\[1\] must be a finite number > 0.0"),
+    ("random", dict(keep=4, seed=2**64), ValueError, "seed must be an int in"),
+    ("hiprune", dict(keep=4, object_layer=7), ValueError, "vision signal 'object': its layer must be"),
+])
+def test_option_errors_name_the_option_at_patch_time(model_factory, method, options, exc, words):
+    model = model_factory("llava")
+    with pytest.raises(exc, match=words):
+        vtprune.patch(model, method, **options)
+    assert not hasattr(model, "_vtprune")
+
+
+def test_transprune_schedule_alone_sets_every_drop_and_the_budget(model_factory):
+    """A schedule with no keep/ratio: each drop keeps its fraction, the last one as the budget (spec:
+    the schedule overrides everything); with a keep, the last drop keeps that keep."""
+    model = model_factory("llava")
+    inputs = tiny.batch("llava", [0])
+    with torch.no_grad():
+        vtprune.patch(model, "transprune", schedule=[(1, 0.5), (2, 0.25)])
+        model(**inputs)
+        alone = vtprune.stats(model).layer_tokens
+        vtprune.patch(model, "transprune", schedule=[(1, 0.5), (2, 0.25)], keep=6)
+        model(**inputs)
+        with_keep = vtprune.stats(model).layer_tokens
+    text = alone[0][0] - 16
+    assert [n[0] - text for n in alone] == [16, 16, 8, 4]
+    assert [n[0] - text for n in with_keep] == [16, 16, 8, 6]
+
+
+def test_config_typos_and_an_explicit_budget_over_a_files_s(model_factory):
+    model = model_factory("llava")
+    with pytest.raises(ValueError, match="'option': did you mean 'options'"):
+        vtprune.patch(model, config={"method": "vflowopt", "option": {"r2": 0.5}}, ratio=0.25)
+    vtprune.patch(model, config={"method": "token_shuffle", "options": {"s": 3}, "tuned": {"note": 1}}, keep=4)
+    assert model._vtprune.method.config.s is None and model._vtprune.method.config.keep == 4
+
+
 def test_fastv_layer_beyond_depth_leaves_model_unpatched(model_factory):
     model = model_factory("llava")
     n = len(model.model.language_model.layers)
@@ -188,3 +242,6 @@ def test_cli_methods_lists_stage_and_options():
     text = buf.getvalue()
     assert "fastv  (stage: llm)" in text and "pool  (stage: projector)" in text
     assert "seed: int = 0" in text and "layer: int = 2" in text
+    # each option's help is the comment beside it in the config class
+    assert "s: int | None = None  # window side; None with no keep/ratio means s=2" in text
+    assert "tau: float = 0.1  # stage 2 drops" in text

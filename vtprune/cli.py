@@ -13,8 +13,8 @@ def _methods(args) -> int:
         print(f"{name}  (stage: {cls.stage})  {(cls.__doc__ or '').strip().splitlines()[0]}")
         if cls.paper:
             print(f"    paper: {cls.paper}")
-        for opt, typ, default in option_help(cls):
-            print(f"    {opt}: {typ} = {default!r}")
+        for opt, typ, default, note in option_help(cls):
+            print(f"    {opt}: {typ} = {default!r}" + (f"  # {note}" if note else ""))
     return 0
 
 

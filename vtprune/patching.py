@@ -25,6 +25,12 @@ def load_config(config) -> tuple[str | None, dict]:
                 raise ValueError(f"config file {os.fspath(config)!r} is not valid JSON: {e}") from None
     if not isinstance(config, dict):
         raise TypeError(f"config must be a path to a JSON file or a dict, got {type(config).__name__}")
+    import difflib
+
+    for key in config:  # other keys (e.g. "tuned") are notes; a near-miss of a meaningful one is a typo
+        near = difflib.get_close_matches(key, ["method", "options"], n=1, cutoff=0.7)
+        if near and near[0] != key:
+            raise ValueError(f"config key {key!r}: did you mean {near[0]!r}? (keys read: 'method', 'options')")
     options = config.get("options", {})
     if not isinstance(options, dict):
         raise ValueError("config 'options' must be a mapping of option names to values")
@@ -45,9 +51,12 @@ def _resolve(method, config, options) -> tuple[str, dict]:
     method = method or file_method
     if method is None:
         raise ValueError("the config names no method; pass one: patch(model, 'name', config=...)")
-    if options.keys() & {"keep", "ratio"}:  # an explicit budget replaces the file's
-        file_options.pop("keep", None)
-        file_options.pop("ratio", None)
+    from .methods.registry import get_method
+
+    budget = get_method(method).Config.budget_fields  # keep, ratio (token_shuffle: and s)
+    if options.keys() & set(budget):  # an explicit budget replaces the file's
+        for name in budget:
+            file_options.pop(name, None)
     return method, {**file_options, **options}
 
 

@@ -144,7 +144,7 @@ class VitState:
                 raise ValueError(f"{self.method_name}: entropy signals need the raw image; not available in patch_vit")
             if sig.reduce in ("cls",) and not self.tower.has_cls:
                 raise ValueError(f"{self.method_name}: signal {name!r} needs a CLS token; this ViT has none")
-            why = _signal_block_error(self.tower.blocks[_resolve(sig.layer, n)], self.tower.kind)
+            why = _signal_block_error(self.tower.blocks[_resolve(sig.layer, n, name)], self.tower.kind)
             if why is not None:
                 raise ValueError(f"{self.method_name}: {why}")
 
@@ -234,14 +234,14 @@ class VitState:
         return out if self.tower.batch_first else out.transpose(0, 1)
 
 
-def _resolve(layer, n: int) -> int:
+def _resolve(layer, n: int, name: str = "") -> int:
     """A VisionSignal layer over blocks 0..n-1 (n - 1 = the pruning block)."""
     if layer == "feature":
         return n - 1
     if layer == "object":
         return max(0, round(n / 2) - 1)
     if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer < n:
-        raise ValueError(f"vision signal layer must be 'feature', 'object' or an int in [{-n}, {n}) "
+        raise ValueError(f"vision signal {name!r}: its layer must be 'feature', 'object' or an int in [{-n}, {n}) "
                          f"(blocks up to the pruning layer), got {layer!r}")
     return layer % n
 

@@ -68,6 +68,16 @@ def test_model_args_are_validated():
     args = simple_parse_args_string("pretrained=tiny-llava,random_weights=true,method=transprune,keep=8,"
                                     "schedule=[[1,0.5],[2,0.25]]")
     assert lmms.Vtprune(**args).model._vtprune.method.config.schedule == [[1, 0.5], [2, 0.25]]
+    # signed and exponent numbers arrive as floats; none as a string
+    args = simple_parse_args_string("pretrained=tiny-llava,random_weights=true,method=hiprune,keep=1e1,"
+                                    "deep_layer=-2,object_layer=none")
+    assert isinstance(args["deep_layer"], float)
+    config = lmms.Vtprune(**args).model._vtprune.method.config
+    assert (config.keep, config.deep_layer, config.object_layer) == (10, -2, None)
+    assert type(config.keep) is int and type(config.deep_layer) is int
+    args = simple_parse_args_string("pretrained=tiny-llava,random_weights=true,method=vflowopt,keep=8,"
+                                    "pixel_mean=[0.5,0.5,0.5]")
+    assert lmms.Vtprune(**args).model._vtprune.method.config.pixel_mean == (0.5, 0.5, 0.5)
 
 
 @pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2vl"])

@@ -312,3 +312,30 @@ def test_vflowopt_with_entropy_runs(model_factory, family):
     with torch.no_grad():
         model.generate(**tiny.batch(family, [0, 1]), max_new_tokens=2, **tiny.GEN)
     assert vtprune.stats(model).visual_after[0] < vtprune.stats(model).visual_before[0]
+
+
+@pytest.mark.parametrize("family", tiny.QWEN_FAMILIES)
+def test_qwen_entropy_comes_from_the_pixels_given_not_their_bf16_cast(monkeypatch, family):
+    """A bf16 Qwen-VL casts pixel_values to bf16 before its vision tower; VFlowOpt's grey-level entropy is
+    computed from the float32 pixels the processor gave (their bf16 rounding moves ~6 % of grey levels)."""
+    from vtprune.hooks.base import grey_levels
+    from vtprune.methods import vflowopt
+    from vtprune.methods.base import CLIP_MEAN, CLIP_STD
+
+    model = tiny.build(family).to(torch.bfloat16)
+    inputs = tiny.batch(family, [0])
+    seq = inputs["pixel_values"].shape[0]
+    p = model.config.vision_config.patch_size
+    rgb = torch.randint(0, 256, (seq, 3, p, p), generator=torch.Generator().manual_seed(0)).float() / 255
+    px = (rgb - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+    inputs["pixel_values"] = px[:, :, None].expand(seq, 3, 2, p, p).reshape(seq, -1)  # float32, as processors give
+    seen = []
+    real = vflowopt.VFlowOpt.select
+    monkeypatch.setattr(vflowopt.VFlowOpt, "select", lambda self, im: seen.append(im.signals["entropy"]) or real(self, im))
+    vtprune.patch(model, "vflowopt", keep=6, alpha=1.0)
+    with torch.no_grad():
+        model(**inputs)
+    levels = grey_levels(px, CLIP_MEAN, CLIP_STD)
+    assert not torch.equal(grey_levels(px.bfloat16(), CLIP_MEAN, CLIP_STD), levels)  # the cast does move levels
+    want = vflowopt.patch_entropy(levels.reshape(-1, 4 * p * p))
+    assert seen and all(torch.equal(e.float(), want) for e in seen)  # (Qwen3-VL selects again per deepstack level)

@@ -50,7 +50,10 @@ def manifests() -> list:
 
 def _value(v):
     """lmms-eval keeps quotes around values (`x="a"` -> '"a"') and brackets as text (`schedule=[[1,0.5]]`
-    -> '[[1,0.5]]'); numbers and booleans arrive parsed. Bracketed literals become lists / tuples."""
+    -> '[[1,0.5]]'); numbers and booleans arrive parsed. Bracketed literals become lists / tuples, and
+    none / None / null becomes None."""
+    if isinstance(v, str) and v in ("none", "None", "null"):
+        return None
     if isinstance(v, str) and len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"":
         return v[1:-1]
     if isinstance(v, str) and len(v) >= 2 and (v[0], v[-1]) in (("[", "]"), ("(", ")")):
@@ -61,6 +64,28 @@ def _value(v):
         except (ValueError, SyntaxError):
             return v
     return v
+
+
+def _typed(method, options: dict) -> dict:
+    """lmms-eval parses every number with a sign or exponent as a float (`deep_layer=-2` -> -2.0,
+    `keep=1e2` -> 100.0): a whole float given to an option declared int (and not float) becomes an int."""
+    if method in UNPATCHED:
+        return options
+    import dataclasses
+
+    from ..methods.registry import get_method
+
+    try:
+        types = {f.name: str(f.type) for f in dataclasses.fields(get_method(method).Config)}
+    except (TypeError, ValueError):
+        return options  # an unknown method: patch() says so
+    out = {}
+    for k, v in options.items():
+        declared = types.get(k, "")
+        if isinstance(v, float) and v.is_integer() and "int" in declared and "float" not in declared:
+            v = int(v)
+        out[k] = v
+    return out
 
 
 def _device(device) -> torch.device:
@@ -103,7 +128,7 @@ class Vtprune(lmms):
         self.max_new_tokens = int(max_new_tokens)
         self.stats_path = _value(stats_path)
         self.method = _value(method)
-        self.options = {k: _value(v) for k, v in options.items()}
+        self.options = _typed(self.method, {k: _value(v) for k, v in options.items()})
         if self.method in UNPATCHED:
             if self.options:
                 raise ValueError(f"options {sorted(self.options)} given without a method")

@@ -99,14 +99,15 @@ class Adapter:
         """Default 0-based encoder layer for "object" signals: the middle block."""
         return max(0, round(n_layers / 2) - 1)
 
-    def resolve_layer(self, layer, n_layers: int, feature_layer: int) -> int:
+    def resolve_layer(self, layer, n_layers: int, feature_layer: int, name: str = "") -> int:
         if layer == "feature":
             return feature_layer
         if layer == "object":
             return min(self.object_layer(n_layers), feature_layer)
         if isinstance(layer, bool) or not isinstance(layer, int) or not -n_layers <= layer < n_layers:
             raise ValueError(
-                f"vision layer must be 'feature', 'object' or an int in [{-n_layers}, {n_layers}), got {layer!r}"
+                f"vision signal {name!r}: its layer must be 'feature', 'object' or an int in [{-n_layers}, {n_layers}) "
+                f"(this vision encoder has {n_layers} layers), got {layer!r}"
             )
         return layer % n_layers
 

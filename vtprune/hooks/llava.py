@@ -90,7 +90,7 @@ class LlavaAdapter(Adapter):
                 continue
             if sig.reduce == "cls" and not self.has_cls:
                 raise ValueError(f"vision signal {name!r} needs a CLS token; this tower's features have none")
-            wanted.setdefault(self.resolve_layer(sig.layer, n, feature), []).append((name, sig))
+            wanted.setdefault(self.resolve_layer(sig.layer, n, feature, name), []).append((name, sig))
         for li, reqs in wanted.items():
             attn = layers[li].self_attn
             captured = {}

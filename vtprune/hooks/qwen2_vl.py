@@ -7,13 +7,15 @@ intermediate ViT blocks into the first decoder layers at the visual slots; the r
 through the pruned layout (`Adapter.deepstack_layers`)."""
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 from functools import partial
 
 import torch
 
 from ..methods.vflowopt import patch_entropy
-from .base import Adapter, grey_levels, reduce_attention
+from .base import Adapter, Restore, grey_levels, reduce_attention
 from .runtime import Unit
 from .sequence import runs
 
@@ -85,13 +87,16 @@ class QwenVLAdapter(Adapter):
         wanted: dict[int, list] = {}
         entropy = {name: sig for name, sig in signals.items() if sig.reduce == "entropy"}
         if entropy:
-            handles.append(visual.register_forward_pre_hook(partial(self._entropy, visual, entropy, store), with_kwargs=True))
+            raw = {}  # the pixels as given: the model casts them to the tower's dtype (bf16) before the tower
+            handles += [self._record_pixels(fn, raw) for fn in ("get_image_features", "get_video_features")]
+            handles.append(visual.register_forward_pre_hook(partial(self._entropy, raw, entropy, store),
+                                                            with_kwargs=True))
         for name, sig in signals.items():
             if sig.reduce == "entropy":
                 continue
             if sig.reduce == "cls":
                 raise ValueError(f"vision signal {name!r}: the Qwen-VL vision encoder has no CLS token")
-            wanted.setdefault(self._signal_layer(visual, sig.layer, n), []).append((name, sig))
+            wanted.setdefault(self._signal_layer(visual, sig.layer, n, name), []).append((name, sig))
         for li, names in wanted.items():
             attn = blocks[li].attn
             captured = {}
@@ -100,11 +105,11 @@ class QwenVLAdapter(Adapter):
             handles.append(attn.register_forward_hook(partial(self._score, attn, captured, names, call, store)))
         return handles
 
-    def _signal_layer(self, visual, layer, n):
+    def _signal_layer(self, visual, layer, n, name=""):
         """The ViT block a signal reads. Qwen2.5-VL: a full-attention block; "feature"/"object" move back
         to the nearest one at or before the default (the first one if none is), an explicit windowed
         block is refused (its attention only spans one window)."""
-        li = self.resolve_layer(layer, n, n - 1)
+        li = self.resolve_layer(layer, n, n - 1, name)
         full = sorted(getattr(visual, "fullatt_block_indexes", None) or [])
         if not full or li in full:
             return li
@@ -151,9 +156,31 @@ class QwenVLAdapter(Adapter):
         return None
 
 
-    def _entropy(self, visual, signals, store, module, args, kwargs):
-        """Grey-level entropy under each LLM token: the 2x2 patches (first temporal slice) it merges."""
+    def _record_pixels(self, name: str, raw: dict):
+        """Wrap the model's get_{image,video}_features to keep the pixel tensor it is given while it runs."""
+        inner = self.model.model
+        original = getattr(inner, name)
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def recording(*args, **kwargs):
+            bound = signature.bind_partial(*args, **kwargs).arguments
+            raw["pixels"] = bound.get("pixel_values", bound.get("pixel_values_videos"))
+            try:
+                return original(*args, **kwargs)
+            finally:
+                raw.pop("pixels", None)
+
+        setattr(inner, name, recording)
+        return Restore(inner, name)
+
+    def _entropy(self, raw, signals, store, module, args, kwargs):
+        """Grey-level entropy under each LLM token: the 2x2 patches (first temporal slice) it merges,
+        from the pixels as the caller gave them (not their bf16 cast)."""
         pixels = args[0] if args else kwargs["hidden_states"]
+        given = raw.get("pixels")
+        if given is not None and given.shape == pixels.shape:
+            pixels = given
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
         cfg = self.model.config.vision_config
         p, tp = cfg.patch_size, cfg.temporal_patch_size

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .precision import float32_math
+
 # Query rows processed per step: bounds the [B, H, rows, Nk] block held in memory.
 _ROW_CHUNK = 256
 
@@ -67,7 +69,8 @@ def attention_scores_torch(
         w = weights[:, start:stop]
         if not bool((w > 0).any()):
             continue
-        logits = torch.einsum("bhgqd,bhkd->bhgqk", qf[:, :, :, start:stop], kf) * scale
+        with float32_math(q):
+            logits = torch.einsum("bhgqd,bhkd->bhgqk", qf[:, :, :, start:stop], kf) * scale
         allowed = torch.ones(b, stop - start, n_k, dtype=torch.bool, device=q.device)
         if causal:
             row_pos = torch.arange(start, stop, device=q.device) + (n_k - n_q)
@@ -76,5 +79,6 @@ def attention_scores_torch(
             allowed = allowed & key_mask.to(q.device, torch.bool)[:, None, :]
         logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
         probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows with no allowed key -> 0
-        out += torch.einsum("bhgqk,bq->bk", probs, w)
+        with float32_math(q):
+            out += torch.einsum("bhgqk,bq->bk", probs, w)
     return out / hq

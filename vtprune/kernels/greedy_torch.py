@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .precision import float32_math
+
 RULES = ("maxmin", "maxsum")
 # Similarities within SAME of 1 count as exactly 1. The float32 self-similarity of a token comes out
 # 1 +- a few ulp, differently for each vector and each backend, so without this the choice between two
@@ -20,9 +22,10 @@ def cosine_gram(features: torch.Tensor) -> torch.Tensor:
     """[B, N, D] -> float32 [B, N, N] cosine similarities (rows normalised; a row whose norm is below
     1e-12 is left as it is, so zero rows stay zero; a float32 overflow of the squared norm makes the row
     count as zero); values within SAME of 1 are set to exactly 1."""
-    x = features.float()
-    x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    sim = x @ x.transpose(1, 2)
+    with float32_math(features):
+        x = features.float()
+        x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        sim = x @ x.transpose(1, 2)
     return sim.masked_fill(sim >= 1.0 - SAME, 1.0)
 
 

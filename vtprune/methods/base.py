@@ -18,8 +18,11 @@ class PruneConfig:
     keep: int | None = None  # visual tokens kept per image (per video frame)
     ratio: float | None = None  # fraction of each image's visual tokens kept, in (0, 1]
     keep_positions: bool = False  # 1-D RoPE models: keep original positions (gaps) instead of renumbering
+    # the options that set the budget: an explicit one replaces all of them from a config file
+    budget_fields: ClassVar[tuple[str, ...]] = ("keep", "ratio")
 
     def __post_init__(self):
+        self._check_flags()
         if (self.keep is None) == (self.ratio is None):
             raise ValueError("give exactly one of keep= (tokens kept per image) or ratio= (fraction kept, in (0, 1])")
         if self.keep is not None:
@@ -32,6 +35,10 @@ class PruneConfig:
                 raise TypeError(f"ratio must be a float in (0, 1], got {self.ratio!r}")
             if not 0.0 < float(self.ratio) <= 1.0:
                 raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")
+
+    def _check_flags(self):
+        if not isinstance(self.keep_positions, bool):
+            raise TypeError(f"keep_positions must be a bool, got {self.keep_positions!r}")
 
     def budget(self, n: int) -> int:
         """Tokens kept for an image of `n` visual tokens: min(n, keep) or max(1, round(ratio * n))."""
@@ -48,13 +55,45 @@ class InLLMConfig(PruneConfig):
     """Options of a strategy that drops tokens inside the decoder only: the tokens it keeps keep their
     original positions (renumbering them per layer group, as some authors' code does, is not implemented)."""
 
-    keep_positions: bool = True
+    keep_positions: bool = True  # always True: tokens dropped inside the LLM keep their original positions
 
     def __post_init__(self):
         super().__post_init__()
         if self.keep_positions is not True:
             raise NotImplementedError("keep_positions=False (renumbering the kept tokens inside the decoder) is not "
                                       "implemented: tokens dropped inside the LLM keep their original positions")
+
+
+def check_real(name: str, value, low: float | None = None, high: float | None = None, *, low_open: bool = False
+               ) -> float:
+    """`value` as a float: a finite real number (not a bool) with low <= value <= high (low < value with
+    low_open); a TypeError / ValueError naming the option otherwise."""
+    import math
+
+    span = (f" in {'(' if low_open else '['}{low}, {high}]" if low is not None and high is not None else
+            f" {'>' if low_open else '>='} {low}" if low is not None else f" <= {high}" if high is not None else "")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number{span}, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or (low is not None and (v <= low if low_open else v < low)) or (high is not None and v > high):
+        raise ValueError(f"{name} must be a finite number{span}, got {value!r}")
+    return v
+
+
+def check_int(name: str, value, low: int | None = None, high: int | None = None) -> int:
+    """`value` if it is an int (not a bool) in [low, high]; a TypeError / ValueError naming the option otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        span = f">= {low}" if high is None else f"<= {high}" if low is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be an int {span}, got {value!r}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {value!r}")
+    return value
 
 
 # OpenAI CLIP's image normalisation (the processors of LLaVA-1.5 and Qwen2-VL / 2.5-VL use it)

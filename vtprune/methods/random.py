@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ImageTokens, Method, PruneConfig, Selection
+from .base import ImageTokens, Method, PruneConfig, Selection, check_int
 from .registry import register
 
 
@@ -26,8 +26,7 @@ class RandomConfig(PruneConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise TypeError(f"seed must be an int, got {self.seed!r}")
+        check_int("seed", self.seed, -2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 @register("random")

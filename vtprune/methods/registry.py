@@ -57,10 +57,40 @@ def build_method(name: str, options: dict) -> Method:
     return cls(cls.Config(**options))
 
 
-def option_help(cls: type[Method]) -> list[tuple[str, str, object]]:
-    """(name, type, default) for each option of a method's config."""
+def option_help(cls: type[Method]) -> list[tuple[str, str, object, str]]:
+    """(name, type, default, help) for each option of a method's config; the help is the comment on the
+    field's line (or the comment lines just above it) in the config class that declares it."""
     out = []
+    notes = _field_comments(cls.Config)
     for f in dataclasses.fields(cls.Config):
         default = f.default if f.default is not dataclasses.MISSING else None
-        out.append((f.name, str(f.type), default))
+        out.append((f.name, str(f.type), default, notes.get(f.name, "")))
     return out
+
+
+def _field_comments(config: type) -> dict[str, str]:
+    import inspect
+    import re
+
+    notes: dict[str, str] = {}
+    for klass in reversed(config.__mro__):  # base first: a subclass's own comment wins
+        if not dataclasses.is_dataclass(klass) or klass is object:
+            continue
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):
+            continue
+        above: list[str] = []
+        for line in lines:
+            m = re.match(r"\s+(\w+)\s*:[^#]*?(?:#\s*(.*))?$", line)
+            comment = re.match(r"\s+#\s*(.*)$", line)
+            if comment:
+                above.append(comment.group(1))
+            elif m and not line.lstrip().startswith(("def ", "return", "raise")):
+                text = m.group(2) or " ".join(above)
+                if text:
+                    notes[m.group(1)] = text
+                above = []
+            else:
+                above = []
+    return notes

@@ -32,7 +32,7 @@ def visual_share(scores: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
 class ToDREConfig(PruneConfig):
     rule: str = "maxmin"  # "maxmin" (v1, greedy k-center) or "maxsum" (v2, greedy max-sum)
     stage2: bool = True  # drop all visual tokens inside the LLM when the question's attention to them < tau
-    tau: float = 0.10
+    tau: float = 0.10  # stage 2 drops a sample's visual tokens when its question gives them < tau of its attention
     stage2_layer: int | None = None  # 0-based decoder layer whose attention decides; None = floor(7L/8)
     # (at most L-2, so that some layer follows)
 
@@ -47,6 +47,8 @@ class ToDREConfig(PruneConfig):
         if self.stage2_layer is not None and (isinstance(self.stage2_layer, bool) or not isinstance(self.stage2_layer, int)
                                               or self.stage2_layer < 0):
             raise ValueError(f"stage2_layer must be an int >= 0 or None, got {self.stage2_layer!r}")
+        if self.stage2_layer is not None and not self.stage2:
+            raise ValueError("stage2_layer sets where stage 2 runs; it needs stage2=True")
 
 
 @register("todre")

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
+from ..kernels.precision import float32_math
 from .base import ImageTokens, Method, PruneConfig, Selection, frame_grid
 from .pool import pooled_grid
 from .registry import register
@@ -47,10 +49,11 @@ def merge(features: torch.Tensor, grid: tuple[int, int], *, s: int | None = None
             cell = weights[i * wp + j].view(h, w)
             cell[r0:r1, c0:c1] = 1.0 / ((r1 - r0) * (c1 - c0))
     x = features.float()
-    merged = weights @ x
-    if rescale:
-        target = weights @ x.norm(dim=-1)
-        merged = merged * (target / merged.norm(dim=-1).clamp_min(1e-12))[:, None]
+    with float32_math(x):
+        merged = weights @ x
+        if rescale:
+            target = weights @ x.norm(dim=-1)
+            merged = merged * (target / merged.norm(dim=-1).clamp_min(1e-12))[:, None]
     starts = torch.tensor([r0 * w + c0 for r0, _ in rows for c0, _ in cols], dtype=torch.long, device=features.device)
     return merged.to(features.dtype), starts, (hp, wp)
 
@@ -60,8 +63,10 @@ class TokenShuffleConfig(PruneConfig):
     s: int | None = None  # window side; None with no keep/ratio means s=2 (4x fewer tokens)
     rescale: bool = True  # scale each merged token to the mean norm of its members
     positions: str = "grid"  # M-RoPE: "grid" = a contiguous coarse grid, "topleft" = each window's first position
+    budget_fields: ClassVar[tuple[str, ...]] = ("keep", "ratio", "s")
 
     def __post_init__(self):
+        self._check_flags()
         if self.keep is None and self.ratio is None:
             if self.s is None:
                 self.s = 2

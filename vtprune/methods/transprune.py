@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import InLLMConfig, LayerTokens, Method, question_rows, top_per_image
+from .base import InLLMConfig, LayerTokens, Method, check_bool, check_int, check_real, question_rows, top_per_image
 from .registry import register
 
 # The paper's "High" setting for a 32-layer LLM: drops after layers 7, 9, 12 (1-indexed), keeping
@@ -53,20 +53,40 @@ def default_schedule(num_layers: int) -> list[tuple[int, float]]:
 class TransPruneConfig(InLLMConfig):
     alpha: float = 0.5  # score = alpha * TTV + (1 - alpha) * IGA
     abs_cos: bool = False  # direction term 1 - |cos| (the paper's text) instead of 1 - cos (the authors' code)
-    schedule: list | None = None  # [(0-based layer, fraction of N kept), ...]; the last stage keeps the budget
+    # [(0-based layer, fraction of N kept), ...]: the drops. Alone, the last fraction is the budget (ratio);
+    # with keep/ratio, the last drop keeps that budget and no earlier one goes below it
+    schedule: list | None = None
     accumulate_from: int | None = None  # first 0-based layer of TTV accumulation; None = the first drop layer
 
     def __post_init__(self):
-        super().__post_init__()
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
-            raise ValueError(f"alpha must be a float in [0, 1], got {self.alpha!r}")
         if self.schedule is not None:
-            sched = [tuple(x) for x in self.schedule]
-            if not sched or any(len(x) != 2 or not isinstance(x[0], int) or not 0 < float(x[1]) <= 1 for x in sched):
-                raise ValueError(f"schedule must be a non-empty list of (layer, fraction in (0, 1]), got {self.schedule!r}")
-            if [x[0] for x in sched] != sorted({x[0] for x in sched}):
-                raise ValueError(f"schedule layers must be strictly increasing, got {self.schedule!r}")
-            self.schedule = [list(x) for x in sched]
+            self.schedule = _check_schedule(self.schedule)
+            if self.keep is None and self.ratio is None:
+                self.ratio = self.schedule[-1][1]
+        super().__post_init__()
+        check_real("alpha", self.alpha, 0.0, 1.0)
+        check_bool("abs_cos", self.abs_cos)
+        if self.accumulate_from is not None:
+            check_int("accumulate_from", self.accumulate_from, 0)
+            if self.schedule is not None and self.accumulate_from > self.schedule[-1][0]:
+                raise ValueError(f"accumulate_from={self.accumulate_from} is after the last drop (layer "
+                                 f"{self.schedule[-1][0]}): nothing would be accumulated")
+
+
+def _check_schedule(schedule) -> list[list]:
+    """[[layer, fraction], ...] with int layers >= 0, strictly increasing, and fractions in (0, 1]."""
+    bad = f"schedule must be a non-empty list of (layer, fraction in (0, 1]) pairs, got {schedule!r}"
+    if not isinstance(schedule, (list, tuple)) or not schedule:
+        raise ValueError(bad)
+    out = []
+    for item in schedule:
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise ValueError(bad)
+        out.append([check_int("schedule layer", item[0], 0),
+                    check_real("schedule fraction", item[1], 0.0, 1.0, low_open=True)])
+    if [x[0] for x in out] != sorted({x[0] for x in out}):
+        raise ValueError(f"schedule layers must be strictly increasing, got {schedule!r}")
+    return out
 
 
 @register("transprune")
@@ -88,6 +108,9 @@ class TransPrune(Method):
     def observe_layers(self, num_layers):
         sched = self._schedule(num_layers)
         first = self.config.accumulate_from if self.config.accumulate_from is not None else sched[0][0]
+        if first > sched[-1][0]:
+            raise ValueError(f"accumulate_from={first} is after the last drop (layer {sched[-1][0]} of this "
+                             f"{num_layers}-layer decoder): nothing would be accumulated")
         return list(range(first, sched[-1][0] + 1))
 
     def observe(self, tokens: LayerTokens, io: dict) -> None:

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from .base import (
-    CLIP_MEAN, CLIP_STD, ImageTokens, LayerTokens, Method, PruneConfig, Selection, VisionSignal, frame_grid, ranking, top_per_image,
+    CLIP_MEAN, CLIP_STD, ImageTokens, LayerTokens, Method, PruneConfig, Selection, VisionSignal, check_real, frame_grid,
+    ranking, top_per_image,
 )
 from .registry import register
 
@@ -131,12 +132,15 @@ class VFlowOptConfig(PruneConfig):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
                 raise ValueError(f"{name} must be a float in (0, 1], got {v!r}")
-        if isinstance(self.t, bool) or not isinstance(self.t, (int, float)) or self.t < 0:
-            raise ValueError(f"t must be a float >= 0, got {self.t!r}")
-        if isinstance(self.a, bool) or not isinstance(self.a, (int, float)) or not self.a > 0:
-            raise ValueError(f"a must be a float > 0, got {self.a!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
-            raise ValueError(f"alpha must be a float (the tuner searches [-1, 1]), got {self.alpha!r}")
+        check_real("t", self.t, 0.0)
+        check_real("a", self.a, 0.0, low_open=True)
+        check_real("alpha", self.alpha)  # any finite weight; the tuner searches [-1, 1]
+        for name in ("pixel_mean", "pixel_std"):
+            v = getattr(self, name)
+            if not isinstance(v, (tuple, list)) or len(v) != 3:
+                raise ValueError(f"{name} must be 3 numbers (R, G, B), got {v!r}")
+            setattr(self, name, tuple(check_real(f"{name}[{i}]", x, 0.0 if name == "pixel_std" else None,
+                                                 low_open=True) for i, x in enumerate(v)))
 
 
 @register("vflowopt")
