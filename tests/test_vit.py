@@ -315,3 +315,23 @@ def test_pruned_context_on_a_vit_restores_the_previous_configuration():
             model(IMAGES)
         model(IMAGES)
     assert vtprune.stats(model).method == "random" and vtprune.stats(model).visual_after == [6, 6, 6]
+
+
+def test_a_deep_copy_of_a_patched_vit_prunes_with_its_own_weights():
+    import copy
+
+    model = timm_vit()
+    vtprune.patch_vit(model, "divprune", keep=5, layer=1)
+    twin = copy.deepcopy(model)
+    for p in twin.blocks.parameters():
+        p.data.mul_(1.5)
+    ref = timm_vit()
+    ref.load_state_dict(twin.state_dict())
+    vtprune.patch_vit(ref, "divprune", keep=5, layer=1)
+    with torch.no_grad():
+        assert torch.equal(twin(IMAGES), ref(IMAGES))
+        assert vtprune.stats(twin).visual_after == [5, 5, 5]
+        with pytest.raises(ValueError, match="after the pruning"):
+            twin.forward_intermediates(IMAGES, indices=[3])
+        vtprune.unpatch(twin)
+        assert _hooks(twin) == 0 and _hooks(model) > 0

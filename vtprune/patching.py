@@ -171,8 +171,6 @@ def compile_llm(model, mode: str | None = "reduce-overhead", **compile_options):
     vflowopt, todre unless stage2=False) cannot use it. `uncompile_llm` undoes all of this.
     Extra keyword arguments go to `torch.compile` (`mode=None, backend="eager"` traces without
     generating code, e.g. on a CPU without a compiler)."""
-    import torch
-
     uncompile_llm(model)
     lm = adapter_for(model).language_model()
     gc = model.generation_config
@@ -180,19 +178,39 @@ def compile_llm(model, mode: str | None = "reduce-overhead", **compile_options):
     own = lm.__dict__.get("forward")  # a forward already set on the instance (e.g. accelerate's device hooks)
     if mode is not None:
         compile_options["mode"] = mode
-    compiled = torch.compile(lm.forward, **compile_options)
-
-    def forward(*args, **kwargs):
-        _init_static_cache(lm, kwargs)
-        # Every transformers model's forward shares one decorator frame, so dynamo's per-frame recompile
-        # limit (8) counts all shapes and mask kinds together; past it, calls silently fall back to eager.
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-            return compiled(*args, **kwargs)
-
-    lm.forward = forward
+    lm.forward = _CompiledForward(lm, lm.forward, compile_options)
     setattr(lm, _COMPILED, (saved, own))
     gc.cache_implementation, gc.disable_compile = "static", True
     return model
+
+
+class _CompiledForward:
+    """compile_llm's forward for a language model: `target` (its forward) compiled, with the static cache
+    allocated first. copy.deepcopy / pickle give the copy its own, compiled again for the copied model
+    (a closure would keep running the original's compiled forward)."""
+
+    def __init__(self, lm, target, options: dict):
+        import torch
+
+        self.lm, self.target, self.options = lm, target, options
+        self.compiled = torch.compile(target, **options)
+
+    def __call__(self, *args, **kwargs):
+        import torch
+
+        _init_static_cache(self.lm, kwargs)
+        # Every transformers model's forward shares one decorator frame, so dynamo's per-frame recompile
+        # limit (8) counts all shapes and mask kinds together; past it, calls silently fall back to eager.
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            return self.compiled(*args, **kwargs)
+
+    def __reduce__(self):
+        return _CompiledForward, (self.lm, self.target, self.options)
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        return _CompiledForward(copy.deepcopy(self.lm, memo), copy.deepcopy(self.target, memo), self.options)
 
 
 def _init_static_cache(lm, kwargs):

@@ -24,7 +24,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from .hooks.base import Restore, reduce_attention
+from .hooks.base import reduce_attention, wrap_method
 from .hooks.runtime import Stats, _check_selection, _sync
 from .methods.base import ImageTokens, VisionSignal
 from .methods.registry import build_method
@@ -158,8 +158,7 @@ class VitState:
         self.handles.append(self.tower.blocks[self.layer].register_forward_hook(self._drop))
         owner = self.tower.owner
         if hasattr(owner, "forward_intermediates"):
-            owner.forward_intermediates = partial(self._intermediates, owner.forward_intermediates)
-            self.handles.append(Restore(owner, "forward_intermediates"))
+            self.handles.append(wrap_method(owner, "forward_intermediates", self._intermediates))
         for holder in self.holders():
             setattr(holder, _ATTR, self)
 

@@ -278,3 +278,90 @@ def test_several_new_tokens_on_a_pruned_cache_are_refused(model_factory):
             model(input_ids=torch.tensor([[5, 6]]), attention_mask=am, use_cache=True, **{CACHE: cache})
         with pytest.raises(NotImplementedError, match="several new tokens at once"):
             model.generate(**inputs, prompt_lookup_num_tokens=2, max_new_tokens=4, **tiny.GEN)
+
+
+def _scaled_copy(model, part: str):
+    """A deep copy of `model` whose `part` weights are scaled (so that it computes differently), and a fresh
+    model with the same weights as that copy."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    for p in getattr(twin.model, part).parameters():
+        p.data.mul_(1.5)
+    return twin
+
+
+@pytest.mark.parametrize("family, method, options", [
+    ("llava_next", "divprune", dict(ratio=0.25)),  # the image-size recorder wraps get_image_features
+    ("llava_onevision", "hiprune", dict(ratio=0.5)),
+    ("qwen2_vl", "vflowopt", dict(ratio=0.5, alpha=0.5)),  # the pixel recorder for the entropy
+])
+def test_a_deep_copy_of_a_patched_model_runs_its_own_weights(family, method, options):
+    """copy.deepcopy of a patched model (before any forward): the copy encodes with its own vision tower
+    and equals a model patched after loading the copy's weights; the original is unaffected; both pickle."""
+    import pickle
+
+    model = tiny.build(family)
+    inputs = tiny.batch(family, [0, 1])
+    vtprune.patch(model, method, **options)
+    loaded = pickle.loads(pickle.dumps(model))  # (before a forward: transformers' own hooks then stop a pickle)
+    twin = _scaled_copy(model, "visual" if family.startswith("qwen") else "vision_tower")
+    ref = tiny.build(family)
+    ref.load_state_dict(twin.state_dict())
+    vtprune.patch(ref, method, **options)
+    with torch.no_grad():
+        want, want_twin = tiny.build(family), ref(**inputs).logits
+        vtprune.patch(want, method, **options)
+        want = want(**inputs).logits
+        assert torch.equal(twin(**inputs).logits, want_twin)
+        assert torch.equal(model(**inputs).logits, want)
+        assert not torch.equal(want, want_twin)
+        assert torch.equal(loaded(**inputs).logits, want)
+
+
+def test_a_deep_copy_after_compile_llm_runs_its_own_decoder():
+    model = tiny.build("llava")
+    inputs = tiny.batch("llava", [0])
+    vtprune.patch(model, "divprune", ratio=0.25)
+    vtprune.compile_llm(model, mode=None, backend="eager")
+    twin = _scaled_copy(model, "language_model")
+    ref = tiny.build("llava")
+    ref.load_state_dict(twin.state_dict())
+    vtprune.patch(ref, "divprune", ratio=0.25)
+    with torch.no_grad():
+        assert torch.allclose(twin(**inputs).logits, ref(**inputs).logits, atol=1e-5)
+        assert not torch.allclose(twin(**inputs).logits, model(**inputs).logits, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "llava_next"])
+def test_an_encoder_call_of_the_users_own_does_not_leak_into_the_next_forward(family):
+    """Vision scores of a direct get_image_features call are not taken for the next generate()'s (beams:
+    several copies of the prompt) or forward's images."""
+    model = tiny.build(family)
+    inputs, other = tiny.batch(family, [0]), tiny.batch(family, [3])
+    encode = {k: v for k, v in other.items() if k.startswith("pixel") or k in ("image_grid_thw", "image_sizes")}
+    gen = dict(max_new_tokens=4, num_beams=2, num_return_sequences=2, **tiny.GEN)
+    vtprune.patch(model, "hiprune", keep=12)
+    with torch.no_grad():
+        ref, layout, logits = model.generate(**inputs, **gen), vtprune.stats(model).layout, model(**inputs).logits
+        model.model.get_image_features(**encode)
+        assert torch.equal(model.generate(**inputs, **gen), ref)
+        assert torch.equal(vtprune.stats(model).layout, layout)
+        model.model.get_image_features(**encode)
+        assert torch.equal(model(**inputs).logits, logits)
+
+
+@pytest.mark.parametrize("family, method", [("llava", "divprune"), ("llava", "fastv"), ("qwen2_vl", "transprune")])
+def test_labels_while_pruning_are_refused_clearly(model_factory, family, method):
+    model = model_factory(family)
+    inputs = tiny.batch(family, [0])
+    labels = inputs["input_ids"].clone()
+    with torch.no_grad():
+        want = model(**inputs, labels=labels).loss
+        vtprune.patch(model, method, keep=4)
+        with pytest.raises(NotImplementedError, match="labels .* while pruning are not supported"):
+            model(**inputs, labels=labels)
+        model(**inputs)  # the next call is not affected
+        assert vtprune.stats(model).visual_after != vtprune.stats(model).visual_before
+        vtprune.patch(model, method, keep=10_000)  # nothing pruned: the loss is the model's
+        assert torch.equal(model(**inputs, labels=labels).loss, want)

@@ -1,6 +1,9 @@
 """Adapter base: what a model family must tell the runtime. One small subclass per family."""
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 
 from ..kernels import attention_scores
@@ -122,6 +125,19 @@ class Restore:
         self.obj.__dict__.pop(self.name, None)
 
 
+def wrap_method(owner, name: str, hook) -> Restore:
+    """Put `hook(original, *args, **kwargs)` in place of `owner.<name>` (an instance attribute, with the
+    original's signature, which generate() reads to pass its arguments); returns the handle that removes it.
+
+    A partial of bound methods, not a closure: copy.deepcopy of the model rebinds both to the copy (and
+    its pickle works), where a closure would keep calling the original model."""
+    original = getattr(owner, name)
+    wrapper = functools.partial(hook, original)
+    wrapper.__signature__ = inspect.signature(original)
+    setattr(owner, name, wrapper)
+    return Restore(owner, name)
+
+
 def encode_order(units: list, encoded: int) -> list[int] | None:
     """For each unit (image or frame of this forward), the index of the one the vision encoder produced it
     from, out of `encoded` in encode order; None where they cannot be matched.
@@ -177,16 +193,43 @@ class SignalStore:
 
     The encoder may run outside the model's forward (generate() encodes images first) and its outputs
     may be reused for several forwards (generate(use_cache=False)), so scores are kept until the
-    encoder runs again after they were read."""
+    encoder runs again after they were read. Each get_{image,video}_features call is a run, tagged
+    with its output object: a forward handed encoder outputs (generate()) keeps only the runs that made
+    them, so an encoder call of the user's own in between is not taken for the forward's images."""
 
     def __init__(self):
         self.scores: dict[str, list] = {}
         self.fresh = False
+        self.runs: list[tuple[int | None, dict[str, int], dict[str, int]]] = []  # (output id, starts, ends)
 
     def add(self, name: str, per_unit: list):
         if not self.fresh:
-            self.scores, self.fresh = {}, True
+            self.scores, self.runs, self.fresh = {}, [], True
         self.scores.setdefault(name, []).extend(per_unit)
+
+    def counts(self) -> dict[str, int]:
+        return {name: len(v) for name, v in self.scores.items()} if self.fresh else {}
+
+    def tag(self, output, start: dict[str, int]):
+        """The scores added since `start` (counts() before the run) came from the run that returned `output`."""
+        if self.fresh:
+            self.runs.append((id(output), start, self.counts()))
+
+    def keep_runs(self, outputs: list):
+        """Keep only the scores of the runs that returned these outputs (in run order), where every score
+        belongs to a tagged run; otherwise leave the scores as they are."""
+        keys = {id(o) for o in outputs if o is not None}
+        if not self.fresh or not self.runs or not keys:
+            return
+        if any(run[2].get(n, 0) - run[1].get(n, 0) for run in self.runs if run[0] not in keys for n in run[2]):
+            self.scores = {name: [x for key, start, end in self.runs if key in keys
+                                  for x in values[start.get(name, 0):end.get(name, 0)]]
+                           for name, values in self.scores.items()}
+            self.runs = []
+
+    def reset(self):
+        """An encoder run is about to start inside a forward: nothing before it belongs to that forward."""
+        self.scores, self.runs, self.fresh = {}, [], False
 
     def read(self) -> dict[str, list]:
         self.fresh = False

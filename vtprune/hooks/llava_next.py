@@ -11,13 +11,12 @@ are computed per tile and packed the same way (newline slots score 0).
 """
 from __future__ import annotations
 
-import functools
 import inspect
 
 import torch
 
 from .anyres import Layout
-from .base import Restore, encode_order
+from .base import encode_order, wrap_method
 from .llava import LlavaAdapter
 from .runtime import Unit
 from .sequence import runs
@@ -44,19 +43,13 @@ class LlavaNextAdapter(LlavaAdapter):
 
     # image sizes: recorded where the model encodes images (generate() encodes them before the forward)
     def install_hooks(self):
-        inner = self.model.model
-        original = inner.get_image_features
-        signature = inspect.signature(original)
+        return [wrap_method(self.model.model, "get_image_features", self._record_sizes)]
 
-        @functools.wraps(original)
-        def recording(*args, **kwargs):
-            bound = signature.bind_partial(*args, **kwargs).arguments
-            sizes = bound.get("image_sizes")
-            self.images = None if sizes is None else self.tiles(sizes, bound.get("batch_num_images"))
-            return original(*args, **kwargs)
-
-        inner.get_image_features = recording
-        return [Restore(inner, "get_image_features")]
+    def _record_sizes(self, original, *args, **kwargs):
+        bound = inspect.signature(original).bind_partial(*args, **kwargs).arguments
+        sizes = bound.get("image_sizes")
+        self.images = None if sizes is None else self.tiles(sizes, bound.get("batch_num_images"))
+        return original(*args, **kwargs)
 
     def tiles(self, sizes, batch_num_images=None) -> list[tuple[int, tuple[int, int]]]:
         """(tiles the model encodes, (h, w)) per image, by the model's own rule."""

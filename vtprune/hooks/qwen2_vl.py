@@ -7,7 +7,6 @@ intermediate ViT blocks into the first decoder layers at the visual slots; the r
 through the pruned layout (`Adapter.deepstack_layers`)."""
 from __future__ import annotations
 
-import functools
 import inspect
 import sys
 from functools import partial
@@ -15,7 +14,7 @@ from functools import partial
 import torch
 
 from ..methods.vflowopt import patch_entropy
-from .base import Adapter, Restore, grey_levels, reduce_attention
+from .base import Adapter, grey_levels, reduce_attention, wrap_method
 from .runtime import Unit
 from .sequence import runs
 
@@ -88,7 +87,8 @@ class QwenVLAdapter(Adapter):
         entropy = {name: sig for name, sig in signals.items() if sig.reduce == "entropy"}
         if entropy:
             raw = {}  # the pixels as given: the model casts them to the tower's dtype (bf16) before the tower
-            handles += [self._record_pixels(fn, raw) for fn in ("get_image_features", "get_video_features")]
+            handles += [wrap_method(self.model.model, fn, partial(self._record_pixels, raw))
+                        for fn in ("get_image_features", "get_video_features")]
             handles.append(visual.register_forward_pre_hook(partial(self._entropy, raw, entropy, store),
                                                             with_kwargs=True))
         for name, sig in signals.items():
@@ -156,23 +156,14 @@ class QwenVLAdapter(Adapter):
         return None
 
 
-    def _record_pixels(self, name: str, raw: dict):
-        """Wrap the model's get_{image,video}_features to keep the pixel tensor it is given while it runs."""
-        inner = self.model.model
-        original = getattr(inner, name)
-        signature = inspect.signature(original)
-
-        @functools.wraps(original)
-        def recording(*args, **kwargs):
-            bound = signature.bind_partial(*args, **kwargs).arguments
-            raw["pixels"] = bound.get("pixel_values", bound.get("pixel_values_videos"))
-            try:
-                return original(*args, **kwargs)
-            finally:
-                raw.pop("pixels", None)
-
-        setattr(inner, name, recording)
-        return Restore(inner, name)
+    def _record_pixels(self, raw: dict, original, *args, **kwargs):
+        """Around the model's get_{image,video}_features: the pixel tensor it is given, while it runs."""
+        bound = inspect.signature(original).bind_partial(*args, **kwargs).arguments
+        raw["pixels"] = bound.get("pixel_values", bound.get("pixel_values_videos"))
+        try:
+            return original(*args, **kwargs)
+        finally:
+            raw.pop("pixels", None)
 
     def _entropy(self, raw, signals, store, module, args, kwargs):
         """Grey-level entropy under each LLM token: the 2x2 patches (first temporal slice) it merges,

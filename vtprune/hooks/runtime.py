@@ -23,7 +23,7 @@ import torch
 from ..kernels import attention_scores
 from ..methods.base import ImageTokens, LayerTokens, Method, Selection
 from . import anyres
-from .base import SignalStore
+from .base import SignalStore, wrap_method
 from .sequence import compact_index, compact_text_positions, dropped_before, take
 
 _CACHE_ATTR = "_vtprune_run"
@@ -144,6 +144,8 @@ class PatchState:
         self.layers = self.lm.layers
         # names of the multimodal model's forward parameters, for calls that pass some positionally
         self.inner_params = list(inspect.signature(adapter.inner().forward).parameters)
+        self.top_params = list(inspect.signature(adapter.model.forward).parameters)
+        self.labels = False  # the current top-level forward was given labels (a loss is asked for)
         n_layers = len(self.layers)
         self.pre_llm = method.stage != "llm"
         self.drop_layers = sorted(set(method.drop_layers(n_layers)))
@@ -160,6 +162,9 @@ class PatchState:
     def install(self):
         try:
             inner = self.adapter.inner()
+            top = self.adapter.model
+            self.handles.append(top.register_forward_pre_hook(self._top_pre, with_kwargs=True))
+            self.handles.append(top.register_forward_hook(self._top_post, always_call=True))
             self.handles.append(inner.register_forward_pre_hook(self._inner_pre, with_kwargs=True))
             # an encode's scores belong to the forward that follows it, even one that raised before reading them
             self.handles.append(inner.register_forward_hook(self._inner_post, always_call=True))
@@ -190,6 +195,9 @@ class PatchState:
             signals = self.method.vision_signals() if self.pre_llm else {}
             if signals:
                 self.handles.extend(self.adapter.install_vision_signals(signals, self.vision_scores))
+                inner = self.adapter.inner()
+                self.handles.extend(wrap_method(inner, fn, self._encoder_run)
+                                    for fn in ("get_image_features", "get_video_features") if hasattr(inner, fn))
         except BaseException:
             self.remove()
             raise
@@ -202,11 +210,30 @@ class PatchState:
         self.scratch = None
 
     # hooks ------------------------------------------------------------------------------------
+    def _top_pre(self, module, args, kwargs):
+        self.labels = kwargs.get("labels") is not None or len(args) > self.top_params.index("labels") \
+            if "labels" in self.top_params else kwargs.get("labels") is not None
+        return None
+
+    def _top_post(self, module, args, output):
+        self.labels = False
+
     def _inner_pre(self, module, args, kwargs):
         if args:  # e.g. LlavaNextForConditionalGeneration passes input_ids positionally
             kwargs = {**dict(zip(self.inner_params, args)), **kwargs}
         self.scratch = self.adapter.read_call(kwargs)
+        if any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos")):
+            self.vision_scores.reset()  # this forward encodes its own images
+        elif kwargs.get("mm_encoder_outputs"):  # encoded before it (generate()): the runs that made these
+            self.vision_scores.keep_runs(list(kwargs["mm_encoder_outputs"].values()))
         return None
+
+    def _encoder_run(self, original, *args, **kwargs):
+        """Around the model's get_{image,video}_features: tag the scores of this encoder run with its output."""
+        start = self.vision_scores.counts()
+        out = original(*args, **kwargs)
+        self.vision_scores.tag(out, start)
+        return out
 
     def _inner_post(self, module, args, output):
         self.vision_scores.read()  # the next encode starts afresh (they stay for a use_cache=False rerun)
@@ -323,6 +350,11 @@ class PatchState:
             covered[u.sample, u.slots] = True
         visual = covered  # placeholders in no unit are structural (a video's closing newline): never pruned
         budgets = [self._budget(u) for u in units]
+        if self.labels and any(k < len(u.slots) for u, k in zip(units, budgets)):
+            raise NotImplementedError(
+                f"vtprune: labels (a loss) while pruning are not supported: {self.method_name} shortens the "
+                "sequence, so the logits no longer line up with labels for the full prompt. Unpatch to train, or "
+                "compute the loss yourself from the logits and vtprune.stats(model).layout")
         if static and self.drop_layers and any(k < len(u.slots) for u, k in zip(units, budgets)):
             raise NotImplementedError(
                 f"vtprune: {self.method_name} drops tokens inside the decoder (after layer {self.drop_layers[0]}), "
