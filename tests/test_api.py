@@ -85,6 +85,7 @@ def test_method_option_validation():
     ("todre", dict(keep=4, stage2=False, stage2_layer=2), ValueError, "needs stage2=True"),
     ("vflowopt", dict(keep=4, t=float("nan")), ValueError, "t must be a finite number >= 0.0"),
     ("vflowopt", dict(keep=4, t=float("inf")), ValueError, "t must be a finite"),
+    ("vflowopt", dict(keep=4, t=10**400), ValueError, "t must be a finite"),
     ("vflowopt", dict(keep=4, alpha=float("nan")), ValueError, "alpha must be a finite number"),
     ("vflowopt", dict(keep=4, pixel_mean=(0.5,)), ValueError, "pixel_mean must be 3 numbers"),
     ("vflowopt", dict(keep=4, pixel_std=(0.2, 0.0, 0.2)), ValueError, r"pixel_std\[1\] must be a finite number > 0.0"),

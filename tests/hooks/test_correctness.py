@@ -284,3 +284,20 @@ def test_a_strategys_bad_selection_is_an_error(model_factory, monkeypatch, where
     vtprune.patch(model, "divprune", keep=8)
     with torch.no_grad(), pytest.raises(RuntimeError, match="divprune.select: " + message):
         model(**tiny.batch("llava", [0] if where == "select" else [0, 1]))
+
+
+def test_select_batch_rows_may_differ_in_length_but_not_in_number(model_factory, monkeypatch):
+    """A strategy may keep fewer than its budget, differently per image; select_batch must answer for
+    every image it was given."""
+    cls = get_method("divprune")
+    model = model_factory("llava")
+    inputs = tiny.batch("llava", [0, 1])
+    monkeypatch.setattr(cls, "select_batch", lambda self, ims: [Selection(torch.arange(im.keep - i))
+                                                               for i, im in enumerate(ims)])
+    vtprune.patch(model, "divprune", keep=4)
+    with torch.no_grad():
+        model(**inputs)
+    assert vtprune.stats(model).visual_after == [4, 3]
+    monkeypatch.setattr(cls, "select_batch", lambda self, ims: [Selection(torch.arange(im.keep)) for im in ims[:-1]])
+    with torch.no_grad(), pytest.raises(RuntimeError, match="select_batch: 1 selections for 2 images"):
+        model(**inputs)

@@ -1,5 +1,7 @@
 """Decode-loop and input-form regressions of the model hooks: manual decode loops without position_ids,
 Qwen video positions and frames, failed forwards, cache reuse, 4-D pixel_values, keep-all with a static cache."""
+import inspect
+
 import pytest
 import torch
 import transformers
@@ -349,6 +351,29 @@ def test_an_encoder_call_of_the_users_own_does_not_leak_into_the_next_forward(fa
         assert torch.equal(vtprune.stats(model).layout, layout)
         model.model.get_image_features(**encode)
         assert torch.equal(model(**inputs).logits, logits)
+        if family == "llava":  # the tower called directly: scores of no encoder run
+            model.model.vision_tower(other["pixel_values"], output_hidden_states=True)
+            assert torch.equal(model.generate(**inputs, **gen), ref)
+            assert torch.equal(vtprune.stats(model).layout, layout)
+
+
+def test_unpatch_restores_a_method_wrapper_of_the_users_own():
+    model = tiny.build("llava")
+    calls = []
+    original = model.model.get_image_features
+
+    def mine(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    model.model.get_image_features = mine
+    vtprune.patch(model, "hiprune", keep=4)
+    with torch.no_grad():
+        model(**tiny.batch("llava", [0]))
+        vtprune.unpatch(model)
+        assert model.model.__dict__["get_image_features"] is mine
+        model(**tiny.batch("llava", [0]))
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize("family, method", [("llava", "divprune"), ("llava", "fastv"), ("qwen2_vl", "transprune")])
@@ -361,6 +386,9 @@ def test_labels_while_pruning_are_refused_clearly(model_factory, family, method)
         vtprune.patch(model, method, keep=4)
         with pytest.raises(NotImplementedError, match="labels .* while pruning are not supported"):
             model(**inputs, labels=labels)
+        params = list(inspect.signature(model.forward).parameters)
+        positional = [inputs.get(p) for p in params[:params.index("labels") + 1]]  # labels=None, positionally
+        model(*positional)
         model(**inputs)  # the next call is not affected
         assert vtprune.stats(model).visual_after != vtprune.stats(model).visual_before
         vtprune.patch(model, method, keep=10_000)  # nothing pruned: the loss is the model's

@@ -115,14 +115,21 @@ class Adapter:
         return layer % n_layers
 
 
-class Restore:
-    """Hook handle that removes an instance attribute set over a class method."""
+_ABSENT = object()
 
-    def __init__(self, obj, name):
-        self.obj, self.name = obj, name
+
+class Restore:
+    """Hook handle that undoes an instance attribute set over a method: the instance attribute that was
+    there before (a user's own wrapper) comes back, or else the class's method shows through again."""
+
+    def __init__(self, obj, name, previous=_ABSENT):
+        self.obj, self.name, self.previous = obj, name, previous
 
     def remove(self):
-        self.obj.__dict__.pop(self.name, None)
+        if self.previous is _ABSENT:
+            self.obj.__dict__.pop(self.name, None)
+        else:
+            self.obj.__dict__[self.name] = self.previous
 
 
 def wrap_method(owner, name: str, hook) -> Restore:
@@ -131,11 +138,12 @@ def wrap_method(owner, name: str, hook) -> Restore:
 
     A partial of bound methods, not a closure: copy.deepcopy of the model rebinds both to the copy (and
     its pickle works), where a closure would keep calling the original model."""
+    previous = owner.__dict__.get(name, _ABSENT)
     original = getattr(owner, name)
     wrapper = functools.partial(hook, original)
     wrapper.__signature__ = inspect.signature(original)
     setattr(owner, name, wrapper)
-    return Restore(owner, name)
+    return Restore(owner, name, previous)
 
 
 def encode_order(units: list, encoded: int) -> list[int] | None:
@@ -216,16 +224,21 @@ class SignalStore:
             self.runs.append((id(output), start, self.counts()))
 
     def keep_runs(self, outputs: list):
-        """Keep only the scores of the runs that returned these outputs (in run order), where every score
-        belongs to a tagged run; otherwise leave the scores as they are."""
+        """Keep only the scores of the runs that returned these outputs (in run order); where no run did
+        (outputs made some other way), leave the scores as they are."""
         keys = {id(o) for o in outputs if o is not None}
-        if not self.fresh or not self.runs or not keys:
+        if not self.fresh or not any(run[0] in keys for run in self.runs):
             return
-        if any(run[2].get(n, 0) - run[1].get(n, 0) for run in self.runs if run[0] not in keys for n in run[2]):
-            self.scores = {name: [x for key, start, end in self.runs if key in keys
-                                  for x in values[start.get(name, 0):end.get(name, 0)]]
-                           for name, values in self.scores.items()}
-            self.runs = []
+        # scores outside those runs (another run, or the tower called directly) are not this forward's
+        scores: dict[str, list] = {name: [] for name in self.scores}
+        runs = []
+        for key, start, end in self.runs:
+            if key in keys:
+                begin = {name: len(v) for name, v in scores.items()}
+                for name, values in self.scores.items():
+                    scores[name] += values[start.get(name, 0):end.get(name, 0)]
+                runs.append((key, begin, {name: len(v) for name, v in scores.items()}))
+        self.scores, self.runs = scores, runs
 
     def reset(self):
         """An encoder run is about to start inside a forward: nothing before it belongs to that forward."""

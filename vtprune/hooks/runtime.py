@@ -211,8 +211,8 @@ class PatchState:
 
     # hooks ------------------------------------------------------------------------------------
     def _top_pre(self, module, args, kwargs):
-        self.labels = kwargs.get("labels") is not None or len(args) > self.top_params.index("labels") \
-            if "labels" in self.top_params else kwargs.get("labels") is not None
+        i = self.top_params.index("labels") if "labels" in self.top_params else len(args)
+        self.labels = kwargs.get("labels") is not None or (i < len(args) and args[i] is not None)
         return None
 
     def _top_post(self, module, args, output):
@@ -321,9 +321,15 @@ class PatchState:
             if len(members) < 2:
                 continue
             sels = self.method.select_batch([todo[j][1] for j in members])
-            idx = torch.stack([torch.as_tensor(s.indices).long() for s in sels])
-            idx = _check_selection(idx, len(todo[members[0]][0].slots), todo[members[0]][1].keep, what, rows=True)
-            for j, s, row in zip(members, sels, idx):
+            if len(sels) != len(members):
+                raise RuntimeError(f"{self.method_name}.select_batch: {len(sels)} selections for {len(members)} images")
+            rows = [torch.as_tensor(s.indices).long() for s in sels]
+            n, keep = len(todo[members[0]][0].slots), todo[members[0]][1].keep
+            if len({tuple(r.shape) for r in rows}) == 1:  # one host sync for the group
+                rows = _check_selection(torch.stack(rows), n, keep, what, rows=True)
+            else:  # a strategy may keep fewer than the budget, differently per image
+                rows = [_check_selection(r, n, keep, what) for r in rows]
+            for j, s, row in zip(members, sels, rows):
                 s.indices = row
                 out[j] = s
         for j, (u, image) in enumerate(todo):

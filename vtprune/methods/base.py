@@ -74,7 +74,10 @@ def check_real(name: str, value, low: float | None = None, high: float | None = 
             f" {'>' if low_open else '>='} {low}" if low is not None else f" <= {high}" if high is not None else "")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number{span}, got {value!r}")
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:  # an int beyond float range
+        v = math.inf
     if not math.isfinite(v) or (low is not None and (v <= low if low_open else v < low)) or (high is not None and v > high):
         raise ValueError(f"{name} must be a finite number{span}, got {value!r}")
     return v
