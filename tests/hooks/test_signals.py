@@ -339,3 +339,26 @@ def test_qwen_entropy_comes_from_the_pixels_given_not_their_bf16_cast(monkeypatc
     assert not torch.equal(grey_levels(px.bfloat16(), CLIP_MEAN, CLIP_STD), levels)  # the cast does move levels
     want = vflowopt.patch_entropy(levels.reshape(-1, 4 * p * p))
     assert seen and all(torch.equal(e.float(), want) for e in seen)  # (Qwen3-VL selects again per deepstack level)
+
+
+def test_signal_store_keeps_the_runs_that_made_a_forwards_encoder_outputs():
+    from vtprune.hooks.base import SignalStore
+
+    image, video, stray = object(), object(), object()
+    store = SignalStore()
+    start = store.counts()
+    store.add("s", ["stray"])  # the user's own encoder call
+    store.tag(stray, start)
+    start = store.counts()
+    store.add("s", ["i0", "i1"])
+    store.tag(image, start)
+    outer = store.counts()  # video features computed through the image path (Qwen3-VL): nested runs
+    inner = store.counts()
+    store.add("s", ["f0", "f1", "f2"])
+    store.tag(video, inner)
+    store.tag(video, outer)
+    store.add("s", ["tower called directly"])
+    store.keep_runs([image, video])
+    assert store.read()["s"] == ["i0", "i1", "f0", "f1", "f2"]
+    store.keep_runs([image, video])  # generate(use_cache=False) hands the same outputs again: unchanged
+    assert store.scores["s"] == ["i0", "i1", "f0", "f1", "f2"]

@@ -220,7 +220,8 @@ class SignalStore:
 
     def tag(self, output, start: dict[str, int]):
         """The scores added since `start` (counts() before the run) came from the run that returned `output`."""
-        if self.fresh:
+        if self.fresh:  # a run nested in this one (Qwen3-VL's video features call its image features) is part of it
+            self.runs = [r for r in self.runs if not all(r[1].get(n, 0) >= start.get(n, 0) for n in r[2])]
             self.runs.append((id(output), start, self.counts()))
 
     def keep_runs(self, outputs: list):
