@@ -6,6 +6,7 @@ import json
 import os
 
 from .hooks import adapter_for
+from .hooks.base import Restore
 from .hooks.runtime import PatchState, Stats, compileable, kv_cache
 from .methods.registry import build_method
 
@@ -175,11 +176,11 @@ def compile_llm(model, mode: str | None = "reduce-overhead", **compile_options):
     lm = adapter_for(model).language_model()
     gc = model.generation_config
     saved = {"cache_implementation": gc.cache_implementation, "disable_compile": gc.disable_compile}
-    own = lm.__dict__.get("forward")  # a forward already set on the instance (e.g. accelerate's device hooks)
+    restore = Restore(lm, "forward")  # puts back a forward already on the instance (accelerate's device hooks)
     if mode is not None:
         compile_options["mode"] = mode
     lm.forward = _CompiledForward(lm, lm.forward, compile_options)
-    setattr(lm, _COMPILED, (saved, own))
+    setattr(lm, _COMPILED, (saved, restore))
     gc.cache_implementation, gc.disable_compile = "static", True
     return model
 
@@ -235,11 +236,8 @@ def uncompile_llm(model):
     record = getattr(lm, _COMPILED, None)
     if record is None:
         return model
-    saved, own = record
-    if own is not None:
-        lm.forward = own  # the instance forward compile_llm found (e.g. accelerate's device hooks)
-    else:
-        del lm.forward  # compile_llm's; the class's forward shows through again
+    saved, restore = record
+    restore.remove()
     for key, value in saved.items():
         setattr(model.generation_config, key, value)
     delattr(lm, _COMPILED)

@@ -119,11 +119,12 @@ _ABSENT = object()
 
 
 class Restore:
-    """Hook handle that undoes an instance attribute set over a method: the instance attribute that was
-    there before (a user's own wrapper) comes back, or else the class's method shows through again."""
+    """Hook handle that undoes an instance attribute about to be set over a method (make it first): the
+    instance attribute that was there before (a user's own wrapper, accelerate's device hooks) comes
+    back, or else the class's method shows through again."""
 
-    def __init__(self, obj, name, previous=_ABSENT):
-        self.obj, self.name, self.previous = obj, name, previous
+    def __init__(self, obj, name):
+        self.obj, self.name, self.previous = obj, name, obj.__dict__.get(name, _ABSENT)
 
     def remove(self):
         if self.previous is _ABSENT:
@@ -138,12 +139,12 @@ def wrap_method(owner, name: str, hook) -> Restore:
 
     A partial of bound methods, not a closure: copy.deepcopy of the model rebinds both to the copy (and
     its pickle works), where a closure would keep calling the original model."""
-    previous = owner.__dict__.get(name, _ABSENT)
+    handle = Restore(owner, name)
     original = getattr(owner, name)
     wrapper = functools.partial(hook, original)
     wrapper.__signature__ = inspect.signature(original)
     setattr(owner, name, wrapper)
-    return Restore(owner, name, previous)
+    return handle
 
 
 def encode_order(units: list, encoded: int) -> list[int] | None:

@@ -195,7 +195,6 @@ class PatchState:
             signals = self.method.vision_signals() if self.pre_llm else {}
             if signals:
                 self.handles.extend(self.adapter.install_vision_signals(signals, self.vision_scores))
-                inner = self.adapter.inner()
                 self.handles.extend(wrap_method(inner, fn, self._encoder_run)
                                     for fn in ("get_image_features", "get_video_features") if hasattr(inner, fn))
         except BaseException:
@@ -356,12 +355,13 @@ class PatchState:
             covered[u.sample, u.slots] = True
         visual = covered  # placeholders in no unit are structural (a video's closing newline): never pruned
         budgets = [self._budget(u) for u in units]
-        if self.labels and any(k < len(u.slots) for u, k in zip(units, budgets)):
+        prunes = any(k < len(u.slots) for u, k in zip(units, budgets))  # some image is over its budget
+        if self.labels and prunes:
             raise NotImplementedError(
                 f"vtprune: labels (a loss) while pruning are not supported: {self.method_name} shortens the "
                 "sequence, so the logits no longer line up with labels for the full prompt. Unpatch to train, or "
                 "compute the loss yourself from the logits and vtprune.stats(model).layout")
-        if static and self.drop_layers and any(k < len(u.slots) for u, k in zip(units, budgets)):
+        if static and self.drop_layers and prunes:
             raise NotImplementedError(
                 f"vtprune: {self.method_name} drops tokens inside the decoder (after layer {self.drop_layers[0]}), "
                 "which a static (compileable) KV cache cannot hold (its layers would hold different lengths); use "
@@ -390,7 +390,7 @@ class PatchState:
         self.current = run
         if not self.pre_llm:
             # Nothing happens before the decoder; the drop hooks act if any image is over budget.
-            run.changed = any(k < len(u.slots) for u, k in zip(units, budgets))
+            run.changed = prunes
             if not run.changed:
                 self.current = None
                 self.last_stats.visual_after = list(self.last_stats.visual_before)

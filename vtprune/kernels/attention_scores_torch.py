@@ -64,21 +64,20 @@ def attention_scores_torch(
     weights = row_weights(query_index, b, n_q, q.device)
     out = torch.zeros(b, n_k, dtype=torch.float32, device=q.device)
     key_pos = torch.arange(n_k, device=q.device)
-    for start in range(0, n_q, _ROW_CHUNK):
-        stop = min(start + _ROW_CHUNK, n_q)
-        w = weights[:, start:stop]
-        if not bool((w > 0).any()):
-            continue
-        with float32_math(q):
+    with float32_math(q):  # the einsums stay float32 inside a caller's autocast
+        for start in range(0, n_q, _ROW_CHUNK):
+            stop = min(start + _ROW_CHUNK, n_q)
+            w = weights[:, start:stop]
+            if not bool((w > 0).any()):
+                continue
             logits = torch.einsum("bhgqd,bhkd->bhgqk", qf[:, :, :, start:stop], kf) * scale
-        allowed = torch.ones(b, stop - start, n_k, dtype=torch.bool, device=q.device)
-        if causal:
-            row_pos = torch.arange(start, stop, device=q.device) + (n_k - n_q)
-            allowed = allowed & (key_pos[None, None, :] <= row_pos[None, :, None])
-        if key_mask is not None:
-            allowed = allowed & key_mask.to(q.device, torch.bool)[:, None, :]
-        logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
-        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows with no allowed key -> 0
-        with float32_math(q):
+            allowed = torch.ones(b, stop - start, n_k, dtype=torch.bool, device=q.device)
+            if causal:
+                row_pos = torch.arange(start, stop, device=q.device) + (n_k - n_q)
+                allowed = allowed & (key_pos[None, None, :] <= row_pos[None, :, None])
+            if key_mask is not None:
+                allowed = allowed & key_mask.to(q.device, torch.bool)[:, None, :]
+            logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
+            probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows with no allowed key -> 0
             out += torch.einsum("bhgqk,bq->bk", probs, w)
     return out / hq

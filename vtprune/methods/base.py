@@ -37,8 +37,7 @@ class PruneConfig:
                 raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")
 
     def _check_flags(self):
-        if not isinstance(self.keep_positions, bool):
-            raise TypeError(f"keep_positions must be a bool, got {self.keep_positions!r}")
+        check_bool("keep_positions", self.keep_positions)
 
     def budget(self, n: int) -> int:
         """Tokens kept for an image of `n` visual tokens: min(n, keep) or max(1, round(ratio * n))."""

@@ -8,7 +8,7 @@ import torch
 
 from ..kernels import greedy_select
 from .base import (
-    ImageTokens, LayerTokens, Method, PruneConfig, Selection, VisionSignal, question_rows, ranking, top_per_image,
+    ImageTokens, LayerTokens, Method, PruneConfig, Selection, VisionSignal, check_bool, question_rows, ranking, top_per_image,
 )
 from .registry import register
 
@@ -40,8 +40,7 @@ class ToDREConfig(PruneConfig):
         super().__post_init__()
         if self.rule not in ("maxmin", "maxsum"):
             raise ValueError(f"rule must be 'maxmin' or 'maxsum', got {self.rule!r}")
-        if not isinstance(self.stage2, bool):
-            raise TypeError(f"stage2 must be a bool, got {self.stage2!r}")
+        check_bool("stage2", self.stage2)
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0 <= self.tau <= 1:
             raise ValueError(f"tau must be a float in [0, 1], got {self.tau!r}")
         if self.stage2_layer is not None and (isinstance(self.stage2_layer, bool) or not isinstance(self.stage2_layer, int)

@@ -12,7 +12,7 @@ from typing import ClassVar
 import torch
 
 from ..kernels.precision import float32_math
-from .base import ImageTokens, Method, PruneConfig, Selection, frame_grid
+from .base import ImageTokens, Method, PruneConfig, Selection, check_bool, frame_grid
 from .pool import pooled_grid
 from .registry import register
 
@@ -77,8 +77,7 @@ class TokenShuffleConfig(PruneConfig):
                 raise ValueError(f"s must be an int >= 1, got {self.s!r}")
         else:
             super().__post_init__()
-        if not isinstance(self.rescale, bool):
-            raise TypeError(f"rescale must be a bool, got {self.rescale!r}")
+        check_bool("rescale", self.rescale)
         if self.positions not in ("grid", "topleft"):
             raise ValueError(f"positions must be 'grid' or 'topleft', got {self.positions!r}")
 
