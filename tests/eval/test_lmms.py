@@ -116,7 +116,7 @@ class _Req:
         self.args = args
 
 
-def test_loglikelihood_is_the_continuations_log_probability():
+def test_loglikelihood_is_the_continuations_mean_loss():
     from vtprune.eval import tinyvlm
 
     lm = lmms.Vtprune(pretrained="tiny-llava", random_weights=True, method="divprune", ratio=1.0)
@@ -124,13 +124,14 @@ def test_loglikelihood_is_the_continuations_log_probability():
     doc = {"scene": 3}
     lm.task_dict = {"t": {"test": {0: doc}}}
     visual = lambda d: [shapes.render(shapes.sample("eval", d["scene"])[0])]  # noqa: E731
-    got = lm.loglikelihood([_Req(qs[0].text, "red", visual, 0, "t", "test"), _Req(qs[0].text, "red blue", visual, 0, "t", "test")])
+    got = [r.text for r in lm.loglikelihood([_Req(qs[0].text, "red", visual, 0, "t", "test"),
+                                             _Req(qs[0].text, "red blue", visual, 0, "t", "test")])]
     # reference: the unpatched model on the prompt with the continuation's tokens appended
     import vtprune
 
     vtprune.unpatch(lm.model)
     proc = lm.processor
-    for (lp, greedy), cont in zip(got, ["red", "red blue"]):
+    for (loss, greedy), cont in zip(got, ["red", "red blue"]):
         text = tinyvlm.prompt("llava", qs[0].text) + " " + cont
         inputs = proc(images=[shapes.render(scene)], text=[text], return_tensors="pt")
         inputs.pop("token_type_ids", None)
@@ -138,12 +139,12 @@ def test_loglikelihood_is_the_continuations_log_probability():
         n = len(cont.split())
         with torch.no_grad():
             logp = torch.log_softmax(lm.model(**inputs).logits[0].float(), -1)
-        ref = sum(logp[len(ids) - n - 1 + i, ids[len(ids) - n + i]] for i in range(n))
-        assert lp == pytest.approx(float(ref), abs=1e-4)
+        ref = -sum(logp[len(ids) - n - 1 + i, ids[len(ids) - n + i]] for i in range(n)) / n
+        assert loss == pytest.approx(float(ref), abs=1e-4)
         assert greedy == all(int(logp[len(ids) - n - 1 + i].argmax()) == int(ids[len(ids) - n + i]) for i in range(n))
     vtprune.patch(lm.model, "divprune", ratio=0.25)  # pruned: a different, finite log-probability
-    lp, _ = lm.loglikelihood([_Req(qs[0].text, "red", visual, 0, "t", "test")])[0]
-    assert lp != pytest.approx(got[0][0], abs=1e-6) and lp < 0
+    loss, _ = lm.loglikelihood([_Req(qs[0].text, "red", visual, 0, "t", "test")])[0].text
+    assert loss != pytest.approx(got[0][0], abs=1e-6) and loss > 0
 
 
 def test_loglikelihood_on_qwen_vl_extends_the_token_types():
@@ -155,7 +156,7 @@ def test_loglikelihood_on_qwen_vl_extends_the_token_types():
     scene, qs = shapes.sample("eval", 3)
     lm.task_dict = {"t": {"test": {0: {"scene": 3}}}}
     visual = lambda d: [shapes.render(shapes.sample("eval", d["scene"])[0])]  # noqa: E731
-    (lp, _), = lm.loglikelihood([_Req(qs[0].text, "red", visual, 0, "t", "test")])
+    (loss, _), = (r.text for r in lm.loglikelihood([_Req(qs[0].text, "red", visual, 0, "t", "test")]))
     inputs = lm.processor(images=[shapes.render(scene)], text=[tinyvlm.prompt("qwen2_vl", qs[0].text) + " red"],
                           return_tensors="pt")
     inputs.pop("token_type_ids", None)
@@ -165,7 +166,7 @@ def test_loglikelihood_on_qwen_vl_extends_the_token_types():
     vtprune.unpatch(lm.model)
     with torch.no_grad():
         logp = torch.log_softmax(lm.model(**inputs).logits[0, -2].float(), -1)
-    assert lp == pytest.approx(float(logp[ids[-1]]), abs=1e-4)
+    assert loss == pytest.approx(-float(logp[ids[-1]]), abs=1e-4)
 
 
 def test_a_batch_without_images_reports_its_own_figures():
@@ -269,3 +270,162 @@ def test_chat_template_path_builds_the_same_prompt(name, image, tasks):
         assert lm._prompt("what colour is the star ?", 1).split() == ["<s>", *image.split(), "what", "colour", "is",
                                                                       "the", "star", "?"]
         assert evaluate(lm, tasks, 6, task)[1] == plain, cls.__name__
+
+
+def test_multiple_choice_task_runs_end_to_end(tasks):
+    """The bundled multiple-choice task through lmms-eval's evaluator: loglikelihood results survive
+    its output unwrapping (a bare (loss, greedy) tuple became a string), the smallest loss is the
+    answer (a log-probability made the trained model score ~0), keep-all equals unpatched."""
+    from lmms_eval.evaluator import simple_evaluate
+
+    def run(**kw):
+        lm = lmms.Vtprune(pretrained="tiny-llava", **kw)
+        res = simple_evaluate(model=lm, tasks=["vtprune_shapes_mc"], task_manager=tasks, limit=12, log_samples=True,
+                              bootstrap_iters=0, verbosity="WARNING")
+        samples = sorted(res["samples"]["vtprune_shapes_mc"], key=lambda s: s["doc_id"])
+        return res["results"]["vtprune_shapes_mc"]["acc,none"], [s["resps"] for s in samples], lm.summary()
+
+    acc, resps, s = run()
+    assert acc >= 0.9  # the trained model (0.98 on 60 questions)
+    assert s["samples"] == sum(len(r) for r in resps) and s["visual_after"] == 196  # one forward per choice
+    acc_all, resps_all, _ = run(method="divprune", keep=196)
+    assert (acc_all, resps_all) == (acc, resps)
+    _, _, pruned = run(method="divprune", ratio=0.25)
+    assert pruned["visual_after"] == 49 and pruned["llm_prefill_tflops"] < s["llm_prefill_tflops"]
+
+
+def _three(lm):
+    """Three generate_until requests of different prompt lengths, one image each."""
+    lm.task_dict = {"t": {"test": {i: {"scene": i} for i in range(3)}}}
+    visual = lambda d: [shapes.render(shapes.sample("eval", d["scene"])[0])]  # noqa: E731
+    qs = ["what colour is the star ?", "how many shapes are there a digit in ?", "is the red circle left of the blue square ?"]
+    return lambda gen: [_Req(q, gen, visual, i, "t", "test") for i, q in enumerate(qs)]
+
+
+def test_beam_search_counts_each_prompt_once():
+    """generate() repeats each prompt num_beams times before the prefill: the figures and each
+    answer's prompt length are per prompt (they summed the copies, and every answer got sample 0's)."""
+    lm = lmms.Vtprune(pretrained="tiny-llava", random_weights=True, method="divprune", keep=64, batch_size=3)
+    reqs = _three(lm)
+    greedy = lm.generate_until(reqs({"max_new_tokens": 2}))
+    want = lm.summary()
+    lm.records.clear()
+    beams = lm.generate_until(reqs({"max_new_tokens": 2, "num_beams": 3}))
+    assert [o.token_counts.input_tokens for o in beams] == [o.token_counts.input_tokens for o in greedy]
+    assert len({o.token_counts.input_tokens for o in greedy}) == 3
+    got = lm.summary()
+    for key in ("samples", "visual_before", "visual_after", "kept_fraction", "prefill_tflops", "llm_prefill_tflops"):
+        assert got[key] == pytest.approx(want[key]), key
+    assert got["visual_after"] == 64
+
+
+def test_prompt_length_of_in_llm_strategies_is_the_mean_over_layers():
+    lm = lmms.Vtprune(pretrained="tiny-llava", random_weights=True, method="fastv", ratio=0.25, batch_size=3)
+    reqs = _three(lm)
+    out = lm.generate_until(reqs({"max_new_tokens": 1}))
+    import vtprune
+
+    per_layer = vtprune.stats(lm.model).layer_tokens
+    assert per_layer[0] != per_layer[-1]  # fastv drops after layer 1
+    assert [o.token_counts.input_tokens for o in out] == [round(sum(ns[b] for ns in per_layer) / len(per_layer))
+                                                          for b in range(3)]
+
+
+def test_decoding_is_greedy_unless_the_temperature_is_positive():
+    """As lmms-eval's own models: do_sample without a temperature > 0 decodes greedily (it sampled at T=1)."""
+    lm = lmms.Vtprune(pretrained="tiny-llava", random_weights=True, method="random", ratio=0.5, batch_size=3)
+    reqs = _three(lm)
+    greedy = [o.text for o in lm.generate_until(reqs({"max_new_tokens": 6}))]
+    for gen in ({"do_sample": True, "temperature": 0}, {"do_sample": True}):
+        torch.manual_seed(0)
+        assert [o.text for o in lm.generate_until(reqs({"max_new_tokens": 6, **gen}))] == greedy, gen
+    torch.manual_seed(0)
+    sampled = [o.text for o in lm.generate_until(reqs({"max_new_tokens": 6, "do_sample": True, "temperature": 5.0}))]
+    assert sampled != greedy  # random weights at T=5: sampling shows
+
+
+def test_flag_and_count_arguments_are_parsed_not_truthy():
+    """random_weights="false" (quoted, as lmms-eval passes it) loaded random weights: bool("false")."""
+    from lmms_eval.utils import simple_parse_args_string
+
+    from vtprune.eval import models
+
+    trained = models.load("tiny-llava")[0].state_dict()
+    for text in ('random_weights="false"', "random_weights=no", "random_weights=False", "random_weights=0"):
+        lm = lmms.Vtprune(**simple_parse_args_string("pretrained=tiny-llava," + text))
+        assert all(torch.equal(v, trained[k]) for k, v in lm.model.state_dict().items()), text
+    lm = lmms.Vtprune(**simple_parse_args_string('pretrained=tiny-llava,random_weights="true",max_new_tokens="16"'))
+    assert not torch.equal(lm.model.state_dict()["lm_head.weight"], trained["lm_head.weight"])
+    assert lm.max_new_tokens == 16
+    with pytest.raises(ValueError, match="random_weights must be true or false"):
+        lmms.Vtprune(pretrained="tiny-llava", random_weights="maybe")
+    for bad in ("x", 0, 2.5, "none"):
+        with pytest.raises(ValueError, match="max_new_tokens must be a whole number"):
+            lmms.Vtprune(pretrained="tiny-llava", random_weights=True, max_new_tokens=bad)
+    with pytest.raises(ValueError, match="batch_size must be a whole number"):
+        lmms.Vtprune(pretrained="tiny-llava", random_weights=True, batch_size=0)
+
+
+def test_throughput_log_is_per_call_and_leaves_out_padding_requests():
+    """lmms-eval averages its throughput log over calls: each call logs its own figures (they were
+    cumulative); its padding copies (added to even out ranks) are answered but not counted."""
+    from lmms_eval.models.model_utils.gen_metrics import get_logged_metrics_history, reset_logged_metrics
+
+    lm = lmms.Vtprune(pretrained="tiny-llava", random_weights=True, method="divprune", keep=64, batch_size=2)
+    reqs = _three(lm)
+    reset_logged_metrics()
+    lm.generate_until(reqs({"max_new_tokens": 1})[:1])
+    two = reqs({"max_new_tokens": 1})[1:]
+    two[1].metadata = {"__padding_only__": True}
+    out = lm.generate_until(two)
+    assert all(o is not None and o.text is not None for o in out)
+    first, second = get_logged_metrics_history()[-2:]
+    assert first["vtprune_samples"] == second["vtprune_samples"] == 1
+    assert sum(r["samples"] for r in lm.records) == 2
+
+
+def test_images_are_loaded_batch_by_batch(monkeypatch):
+    """A task's images are decoded when their batch runs (all were held in memory before the first)."""
+    lm = lmms.Vtprune(pretrained="tiny-llava", random_weights=True, method="random", ratio=0.5, batch_size=2)
+    loaded, seen = [], []
+    lm.task_dict = {"t": {"test": {i: {"scene": i} for i in range(6)}}}
+
+    def visual(d):
+        loaded.append(d["scene"])
+        return [shapes.render(shapes.sample("eval", d["scene"])[0])]
+
+    generate = lm._generate
+    monkeypatch.setattr(lm, "_generate", lambda *a, **k: (seen.append(len(loaded)), generate(*a, **k))[1])
+    lm.generate_until([_Req("what colour is the star ?", {"max_new_tokens": 1}, visual, i, "t", "test") for i in range(6)])
+    assert seen == [2, 4, 6]
+
+
+def test_image_placeholders_in_a_simple_prompt():
+    """A task prompt's <image> placeholders place its images (LLaVA's processor found two image tokens
+    for one image before); a wrong count is removed and the images go first."""
+    assert lmms._content("<image>\nwhat is it ?", 1) == [{"type": "image"}, {"type": "text", "text": "what is it ?"}]
+    assert lmms._content("first <image> then <image> which ?", 2) == [
+        {"type": "text", "text": "first"}, {"type": "image"}, {"type": "text", "text": "then"}, {"type": "image"},
+        {"type": "text", "text": "which ?"}]
+    assert lmms._content("<image> which ?", 2) == [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "which ?"}]
+    assert lmms._content(" q\n", 1) == [{"type": "image"}, {"type": "text", "text": " q\n"}]  # no placeholder: as given
+    lm = lmms.Vtprune(pretrained="tiny-llava", random_weights=True, method="random", ratio=0.5)
+    assert lm._prompt("<image>\nwhat colour is the star ?", 1) == lm._prompt("what colour is the star ?", 1)
+    lm.processor.chat_template = ("<s> {% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+                                  "<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}")
+    prompt = lm._prompt("<image>\nwhat colour is the star ?", 1)
+    assert prompt.count("<image>") == 1
+    inputs = lm._inputs([prompt], [shapes.render(shapes.sample("eval", 0)[0])])
+    assert int((inputs["input_ids"] == lm.model.config.image_token_id).sum()) == 196
+
+
+def test_chat_class_without_a_template_refuses_turns_it_would_drop():
+    lm = lmms.VtpruneChat(pretrained="tiny-llava", random_weights=True, method="random", ratio=0.5)
+    image = shapes.render(shapes.sample("eval", 0)[0])
+    messages = [{"role": "system", "content": [{"type": "text", "text": "answer in one word"}]},
+                {"role": "user", "content": [{"type": "image", "url": image}, {"type": "text", "text": "what colour ?"}]}]
+    lm.task_dict = {"t": {"test": {0: {}}}}
+    with pytest.raises(NotImplementedError, match="force_simple"):
+        lm.generate_until([_Req("", lambda d: messages, {"max_new_tokens": 1}, 0, "t", "test")])
+    out = lm.generate_until([_Req("", lambda d: messages[1:], {"max_new_tokens": 1}, 0, "t", "test")])
+    assert out[0].text is not None

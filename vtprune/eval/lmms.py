@@ -5,7 +5,8 @@ lmms-eval itself is not edited. `Vtprune` is the simple protocol (prompt text + 
 `VtpruneChat` the chat protocol (`doc_to_messages`), which lmms-eval 0.7 picks by default;
 `--force_simple` selects the other. Both batch `generate_until` requests (left padding; every
 sample is pruned on its own, so answers do not depend on the batch), and the simple class also
-answers `loglikelihood`.
+answers `loglikelihood` (multiple-choice tasks) with lmms-eval's convention: the mean loss.
+Decoding follows lmms-eval's own models: sampling only when the task's temperature is > 0.
 
 --model_args: `pretrained` (a local model directory or a name `vtprune.eval.models.load` knows),
 `method` (a registered strategy; omitted or "none": unpatched), `keep` or `ratio`, any option of the
@@ -15,11 +16,13 @@ method, and `dtype` ("auto", "float16", "bfloat16", "float32"), `attn` ("sdpa", 
 `vtprune_stats_rank<R>.json` there, as lmms-eval's own throughput log is per process).
 
 The pruning figures (visual tokens before/after, selection time, analytic prefill TFLOPs from the
-real per-layer token counts) go to lmms-eval's `results["throughput"]` as `avg_vtprune_*`, and each
-answer's prompt length after pruning to its token counts.
+real per-layer token counts) go to lmms-eval's `results["throughput"]` as `avg_vtprune_*` (each
+request call's per-sample means; lmms-eval's padding copies that even out the ranks are left out),
+and each answer's prompt length after pruning to its token counts. Beam search prunes every beam
+alike; its figures count each prompt once.
 
 lmms-eval's task index has no entry point, so the bundled offline tasks (`vtprune_shapes`,
-`vtprune_shapes_dynres`) are found with `--include_path "$(vtprune lmms-tasks)"` (TASKS).
+`vtprune_shapes_dynres`, `vtprune_shapes_mc`) are found with `--include_path "$(vtprune lmms-tasks)"` (TASKS).
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ from lmms_eval.api.model import lmms
 TASKS = Path(__file__).resolve().parent / "lmms_tasks"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "auto": "auto"}
 UNPATCHED = (None, "", "none")
+PLACEHOLDER = "<image>"  # where an lmms-eval task's simple prompt puts an image (LLaVA's convention)
 
 
 def manifests() -> list:
@@ -64,6 +68,30 @@ def _value(v):
         except (ValueError, SyntaxError):
             return v
     return v
+
+
+def _flag(name: str, v) -> bool:
+    """A boolean model argument: true / false as lmms-eval passes them (parsed, quoted or spelled out)."""
+    v = _value(v)
+    if v is None or isinstance(v, bool):
+        return bool(v)
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in ("true", "yes", "1", "false", "no", "0"):
+        return v.strip().lower() in ("true", "yes", "1")
+    raise ValueError(f"{name} must be true or false, got {v!r}")
+
+
+def _count(name: str, v) -> int:
+    """A positive whole-number model argument."""
+    v = _value(v)
+    try:
+        n = int(v) if not isinstance(v, bool) and float(v) == int(float(v)) else None
+    except (TypeError, ValueError, OverflowError):
+        n = None
+    if n is None or n < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {v!r}")
+    return n
 
 
 def _typed(method, options: dict) -> dict:
@@ -108,14 +136,12 @@ class Vtprune(lmms):
         super().__init__()
         from . import models
 
-        self.batch_size = int(_value(batch_size)) if str(batch_size) != "auto" else 1
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = _count("batch_size", batch_size) if str(batch_size) != "auto" else 1
         dtype = _value(dtype)
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self._device = _device(_value(device))
-        model, processor = models.load(str(_value(pretrained)), random_weights=bool(random_weights),
+        model, processor = models.load(str(_value(pretrained)), random_weights=_flag("random_weights", random_weights),
                                        attn=_value(attn), dtype=DTYPES[dtype])
         if processor is None:
             raise ValueError(f"{pretrained!r} has no processor: lmms-eval needs a model that reads images "
@@ -125,7 +151,7 @@ class Vtprune(lmms):
         self.model = model.to(self._device).eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
-        self.max_new_tokens = int(max_new_tokens)
+        self.max_new_tokens = _count("max_new_tokens", max_new_tokens)
         self.stats_path = _value(stats_path)
         self.method = _value(method)
         self.options = _typed(self.method, {k: _value(v) for k, v in options.items()})
@@ -157,16 +183,16 @@ class Vtprune(lmms):
 
     def _prompt(self, text: str, n_images: int, messages: list | None = None) -> str:
         """The model's prompt: its chat template when the processor has one (`messages`, or one user
-        turn of the images then `text`); else the bundled tiny models' format."""
+        turn of the images and `text`, see `_content`); else the bundled tiny models' format."""
         if getattr(self.processor, "chat_template", None):
             if messages is None:
-                messages = [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}]
+                messages = [{"role": "user", "content": _content(text, n_images)}]
             return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         from . import tinyvlm
 
         if n_images != 1:
             raise ValueError(f"a model without a chat template takes one image per prompt, got {n_images}")
-        return tinyvlm.prompt(tinyvlm.family_of(self.model), text)
+        return tinyvlm.prompt(tinyvlm.family_of(self.model), " ".join(text.replace(PLACEHOLDER, " ").split()))
 
     def _inputs(self, prompts: list[str], images: list) -> dict:
         from .models import to_model
@@ -175,52 +201,59 @@ class Vtprune(lmms):
         inputs.pop("token_type_ids", None)
         return to_model(dict(inputs), self.model)
 
-    def _request(self, args) -> tuple[str, list, dict]:
-        """(prompt, images, gen_kwargs) of a simple-protocol generate_until request."""
-        ctx, gen_kwargs, doc_to_visual, doc_id, task, split = args
+    GEN_KWARGS = 1  # where a generate_until request's arguments hold its gen_kwargs
+
+    def _request(self, args) -> tuple[str, list]:
+        """(prompt, images) of a simple-protocol request."""
+        ctx, _, doc_to_visual, doc_id, task, split = args
         images = _images(doc_to_visual(self.task_dict[task][split][doc_id]))
-        return self._prompt(ctx, len(images)), images, gen_kwargs
+        return self._prompt(ctx, len(images)), images
 
     # generation --------------------------------------------------------------------------------
 
     def generate_until(self, requests) -> list:
+        """Batches of `batch_size` requests with the same gen_kwargs, in request order within each; a
+        batch's images are loaded when it runs. lmms-eval's padding requests (the copies that even out
+        the ranks) are answered in batches of their own and left out of the pruning figures."""
         from tqdm.auto import tqdm
 
         out: list = [None] * len(requests)
-        prepared = [self._request(r.args) for r in requests]
-        groups: dict[str, list[int]] = {}
-        for i, (_, _, kw) in enumerate(prepared):  # one generation config per batch
-            groups.setdefault(json.dumps(kw, sort_keys=True, default=str), []).append(i)
-        elapsed, new_tokens = 0.0, 0
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):  # one generation config per batch
+            padding = bool((getattr(r, "metadata", None) or {}).get("__padding_only__"))
+            kw = r.args[self.GEN_KWARGS]
+            groups.setdefault((json.dumps(kw, sort_keys=True, default=str), padding), []).append(i)
+        elapsed, new_tokens, first = 0.0, 0, len(self.records)
         with tqdm(total=len(requests), desc="vtprune", unit="q", disable=self.rank != 0) as bar:
-            for idx in groups.values():
+            for (_, padding), idx in groups.items():
                 for s in range(0, len(idx), self.batch_size):
                     chunk = idx[s:s + self.batch_size]
-                    texts, counts, seconds = self._generate([prepared[i][0] for i in chunk],
-                                                            [im for i in chunk for im in prepared[i][1]],
-                                                            prepared[chunk[0]][2])
+                    prepared = [self._request(requests[i].args) for i in chunk]
+                    texts, counts, seconds = self._generate([p for p, _ in prepared], [im for _, ims in prepared for im in ims],
+                                                            requests[chunk[0]].args[self.GEN_KWARGS], record=not padding)
                     for i, text, c in zip(chunk, texts, counts):
                         out[i] = GenerationResult(text=text, token_counts=c)
-                    elapsed += seconds
-                    new_tokens += sum(c.output_tokens for c in counts)
+                    if not padding:
+                        elapsed += seconds
+                        new_tokens += sum(c.output_tokens for c in counts)
                     bar.update(len(chunk))
-        self._log(elapsed, new_tokens)
+        self._log(elapsed, new_tokens, self.records[first:])
         return out
 
     @torch.no_grad()
-    def _generate(self, prompts: list[str], images: list, gen_kwargs: dict):
+    def _generate(self, prompts: list[str], images: list, gen_kwargs: dict, record: bool = True):
         inputs = self._inputs(prompts, images)
-        if self.first_inputs is None:
+        if self.first_inputs is None and record:
             self.first_inputs = inputs
-        kw = dict(gen_kwargs)
+        kw = dict(gen_kwargs or {})
         until = kw.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
         temperature = float(kw.pop("temperature", 0) or 0)
-        sample = bool(kw.pop("do_sample", False)) or temperature > 0
-        gen = {"max_new_tokens": int(kw.pop("max_new_tokens", self.max_new_tokens)), "do_sample": sample,
+        sample = temperature > 0  # as lmms-eval's own models: do_sample without a temperature is greedy
+        gen = {"max_new_tokens": int(kw.pop("max_new_tokens", None) or self.max_new_tokens), "do_sample": sample,
                "num_beams": int(kw.pop("num_beams", 1) or 1)}
         if sample:
-            gen["temperature"] = temperature or 1.0
+            gen["temperature"] = temperature
             if kw.get("top_p") is not None:
                 gen["top_p"] = float(kw["top_p"])
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -233,7 +266,7 @@ class Vtprune(lmms):
             torch.cuda.synchronize(self._device)
         seconds = time.perf_counter() - t0
         new = ids[:, inputs["input_ids"].shape[1]:]
-        prompt_tokens = self._record(inputs, seconds)
+        prompt_tokens = self._record(inputs, seconds, record)
         texts, counts = [], []
         for row, n_in in zip(new, prompt_tokens):
             eos = (row == self.tokenizer.eos_token_id).nonzero()
@@ -248,8 +281,9 @@ class Vtprune(lmms):
 
     # figures -----------------------------------------------------------------------------------
 
-    def _record(self, inputs: dict, seconds: float) -> list[int]:
-        """Keep this batch's pruning figures; returns each sample's prompt length after pruning."""
+    def _record(self, inputs: dict, seconds: float, keep: bool = True) -> list[int]:
+        """Keep this batch's pruning figures (unless not `keep`); returns each sample's prompt length
+        after pruning (for strategies that drop inside the LLM, the mean over decoder layers)."""
         import vtprune
 
         from . import flops
@@ -257,52 +291,69 @@ class Vtprune(lmms):
         before = flops.visual_token_counts(self.model.config, inputs)
         # a batch without images prunes nothing and leaves the record of the last batch that did
         st = vtprune.stats(self.model) if self.method is not None and sum(before) else None
+        if st is not None:
+            st = _per_prompt(st, len(before))
         rep = flops.report(self.model, inputs, st, self.method, self.options)
+        per_layer = rep.tokens_per_layer
+        lengths = [round(sum(ns[b] for ns in per_layer) / len(per_layer)) for b in range(len(before))]
+        if not keep:
+            return lengths
         self.records.append({
             "samples": len(before), "visual_before": sum(before), "visual_after": sum(rep.visual_tokens),
             "selection_ms": st.selection_ms if st is not None else 0.0, "generate_s": seconds,
             "prefill_tflops": rep.total_prefill / 1e12, "llm_prefill_tflops": rep.llm_prefill / 1e12,
             "vision_tflops": (rep.vision_encoder + rep.projector) / 1e12})
-        return [int(n) for n in rep.tokens_per_layer[0]]
+        return lengths
 
-    def summary(self) -> dict:
-        """This process's figures so far: per-sample means of visual tokens and TFLOPs, kept fraction,
-        mean selection ms per batch, generate seconds in all."""
-        n = sum(r["samples"] for r in self.records)
+    def summary(self, records: list[dict] | None = None) -> dict:
+        """Figures of `records` (default: all of this process's so far): per-sample means of visual
+        tokens and TFLOPs, kept fraction, mean selection ms per batch, generate seconds in all."""
+        records = self.records if records is None else records
+        n = sum(r["samples"] for r in records)
         if not n:
             return {"method": self.method, "options": self.options, "samples": 0}
-        before = sum(r["visual_before"] for r in self.records)
-        after = sum(r["visual_after"] for r in self.records)
-        return {"method": self.method, "options": self.options, "samples": n, "batches": len(self.records),
+        before = sum(r["visual_before"] for r in records)
+        after = sum(r["visual_after"] for r in records)
+        return {"method": self.method, "options": self.options, "samples": n, "batches": len(records),
                 "visual_before": before / n, "visual_after": after / n, "kept_fraction": after / before if before else 1.0,
-                "selection_ms": sum(r["selection_ms"] for r in self.records) / len(self.records),
-                "prefill_tflops": sum(r["prefill_tflops"] for r in self.records) / n,
-                "llm_prefill_tflops": sum(r["llm_prefill_tflops"] for r in self.records) / n,
-                "vision_tflops": sum(r["vision_tflops"] for r in self.records) / n,
-                "generate_s": sum(r["generate_s"] for r in self.records)}
+                "selection_ms": sum(r["selection_ms"] for r in records) / len(records),
+                "prefill_tflops": sum(r["prefill_tflops"] for r in records) / n,
+                "llm_prefill_tflops": sum(r["llm_prefill_tflops"] for r in records) / n,
+                "vision_tflops": sum(r["vision_tflops"] for r in records) / n,
+                "generate_s": sum(r["generate_s"] for r in records)}
 
-    def _log(self, elapsed: float, new_tokens: int) -> None:
+    def _log(self, elapsed: float, new_tokens: int, records: list[dict]) -> None:
+        """lmms-eval's throughput log gets this call's figures (it averages its calls); the stats file
+        all of this process's."""
         from lmms_eval.models.model_utils.gen_metrics import log_metrics
 
-        s = self.summary()
-        extra = {f"vtprune_{k}": v for k, v in s.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        s = self.summary(records)
+        extra = {f"vtprune_{k}": v for k, v in s.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                 and s["samples"]}  # a call of padding requests only: nothing of ours to average in
         log_metrics(total_elapsed_time=elapsed, total_gen_tokens=new_tokens,
                     avg_speed=new_tokens / elapsed if elapsed > 0 else 0.0, additional_metrics={**extra, "rank": self.rank})
         if self.stats_path:
             path = Path(self.stats_path)
             path.mkdir(parents=True, exist_ok=True)
             (path / f"vtprune_stats_rank{self.rank}.json").write_text(
-                json.dumps({**s, "rank": self.rank, "world_size": self.world_size, "records": self.records}, indent=1) + "\n")
+                json.dumps({**self.summary(), "rank": self.rank, "world_size": self.world_size, "records": self.records}, indent=1) + "\n")
 
     # likelihood --------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        """log p(continuation | image, context) and whether greedy decoding gives the continuation. The
-        continuation's tokens are appended to the prompt's (never pruned: they are text), so their
-        logits are the last positions of the pruned sequence."""
-        out = []
-        for r in requests:
+    def loglikelihood(self, requests) -> list[GenerationResult]:
+        """Per request, `GenerationResult(text=(loss, greedy))`: loss = the mean negative log-likelihood
+        of the continuation's tokens given the image(s) and context (lmms-eval's convention: its own
+        models return the loss and multiple-choice tasks pick the smallest), greedy = whether greedy
+        decoding gives the continuation. The pair is wrapped because lmms-eval 0.7 turns any other
+        model output into a string. The continuation's tokens are appended to the prompt's (never
+        pruned: they are text), so their logits are the last positions of the pruned sequence."""
+        from tqdm.auto import tqdm
+
+        out, elapsed, first = [], 0.0, len(self.records)
+        sync = self._device.type == "cuda"
+        for r in tqdm(requests, desc="vtprune loglikelihood", unit="q", disable=self.rank != 0):
+            padding = bool((getattr(r, "metadata", None) or {}).get("__padding_only__"))
             ctx, continuation, doc_to_visual, doc_id, task, split = r.args
             doc = self.task_dict[task][split][doc_id]
             if callable(continuation):
@@ -317,9 +368,21 @@ class Vtprune(lmms):
             inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(cont)], 1)
             if "mm_token_type_ids" in inputs:  # Qwen-VL: the continuation is text (type 0)
                 inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(cont)], 1)
+            if self.first_inputs is None and not padding:
+                self.first_inputs = inputs
+            if sync:
+                torch.cuda.synchronize(self._device)
+            t0 = time.perf_counter()
             logits = self.model(**inputs).logits[0, -cont.shape[1] - 1:-1].float()
+            if sync:
+                torch.cuda.synchronize(self._device)
+            seconds = time.perf_counter() - t0
+            self._record(inputs, seconds, not padding)
+            elapsed += 0.0 if padding else seconds
             logp = torch.log_softmax(logits, -1)
-            out.append((float(logp.gather(1, cont[0][:, None]).sum()), bool((logits.argmax(-1) == cont[0]).all())))
+            loss = -float(logp.gather(1, cont[0][:, None]).mean())
+            out.append(GenerationResult(text=(loss, bool((logits.argmax(-1) == cont[0]).all())), token_counts=None))
+        self._log(elapsed, 0, self.records[first:])
         return out
 
     def generate_until_multi_round(self, requests):
@@ -330,23 +393,61 @@ class VtpruneChat(Vtprune):
     """The chat protocol: messages (`doc_to_messages`) through the processor's chat template."""
 
     is_simple = False
+    GEN_KWARGS = 2
 
     def _request(self, args):
         from lmms_eval.protocol import ChatMessages
 
-        ctx, doc_to_messages, gen_kwargs, doc_id, task, split = args
+        ctx, doc_to_messages, _, doc_id, task, split = args
         chat = ChatMessages(messages=doc_to_messages(self.task_dict[task][split][doc_id]))
         images, videos, audios = chat.extract_media()
         if videos or audios:
             raise NotImplementedError("vtprune's lmms-eval model takes images only (no video or audio) for now")
         images = _images(images)
         if getattr(self.processor, "chat_template", None):
-            return self._prompt("", len(images), chat.to_hf_messages()), images, gen_kwargs
-        text = " ".join(c.text for m in chat.messages if m.role == "user" for c in m.content if c.type == "text")
-        return self._prompt(text, len(images)), images, gen_kwargs
+            return self._prompt("", len(images), chat.to_hf_messages()), images
+        roles = [m.role for m in chat.messages]
+        if roles != ["user"]:
+            raise NotImplementedError(
+                f"this model has no chat template, so its prompt holds one user turn; the task sends {roles} "
+                "turns, which would be dropped: run with --force_simple (the task's plain prompt) or use a "
+                "checkpoint with a chat template")
+        text = " ".join(c.text for c in chat.messages[0].content if c.type == "text")
+        return self._prompt(text, len(images)), images
 
     def loglikelihood(self, requests):
         raise NotImplementedError("lmms-eval's chat protocol has no loglikelihood; run with --force_simple")
+
+
+def _content(text: str, n_images: int) -> list[dict]:
+    """One user turn's content: the images where the text has `<image>` placeholders when it has one
+    per image (interleaved tasks), else the placeholders removed and the images first."""
+    parts = text.split(PLACEHOLDER)
+    if len(parts) == 1:
+        return [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
+    if n_images and len(parts) == n_images + 1:
+        content = []
+        for i, part in enumerate(parts):
+            if i:
+                content.append({"type": "image"})
+            if part.strip():
+                content.append({"type": "text", "text": part.strip()})
+        return content
+    return [{"type": "image"}] * n_images + [{"type": "text", "text": " ".join(p.strip() for p in parts if p.strip())}]
+
+
+def _per_prompt(st, prompts: int):
+    """`vtprune.stats` of a generate() that repeated each of `prompts` prompts k times (beam search:
+    copies are adjacent rows and prune alike) reduced to one row per prompt."""
+    import dataclasses
+
+    k = len(st.visual_before) // prompts if prompts else 1
+    if k <= 1:
+        return st
+    return dataclasses.replace(
+        st, visual_before=st.visual_before[::k], visual_after=st.visual_after[::k],
+        layer_tokens=[ns[::k] for ns in st.layer_tokens], layout=None if st.layout is None else st.layout[::k],
+        images=[(b // k, n, budget) for b, n, budget in st.images if b % k == 0])
 
 
 def _images(visuals) -> list:

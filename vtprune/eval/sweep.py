@@ -111,7 +111,7 @@ class LmmsCells:
         # vtprune's own tasks need no index of lmms-eval's ~2,000 built-in ones
         self.tasks = TaskManager("WARNING", include_path=str(lmms.TASKS), include_defaults=not task.startswith("vtprune_"))
         if task not in self.tasks.all_tasks:
-            raise ValueError(f"lmms-eval has no task {task!r} (vtprune's: vtprune_shapes, vtprune_shapes_dynres)")
+            raise ValueError(f"lmms-eval has no task {task!r} (vtprune's: vtprune_shapes, vtprune_shapes_dynres, vtprune_shapes_mc)")
         self.lm = lmms.Vtprune(pretrained=model_name, batch_size=batch, random_weights=random_weights, device=device)
         self.lm.reuse = True
         self.device = self.lm.device.type

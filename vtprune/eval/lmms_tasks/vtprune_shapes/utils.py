@@ -17,6 +17,15 @@ def doc_to_text(doc, lmms_eval_specific_kwargs=None):
     return doc["question"]
 
 
+CHOICES = {"colour": shapes.COLOURS, "shape": shapes.SHAPES, "count": shapes.NUMBERS, "digit": shapes.NUMBERS,
+           "relation": ("yes", "no"), "exist": ("yes", "no")}
+
+
+def doc_to_choice(doc):
+    """The multiple-choice task's candidates: every answer word of the question's kind."""
+    return list(CHOICES[doc["kind"]])
+
+
 def process_results(doc, results):
     words = results[0].strip().split()
     hit = float(bool(words) and words[0] == doc["answer"])
