@@ -341,10 +341,12 @@ def test_qwen_entropy_comes_from_the_pixels_given_not_their_bf16_cast(monkeypatc
     assert seen and all(torch.equal(e.float(), want) for e in seen)  # (Qwen3-VL selects again per deepstack level)
 
 
-def test_signal_store_keeps_the_runs_that_made_a_forwards_encoder_outputs():
+def test_signal_store_gives_a_forward_the_scores_of_its_encoder_outputs():
+    from types import SimpleNamespace
+
     from vtprune.hooks.base import SignalStore
 
-    image, video, stray = object(), object(), object()
+    image, video, stray, other = (SimpleNamespace() for _ in range(4))
     store = SignalStore()
     start = store.counts()
     store.add("s", ["stray"])  # the user's own encoder call
@@ -358,7 +360,47 @@ def test_signal_store_keeps_the_runs_that_made_a_forwards_encoder_outputs():
     store.tag(video, inner)
     store.tag(video, outer)
     store.add("s", ["tower called directly"])
-    store.keep_runs([image, video])
+    assert store.use([video, image])  # in run order, whatever the order handed
     assert store.read()["s"] == ["i0", "i1", "f0", "f1", "f2"]
-    store.keep_runs([image, video])  # generate(use_cache=False) hands the same outputs again: unchanged
-    assert store.scores["s"] == ["i0", "i1", "f0", "f1", "f2"]
+    assert store.use([image, video])  # generate(use_cache=False) hands the same outputs again: unchanged
+    assert store.read()["s"] == ["i0", "i1", "f0", "f1", "f2"]
+    start = store.counts()  # a later run, read by a forward of its own, does not change what earlier outputs carry
+    store.add("s", ["o0"])
+    store.tag(other, start)
+    assert store.read()["s"] == ["o0"]
+    assert store.use([stray]) and store.read()["s"] == ["stray"]
+    assert store.use([image]) and store.read()["s"] == ["i0", "i1"]
+    assert not store.use([SimpleNamespace(), None]) and store.read() == {}  # outputs made without the hooks
+    store.tag((1, 2), store.counts())  # a tuple output cannot carry scores: ignored
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen3_vl"])
+@pytest.mark.parametrize("method", ["hiprune", "todre"])
+def test_reused_encoder_outputs_prune_with_their_own_images_scores(family, method):
+    """Features computed ahead (get_image_features) and handed to generate() later are pruned with the
+    scores of the images they came from, whatever the encoder ran in between (a second call took the
+    first image's scores); features computed before patching carry none: a clear error."""
+    model = tiny.build(family)
+    a = tiny.batch(family, [0])
+    b = dict(a, pixel_values=torch.randn_like(a["pixel_values"]))
+    encoder_args = lambda x: {k: x[k] for k in ("pixel_values", "image_grid_thw", "image_sizes") if k in x}  # noqa: E731
+    text = {k: v for k, v in a.items() if k != "pixel_values"}
+    gen = dict(max_new_tokens=1, **tiny.GEN)
+    with torch.no_grad():
+        early = model.model.get_image_features(**encoder_args(a), return_dict=True)
+        vtprune.patch(model, method, ratio=0.25)
+        kept = {}
+        for name, x in (("a", a), ("b", b)):
+            model.generate(**x, **gen)
+            kept[name] = vtprune.stats(model).layout
+        assert not torch.equal(kept["a"], kept["b"])
+        features = {name: model.model.get_image_features(**encoder_args(x), return_dict=True) for name, x in (("a", a), ("b", b))}
+        for name in ("a", "b", "a"):
+            model.generate(**text, mm_encoder_outputs={"image": features[name]}, **gen)
+            assert torch.equal(vtprune.stats(model).layout, kept[name]), name
+        model.generate(**b, **gen)  # a pixel call in between
+        model.generate(**text, mm_encoder_outputs={"image": features["a"]}, **gen)
+        assert torch.equal(vtprune.stats(model).layout, kept["a"])
+        if family != "llava_next":  # (anyres features without pixels already need image_sizes: another error)
+            with pytest.raises(ValueError, match="carry none"):
+                model.generate(**text, mm_encoder_outputs={"image": early}, **gen)

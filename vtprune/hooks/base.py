@@ -198,53 +198,55 @@ def reduce_attention(q: torch.Tensor, k: torch.Tensor, scale: float, signal: Vis
 
 
 class SignalStore:
-    """Vision-encoder scores of the latest encoder run, one entry per image / frame, by signal name.
+    """Vision-encoder scores, one entry per image / frame, by signal name.
 
-    The encoder may run outside the model's forward (generate() encodes images first) and its outputs
-    may be reused for several forwards (generate(use_cache=False)), so scores are kept until the
-    encoder runs again after they were read. Each get_{image,video}_features call is a run, tagged
-    with its output object: a forward handed encoder outputs (generate()) keeps only the runs that made
-    them, so an encoder call of the user's own in between is not taken for the forward's images."""
+    Signal hooks `add` scores while the tower runs. Each get_{image,video}_features call is a run: `tag`
+    attaches the scores added during it to the output object it returns. A forward handed encoder
+    outputs (generate() encodes first; features the user computed and reuses) takes exactly those
+    outputs' scores (`use`), whatever ran in between; a forward that encodes its own pixels takes the
+    scores added during it (`reset` before)."""
+
+    ATTR = "_vtprune_signals"  # on an encoder output: (run number, {name: per-unit scores})
 
     def __init__(self):
         self.scores: dict[str, list] = {}
         self.fresh = False
-        self.runs: list[tuple[int | None, dict[str, int], dict[str, int]]] = []  # (output id, starts, ends)
+        self.runs = 0
 
     def add(self, name: str, per_unit: list):
         if not self.fresh:
-            self.scores, self.runs, self.fresh = {}, [], True
+            self.scores, self.fresh = {}, True
         self.scores.setdefault(name, []).extend(per_unit)
 
     def counts(self) -> dict[str, int]:
         return {name: len(v) for name, v in self.scores.items()} if self.fresh else {}
 
     def tag(self, output, start: dict[str, int]):
-        """The scores added since `start` (counts() before the run) came from the run that returned `output`."""
-        if self.fresh:  # a run nested in this one (Qwen3-VL's video features call its image features) is part of it
-            self.runs = [r for r in self.runs if not all(r[1].get(n, 0) >= start.get(n, 0) for n in r[2])]
-            self.runs.append((id(output), start, self.counts()))
-
-    def keep_runs(self, outputs: list):
-        """Keep only the scores of the runs that returned these outputs (in run order); where no run did
-        (outputs made some other way), leave the scores as they are."""
-        keys = {id(o) for o in outputs if o is not None}
-        if not self.fresh or not any(run[0] in keys for run in self.runs):
+        """Attach the scores added since `start` (counts() before the run) to the run's `output`. A run
+        nested in another (Qwen3-VL's video features call its image features) is part of the outer one."""
+        if not self.fresh:
             return
-        # scores outside those runs (another run, or the tower called directly) are not this forward's
-        scores: dict[str, list] = {name: [] for name in self.scores}
-        runs = []
-        for key, start, end in self.runs:
-            if key in keys:
-                begin = {name: len(v) for name, v in scores.items()}
-                for name, values in self.scores.items():
-                    scores[name] += values[start.get(name, 0):end.get(name, 0)]
-                runs.append((key, begin, {name: len(v) for name, v in scores.items()}))
-        self.scores, self.runs = scores, runs
+        self.runs += 1
+        run = {name: v[start.get(name, 0):] for name, v in self.scores.items()}
+        try:
+            setattr(output, self.ATTR, (self.runs, run))
+        except (AttributeError, TypeError):  # a tuple (return_dict=False): nothing to attach to
+            pass
+
+    def use(self, outputs: list) -> bool:
+        """The scores of the runs that returned these outputs (in run order) become the forward's; False
+        (and no scores) when none of them carries any (outputs computed before patching, or tuples)."""
+        runs = sorted(r for r in (getattr(o, self.ATTR, None) for o in outputs if o is not None) if r is not None)
+        scores: dict[str, list] = {}
+        for _, run in runs:
+            for name, values in run.items():
+                scores.setdefault(name, []).extend(values)
+        self.scores, self.fresh = scores, False
+        return bool(runs)
 
     def reset(self):
         """An encoder run is about to start inside a forward: nothing before it belongs to that forward."""
-        self.scores, self.runs, self.fresh = {}, [], False
+        self.scores, self.fresh = {}, False
 
     def read(self) -> dict[str, list]:
         self.fresh = False

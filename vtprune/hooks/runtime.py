@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from functools import lru_cache, partial
 
 import torch
@@ -148,6 +148,7 @@ class PatchState:
         self.labels = False  # the current top-level forward was given labels (a loss is asked for)
         n_layers = len(self.layers)
         self.pre_llm = method.stage != "llm"
+        self.signal_names: list[str] = []  # the vision-encoder signals the strategy reads (set by install)
         self.drop_layers = sorted(set(method.drop_layers(n_layers)))
         self.attn_layers = sorted(set(method.attention_layers(n_layers)))
         self.observe_layers = sorted(set(method.observe_layers(n_layers)))
@@ -193,6 +194,7 @@ class PatchState:
                     self.handles.append(mod.register_forward_hook(partial(self._capture, p, name)))
             self.handles.extend(self.adapter.install_hooks())
             signals = self.method.vision_signals() if self.pre_llm else {}
+            self.signal_names = sorted(signals)
             if signals:
                 self.handles.extend(self.adapter.install_vision_signals(signals, self.vision_scores))
                 self.handles.extend(wrap_method(inner, fn, self._encoder_run)
@@ -224,7 +226,7 @@ class PatchState:
         if any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos")):
             self.vision_scores.reset()  # this forward encodes its own images
         elif kwargs.get("mm_encoder_outputs"):  # encoded before it (generate()): the runs that made these
-            self.vision_scores.keep_runs(list(kwargs["mm_encoder_outputs"].values()))
+            self.vision_scores.use(list(kwargs["mm_encoder_outputs"].values()))
         return None
 
     def _encoder_run(self, original, *args, **kwargs):
@@ -408,6 +410,13 @@ class PatchState:
             if k >= len(u.slots):
                 continue
             base = u.layout.parts[0][0].to(embeds.device) if u.layout is not None and len(u.layout.parts) > 1 else None
+            missing = [name for name in self.signal_names if name not in signals[i]]
+            if missing:
+                raise ValueError(
+                    f"vtprune: {self.method_name} reads the vision encoder's {missing} scores, and the image "
+                    "features this forward was handed carry none (computed before vtprune.patch, or returned "
+                    "as a tuple): pass pixel_values, or compute the features with the patched model's "
+                    "get_image_features / get_video_features (return_dict=True)")
             todo.append((u, ImageTokens(embeds[u.sample, u.slots], u.grid, k, signals[i], base)))
         chosen = [(u, sel) for (u, _), sel in zip(todo, self._select_all(todo))]
         images = [image for _, image in todo]
@@ -740,6 +749,9 @@ def _dense_deepstack(kwargs, visual, embeds) -> list[torch.Tensor]:
 def kv_cache(call) -> object | None:
     """The KV cache in a transformers call's kwargs (a dict) or in its output: named `cache` from
     transformers 5.24, `past_key_values` before."""
+    if is_dataclass(call):  # a ModelOutput: only its declared field (the other name warns)
+        names = {f.name for f in fields(call)}
+        return next((getattr(call, n) for n in ("cache", "past_key_values") if n in names), None)
     get = call.get if isinstance(call, dict) else lambda name: getattr(call, name, None)
     cache = get("cache")
     return cache if cache is not None else get("past_key_values")
