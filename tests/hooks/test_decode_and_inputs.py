@@ -393,3 +393,49 @@ def test_labels_while_pruning_are_refused_clearly(model_factory, family, method)
         assert vtprune.stats(model).visual_after != vtprune.stats(model).visual_before
         vtprune.patch(model, method, keep=10_000)  # nothing pruned: the loss is the model's
         assert torch.equal(model(**inputs, labels=labels).loss, want)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_qwen_video_as_inputs_embeds_is_per_frame_or_refused(model_factory, family):
+    """Given inputs_embeds alone, transformers gives Qwen-VL tokens text positions: a Qwen2/2.5-VL clip
+    (one run of all its frames) was pruned as one unit with one frame's budget; it is refused. Qwen3-VL's
+    frames are runs of their own and keep per-frame budgets; images are pruned as with input_ids."""
+    model = model_factory(family)
+    video = tiny.batch(family, [1], videos=(1,))
+    image = tiny.batch(family, [1])
+    vtprune.patch(model, "divprune", keep=2)
+    with torch.no_grad():
+        model(**video)
+        want = vtprune.stats(model).images
+        assert len(want) == 4  # the image and 3 frames
+        as_embeds = lambda x: {**{k: v for k, v in x.items() if k != "input_ids"},  # noqa: E731
+                               "inputs_embeds": model.get_input_embeddings()(x["input_ids"])}
+        model(**as_embeds(image))
+        assert vtprune.stats(model).images == want[:1]
+        if family == "qwen3_vl":
+            model(**as_embeds(video))
+            assert vtprune.stats(model).images == want
+        else:
+            with pytest.raises(ValueError, match="text positions.*pass input_ids"):
+                model(**as_embeds(video))
+
+
+def test_reading_the_cache_off_an_output_does_not_touch_the_deprecated_name(monkeypatch):
+    """use_cache=False left `cache` None and the fallback read `past_key_values`, which transformers
+    answers with a deprecation warning on every patched call."""
+    from transformers.utils import generic
+
+    from vtprune.hooks.runtime import kv_cache
+
+    warned = []
+    monkeypatch.setattr(generic.logger, "warning_once", lambda msg, *a, **k: warned.append(msg))
+    model = tiny.build("llava")
+    inputs = tiny.batch("llava", [0, 1])
+    with torch.no_grad():
+        out = model(**inputs, use_cache=False)
+        assert kv_cache(out) is None and not warned
+        assert kv_cache(model(**inputs)) is not None and not warned
+        vtprune.patch(model, "divprune", keep=4)
+        model(**inputs, use_cache=False)
+        model.generate(**inputs, use_cache=False, max_new_tokens=2, **tiny.GEN)
+    assert not warned

@@ -20,6 +20,7 @@ from .sequence import runs
 
 
 class QwenVLAdapter(Adapter):
+    frame_runs = False  # Qwen3-VL: each video frame is a run of its own (timestamps in between)
     mrope = True
     has_cls = False
 
@@ -64,6 +65,12 @@ class QwenVLAdapter(Adapter):
             for b, sample_runs in enumerate(runs(mask)):
                 for run in sample_runs:
                     h_all, w_all = thw[1, b, run], thw[2, b, run]
+                    if (token_id == self.video_token_id and not self.frame_runs and len(run) > 1
+                            and torch.equal(thw[0, b, run], h_all) and torch.equal(h_all, w_all)):
+                        raise ValueError(
+                            "vtprune: this Qwen-VL video's tokens carry text positions, not M-RoPE (t, h, w) ones "
+                            "(transformers computes those from input_ids; a call with inputs_embeds alone gets "
+                            "text positions), so its frames cannot be found and pruned per frame: pass input_ids")
                     starts = ((h_all == h_all[0]) & (w_all == w_all[0])).nonzero().squeeze(1)[1:]  # each frame starts top-left
                     frames = run.tensor_split(starts.tolist())
                     for frame in frames:
@@ -197,5 +204,7 @@ def _keep_qkv(store, module, args, output):
 
 
 class Qwen3VLAdapter(QwenVLAdapter):
+    frame_runs = True
+
     def deepstack_layers(self):
         return len(self.model.config.vision_config.deepstack_visual_indexes)
