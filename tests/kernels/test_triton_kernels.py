@@ -72,6 +72,20 @@ def test_duplicate_tokens_tie_exactly_in_both_backends():
             assert select(x, 3).tolist() == [[0, 1, 2]], (seed, select.__name__)
 
 
+def test_identical_tokens_in_different_tiles_have_identical_gram_columns():
+    """A copy of token 40 at 70 (another 64-wide tile): the reference's columns 40 and 70 are equal, so
+    ties go to 40. The kernel scaled (dot * inv_row) * inv_col, whose rounding depends on which token
+    is the row, so some rows differed by an ulp and it kept 70 for some draws."""
+    for seed in range(40):
+        x = rand(1, 80, 16, seed=seed)
+        x[0, 70] = x[0, 40]
+        g = cosine_gram_triton(x)
+        assert torch.equal(g[0, :, 40], g[0, :, 70]) and torch.equal(g[0], g[0].T), seed
+        for rule in ("maxmin", "maxsum"):
+            assert torch.equal(greedy_select_triton(x, 20, torch.tensor([0], device=DEVICE), rule),
+                               greedy_select_torch(x, 20, torch.tensor([0], device=DEVICE), rule)), (seed, rule)
+
+
 @pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered:RuntimeWarning")
 def test_a_row_whose_squared_norm_overflows_counts_as_zero_in_both_backends():
     # (the interpreter's numpy warns about the overflow this test makes on purpose)

@@ -54,7 +54,9 @@ def _gram_kernel(x_ptr, g_ptr, n, d, sxb, sxn, sxd, sgb, sgn,
                 acc += tl.dot(a, tl.trans(c))
         inv_r = 1.0 / tl.maximum(tl.sqrt(sq_r), 1e-12)
         inv_c = 1.0 / tl.maximum(tl.sqrt(sq_c), 1e-12)
-        g = acc * inv_r[:, None] * inv_c[None, :]
+        # one product of the two norms' inverses, whichever token is the row: (acc*inv_r)*inv_c and
+        # (acc*inv_c)*inv_r differ by an ulp, which broke exact ties between identical tokens in other tiles
+        g = acc * (inv_r[:, None] * inv_c[None, :])
         g = tl.where(g == g, g, 0.0)  # a squared norm that overflowed float32 (inf * 0): the row counts as zero
         g = tl.where(g >= 1.0 - SAME, 1.0, g)  # duplicates tie exactly (greedy_torch.SAME)
         ok = (rows[:, None] < n) & (cols[None, :] < n)
