@@ -6,8 +6,9 @@
 # --wheels DIR    install these wheels (benchmarks/offline_wheels.py makes them) into a temporary folder
 #                 placed first on PYTHONPATH: for an offline machine whose packages are missing or too old
 # --archive FILE  after every part, pack results/ as far as it got into FILE (.tgz)
-# --deadline S    stop within S seconds of the start: each part gets a time limit from what is left, and
-#                 a part cut short keeps what it measured (each writes its JSON as it goes)
+# --deadline S    stop within S seconds of the start: each part gets a time limit from what is left less
+#                 40 s for each part after it (so that one that hangs does not starve the rest), and a
+#                 part cut short keeps what it measured (each writes its JSON as it goes)
 # Parts, in the order `all` runs them (the longest and riskiest last): kernels vit bench7b next7b compiled7b.
 # Medians of 10 runs for the kernel and ViT benchmarks (their default is 20), so that `all` fits ~9 minutes.
 # Each writes results/<name>.json (which records its own command) and a log beside it; results/gpu_env.json
@@ -39,14 +40,18 @@ done
 cd "$(dirname "$0")/.."
 mkdir -p results
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+written=(results/gpu_env.json)
+install_failed=""
 if [ -n "$wheels" ]; then
   site=$(mktemp -d)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$wheels"/*.whl || exit 1
+  written+=(results/wheels.log)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$wheels"/*.whl \
+    2>&1 | tee results/wheels.log
+  [ "${PIPESTATUS[0]}" -eq 0 ] || install_failed=1  # the machine record and the log are still packed
   export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
-written=(results/gpu_env.json)
 python3 - <<'EOF' | tee results/gpu_env.json
 import importlib, json, platform, subprocess, torch
 versions = {}
@@ -68,12 +73,18 @@ pack() {
   tar czf "$archive.tmp" "${have[@]}" && mv "$archive.tmp" "$archive"
 }
 
+if [ -n "$install_failed" ]; then
+  pack
+  echo "failed: installing the wheels in $wheels (results/wheels.log)"; exit 1
+fi
+
 failed=()
+later=0  # parts still to run after this one
 part() {  # part NAME COMMAND...: run it under the time left, log beside its JSON
   local name=$1; shift
   local limit=""
   if [ -n "$deadline" ]; then
-    limit=$((deadline - SECONDS - 15))  # 15 s kept for packing
+    limit=$((deadline - SECONDS - 15 - 40 * later))  # 15 s kept for packing, 40 s for each later part
     if [ "$limit" -lt 30 ]; then
       echo "== $name: skipped, ${limit}s left before the deadline"; failed+=("$name (no time)"); return
     fi
@@ -92,7 +103,9 @@ part() {  # part NAME COMMAND...: run it under the time left, log beside its JSO
   pack
 }
 
-for p in "${parts[@]}"; do
+for i in "${!parts[@]}"; do
+  p=${parts[$i]}
+  later=$((${#parts[@]} - i - 1))
   case $p in
     kernels)  # issue 6: reference vs Triton, whole selection path, ViT signals, end-to-end share
       part kernels_gpu python3 benchmarks/kernels.py --reps 10 --out results/kernels_gpu.json ;;

@@ -108,8 +108,9 @@ def test_script_skips_parts_past_its_deadline_and_rejects_unknown_parts(tmp_path
 
 
 def test_deadline_kills_a_running_part_and_keeps_what_it_wrote(tmp_path):
-    """A part still running at its limit is killed (timeout's exit 124); what it wrote so far is packed, and
-    the next part, with under 30 s left, is skipped. (~32 s: the shortest limit the script gives a part.)"""
+    """A part still running at its limit is killed (timeout's exit 124); what it wrote so far is packed.
+    Its limit leaves 40 s for the part after it, which then runs (and fails at once: no script). (~32 s:
+    the shortest limit the script gives a part.)"""
     import tarfile
     import time
 
@@ -127,16 +128,30 @@ def test_deadline_kills_a_running_part_and_keeps_what_it_wrote(tmp_path):
         "print('first row measured', flush=True)\n"
         "time.sleep(600)\n")
     t0 = time.monotonic()
-    r = run_script(tmp_path, "--archive", str(tmp_path / "figures.tgz"), "--deadline", "47", "kernels", "vit",
+    r = run_script(tmp_path, "--archive", str(tmp_path / "figures.tgz"), "--deadline", "87", "kernels", "vit",
                    path=[shim])
     took = time.monotonic() - t0
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "failed: kernels_gpu (exit 124) vit_gpu (no time)" in r.stdout
+    assert "== kernels_gpu: python3 benchmarks/kernels.py --reps 10 --out results/kernels_gpu.json (limit 32s)" in r.stdout
+    assert "failed: kernels_gpu (exit 124) vit_gpu (exit 2)" in r.stdout
     assert took < 60  # killed at its limit, not after the 600 s sleep
     with tarfile.open(tmp_path / "figures.tgz") as t:
         assert json.load(t.extractfile("results/kernels_gpu.json")) == {"rows": [1], "complete": False}
         log = t.extractfile("results/kernels_gpu.log").read().decode()
     assert "first row measured" in log and "== kernels_gpu: exit 124 after" in log
+
+
+def test_a_failed_wheel_install_still_packs_the_machine_record_and_its_log(tmp_path):
+    import tarfile
+
+    (tmp_path / "wheels").mkdir()
+    (tmp_path / "wheels" / "broken-1.0-py3-none-any.whl").write_bytes(b"not a zip")
+    r = run_script(tmp_path, "--wheels", str(tmp_path / "wheels"), "--archive", str(tmp_path / "figures.tgz"), "kernels")
+    assert r.returncode == 1 and "failed: installing the wheels" in r.stdout, r.stdout + r.stderr
+    assert "== kernels_gpu" not in r.stdout
+    with tarfile.open(tmp_path / "figures.tgz") as t:
+        assert sorted(t.getnames()) == ["results/gpu_env.json", "results/wheels.log"]
+        assert t.extractfile("results/wheels.log").read()  # pip's error
 
 
 def test_offline_wheels_lists_what_a_torch_machine_lacks():

@@ -30,7 +30,8 @@ def attention_scores(q, k, scale, query_index=None, *, causal=False, key_mask=No
     if _use_triton(q):
         from .attention_triton import attention_scores_triton
 
-        return attention_scores_triton(q, k, scale, query_index, causal=causal, key_mask=key_mask)
+        with torch.cuda.device(q.device):  # Triton launches on the current device (a model over several GPUs)
+            return attention_scores_triton(q, k, scale, query_index, causal=causal, key_mask=key_mask)
     return attention_scores_torch(q, k, scale, query_index, causal=causal, key_mask=key_mask)
 
 
@@ -41,7 +42,8 @@ def greedy_select(features, keep, first=None, rule="maxmin"):
     if _use_triton(features):
         from .greedy_triton import greedy_select_triton
 
-        return greedy_select_triton(features, keep, first, rule)
+        with torch.cuda.device(features.device):
+            return greedy_select_triton(features, keep, first, rule)
     return greedy_select_torch(features, keep, first, rule)
 
 
