@@ -5,16 +5,18 @@ each one's registers and spills (ptxas -v).
   python benchmarks/kernel_resources.py --arch 80 --out /tmp/sm80.json
 
 The launchers (greedy_select_triton, attention_scores_triton) run on small CPU tensors with the kernel
-launch replaced by a recorder and told they are on a GPU, so the recorded argument types, tile sizes
-and warps are the ones a CUDA run would use; each distinct launch is then compiled with
-`triton.compile` for the target and its PTX passed to the ptxas Triton itself uses for it. Cases: bf16, fp16
-and float32 inputs; greedy max-min and max-sum at N = 70 and 5000; attention with head dims 64, 80 and
-128, plain and causal + key mask. Exit status 1 if a launch fails to compile, or spills when
---no-spills is given.
+launch replaced by a recorder and told they are on a GPU, so the recorded arguments, tile sizes and
+warps are the ones a CUDA run would use. Each distinct launch is then specialised as Triton's launcher
+does for the target (its own binder: pointers and ints divisible by 16 marked so, ints equal to 1 made
+constants), compiled with `triton.compile`, and its PTX passed to the ptxas Triton itself uses for it.
+Cases: bf16, fp16 and float32 inputs; greedy max-min and max-sum at N = 70 and 5000; attention with head
+dims 64, 80 and 128, grouped (GQA) and one key head per query head, plain and causal + key mask. Exit
+status 1 if a launch fails to compile, or spills when --no-spills is given.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -39,18 +41,16 @@ TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", t
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
 
 
-def record_launches() -> list[tuple[JITFunction, dict, dict]]:
-    """(kernel, {argument name: value}, launch options) of every launch the cases make."""
+def record_launches() -> list[tuple[JITFunction, tuple, dict]]:
+    """(kernel, positional arguments, keyword arguments and launch options) of every launch the cases make."""
     from vtprune.kernels import attention_triton, greedy_triton, launch
 
     launches = []
 
     def record(self, *args, grid, warmup, **kwargs):
-        options = {k: kwargs.pop(k) for k in LAUNCH_OPTIONS if k in kwargs}
-        values = {**dict(zip(self.arg_names, args)), **kwargs}
-        if unknown := set(values) - set(self.arg_names):
+        if unknown := set(kwargs) - set(self.arg_names) - set(LAUNCH_OPTIONS):
             raise TypeError(f"{self.__name__} launched with {sorted(unknown)}: add them to LAUNCH_OPTIONS")
-        launches.append((self, values, options))
+        launches.append((self, args, kwargs))
 
     run, compiled = JITFunction.run, launch.compiled
     JITFunction.run = record
@@ -58,15 +58,17 @@ def record_launches() -> list[tuple[JITFunction, dict, dict]]:
     try:
         g = torch.Generator().manual_seed(0)
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            for n in (70, 5000):
+            for n in (70, 576, 5000):  # (576: a multiple of 16, which Triton's launcher specialises on)
                 x = torch.randn(1, n, 32, generator=g).to(dtype)
                 for rule in ("maxmin", "maxsum"):
                     greedy_triton.greedy_select_triton(x, 8, rule=rule)
-            for d in (64, 80, 128):
-                q, k = torch.randn(1, 4, 20, d, generator=g).to(dtype), torch.randn(1, 2, 20, d, generator=g).to(dtype)
+            for d, hk, t in itertools.product((64, 80, 128), (2, 4), (20, 32)):
+                # GQA (2 query heads per key head) and one key head per query head (CLIP, LLaMA-2); lengths that
+                # are and are not multiples of 16
+                q, k = torch.randn(1, 4, t, d, generator=g).to(dtype), torch.randn(1, hk, t, d, generator=g).to(dtype)
                 attention_triton.attention_scores_triton(q, k, d ** -0.5)
-                attention_triton.attention_scores_triton(q, k, d ** -0.5, torch.tensor([19]), causal=True,
-                                                         key_mask=torch.ones(1, 20, dtype=torch.bool))
+                attention_triton.attention_scores_triton(q, k, d ** -0.5, torch.tensor([t - 1]), causal=True,
+                                                         key_mask=torch.ones(1, t, dtype=torch.bool))
     finally:
         JITFunction.run = run
         launch.compiled = compiled
@@ -84,6 +86,19 @@ def triton_ptxas(arch: int) -> Path:
     if not ptxas.exists():
         raise SystemExit(f"no ptxas at {ptxas}: this Triton bundles none")
     return ptxas
+
+
+def specialise(fn: JITFunction, args: tuple, kwargs: dict, target: GPUTarget) -> tuple[dict, dict, dict, dict]:
+    """(signature, constexprs, attrs, options) as `fn[grid](*args, **kwargs)` would compile them for
+    `target`, through the binder and argument packing of Triton's own launcher (JITFunction.run)."""
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return signature, constexprs, attrs, options.__dict__
 
 
 def arg_type(value) -> str:
@@ -106,21 +121,28 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     ptxas = triton_ptxas(args.arch)
     sm = f"sm_{args.arch}a" if args.arch >= 90 else f"sm_{args.arch}"
+    target = GPUTarget("cuda", args.arch, 32)
     rows, seen = [], set()
-    for fn, values, options in record_launches():
-        signature = {p.name: "constexpr" if p.is_constexpr else arg_type(values[p.name]) for p in fn.params}
+    for fn, positional, kwargs in record_launches():
+        values = {**dict(zip(fn.arg_names, positional)), **kwargs}
+        options = {k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs}
         constants = {p.name: values[p.name] for p in fn.params if p.is_constexpr}
         inputs = sorted({TYPES[v.dtype] for v in values.values() if isinstance(v, torch.Tensor)
                          and v.dtype in (torch.bfloat16, torch.float16)}) or ["fp32"]
-        key = (fn.__name__, json.dumps(signature, sort_keys=True), json.dumps(constants, sort_keys=True),
-               json.dumps(options, sort_keys=True))
+        try:
+            signature, constexprs, attrs, compile_options = specialise(fn, positional, kwargs, target)
+            specialised = True
+        except (ImportError, AttributeError, TypeError, KeyError):  # another Triton's internals: plain types
+            signature = {p.name: "constexpr" if p.is_constexpr else arg_type(values[p.name]) for p in fn.params}
+            constexprs, attrs, compile_options, specialised = constants, {}, options, False
+        key = (fn.__name__, repr(sorted(signature.items())), repr(sorted(constexprs.items(), key=str)),
+               repr(sorted(attrs.items(), key=str)), json.dumps(options, sort_keys=True))
         if key in seen:
             continue
         seen.add(key)
-        row = dict(kernel=fn.__name__, inputs=inputs[0], constants=constants, **options)
+        row = dict(kernel=fn.__name__, inputs=inputs[0], constants=constants, specialised=specialised, **options)
         try:
-            kernel = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", args.arch, 32),
-                                    options=options)
+            kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=compile_options)
         except Exception as e:  # noqa: BLE001 -- reported per launch
             row.update(error=f"{type(e).__name__}: {e}"[:2000])
         else:

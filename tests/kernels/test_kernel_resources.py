@@ -37,3 +37,5 @@ def test_every_launch_compiles_without_spills(arch, tmp_path):
     bf16 = [x for x in launches if x["inputs"] == "bf16" and "IEEE" in x["constants"]]
     assert bf16 and not any(x["constants"]["IEEE"] for x in bf16)
     assert {x["constants"]["BD"] for x in launches if x["kernel"] == "_column_kernel"} == {64, 128}
+    # compiled as Triton's launcher would specialise them (divisibility by 16), not with bare types
+    assert all(x["specialised"] for x in launches)
