@@ -349,28 +349,31 @@ def test_signal_store_gives_a_forward_the_scores_of_its_encoder_outputs():
     image, video, stray, other = (SimpleNamespace() for _ in range(4))
     store = SignalStore()
     start = store.counts()
-    store.add("s", ["stray"])  # the user's own encoder call
-    store.tag(stray, start)
+    store.add("s", ["v0", "v1"])  # videos encoded first, images after: the units are images first
+    store.tag(stray, start)  # a run nested in the video's (Qwen3-VL computes video features through the image path)
+    store.add("s", ["v2"])
+    store.tag(video, start)
     start = store.counts()
     store.add("s", ["i0", "i1"])
     store.tag(image, start)
-    outer = store.counts()  # video features computed through the image path (Qwen3-VL): nested runs
-    inner = store.counts()
-    store.add("s", ["f0", "f1", "f2"])
-    store.tag(video, inner)
-    store.tag(video, outer)
     store.add("s", ["tower called directly"])
-    assert store.use([video, image])  # in run order, whatever the order handed
-    assert store.read()["s"] == ["i0", "i1", "f0", "f1", "f2"]
-    assert store.use([image, video])  # generate(use_cache=False) hands the same outputs again: unchanged
-    assert store.read()["s"] == ["i0", "i1", "f0", "f1", "f2"]
+    assert store.use({"video": video, "image": image})
+    assert store.read()["s"] == ["i0", "i1", "v0", "v1", "v2"]
+    assert store.use({"image": image, "video": video})  # generate(use_cache=False) hands the same outputs again
+    assert store.read()["s"] == ["i0", "i1", "v0", "v1", "v2"]
     start = store.counts()  # a later run, read by a forward of its own, does not change what earlier outputs carry
     store.add("s", ["o0"])
     store.tag(other, start)
     assert store.read()["s"] == ["o0"]
-    assert store.use([stray]) and store.read()["s"] == ["stray"]
-    assert store.use([image]) and store.read()["s"] == ["i0", "i1"]
-    assert not store.use([SimpleNamespace(), None]) and store.read() == {}  # outputs made without the hooks
+    assert store.use({"image": stray}) and store.read()["s"] == ["v0", "v1"]
+    assert store.use({"image": image}) and store.read()["s"] == ["i0", "i1"]
+    # outputs without scores: rebuilt around the runs just made (prefill chunks) keep theirs ...
+    start = store.counts()
+    store.add("s", ["n0"])
+    store.tag(SimpleNamespace(), start)
+    assert not store.use({"image": SimpleNamespace()}) and store.read()["s"] == ["n0"]
+    # ... and with no run since the last forward (features computed before patching) there are none
+    assert not store.use({"image": SimpleNamespace(), "video": None}) and store.read() == {}
     store.tag((1, 2), store.counts())  # a tuple output cannot carry scores: ignored
 
 
@@ -402,5 +405,47 @@ def test_reused_encoder_outputs_prune_with_their_own_images_scores(family, metho
         model.generate(**text, mm_encoder_outputs={"image": features["a"]}, **gen)
         assert torch.equal(vtprune.stats(model).layout, kept["a"])
         if family != "llava_next":  # (anyres features without pixels already need image_sizes: another error)
-            with pytest.raises(ValueError, match="carry none"):
+            with pytest.raises(ValueError, match="none came with"):
                 model.generate(**text, mm_encoder_outputs={"image": early}, **gen)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_signal_strategies_under_accelerate_hooks_and_a_one_chunk_prefill(family):
+    """accelerate's device hooks (device_map) rebuild generate()'s mm_encoder_outputs on the way in, and
+    generate(prefill_chunk_size=...) hands the forward sliced copies: neither carries the encoder run's
+    scores, and both gave a 'no scores' error; the ids are those of a plain generate()."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    model = tiny.build(family)
+    inputs = tiny.batch(family, [1])
+    gen = dict(max_new_tokens=3, **tiny.GEN)
+    vtprune.patch(model, "hiprune", ratio=0.25)
+    with torch.no_grad():
+        want = model.generate(**inputs, **gen)
+        kept = vtprune.stats(model).layout
+        assert torch.equal(model.generate(**inputs, **gen, prefill_chunk_size=4096), want)
+        add_hook_to_module(model, AlignDevicesHook(io_same_device=True))  # what dispatch_model puts on the top
+        assert torch.equal(model.generate(**inputs, **gen), want)
+        features = model.model.get_image_features(**{k: inputs[k] for k in ("pixel_values", "image_grid_thw")
+                                                      if k in inputs}, return_dict=True)
+        model.generate(**dict(inputs, pixel_values=torch.randn_like(inputs["pixel_values"])), **gen)  # another image
+        text = {k: v for k, v in inputs.items() if k != "pixel_values"}
+        model.generate(**text, mm_encoder_outputs={"image": features}, **gen)
+        assert torch.equal(vtprune.stats(model).layout, kept)
+
+
+def test_features_computed_video_first_are_matched_by_modality():
+    """Qwen2-VL video features computed before the image's, then handed together: the image's units take
+    the image run's scores (they were matched by run order: a shape error, or the frames' scores)."""
+    model = tiny.build("qwen2_vl")
+    x = tiny.batch("qwen2_vl", [1], videos=(1,))
+    gen = dict(max_new_tokens=1, **tiny.GEN)
+    vtprune.patch(model, "hiprune", ratio=0.25)
+    text = {k: v for k, v in x.items() if k not in ("pixel_values", "pixel_values_videos")}
+    with torch.no_grad():
+        model.generate(**x, **gen)
+        want = vtprune.stats(model).layout
+        video = model.model.get_video_features(x["pixel_values_videos"], x["video_grid_thw"], return_dict=True)
+        image = model.model.get_image_features(x["pixel_values"], x["image_grid_thw"], return_dict=True)
+        model.generate(**text, mm_encoder_outputs={"image": image, "video": video}, **gen)
+    assert torch.equal(vtprune.stats(model).layout, want)

@@ -202,16 +202,15 @@ class SignalStore:
 
     Signal hooks `add` scores while the tower runs. Each get_{image,video}_features call is a run: `tag`
     attaches the scores added during it to the output object it returns. A forward handed encoder
-    outputs (generate() encodes first; features the user computed and reuses) takes exactly those
-    outputs' scores (`use`), whatever ran in between; a forward that encodes its own pixels takes the
-    scores added during it (`reset` before)."""
+    outputs (generate() encodes first; features the user computed and reuses) takes those outputs'
+    scores (`use`), whatever ran in between; a forward that encodes its own pixels takes the scores
+    added during it (`reset` before)."""
 
-    ATTR = "_vtprune_signals"  # on an encoder output: (run number, {name: per-unit scores})
+    ATTR = "_vtprune_signals"  # on an encoder output: {name: per-unit scores} of the run that returned it
 
     def __init__(self):
         self.scores: dict[str, list] = {}
-        self.fresh = False
-        self.runs = 0
+        self.fresh = False  # scores added since the last forward read them
 
     def add(self, name: str, per_unit: list):
         if not self.fresh:
@@ -226,22 +225,26 @@ class SignalStore:
         nested in another (Qwen3-VL's video features call its image features) is part of the outer one."""
         if not self.fresh:
             return
-        self.runs += 1
-        run = {name: v[start.get(name, 0):] for name, v in self.scores.items()}
         try:
-            setattr(output, self.ATTR, (self.runs, run))
+            setattr(output, self.ATTR, {name: v[start.get(name, 0):] for name, v in self.scores.items()})
         except (AttributeError, TypeError):  # a tuple (return_dict=False): nothing to attach to
             pass
 
-    def use(self, outputs: list) -> bool:
-        """The scores of the runs that returned these outputs (in run order) become the forward's; False
-        (and no scores) when none of them carries any (outputs computed before patching, or tuples)."""
-        runs = sorted(r for r in (getattr(o, self.ATTR, None) for o in outputs if o is not None) if r is not None)
-        scores: dict[str, list] = {}
-        for _, run in runs:
-            for name, values in run.items():
-                scores.setdefault(name, []).extend(values)
-        self.scores, self.fresh = scores, False
+    def use(self, outputs: dict) -> bool:
+        """The scores attached to a forward's encoder outputs ({"image": ..., "video": ...}: images' units
+        come first) become its scores; True if any carried some. Where none does, outputs rebuilt around
+        the runs just made (generate()'s prefill chunks) keep those runs' scores, and outputs no run since
+        the last forward made (features computed before patching) get none."""
+        runs = [getattr(outputs.get(key), self.ATTR, None) for key in ("image", "video")]
+        runs = [run for run in runs if run is not None]
+        if runs:
+            self.scores = {}
+            for run in runs:
+                for name, values in run.items():
+                    self.scores.setdefault(name, []).extend(values)
+        elif not self.fresh:
+            self.scores = {}
+        self.fresh = False
         return bool(runs)
 
     def reset(self):

@@ -149,6 +149,7 @@ class PatchState:
         n_layers = len(self.layers)
         self.pre_llm = method.stage != "llm"
         self.signal_names: list[str] = []  # the vision-encoder signals the strategy reads (set by install)
+        self.encoder_outputs = None  # mm_encoder_outputs as the caller handed them to the top model
         self.drop_layers = sorted(set(method.drop_layers(n_layers)))
         self.attn_layers = sorted(set(method.attention_layers(n_layers)))
         self.observe_layers = sorted(set(method.observe_layers(n_layers)))
@@ -214,10 +215,11 @@ class PatchState:
     def _top_pre(self, module, args, kwargs):
         i = self.top_params.index("labels") if "labels" in self.top_params else len(args)
         self.labels = kwargs.get("labels") is not None or (i < len(args) and args[i] is not None)
+        self.encoder_outputs = kwargs.get("mm_encoder_outputs")
         return None
 
     def _top_post(self, module, args, output):
-        self.labels = False
+        self.labels, self.encoder_outputs = False, None
 
     def _inner_pre(self, module, args, kwargs):
         if args:  # e.g. LlavaNextForConditionalGeneration passes input_ids positionally
@@ -226,7 +228,9 @@ class PatchState:
         if any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos")):
             self.vision_scores.reset()  # this forward encodes its own images
         elif kwargs.get("mm_encoder_outputs"):  # encoded before it (generate()): the runs that made these
-            self.vision_scores.use(list(kwargs["mm_encoder_outputs"].values()))
+            # as the caller handed them: accelerate's device hooks rebuild the mappings on the way in
+            self.vision_scores.use(self.encoder_outputs or kwargs["mm_encoder_outputs"])
+        self.encoder_outputs = None
         return None
 
     def _encoder_run(self, original, *args, **kwargs):
@@ -413,9 +417,9 @@ class PatchState:
             missing = [name for name in self.signal_names if name not in signals[i]]
             if missing:
                 raise ValueError(
-                    f"vtprune: {self.method_name} reads the vision encoder's {missing} scores, and the image "
-                    "features this forward was handed carry none (computed before vtprune.patch, or returned "
-                    "as a tuple): pass pixel_values, or compute the features with the patched model's "
+                    f"vtprune: {self.method_name} reads the vision encoder's {missing} scores, and none came with "
+                    "the image features this forward was handed (computed before vtprune.patch, or returned as "
+                    "a tuple): pass pixel_values, or hand it the outputs of the patched model's "
                     "get_image_features / get_video_features (return_dict=True)")
             todo.append((u, ImageTokens(embeds[u.sample, u.slots], u.grid, k, signals[i], base)))
         chosen = [(u, sel) for (u, _), sel in zip(todo, self._select_all(todo))]
