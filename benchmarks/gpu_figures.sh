@@ -84,10 +84,12 @@ part() {  # part NAME COMMAND...: run it under the time left, log beside its JSO
   local name=$1; shift
   local limit=""
   if [ -n "$deadline" ]; then
-    limit=$((deadline - SECONDS - 15 - 40 * later))  # 15 s kept for packing, 40 s for each later part
-    if [ "$limit" -lt 30 ]; then
-      echo "== $name: skipped, ${limit}s left before the deadline"; failed+=("$name (no time)"); return
+    local left=$((deadline - SECONDS - 15))  # 15 s kept for packing
+    if [ "$left" -lt 30 ]; then
+      echo "== $name: skipped, ${left}s left before the deadline"; failed+=("$name (no time)"); return
     fi
+    limit=$((left - 40 * later))  # 40 s kept for each later part, as long as this one still gets 30 s
+    [ "$limit" -ge 30 ] || limit=30
   fi
   echo "== $name: $* ${limit:+(limit ${limit}s)}"
   written+=("results/$name.json" "results/$name.md" "results/$name.log")

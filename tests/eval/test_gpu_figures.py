@@ -105,6 +105,9 @@ def test_script_skips_parts_past_its_deadline_and_rejects_unknown_parts(tmp_path
     r = run_script(tmp_path, "--deadline", "0", "bench7b")
     assert r.returncode == 1 and "bench_llava15_7b: skipped" in r.stdout
     assert "failed: bench_llava15_7b (no time)" in r.stdout
+    # a short deadline with parts after it still runs the first (the reserve for later parts stops at 30 s)
+    r = run_script(tmp_path, "--deadline", "80", "kernels", "vit", "bench7b")
+    assert "== kernels_gpu: python3 benchmarks/kernels.py --reps 10 --out results/kernels_gpu.json (limit 30s)" in r.stdout
 
 
 def test_deadline_kills_a_running_part_and_keeps_what_it_wrote(tmp_path):

@@ -359,7 +359,9 @@ def test_flag_and_count_arguments_are_parsed_not_truthy():
     assert lm.max_new_tokens == 16
     with pytest.raises(ValueError, match="random_weights must be true or false"):
         lmms.Vtprune(pretrained="tiny-llava", random_weights="maybe")
-    for bad in ("x", 0, 2.5, "none"):
+    for text, n in (('"16.0"', 16), ("1e2", 100), ("8", 8)):  # lmms-eval passes some as strings
+        assert lmms._count("max_new_tokens", text) == n
+    for bad in ("x", 0, 2.5, "none", "2.5", True):
         with pytest.raises(ValueError, match="max_new_tokens must be a whole number"):
             lmms.Vtprune(pretrained="tiny-llava", random_weights=True, max_new_tokens=bad)
     with pytest.raises(ValueError, match="batch_size must be a whole number"):
@@ -382,6 +384,11 @@ def test_throughput_log_is_per_call_and_leaves_out_padding_requests():
     first, second = get_logged_metrics_history()[-2:]
     assert first["vtprune_samples"] == second["vtprune_samples"] == 1
     assert sum(r["samples"] for r in lm.records) == 2
+    # loglikelihood forwards add their figures but no time: lmms-eval's tokens/s is generation's alone
+    visual = reqs({})[0].args[2]
+    lm.loglikelihood([_Req("what colour is the star ?", " red", visual, 0, "t", "test")] * 2)
+    third = get_logged_metrics_history()[-1]
+    assert third["total_elapsed_time"] == 0 and third["vtprune_samples"] == 2
 
 
 def test_images_are_loaded_batch_by_batch(monkeypatch):

@@ -86,7 +86,8 @@ def _count(name: str, v) -> int:
     """A positive whole-number model argument."""
     v = _value(v)
     try:
-        n = int(v) if not isinstance(v, bool) and float(v) == int(float(v)) else None
+        f = float(v) if not isinstance(v, bool) else None
+        n = int(f) if f is not None and f.is_integer() else None
     except (TypeError, ValueError, OverflowError):
         n = None
     if n is None or n < 1:
@@ -324,7 +325,8 @@ class Vtprune(lmms):
 
     def _log(self, elapsed: float, new_tokens: int, records: list[dict]) -> None:
         """lmms-eval's throughput log gets this call's figures (it averages its calls); the stats file
-        all of this process's."""
+        all of this process's. (Loglikelihood calls log no time: lmms-eval divides all generated tokens
+        by all logged time.)"""
         from lmms_eval.models.model_utils.gen_metrics import log_metrics
 
         s = self.summary(records)
@@ -350,7 +352,7 @@ class Vtprune(lmms):
         pruned: they are text), so their logits are the last positions of the pruned sequence."""
         from tqdm.auto import tqdm
 
-        out, elapsed, first = [], 0.0, len(self.records)
+        out, first = [], len(self.records)
         sync = self._device.type == "cuda"
         for r in tqdm(requests, desc="vtprune loglikelihood", unit="q", disable=self.rank != 0):
             padding = bool((getattr(r, "metadata", None) or {}).get("__padding_only__"))
@@ -378,11 +380,10 @@ class Vtprune(lmms):
                 torch.cuda.synchronize(self._device)
             seconds = time.perf_counter() - t0
             self._record(inputs, seconds, not padding)
-            elapsed += 0.0 if padding else seconds
             logp = torch.log_softmax(logits, -1)
             loss = -float(logp.gather(1, cont[0][:, None]).mean())
             out.append(GenerationResult(text=(loss, bool((logits.argmax(-1) == cont[0]).all())), token_counts=None))
-        self._log(elapsed, 0, self.records[first:])
+        self._log(0.0, 0, self.records[first:])  # (the forwards' time is in the records' generate_s)
         return out
 
     def generate_until_multi_round(self, requests):
