@@ -18,17 +18,32 @@ def _methods(args) -> int:
     return 0
 
 
+def _items(text: str, option: str) -> list[str]:
+    """A comma-separated option's items: spaces stripped, empty ones dropped, repeats once, in order."""
+    items = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+    if not items:
+        raise ValueError(f"{option} names nothing: give a comma-separated list")
+    return items
+
+
 def _demo(args) -> int:
     from .demo import run, run_bundled
     from .eval.tinyvlm import trained
+    from .tiny import CLASSES
 
-    ratios = [float(r) for r in args.ratios.split(",")]
+    try:
+        ratios = [float(r) for r in _items(args.ratios, "--ratios")]
+    except ValueError as e:
+        raise ValueError(f"--ratios: {e}") from None
+    families = _items(args.families, "--families")
+    if unknown := [f for f in families if f not in CLASSES]:
+        raise ValueError(f"--families: unknown {unknown}; choose from {', '.join(CLASSES)}")
     if trained("tiny-llava") and not args.plumbing:
         run_bundled(ratios, args.out, questions=args.questions, out=sys.stdout)
     else:
         if not args.plumbing:
             print("(the bundled tiny-llava has no trained weights yet: showing the plumbing on random-weight models)")
-        run(families=args.families.split(","), ratios=ratios, out=sys.stdout)
+        run(families=families, ratios=ratios, out=sys.stdout)
     if not args.plumbing:
         import importlib.util
 
@@ -125,15 +140,15 @@ def _bench(args) -> int:
     from .methods.registry import build_method
 
     budget = _budget(args)
-    methods = [m for m in args.methods.split(",") if m]
+    methods = _items(args.methods, "--methods")
+    if args.out and Path(args.out).suffix == ".md":
+        raise ValueError("--out is the JSON record; the markdown table goes beside it as .md: give a .json path")
     for m in methods:  # bad strategies or options fail before the model loads and the baseline runs
         build_method(m, budget)
     try:
-        batches = [_count(1)(x) for x in args.batch.split(",") if x.strip()]
+        batches = list(dict.fromkeys(_count(1)(x) for x in _items(args.batch, "--batch")))
     except argparse.ArgumentTypeError as e:
         raise ValueError(f"--batch: {e}") from None
-    if not batches:
-        raise ValueError("--batch needs at least one batch size")
     model, processor = models.load(args.model, random_weights=args.random_weights)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device)
@@ -178,10 +193,14 @@ def _sweep(args) -> int:
 
     from .methods.registry import available
 
-    methods = available() if args.methods == "all" else [m for m in args.methods.split(",") if m]
+    methods = available() if args.methods == "all" else _items(args.methods, "--methods")
+    try:
+        ratios = [float(r) for r in _items(args.ratios, "--ratios")]
+    except ValueError as e:
+        raise ValueError(f"--ratios: {e}") from None
     with warnings.catch_warnings():  # the sweep's warnings (cells not reused, a cut-short line) as one line each
         warnings.showwarning = lambda message, *_, **__: print(f"vtprune sweep: warning: {message}", file=sys.stderr)
-        cells = sweep.run(args.model, methods, [float(r) for r in args.ratios.split(",") if r.strip()], args.task,
+        cells = sweep.run(args.model, methods, ratios, args.task,
                           args.out, n_questions=args.questions, batch=args.batch, random_weights=args.random_weights)
     with open(f"{args.out}/commands.txt", "a") as f:  # what made the figures (a resumed sweep adds a line)
         f.write("vtprune " + " ".join(args.argv) + "\n")
@@ -273,6 +292,9 @@ def main(argv=None) -> int:
         return args.func(args)
     except (ValueError, NotImplementedError, OSError) as e:  # bad input or a path: one line, not a traceback
         parser.exit(2, f"vtprune {args.command}: error: {e}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"vtprune {args.command}: interrupted (what was written so far is kept; a sweep rerun "
+                         "resumes where it stopped)\n")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from vtprune import tiny
 from vtprune.eval import bench, flops
@@ -54,9 +55,10 @@ def test_bench_command_keeps_the_rows_of_a_run_cut_short(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench, "measure", measure_then_stop)
     out = tmp_path / "b.json"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as exit_:  # Ctrl-C: one line, exit status 130
         main(["bench", "--model", "tiny-test-llava", "--methods", "pool,random", "--keep", "4", "--batch", "1",
               "--new-tokens", "2", "--reps", "1", "--out", str(out)])
+    assert exit_.value.code == 130
     rec = json.loads(out.read_text())
     assert rec["complete"] is False and [r["method"] for r in rec["rows"]] == ["unpatched", "pool"]
     assert (tmp_path / "b.md").read_text().count("\n") == 2 + 2
@@ -101,6 +103,8 @@ def test_plain_measure_leaves_a_model_the_caller_compiled_compiled():
     (["--batch", "1,0"], "must be >= 1, got 0"),
     (["--methods", "bogus"], "bogus"),
     (["--ratio", "1.5", "--keep", None], "ratio"),
+    (["--methods", ", ,"], "--methods names nothing"),  # it measured the unpatched model alone
+    (["--out", "table.md"], "give a .json path"),  # the markdown beside it overwrote the JSON record
 ])
 def test_bench_refuses_bad_arguments_before_loading_the_model(monkeypatch, capsys, argv, words):
     """One line on stderr, exit status 2, and no model loaded (a full-scale build and its baseline
@@ -155,3 +159,51 @@ def test_compiled_measure_holds_no_earlier_run_s_static_cache():
     hook.remove()
     assert alive == [1, 1, 1]  # the current run's only
     assert row.kv_bytes > 0
+
+
+def test_cli_list_options_strip_and_deduplicate_and_ctrl_c_is_one_line(monkeypatch, capsys):
+    """--batch 1,,1 measured batch 1 twice (its speed-up against itself); --methods "a, b" kept the space;
+    Ctrl-C printed a torch traceback."""
+    from vtprune import cli
+    from vtprune.eval import bench
+
+    assert cli._items(" divprune, fastv,,divprune ", "--methods") == ["divprune", "fastv"]
+    seen = []
+
+    monkeypatch.setattr(bench, "measure", lambda model, inputs, method, *a, **k: (
+        seen.append((inputs["input_ids"].shape[0], method)), (_ for _ in ()).throw(KeyboardInterrupt))[1])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "--model", "tiny-test-llava", "--keep", "4", "--methods", "random, divprune", "--batch", "1,,1"])
+    assert exit_.value.code == 130 and seen == [(1, None)]
+    err = capsys.readouterr().err
+    assert err.startswith("vtprune bench: interrupted") and "Traceback" not in err
+
+
+def test_synthetic_prompts_of_a_small_vocabulary_hold_only_their_image_tokens():
+    """Random 'text' tokens drawn from a small vocabulary hit the image token id: the model then found
+    more image tokens than features (tiny-llava: 199 for 196)."""
+    from vtprune.eval import configs, models
+
+    for name in ("tiny-llava", "tiny-test-llava", "tiny-test-qwen2-vl"):
+        model = models.load(name, random_weights=True)[0]
+        inputs = configs.synthetic_inputs(model, batch=4)
+        cfg = model.config
+        image = getattr(cfg, "image_token_id", None) or cfg.image_token_index
+        counts = (inputs["input_ids"] == image).sum(1).tolist()
+        assert len(set(counts)) == 1, (name, counts)
+        with torch.no_grad():
+            model(**models.to_model(inputs, model))
+
+
+def test_random_weights_on_a_local_checkpoint_directory_are_random(tmp_path):
+    """--random-weights was ignored for a local directory (trained weights, recorded as random)."""
+    from vtprune.eval import models
+
+    model, processor = models.load("tiny-llava")
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    trained = models.load(str(tmp_path))[0].state_dict()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in trained.items())
+    random = models.load(str(tmp_path), random_weights=True)[0]
+    assert type(random) is type(model)
+    assert not torch.equal(random.state_dict()["lm_head.weight"], trained["lm_head.weight"])

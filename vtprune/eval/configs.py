@@ -123,6 +123,13 @@ def synthetic_inputs(model, batch: int, text_tokens: int = 48, image_px: int | N
     g = torch.Generator().manual_seed(seed)
     vocab = cfg.get_text_config().vocab_size
     text = torch.randint(3, min(vocab, 30000), (batch, text_tokens), generator=g)
+    special = {getattr(cfg, k, None) for k in ("image_token_id", "image_token_index", "video_token_id",
+                                               "video_token_index", "vision_start_token_id", "vision_end_token_id")}
+    special |= {getattr(cfg.get_text_config(), k, None) for k in ("pad_token_id", "eos_token_id", "bos_token_id")}
+    special = sorted(t for t in special if isinstance(t, int) and 3 <= t < min(vocab, 30000))
+    if special:  # small vocabularies: a random "text" token must not be an image placeholder or a special token
+        ordinary = torch.tensor([t for t in range(3, min(vocab, 30000)) if t not in special])
+        text = ordinary[torch.randint(len(ordinary), (batch, text_tokens), generator=g)]
     name = type(model).__name__
     if name.startswith("Llava"):
         vc = cfg.vision_config

@@ -42,7 +42,15 @@ def load(name: str, random_weights: bool = False, attn: str = "sdpa", dtype=None
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         extra = {} if dtype is None else {"dtype": dtype}
-        model = AutoModelForImageTextToText.from_pretrained(name, attn_implementation=attn, **extra).eval()
+        if random_weights:  # the directory's architecture, its weights left out
+            import torch
+            from transformers import AutoConfig
+
+            torch.manual_seed(0)
+            model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(name), attn_implementation=attn,
+                                                            **extra).eval()
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(name, attn_implementation=attn, **extra).eval()
         return model, AutoProcessor.from_pretrained(name)
     names = sorted(tinyvlm.NAMES) + sorted(TEST_MODELS) + sorted(configs.FULL_SCALE)
     raise ValueError(f"--model must be a local model directory or one of {', '.join(names)}; got {name!r}")

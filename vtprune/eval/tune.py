@@ -99,7 +99,7 @@ def tune(model, batches: list[dict], budget: float, iterations: int = 50, seed: 
     study.optimize(run, n_trials=iterations, show_progress_bar=progress)
     best = options_of(study.best_params) if study.best_value > INFEASIBLE else None
     if best is None:
-        raise RuntimeError("no feasible configuration found; raise --iterations or the budget")
+        raise ValueError("no feasible configuration found; raise --iterations, or lower the budget if it is near 1")
     if abs(_retention(best, num_layers) - budget) > 1e-6:
         raise RuntimeError(f"internal error: retention {_retention(best, num_layers)} != budget {budget}")
     start_value = study.trials[0].value
