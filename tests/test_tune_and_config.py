@@ -117,9 +117,15 @@ def test_tune_on_the_shapes_task_with_the_bundled_architecture(tmp_path):
     assert json.loads(out.read_text())["tuned"]["task"] == "shapes"
 
 
-def test_tune_rejects_what_it_cannot_do(tmp_path):
-    with pytest.raises(SystemExit, match="only --method vflowopt"):
+def test_tune_rejects_what_it_cannot_do(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:  # a user error like the others: status 2, one line
         cli.main(["tune", "--method", "divprune", "--model", "tiny-llava", "--budget", "0.5", "--out", "x"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "vtprune tune: error: only --method vflowopt has a tuner, got 'divprune'\n"
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["flops", "--model", "tiny-llava", "--keep", "4", "--ratio", "0.5"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "vtprune flops: error: give exactly one of --keep and --ratio\n"
     with pytest.raises(ValueError, match="is for the test models"):
         eval_models.calibration("tiny-prompts", *eval_models.load("tiny-llava", random_weights=True), 2)
     with pytest.raises(ValueError, match="local model directory"):

@@ -61,7 +61,7 @@ def _tune(args) -> int:
     from .eval import models, tune
 
     if args.method != "vflowopt":
-        raise SystemExit(f"vtprune tune: only --method vflowopt has a tuner, got {args.method!r}")
+        raise ValueError(f"only --method vflowopt has a tuner, got {args.method!r}")
     import torch
 
     model, processor = models.load(args.model, random_weights=args.random_weights)
@@ -94,7 +94,7 @@ def _count(least: int):
 
 def _budget(args) -> dict:
     if (args.keep is None) == (args.ratio is None):
-        raise SystemExit(f"vtprune {args.command}: give exactly one of --keep and --ratio")
+        raise ValueError("give exactly one of --keep and --ratio")
     return {"keep": args.keep} if args.keep is not None else {"ratio": args.ratio}
 
 
