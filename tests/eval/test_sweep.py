@@ -72,6 +72,9 @@ def test_resume_reuses_only_cells_of_the_same_experiment(tmp_path, monkeypatch):
     assert sweep.run(batch=3, random_weights=False, **args) == trained  # each experiment's cells are kept
     assert sweep.run(batch=2, random_weights=True, **args) == rand2
     assert len(calls) == 6 and len((tmp_path / "cells.jsonl").read_text().splitlines()) == 6
+    with pytest.warns(UserWarning, match=r"not reused.*questions=6.*this run: questions=4"):  # it reran silently
+        sweep.run(batch=3, random_weights=False, **{**args, "n_questions": 4})
+    assert len(calls) == 8
 
 
 def test_cells_of_the_older_format_are_not_reused(tmp_path, monkeypatch):

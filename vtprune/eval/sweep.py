@@ -156,8 +156,8 @@ def _key(cell: dict) -> tuple:
 
 
 def _cell_of(cell: dict) -> tuple:
-    """The cell alone, whatever its settings or format: model, task, questions, strategy, ratio."""
-    return cell.get("model"), cell.get("task"), cell.get("questions"), cell.get("method"), _ratio(cell.get("ratio"))
+    """The cell alone, whatever its settings or format: model, task, strategy, ratio."""
+    return cell.get("model"), cell.get("task"), cell.get("method"), _ratio(cell.get("ratio"))
 
 
 def read_cells(log: Path) -> list[dict]:
@@ -211,7 +211,8 @@ def _append(log: Path, data: bytes) -> None:
 def _warn_not_reused(log: Path, logged: list[dict], base: dict, missing: list[tuple[str, float]]) -> None:
     """Warn when a cell about to run has a finished counterpart in OUT/cells.jsonl made with other
     settings or in an older format, which is not reused."""
-    wanted = {(base["model"], base["task"], base["questions"], m, float(r)) for m, r in missing}
+    wanted = {(base["model"], base["task"], m, float(r)) for m, r in missing}
+    settings = ("questions", *SETTINGS)
     hit, why = set(), set()
     for c in logged:
         if _cell_of(c) not in wanted:
@@ -219,13 +220,13 @@ def _warn_not_reused(log: Path, logged: list[dict], base: dict, missing: list[tu
         if c.get("format") != FORMAT:
             why.add("written by an older vtprune (no random_weights recorded, TFLOPs summed over the batch)"
                     if "format" not in c else f"cell format {c['format']!r} (this vtprune writes {FORMAT})")
-        elif any(c[k] != base[k] for k in SETTINGS):
-            why.update(f"{k}={c[k]!r}" for k in SETTINGS if c[k] != base[k])
+        elif any(c.get(k) != base[k] for k in settings):
+            why.update(f"{k}={c.get(k)!r}" for k in settings if c.get(k) != base[k])
         else:
             continue
         hit.add(_cell_of(c))
     if hit:
-        now = ", ".join(f"{k}={base[k]!r}" for k in SETTINGS)
+        now = ", ".join(f"{k}={base[k]!r}" for k in settings)
         warnings.warn(f"{log}: {len(hit)} of the {len(missing)} cells to run have finished cells there that are not "
                       f"reused, made with other settings: {'; '.join(sorted(why))} (this run: {now}); they run "
                       "again", stacklevel=3)
