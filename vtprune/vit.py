@@ -24,7 +24,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from .hooks.base import reduce_attention, wrap_method
+from .hooks.base import call_arguments, reduce_attention, wrap_method
 from .hooks.runtime import Stats, _check_selection, _sync
 from .methods.base import ImageTokens, VisionSignal
 from .methods.registry import build_method
@@ -172,9 +172,7 @@ class VitState:
 
     def _intermediates(self, original, *args, **kwargs):
         """forward_intermediates: spatial (NCHW) maps exist only for blocks before the pruning one."""
-        import inspect
-
-        bound = inspect.signature(original).bind_partial(*args, **kwargs).arguments
+        bound = call_arguments(original, args, kwargs)
         fmt = bound.get("output_fmt", "NCHW")
         indices = bound.get("indices")
         n = len(self.tower.blocks)

@@ -147,6 +147,11 @@ def wrap_method(owner, name: str, hook) -> Restore:
     return handle
 
 
+def call_arguments(fn, args: tuple, kwargs: dict) -> dict:
+    """{parameter name: value} of a call `fn(*args, **kwargs)` (what a wrap_method hook was handed)."""
+    return inspect.signature(fn).bind_partial(*args, **kwargs).arguments
+
+
 def encode_order(units: list, encoded: int) -> list[int] | None:
     """For each unit (image or frame of this forward), the index of the one the vision encoder produced it
     from, out of `encoded` in encode order; None where they cannot be matched.

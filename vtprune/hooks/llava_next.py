@@ -11,12 +11,10 @@ are computed per tile and packed the same way (newline slots score 0).
 """
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 from .anyres import Layout
-from .base import encode_order, wrap_method
+from .base import call_arguments, encode_order, wrap_method
 from .llava import LlavaAdapter
 from .runtime import Unit
 from .sequence import runs
@@ -46,7 +44,7 @@ class LlavaNextAdapter(LlavaAdapter):
         return [wrap_method(self.model.model, "get_image_features", self._record_sizes)]
 
     def _record_sizes(self, original, *args, **kwargs):
-        bound = inspect.signature(original).bind_partial(*args, **kwargs).arguments
+        bound = call_arguments(original, args, kwargs)
         sizes = bound.get("image_sizes")
         self.images = None if sizes is None else self.tiles(sizes, bound.get("batch_num_images"))
         return original(*args, **kwargs)

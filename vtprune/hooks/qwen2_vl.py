@@ -7,14 +7,13 @@ intermediate ViT blocks into the first decoder layers at the visual slots; the r
 through the pruned layout (`Adapter.deepstack_layers`)."""
 from __future__ import annotations
 
-import inspect
 import sys
 from functools import partial
 
 import torch
 
 from ..methods.vflowopt import patch_entropy
-from .base import Adapter, grey_levels, reduce_attention, wrap_method
+from .base import Adapter, call_arguments, grey_levels, reduce_attention, wrap_method
 from .runtime import Unit
 from .sequence import runs
 
@@ -165,7 +164,7 @@ class QwenVLAdapter(Adapter):
 
     def _record_pixels(self, raw: dict, original, *args, **kwargs):
         """Around the model's get_{image,video}_features: the pixel tensor it is given, while it runs."""
-        bound = inspect.signature(original).bind_partial(*args, **kwargs).arguments
+        bound = call_arguments(original, args, kwargs)
         raw["pixels"] = bound.get("pixel_values", bound.get("pixel_values_videos"))
         try:
             return original(*args, **kwargs)
