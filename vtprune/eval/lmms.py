@@ -221,9 +221,8 @@ class Vtprune(lmms):
         out: list = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):  # one generation config per batch
-            padding = bool((getattr(r, "metadata", None) or {}).get("__padding_only__"))
             kw = r.args[self.GEN_KWARGS]
-            groups.setdefault((json.dumps(kw, sort_keys=True, default=str), padding), []).append(i)
+            groups.setdefault((json.dumps(kw, sort_keys=True, default=str), _padding(r)), []).append(i)
         elapsed, new_tokens, first = 0.0, 0, len(self.records)
         with tqdm(total=len(requests), desc="vtprune", unit="q", disable=self.rank != 0) as bar:
             for (_, padding), idx in groups.items():
@@ -244,8 +243,6 @@ class Vtprune(lmms):
     @torch.no_grad()
     def _generate(self, prompts: list[str], images: list, gen_kwargs: dict, record: bool = True):
         inputs = self._inputs(prompts, images)
-        if self.first_inputs is None and record:
-            self.first_inputs = inputs
         kw = dict(gen_kwargs or {})
         until = kw.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
@@ -258,14 +255,7 @@ class Vtprune(lmms):
             if kw.get("top_p") is not None:
                 gen["top_p"] = float(kw["top_p"])
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        sync = self._device.type == "cuda"
-        if sync:
-            torch.cuda.synchronize(self._device)
-        t0 = time.perf_counter()
-        ids = self.model.generate(**inputs, **gen, pad_token_id=pad)
-        if sync:
-            torch.cuda.synchronize(self._device)
-        seconds = time.perf_counter() - t0
+        ids, seconds = self._timed(self.model.generate, **inputs, **gen, pad_token_id=pad)
         new = ids[:, inputs["input_ids"].shape[1]:]
         prompt_tokens = self._record(inputs, seconds, record)
         texts, counts = [], []
@@ -282,9 +272,21 @@ class Vtprune(lmms):
 
     # figures -----------------------------------------------------------------------------------
 
+    def _timed(self, fn, **kwargs):
+        """(fn(**kwargs), wall seconds), the device synchronised around it on CUDA."""
+        sync = self._device.type == "cuda"
+        if sync:
+            torch.cuda.synchronize(self._device)
+        t0 = time.perf_counter()
+        result = fn(**kwargs)
+        if sync:
+            torch.cuda.synchronize(self._device)
+        return result, time.perf_counter() - t0
+
     def _record(self, inputs: dict, seconds: float, keep: bool = True) -> list[int]:
-        """Keep this batch's pruning figures (unless not `keep`); returns each sample's prompt length
-        after pruning (for strategies that drop inside the LLM, the mean over decoder layers)."""
+        """Keep this batch's pruning figures and, the first time, its inputs (unless not `keep`);
+        returns each sample's prompt length after pruning (for strategies that drop inside the LLM,
+        the mean over decoder layers)."""
         import vtprune
 
         from . import flops
@@ -297,13 +299,14 @@ class Vtprune(lmms):
         rep = flops.report(self.model, inputs, st, self.method, self.options)
         per_layer = rep.tokens_per_layer
         lengths = [round(sum(ns[b] for ns in per_layer) / len(per_layer)) for b in range(len(before))]
-        if not keep:
-            return lengths
-        self.records.append({
-            "samples": len(before), "visual_before": sum(before), "visual_after": sum(rep.visual_tokens),
-            "selection_ms": st.selection_ms if st is not None else 0.0, "generate_s": seconds,
-            "prefill_tflops": rep.total_prefill / 1e12, "llm_prefill_tflops": rep.llm_prefill / 1e12,
-            "vision_tflops": (rep.vision_encoder + rep.projector) / 1e12})
+        if keep:
+            if self.first_inputs is None:
+                self.first_inputs = inputs
+            self.records.append({
+                "samples": len(before), "visual_before": sum(before), "visual_after": sum(rep.visual_tokens),
+                "selection_ms": st.selection_ms if st is not None else 0.0, "generate_s": seconds,
+                "prefill_tflops": rep.total_prefill / 1e12, "llm_prefill_tflops": rep.llm_prefill / 1e12,
+                "vision_tflops": (rep.vision_encoder + rep.projector) / 1e12})
         return lengths
 
     def summary(self, records: list[dict] | None = None) -> dict:
@@ -353,9 +356,7 @@ class Vtprune(lmms):
         from tqdm.auto import tqdm
 
         out, first = [], len(self.records)
-        sync = self._device.type == "cuda"
         for r in tqdm(requests, desc="vtprune loglikelihood", unit="q", disable=self.rank != 0):
-            padding = bool((getattr(r, "metadata", None) or {}).get("__padding_only__"))
             ctx, continuation, doc_to_visual, doc_id, task, split = r.args
             doc = self.task_dict[task][split][doc_id]
             if callable(continuation):
@@ -370,16 +371,9 @@ class Vtprune(lmms):
             inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(cont)], 1)
             if "mm_token_type_ids" in inputs:  # Qwen-VL: the continuation is text (type 0)
                 inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(cont)], 1)
-            if self.first_inputs is None and not padding:
-                self.first_inputs = inputs
-            if sync:
-                torch.cuda.synchronize(self._device)
-            t0 = time.perf_counter()
-            logits = self.model(**inputs).logits[0, -cont.shape[1] - 1:-1].float()
-            if sync:
-                torch.cuda.synchronize(self._device)
-            seconds = time.perf_counter() - t0
-            self._record(inputs, seconds, not padding)
+            output, seconds = self._timed(self.model, **inputs)
+            self._record(inputs, seconds, not _padding(r))
+            logits = output.logits[0, -cont.shape[1] - 1:-1].float()
             logp = torch.log_softmax(logits, -1)
             loss = -float(logp.gather(1, cont[0][:, None]).mean())
             out.append(GenerationResult(text=(loss, bool((logits.argmax(-1) == cont[0]).all())), token_counts=None))
@@ -418,6 +412,11 @@ class VtpruneChat(Vtprune):
 
     def loglikelihood(self, requests):
         raise NotImplementedError("lmms-eval's chat protocol has no loglikelihood; run with --force_simple")
+
+
+def _padding(request) -> bool:
+    """Whether lmms-eval added this request only to even out the ranks (its answer is discarded)."""
+    return bool((getattr(request, "metadata", None) or {}).get("__padding_only__"))
 
 
 def _content(text: str, n_images: int) -> list[dict]:
