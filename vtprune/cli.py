@@ -26,15 +26,21 @@ def _items(text: str, option: str) -> list[str]:
     return items
 
 
+def _ratios(text: str) -> list[float]:
+    """--ratios as floats (their range is checked where they are used)."""
+    items = _items(text, "--ratios")
+    try:
+        return [float(r) for r in items]
+    except ValueError as e:
+        raise ValueError(f"--ratios: {e}") from None
+
+
 def _demo(args) -> int:
     from .demo import run, run_bundled
     from .eval.tinyvlm import trained
     from .tiny import CLASSES
 
-    try:
-        ratios = [float(r) for r in _items(args.ratios, "--ratios")]
-    except ValueError as e:
-        raise ValueError(f"--ratios: {e}") from None
+    ratios = _ratios(args.ratios)
     families = _items(args.families, "--families")
     if unknown := [f for f in families if f not in CLASSES]:
         raise ValueError(f"--families: unknown {unknown}; choose from {', '.join(CLASSES)}")
@@ -194,10 +200,7 @@ def _sweep(args) -> int:
     from .methods.registry import available
 
     methods = available() if args.methods == "all" else _items(args.methods, "--methods")
-    try:
-        ratios = [float(r) for r in _items(args.ratios, "--ratios")]
-    except ValueError as e:
-        raise ValueError(f"--ratios: {e}") from None
+    ratios = _ratios(args.ratios)
     with warnings.catch_warnings():  # the sweep's warnings (cells not reused, a cut-short line) as one line each
         warnings.showwarning = lambda message, *_, **__: print(f"vtprune sweep: warning: {message}", file=sys.stderr)
         cells = sweep.run(args.model, methods, ratios, args.task,

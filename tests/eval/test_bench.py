@@ -168,6 +168,11 @@ def test_cli_list_options_strip_and_deduplicate_and_ctrl_c_is_one_line(monkeypat
     from vtprune.eval import bench
 
     assert cli._items(" divprune, fastv,,divprune ", "--methods") == ["divprune", "fastv"]
+    assert cli._ratios("0.5, 0.25,0.5") == [0.5, 0.25]
+    with pytest.raises(ValueError, match="^--ratios names nothing"):
+        cli._ratios(" , ")
+    with pytest.raises(ValueError, match="^--ratios: could not convert string to float: 'abc'"):
+        cli._ratios("0.5,abc")
     seen = []
 
     monkeypatch.setattr(bench, "measure", lambda model, inputs, method, *a, **k: (
