@@ -68,6 +68,7 @@ def _tune(args) -> int:
 
     if args.method != "vflowopt":
         raise ValueError(f"only --method vflowopt has a tuner, got {args.method!r}")
+    _output_file(args.out, "--out")
     import torch
 
     model, processor = models.load(args.model, random_weights=args.random_weights)
@@ -98,6 +99,20 @@ def _count(least: int):
     return parse
 
 
+def _output_file(path, option: str) -> None:
+    """Check an output file before the work that fills it (a 50-trial tune used to end on an unwritable
+    path): its folder is made, as the writers do, and must be writable; the path must not be a folder."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a folder: give a file path")
+    path.parent.mkdir(parents=True, exist_ok=True)  # OSError (one line) where it cannot be made
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"{option} {path}: not writable")
+
+
 def _budget(args) -> dict:
     if (args.keep is None) == (args.ratio is None):
         raise ValueError("give exactly one of --keep and --ratio")
@@ -110,6 +125,8 @@ def _flops(args) -> int:
     from .eval import configs, flops, models
 
     budget = _budget(args)
+    if args.json:
+        _output_file(args.json, "--json")
     method = args.method or "random"  # every projector-stage strategy gives the same LLM counts
     task = args.task or models.default_task(args.model)
     if args.model in configs.FULL_SCALE:  # token counts from a narrow stand-in, dimensions from the real config
@@ -149,6 +166,9 @@ def _bench(args) -> int:
     methods = _items(args.methods, "--methods")
     if args.out and Path(args.out).suffix == ".md":
         raise ValueError("--out is the JSON record; the markdown table goes beside it as .md: give a .json path")
+    if args.out:
+        _output_file(args.out, "--out")
+        _output_file(Path(args.out).with_suffix(".md"), "--out's table")
     for m in methods:  # bad strategies or options fail before the model loads and the baseline runs
         build_method(m, budget)
     try:

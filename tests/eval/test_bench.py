@@ -137,6 +137,37 @@ def test_an_unwritable_output_path_is_one_line(capsys, tmp_path):
     assert capsys.readouterr().err.startswith("vtprune flops: error: ")
 
 
+@pytest.mark.parametrize("argv, option", [
+    (["flops", "--model", "tiny-test-llava", "--keep", "4", "--json"], "--json"),
+    (["bench", "--model", "tiny-test-llava", "--methods", "random", "--keep", "4", "--out"], "--out"),
+    (["tune", "--method", "vflowopt", "--model", "tiny-llava", "--budget", "0.3", "--out"], "--out"),
+])
+@pytest.mark.parametrize("where", ["under a file", "a folder"])
+def test_output_paths_are_checked_before_the_work(monkeypatch, capsys, tmp_path, argv, option, where):
+    """A tune of 50 trials (or a flops count) used to run to the end and then fail to write its file."""
+    from vtprune.cli import main
+    from vtprune.eval import models
+
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("the work started"))
+    (tmp_path / "file").write_text("")
+    path = tmp_path / "file" / "x.json" if where == "under a file" else tmp_path
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, str(path)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vtprune {argv[0]}: error: ") and err.count("\n") == 1
+    if where == "a folder":
+        assert f"{option} {tmp_path} is a folder" in err
+
+
+def test_output_folders_are_made_as_the_writers_make_them(tmp_path, capsys):
+    from vtprune.cli import main
+
+    out = tmp_path / "new" / "deeper" / "f.json"
+    assert main(["flops", "--model", "tiny-test-llava", "--keep", "4", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["keep"] == 4
+
+
 def test_compiled_measure_holds_no_earlier_run_s_static_cache():
     """Each generate() makes a new static cache; the bench must not keep the previous run's alive, or the new
     one cannot take its address and CUDA graphs (recorded on those static addresses) record again."""
