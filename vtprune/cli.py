@@ -171,6 +171,12 @@ def _bench(args) -> int:
         _output_file(Path(args.out).with_suffix(".md"), "--out's table")
     for m in methods:  # bad strategies or options fail before the model loads and the baseline runs
         build_method(m, budget)
+    if args.compile:  # torch.compile checks its backend and mode when called: before the plain rows, not after
+        try:
+            torch.compile(lambda x: x, **_compile_options(args))
+        except RuntimeError as e:
+            raise ValueError(f"--compile-backend {args.compile_backend} / --compile-mode {args.compile_mode}: "
+                             f"{e}") from None
     try:
         batches = list(dict.fromkeys(_count(1)(x) for x in _items(args.batch, "--batch")))
     except argparse.ArgumentTypeError as e:

@@ -104,7 +104,9 @@ def test_plain_measure_leaves_a_model_the_caller_compiled_compiled():
     (["--methods", "bogus"], "bogus"),
     (["--ratio", "1.5", "--keep", None], "ratio"),
     (["--methods", ", ,"], "--methods names nothing"),  # it measured the unpatched model alone
-    (["--out", "table.md"], "give a .json path"),  # the markdown beside it overwrote the JSON record
+    (["--out", "table.md"], "give a .json path"),
+    (["--compile", "", "--compile-mode", "fastest"], "Unrecognized mode=fastest"),  # after the plain rows, before
+    (["--compile", "", "--compile-backend", "nope"], "Invalid backend: 'nope'"),  # the markdown beside it overwrote the JSON record
 ])
 def test_bench_refuses_bad_arguments_before_loading_the_model(monkeypatch, capsys, argv, words):
     """One line on stderr, exit status 2, and no model loaded (a full-scale build and its baseline
@@ -120,7 +122,7 @@ def test_bench_refuses_bad_arguments_before_loading_the_model(monkeypatch, capsy
         else:
             args[flag] = value
     with pytest.raises(SystemExit) as exit_:
-        main(["bench", *[x for kv in args.items() for x in kv]])
+        main(["bench", *[x for kv in args.items() for x in kv if x != ""]])
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert words in err[-1] and "Traceback" not in "".join(err)
