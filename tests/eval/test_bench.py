@@ -245,3 +245,28 @@ def test_random_weights_on_a_local_checkpoint_directory_are_random(tmp_path):
     random = models.load(str(tmp_path), random_weights=True)[0]
     assert type(random) is type(model)
     assert not torch.equal(random.state_dict()["lm_head.weight"], trained["lm_head.weight"])
+
+
+def test_a_local_directory_without_a_processor_or_of_another_model(tmp_path, capsys):
+    """A config-only directory failed on its missing processor even for --task synthetic; a directory of
+    a model vtprune has no adapter for printed transformers' list of every image-text class."""
+    import transformers
+
+    from vtprune.cli import main
+
+    config_only = tmp_path / "llava"
+    tiny.build("llava").config.save_pretrained(config_only)
+    assert main(["flops", "--model", str(config_only), "--keep", "4", "--random-weights", "--task", "synthetic"]) == 0
+    assert "tokens per layer" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:  # shapes needs the processor: said so, with the way out
+        main(["flops", "--model", str(config_only), "--keep", "4", "--random-weights"])
+    assert exit_.value.code == 2 and "--task synthetic" in capsys.readouterr().err
+    for config in (transformers.BertConfig(), transformers.Blip2Config()):
+        other = tmp_path / config.model_type
+        config.save_pretrained(other)
+        with pytest.raises(SystemExit) as exit_:
+            main(["flops", "--model", str(other), "--keep", "4", "--random-weights", "--task", "synthetic"])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1
+        assert f"holds a '{config.model_type}' model" in err and "vtprune does not support" in err
+        assert "LlavaForConditionalGeneration" in err and "Blip2Config" not in err

@@ -39,21 +39,40 @@ def load(name: str, random_weights: bool = False, attn: str = "sdpa", dtype=None
 
         return tiny.build(TEST_MODELS[name], attn=attn).eval(), None
     if os.path.isdir(name):
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
         extra = {} if dtype is None else {"dtype": dtype}
+        config = AutoConfig.from_pretrained(name)
+        _check_supported(name, config)  # before reading gigabytes of weights
         if random_weights:  # the directory's architecture, its weights left out
             import torch
-            from transformers import AutoConfig
 
             torch.manual_seed(0)
-            model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(name), attn_implementation=attn,
-                                                            **extra).eval()
+            model = AutoModelForImageTextToText.from_config(config, attn_implementation=attn, **extra).eval()
         else:
             model = AutoModelForImageTextToText.from_pretrained(name, attn_implementation=attn, **extra).eval()
-        return model, AutoProcessor.from_pretrained(name)
+        try:
+            processor = AutoProcessor.from_pretrained(name)
+        except (OSError, ValueError, TypeError):  # a directory with a config (and weights) only: synthetic inputs work
+            processor = None
+        return model, processor
     names = sorted(tinyvlm.NAMES) + sorted(TEST_MODELS) + sorted(configs.FULL_SCALE)
     raise ValueError(f"--model must be a local model directory or one of {', '.join(names)}; got {name!r}")
+
+
+def _check_supported(name: str, config) -> None:
+    """A clear error for a directory of a model vtprune has no adapter for (transformers' own lists
+    every image-text class it knows, or fails later in patch)."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    from ..hooks import ADAPTERS, supported
+
+    cls = getattr(transformers, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(config.model_type, ""), None)
+    if cls is None or not any(c.__name__ in ADAPTERS for c in cls.__mro__):
+        raise ValueError(f"{name} holds a {config.model_type!r} model"
+                         + (f" ({cls.__name__})" if cls is not None else "")
+                         + f", which vtprune does not support; supported: {', '.join(supported())}")
 
 
 def to_model(inputs: dict, model) -> dict:
@@ -85,7 +104,8 @@ def calibration(task: str, model, processor, n: int, seed: int = 0, batch_size: 
         from . import shapes, tinyvlm
 
         if processor is None:
-            raise ValueError("task 'shapes' needs a model with a processor (a bundled model)")
+            raise ValueError("task 'shapes' needs a model with a processor (a bundled model); for speed and FLOPs "
+                             "figures of a model without one, --task synthetic")
         fam = tinyvlm.family_of(model)
         texts, images = [], []
         for i in range(n):
