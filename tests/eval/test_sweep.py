@@ -77,6 +77,24 @@ def test_resume_reuses_only_cells_of_the_same_experiment(tmp_path, monkeypatch):
     assert len(calls) == 8
 
 
+def test_a_local_directory_is_one_model_however_it_is_spelt(tmp_path, monkeypatch):
+    """`--model ck/` after `--model ck` reran every cell (the spelling was part of the cell's identity)."""
+    from vtprune.eval import models
+
+    model, processor = models.load("tiny-llava", random_weights=True)
+    model.save_pretrained(tmp_path / "ck")
+    processor.save_pretrained(tmp_path / "ck")
+    monkeypatch.chdir(tmp_path)
+    calls = _counting(monkeypatch)
+    args = dict(methods=["random"], ratios=[0.5], task="shapes", out=tmp_path / "out", n_questions=2, batch=2,
+                progress=False)
+    first = sweep.run(model_name="ck", **args)
+    assert len(calls) == 2 and {c["model"] for c in first} == {"ck"}
+    assert sweep.run(model_name="ck/", **args) == first
+    assert sweep.run(model_name="./ck", **args) == first
+    assert len(calls) == 2
+
+
 def test_cells_of_the_older_format_are_not_reused(tmp_path, monkeypatch):
     """A cell written before `format` 2 (no random_weights; shapes TFLOPs summed over the batch) is
     ambiguous: it runs again, with a warning, and stays in the file."""

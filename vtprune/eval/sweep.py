@@ -56,6 +56,13 @@ def accuracy(task: str, model, processor, n_questions: int, batch: int) -> dict:
     raise ValueError(f"unknown task {task!r}; available: shapes, or an lmms-eval task (pip install 'vtprune[eval]')")
 
 
+def vtprune_names() -> set[str]:
+    """The model names vtprune.eval.models.load resolves before looking for a directory."""
+    from . import configs, models, tinyvlm
+
+    return set(tinyvlm.NAMES) | set(models.TEST_MODELS) | set(configs.FULL_SCALE)
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -249,6 +256,8 @@ def run(model_name: str, methods: list[str], ratios: list[float], task: str, out
     if unknown:
         raise ValueError(f"unknown strategies {unknown}; available: {', '.join(vtprune.available())}")
     methods, ratios = list(dict.fromkeys(methods)), list(dict.fromkeys(float(r) for r in ratios))
+    if os.path.isdir(model_name) and model_name not in vtprune_names():  # dir, dir/ and ./dir: one model
+        model_name = os.path.normpath(model_name)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "cells.jsonl"
