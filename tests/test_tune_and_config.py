@@ -73,6 +73,21 @@ def test_objective_is_one_without_pruning_and_lower_with(models):
     assert not hasattr(model, "_vtprune")
 
 
+def test_last_hidden_makes_no_full_logits(models):
+    """Every trial of a tune ran the lm_head over every position ([B, T, vocab], gigabytes on a 7B model)
+    for a state it reads at the last one."""
+    model = models("llava")
+    batch = eval_models.calibration("tiny-prompts", model, None, 2, batch_size=2)[0]
+    seen = []
+    handle = model.lm_head.register_forward_hook(lambda m, args, out: seen.append(out.shape[1]))
+    with torch.no_grad():
+        got = tune.last_hidden(model, batch)
+        full = model(**batch, output_hidden_states=True, use_cache=False).hidden_states[-1][:, -1].float()
+    handle.remove()
+    assert seen[0] == 1 and seen[1] > 1
+    assert torch.equal(got, full)
+
+
 def test_tune_command_writes_a_config_patch_accepts(tmp_path, capsys):
     out = tmp_path / "vflowopt.json"
     rc = cli.main(["tune", "--method", "vflowopt", "--model", "tiny-test-llava", "--task", "tiny-prompts",
@@ -108,6 +123,18 @@ def test_a_trial_the_model_refuses_is_infeasible_not_fatal(models, monkeypatch):
     cfg = tune.tune(model, batches, 0.5, iterations=3, progress=False)
     assert len(calls) == 3 and cfg["tuned"]["start_objective"] is None
     assert abs(cfg["tuned"]["layer_averaged_retention"] - 0.5) < 1e-9
+
+
+def test_a_budget_the_model_refuses_says_why(capsys):
+    """Every trial refused by the model (anyres newlines need more than the budget) ended in "raise
+    --iterations, or lower the budget": the opposite of what helps; the refusal is now the message."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["tune", "--method", "vflowopt", "--model", "tiny-test-llava-next", "--task", "tiny-prompts",
+                  "--budget", "0.1", "--samples", "2", "--iterations", "3", "--out", "unused.json"])
+    err = capsys.readouterr().err.splitlines()[-1]  # after optuna's progress bar
+    assert exit_.value.code == 2 and err.startswith("vtprune tune: error: ")
+    assert "the model refused 3 of 3 trials, the last with: vflowopt works per grid" in err
+    assert "lower the budget" not in err
 
 
 def test_tune_on_the_shapes_task_with_the_bundled_architecture(tmp_path):

@@ -41,7 +41,7 @@ def solve_r3(budget: float, r1: float, r2: float, num_layers: int) -> float | No
 
 def last_hidden(model, inputs) -> torch.Tensor:
     """Final-layer (post-norm) hidden state of each sample's last prefill token, float32 [B, D]."""
-    out = model(**inputs, output_hidden_states=True, use_cache=False)
+    out = model(**inputs, output_hidden_states=True, use_cache=False, logits_to_keep=1)  # no [B, T, vocab] logits
     return out.hidden_states[-1][:, -1].float()
 
 
@@ -87,9 +87,11 @@ def tune(model, batches: list[dict], budget: float, iterations: int = 50, seed: 
             return INFEASIBLE
         try:
             return objective(model, batches, reference, opts)
-        except ValueError:  # e.g. an anyres budget below its newlines + grids: this point is infeasible
+        except ValueError as e:  # e.g. an anyres budget below its newlines + grids: this point is infeasible
+            refused.append(str(e))
             return INFEASIBLE
 
+    refused = []  # why the model refused trials, for the error when none was feasible
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.GPSampler(seed=seed))
     nearest = PRESETS[min(PRESETS, key=lambda pct: abs(pct / 100 - budget))]  # start from a released preset
@@ -99,6 +101,9 @@ def tune(model, batches: list[dict], budget: float, iterations: int = 50, seed: 
     study.optimize(run, n_trials=iterations, show_progress_bar=progress)
     best = options_of(study.best_params) if study.best_value > INFEASIBLE else None
     if best is None:
+        if refused:  # the model, not the search, ruled them out: say why (it may take a higher budget)
+            raise ValueError(f"no feasible configuration found: the model refused {len(refused)} of {iterations} "
+                             f"trials, the last with: {refused[-1]}")
         raise ValueError("no feasible configuration found; raise --iterations, or lower the budget if it is near 1")
     if abs(_retention(best, num_layers) - budget) > 1e-6:
         raise RuntimeError(f"internal error: retention {_retention(best, num_layers)} != budget {budget}")
