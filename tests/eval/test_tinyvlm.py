@@ -80,3 +80,16 @@ def test_readme_accuracy_table_is_generated_from_the_training_logs():
     assert block, "README lacks the accuracy block"
     assert block.group(1).strip() == tinyvlm.accuracy_table().strip(), \
         "README accuracy table is stale: python scripts/update_readme.py"
+
+
+@pytest.mark.parametrize("name", list(tinyvlm.NAMES))
+def test_answers_are_left_padded_whatever_the_checkpoint_pads(name):
+    """A local checkpoint whose tokenizer pads on the right scored 0.125 at batch 12 and 0.958 at batch 1
+    (the answer was read at a pad position); the processor's own side is kept afterwards."""
+    model, proc = tinyvlm.load(name)
+    rows = tinyvlm.held_out(tinyvlm.family_of(model), 12)
+    images, texts = [img for _, img, _ in rows], [q.text for _, _, q in rows]
+    one = tinyvlm.answers(model, proc, images, texts, batch_size=1)
+    proc.tokenizer.padding_side = "right"
+    assert tinyvlm.answers(model, proc, images, texts, batch_size=12) == one
+    assert proc.tokenizer.padding_side == "right"

@@ -1,6 +1,7 @@
 """Resolve a `--model` argument and a calibration `--task` into a model, its processor and inputs."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 # vtprune.tiny's test models (random weights, no processor): for plumbing only
@@ -75,6 +76,21 @@ def _check_supported(name: str, config) -> None:
                          + f", which vtprune does not support; supported: {', '.join(supported())}")
 
 
+@contextlib.contextmanager
+def left_padding(processor):
+    """The processor's tokenizer pads on the left inside the block (the last position is then every
+    sample's last prompt token, whatever the checkpoint's own padding side), and as before after it."""
+    tok = getattr(processor, "tokenizer", None)
+    side = getattr(tok, "padding_side", None)
+    if tok is not None:
+        tok.padding_side = "left"
+    try:
+        yield processor
+    finally:
+        if tok is not None:
+            tok.padding_side = side
+
+
 def to_model(inputs: dict, model) -> dict:
     """Inputs on the model's device, floating tensors (pixels) in its dtype."""
     param = next(model.parameters())
@@ -114,16 +130,9 @@ def calibration(task: str, model, processor, n: int, seed: int = 0, batch_size: 
             texts.append(tinyvlm.prompt(fam, qs[0].text))
             images.append(shapes.render(scene))
         out = []
-        tok = getattr(processor, "tokenizer", None)
-        side = getattr(tok, "padding_side", None)
-        if tok is not None:
-            tok.padding_side = "left"  # the last position is every sample's last prompt token
-        try:
+        with left_padding(processor):
             batches = [processor(images=images[i:i + batch_size], text=texts[i:i + batch_size], padding=True,
                                  return_tensors="pt") for i in range(0, n, batch_size)]
-        finally:
-            if tok is not None:
-                tok.padding_side = side
         for inputs in batches:
             inputs.pop("token_type_ids", None)
             out.append(dict(inputs))

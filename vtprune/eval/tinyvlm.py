@@ -125,13 +125,14 @@ def family_of(model) -> str:
 @torch.no_grad()
 def answers(model, proc, images, questions, batch_size: int = 32) -> list[str]:
     """Greedy one-word answers (the argmax next token after each prompt), batched, left-padded."""
-    from .models import to_model
+    from .models import left_padding, to_model
 
     fam = family_of(model)
     out = []
     for i in range(0, len(questions), batch_size):
         texts = [prompt(fam, q) for q in questions[i:i + batch_size]]
-        inputs = proc(images=list(images[i:i + batch_size]), text=texts, padding=True, return_tensors="pt")
+        with left_padding(proc):  # a checkpoint's right padding would put pads at the read position
+            inputs = proc(images=list(images[i:i + batch_size]), text=texts, padding=True, return_tensors="pt")
         inputs.pop("token_type_ids", None)
         inputs = to_model(inputs, model)
         logits = model(**inputs, logits_to_keep=1).logits[:, -1]
