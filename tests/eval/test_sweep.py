@@ -15,6 +15,43 @@ def test_pareto_front_by_hand():
     assert sweep.pareto([(1.0, 1.0), (1.0, 2.0)]) == [1]  # beaten in one coordinate, tied in the other
 
 
+def _cell(method, ratio, accuracy, **extra):
+    return {"method": method, "ratio": ratio, "accuracy": accuracy, "by_kind": {}, "prefill_tflops": ratio,
+            "llm_tflops": ratio / 2, "visual_tokens": 100 * ratio, "prefill_ms": 1.0, **extra}
+
+
+def test_table_puts_the_unpatched_model_under_1():
+    """Without 1.0 among the ratios the unpatched accuracy sat under the first pruned ratio (0.5)."""
+    cells = [_cell("none", 1.0, 0.9), _cell("random", 0.5, 0.6), _cell("random", 0.25, 0.4), _cell("pool", 0.25, 0.5)]
+    assert sweep.table(cells).splitlines() == [
+        "| strategy | 1 | 0.5 | 0.25 |", "|---|---|---|---|", "| unpatched | 0.900 |  |  |",
+        "| random |  | 0.600 | 0.400 |", "| pool |  |  | 0.500 |"]
+    assert sweep.table([*cells, _cell("pool", 1.0, 0.9)]).splitlines()[-1] == "| pool | 0.900 |  | 0.500 |"
+
+
+def test_a_metric_that_is_not_a_fraction_keeps_its_own_axis(tmp_path, monkeypatch):
+    """An lmms-eval task without `accuracy` (MME: a perception score ~1500) was plotted on a 0..1 axis,
+    every point off the chart, and nothing said which metric the column holds."""
+    import matplotlib.axes
+
+    limits, labels = [], []
+    real_limit = matplotlib.axes.Axes.set_ylim  # autoscaling calls it too: only the fixed 0..1.02 is counted
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylim",
+                        lambda ax, *a, **k: (a == (0, 1.02) and limits.append(a), real_limit(ax, *a, **k))[1])
+    real_label = matplotlib.axes.Axes.set_ylabel
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylabel",
+                        lambda ax, text, **k: (labels.append(text), real_label(ax, text, **k))[1])
+    score = [_cell("none", 1.0, 1510.0, metric="mme_perception_score"),
+             _cell("random", 0.5, 1400.0, metric="mme_perception_score")]
+    sweep.write(score, tmp_path)
+    assert limits == [] and labels[:2] == ["mme_perception_score"] * 2
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert [r["metric"] for r in rows] == ["mme_perception_score"] * 2 and rows[0]["accuracy"] == "1510.0"
+    sweep.write([_cell("none", 1.0, 0.9), _cell("random", 0.5, 0.6)], tmp_path)  # shapes, or cells before `metric`
+    assert limits == [(0, 1.02)] * 2 and labels[3:5] == ["accuracy"] * 2
+    assert [r["metric"] for r in csv.DictReader((tmp_path / "results.csv").open())] == ["accuracy"] * 2
+
+
 def _counting(monkeypatch):
     """Count the accuracy evaluations (one per cell run); the list holds each one's batch size."""
     calls = []

@@ -2,7 +2,8 @@
 
 Each cell (strategy, ratio) records accuracy on the task, analytic prefill FLOPs and visual tokens
 per sample (cell keys `prefill_tflops`, `llm_tflops`, `visual_tokens`; the `_per_sample` columns of
-results.csv) and the median prefill latency of one batch (`prefill_ms`). Tasks: the bundled `shapes`
+results.csv) and the median prefill latency of one batch (`prefill_ms`); `accuracy` holds the metric
+named in `metric` (accuracy on shapes; on lmms-eval the task's `accuracy`, else its first metric). Tasks: the bundled `shapes`
 benchmark (ShapesCells), or any lmms-eval task, vtprune's offline `vtprune_shapes` included, through
 lmms-eval's Python API (LmmsCells). Finished cells are appended to OUT/cells.jsonl as they complete,
 so an interrupted sweep resumes where it stopped. A cell is reused only when it was made with the same
@@ -94,7 +95,8 @@ class ShapesCells:
                 ms = prefill_ms(self.model, self.sample)
             report = flops.count(self.model, self.sample, method, ratio=ratio)
         n = len(report.visual_tokens)  # the report sums over the sample's batch; a cell holds per-sample means
-        return {"accuracy": acc["overall"], "by_kind": acc["by_kind"], "prefill_tflops": report.total_prefill / n / 1e12,
+        return {"accuracy": acc["overall"], "metric": "accuracy", "by_kind": acc["by_kind"],
+                "prefill_tflops": report.total_prefill / n / 1e12,
                 "llm_tflops": report.llm_prefill / n / 1e12, "visual_tokens": sum(report.visual_tokens) / n,
                 "prefill_ms": ms}
 
@@ -144,7 +146,7 @@ class LmmsCells:
         ms = prefill_ms(lm.model, lm.first_inputs)
         vtprune.unpatch(lm.model)
         primary = "accuracy" if "accuracy" in metrics else next(iter(metrics))
-        return {"accuracy": metrics.pop(primary), "by_kind": metrics,
+        return {"accuracy": metrics.pop(primary), "metric": primary, "by_kind": metrics,
                 "prefill_tflops": s["prefill_tflops"], "llm_tflops": s["llm_prefill_tflops"],
                 "visual_tokens": s["visual_after"], "prefill_ms": ms}
 
@@ -287,15 +289,22 @@ def run(model_name: str, methods: list[str], ratios: list[float], task: str, out
 
 def write(cells: list[dict], out: Path) -> None:
     (out / "results.json").write_text(json.dumps(cells, indent=1) + "\n")
-    cols = ["method", "ratio", "accuracy", "prefill_tflops", "llm_tflops", "visual_tokens", "prefill_ms"]
+    cols = ["method", "ratio", "accuracy", "prefill_tflops", "llm_tflops", "visual_tokens", "prefill_ms", "metric"]
     header = {k: k + "_per_sample" for k in ("prefill_tflops", "llm_tflops", "visual_tokens")}
     with (out / "results.csv").open("w", newline="") as f:
         w = csv.writer(f)
         extra = sorted({k for c in cells for k in c["by_kind"]})
         w.writerow([header.get(k, k) for k in cols] + extra)
         for c in cells:
-            w.writerow([c[k] for k in cols] + [c["by_kind"].get(k, "") for k in extra])
+            w.writerow([metric_of(c) if k == "metric" else c[k] for k in cols] + [c["by_kind"].get(k, "") for k in extra])
     plot(cells, out)
+
+
+def metric_of(cell: dict) -> str:
+    """What a cell's "accuracy" holds: "accuracy" on shapes, the task's primary metric on lmms-eval
+    (its `accuracy`, else its first metric, e.g. MME's perception score); cells before it was recorded:
+    "accuracy"."""
+    return cell.get("metric", "accuracy")
 
 
 def pareto(points: list[tuple[float, float]]) -> list[int]:
@@ -316,11 +325,13 @@ def plot(cells: list[dict], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     methods = [m for m in dict.fromkeys(c["method"] for c in cells) if m != UNPATCHED]
+    metric = " / ".join(dict.fromkeys(metric_of(c) for c in cells))
+    fraction = all(0 <= c["accuracy"] <= 1 for c in cells)  # a score (MME's ~1500) keeps its own y range
     full = next((c for c in cells if c["method"] == UNPATCHED), None)
     paths = []
     for name, xkey, ykey, xlabel, ylabel in (
-            ("accuracy_vs_ratio.png", "ratio", "accuracy", "kept visual-token ratio", "accuracy"),
-            ("accuracy_vs_tflops.png", "prefill_tflops", "accuracy", "prefill TFLOPs per sample (analytic)", "accuracy"),
+            ("accuracy_vs_ratio.png", "ratio", "accuracy", "kept visual-token ratio", metric),
+            ("accuracy_vs_tflops.png", "prefill_tflops", "accuracy", "prefill TFLOPs per sample (analytic)", metric),
             ("latency_vs_ratio.png", "ratio", "prefill_ms", "kept visual-token ratio", "prefill ms per batch (median)")):
         fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
         for m in methods:
@@ -333,7 +344,7 @@ def plot(cells: list[dict], out: Path) -> list[Path]:
             front = pareto(pts)
             ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], color="black", linewidth=2.5, alpha=0.35,
                     label="Pareto front")
-        if ykey == "accuracy":
+        if ykey == "accuracy" and fraction:
             ax.set_ylim(0, 1.02)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
@@ -348,12 +359,10 @@ def plot(cells: list[dict], out: Path) -> list[Path]:
 
 def table(cells: list[dict]) -> str:
     """Markdown: one row per strategy, accuracy per ratio."""
-    ratios = sorted({c["ratio"] for c in cells if c["method"] != UNPATCHED}, reverse=True)
+    ratios = sorted({float(c["ratio"]) for c in cells}, reverse=True)  # the unpatched model's 1.0 among them
     lines = ["| strategy | " + " | ".join(f"{r:g}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
-    full = next((c for c in cells if c["method"] == UNPATCHED), None)
-    if full is not None:
-        lines.append(f"| unpatched | {full['accuracy']:.3f} |" + " |" * (len(ratios) - 1))
-    for m in dict.fromkeys(c["method"] for c in cells if c["method"] != UNPATCHED):
-        acc = {c["ratio"]: c["accuracy"] for c in cells if c["method"] == m}
-        lines.append(f"| {m} | " + " | ".join(f"{acc[r]:.3f}" if r in acc else "" for r in ratios) + " |")
+    for m in dict.fromkeys(c["method"] for c in cells):
+        acc = {float(c["ratio"]): c["accuracy"] for c in cells if c["method"] == m}
+        name = "unpatched" if m == UNPATCHED else m
+        lines.append(f"| {name} | " + " | ".join(f"{acc[r]:.3f}" if r in acc else "" for r in ratios) + " |")
     return "\n".join(lines)
