@@ -241,7 +241,7 @@ def test_towers_patch_vit_cannot_run_are_refused_when_patching():
     with pytest.raises(ValueError, match="dynamic_img_size"):
         vtprune.patch_vit(timm_vit(dynamic_img_size=True), "divprune", keep=4)
     parallel = timm_vit(block_fn=timm.models.vision_transformer.ParallelThingsBlock)
-    with pytest.raises(ValueError, match="hiprune: vision signals need timm blocks with norm1"):
+    with pytest.raises(ValueError, match="hiprune: vision signals need timm blocks with attn.qkv"):
         vtprune.patch_vit(parallel, "hiprune", keep=4, layer=1)
     with torch.no_grad():
         vtprune.patch_vit(parallel, "divprune", keep=4, layer=1)(IMAGES)  # no signals needed: works
@@ -250,6 +250,98 @@ def test_towers_patch_vit_cannot_run_are_refused_when_patching():
     with pytest.raises(ValueError, match="todre: vision signals need open_clip blocks"):
         vtprune.patch_vit(custom, "todre", keep=4, layer=1)
     assert not hasattr(custom, "_vtprune")
+
+
+def test_differential_attention_is_refused_when_patching():
+    """timm's DiffAttention has qkv, q_norm, k_norm and scale, so it passed the check and crashed on the
+    first forward (its head_dim is half the packed one; its map is softmax1 - lambda softmax2)."""
+    diff = timm_vit(attn_layer="diff")
+    for method in ("hiprune", "todre"):
+        with pytest.raises(ValueError, match=f"{method}: vision signals need a standard Attention.*DiffAttention"):
+            vtprune.patch_vit(diff, method, ratio=0.25, layer=2)
+    with torch.no_grad():
+        assert vtprune.patch_vit(diff, "divprune", ratio=0.25, layer=2)(IMAGES).shape == (3, 5)
+
+
+def _eager_received(model, layers, images):
+    """Mean attention each patch key receives at `layers`, read from timm's own eager softmax (attn_drop's input)."""
+    maps, hooks = {}, []
+    for i in layers:
+        model.blocks[i].attn.fused_attn = False
+        hooks.append(model.blocks[i].attn.attn_drop.register_forward_hook(
+            lambda m, a, o, i=i: maps.setdefault(i, a[0])))
+    model(images)
+    for h in hooks:
+        h.remove()
+    for i in layers:
+        model.blocks[i].attn.fused_attn = True
+    return [maps[i].mean(1).mean(1)[:, model.num_prefix_tokens:] for i in layers]
+
+
+def test_signals_of_a_post_norm_block_come_from_the_attention_input():
+    """timm's ResPostBlock normalises after the attention: reading q, k from norm1's output gave other
+    scores (max error 0.16 against the eager map) and other tokens."""
+    model = timm_vit(block_fn=timm.models.vision_transformer.ResPostBlock, class_token=False, global_pool="avg")
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.qkv.weight.mul_(10)  # peaked maps: the wrong input shows in the selection
+        obj, deep = _eager_received(model, (1, 2), IMAGES)
+        want = hiprune.select(obj, deep, (4, 4), 10, 0.5)  # one anchor (object) and registers (deep)
+        assert len({tuple(w.tolist()) for w in want}) == 3
+        got, full = _kept_tokens(model, 2, keep=10, alpha=0.5, deep_layer=-1)
+    assert torch.equal(got, torch.stack([full[i][want[i]] for i in range(3)]))
+
+
+@pytest.mark.parametrize("kind", ["timm", "open_clip"])
+def test_gradient_checkpointing_with_attention_signals(kind):
+    """The pruning block rerun alone in backward found its earlier block's "object" scores gone (KeyError)."""
+    grads = []
+    for checkpointing in (False, True):
+        model = timm_vit() if kind == "timm" else clip_vit()
+        model.train().set_grad_checkpointing(checkpointing)
+        vtprune.patch_vit(model, "hiprune", keep=5, layer=2)
+        images = IMAGES.clone().requires_grad_(True)
+        model(images).square().sum().backward()
+        grads.append(images.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-6)
+
+
+def _kept_tokens(model, layer, **options):
+    """The patch tokens block `layer + 1` receives with hiprune patched after block `layer`, and block
+    `layer`'s unpatched output."""
+    vtprune.patch_vit(model, "hiprune", layer=layer, **options)
+    got, full = {}, {}
+    hook = model.blocks[layer + 1].register_forward_pre_hook(lambda m, a: got.setdefault("x", a[0]))
+    model(IMAGES)
+    hook.remove()
+    vtprune.unpatch(model)
+    hook = model.blocks[layer].register_forward_hook(lambda m, a, o: full.setdefault("x", o))
+    model(IMAGES)
+    hook.remove()
+    return got["x"], full["x"]
+
+
+def test_object_scores_come_from_the_middle_block():
+    """round(n / 2) - 1 took block 1 of blocks 0..4 (layer=4) instead of the middle block 2."""
+    model = timm_vit(depth=6, class_token=False, global_pool="avg")
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.qkv.weight.mul_(10)
+        lower, middle, deep = _eager_received(model, (1, 2, 4), IMAGES)
+        want = hiprune.select(middle, deep, (4, 4), 10, 0.5)  # one anchor from the object scores
+        assert not torch.equal(want, hiprune.select(lower, deep, (4, 4), 10, 0.5))  # the test can tell them apart
+        got, full = _kept_tokens(model, 4, keep=10, alpha=0.5, deep_layer=-1)
+    assert torch.equal(got, torch.stack([full[i][want[i]] for i in range(3)]))
+
+
+def test_an_attention_mask_is_refused_while_patched():
+    model = timm_vit()
+    mask = torch.ones(3, 1, 17, 17, dtype=torch.bool)
+    with torch.no_grad():
+        vtprune.patch_vit(model, "divprune", keep=5, layer=1)
+        with pytest.raises(ValueError, match="an attention mask is not supported"):
+            model.forward_features(IMAGES, attn_mask=mask)
+        assert model.forward_features(IMAGES).shape == (3, 6, 32)
 
 
 def test_set_input_size_after_patching_and_patch_dropout_in_train_mode():

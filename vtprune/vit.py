@@ -92,9 +92,12 @@ def _signal_block_error(block, kind: str) -> str | None:
     """Why vision signals cannot be read from this block (None: they can)."""
     if kind == "timm":
         attn = getattr(block, "attn", None)
-        if not hasattr(block, "norm1") or not all(hasattr(attn, a) for a in ("qkv", "q_norm", "k_norm", "scale")):
-            return (f"vision signals need timm blocks with norm1 and attn.qkv (a standard Attention); "
+        if not all(hasattr(attn, a) for a in ("qkv", "q_norm", "k_norm", "scale", "num_heads", "head_dim")):
+            return (f"vision signals need timm blocks with attn.qkv (a standard Attention); "
                     f"{type(block).__name__} has none")
+        if attn.qkv.out_features != 3 * attn.num_heads * attn.head_dim:  # DiffAttention: two maps per head
+            return (f"vision signals need a standard Attention (one softmax map per head); "
+                    f"{type(attn).__name__} is not one")
         return None
     attn = getattr(block, "attn", None)
     if not hasattr(block, "ln_1") or not isinstance(attn, torch.nn.MultiheadAttention) or attn.in_proj_weight is None:
@@ -153,9 +156,11 @@ class VitState:
         n = self.layer + 1
         for name, sig in self.method.vision_signals().items():
             block = self.tower.blocks[_resolve(sig.layer, n)]
-            norm = block.norm1 if self.tower.kind == "timm" else block.ln_1
-            self.handles.append(norm.register_forward_hook(partial(self._signal, name, sig, block)))
-        self.handles.append(self.tower.blocks[self.layer].register_forward_hook(self._drop))
+            # q, k from the attention's own input (after norm1 in a pre-norm Block, the raw tokens in timm's
+            # post-norm ResPostBlock)
+            self.handles.append(block.attn.register_forward_pre_hook(partial(self._signal, name, sig, block),
+                                                                     with_kwargs=True))
+        self.handles.append(self.tower.blocks[self.layer].register_forward_hook(self._drop, with_kwargs=True))
         owner = self.tower.owner
         if hasattr(owner, "forward_intermediates"):
             self.handles.append(wrap_method(owner, "forward_intermediates", self._intermediates))
@@ -188,14 +193,17 @@ class VitState:
     def _tokens(self, x):
         return x if self.tower.batch_first else x.transpose(0, 1)
 
-    def _signal(self, name: str, sig: VisionSignal, block, module, args, output):
-        x = self._tokens(output)  # the attention's input (after the block's first norm)
+    def _signal(self, name: str, sig: VisionSignal, block, module, args, kwargs):
+        x = self._tokens(args[0] if args else kwargs.get("x", kwargs.get("query")))  # the attention's input
         q, k, scale = (_qk_timm if self.tower.kind == "timm" else _qk_open_clip)(block, x)
         scores = reduce_attention(q, k, float(scale), sig, self.tower.has_cls)
         self.scores[name] = scores[:, self.tower.prefix:]
         return None
 
-    def _drop(self, module, args, output):
+    def _drop(self, module, args, kwargs, output):
+        if kwargs.get("attn_mask") is not None or (self.tower.kind == "timm" and len(args) > 1 and args[1] is not None):
+            raise ValueError("patch_vit: an attention mask is not supported (it covers the full sequence; the blocks "
+                             "after the pruning see the kept tokens only); unpatch, or call without attn_mask")
         x = self._tokens(output)
         p = self.tower.prefix
         patches = x[:, p:]
@@ -206,7 +214,7 @@ class VitState:
                     "set it to 0)") if self.tower.patch_dropout() > 0 else ""
             raise ValueError(f"block {self.layer} output has {n} patch tokens, the {h}x{w} grid needs {h * w}{hint}")
         keep = self.method.budget(n, (1, h, w))
-        scores, self.scores = self.scores, {}
+        scores = dict(self.scores)  # kept: gradient checkpointing reruns this block alone in backward
         self.last_stats = Stats(method=self.method_name, visual_before=[n] * b, visual_after=[n] * b)
         if keep >= n:
             return None
@@ -236,7 +244,7 @@ def _resolve(layer, n: int, name: str = "") -> int:
     if layer == "feature":
         return n - 1
     if layer == "object":
-        return max(0, round(n / 2) - 1)
+        return (n - 1) // 2  # the middle block (round(n / 2) - 1 gave the lower one for n = 5, 9, ...)
     if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer < n:
         raise ValueError(f"vision signal {name!r}: its layer must be 'feature', 'object' or an int in [{-n}, {n}) "
                          f"(blocks up to the pruning layer), got {layer!r}")

@@ -100,7 +100,7 @@ class Adapter:
 
     def object_layer(self, n_layers: int) -> int:
         """Default 0-based encoder layer for "object" signals: the middle block."""
-        return max(0, round(n_layers / 2) - 1)
+        return max(0, (n_layers - 1) // 2)  # round(n / 2) - 1 took the lower of two for n = 5, 9, ...
 
     def resolve_layer(self, layer, n_layers: int, feature_layer: int, name: str = "") -> int:
         if layer == "feature":
