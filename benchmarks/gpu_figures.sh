@@ -22,7 +22,9 @@ while [ $# -gt 0 ]; do
   case $1 in
     --wheels) wheels=$(realpath -m "$2"); shift 2 ;;
     --archive) archive=$(realpath -m "$2"); mkdir -p "$(dirname "$archive")"; shift 2 ;;
-    --deadline) deadline=$2; shift 2 ;;
+    --deadline)  # whole seconds (9.5, 540s or an empty value broke the arithmetic, ran nothing and exited 0)
+      [[ ${2-} =~ ^[0-9]+$ ]] || { echo "--deadline takes whole seconds, got '${2-}'" >&2; echo "$usage" >&2; exit 2; }
+      deadline=$((10#$2)); shift 2 ;;
     -*) echo "$usage" >&2; exit 2 ;;
     *) break ;;
   esac

@@ -102,6 +102,10 @@ def test_script_skips_parts_past_its_deadline_and_rejects_unknown_parts(tmp_path
     r = run_script(tmp_path, "bench7b", "bench8b")
     assert r.returncode == 2 and "unknown part bench8b" in r.stderr
     assert not (tmp_path / "tree" / "results").exists()  # refused before anything ran
+    for bad in ("9.5", "540s", "", "-5"):  # bash arithmetic failed: nothing ran, "all parts done", status 0
+        r = run_script(tmp_path, "--deadline", bad, "kernels")
+        assert r.returncode == 2 and f"--deadline takes whole seconds, got '{bad}'" in r.stderr, bad
+        assert not (tmp_path / "tree" / "results").exists()
     r = run_script(tmp_path, "--deadline", "0", "bench7b")
     assert r.returncode == 1 and "bench_llava15_7b: skipped" in r.stdout
     assert "failed: bench_llava15_7b (no time)" in r.stdout
