@@ -245,6 +245,10 @@ def test_random_weights_on_a_local_checkpoint_directory_are_random(tmp_path):
     random = models.load(str(tmp_path), random_weights=True)[0]
     assert type(random) is type(model)
     assert not torch.equal(random.state_dict()["lm_head.weight"], trained["lm_head.weight"])
+    model.half().save_pretrained(tmp_path)  # dtype "auto" (the lmms plugin's default) raised AttributeError
+    auto = models.load(str(tmp_path), random_weights=True, dtype="auto")[0]
+    assert next(auto.parameters()).dtype == torch.float16
+    assert next(models.load(str(tmp_path), random_weights=True, dtype=torch.bfloat16)[0].parameters()).dtype == torch.bfloat16
 
 
 def test_a_local_directory_without_a_processor_or_of_another_model(tmp_path, capsys):

@@ -49,6 +49,9 @@ def load(name: str, random_weights: bool = False, attn: str = "sdpa", dtype=None
             import torch
 
             torch.manual_seed(0)
+            if dtype == "auto":  # from_config takes no "auto": the dtype the checkpoint was saved in, if known
+                saved = getattr(config, "dtype", None) or getattr(config.get_text_config(), "dtype", None)
+                extra = {"dtype": saved} if isinstance(saved, torch.dtype) else {}
             model = AutoModelForImageTextToText.from_config(config, attn_implementation=attn, **extra).eval()
         else:
             model = AutoModelForImageTextToText.from_pretrained(name, attn_implementation=attn, **extra).eval()
