@@ -30,7 +30,7 @@ def _ratios(text: str) -> list[float]:
     """--ratios as floats (their range is checked where they are used)."""
     items = _items(text, "--ratios")
     try:
-        return [float(r) for r in items]
+        return list(dict.fromkeys(float(r) for r in items))  # 0.5 and 0.50 are one ratio
     except ValueError as e:
         raise ValueError(f"--ratios: {e}") from None
 
@@ -225,7 +225,8 @@ def _sweep(args) -> int:
 
     from .methods.registry import available
 
-    methods = available() if args.methods == "all" else _items(args.methods, "--methods")
+    methods = _items(args.methods, "--methods")
+    methods = available() if methods == ["all"] else methods
     ratios = _ratios(args.ratios)
     with warnings.catch_warnings():  # the sweep's warnings (cells not reused, a cut-short line) as one line each
         warnings.showwarning = lambda message, *_, **__: print(f"vtprune sweep: warning: {message}", file=sys.stderr)
@@ -266,12 +267,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="vtprune-demo", help="directory for the results and plots (bundled model)")
     p.add_argument("--questions", type=_count(1), default=90, help="held-out questions per cell (bundled model)")
     p.add_argument("--plumbing", action="store_true", help="random-weight plumbing table even if trained weights exist")
-    p.add_argument("--families", default="llava,qwen2_vl", help="(plumbing) comma-separated: llava, qwen2_vl, qwen2_5_vl, qwen3_vl")
+    p.add_argument("--families", default="llava,qwen2_vl",
+                   help="(plumbing) comma-separated: llava, llava_next, llava_onevision, qwen2_vl, qwen2_5_vl, qwen3_vl")
     p.set_defaults(func=_demo)
     p = sub.add_parser("tune", help="search a method's hyperparameters for a model (VFlowOpt's flow-guided search)")
     p.add_argument("--method", required=True, help="the method to tune (vflowopt)")
-    p.add_argument("--model", required=True, help="a local model directory or a bundled name (tiny-llava, tiny-qwen2vl)")
-    p.add_argument("--task", default="shapes", help="calibration task: shapes (train split), tiny-prompts (test models)")
+    p.add_argument("--model", required=True, help="a local model directory, a bundled name (tiny-llava, tiny-qwen2vl) "
+                   "or a test model (tiny-test-llava, ... with --task tiny-prompts)")
+    p.add_argument("--task", default="shapes", help="calibration task: shapes (train split; LLaVA and Qwen2-VL), "
+                   "synthetic (BOS + image + random text), tiny-prompts (test models)")
     p.add_argument("--budget", type=float, required=True, help="layer-averaged kept fraction, e.g. 0.25")
     p.add_argument("--samples", type=_count(1), default=30, help="calibration samples (default 30, as the paper)")
     p.add_argument("--iterations", type=_count(1), default=50, help="optimiser trials (default 50, as the paper)")

@@ -202,6 +202,7 @@ def test_cli_list_options_strip_and_deduplicate_and_ctrl_c_is_one_line(monkeypat
 
     assert cli._items(" divprune, fastv,,divprune ", "--methods") == ["divprune", "fastv"]
     assert cli._ratios("0.5, 0.25,0.5") == [0.5, 0.25]
+    assert cli._ratios("0.5,0.50,.5,0.25") == [0.5, 0.25]  # demo printed every 0.5 row twice
     with pytest.raises(ValueError, match="^--ratios names nothing"):
         cli._ratios(" , ")
     with pytest.raises(ValueError, match="^--ratios: could not convert string to float: 'abc'"):
@@ -215,6 +216,26 @@ def test_cli_list_options_strip_and_deduplicate_and_ctrl_c_is_one_line(monkeypat
     assert exit_.value.code == 130 and seen == [(1, None)]
     err = capsys.readouterr().err
     assert err.startswith("vtprune bench: interrupted") and "Traceback" not in err
+
+
+def test_sweep_methods_all_with_spaces_and_the_help_lists_every_family(monkeypatch, capsys):
+    """--methods " all" / "all," was 'unknown strategies ['all']'; demo --help left out two families."""
+    from vtprune import cli, tiny
+    from vtprune.eval import sweep
+    from vtprune.methods.registry import available
+
+    seen = []
+    monkeypatch.setattr(sweep, "run", lambda model, methods, *a, **k: (seen.append(methods), (_ for _ in ()).throw(
+        KeyboardInterrupt))[1])
+    for methods in (" all", "all,", "all"):
+        with pytest.raises(SystemExit):
+            cli.main(["sweep", "--model", "tiny-llava", "--methods", methods, "--out", "unused"])
+    assert seen == [available()] * 3
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(family in text for family in tiny.CLASSES)
 
 
 def test_synthetic_prompts_of_a_small_vocabulary_hold_only_their_image_tokens():
