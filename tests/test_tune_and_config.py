@@ -157,3 +157,21 @@ def test_tune_rejects_what_it_cannot_do(tmp_path, capsys):
         eval_models.calibration("tiny-prompts", *eval_models.load("tiny-llava", random_weights=True), 2)
     with pytest.raises(ValueError, match="local model directory"):
         eval_models.load(str(tmp_path / "missing"))
+
+
+def test_shapes_calibration_for_qwen2_5_vl_and_later():
+    """`tune` (default --task shapes) on a Qwen2.5-VL or Qwen3-VL checkpoint failed: 'not a bundled tiny
+    model family'. They take Qwen2-VL's prompt layout; here a tiny Qwen2.5-VL speaks the bundled processor's ids."""
+    from vtprune.eval import tinyvlm
+
+    proc = tinyvlm.processor("qwen2_vl")
+    model = tiny.build("qwen2_5_vl").eval()
+    for key, token in (("image_token_id", "<|image_pad|>"), ("vision_start_token_id", "<|vision_start|>")):
+        setattr(model.config, key, proc.tokenizer.convert_tokens_to_ids(token))
+        setattr(model.model.config, key, getattr(model.config, key))
+    assert tinyvlm.family_of(tiny.build("qwen3_vl")) == "qwen2_vl"
+    batches = [eval_models.to_model(b, model) for b in eval_models.calibration("shapes", model, proc, 4, batch_size=2)]
+    assert [int((b["input_ids"] == model.config.image_token_id).sum()) for b in batches] == [
+        int(b["image_grid_thw"].prod(-1).sum()) // 4 for b in batches]  # every image's tokens, 2x2 merged
+    cfg = tune.tune(model, batches, 0.5, iterations=2, progress=False)
+    assert abs(cfg["tuned"]["layer_averaged_retention"] - 0.5) < 1e-9
