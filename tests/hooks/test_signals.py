@@ -367,13 +367,14 @@ def test_signal_store_gives_a_forward_the_scores_of_its_encoder_outputs():
     assert store.read()["s"] == ["o0"]
     assert store.use({"image": stray}) and store.read()["s"] == ["v0", "v1"]
     assert store.use({"image": image}) and store.read()["s"] == ["i0", "i1"]
-    # outputs without scores: rebuilt around the runs just made (prefill chunks) keep theirs ...
+    # outputs without scores get none, even right after a run (which is another image's: features computed
+    # before patching took a same-size image's scores); generate()'s chunk copies are matched in the runtime
     start = store.counts()
     store.add("s", ["n0"])
     store.tag(SimpleNamespace(), start)
-    assert not store.use({"image": SimpleNamespace()}) and store.read()["s"] == ["n0"]
-    # ... and with no run since the last forward (features computed before patching) there are none
+    assert not store.use({"image": SimpleNamespace()}) and store.read() == {}
     assert not store.use({"image": SimpleNamespace(), "video": None}) and store.read() == {}
+    assert store.carried({"image": image}) and not store.carried({"image": SimpleNamespace(), "video": None})
     store.tag((1, 2), store.counts())  # a tuple output cannot carry scores: ignored
 
 
@@ -432,6 +433,41 @@ def test_signal_strategies_under_accelerate_hooks_and_a_one_chunk_prefill(family
         text = {k: v for k, v in inputs.items() if k != "pixel_values"}
         model.generate(**text, mm_encoder_outputs={"image": features}, **gen)
         assert torch.equal(vtprune.stats(model).layout, kept)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_chunked_prefill_takes_generate_s_own_encoder_outputs(family):
+    """generate(prefill_chunk_size=...) hands its chunk a sliced copy without scores: reused features
+    worked once and then raised 'none came with the image features' (the copy borrowed the scores of the
+    encode just made); after another image's encode they took its scores or mismatched. A prompt split
+    over several chunks is refused by name. Features computed before patching, handed right after another
+    image's encode, took that image's scores: now the clear error."""
+    model = tiny.build(family)
+    a = tiny.batch(family, [0])
+    b = dict(a, pixel_values=torch.randn_like(a["pixel_values"]))
+    encoder_args = lambda x: {k: x[k] for k in ("pixel_values", "image_grid_thw") if k in x}  # noqa: E731
+    text = {k: v for k, v in a.items() if k != "pixel_values"}
+    gen = dict(max_new_tokens=2, **tiny.GEN)
+    with torch.no_grad():
+        early = model.model.get_image_features(**encoder_args(a), return_dict=True)
+        vtprune.patch(model, "hiprune", ratio=0.25)
+        want = model.generate(**a, **gen)
+        kept = vtprune.stats(model).layout
+        features = model.model.get_image_features(**encoder_args(a), return_dict=True)
+        for _ in range(2):
+            assert torch.equal(model.generate(**text, mm_encoder_outputs={"image": features}, **gen,
+                                              prefill_chunk_size=4096), want)
+            assert torch.equal(vtprune.stats(model).layout, kept)
+        model.model.get_image_features(**encoder_args(b), return_dict=True)  # another image's encode
+        assert torch.equal(model.generate(**text, mm_encoder_outputs={"image": features}, **gen,
+                                          prefill_chunk_size=4096), want)
+        assert torch.equal(model.generate(**a, **gen, prefill_chunk_size=4096), want)
+        assert torch.equal(vtprune.stats(model).layout, kept)
+        with pytest.raises(NotImplementedError, match=r"prefill_chunk_size=8\) splits this \d+-token prompt"):
+            model.generate(**text, mm_encoder_outputs={"image": features}, **gen, prefill_chunk_size=8)
+        model.model.get_image_features(**encoder_args(b), return_dict=True)
+        with pytest.raises(ValueError, match="none came with"):
+            model.generate(**text, mm_encoder_outputs={"image": early}, **gen)
 
 
 def test_features_computed_video_first_are_matched_by_modality():

@@ -235,11 +235,16 @@ class SignalStore:
         except (AttributeError, TypeError):  # a tuple (return_dict=False): nothing to attach to
             pass
 
+    @classmethod
+    def carried(cls, outputs: dict) -> bool:
+        """Whether any of these encoder outputs carries its run's scores."""
+        return any(getattr(outputs.get(key), cls.ATTR, None) is not None for key in ("image", "video"))
+
     def use(self, outputs: dict) -> bool:
         """The scores attached to a forward's encoder outputs ({"image": ..., "video": ...}: images' units
-        come first) become its scores; True if any carried some. Where none does, outputs rebuilt around
-        the runs just made (generate()'s prefill chunks) keep those runs' scores, and outputs no run since
-        the last forward made (features computed before patching) get none."""
+        come first) become its scores; True if any carried some. Outputs that carry none (features computed
+        before patching) get none, whatever ran just before: the forward then raises a clear error.
+        (generate()'s prefill chunks get sliced copies: the runtime hands `use` generate's own outputs.)"""
         runs = [getattr(outputs.get(key), self.ATTR, None) for key in ("image", "video")]
         runs = [run for run in runs if run is not None]
         if runs:
@@ -247,7 +252,7 @@ class SignalStore:
             for run in runs:
                 for name, values in run.items():
                     self.scores.setdefault(name, []).extend(values)
-        elif not self.fresh:
+        else:  # features computed before patching, or a copy that lost them: none (a clear error follows)
             self.scores = {}
         self.fresh = False
         return bool(runs)

@@ -23,7 +23,7 @@ import torch
 from ..kernels import attention_scores
 from ..methods.base import ImageTokens, LayerTokens, Method, Selection
 from . import anyres
-from .base import SignalStore, wrap_method
+from .base import SignalStore, call_arguments, wrap_method
 from .sequence import compact_index, compact_text_positions, dropped_before, take
 
 _CACHE_ATTR = "_vtprune_run"
@@ -150,6 +150,7 @@ class PatchState:
         self.pre_llm = method.stage != "llm"
         self.signal_names: list[str] = []  # the vision-encoder signals the strategy reads (set by install)
         self.encoder_outputs = None  # mm_encoder_outputs as the caller handed them to the top model
+        self.prefill_outputs = None  # generate()'s own mm_encoder_outputs during its prefill (chunks get copies)
         self.drop_layers = sorted(set(method.drop_layers(n_layers)))
         self.attn_layers = sorted(set(method.attention_layers(n_layers)))
         self.observe_layers = sorted(set(method.observe_layers(n_layers)))
@@ -194,6 +195,8 @@ class PatchState:
                                   ("mlp_in", layer.post_attention_layernorm), ("mlp_out", layer.mlp)):
                     self.handles.append(mod.register_forward_hook(partial(self._capture, p, name)))
             self.handles.extend(self.adapter.install_hooks())
+            if hasattr(top, "_prefill"):
+                self.handles.append(wrap_method(top, "_prefill", self._generate_prefill))
             signals = self.method.vision_signals() if self.pre_llm else {}
             self.signal_names = sorted(signals)
             if signals:
@@ -228,10 +231,32 @@ class PatchState:
         if any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos")):
             self.vision_scores.reset()  # this forward encodes its own images
         elif kwargs.get("mm_encoder_outputs"):  # encoded before it (generate()): the runs that made these
-            # as the caller handed them: accelerate's device hooks rebuild the mappings on the way in
-            self.vision_scores.use(self.encoder_outputs or kwargs["mm_encoder_outputs"])
+            # as the caller handed them: accelerate's device hooks rebuild the mappings on the way in, and
+            # generate(prefill_chunk_size=...) hands its one chunk a sliced copy of its own
+            outputs = self.encoder_outputs or kwargs["mm_encoder_outputs"]
+            if self.prefill_outputs and not SignalStore.carried(outputs):
+                outputs = self.prefill_outputs
+            self.vision_scores.use(outputs)
         self.encoder_outputs = None
         return None
+
+    def _generate_prefill(self, original, *args, **kwargs):
+        """Around generate()'s prefill: its mm_encoder_outputs (which carry their runs' scores) for the
+        forward, and a clear refusal where chunking would split a prompt's images over several forwards."""
+        call = call_arguments(original, args, kwargs)
+        model_kwargs, config, ids = call.get("model_kwargs") or {}, call.get("generation_config"), call.get("input_ids")
+        chunk = getattr(config, "prefill_chunk_size", None)
+        images = any(model_kwargs.get(k) is not None for k in ("mm_encoder_outputs", "pixel_values", "pixel_values_videos"))
+        if chunk is not None and images and ids is not None and ids.shape[-1] > chunk:
+            raise NotImplementedError(
+                f"vtprune: generate(prefill_chunk_size={chunk}) splits this {ids.shape[-1]}-token prompt over several "
+                "forwards, and pruning needs each prompt's images in one; pass prefill_chunk_size=None or one of at "
+                "least the prompt's length")
+        self.prefill_outputs = model_kwargs.get("mm_encoder_outputs")
+        try:
+            return original(*args, **kwargs)
+        finally:
+            self.prefill_outputs = None
 
     def _encoder_run(self, original, *args, **kwargs):
         """Around the model's get_{image,video}_features: tag the scores of this encoder run with its output."""
