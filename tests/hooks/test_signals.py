@@ -374,7 +374,6 @@ def test_signal_store_gives_a_forward_the_scores_of_its_encoder_outputs():
     store.tag(SimpleNamespace(), start)
     assert not store.use({"image": SimpleNamespace()}) and store.read() == {}
     assert not store.use({"image": SimpleNamespace(), "video": None}) and store.read() == {}
-    assert store.carried({"image": image}) and not store.carried({"image": SimpleNamespace(), "video": None})
     store.tag((1, 2), store.counts())  # a tuple output cannot carry scores: ignored
 
 
@@ -468,6 +467,29 @@ def test_chunked_prefill_takes_generate_s_own_encoder_outputs(family):
         model.model.get_image_features(**encoder_args(b), return_dict=True)
         with pytest.raises(ValueError, match="none came with"):
             model.generate(**text, mm_encoder_outputs={"image": early}, **gen)
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
+@pytest.mark.parametrize("method", ["hiprune", "pool"])
+def test_reused_anyres_features_keep_their_own_layout(family, method):
+    """Anyres features handed back after another image (of another size) was encoded took that image's
+    crop layout: 'could not determine ...' or a wrong grid; the layout now rides on the features."""
+    model = tiny.build(family)
+    a, other = tiny.batch(family, [0]), tiny.batch(family, [1])
+    assert not torch.equal(a["image_sizes"], other["image_sizes"])
+    encoder_args = lambda x: {k: x[k] for k in ("pixel_values", "image_sizes") if k in x}  # noqa: E731
+    text = {k: v for k, v in a.items() if k != "pixel_values"}
+    gen = dict(max_new_tokens=2, **tiny.GEN)
+    with torch.no_grad():
+        vtprune.patch(model, method, ratio=0.25)
+        want = model.generate(**a, **gen)
+        kept = vtprune.stats(model).layout
+        features = model.model.get_image_features(**encoder_args(a), return_dict=True)
+        model.model.get_image_features(**encoder_args(other), return_dict=True)
+        for chunk in (None, 4096):
+            assert torch.equal(model.generate(**text, mm_encoder_outputs={"image": features}, **gen,
+                                              prefill_chunk_size=chunk), want)
+            assert torch.equal(vtprune.stats(model).layout, kept)
 
 
 def test_features_computed_video_first_are_matched_by_modality():

@@ -235,11 +235,6 @@ class SignalStore:
         except (AttributeError, TypeError):  # a tuple (return_dict=False): nothing to attach to
             pass
 
-    @classmethod
-    def carried(cls, outputs: dict) -> bool:
-        """Whether any of these encoder outputs carries its run's scores."""
-        return any(getattr(outputs.get(key), cls.ATTR, None) is not None for key in ("image", "video"))
-
     def use(self, outputs: dict) -> bool:
         """The scores attached to a forward's encoder outputs ({"image": ..., "video": ...}: images' units
         come first) become its scores; True if any carried some. Outputs that carry none (features computed

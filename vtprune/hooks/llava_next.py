@@ -6,7 +6,8 @@ image (specs/README.md) and global strategies (DivPrune, ToDRE, random, FastV, T
 across crops. Strategies that work on a token grid run on the base grid and the crop grid (pool,
 token_shuffle) or each crop tile's part of it (HiPrune, VFlowOpt) separately (vtprune.hooks.anyres).
 The layout, tiles included, comes from the model's own `pack_image_features` (fed all-ones tiles, then
-the tile numbers), with the image sizes recorded when the model encodes images, and vision signals
+the tile numbers), with the image sizes recorded when the model encodes images (and carried by the
+features it returns, for features handed back later as mm_encoder_outputs), and vision signals
 are computed per tile and packed the same way (newline slots score 0).
 """
 from __future__ import annotations
@@ -21,6 +22,8 @@ from .sequence import runs
 
 
 class LlavaNextAdapter(LlavaAdapter):
+    IMAGES = "_vtprune_images"  # on an image-features output: the (tiles, size) per image of its encode
+
     def __init__(self, model):
         super().__init__(model)
         vc = model.config.vision_config
@@ -35,8 +38,8 @@ class LlavaNextAdapter(LlavaAdapter):
             out["n_images"] = pixels.shape[0]
         elif pixels is not None and kwargs.get("image_sizes") is not None:  # 4-D: all images' tiles stacked
             out["n_images"] = len(kwargs["image_sizes"])
-        if pixels is None and (kwargs.get("mm_encoder_outputs") or {}).get("image") is None:
-            self.images = None  # images in this call (if any) were not encoded by the model: layout unknown
+        if pixels is None:  # images (if any) encoded before this call: the layout their encode recorded, if any
+            self.images = getattr((kwargs.get("mm_encoder_outputs") or {}).get("image"), self.IMAGES, None)
         return out
 
     # image sizes: recorded where the model encodes images (generate() encodes them before the forward)
@@ -47,7 +50,12 @@ class LlavaNextAdapter(LlavaAdapter):
         bound = call_arguments(original, args, kwargs)
         sizes = bound.get("image_sizes")
         self.images = None if sizes is None else self.tiles(sizes, bound.get("batch_num_images"))
-        return original(*args, **kwargs)
+        out = original(*args, **kwargs)
+        try:  # features handed back later (mm_encoder_outputs) bring their own layout
+            setattr(out, self.IMAGES, self.images)
+        except (AttributeError, TypeError):  # a tuple (return_dict=False)
+            pass
+        return out
 
     def tiles(self, sizes, batch_num_images=None) -> list[tuple[int, tuple[int, int]]]:
         """(tiles the model encodes, (h, w)) per image, by the model's own rule."""

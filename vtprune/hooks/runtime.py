@@ -227,16 +227,17 @@ class PatchState:
     def _inner_pre(self, module, args, kwargs):
         if args:  # e.g. LlavaNextForConditionalGeneration passes input_ids positionally
             kwargs = {**dict(zip(self.inner_params, args)), **kwargs}
+        if kwargs.get("mm_encoder_outputs"):  # encoded before this forward: the objects the encoder returned,
+            # which carry what their runs recorded (scores, anyres layouts): generate()'s own during its prefill
+            # (a chunked prefill hands its one chunk a sliced copy), else as the caller handed them to the top
+            # model (accelerate's device hooks rebuild the mappings on the way in)
+            kwargs = {**kwargs, "mm_encoder_outputs": self.prefill_outputs or self.encoder_outputs
+                      or kwargs["mm_encoder_outputs"]}
         self.scratch = self.adapter.read_call(kwargs)
         if any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos")):
             self.vision_scores.reset()  # this forward encodes its own images
-        elif kwargs.get("mm_encoder_outputs"):  # encoded before it (generate()): the runs that made these
-            # as the caller handed them: accelerate's device hooks rebuild the mappings on the way in, and
-            # generate(prefill_chunk_size=...) hands its one chunk a sliced copy of its own
-            outputs = self.encoder_outputs or kwargs["mm_encoder_outputs"]
-            if self.prefill_outputs and not SignalStore.carried(outputs):
-                outputs = self.prefill_outputs
-            self.vision_scores.use(outputs)
+        elif kwargs.get("mm_encoder_outputs"):  # the runs that made these
+            self.vision_scores.use(kwargs["mm_encoder_outputs"])
         self.encoder_outputs = None
         return None
 
