@@ -228,3 +228,28 @@ def test_sweep_command_records_what_made_the_figures(tmp_path, capsys):
     assert (tmp_path / "commands.txt").read_text().splitlines() == ["vtprune " + " ".join(argv)] * 2
     assert len((tmp_path / "cells.jsonl").read_text().splitlines()) == 2
     assert any(line.startswith("| random | ") for line in capsys.readouterr().out.splitlines())
+
+
+def test_a_task_dataset_that_cannot_download_is_named():
+    """An lmms-eval task whose dataset is not cached ended a sweep in tenacity's RetryError traceback; the
+    sweep now says which dataset and why (sweep.LmmsCells.cell turns it into a one-line error)."""
+    tenacity = pytest.importorskip("tenacity")
+
+    @tenacity.retry(stop=tenacity.stop_after_attempt(2), wait=tenacity.wait_none())
+    def download():
+        try:
+            raise OSError("offline mode")
+        except OSError as e:
+            raise ConnectionError("Couldn't reach 'lmms-lab/MME' on the Hub (OfflineModeIsEnabled)") from e
+
+    with pytest.raises(tenacity.RetryError) as caught:
+        download()
+    assert sweep._download_failure(caught.value) == "Couldn't reach 'lmms-lab/MME' on the Hub (OfflineModeIsEnabled)"
+    try:
+        try:
+            raise ConnectionError("no route")
+        except ConnectionError as e:
+            raise RuntimeError("while building the task") from e
+    except RuntimeError as e:
+        assert sweep._download_failure(e) == "no route"
+    assert sweep._download_failure(ValueError("a bug")) is None

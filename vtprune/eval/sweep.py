@@ -136,8 +136,16 @@ class LmmsCells:
             vtprune.patch(lm.model, method, ratio=ratio)
             lm.method, lm.options = method, {"ratio": ratio}
         lm.records, lm.first_inputs = [], None
-        res = self.evaluate(model=lm, tasks=[self.task], task_manager=self.tasks, limit=self.n_questions,
-                            log_samples=False, bootstrap_iters=0, verbosity="WARNING")
+        try:
+            res = self.evaluate(model=lm, tasks=[self.task], task_manager=self.tasks, limit=self.n_questions,
+                                log_samples=False, bootstrap_iters=0, verbosity="WARNING")
+        except Exception as e:  # noqa: BLE001 - only a dataset download failure is turned into a message
+            cause = _download_failure(e)
+            if cause is None:
+                raise
+            raise ValueError(f"lmms-eval could not load the dataset of task {self.task!r}: {cause} (offline, a "
+                             "task's dataset must already be in the Hugging Face datasets cache; vtprune's own "
+                             "tasks, vtprune_shapes*, need none)") from None
         metrics = {k.split(",")[0]: v for k, v in res["results"][self.task].items()
                    if isinstance(v, (int, float)) and v == v and "_stderr" not in k}  # NaN: no such item
         if not metrics:
@@ -149,6 +157,19 @@ class LmmsCells:
         return {"accuracy": metrics.pop(primary), "metric": primary, "by_kind": metrics,
                 "prefill_tflops": s["prefill_tflops"], "llm_tflops": s["llm_prefill_tflops"],
                 "visual_tokens": s["visual_after"], "prefill_ms": ms}
+
+
+def _download_failure(error: BaseException) -> str | None:
+    """The message of the ConnectionError behind an lmms-eval task load (wrapped in tenacity's RetryError
+    after its retries), or None when the error is something else."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, ConnectionError):
+            return str(error)
+        last = getattr(error, "last_attempt", None)  # tenacity.RetryError
+        error = (last.exception() if last is not None and last.failed else None) or error.__cause__ or error.__context__
+    return None
 
 
 def _ratio(value) -> float | None:
