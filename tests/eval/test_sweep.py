@@ -195,6 +195,12 @@ def test_sweep_rejects_bad_input(tmp_path):
         sweep.run("tiny-llava", ["random"], [1.5], "shapes", tmp_path, random_weights=True)
     with pytest.raises(ValueError, match="unknown strategies"):
         sweep.run("tiny-llava", ["nope"], [0.5], "shapes", tmp_path, random_weights=True)
+    with pytest.raises(ValueError, match="--model must be a local model directory"):  # no empty folder left
+        sweep.run("tiny-llama", ["random"], [0.5], "shapes", tmp_path / "new", random_weights=True)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file: give a folder"):
+        sweep.run("tiny-llava", ["random"], [0.5], "shapes", tmp_path / "file", random_weights=True)
 
 
 def test_demo_on_a_bundled_model(tmp_path, monkeypatch, capsys):

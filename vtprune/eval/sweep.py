@@ -282,7 +282,8 @@ def run(model_name: str, methods: list[str], ratios: list[float], task: str, out
     if os.path.isdir(model_name) and model_name not in vtprune_names():  # dir, dir/ and ./dir: one model
         model_name = os.path.normpath(model_name)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give a folder")
     log = out / "cells.jsonl"
     logged = read_cells(log)
     base = dict(format=FORMAT, model=model_name, task=task, questions=n_questions, random_weights=bool(random_weights),
@@ -296,6 +297,7 @@ def run(model_name: str, methods: list[str], ratios: list[float], task: str, out
         runner = cells_of(model_name, task, n_questions, batch, random_weights, device=base["device"])
         if runner.device != base["device"]:
             raise RuntimeError(f"the sweep runs on {runner.device}, not {base['device']}")
+        out.mkdir(parents=True, exist_ok=True)  # once model and task loaded: a bad one leaves no empty folder
         with tqdm(total=len(missing), desc="sweep", unit="cell", disable=not progress) as bar:
             for method, ratio in missing:
                 bar.set_postfix_str(f"{method} {ratio:g}")
