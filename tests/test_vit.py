@@ -342,6 +342,12 @@ def test_an_attention_mask_is_refused_while_patched():
         with pytest.raises(ValueError, match="an attention mask is not supported"):
             model.forward_features(IMAGES, attn_mask=mask)
         assert model.forward_features(IMAGES).shape == (3, 6, 32)
+    clip = clip_vit()
+    clip.set_grad_checkpointing(True)  # its checkpoint() passes the mask positionally
+    vtprune.patch_vit(clip, "random", keep=5, layer=1)
+    x = clip._embeds(IMAGES)
+    with pytest.raises(ValueError, match="an attention mask is not supported"):
+        clip.transformer(x, attn_mask=torch.zeros(17, 17))
 
 
 def test_set_input_size_after_patching_and_patch_dropout_in_train_mode():

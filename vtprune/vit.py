@@ -168,7 +168,7 @@ class VitState:
             setattr(holder, _ATTR, self)
 
     def remove(self):
-        for h in self.handles:
+        for h in reversed(self.handles):
             h.remove()
         self.handles = []
         for holder in self.holders():
@@ -201,7 +201,8 @@ class VitState:
         return None
 
     def _drop(self, module, args, kwargs, output):
-        if kwargs.get("attn_mask") is not None or (self.tower.kind == "timm" and len(args) > 1 and args[1] is not None):
+        if call_arguments(module.forward, args, kwargs).get("attn_mask") is not None:  # open_clip's checkpointing
+            # passes it positionally
             raise ValueError("patch_vit: an attention mask is not supported (it covers the full sequence; the blocks "
                              "after the pruning see the kept tokens only); unpatch, or call without attn_mask")
         x = self._tokens(output)

@@ -467,6 +467,11 @@ def test_chunked_prefill_takes_generate_s_own_encoder_outputs(family):
         model.model.get_image_features(**encoder_args(b), return_dict=True)
         with pytest.raises(ValueError, match="none came with"):
             model.generate(**text, mm_encoder_outputs={"image": early}, **gen)
+        ids = torch.tensor([[tiny.BOS] + list(range(10, 30))])  # no image: chunks as unpatched (generate hands {})
+        plain = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, **tiny.GEN)
+        chunked = model.generate(**plain, prefill_chunk_size=8)
+        vtprune.unpatch(model)
+        assert torch.equal(chunked, model.generate(**plain, prefill_chunk_size=8))
 
 
 @pytest.mark.parametrize("family", ["llava_next", "llava_onevision"])
@@ -507,3 +512,15 @@ def test_features_computed_video_first_are_matched_by_modality():
         image = model.model.get_image_features(x["pixel_values"], x["image_grid_thw"], return_dict=True)
         model.generate(**text, mm_encoder_outputs={"image": image, "video": video}, **gen)
     assert torch.equal(vtprune.stats(model).layout, want)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen3_vl"])
+def test_unpatch_removes_every_wrapper(family):
+    """LLaVA-NeXT's get_image_features is wrapped twice (image sizes, then the signals' encoder run); the
+    handles were removed first-in first-out, which put the inner wrapper back and left it on the model."""
+    model = tiny.build(family)
+    before = {name: set(m.__dict__) for name, m in model.named_modules()}
+    for method in ("hiprune", "divprune", "fastv"):
+        vtprune.patch(model, method, ratio=0.5)
+        vtprune.unpatch(model)
+        assert {name: set(m.__dict__) for name, m in model.named_modules()} == before, method

@@ -208,7 +208,7 @@ class PatchState:
             raise
 
     def remove(self):
-        for h in self.handles:
+        for h in reversed(self.handles):  # two wraps of one method: the last first
             h.remove()
         self.handles = []
         self.current = None
@@ -247,7 +247,9 @@ class PatchState:
         call = call_arguments(original, args, kwargs)
         model_kwargs, config, ids = call.get("model_kwargs") or {}, call.get("generation_config"), call.get("input_ids")
         chunk = getattr(config, "prefill_chunk_size", None)
-        images = any(model_kwargs.get(k) is not None for k in ("mm_encoder_outputs", "pixel_values", "pixel_values_videos"))
+        encoded = model_kwargs.get("mm_encoder_outputs") or {}  # generate() hands {} for a text-only prompt
+        images = any(v is not None for v in encoded.values()) or any(
+            model_kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos"))
         if chunk is not None and images and ids is not None and ids.shape[-1] > chunk:
             raise NotImplementedError(
                 f"vtprune: generate(prefill_chunk_size={chunk}) splits this {ids.shape[-1]}-token prompt over several "
