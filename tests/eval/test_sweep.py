@@ -130,6 +130,10 @@ def test_a_local_directory_is_one_model_however_it_is_spelt(tmp_path, monkeypatc
     assert sweep.run(model_name="ck/", **args) == first
     assert sweep.run(model_name="./ck", **args) == first
     assert len(calls) == 2
+    log = tmp_path / "out" / "cells.jsonl"  # cells an earlier vtprune logged as "ck/" are reused too
+    log.write_text(log.read_text().replace('"model": "ck"', '"model": "ck/"'))
+    assert [c["model"] for c in sweep.run(model_name="ck", **args)] == ["ck/", "ck/"]
+    assert len(calls) == 2
 
 
 def test_cells_of_the_older_format_are_not_reused(tmp_path, monkeypatch):

@@ -181,13 +181,19 @@ def _ratio(value) -> float | None:
 
 def _key(cell: dict) -> tuple:
     """What identifies a cell (of this FORMAT): the experiment's settings, strategy and ratio."""
-    return (cell["model"], cell["task"], cell["questions"], *(cell[k] for k in SETTINGS), cell["method"],
+    return (_model(cell["model"]), cell["task"], cell["questions"], *(cell[k] for k in SETTINGS), cell["method"],
             float(cell["ratio"]))
 
 
 def _cell_of(cell: dict) -> tuple:
     """The cell alone, whatever its settings or format: model, task, strategy, ratio."""
-    return cell.get("model"), cell.get("task"), cell.get("method"), _ratio(cell.get("ratio"))
+    return _model(cell.get("model")), cell.get("task"), cell.get("method"), _ratio(cell.get("ratio"))
+
+
+def _model(name):
+    """A cell's model as one spelling: dir, dir/ and ./dir are one (cells logged before vtprune wrote
+    the normalised name included)."""
+    return os.path.normpath(name) if isinstance(name, str) and name else name
 
 
 def read_cells(log: Path) -> list[dict]:
@@ -280,7 +286,7 @@ def run(model_name: str, methods: list[str], ratios: list[float], task: str, out
         raise ValueError(f"unknown strategies {unknown}; available: {', '.join(vtprune.available())}")
     methods, ratios = list(dict.fromkeys(methods)), list(dict.fromkeys(float(r) for r in ratios))
     if os.path.isdir(model_name) and model_name not in vtprune_names():  # dir, dir/ and ./dir: one model
-        model_name = os.path.normpath(model_name)
+        model_name = _model(model_name)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: give a folder")
