@@ -101,15 +101,20 @@ def _count(least: int):
 
 def _output_file(path, option: str) -> None:
     """Check an output file before the work that fills it (a 50-trial tune used to end on an unwritable
-    path): its folder is made, as the writers do, and must be writable; the path must not be a folder."""
+    path), making nothing: not a folder itself, and the nearest existing folder above it writable (the
+    writers make the missing ones)."""
     import os
     from pathlib import Path
 
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{option} {path} is a folder: give a file path")
-    path.parent.mkdir(parents=True, exist_ok=True)  # OSError (one line) where it cannot be made
-    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+    above = path.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise ValueError(f"{option} {path}: {above} is a file, not a folder")
+    if not os.access(above, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise ValueError(f"{option} {path}: not writable")
 
 
@@ -121,6 +126,7 @@ def _budget(args) -> dict:
 
 def _flops(args) -> int:
     import json
+    from pathlib import Path
 
     from .eval import configs, flops, models
 
@@ -140,6 +146,7 @@ def _flops(args) -> int:
     pruned = flops.count(model, inputs, method, config=real, **budget)
     print(flops.format_table(base, pruned, f"{args.model}, one {task} sample: unpatched vs {method} {budget}"))
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "task": task, "method": method, **budget,
                        "unpatched": base.to_dict(), "pruned": pruned.to_dict()}, f, indent=1)

@@ -168,6 +168,11 @@ def test_output_folders_are_made_as_the_writers_make_them(tmp_path, capsys):
     out = tmp_path / "new" / "deeper" / "f.json"
     assert main(["flops", "--model", "tiny-test-llava", "--keep", "4", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["keep"] == 4
+    for argv in (["bench", "--model", "tiny-test-llava", "--ratio", "0.5", "--methods", "bogus", "--out"],
+                 ["flops", "--model", "tiny-test-llava", "--keep", "4", "--task", "bogus", "--json"]):
+        with pytest.raises(SystemExit):  # a command refused after the check leaves no folder behind
+            main([*argv, str(tmp_path / "a" / "b" / "x.json")])
+        assert not (tmp_path / "a").exists()
 
 
 def test_compiled_measure_holds_no_earlier_run_s_static_cache():

@@ -12,6 +12,7 @@ the budget exactly."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -131,6 +132,7 @@ def _retention(options: dict, num_layers: int) -> float:
 
 
 def write(config: dict, path: str):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
