@@ -291,6 +291,15 @@ def test_a_local_directory_without_a_processor_or_of_another_model(tmp_path, cap
     with pytest.raises(SystemExit) as exit_:  # shapes needs the processor: said so, with the way out
         main(["flops", "--model", str(config_only), "--keep", "4", "--random-weights"])
     assert exit_.value.code == 2 and "--task synthetic" in capsys.readouterr().err
+    broken = tmp_path / "broken"  # a processor that fails to load says why (it read as "no processor")
+    _, processor = __import__("vtprune.eval.models", fromlist=["load"]).load("tiny-llava")
+    tiny.build("llava").config.save_pretrained(broken)
+    processor.save_pretrained(broken)
+    (broken / "tokenizer.json").write_text((broken / "tokenizer.json").read_text()[:300])
+    with pytest.raises(SystemExit) as exit_:
+        main(["flops", "--model", str(broken), "--keep", "4", "--random-weights"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"{broken}: its processor failed to load (" in err and "Unterminated" in err
     for config in (transformers.BertConfig(), transformers.Blip2Config()):
         other = tmp_path / config.model_type
         config.save_pretrained(other)

@@ -10,6 +10,11 @@ TEST_MODELS = {"tiny-test-llava": "llava", "tiny-test-llava-next": "llava_next",
                "tiny-test-qwen2.5-vl": "qwen2_5_vl", "tiny-test-qwen3-vl": "qwen3_vl"}
 
 
+# what a checkpoint folder with a processor holds (any one of them)
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json", "tokenizer.json",
+                   "video_preprocessor_config.json")
+
+
 def load(name: str, random_weights: bool = False, attn: str = "sdpa", dtype=None):
     """(model in eval mode, processor or None) for a bundled name, a test model or a local directory.
 
@@ -55,11 +60,12 @@ def load(name: str, random_weights: bool = False, attn: str = "sdpa", dtype=None
             model = AutoModelForImageTextToText.from_config(config, attn_implementation=attn, **extra).eval()
         else:
             model = AutoModelForImageTextToText.from_pretrained(name, attn_implementation=attn, **extra).eval()
+        if not any(os.path.exists(os.path.join(name, f)) for f in PROCESSOR_FILES):
+            return model, None  # a config (and weights) only: synthetic inputs work
         try:
-            processor = AutoProcessor.from_pretrained(name)
-        except (OSError, ValueError, TypeError):  # a directory with a config (and weights) only: synthetic inputs work
-            processor = None
-        return model, processor
+            return model, AutoProcessor.from_pretrained(name)
+        except Exception as e:  # noqa: BLE001 - a broken one says where and why (a bare JSON error before)
+            raise ValueError(f"{name}: its processor failed to load ({type(e).__name__}: {e})") from e
     names = sorted(tinyvlm.NAMES) + sorted(TEST_MODELS) + sorted(configs.FULL_SCALE)
     raise ValueError(f"--model must be a local model directory or one of {', '.join(names)}; got {name!r}")
 
