@@ -155,6 +155,18 @@ def test_transprune_transition_magnitude_and_direction():
     torch.testing.assert_close(out_abs, out)
 
 
+def test_transprune_schedule_alone_keeps_int_of_its_last_fraction():
+    """transprune.md: a schedule keeps int(N * fraction) at every stage; alone, its last stage rounded
+    (round(0.35 * 10) = 4, round(0.3 * 576) = 173 where int gives 3 and 172)."""
+    cfg = transprune.TransPruneConfig(schedule=[(6, 0.875), (8, 0.65), (11, 0.35)])
+    assert [cfg.budget(n) for n in (10, 576, 2)] == [3, 201, 1]
+    assert transprune.TransPruneConfig(schedule=[(11, 0.3)]).budget(576) == 172
+    assert transprune.TransPruneConfig(schedule=[(11, 0.3)], ratio=0.35).budget(10) == 4  # a ratio of its own: round
+    assert transprune.TransPruneConfig(schedule=[(11, 0.3)], keep=5).budget(10) == 5
+    again = transprune.TransPruneConfig(**cfg.to_dict())  # a config file holds the ratio the schedule set
+    assert again.budget(10) == 3
+
+
 def test_transprune_default_schedule():
     assert transprune.default_schedule(32) == [(6, 0.875), (8, 0.625), (11, 0.125)]
     assert transprune.default_schedule(28) == [(6, 0.875), (8, 0.625), (11, 0.125)]

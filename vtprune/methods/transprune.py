@@ -58,6 +58,13 @@ class TransPruneConfig(InLLMConfig):
     schedule: list | None = None
     accumulate_from: int | None = None  # first 0-based layer of TTV accumulation; None = the first drop layer
 
+    def budget(self, n: int) -> int:
+        """A schedule's own last fraction keeps int(N * fraction) (as its earlier stages and the paper do);
+        a keep / another ratio the usual rule."""
+        if self.keep is None and self.schedule is not None and float(self.ratio) == float(self.schedule[-1][1]):
+            return min(n, max(1, int(n * float(self.ratio))))
+        return super().budget(n)
+
     def __post_init__(self):
         if self.schedule is not None:
             self.schedule = _check_schedule(self.schedule)
