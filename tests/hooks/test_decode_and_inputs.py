@@ -319,6 +319,14 @@ def test_a_deep_copy_of_a_patched_model_runs_its_own_weights(family, method, opt
         assert torch.equal(model(**inputs).logits, want)
         assert not torch.equal(want, want_twin)
         assert torch.equal(loaded(**inputs).logits, want)
+        plain = tiny.build(family)  # unpatching a copy restores it (a copied sentinel went back as '_prefill',
+        gen = dict(max_new_tokens=2, **tiny.GEN)  # and generate() raised "'object' object is not callable")
+        expected = plain.generate(**inputs, **gen)
+        for copy_ in (twin, loaded):
+            vtprune.unpatch(copy_)
+            assert "_prefill" not in copy_.__dict__ and "get_image_features" not in copy_.model.__dict__
+        assert torch.equal(loaded.generate(**inputs, **gen), expected)
+        assert torch.equal(vtprune.unpatch(model).generate(**inputs, **gen), expected)
 
 
 def test_a_deep_copy_after_compile_llm_runs_its_own_decoder():

@@ -115,22 +115,22 @@ class Adapter:
         return layer % n_layers
 
 
-_ABSENT = object()
-
-
 class Restore:
     """Hook handle that undoes an instance attribute about to be set over a method (make it first): the
     instance attribute that was there before (a user's own wrapper, accelerate's device hooks) comes
-    back, or else the class's method shows through again."""
+    back, or else the class's method shows through again. (A flag, not a sentinel object: a deep copy or
+    pickle of the model copies a sentinel into a new object, which then went back as the attribute.)"""
 
     def __init__(self, obj, name):
-        self.obj, self.name, self.previous = obj, name, obj.__dict__.get(name, _ABSENT)
+        self.obj, self.name = obj, name
+        self.had_previous = name in obj.__dict__
+        self.previous = obj.__dict__.get(name)
 
     def remove(self):
-        if self.previous is _ABSENT:
-            self.obj.__dict__.pop(self.name, None)
-        else:
+        if self.had_previous:
             self.obj.__dict__[self.name] = self.previous
+        else:
+            self.obj.__dict__.pop(self.name, None)
 
 
 def wrap_method(owner, name: str, hook) -> Restore:
