@@ -127,10 +127,26 @@ def pruned(model, method: str | None = None, *, config=None, **options):
         yield model
     finally:
         unpatch(model)
-        if previous is not None:
-            previous.install()
-            if _state(model) is not previous:  # (a ViT's state attaches itself)
-                setattr(model, _ATTR, previous)
+        _reinstall(model, previous)
+
+
+@contextlib.contextmanager
+def unpatched(model):
+    """`with unpatched(model): ...` runs the block on the model as never patched (the eval harness's
+    baseline rows); a configuration on the model is put back on exit."""
+    previous = _state(model)
+    unpatch(model)
+    try:
+        yield model
+    finally:
+        _reinstall(model, previous)
+
+
+def _reinstall(model, previous) -> None:
+    if previous is not None:
+        previous.install()
+        if _state(model) is not previous:  # (a ViT's state attaches itself)
+            setattr(model, _ATTR, previous)
 
 
 def _is_vit(model) -> bool:
@@ -180,7 +196,10 @@ def compile_llm(model, mode: str | None = "reduce-overhead", **compile_options):
     if mode is not None:
         compile_options["mode"] = mode
     lm.forward = _CompiledForward(lm, lm.forward, compile_options)
-    setattr(lm, _COMPILED, (saved, restore))
+    # generate() sizes a static cache for the longest prompt since (`_previous_max_cache_length`, kept on
+    # the model to avoid recompiling): uncompile_llm puts back what was there before
+    length = ("_previous_max_cache_length" in model.__dict__, model.__dict__.get("_previous_max_cache_length"))
+    setattr(lm, _COMPILED, (saved, restore, length))
     gc.cache_implementation, gc.disable_compile = "static", True
     return model
 
@@ -236,9 +255,23 @@ def uncompile_llm(model):
     record = getattr(lm, _COMPILED, None)
     if record is None:
         return model
-    saved, restore = record
+    saved, restore, (had_length, length) = record
     restore.remove()
     for key, value in saved.items():
         setattr(model.generation_config, key, value)
+    if had_length:
+        model._previous_max_cache_length = length
+    else:
+        model.__dict__.pop("_previous_max_cache_length", None)
     delattr(lm, _COMPILED)
     return model
+
+
+def compiled_options(model) -> dict | None:
+    """The options `compile_llm` was given for this model (mode included), or None if it is not compiled."""
+    record = getattr(adapter_for(model).language_model(), _COMPILED, None)
+    if record is None:
+        return None
+    options = dict(record[1].obj.forward.options)
+    options.setdefault("mode", None)
+    return options

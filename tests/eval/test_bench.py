@@ -85,16 +85,61 @@ def test_bench_compiled_path_rows_side_by_side(tmp_path):
     assert "| 1 | compiled | pool |" in table and table.count("1.00x") >= 4  # each path's unpatched row is its own base
 
 
-def test_plain_measure_leaves_a_model_the_caller_compiled_compiled():
-    import vtprune
+EAGER = dict(mode=None, backend="eager")
 
+
+def test_a_model_the_caller_compiled_is_measured_as_compiled_and_stays_so():
+    """Its plain-path row said "eager" with a dynamic cache's bytes while generate() ran compiled on a
+    static cache; a compiled row then left it uncompiled."""
+    import vtprune
+    from vtprune.patching import compiled_options
+
+    inputs = tiny.batch("llava", [0])
+    want = bench.measure(tiny.build("llava"), inputs, "pool", {"keep": 3}, new_tokens=2, reps=1, warmup=0,
+                         compiled=EAGER)
     model = tiny.build("llava")
-    vtprune.compile_llm(model, mode=None, backend="eager")
+    vtprune.compile_llm(model, **EAGER)
     try:
-        bench.measure(model, tiny.batch("llava", [0]), "pool", {"keep": 3}, new_tokens=2, reps=1, warmup=0)
-        assert "forward" in vars(model.model.language_model)  # still compiled
+        row = bench.measure(model, inputs, "pool", {"keep": 3}, new_tokens=2, reps=1, warmup=0)
+        assert (row.path, row.kv_bytes) == ("compiled", want.kv_bytes)
+        bench.measure(model, inputs, "pool", {"keep": 3}, new_tokens=2, reps=1, warmup=0,
+                      compiled=dict(mode=None, backend="aot_eager"))
+        assert compiled_options(model) == EAGER  # compiled again, with the caller's options
     finally:
         vtprune.uncompile_llm(model)
+    assert compiled_options(model) is None and "forward" not in vars(model.model.language_model)
+
+
+def test_a_compiled_row_s_static_cache_is_its_own_prompt_s():
+    """generate() sizes a static cache for the longest prompt it has seen on the model: a row measured
+    after a longer prompt reported that one's cache (30720 bytes instead of 23552)."""
+    import vtprune
+
+    short, long = tiny.batch("llava", [0]), tiny.batch("llava", [3])
+    assert short["input_ids"].shape[1] < long["input_ids"].shape[1]
+    alone = bench.measure(tiny.build("llava"), short, new_tokens=2, reps=1, warmup=0, compiled=EAGER).kv_bytes
+    model = tiny.build("llava")
+    bench.measure(model, long, new_tokens=2, reps=1, warmup=0, compiled=EAGER)
+    assert bench.measure(model, short, new_tokens=2, reps=1, warmup=0, compiled=EAGER).kv_bytes == alone
+    model._previous_max_cache_length = 99  # what generate() keeps is put back after a row, and by uncompile_llm
+    bench.measure(model, short, new_tokens=2, reps=1, warmup=0, compiled=EAGER)
+    assert model._previous_max_cache_length == 99
+    vtprune.compile_llm(model, **EAGER)
+    model.generate(**short, max_new_tokens=2, **tiny.GEN)
+    vtprune.uncompile_llm(model)
+    assert model._previous_max_cache_length == 99
+
+
+def test_the_unpatched_row_of_a_patched_model_is_unpatched():
+    """A model already patched was measured pruned in the row named "unpatched"."""
+    import vtprune
+
+    inputs = tiny.batch("llava", [0])
+    want = bench.measure(tiny.build("llava"), inputs, new_tokens=2, reps=1, warmup=0)
+    model = vtprune.patch(tiny.build("llava"), "pool", keep=3)
+    row = bench.measure(model, inputs, new_tokens=2, reps=1, warmup=0)
+    assert (row.method, row.visual_tokens, row.kv_bytes) == ("unpatched", want.visual_tokens, want.kv_bytes)
+    assert vtprune.stats(model).method == "pool"  # the configuration is back
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -104,9 +149,9 @@ def test_plain_measure_leaves_a_model_the_caller_compiled_compiled():
     (["--methods", "bogus"], "bogus"),
     (["--ratio", "1.5", "--keep", None], "ratio"),
     (["--methods", ", ,"], "--methods names nothing"),  # it measured the unpatched model alone
-    (["--out", "table.md"], "give a .json path"),
+    (["--out", "table.md"], "give a .json path"),  # the markdown beside it overwrote the JSON record
     (["--compile", "", "--compile-mode", "fastest"], "Unrecognized mode=fastest"),  # after the plain rows, before
-    (["--compile", "", "--compile-backend", "nope"], "Invalid backend: 'nope'"),  # the markdown beside it overwrote the JSON record
+    (["--compile", "", "--compile-backend", "nope"], "Invalid backend: 'nope'"),
 ])
 def test_bench_refuses_bad_arguments_before_loading_the_model(monkeypatch, capsys, argv, words):
     """One line on stderr, exit status 2, and no model loaded (a full-scale build and its baseline

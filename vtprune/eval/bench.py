@@ -15,7 +15,6 @@ Reported figures are medians over the repetitions after `warmup` untimed runs.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import statistics
 import time
@@ -125,11 +124,17 @@ def measure(model, inputs: dict, method: str | None = None, options: dict | None
     so give it a few warm-up runs."""
     import vtprune
 
+    from ..patching import compiled_options, unpatched
+
     options = dict(options or {})
     cuda = next(model.parameters()).is_cuda
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, suppress_tokens=_suppressed(model))
     rows = []
-    with vtprune.pruned(model, method, **options) if method is not None else contextlib.nullcontext():
+    callers = compiled_options(model)  # a model the caller compiled runs compiled: its rows are "compiled"
+    static = compiled is not None or callers is not None
+    length = model.__dict__.pop("_previous_max_cache_length", None)  # else the static cache of an earlier, longer
+    # prompt (generate() keeps the longest) would be this row's KV figure; put back after
+    with vtprune.pruned(model, method, **options) if method is not None else unpatched(model):
         vision_t = _Timer(vision_module(model), cuda)
         lm_t = _Timer(model.model.language_model, cuda)
         # compiled path: the bytes of the static cache generate() hands the language model, read after the
@@ -143,8 +148,7 @@ def measure(model, inputs: dict, method: str | None = None, options: dict | None
             if cache is not None:
                 static_kv[0] = kv_bytes(cache)
 
-        grab = (model.model.language_model.register_forward_hook(grab_cache, with_kwargs=True)
-                if compiled is not None else None)
+        grab = model.model.language_model.register_forward_hook(grab_cache, with_kwargs=True) if static else None
         try:
             if compiled is not None:
                 vtprune.compile_llm(model, **compiled)
@@ -173,9 +177,14 @@ def measure(model, inputs: dict, method: str | None = None, options: dict | None
             lm_t.remove()
             if grab is not None:
                 grab.remove()
-            if compiled is not None:  # a model the caller compiled stays compiled on the plain path
+            if compiled is not None:  # a model the caller compiled is compiled again with the caller's options
                 vtprune.uncompile_llm(model)
-        if compiled is not None:
+                if callers is not None:
+                    vtprune.compile_llm(model, **callers)
+            model.__dict__.pop("_previous_max_cache_length", None)
+            if length is not None:
+                model._previous_max_cache_length = length
+        if static:
             kv = static_kv[0]  # the static cache, allocated in full
         else:
             kv = kv_bytes(kv_cache(model(**inputs, use_cache=True, logits_to_keep=1)))  # dynamic cache: what is held
@@ -190,7 +199,7 @@ def measure(model, inputs: dict, method: str | None = None, options: dict | None
         visual = statistics.mean(visual_token_counts(model.config, inputs))
     return BenchRow(method or "unpatched", options, inputs["input_ids"].shape[0], visual,
                     med("vision"), med("selection"), med("prefill"), med("decode"), med("generate"), med("peak"), kv,
-                    "eager" if compiled is None else "compiled")
+                    "compiled" if static else "eager")
 
 
 def markdown(rows: list[BenchRow]) -> str:
