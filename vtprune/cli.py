@@ -111,6 +111,8 @@ def _output_file(path, option: str) -> None:
         raise ValueError(f"{option} {path} is a folder: give a file path")
     above = path.parent
     while not above.exists() and above != above.parent:
+        if above.is_symlink():  # a link to a missing folder: the writers' mkdir would fail after the work
+            raise ValueError(f"{option} {path}: {above} links to a missing folder")
         above = above.parent
     if not above.is_dir():
         raise ValueError(f"{option} {path}: {above} is a file, not a folder")

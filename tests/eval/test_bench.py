@@ -124,6 +124,9 @@ def test_a_compiled_row_s_static_cache_is_its_own_prompt_s():
     model._previous_max_cache_length = 99  # what generate() keeps is put back after a row, and by uncompile_llm
     bench.measure(model, short, new_tokens=2, reps=1, warmup=0, compiled=EAGER)
     assert model._previous_max_cache_length == 99
+    with pytest.raises(ValueError):  # also when the strategy is refused
+        bench.measure(model, short, "random", {"ratio": 5}, new_tokens=2, reps=1, warmup=0, compiled=EAGER)
+    assert model._previous_max_cache_length == 99
     vtprune.compile_llm(model, **EAGER)
     model.generate(**short, max_new_tokens=2, **tiny.GEN)
     vtprune.uncompile_llm(model)
@@ -189,7 +192,7 @@ def test_an_unwritable_output_path_is_one_line(capsys, tmp_path):
     (["bench", "--model", "tiny-test-llava", "--methods", "random", "--keep", "4", "--out"], "--out"),
     (["tune", "--method", "vflowopt", "--model", "tiny-llava", "--budget", "0.3", "--out"], "--out"),
 ])
-@pytest.mark.parametrize("where", ["under a file", "a folder"])
+@pytest.mark.parametrize("where", ["under a file", "a folder", "under a dangling link"])
 def test_output_paths_are_checked_before_the_work(monkeypatch, capsys, tmp_path, argv, option, where):
     """A tune of 50 trials (or a flops count) used to run to the end and then fail to write its file."""
     from vtprune.cli import main
@@ -197,7 +200,9 @@ def test_output_paths_are_checked_before_the_work(monkeypatch, capsys, tmp_path,
 
     monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("the work started"))
     (tmp_path / "file").write_text("")
-    path = tmp_path / "file" / "x.json" if where == "under a file" else tmp_path
+    (tmp_path / "link").symlink_to(tmp_path / "missing")
+    path = {"under a file": tmp_path / "file" / "x.json", "a folder": tmp_path,
+            "under a dangling link": tmp_path / "link" / "x.json"}[where]
     with pytest.raises(SystemExit) as exit_:
         main([*argv, str(path)])
     assert exit_.value.code == 2

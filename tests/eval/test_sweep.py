@@ -202,6 +202,11 @@ def test_sweep_rejects_bad_input(tmp_path):
     with pytest.raises(ValueError, match="--model must be a local model directory"):  # no empty folder left
         sweep.run("tiny-llama", ["random"], [0.5], "shapes", tmp_path / "new", random_weights=True)
     assert not (tmp_path / "new").exists()
+    with pytest.raises(ValueError, match="no metric"):  # nor a first cell that fails (an lmms-eval dataset not cached)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(sweep.ShapesCells, "cell", lambda self, m, r: (_ for _ in ()).throw(ValueError("no metric")))
+            sweep.run("tiny-llava", ["random"], [0.5], "shapes", tmp_path / "new", n_questions=2, random_weights=True)
+    assert not (tmp_path / "new").exists()
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="is a file: give a folder"):
         sweep.run("tiny-llava", ["random"], [0.5], "shapes", tmp_path / "file", random_weights=True)

@@ -132,8 +132,6 @@ def measure(model, inputs: dict, method: str | None = None, options: dict | None
     rows = []
     callers = compiled_options(model)  # a model the caller compiled runs compiled: its rows are "compiled"
     static = compiled is not None or callers is not None
-    length = model.__dict__.pop("_previous_max_cache_length", None)  # else the static cache of an earlier, longer
-    # prompt (generate() keeps the longest) would be this row's KV figure; put back after
     with vtprune.pruned(model, method, **options) if method is not None else unpatched(model):
         vision_t = _Timer(vision_module(model), cuda)
         lm_t = _Timer(model.model.language_model, cuda)
@@ -149,6 +147,9 @@ def measure(model, inputs: dict, method: str | None = None, options: dict | None
                 static_kv[0] = kv_bytes(cache)
 
         grab = model.model.language_model.register_forward_hook(grab_cache, with_kwargs=True) if static else None
+        # else the static cache of an earlier, longer prompt (generate() keeps the longest on the model) would be
+        # this row's KV figure; put back after
+        length = model.__dict__.pop("_previous_max_cache_length", None)
         try:
             if compiled is not None:
                 vtprune.compile_llm(model, **compiled)

@@ -303,11 +303,11 @@ def run(model_name: str, methods: list[str], ratios: list[float], task: str, out
         runner = cells_of(model_name, task, n_questions, batch, random_weights, device=base["device"])
         if runner.device != base["device"]:
             raise RuntimeError(f"the sweep runs on {runner.device}, not {base['device']}")
-        out.mkdir(parents=True, exist_ok=True)  # once model and task loaded: a bad one leaves no empty folder
         with tqdm(total=len(missing), desc="sweep", unit="cell", disable=not progress) as bar:
             for method, ratio in missing:
                 bar.set_postfix_str(f"{method} {ratio:g}")
                 cell = {**base, "method": method, "ratio": ratio, **runner.cell(method, ratio)}
+                out.mkdir(parents=True, exist_ok=True)  # with the first cell: a bad model, task or dataset leaves none
                 _append(log, (json.dumps(cell) + "\n").encode())
                 done[_key(cell)] = cell
                 bar.update(1)
