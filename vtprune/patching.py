@@ -196,10 +196,9 @@ def compile_llm(model, mode: str | None = "reduce-overhead", **compile_options):
     if mode is not None:
         compile_options["mode"] = mode
     lm.forward = _CompiledForward(lm, lm.forward, compile_options)
-    # generate() sizes a static cache for the longest prompt since (`_previous_max_cache_length`, kept on
-    # the model to avoid recompiling): uncompile_llm puts back what was there before
-    length = ("_previous_max_cache_length" in model.__dict__, model.__dict__.get("_previous_max_cache_length"))
-    setattr(lm, _COMPILED, (saved, restore, length))
+    # generate() sizes a static cache for the longest prompt since (kept on the model to avoid recompiling):
+    # uncompile_llm puts back what was there before
+    setattr(lm, _COMPILED, (saved, restore, cache_length(model), dict(compile_options)))
     gc.cache_implementation, gc.disable_compile = "static", True
     return model
 
@@ -255,14 +254,11 @@ def uncompile_llm(model):
     record = getattr(lm, _COMPILED, None)
     if record is None:
         return model
-    saved, restore, (had_length, length) = record
+    saved, restore, length, _ = record
     restore.remove()
     for key, value in saved.items():
         setattr(model.generation_config, key, value)
-    if had_length:
-        model._previous_max_cache_length = length
-    else:
-        model.__dict__.pop("_previous_max_cache_length", None)
+    set_cache_length(model, length)
     delattr(lm, _COMPILED)
     return model
 
@@ -272,6 +268,21 @@ def compiled_options(model) -> dict | None:
     record = getattr(adapter_for(model).language_model(), _COMPILED, None)
     if record is None:
         return None
-    options = dict(record[1].obj.forward.options)
-    options.setdefault("mode", None)
-    return options
+    return {"mode": None, **record[3]}
+
+
+_CACHE_LENGTH = "_previous_max_cache_length"  # where generate() keeps the longest static-cache length so far
+
+
+def cache_length(model) -> tuple[bool, int | None]:
+    """(whether the model holds one, the length) of generate()'s remembered static-cache length."""
+    return _CACHE_LENGTH in model.__dict__, model.__dict__.get(_CACHE_LENGTH)
+
+
+def set_cache_length(model, length: tuple[bool, int | None]) -> None:
+    """Put back what `cache_length` returned (removing the attribute if there was none)."""
+    had, value = length
+    if had:
+        setattr(model, _CACHE_LENGTH, value)
+    else:
+        model.__dict__.pop(_CACHE_LENGTH, None)

@@ -201,8 +201,9 @@ class VitState:
         return None
 
     def _drop(self, module, args, kwargs, output):
-        if call_arguments(module.forward, args, kwargs).get("attn_mask") is not None:  # open_clip's checkpointing
-            # passes it positionally
+        # open_clip's checkpointing passes the mask positionally: bind the call only when it has such arguments
+        positional = len(args) > 1 and call_arguments(module.forward, args, kwargs).get("attn_mask") is not None
+        if kwargs.get("attn_mask") is not None or positional:
             raise ValueError("patch_vit: an attention mask is not supported (it covers the full sequence; the blocks "
                              "after the pruning see the kept tokens only); unpatch, or call without attn_mask")
         x = self._tokens(output)

@@ -124,7 +124,7 @@ def measure(model, inputs: dict, method: str | None = None, options: dict | None
     so give it a few warm-up runs."""
     import vtprune
 
-    from ..patching import compiled_options, unpatched
+    from ..patching import cache_length, compiled_options, set_cache_length, unpatched
 
     options = dict(options or {})
     cuda = next(model.parameters()).is_cuda
@@ -149,7 +149,8 @@ def measure(model, inputs: dict, method: str | None = None, options: dict | None
         grab = model.model.language_model.register_forward_hook(grab_cache, with_kwargs=True) if static else None
         # else the static cache of an earlier, longer prompt (generate() keeps the longest on the model) would be
         # this row's KV figure; put back after
-        length = model.__dict__.pop("_previous_max_cache_length", None)
+        length = cache_length(model)
+        set_cache_length(model, (False, None))
         try:
             if compiled is not None:
                 vtprune.compile_llm(model, **compiled)
@@ -182,9 +183,7 @@ def measure(model, inputs: dict, method: str | None = None, options: dict | None
                 vtprune.uncompile_llm(model)
                 if callers is not None:
                     vtprune.compile_llm(model, **callers)
-            model.__dict__.pop("_previous_max_cache_length", None)
-            if length is not None:
-                model._previous_max_cache_length = length
+            set_cache_length(model, length)
         if static:
             kv = static_kv[0]  # the static cache, allocated in full
         else:

@@ -255,7 +255,7 @@ class PatchState:
                 f"vtprune: generate(prefill_chunk_size={chunk}) splits this {ids.shape[-1]}-token prompt over several "
                 "forwards, and pruning needs each prompt's images in one; pass prefill_chunk_size=None or one of at "
                 "least the prompt's length")
-        self.prefill_outputs = model_kwargs.get("mm_encoder_outputs")
+        self.prefill_outputs = encoded
         try:
             return original(*args, **kwargs)
         finally:
