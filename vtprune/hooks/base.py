@@ -147,6 +147,16 @@ def wrap_method(owner, name: str, hook) -> Restore:
     return handle
 
 
+def attach(output, name: str, value) -> None:
+    """Put what an encoder run recorded (scores, anyres layouts) on the output object it returned, so that
+    the output handed back later (mm_encoder_outputs) brings it along; a tuple (return_dict=False) cannot
+    carry it."""
+    try:
+        setattr(output, name, value)
+    except (AttributeError, TypeError):
+        pass
+
+
 def call_arguments(fn, args: tuple, kwargs: dict) -> dict:
     """{parameter name: value} of a call `fn(*args, **kwargs)` (what a wrap_method hook was handed)."""
     return inspect.signature(fn).bind_partial(*args, **kwargs).arguments
@@ -228,12 +238,8 @@ class SignalStore:
     def tag(self, output, start: dict[str, int]):
         """Attach the scores added since `start` (counts() before the run) to the run's `output`. A run
         nested in another (Qwen3-VL's video features call its image features) is part of the outer one."""
-        if not self.fresh:
-            return
-        try:
-            setattr(output, self.ATTR, {name: v[start.get(name, 0):] for name, v in self.scores.items()})
-        except (AttributeError, TypeError):  # a tuple (return_dict=False): nothing to attach to
-            pass
+        if self.fresh:
+            attach(output, self.ATTR, {name: v[start.get(name, 0):] for name, v in self.scores.items()})
 
     def use(self, outputs: dict) -> bool:
         """The scores attached to a forward's encoder outputs ({"image": ..., "video": ...}: images' units

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .anyres import Layout
-from .base import call_arguments, encode_order, wrap_method
+from .base import attach, call_arguments, encode_order, wrap_method
 from .llava import LlavaAdapter
 from .runtime import Unit
 from .sequence import runs
@@ -51,10 +51,7 @@ class LlavaNextAdapter(LlavaAdapter):
         sizes = bound.get("image_sizes")
         self.images = None if sizes is None else self.tiles(sizes, bound.get("batch_num_images"))
         out = original(*args, **kwargs)
-        try:  # features handed back later (mm_encoder_outputs) bring their own layout
-            setattr(out, self.IMAGES, self.images)
-        except (AttributeError, TypeError):  # a tuple (return_dict=False)
-            pass
+        attach(out, self.IMAGES, self.images)  # features handed back later bring their own layout
         return out
 
     def tiles(self, sizes, batch_num_images=None) -> list[tuple[int, tuple[int, int]]]:
