@@ -97,6 +97,25 @@ def test_a_row_whose_squared_norm_overflows_counts_as_zero_in_both_backends():
     assert greedy_select_triton(x, 3).tolist() == greedy_select_torch(x, 3).tolist()
 
 
+@pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered:RuntimeWarning")
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("rule", ["maxmin", "maxsum"])
+def test_a_row_with_a_non_finite_entry_counts_as_zero_in_both_backends(bad, rule):
+    # a projector that overflowed: the torch reference used to keep NaN similarities (argmax takes NaN as the
+    # maximum) where the kernel read 0, so the two picked other tokens ([0, 1, 2] vs [0, 2, 4] here)
+    x = rand(2, 6, 8, seed=0)
+    x[0, 2, 3] = bad
+    zeroed = x.clone()
+    zeroed[0, 2] = 0
+    for gram in (cosine_gram, cosine_gram_triton):
+        sim = gram(x)
+        assert not bool(sim.isnan().any())
+        torch.testing.assert_close(sim, gram(zeroed), atol=0, rtol=0)
+    want = greedy_select_torch(zeroed, 3, None, rule)
+    assert greedy_select_torch(x, 3, None, rule).tolist() == want.tolist()
+    assert greedy_select_triton(x, 3, None, rule).tolist() == want.tolist()
+
+
 def test_gram_matches_reference_with_zero_rows_and_low_precision():
     x = rand(2, 70, 37, seed=5)
     x[1, 4] = 0  # zero rows stay zero
@@ -163,6 +182,24 @@ def test_attention_rows_with_no_allowed_key_contribute_nothing():
     got = attention_scores_triton(q, k, 1.0, causal=True, key_mask=key_mask)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     assert got[0, :2].tolist() == [0.0, 0.0]
+
+
+def test_attention_key_mask_is_checked_and_broadcast_alike():
+    # a [1, Nk] mask for a batch of 2 made the kernel read past the mask (image 1 got garbage or zeros), a
+    # float mask of 0.5 masked every key there (int8 cast) but none in the reference, a wrong Nk passed silently
+    q, k = rand(2, 2, 5, 8, seed=7), rand(2, 1, 5, 8, seed=8)
+    row = torch.tensor([True, True, False, True, True], device=DEVICE)
+    want = attention_scores_torch(q, k, 0.3, key_mask=row.expand(2, 5).clone())
+    for mask in (row, row[None]):
+        for f in (attention_scores_torch, attention_scores_triton):
+            torch.testing.assert_close(f(q, k, 0.3, key_mask=mask), want, atol=1e-6, rtol=1e-5)
+    for f in (attention_scores_torch, attention_scores_triton):
+        with pytest.raises(ValueError, match=r"key_mask must be \[B, Nk\] = \[2, 5\]"):
+            f(q, k, 0.3, key_mask=torch.ones(2, 8, dtype=torch.bool, device=DEVICE))
+        with pytest.raises(ValueError, match="key_mask must be"):
+            f(q, k, 0.3, key_mask=torch.ones(2, 1, 5, dtype=torch.bool, device=DEVICE))
+        with pytest.raises(TypeError, match="BoolTensor"):
+            f(q, k, 0.3, key_mask=torch.full((2, 5), 0.5, device=DEVICE))
 
 
 # The benchmark script and the GPU-only low-precision paths ---------------------------------------

@@ -40,6 +40,23 @@ def check_attention_args(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, in
     return b, hq, n_q, d, hk, n_k
 
 
+def key_mask_of(key_mask, batch: int, n_k: int, device) -> torch.Tensor | None:
+    """Validate a key mask (shared by every backend) -> BoolTensor [B, Nk] on `device`, or None.
+    A BoolTensor broadcastable to [B, Nk] ([Nk] or [1, Nk] for every image) is accepted; other dtypes
+    are refused (0.5 or 256 as a "mask" has no single reading)."""
+    if key_mask is None:
+        return None
+    if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool:
+        raise TypeError(f"key_mask must be a BoolTensor [B, Nk], got {getattr(key_mask, 'dtype', type(key_mask))}")
+    try:
+        fits = key_mask.dim() <= 2 and torch.broadcast_shapes(key_mask.shape, (batch, n_k)) == (batch, n_k)
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"key_mask must be [B, Nk] = [{batch}, {n_k}] (or broadcast to it), got {tuple(key_mask.shape)}")
+    return key_mask.to(device).expand(batch, n_k)
+
+
 def attention_scores_torch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -54,10 +71,11 @@ def attention_scores_torch(
     q: [B, Hq, Nq, d]; k: [B, Hk, Nk, d] with Hq a multiple of Hk (grouped-query attention).
     query_index: None (all rows), LongTensor [R] or [B, R] of row indices, or BoolTensor [B, Nq].
     causal: query row i sees keys j <= i + (Nk - Nq) (the queries are the last Nq positions).
-    key_mask: BoolTensor [B, Nk], False for keys nobody may attend to (padding).
+    key_mask: BoolTensor [B, Nk] (or broadcast to it), False for keys nobody may attend to (padding).
     Returns float32 [B, Nk]. Arithmetic is float32 whatever the input dtype.
     """
     b, hq, n_q, d, hk, n_k = check_attention_args(q, k)
+    key_mask = key_mask_of(key_mask, b, n_k, q.device)
     group = hq // hk
     qf = q.float().reshape(b, hk, group, n_q, d)
     kf = k.float()
@@ -76,7 +94,7 @@ def attention_scores_torch(
                 row_pos = torch.arange(start, stop, device=q.device) + (n_k - n_q)
                 allowed = allowed & (key_pos[None, None, :] <= row_pos[None, :, None])
             if key_mask is not None:
-                allowed = allowed & key_mask.to(q.device, torch.bool)[:, None, :]
+                allowed = allowed & key_mask[:, None, :]
             logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))
             probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows with no allowed key -> 0
             out += torch.einsum("bhgqk,bq->bk", probs, w)

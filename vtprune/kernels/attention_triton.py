@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from . import launch
-from .attention_scores_torch import check_attention_args, row_weights
+from .attention_scores_torch import check_attention_args, key_mask_of, row_weights
 
 
 @triton.jit
@@ -116,7 +116,8 @@ def attention_scores_triton(q: torch.Tensor, k: torch.Tensor, scale: float, quer
     m = torch.empty(b, hq, n_q, dtype=torch.float32, device=q.device)
     l = torch.zeros(b, hq, n_q, dtype=torch.float32, device=q.device)
     per_head = torch.empty(b, hq, n_k, dtype=torch.float32, device=q.device)
-    km = key_mask.to(device=q.device, dtype=torch.int8).contiguous() if key_mask is not None else per_head
+    key_mask = key_mask_of(key_mask, b, n_k, q.device)
+    km = key_mask.to(torch.int8).contiguous() if key_mask is not None else per_head
     fp32 = q.dtype == torch.float32 or k.dtype != q.dtype
     ieee = fp32 or not launch.compiled(q)  # (the interpreter: see greedy_triton)
     bd = max(16, triton.next_power_of_2(d))

@@ -20,10 +20,12 @@ SAME = 1e-5
 
 def cosine_gram(features: torch.Tensor) -> torch.Tensor:
     """[B, N, D] -> float32 [B, N, N] cosine similarities (rows normalised; a row whose norm is below
-    1e-12 is left as it is, so zero rows stay zero; a float32 overflow of the squared norm makes the row
-    count as zero); values within SAME of 1 are set to exactly 1."""
+    1e-12 is left as it is, so zero rows stay zero; a float32 overflow of the squared norm, or a NaN or
+    inf entry, makes the row count as zero, as in the Triton kernel); values within SAME of 1 are set to
+    exactly 1."""
     with float32_math(features):
         x = features.float()
+        x = x.masked_fill(~torch.isfinite(x).all(dim=-1, keepdim=True), 0.0)
         x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         sim = x @ x.transpose(1, 2)
     return sim.masked_fill(sim >= 1.0 - SAME, 1.0)
