@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .eval.paths import check_output
+
 
 def _methods(args) -> int:
     from .methods.registry import available, get_method, option_help
@@ -68,7 +70,7 @@ def _tune(args) -> int:
 
     if args.method != "vflowopt":
         raise ValueError(f"only --method vflowopt has a tuner, got {args.method!r}")
-    _output_file(args.out, "--out")
+    check_output(args.out, "--out")
     import torch
 
     model, processor = models.load(args.model, random_weights=args.random_weights)
@@ -99,27 +101,6 @@ def _count(least: int):
     return parse
 
 
-def _output_file(path, option: str) -> None:
-    """Check an output file before the work that fills it (a 50-trial tune used to end on an unwritable
-    path), making nothing: not a folder itself, and the nearest existing folder above it writable (the
-    writers make the missing ones)."""
-    import os
-    from pathlib import Path
-
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{option} {path} is a folder: give a file path")
-    above = path.parent
-    while not above.exists() and above != above.parent:
-        if above.is_symlink():  # a link to a missing folder: the writers' mkdir would fail after the work
-            raise ValueError(f"{option} {path}: {above} links to a missing folder")
-        above = above.parent
-    if not above.is_dir():
-        raise ValueError(f"{option} {path}: {above} is a file, not a folder")
-    if not os.access(above, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise ValueError(f"{option} {path}: not writable")
-
-
 def _budget(args) -> dict:
     if (args.keep is None) == (args.ratio is None):
         raise ValueError("give exactly one of --keep and --ratio")
@@ -134,7 +115,7 @@ def _flops(args) -> int:
 
     budget = _budget(args)
     if args.json:
-        _output_file(args.json, "--json")
+        check_output(args.json, "--json")
     method = args.method or "random"  # every projector-stage strategy gives the same LLM counts
     task = args.task or models.default_task(args.model)
     if args.model in configs.FULL_SCALE:  # token counts from a narrow stand-in, dimensions from the real config
@@ -176,8 +157,8 @@ def _bench(args) -> int:
     if args.out and Path(args.out).suffix == ".md":
         raise ValueError("--out is the JSON record; the markdown table goes beside it as .md: give a .json path")
     if args.out:
-        _output_file(args.out, "--out")
-        _output_file(Path(args.out).with_suffix(".md"), "--out's table")
+        check_output(args.out, "--out")
+        check_output(Path(args.out).with_suffix(".md"), "--out's table")
     for m in methods:  # bad strategies or options fail before the model loads and the baseline runs
         build_method(m, budget)
     if args.compile:  # torch.compile checks its backend and mode when called: before the plain rows, not after

@@ -212,6 +212,19 @@ def test_sweep_rejects_bad_input(tmp_path):
         sweep.run("tiny-llava", ["random"], [0.5], "shapes", tmp_path / "file", random_weights=True)
 
 
+@pytest.mark.parametrize("where", ["under a file", "a dangling link", "under a dangling link"])
+def test_sweep_refuses_an_unusable_out_before_any_cell(tmp_path, monkeypatch, where):
+    # such an --out failed at the first cell's mkdir, after the whole unpatched evaluation had run
+    (tmp_path / "file").write_text("")
+    (tmp_path / "link").symlink_to(tmp_path / "missing")
+    out = {"under a file": tmp_path / "file" / "sub", "a dangling link": tmp_path / "link",
+           "under a dangling link": tmp_path / "link" / "sub"}[where]
+    monkeypatch.setattr(sweep.ShapesCells, "__init__", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(ValueError, match="--out .*(is a file, not a folder|links to a missing folder)"):
+        sweep.run("tiny-llava", ["random"], [0.5], "shapes", out, random_weights=True)
+    assert not (tmp_path / "missing").exists()
+
+
 def test_demo_on_a_bundled_model(tmp_path, monkeypatch, capsys):
     """`vtprune demo` with weights in the package: accuracy table for every strategy x ratio + plots.
     (A random-weight tiny-llava saved as if bundled stands in for the trained one.)"""

@@ -1,3 +1,3 @@
 """Evaluation harness (FLOPs, latency and memory benchmarks, accuracy runs, sweeps, plots).
 
-Empty for now: the harness is tracked in its own issue; nothing here is imported by `vtprune`."""
+Nothing here is imported by `import vtprune`: the command line and the lmms-eval plugin load it."""

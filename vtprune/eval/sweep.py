@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from . import flops
+from .paths import check_output
 
 UNPATCHED = "none"
 FORMAT = 2  # OUT/cells.jsonl cell format: 2 = per-sample TFLOPs, random_weights recorded (none before)
@@ -287,9 +288,7 @@ def run(model_name: str, methods: list[str], ratios: list[float], task: str, out
     methods, ratios = list(dict.fromkeys(methods)), list(dict.fromkeys(float(r) for r in ratios))
     if os.path.isdir(model_name) and model_name not in vtprune_names():  # dir, dir/ and ./dir: one model
         model_name = _model(model_name)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file: give a folder")
+    out = check_output(out, "--out", folder=True)
     log = out / "cells.jsonl"
     logged = read_cells(log)
     base = dict(format=FORMAT, model=model_name, task=task, questions=n_questions, random_weights=bool(random_weights),
