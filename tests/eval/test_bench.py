@@ -131,6 +131,15 @@ def test_a_compiled_row_s_static_cache_is_its_own_prompt_s():
     model.generate(**short, max_new_tokens=2, **tiny.GEN)
     vtprune.uncompile_llm(model)
     assert model._previous_max_cache_length == 99
+    # a model the caller compiled after a longer static generate: the compiled row's recompile (uncompile
+    # first) put back the long prompt's length, and the row reported its 30720 bytes
+    model = tiny.build("llava")
+    model.generate(**long, max_new_tokens=2, cache_implementation="static", **tiny.GEN)
+    vtprune.compile_llm(model, **EAGER)
+    callers = model._previous_max_cache_length
+    assert callers > short["input_ids"].shape[1] + 2
+    assert bench.measure(model, short, new_tokens=2, reps=1, warmup=0, compiled=EAGER).kv_bytes == alone
+    assert model._previous_max_cache_length == callers  # the caller's, put back
 
 
 def test_the_unpatched_row_of_a_patched_model_is_unpatched():

@@ -150,10 +150,10 @@ def measure(model, inputs: dict, method: str | None = None, options: dict | None
         # else the static cache of an earlier, longer prompt (generate() keeps the longest on the model) would be
         # this row's KV figure; put back after
         length = cache_length(model)
-        set_cache_length(model, (False, None))
         try:
             if compiled is not None:
                 vtprune.compile_llm(model, **compiled)
+            set_cache_length(model, (False, None))  # after compile_llm: uncompiling a caller's compile puts one back
             for _ in range(warmup + reps):
                 vision_t.reset()
                 lm_t.reset()
