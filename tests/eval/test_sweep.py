@@ -136,6 +136,26 @@ def test_a_local_directory_is_one_model_however_it_is_spelt(tmp_path, monkeypatc
     assert len(calls) == 2
 
 
+def test_a_local_folder_named_like_a_bundled_model_stays_a_folder(tmp_path, monkeypatch):
+    """`--model ./tiny-llava` (a local folder) was normalised to `tiny-llava`, which loaded the bundled
+    model instead and shared its cells."""
+    from vtprune.eval import models
+
+    model, processor = models.load("tiny-llava", random_weights=True)
+    model.save_pretrained(tmp_path / "tiny-llava")
+    processor.save_pretrained(tmp_path / "tiny-llava")
+    monkeypatch.chdir(tmp_path)
+    loaded, real = [], models.load
+    monkeypatch.setattr(models, "load", lambda name, *a, **k: loaded.append(name) or real(name, *a, **k))
+    args = dict(methods=["random"], ratios=[0.5], task="shapes", out=tmp_path / "out", n_questions=2, batch=2,
+                random_weights=True, progress=False)
+    bundled = sweep.run(model_name="tiny-llava", **args)
+    local = sweep.run(model_name="tiny-llava/", **args)
+    assert loaded == ["tiny-llava", "./tiny-llava"]
+    assert {c["model"] for c in bundled} == {"tiny-llava"} and {c["model"] for c in local} == {"./tiny-llava"}
+    assert sweep.run(model_name="./tiny-llava", **args) == local and len(loaded) == 2  # one model, reused
+
+
 def test_cells_of_the_older_format_are_not_reused(tmp_path, monkeypatch):
     """A cell written before `format` 2 (no random_weights; shapes TFLOPs summed over the batch) is
     ambiguous: it runs again, with a warning, and stays in the file."""

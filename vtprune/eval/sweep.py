@@ -193,8 +193,12 @@ def _cell_of(cell: dict) -> tuple:
 
 def _model(name):
     """A cell's model as one spelling: dir, dir/ and ./dir are one (cells logged before vtprune wrote
-    the normalised name included)."""
-    return os.path.normpath(name) if isinstance(name, str) and name else name
+    the normalised name included). A folder spelled like one of vtprune's names (./tiny-llava) stays a
+    path, ./tiny-llava: as `tiny-llava` it would load (and share cells with) the bundled model."""
+    if not isinstance(name, str) or not name or name in vtprune_names():
+        return name
+    norm = os.path.normpath(name)
+    return os.path.join(".", norm) if norm in vtprune_names() else norm
 
 
 def read_cells(log: Path) -> list[dict]:
@@ -286,7 +290,7 @@ def run(model_name: str, methods: list[str], ratios: list[float], task: str, out
     if unknown:
         raise ValueError(f"unknown strategies {unknown}; available: {', '.join(vtprune.available())}")
     methods, ratios = list(dict.fromkeys(methods)), list(dict.fromkeys(float(r) for r in ratios))
-    if os.path.isdir(model_name) and model_name not in vtprune_names():  # dir, dir/ and ./dir: one model
+    if os.path.isdir(model_name):  # dir, dir/ and ./dir: one model
         model_name = _model(model_name)
     out = check_output(out, "--out", folder=True)
     log = out / "cells.jsonl"
