@@ -206,8 +206,10 @@ def test_eval_set_is_balanced_and_correct(held_out):
     for kind in ("relation", "exist"):
         answers = [q.answer for _, q in held_out if q.kind == kind]
         assert set(answers) == {"yes", "no"} and 0.35 <= answers.count("yes") / len(answers) <= 0.65
-    indices = [i for i, _ in held_out]
-    assert indices == sorted(indices)
+    assert [q.kind for _, q in held_out] == list(KINDS) * 200  # one of each kind in turn
+    for kind in KINDS:  # each kind's questions in scene order
+        indices = [i for i, q in held_out if q.kind == kind]
+        assert indices == sorted(indices)
     for i, q in held_out[::7]:
         _check(sample("eval", i)[0], q)
     # per-kind majority answers stay well below perfect: questions are not guessable from the text kind
@@ -219,6 +221,9 @@ def test_eval_set_with_sizes_and_small_n():
     sized = eval_set(60, sizes=lambda i: qwen_size("eval", i))
     assert [q for _, q in sized] == [q for _, q in eval_set(60)]
     assert len(eval_set(7)) == 7 and eval_set(0) == []
+    full = eval_set(1200)
+    for n in (1, 5, 7, 35, 599):  # a smaller set is the full set's first n (the lmms-eval task's --limit n)
+        assert eval_set(n) == full[:n]
 
 
 def test_report_and_majority_baseline_by_hand():

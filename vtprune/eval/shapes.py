@@ -333,17 +333,20 @@ def qwen_size(split: str, index: int) -> tuple[int, int]:
 def eval_set(n_questions: int = 1200, width: int = 224, height: int = 224,
              sizes: Callable[[int], tuple[int, int]] | None = None) -> list[tuple[int, Question]]:
     """The fixed held-out set: (eval scene index, question) pairs, walking eval indices 0, 1, ... and
-    keeping a question while its kind is under its equal share of `n_questions`."""
+    keeping a question while its kind is under its equal share of `n_questions`, listed one of each kind
+    in turn (KINDS' order). So eval_set(n) is eval_set(1200)[:n]: the first n lines of the lmms-eval
+    task's data file (`--limit n`, `vtprune sweep --questions n`) are the questions `shapes` scores."""
     quota = {k: n_questions // len(KINDS) + (i < n_questions % len(KINDS)) for i, k in enumerate(KINDS)}
-    out, index = [], 0
-    while len(out) < n_questions:
+    by_kind: dict[str, list] = {k: [] for k in KINDS}
+    taken, index = 0, 0
+    while taken < n_questions:
         w, h = sizes(index) if sizes is not None else (width, height)
         for q in sample("eval", index, w, h)[1]:
-            if quota[q.kind] > 0:
-                quota[q.kind] -= 1
-                out.append((index, q))
+            if len(by_kind[q.kind]) < quota[q.kind]:
+                by_kind[q.kind].append((index, q))
+                taken += 1
         index += 1
-    return out
+    return [by_kind[k][j] for j in range(max(quota.values(), default=0)) for k in KINDS if j < len(by_kind[k])]
 
 
 def report(rows: Iterable[tuple[str, bool]]) -> dict:
