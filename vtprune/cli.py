@@ -222,10 +222,16 @@ def _sweep(args) -> int:
         warnings.showwarning = lambda message, *_, **__: print(f"vtprune sweep: warning: {message}", file=sys.stderr)
         cells = sweep.run(args.model, methods, ratios, args.task,
                           args.out, n_questions=args.questions, batch=args.batch, random_weights=args.random_weights)
-    with open(f"{args.out}/commands.txt", "a") as f:  # what made the figures (a resumed sweep adds a line)
-        f.write("vtprune " + " ".join(args.argv) + "\n")
+    from pathlib import Path
+
+    out = Path(args.out)
+    line = "vtprune " + " ".join(args.argv) + "\n"
+    log = out / "commands.txt"  # what made the figures: a resumed sweep adds its line, the same one again nothing
+    if not log.exists() or line not in log.read_text().splitlines(keepends=True)[-1:]:
+        with open(log, "a") as f:
+            f.write(line)
     print(sweep.table(cells))
-    print(f"wrote {args.out}/results.csv, results.json, commands.txt, accuracy_vs_ratio.png, accuracy_vs_tflops.png, "
+    print(f"wrote {out / 'results.csv'}, results.json, commands.txt, accuracy_vs_ratio.png, accuracy_vs_tflops.png, "
           "latency_vs_ratio.png")
     return 0
 

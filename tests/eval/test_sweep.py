@@ -271,11 +271,16 @@ def test_sweep_command_records_what_made_the_figures(tmp_path, capsys):
     from vtprune.cli import main
 
     argv = ["sweep", "--model", "tiny-llava", "--random-weights", "--methods", "random", "--ratios", "0.5",
-            "--questions", "6", "--batch", "3", "--out", str(tmp_path)]
-    assert main(argv) == 0 and main(argv) == 0  # the second run resumes: no new cell
-    assert (tmp_path / "commands.txt").read_text().splitlines() == ["vtprune " + " ".join(argv)] * 2
+            "--questions", "6", "--batch", "3", "--out", str(tmp_path) + "/"]
+    assert main(argv) == 0 and main(argv) == 0  # the second run resumes: no new cell, and no repeated line
+    assert (tmp_path / "commands.txt").read_text().splitlines() == ["vtprune " + " ".join(argv)]
     assert len((tmp_path / "cells.jsonl").read_text().splitlines()) == 2
-    assert any(line.startswith("| random | ") for line in capsys.readouterr().out.splitlines())
+    text = capsys.readouterr().out
+    assert any(line.startswith("| random | ") for line in text.splitlines())
+    assert f"wrote {tmp_path / 'results.csv'}," in text  # (was "DIR//results.csv")
+    more = argv[:7] + ["0.5,0.25"] + argv[8:]
+    assert main(more) == 0 and main(argv) == 0  # another command, then the first again: each is recorded
+    assert (tmp_path / "commands.txt").read_text().splitlines() == ["vtprune " + " ".join(a) for a in (argv, more, argv)]
 
 
 def test_a_task_dataset_that_cannot_download_is_named():
