@@ -240,7 +240,9 @@ def main(argv=None):
         greedy_ms, _ = timed(lambda: greedy_select(feats, keep), reps, device=device)
         saved = row["unpatched_ms"] - row["patched_ms"]
         row.update(selection_ms=greedy_ms, prefill_saved_ms=saved, selection_share_of_saved=greedy_ms / saved if saved > 0 else None)
-        log(f"divprune selection {greedy_ms:.3f} ms = {row['selection_share_of_saved']} of the {saved:.2f} ms saved")
+        share = row["selection_share_of_saved"]
+        log(f"divprune selection {greedy_ms:.3f} ms = " + (f"{share:.1%} of the {saved:.2f} ms saved" if share is not None
+                                                           else f"(pruning saved nothing here: {saved:+.2f} ms)"))
         result["e2e"] = [row]
         save()
     result["complete"] = True

@@ -125,7 +125,8 @@ def relation(model, family, proc, n_questions):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, help="a directory saved by train_tiny.py (or a bundled model's)")
+    ap.add_argument("--model", required=True,
+                    help="a directory saved by train_tiny.py, or a bundled name (tiny-llava, tiny-qwen2vl)")
     ap.add_argument("--scenes", type=int, default=32, help="scenes for the readout and attention probes")
     ap.add_argument("--questions", type=int, default=600, help="held-out questions (their colour ones are used)")
     ap.add_argument("--relation-questions", type=int, default=320,
@@ -134,7 +135,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     import transformers as tf
 
-    model = tf.AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32).eval()
+    path = tinyvlm.BUNDLED / args.model if args.model in tinyvlm.NAMES else Path(args.model)
+    if not path.is_dir():
+        ap.error(f"--model {args.model}: not a directory, nor a bundled name ({', '.join(tinyvlm.NAMES)})")
+    model = tf.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     family = tinyvlm.family_of(model)
     proc = tinyvlm.processor(family)
     with torch.no_grad():
