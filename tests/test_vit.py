@@ -433,3 +433,19 @@ def test_a_deep_copy_of_a_patched_vit_prunes_with_its_own_weights():
             twin.forward_intermediates(IMAGES, indices=[3])
         vtprune.unpatch(twin)
         assert _hooks(twin) == 0 and _hooks(model) > 0
+
+
+@pytest.mark.parametrize("bad, exc, message", [
+    (lambda im: torch.arange(im.keep), TypeError, "must return a vtprune.Selection, got Tensor"),
+    (lambda im: vtprune.Selection(torch.arange(im.keep) + 0.5), TypeError, "indices must be an integer tensor"),
+    (lambda im: vtprune.Selection(torch.arange(im.keep), tokens=torch.zeros(32)), RuntimeError,
+     r"tokens must be a float tensor \[4, 32\]"),
+], ids=["bare_tensor", "float", "tokens_1d"])
+def test_what_a_strategy_returns_is_checked_in_a_vit(monkeypatch, bad, exc, message):
+    """(a [D] tokens tensor was broadcast over every kept token, float indices rounded down)"""
+    from vtprune.methods.registry import get_method
+
+    monkeypatch.setattr(get_method("divprune"), "select_batch", lambda self, ims: [bad(im) for im in ims])
+    model = vtprune.patch_vit(timm_vit(), "divprune", keep=4, layer=1)
+    with torch.no_grad(), pytest.raises(exc, match="divprune.select.*" + message):
+        model(IMAGES)

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from .hooks.base import call_arguments, reduce_attention, wrap_method
-from .hooks.runtime import Stats, _check_selection, _sync
+from .hooks.checks import as_indices, check_indices, check_parts, check_selection
+from .hooks.runtime import Stats, _sync
 from .methods.base import ImageTokens, VisionSignal
 from .methods.registry import build_method
 from .patching import _ATTR
@@ -223,12 +224,17 @@ class VitState:
         _sync(x)
         t0 = time.perf_counter()
         images = [ImageTokens(patches[i], (1, h, w), keep, {k: v[i] for k, v in scores.items()}) for i in range(b)]
+        what = f"{self.method_name}.select"
         sels = self.method.select_batch(images)  # one launch for the batch where the method has a batched form
-        counts = {torch.as_tensor(s.indices).numel() for s in sels}
+        if len(sels) != b:
+            raise RuntimeError(f"{what}_batch: {len(sels)} selections for {b} images")
+        rows = [as_indices(check_selection(s, what).indices, what) for s in sels]
+        counts = {r.numel() for r in rows}
         if len(counts) != 1:
             raise RuntimeError(f"{self.method_name} kept different token counts per image: {sorted(counts)}")
-        idx = torch.stack([torch.as_tensor(s.indices).long().to(x.device) for s in sels])
-        idx = _check_selection(idx, n, keep, f"{self.method_name}.select", rows=True)  # one host sync for the batch
+        idx = check_indices(torch.stack([r.to(x.device) for r in rows]), n, keep, what, rows=True)  # one host sync
+        for s in sels:
+            check_parts(s, idx.shape[1], patches.shape[-1], what)
         if all(s.tokens is None for s in sels):
             kept = patches.gather(1, idx[..., None].expand(-1, -1, patches.shape[-1]))
         else:

@@ -286,6 +286,79 @@ def test_a_strategys_bad_selection_is_an_error(model_factory, monkeypatch, where
         model(**tiny.batch("llava", [0] if where == "select" else [0, 1]))
 
 
+def _tokens(im, k=None):
+    return torch.zeros(im.keep if k is None else k, im.features.shape[-1])
+
+
+@pytest.mark.parametrize("where", ["select", "select_batch", "per_grid"])
+@pytest.mark.parametrize("bad, exc, message", [
+    (lambda im: Selection(torch.arange(im.keep) + 0.7), TypeError, "indices must be an integer tensor, got dtype torch.float32"),
+    (lambda im: torch.arange(im.keep), TypeError, "must return a vtprune.Selection, got Tensor"),
+    (lambda im: Selection(torch.arange(im.keep) - 1), RuntimeError, r"indices out of range"),
+    (lambda im: Selection(torch.arange(im.keep), tokens=torch.zeros(im.features.shape[-1])), RuntimeError,
+     r"tokens must be a float tensor \[\d+, 64\] \(one per kept index\), got torch.float32 \(64,\)"),
+    (lambda im: Selection(torch.arange(im.keep), tokens=_tokens(im).long()), RuntimeError, "tokens must be a float tensor"),
+    (lambda im: Selection(torch.arange(im.keep), tokens=_tokens(im, 1)), RuntimeError, "tokens must be a float tensor"),
+    (lambda im: Selection(torch.arange(im.keep), importance=torch.tensor(1.0)), RuntimeError,
+     r"importance must be a real tensor \[\d+\]"),
+    (lambda im: Selection(torch.arange(im.keep), tokens=_tokens(im), grid=(1, -1, -im.keep)), RuntimeError,
+     r"grid must be 3 ints >= 1"),
+    (lambda im: Selection(torch.arange(im.keep), tokens=_tokens(im), grid=(1, 2, im.keep)), RuntimeError,
+     r"merged grid \(1, 2, \d+\) does not match \d+ tokens"),
+], ids=["float", "bare_tensor", "negative", "tokens_1d", "tokens_int", "tokens_rows", "importance", "grid_signs",
+        "grid_size"])
+def test_what_a_strategy_returns_is_checked_on_every_path(model_factory, monkeypatch, where, bad, exc, message):
+    """Float indices were rounded down (0.7 -> 0), a [D] tokens tensor was broadcast over every kept token,
+    a bare tensor's .indices (a torch method) gave "Could not infer dtype", and on LLaVA-NeXT's per-grid
+    path nothing was checked (index -1 took each grid's last token)."""
+    cls = get_method("divprune")
+    if where == "select_batch":
+        monkeypatch.setattr(cls, "select_batch", lambda self, ims: [bad(im) for im in ims])
+    else:
+        monkeypatch.setattr(cls, "select", lambda self, im: bad(im))
+    if where == "per_grid":
+        monkeypatch.setattr(cls, "per_grid", "select")
+    family = "llava_next" if where == "per_grid" else "llava"
+    model = model_factory(family)
+    vtprune.patch(model, "divprune", keep=8 if where != "per_grid" else 12)
+    with torch.no_grad(), pytest.raises(exc, match="divprune.select.*" + message):
+        model(**tiny.batch(family, [0, 1] if where == "select_batch" else [0]))
+
+
+def test_an_llm_strategy_that_drops_nothing_is_an_error(model_factory, monkeypatch):
+    """select_in_llm returning None (a forgotten `return`), or an llm-stage strategy naming no drop layer,
+    pruned nothing without a word."""
+    cls = get_method("fastv")
+    model = model_factory("llava")
+    monkeypatch.setattr(cls, "select_in_llm", lambda self, tokens: None)
+    vtprune.patch(model, "fastv", keep=4)
+    with torch.no_grad(), pytest.raises(TypeError, match="fastv.select_in_llm returned None"):
+        model(**tiny.batch("llava", [0]))
+    monkeypatch.setattr(cls, "drop_layers", lambda self, n: [])
+    with pytest.raises(ValueError, match="fastv: an llm-stage strategy must name the decoder layers"):
+        vtprune.patch(model, "fastv", keep=4)
+
+
+def test_stats_after_a_forward_that_raised_are_the_last_finished_ones(model_factory, monkeypatch):
+    """A forward that raised in the selection left half-filled figures: visual_after [] and kept_fraction 0.0
+    ("everything pruned")."""
+    model = model_factory("llava")
+    inputs = tiny.batch("llava", [0, 1])
+    vtprune.patch(model, "divprune", keep=4)
+    with torch.no_grad():
+        model(**inputs)
+    good = vtprune.stats(model)
+    assert good.visual_after == [4, 4] and good.kept_fraction == 0.25
+    monkeypatch.setattr(get_method("divprune"), "select_batch", lambda self, ims: 1 / 0)
+    with torch.no_grad(), pytest.raises(ZeroDivisionError):
+        model(**inputs)
+    assert vtprune.stats(model) is good
+    vtprune.patch(model, "divprune", keep=4)  # no finished forward yet: the empty figures
+    with torch.no_grad(), pytest.raises(ZeroDivisionError):
+        model(**inputs)
+    assert vtprune.stats(model).visual_before == [] and vtprune.stats(model).kept_fraction == 1.0
+
+
 def test_select_batch_rows_may_differ_in_length_but_not_in_number(model_factory, monkeypatch):
     """A strategy may keep fewer than its budget, differently per image; select_batch must answer for
     every image it was given."""

@@ -114,6 +114,21 @@ def test_hiprune_ties_go_to_the_lowest_index():
     assert hiprune.select(flat, flat, (4, 4), 3)[0].tolist() == [0, 1, 2]
 
 
+@pytest.mark.parametrize("grid, alpha, exc, words", [
+    ((-4, -4), 0.1, ValueError, "grid must be two ints"),  # its product is 16: it chose tokens with no neighbours
+    ((4.0, 4.0), 0.1, ValueError, "grid must be two ints"),  # (an IndexError deep inside)
+    ((4, 4, 1), 0.1, ValueError, "grid must be two ints"),
+    ((True, 16), 0.1, ValueError, "grid must be two ints"),
+    ((4, 4), "0.1", TypeError, "alpha must be a number"),
+    ((4, 4), True, TypeError, "alpha must be a number"),  # (read as 1.0)
+    ((4, 4), float("nan"), ValueError, "alpha must be a finite number"),
+])
+def test_hiprune_select_checks_grid_and_alpha(grid, alpha, exc, words):
+    scores = torch.rand(1, 16)
+    with pytest.raises(exc, match=words):
+        hiprune.select(scores, scores, grid, 6, alpha=alpha)
+
+
 # token_shuffle ---------------------------------------------------------------------------------
 
 def test_token_shuffle_2x2_windows_means_and_rescale():

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..methods.base import ImageTokens, Method, Selection
+from .checks import check_indices, check_parts, check_selection
 
 
 @dataclass
@@ -172,8 +173,10 @@ def select(method: Method, image: ImageTokens, layout: Layout) -> Selection:
             importance.append(torch.full((idx.numel(),), float("inf"), device=idx.device))
             continue
         part = ImageTokens(image.features[idx], (1, h, w), k, {n: s[idx.to(s.device)] for n, s in image.signals.items()})
-        sel = method.select(part)
-        chosen = sel.indices.to(idx.device)
+        what = f"{method.name}.select"
+        sel = check_selection(method.select(part), what)
+        chosen = check_indices(sel.indices, idx.numel(), k, what).to(idx.device)
+        check_parts(sel, chosen.numel(), image.features.shape[-1], what)
         slots.append(idx[chosen])
         tokens.append(sel.tokens if sel.tokens is not None else part.features[chosen])
         merged = merged or sel.tokens is not None

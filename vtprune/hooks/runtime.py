@@ -23,6 +23,7 @@ import torch
 from ..kernels import attention_scores
 from ..methods.base import ImageTokens, LayerTokens, Method, Selection
 from . import anyres
+from .checks import as_indices, check_indices, check_parts, check_selection
 from .base import SignalStore, call_arguments, wrap_method
 from .sequence import compact_index, compact_text_positions, dropped_before, take
 
@@ -111,22 +112,6 @@ def _sync(t: torch.Tensor):
         torch.cuda.synchronize(t.device)
 
 
-def _check_selection(sel: torch.Tensor, n: int, budget: int, what: str, least: int = 1,
-                     rows: bool = False) -> torch.Tensor:
-    """A method's selection as a LongTensor: [k] indices (rows=True: [B, k], each row one image's) with
-    least <= k <= budget, in [0, n), unique and ascending; one host sync for all the checks."""
-    sel = torch.as_tensor(sel).long()
-    if sel.dim() != (2 if rows else 1) or not least <= sel.shape[-1] <= budget:
-        raise RuntimeError(f"{what}: expected {least}..{budget} indices, got shape {tuple(sel.shape)}")
-    out_of_range, unordered = torch.stack([(sel < 0).any() | (sel >= n).any(),
-                                           (sel[..., 1:] <= sel[..., :-1]).any()]).tolist()
-    if out_of_range:
-        raise RuntimeError(f"{what}: indices out of range [0, {n})")
-    if unordered:
-        raise RuntimeError(f"{what}: indices must be unique and ascending")
-    return sel
-
-
 class PatchState:
     """Everything `patch` attaches to a model: the method, the adapter, hook handles, last stats."""
 
@@ -139,7 +124,7 @@ class PatchState:
         self.scratch: dict | None = None
         self.current: Run | None = None
         self.vision_scores = SignalStore()
-        self.last_stats = Stats(method=method_name)
+        self.last_stats = self.stats_before = Stats(method=method_name)
         self.lm = adapter.language_model()
         self.layers = self.lm.layers
         # names of the multimodal model's forward parameters, for calls that pass some positionally
@@ -154,6 +139,9 @@ class PatchState:
         self.drop_layers = sorted(set(method.drop_layers(n_layers)))
         self.attn_layers = sorted(set(method.attention_layers(n_layers)))
         self.observe_layers = sorted(set(method.observe_layers(n_layers)))
+        if method.stage == "llm" and not self.drop_layers:
+            raise ValueError(f"{method_name}: an llm-stage strategy must name the decoder layers after which it drops "
+                             f"tokens (drop_layers({n_layers}) returned none), else it prunes nothing")
         for p in self.drop_layers:
             if not 0 <= p < n_layers - 1:
                 raise ValueError(f"{method_name}: cannot drop tokens after layer {p} of a {n_layers}-layer decoder")
@@ -233,6 +221,7 @@ class PatchState:
             # model (accelerate's device hooks rebuild the mappings on the way in)
             kwargs = {**kwargs, "mm_encoder_outputs": self.prefill_outputs or self.encoder_outputs
                       or kwargs["mm_encoder_outputs"]}
+        self.stats_before = self.last_stats  # put back if this forward raises (half-filled figures otherwise)
         self.scratch = self.adapter.read_call(kwargs)
         if any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos")):
             self.vision_scores.reset()  # this forward encodes its own images
@@ -270,6 +259,8 @@ class PatchState:
 
     def _inner_post(self, module, args, output):
         self.vision_scores.read()  # the next encode starts afresh (they stay for a use_cache=False rerun)
+        if output is None:  # the forward raised (an always_call hook gets no output): the last finished one's figures
+            self.last_stats = self.stats_before
 
     def _lm_pre(self, module, args, kwargs):
         self.current = None
@@ -356,20 +347,21 @@ class PatchState:
             sels = self.method.select_batch([todo[j][1] for j in members])
             if len(sels) != len(members):
                 raise RuntimeError(f"{self.method_name}.select_batch: {len(sels)} selections for {len(members)} images")
-            rows = [torch.as_tensor(s.indices).long() for s in sels]
+            rows = [as_indices(check_selection(s, f"{what}_batch").indices, what) for s in sels]
             n, keep = len(todo[members[0]][0].slots), todo[members[0]][1].keep
             if len({tuple(r.shape) for r in rows}) == 1:  # one host sync for the group
-                rows = _check_selection(torch.stack(rows), n, keep, what, rows=True)
+                rows = check_indices(torch.stack(rows), n, keep, what, rows=True)
             else:  # a strategy may keep fewer than the budget, differently per image
-                rows = [_check_selection(r, n, keep, what) for r in rows]
+                rows = [check_indices(r, n, keep, what) for r in rows]
             for j, s, row in zip(members, sels, rows):
                 s.indices = row
-                out[j] = s
+                out[j] = check_parts(s, row.numel(), todo[j][1].features.shape[-1], what)
         for j, (u, image) in enumerate(todo):
             if out[j] is None:
                 sel = anyres.select(self.method, image, u.layout) if self._per_grid(u) else self.method.select(image)
-                sel.indices = _check_selection(sel.indices, len(u.slots), image.keep, what)
-                out[j] = sel
+                sel = check_selection(sel, what)
+                sel.indices = check_indices(sel.indices, len(u.slots), image.keep, what)
+                out[j] = check_parts(sel, sel.indices.numel(), image.features.shape[-1], what)
         return out
 
     def _prefill(self, kwargs, scratch, visual):
@@ -510,8 +502,10 @@ class PatchState:
         run its selection again on each level's features and check it chose the same slots (true for
         merges decided by the grid or by vision signals: pool, token_shuffle, vflowopt's recycling)."""
         for level, dense in enumerate(deepstack):
-            again = self.method.select(replace(image, features=dense[u.sample, u.slots]))
-            idx = _check_selection(again.indices, len(u.slots), image.keep, f"{self.method_name}.select")
+            what = f"{self.method_name}.select"
+            again = check_selection(self.method.select(replace(image, features=dense[u.sample, u.slots])), what)
+            idx = check_indices(again.indices, len(u.slots), image.keep, what)
+            check_parts(again, idx.numel(), dense.shape[-1], what)
             if not torch.equal(idx.cpu(), sel.indices.cpu()) or again.tokens is None:
                 raise NotImplementedError(
                     f"{self.method_name}: its merge depends on the token features, so it cannot be applied to "
@@ -540,9 +534,7 @@ class PatchState:
         for u, sel in chosen:
             if sel.grid is None:
                 continue
-            gt, gh, gw = sel.grid
-            if gt * gh * gw != sel.indices.numel():
-                raise RuntimeError(f"{self.method_name}: merged grid {sel.grid} does not match {sel.indices.numel()} tokens")
+            gt, gh, gw = sel.grid  # (checked against the indices by _select_all)
             kept_slots = u.slots[sel.indices.to(u.slots.device)]
             start = original[:, u.sample, u.slots[0]]
             tt, hh, ww = torch.meshgrid(
@@ -713,7 +705,12 @@ class PatchState:
             io = {name: (cap[name][0] if isinstance(cap.get(name), tuple) else cap.get(name))
                   for name in ("attn_in", "attn_out", "mlp_in", "mlp_out")}
             self.method.observe(tokens, io)
-        picks = self.method.select_in_llm(tokens) if p in self.drop_layers else None
+        picks = None
+        if p in self.drop_layers:
+            picks = self.method.select_in_llm(tokens)
+            if picks is None:  # (it would have pruned nothing, silently)
+                raise TypeError(f"{self.method_name}.select_in_llm returned None: return one LongTensor of kept "
+                                "indices per sample")
         _sync(hidden)
         self.last_stats.selection_ms += (time.perf_counter() - t0) * 1e3
         run.captured.pop(p, None)
@@ -726,7 +723,7 @@ class PatchState:
             vis_slots = run.visual[bi].nonzero().squeeze(1)
             if vis_slots.numel() == 0:
                 continue
-            sel = _check_selection(sel, vis_slots.numel(), vis_slots.numel(), f"{self.method_name}.select_in_llm", 0)
+            sel = check_indices(sel, vis_slots.numel(), vis_slots.numel(), f"{self.method_name}.select_in_llm", 0)
             keep[bi, vis_slots[sel.to(vis_slots.device)]] = True
         if bool(keep.all()):
             return None

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ImageTokens, Method, PruneConfig, Selection, VisionSignal, frame_grid, ranking
+from .base import ImageTokens, Method, PruneConfig, Selection, VisionSignal, check_real, frame_grid, ranking
 from .registry import register
 
 
@@ -51,13 +51,15 @@ def select(object_scores: torch.Tensor, deep_scores: torch.Tensor, grid: tuple[i
     if object_scores.shape != deep_scores.shape or object_scores.dim() != 2:
         raise ValueError(f"scores must both be [B, N]; got {tuple(object_scores.shape)} and {tuple(deep_scores.shape)}")
     b, n = object_scores.shape
+    if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+            or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in grid)):
+        raise ValueError(f"grid must be two ints (H, W) >= 1, got {grid!r}")
     h, w = grid
     if h * w != n:
         raise ValueError(f"grid {h}x{w} does not cover {n} tokens")
     if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= n:
         raise ValueError(f"keep must be an int in [1, {n}], got {keep!r}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    alpha = check_real("alpha", alpha, 0.0, 1.0)
     out = torch.empty(b, keep, dtype=torch.long, device=object_scores.device)
     for i in range(b):
         na = n_anchors(keep, alpha)

@@ -1,0 +1,63 @@
+"""Checks on what a strategy returns (built-in or registered by a user), shared by the VLM runtime, the
+anyres split and patch_vit: a bad selection fails naming the method, never runs silently wrong."""
+from __future__ import annotations
+
+import torch
+
+from ..methods.base import Selection
+
+
+def check_selection(sel, what: str) -> Selection:
+    """`sel` must be a vtprune.Selection (a bare tensor's .indices is a torch method, not indices)."""
+    if not isinstance(sel, Selection):
+        raise TypeError(f"{what} must return a vtprune.Selection, got {type(sel).__name__}")
+    return sel
+
+
+def as_indices(sel, what: str) -> torch.Tensor:
+    """Indices as a LongTensor, integer dtypes only (2.7 would be read as 2, a bool mask as 0s and 1s)."""
+    try:
+        sel = torch.as_tensor(sel)
+    except (TypeError, RuntimeError, ValueError):
+        raise TypeError(f"{what}: indices must be an integer tensor, got {type(sel).__name__}") from None
+    if sel.dtype == torch.bool or sel.is_floating_point() or sel.is_complex():
+        raise TypeError(f"{what}: indices must be an integer tensor, got dtype {sel.dtype}")
+    return sel.long()
+
+
+def check_indices(sel, n: int, budget: int, what: str, least: int = 1, rows: bool = False) -> torch.Tensor:
+    """A method's selection as a LongTensor: [k] indices (rows=True: [B, k], each row one image's) with
+    least <= k <= budget, in [0, n), unique and ascending; one host sync for all the checks."""
+    sel = as_indices(sel, what)
+    if sel.dim() != (2 if rows else 1) or not least <= sel.shape[-1] <= budget:
+        raise RuntimeError(f"{what}: expected {least}..{budget} indices, got shape {tuple(sel.shape)}")
+    out_of_range, unordered = torch.stack([(sel < 0).any() | (sel >= n).any(),
+                                           (sel[..., 1:] <= sel[..., :-1]).any()]).tolist()
+    if out_of_range:
+        raise RuntimeError(f"{what}: indices out of range [0, {n})")
+    if unordered:
+        raise RuntimeError(f"{what}: indices must be unique and ascending")
+    return sel
+
+
+def check_parts(sel: Selection, k: int, dim: int, what: str) -> Selection:
+    """A selection's optional parts against its k checked indices: tokens a float [k, dim] tensor,
+    importance a real [k] tensor, grid (t, h, w) ints >= 1 whose product is k."""
+    if sel.tokens is not None:
+        t = sel.tokens
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != (k, dim):
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise RuntimeError(f"{what}: tokens must be a float tensor [{k}, {dim}] (one per kept index), got {got}")
+    if sel.importance is not None:
+        s = sel.importance
+        if not isinstance(s, torch.Tensor) or s.dtype == torch.bool or s.is_complex() or tuple(s.shape) != (k,):
+            got = f"{s.dtype} {tuple(s.shape)}" if isinstance(s, torch.Tensor) else type(s).__name__
+            raise RuntimeError(f"{what}: importance must be a real tensor [{k}] (one per kept index), got {got}")
+    if sel.grid is not None:
+        g = sel.grid
+        if (not isinstance(g, (tuple, list)) or len(g) != 3
+                or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in g)):
+            raise RuntimeError(f"{what}: grid must be 3 ints >= 1 (t, h, w), got {g!r}")
+        if g[0] * g[1] * g[2] != k:
+            raise RuntimeError(f"{what}: merged grid {tuple(g)} does not match {k} tokens")
+    return sel
