@@ -127,9 +127,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True,
                     help="a directory saved by train_tiny.py, or a bundled name (tiny-llava, tiny-qwen2vl)")
-    ap.add_argument("--scenes", type=int, default=32, help="scenes for the readout and attention probes")
-    ap.add_argument("--questions", type=int, default=600, help="held-out questions (their colour ones are used)")
-    ap.add_argument("--relation-questions", type=int, default=320,
+    ap.add_argument("--scenes", type=train_tiny.at_least(1), default=32, help="scenes for the readout and attention probes")
+    ap.add_argument("--questions", type=train_tiny.at_least(1), default=600, help="held-out questions (their colour ones are used)")
+    ap.add_argument("--relation-questions", type=train_tiny.at_least(1), default=320,
                     help="relation questions (training-split scenes no run has used) for the relation probes")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)

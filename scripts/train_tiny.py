@@ -1,4 +1,4 @@
-"""Train a bundled tiny VLM on the synthetic `shapes` benchmark (reproducible by seed and step counts).
+"""Train a bundled tiny VLM on the synthetic `shapes` benchmark (reproducible by seed, step counts and --threads).
 
   python scripts/train_tiny.py --family llava --out vtprune/bundled/tiny-llava
   python scripts/train_tiny.py --family qwen2_vl --out vtprune/bundled/tiny-qwen2vl
@@ -40,6 +40,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vtprune.eval import shapes, tinyvlm  # noqa: E402
 
 KEYS = ("colour", "shape", "digit", "cell", "centre")
+
+
+def at_least(least: int):
+    """argparse type: an int >= least (0 questions per kind, or a batch of 0, hung or crashed later)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
+        return value
+    return parse
 
 
 def scenes(family, start, count, per_kind=3, only=None):
@@ -565,14 +578,14 @@ def main(argv=None):
     ap.add_argument("--family", choices=["llava", "qwen2_vl"], required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--vision-steps", type=int, default=400)
-    ap.add_argument("--align-steps", type=int, default=300, help="projector alignment steps (stage P) before stage B")
-    ap.add_argument("--qa-steps", type=int, default=1200)
-    ap.add_argument("--full-steps", type=int, default=300)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--max-questions", type=int, default=4, help="question/answer pairs per image per sequence")
-    ap.add_argument("--per-kind", type=int, default=3, help="questions of each kind drawn per training scene")
-    ap.add_argument("--eval-questions", type=int, default=1200)
+    ap.add_argument("--vision-steps", type=at_least(0), default=400)
+    ap.add_argument("--align-steps", type=at_least(0), default=300, help="projector alignment steps (stage P) before stage B")
+    ap.add_argument("--qa-steps", type=at_least(0), default=1200)
+    ap.add_argument("--full-steps", type=at_least(0), default=300)
+    ap.add_argument("--batch", type=at_least(1), default=32)
+    ap.add_argument("--max-questions", type=at_least(1), default=4, help="question/answer pairs per image per sequence")
+    ap.add_argument("--per-kind", type=at_least(1), default=3, help="questions of each kind drawn per training scene")
+    ap.add_argument("--eval-questions", type=at_least(1), default=1200)
     ap.add_argument("--eval-only", action="store_true", help="only (re-)evaluate the model saved in OUT")
     ap.add_argument("--reuse-vision", action="store_true", help="start from OUT/vision_stage.pt (stage A) if present")
     ap.add_argument("--vision-from", default=None,
@@ -581,13 +594,13 @@ def main(argv=None):
     ap.add_argument("--init", default=None, help="continue from a model saved by this script (skips stages A and P)")
     ap.add_argument("--start-scene", type=int, default=None,
                     help="first training scene index (default 0, or where the --init run stopped)")
-    ap.add_argument("--save-every", type=int, default=0, help="also save the model to OUT every N stage B/C steps")
+    ap.add_argument("--save-every", type=at_least(0), default=0, help="also save the model to OUT every N stage B/C steps")
     ap.add_argument("--only", default=None, help="comma-separated question kinds to train on (experiments)")
     ap.add_argument("--curriculum", default=None,
                     help="stage B question kinds in order, e.g. colour,shape,digit,exist,relation,count: the first "
                          "alone for --first-phase steps, then one more kind every --phase steps (cumulative)")
-    ap.add_argument("--first-phase", type=int, default=500)
-    ap.add_argument("--phase", type=int, default=300)
+    ap.add_argument("--first-phase", type=at_least(0), default=500)
+    ap.add_argument("--phase", type=at_least(1), default=300)
     ap.add_argument("--qa-lr", type=float, default=1e-3)
     ap.add_argument("--attn-sup", type=float, default=0.5,
                     help="weight of the attention supervision in stages B and C (0: answers only)")
@@ -614,11 +627,17 @@ def main(argv=None):
                          "first layer; --aux-probe asks it for what its answer is decided by: which relation "
                          "(at the second layer's input and where it reads the two objects' words) and, there, "
                          "how the objects' rows and columns compare (before, same, after)")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--threads", type=at_least(0), default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--label-rule", choices=["cover", "centre"], default="cover",
                     help="per-token labels in stages A and P (shapes.patch_labels): cover = also small objects "
                          "between token centres")
     args = ap.parse_args(argv)
+    if args.only is not None:
+        unknown = set(args.only.split(",")) - set(shapes.KINDS)  # (a scene with no question of the kinds: an endless search)
+        if unknown:
+            raise SystemExit(f"--only: unknown kinds {sorted(unknown)}; kinds: {', '.join(shapes.KINDS)}")
+    if args.eval_only and not (Path(args.out) / "config.json").is_file():
+        raise SystemExit(f"--eval-only: {args.out} holds no model saved by this script")
     bg_bias = None
     if args.background_bias:
         try:
@@ -660,7 +679,7 @@ def main(argv=None):
         "colour": torch.nn.Linear(dim, len(shapes.COLOURS) + 1), "shape": torch.nn.Linear(dim, len(shapes.SHAPES) + 1),
         "digit": torch.nn.Linear(dim, 11), "cell": torch.nn.Linear(dim, 9), "centre": torch.nn.Linear(dim, 2)}).to(device)
     ckpt = out / "vision_stage.pt"
-    stage_a_key = [args.seed, args.vision_steps, args.batch, args.label_rule]
+    stage_a_key = [args.family, args.seed, args.vision_steps, args.batch, args.vision_lr, args.label_rule]
     if args.init:
         init = tf.AutoModelForImageTextToText.from_pretrained(args.init, dtype=torch.float32)
         model.load_state_dict(init.state_dict())
@@ -677,7 +696,9 @@ def main(argv=None):
         torch.save({"model": model.state_dict(), "offset": offset, "args": stage_a_key + [args.vision_from]}, ckpt)
     elif args.reuse_vision and ckpt.exists():  # the same stage A (same seed and steps) done before
         saved = torch.load(ckpt, map_location="cpu")
-        assert saved["args"] == stage_a_key, f"stage A checkpoint from other settings: {saved['args']}"
+        if saved["args"] != stage_a_key:
+            raise SystemExit(f"--reuse-vision: {ckpt} is a stage A of other settings ({saved['args']}; this run: "
+                             f"{stage_a_key}, as family, seed, vision steps, batch, vision lr, label rule)")
         model.load_state_dict(saved["model"])
         offset = saved["offset"]
         log(f"stage A reused from {ckpt}")

@@ -4,7 +4,8 @@
 
 AdamW with a cosine schedule on freshly generated training images (deterministic by seed and step
 counts); saves fp16 safetensors, the command and the log to OUT/train_log.json together with the
-held-out accuracy of every patch_vit strategy at the kept ratios (pruning after --layer).
+held-out accuracy of every patch_vit strategy at the kept ratios (pruning after --layer). Same seed,
+steps and CPU thread count: the same weights.
 """
 from __future__ import annotations
 
@@ -24,17 +25,42 @@ from vtprune.eval import tinyvit  # noqa: E402
 METHODS = ["random", "pool", "token_shuffle", "divprune", "todre", "hiprune"]
 
 
+def at_least(least: int):
+    """argparse type: an int >= least."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
+        return value
+    return parse
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--steps", type=at_least(1), default=1500)
+    ap.add_argument("--batch", type=at_least(1), default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--layer", type=int, default=2, help="patch_vit layer for the accuracy table")
     ap.add_argument("--ratios", default="0.5,0.25,0.111")
-    ap.add_argument("--eval-images", type=int, default=1000)
+    ap.add_argument("--eval-images", type=at_least(1), default=1000)
     args = ap.parse_args(argv)
+    # the evaluation's settings are checked before training (they failed after it, over the saved weights)
+    import vtprune
+
+    try:
+        ratios = [float(r) for r in args.ratios.split(",")]
+    except ValueError:
+        ap.error(f"--ratios: comma-separated numbers in (0, 1], got {args.ratios!r}")
+    for r in ratios:
+        try:
+            vtprune.unpatch(vtprune.patch_vit(tinyvit.build(), "random", ratio=r, layer=args.layer))
+        except ValueError as e:
+            ap.error(f"--ratios / --layer: {e}")
     tinyvit.seed_all(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,7 +102,7 @@ def main(argv=None):
 
     model.load_state_dict({k: v.float() for k, v in load_file(out / "model.safetensors").items()})
     model.eval()
-    rows = tinyvit.sweep(model, METHODS, [float(r) for r in args.ratios.split(",")], args.layer, args.eval_images)
+    rows = tinyvit.sweep(model, METHODS, ratios, args.layer, args.eval_images)
     print(tinyvit.table(rows), flush=True)
     record = {"command": " ".join(["python", "scripts/train_tiny_vit.py"] + (argv if argv is not None else sys.argv[1:])),
               "args": vars(args), "arch": tinyvit.ARCH, "torch": torch.__version__,

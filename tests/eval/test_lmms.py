@@ -207,13 +207,14 @@ def test_sweep_on_an_lmms_eval_task_resumes(tmp_path, monkeypatch):
         sweep.run(methods=["random"], ratios=[0.5], **{**args, "task": "vtprune_nope"})
 
 
-def test_the_first_n_questions_are_the_ones_shapes_scores(tmp_path):
+@pytest.mark.parametrize("model, task", [("tiny-llava", TASK), ("tiny-qwen2vl", TASK + "_dynres")])
+def test_the_first_n_questions_are_the_ones_shapes_scores(tmp_path, model, task):
     """`--questions n` on vtprune_shapes (lmms-eval's limit: the data file's first n lines) scored other
     questions than on `shapes` (a balanced eval_set(n)): 0.678 vs 0.689 for hiprune at 0.25, n = 90."""
     assert all(shapes.eval_set(n) == shapes.eval_set(1200)[:n] for n in (7, 36, 90))
-    args = dict(model_name="tiny-llava", methods=["hiprune"], ratios=[0.25], n_questions=36, batch=12, progress=False)
+    args = dict(model_name=model, methods=["hiprune"], ratios=[0.25], n_questions=36, batch=12, progress=False)
     ours = sweep.run(task="shapes", out=tmp_path / "shapes", **args)
-    theirs = sweep.run(task=TASK, out=tmp_path / "lmms", **args)
+    theirs = sweep.run(task=task, out=tmp_path / "lmms", **args)
     assert [(c["accuracy"], c["by_kind"]) for c in theirs] == [(c["accuracy"], c["by_kind"]) for c in ours]
     assert ours[0]["accuracy"] != ours[1]["accuracy"]  # (a real difference to agree on)
 

@@ -36,6 +36,13 @@ def test_train_script_smoke(family, tmp_path):
     train_tiny.main(["--family", family, "--out", str(out), "--vision-steps", "1", "--align-steps", "0",
                      "--qa-steps", "1", "--full-steps", "0", "--batch", "2", "--eval-questions", "6", "--reuse-vision"])
     assert any("stage A reused" in line for line in json.loads((out / "train_log.json").read_text())["log"])
+    # ... and refused, by name, when they don't (another --vision-lr was reused silently; another family was a
+    # load_state_dict traceback; a bare assert, skipped under python -O)
+    other = "qwen2_vl" if family == "llava" else "llava"
+    for extra in (["--family", family, "--vision-lr", "1e-9"], ["--family", other]):
+        with pytest.raises(SystemExit, match="--reuse-vision: .* is a stage A of other settings"):
+            train_tiny.main(["--out", str(out), "--vision-steps", "1", "--align-steps", "0", "--qa-steps", "1",
+                             "--full-steps", "0", "--batch", "2", "--eval-questions", "6", "--reuse-vision", *extra])
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
@@ -471,3 +478,31 @@ def test_background_bias_schedule_and_cli_checks(tmp_path):
             train_tiny.main(["--family", "llava", "--out", str(tmp_path), f"--background-bias={bad}"])
     with pytest.raises(SystemExit, match="--attn-sup"):
         train_tiny.main(["--family", "llava", "--out", str(tmp_path), "--background-bias", "1,0,1", "--attn-sup", "0"])
+
+
+@pytest.mark.parametrize("script, args, words", [
+    ("train_tiny", ["--per-kind", "0"], None),  # hung: no scene has a question of 0 per kind
+    ("train_tiny", ["--only", "colour,colors"], "--only: unknown kinds \\['colors'\\]"),  # (dropped silently)
+    ("train_tiny", ["--only", "foo"], "--only: unknown kinds"),  # hung
+    ("train_tiny", ["--phase", "0"], None),  # ZeroDivisionError
+    ("train_tiny", ["--max-questions", "0"], None),
+    ("train_tiny", ["--batch", "0"], None),
+    ("train_tiny", ["--eval-only"], "holds no model saved by this script"),
+    ("train_tiny_vit", ["--ratios", "0.5,abc"], None),  # failed after training, over the saved weights
+    ("train_tiny_vit", ["--ratios", "1.5"], None),
+    ("train_tiny_vit", ["--layer", "9"], None),
+    ("train_tiny_vit", ["--steps", "0"], None),
+    ("diagnose_tiny", ["--scenes", "0"], None),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else str(v))
+def test_script_options_are_checked_before_any_work(tmp_path, capsys, script, args, words):
+    module = _script(script)
+    out = tmp_path / "out"
+    base = {"train_tiny": ["--family", "llava", "--out", str(out)], "train_tiny_vit": ["--out", str(out)],
+            "diagnose_tiny": ["--model", "tiny-llava"]}[script]
+    with pytest.raises(SystemExit) as e:
+        module.main(base + args)
+    if words is None:  # argparse's own error: exit status 2 and a line naming the option
+        assert e.value.code == 2 and args[0] in capsys.readouterr().err
+    else:
+        assert e.value.code not in (0, None) and __import__("re").search(words, str(e.value.code))
+    assert not out.exists()
