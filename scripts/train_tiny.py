@@ -37,22 +37,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vtprune.cli import at_least  # noqa: E402
 from vtprune.eval import shapes, tinyvlm  # noqa: E402
 
 KEYS = ("colour", "shape", "digit", "cell", "centre")
-
-
-def at_least(least: int):
-    """argparse type: an int >= least (0 questions per kind, or a batch of 0, hung or crashed later)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < least:
-            raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
-        return value
-    return parse
 
 
 def scenes(family, start, count, per_kind=3, only=None):

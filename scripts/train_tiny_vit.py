@@ -20,22 +20,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vtprune.cli import at_least  # noqa: E402
 from vtprune.eval import tinyvit  # noqa: E402
 
 METHODS = ["random", "pool", "token_shuffle", "divprune", "todre", "hiprune"]
-
-
-def at_least(least: int):
-    """argparse type: an int >= least."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < least:
-            raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
-        return value
-    return parse
 
 
 def main(argv=None):

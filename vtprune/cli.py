@@ -88,8 +88,8 @@ def _tune(args) -> int:
     return 0
 
 
-def _count(least: int):
-    """argparse type: an int >= least."""
+def at_least(least: int):
+    """argparse type: an int >= least (the command line and the training scripts)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -168,7 +168,7 @@ def _bench(args) -> int:
             raise ValueError(f"--compile-backend {args.compile_backend} / --compile-mode {args.compile_mode}: "
                              f"{e}") from None
     try:
-        batches = list(dict.fromkeys(_count(1)(x) for x in _items(args.batch, "--batch")))
+        batches = list(dict.fromkeys(at_least(1)(x) for x in _items(args.batch, "--batch")))
     except argparse.ArgumentTypeError as e:
         raise ValueError(f"--batch: {e}") from None
     model, processor = models.load(args.model, random_weights=args.random_weights)
@@ -261,7 +261,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("demo", help="every strategy x ratio on the bundled tiny model (accuracy table + plots)")
     p.add_argument("--ratios", default="1.0,0.5,0.25,0.111", help="comma-separated kept fractions")
     p.add_argument("--out", default="vtprune-demo", help="directory for the results and plots (bundled model)")
-    p.add_argument("--questions", type=_count(1), default=90, help="held-out questions per cell (bundled model)")
+    p.add_argument("--questions", type=at_least(1), default=90, help="held-out questions per cell (bundled model)")
     p.add_argument("--plumbing", action="store_true", help="random-weight plumbing table even if trained weights exist")
     p.add_argument("--families", default="llava,qwen2_vl",
                    help="(plumbing) comma-separated: llava, llava_next, llava_onevision, qwen2_vl, qwen2_5_vl, qwen3_vl")
@@ -273,8 +273,8 @@ def main(argv=None) -> int:
     p.add_argument("--task", default="shapes", help="calibration task: shapes (train split; LLaVA and Qwen2-VL), "
                    "synthetic (BOS + image + random text), tiny-prompts (test models)")
     p.add_argument("--budget", type=float, required=True, help="layer-averaged kept fraction, e.g. 0.25")
-    p.add_argument("--samples", type=_count(1), default=30, help="calibration samples (default 30, as the paper)")
-    p.add_argument("--iterations", type=_count(1), default=50, help="optimiser trials (default 50, as the paper)")
+    p.add_argument("--samples", type=at_least(1), default=30, help="calibration samples (default 30, as the paper)")
+    p.add_argument("--iterations", type=at_least(1), default=50, help="optimiser trials (default 50, as the paper)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--random-weights", action="store_true", help="bundled architecture with random weights")
     p.add_argument("--out", required=True, help="config file to write (JSON)")
@@ -288,12 +288,12 @@ def main(argv=None) -> int:
     _model_budget_args(p)
     p.add_argument("--methods", required=True, help="comma-separated strategies")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes")
-    p.add_argument("--new-tokens", type=_count(1), default=32, help="tokens generated per run")
-    p.add_argument("--reps", type=_count(1), default=5, help="timed runs per cell (median), after one warm-up")
+    p.add_argument("--new-tokens", type=at_least(1), default=32, help="tokens generated per run")
+    p.add_argument("--reps", type=at_least(1), default=5, help="timed runs per cell (median), after one warm-up")
     p.add_argument("--compile", action="store_true",
                    help="also measure every row on the compiled path (vtprune.compile_llm: torch.compile of the "
                         "language model + static KV cache), side by side with the plain one")
-    p.add_argument("--compile-warmup", type=_count(0), default=3,
+    p.add_argument("--compile-warmup", type=at_least(0), default=3,
                    help="untimed runs per compiled cell (compilation and CUDA-graph recording happen in these)")
     p.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode of the compiled path")
     p.add_argument("--compile-backend", default="inductor",
@@ -306,8 +306,8 @@ def main(argv=None) -> int:
     p.add_argument("--ratios", default="0.5,0.25,0.111", help="comma-separated kept fractions")
     p.add_argument("--task", default="shapes", help="evaluation task: shapes, or an lmms-eval task (vtprune_shapes, "
                    "mme, ...; needs pip install 'vtprune[eval]')")
-    p.add_argument("--questions", type=_count(1), default=1200, help="held-out questions per cell (lmms-eval: --limit)")
-    p.add_argument("--batch", type=_count(1), default=32,
+    p.add_argument("--questions", type=at_least(1), default=1200, help="held-out questions per cell (lmms-eval: --limit)")
+    p.add_argument("--batch", type=at_least(1), default=32,
                    help="evaluation batch size (prefill latency is of one batch; FLOPs are per sample)")
     p.add_argument("--random-weights", action="store_true", help="bundled architecture with random weights")
     p.add_argument("--out", required=True, help="directory for results and plots (finished cells with the same model, "

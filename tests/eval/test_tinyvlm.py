@@ -93,3 +93,31 @@ def test_answers_are_left_padded_whatever_the_checkpoint_pads(name):
     proc.tokenizer.padding_side = "right"
     assert tinyvlm.answers(model, proc, images, texts, batch_size=12) == one
     assert proc.tokenizer.padding_side == "right"
+
+
+def test_split_overlap_finds_content_twins_and_the_readme_quotes_its_json():
+    """The splits differ by seed only: train scene 65490 repeats held-out scene 135's content (other jitter).
+    scripts/split_overlap.py lists such twins; the README's sentence is generated from its JSON."""
+    import json
+    import pathlib
+    import re
+    import sys
+
+    from vtprune.eval import shapes
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    sys.path.insert(0, str(root / "scripts"))
+    try:
+        import split_overlap
+    finally:
+        sys.path.pop(0)
+    train, held = shapes.make_scene(shapes._rng("train", 65490)), shapes.make_scene(shapes._rng("eval", 135))
+    assert split_overlap.content(train) == split_overlap.content(held)
+    assert [o.box for o in train.objects] != [o.box for o in held.objects]  # the same content, other pixels
+    assert split_overlap.twins([135, 0], 200, progress=False) == {}
+    recorded = json.loads((root / "results" / "split_overlap.json").read_text())
+    assert 65490 in recorded["models"]["tiny-llava"]["twins"]["135"]
+    readme = (root / "README.md").read_text()
+    block = re.search(r"<!-- overlap:start -->\n(.*?)<!-- overlap:end -->", readme, re.S)
+    assert block and block.group(1).strip() == split_overlap.readme_note(root / "results" / "split_overlap.json"), \
+        "stale: python scripts/update_readme.py"
