@@ -82,6 +82,10 @@ class QwenVLAdapter(Adapter):
         return units
 
     # vision signals: attention inside chosen ViT blocks, per image, merged to LLM tokens -------
+    def layout_hint(self):
+        return (" (an image's grid is read off its M-RoPE positions, which transformers computes from input_ids: "
+                "a call with inputs_embeds alone gets text positions; pass input_ids)")
+
     def install_vision_signals(self, signals, store):
         visual = self.model.model.visual
         blocks = visual.blocks

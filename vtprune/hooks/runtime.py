@@ -417,6 +417,9 @@ class PatchState:
         if not self.pre_llm:
             # Nothing happens before the decoder; the drop hooks act if any image is over budget.
             run.changed = prunes
+            # (decode steps number a new token as the prefill did: by slot on the model's default positions; left
+            # unset here, a left-padded LLaVA row's first decoded token took another position after fastv/transprune)
+            run.default_positions = kwargs.get("position_ids") is None
             if not run.changed:
                 self.current = None
                 self.last_stats.visual_after = list(self.last_stats.visual_before)
