@@ -16,6 +16,7 @@ TFLOPs per sample with the Pareto front marked, prefill latency vs kept ratio.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import statistics
@@ -58,11 +59,13 @@ def accuracy(task: str, model, processor, n_questions: int, batch: int) -> dict:
     raise ValueError(f"unknown task {task!r}; available: shapes, or an lmms-eval task (pip install 'vtprune[eval]')")
 
 
-def vtprune_names() -> set[str]:
-    """The model names vtprune.eval.models.load resolves before looking for a directory."""
+@functools.cache
+def vtprune_names() -> frozenset[str]:
+    """The model names vtprune.eval.models.load resolves before looking for a directory (read once: every
+    logged cell's model name is checked against them)."""
     from . import configs, models, tinyvlm
 
-    return set(tinyvlm.NAMES) | set(models.TEST_MODELS) | set(configs.FULL_SCALE)
+    return frozenset(tinyvlm.NAMES) | frozenset(models.TEST_MODELS) | frozenset(configs.FULL_SCALE)
 
 
 def default_device() -> str:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..methods.base import ImageTokens, Method, Selection
-from .checks import check_indices, check_parts, check_selection
+from .checks import checked
 
 
 @dataclass
@@ -174,9 +174,8 @@ def select(method: Method, image: ImageTokens, layout: Layout) -> Selection:
             continue
         part = ImageTokens(image.features[idx], (1, h, w), k, {n: s[idx.to(s.device)] for n, s in image.signals.items()})
         what = f"{method.name}.select"
-        sel = check_selection(method.select(part), what)
-        chosen = check_indices(sel.indices, idx.numel(), k, what).to(idx.device)
-        check_parts(sel, chosen.numel(), image.features.shape[-1], what)
+        sel = checked(method.select(part), idx.numel(), k, image.features.shape[-1], what)
+        chosen = sel.indices.to(idx.device)
         slots.append(idx[chosen])
         tokens.append(sel.tokens if sel.tokens is not None else part.features[chosen])
         merged = merged or sel.tokens is not None

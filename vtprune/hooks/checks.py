@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..methods.base import Selection
+from ..methods.base import Selection, is_grid
 
 
 def check_selection(sel, what: str) -> Selection:
@@ -40,6 +40,14 @@ def check_indices(sel, n: int, budget: int, what: str, least: int = 1, rows: boo
     return sel
 
 
+def checked(sel, n: int, budget: int, dim: int, what: str) -> Selection:
+    """One image's selection checked whole (`check_selection`, `check_indices`, `check_parts`); its
+    indices become the checked LongTensor."""
+    sel = check_selection(sel, what)
+    sel.indices = check_indices(sel.indices, n, budget, what)
+    return check_parts(sel, sel.indices.numel(), dim, what)
+
+
 def check_parts(sel: Selection, k: int, dim: int, what: str) -> Selection:
     """A selection's optional parts against its k checked indices: tokens a float [k, dim] tensor,
     importance a real [k] tensor, grid (t, h, w) ints >= 1 whose product is k."""
@@ -55,8 +63,7 @@ def check_parts(sel: Selection, k: int, dim: int, what: str) -> Selection:
             raise RuntimeError(f"{what}: importance must be a real tensor [{k}] (one per kept index), got {got}")
     if sel.grid is not None:
         g = sel.grid
-        if (not isinstance(g, (tuple, list)) or len(g) != 3
-                or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in g)):
+        if not is_grid(g, 3):
             raise RuntimeError(f"{what}: grid must be 3 ints >= 1 (t, h, w), got {g!r}")
         if g[0] * g[1] * g[2] != k:
             raise RuntimeError(f"{what}: merged grid {tuple(g)} does not match {k} tokens")

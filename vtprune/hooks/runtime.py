@@ -23,7 +23,7 @@ import torch
 from ..kernels import attention_scores
 from ..methods.base import ImageTokens, LayerTokens, Method, Selection
 from . import anyres
-from .checks import as_indices, check_indices, check_parts, check_selection
+from .checks import as_indices, check_indices, check_parts, check_selection, checked
 from .base import SignalStore, call_arguments, wrap_method
 from .sequence import compact_index, compact_text_positions, dropped_before, take
 
@@ -359,9 +359,7 @@ class PatchState:
         for j, (u, image) in enumerate(todo):
             if out[j] is None:
                 sel = anyres.select(self.method, image, u.layout) if self._per_grid(u) else self.method.select(image)
-                sel = check_selection(sel, what)
-                sel.indices = check_indices(sel.indices, len(u.slots), image.keep, what)
-                out[j] = check_parts(sel, sel.indices.numel(), image.features.shape[-1], what)
+                out[j] = checked(sel, len(u.slots), image.keep, image.features.shape[-1], what)
         return out
 
     def _prefill(self, kwargs, scratch, visual):
@@ -506,9 +504,9 @@ class PatchState:
         merges decided by the grid or by vision signals: pool, token_shuffle, vflowopt's recycling)."""
         for level, dense in enumerate(deepstack):
             what = f"{self.method_name}.select"
-            again = check_selection(self.method.select(replace(image, features=dense[u.sample, u.slots])), what)
-            idx = check_indices(again.indices, len(u.slots), image.keep, what)
-            check_parts(again, idx.numel(), dense.shape[-1], what)
+            again = checked(self.method.select(replace(image, features=dense[u.sample, u.slots])), len(u.slots),
+                            image.keep, dense.shape[-1], what)
+            idx = again.indices
             if not torch.equal(idx.cpu(), sel.indices.cpu()) or again.tokens is None:
                 raise NotImplementedError(
                     f"{self.method_name}: its merge depends on the token features, so it cannot be applied to "

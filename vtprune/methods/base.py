@@ -92,6 +92,12 @@ def check_int(name: str, value, low: int | None = None, high: int | None = None)
     return value
 
 
+def is_grid(value, rank: int) -> bool:
+    """`value` is a grid: a tuple or list of `rank` ints (not bools) >= 1."""
+    return (isinstance(value, (tuple, list)) and len(value) == rank
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in value))
+
+
 def check_bool(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool (True or False), got {value!r}")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ImageTokens, Method, PruneConfig, Selection, VisionSignal, check_real, frame_grid, ranking
+from .base import ImageTokens, Method, PruneConfig, Selection, VisionSignal, check_real, frame_grid, is_grid, ranking
 from .registry import register
 
 
@@ -51,8 +51,7 @@ def select(object_scores: torch.Tensor, deep_scores: torch.Tensor, grid: tuple[i
     if object_scores.shape != deep_scores.shape or object_scores.dim() != 2:
         raise ValueError(f"scores must both be [B, N]; got {tuple(object_scores.shape)} and {tuple(deep_scores.shape)}")
     b, n = object_scores.shape
-    if (not isinstance(grid, (tuple, list)) or len(grid) != 2
-            or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in grid)):
+    if not is_grid(grid, 2):
         raise ValueError(f"grid must be two ints (H, W) >= 1, got {grid!r}")
     h, w = grid
     if h * w != n:
