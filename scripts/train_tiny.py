@@ -561,6 +561,39 @@ def curriculum(args):
     return at
 
 
+def check_starts(args):
+    """--init, --vision-from and --start-scene checked before any work (a missing --init folder was a hub
+    error, a missing --vision-from file or another family's a traceback, --start-scene without --init was
+    ignored); returns the --vision-from checkpoint, loaded."""
+    if args.init and (args.vision_from or args.reuse_vision):
+        raise SystemExit("--init continues from a whole model (no stage A): drop --vision-from / --reuse-vision")
+    if args.vision_from and args.reuse_vision:
+        raise SystemExit("--vision-from and --reuse-vision both name a stage A to start from: use one")
+    if args.start_scene is not None and not args.init:
+        raise SystemExit("--start-scene applies with --init (a run from scratch starts at scene 0)")
+    if args.init:
+        config = Path(args.init) / "config.json"
+        if not config.is_file():
+            raise SystemExit(f"--init: {args.init} holds no model saved by this script")
+        model_type = json.loads(config.read_text()).get("model_type")
+        if model_type != args.family:
+            raise SystemExit(f"--init: {args.init} is a {model_type} model, not --family {args.family}")
+    if not args.vision_from:
+        return None
+    if not Path(args.vision_from).is_file():
+        raise SystemExit(f"--vision-from: no file {args.vision_from}")
+    try:
+        saved = torch.load(args.vision_from, map_location="cpu")
+    except Exception:
+        saved = None
+    if not isinstance(saved, dict) or not {"model", "offset", "args"} <= saved.keys():
+        raise SystemExit(f"--vision-from: {args.vision_from} is not a stage A checkpoint (vision_stage.pt)")
+    if saved["args"][:1] != [args.family]:
+        raise SystemExit(f"--vision-from: {args.vision_from} is not a --family {args.family} stage A "
+                         f"(its settings: {saved['args']})")
+    return saved
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--family", choices=["llava", "qwen2_vl"], required=True)
@@ -580,7 +613,7 @@ def main(argv=None):
                     help="a stage A checkpoint (vision_stage.pt) to continue stage A from for --vision-steps more steps")
     ap.add_argument("--vision-lr", type=float, default=2e-3, help="stage A learning rate")
     ap.add_argument("--init", default=None, help="continue from a model saved by this script (skips stages A and P)")
-    ap.add_argument("--start-scene", type=int, default=None,
+    ap.add_argument("--start-scene", type=at_least(0), default=None,
                     help="first training scene index (default 0, or where the --init run stopped)")
     ap.add_argument("--save-every", type=at_least(0), default=0, help="also save the model to OUT every N stage B/C steps")
     ap.add_argument("--only", default=None, help="comma-separated question kinds to train on (experiments)")
@@ -626,6 +659,7 @@ def main(argv=None):
             raise SystemExit(f"--only: unknown kinds {sorted(unknown)}; kinds: {', '.join(shapes.KINDS)}")
     if args.eval_only and not (Path(args.out) / "config.json").is_file():
         raise SystemExit(f"--eval-only: {args.out} holds no model saved by this script")
+    vision_from = check_starts(args)
     bg_bias = None
     if args.background_bias:
         try:
@@ -676,7 +710,7 @@ def main(argv=None):
         offset = args.start_scene if args.start_scene is not None else offset
         log(f"continuing from {args.init} at training scene {offset}")
     elif args.vision_from:  # more stage A steps (e.g. with another --label-rule) after an earlier stage A
-        saved = torch.load(args.vision_from, map_location="cpu")
+        saved = vision_from
         model.load_state_dict(saved["model"])
         log(f"stage A continued from {args.vision_from} (settings {saved['args']})")
         offset = stage_a(model, args.family, proc, heads, args.vision_steps, args.batch, args.vision_lr, log,

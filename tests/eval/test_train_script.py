@@ -506,3 +506,36 @@ def test_script_options_are_checked_before_any_work(tmp_path, capsys, script, ar
     else:
         assert e.value.code not in (0, None) and __import__("re").search(words, str(e.value.code))
     assert not out.exists()
+
+
+def test_start_options_are_checked_before_any_work(tmp_path):
+    """--init, --vision-from and --start-scene: a missing folder or file, another family's model or stage A,
+    a file that is no checkpoint, --start-scene without --init or below 0, and options that name two
+    starts stop at once with what is wrong (were a hub error, tracebacks, or ignored)."""
+    train_tiny = _script()
+    from vtprune.eval.tinyvlm import BUNDLED
+
+    def bundled_path(name):
+        return BUNDLED / name
+
+    bogus = tmp_path / "bogus.pt"
+    bogus.write_bytes(b"not a checkpoint")
+    stage_a = tmp_path / "qwen_stage.pt"
+    torch.save({"model": {}, "offset": 4, "args": ["qwen2_vl", 0, 1, 2, 2e-3, "cover"]}, stage_a)
+    base = ["--family", "llava", "--out", str(tmp_path / "out"), "--batch", "2"]
+    cases = [
+        (["--init", str(tmp_path / "missing")], "--init: .* holds no model"),
+        (["--init", str(bundled_path("tiny-qwen2vl"))], "--init: .* is a qwen2_vl model, not --family llava"),
+        (["--init", str(bundled_path("tiny-llava")), "--reuse-vision"], "--init continues from a whole model"),
+        (["--vision-from", str(tmp_path / "missing.pt")], "--vision-from: no file"),
+        (["--vision-from", str(bogus)], "--vision-from: .* is not a stage A checkpoint"),
+        (["--vision-from", str(stage_a)], r"--vision-from: .* is not a --family llava stage A \(its settings"),
+        (["--vision-from", str(stage_a), "--reuse-vision"], "--vision-from and --reuse-vision"),
+        (["--start-scene", "5"], "--start-scene applies with --init"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            train_tiny.main(base + extra)
+    with pytest.raises(SystemExit):  # argparse: must be >= 0
+        train_tiny.main(base + ["--init", str(bundled_path("tiny-llava")), "--start-scene", "-1"])
+    assert not (tmp_path / "out").exists()  # nothing was written
