@@ -657,6 +657,7 @@ def main(argv=None):
         unknown = set(args.only.split(",")) - set(shapes.KINDS)  # (a scene with no question of the kinds: an endless search)
         if unknown:
             raise SystemExit(f"--only: unknown kinds {sorted(unknown)}; kinds: {', '.join(shapes.KINDS)}")
+    curriculum(args)  # its kinds checked here, before any work
     if args.eval_only and not (Path(args.out) / "config.json").is_file():
         raise SystemExit(f"--eval-only: {args.out} holds no model saved by this script")
     vision_from = check_starts(args)

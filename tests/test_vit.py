@@ -435,6 +435,21 @@ def test_a_deep_copy_of_a_patched_vit_prunes_with_its_own_weights():
         assert _hooks(twin) == 0 and _hooks(model) > 0
 
 
+def test_vit_stats_after_a_forward_that_raised_are_the_last_finished_ones(monkeypatch):
+    """(a forward that raised in the selection reported "nothing pruned": visual_after = visual_before)"""
+    from vtprune.methods.registry import get_method
+
+    model = vtprune.patch_vit(timm_vit(), "divprune", keep=4, layer=1)
+    with torch.no_grad():
+        model(IMAGES)
+    good = vtprune.stats(model)
+    assert good.visual_after == [4] * len(IMAGES) and good.visual_before[0] > 4
+    monkeypatch.setattr(get_method("divprune"), "select_batch", lambda self, ims: 1 / 0)
+    with torch.no_grad(), pytest.raises(ZeroDivisionError):
+        model(IMAGES)
+    assert vtprune.stats(model) is good
+
+
 @pytest.mark.parametrize("bad, exc, message", [
     (lambda im: torch.arange(im.keep), TypeError, "must return a vtprune.Selection, got Tensor"),
     (lambda im: vtprune.Selection(torch.arange(im.keep) + 0.5), TypeError, "indices must be an integer tensor"),

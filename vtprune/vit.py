@@ -218,8 +218,9 @@ class VitState:
             raise ValueError(f"block {self.layer} output has {n} patch tokens, the {h}x{w} grid needs {h * w}{hint}")
         keep = self.method.budget(n, (1, h, w))
         scores = dict(self.scores)  # kept: gradient checkpointing reruns this block alone in backward
-        self.last_stats = Stats(method=self.method_name, visual_before=[n] * b, visual_after=[n] * b)
+        stats = Stats(method=self.method_name, visual_before=[n] * b, visual_after=[n] * b)
         if keep >= n:
+            self.last_stats = stats
             return None
         _sync(x)
         t0 = time.perf_counter()
@@ -242,8 +243,9 @@ class VitState:
                                 for i, s in enumerate(sels)])
         out = torch.cat([x[:, :p], kept], 1)
         _sync(x)
-        self.last_stats.selection_ms = (time.perf_counter() - t0) * 1e3
-        self.last_stats.visual_after = [idx.shape[1]] * b
+        stats.selection_ms = (time.perf_counter() - t0) * 1e3
+        stats.visual_after = [idx.shape[1]] * b
+        self.last_stats = stats  # only a finished forward's figures (one that raised keeps the last ones)
         return out if self.tower.batch_first else out.transpose(0, 1)
 
 

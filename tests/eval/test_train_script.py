@@ -532,6 +532,7 @@ def test_start_options_are_checked_before_any_work(tmp_path):
         (["--vision-from", str(stage_a)], r"--vision-from: .* is not a --family llava stage A \(its settings"),
         (["--vision-from", str(stage_a), "--reuse-vision"], "--vision-from and --reuse-vision"),
         (["--start-scene", "5"], "--start-scene applies with --init"),
+        (["--curriculum", "colour,shap"], r"--curriculum: unknown kinds \['shap'\]"),  # was after stages A and P
     ]
     for extra, message in cases:
         with pytest.raises(SystemExit, match=message):

@@ -359,6 +359,40 @@ def test_stats_after_a_forward_that_raised_are_the_last_finished_ones(model_fact
     assert vtprune.stats(model).visual_before == [] and vtprune.stats(model).kept_fraction == 1.0
 
 
+def test_integer_forms_a_strategy_may_return(model_factory, monkeypatch):
+    """An empty list as an in-LLM selection (0 kept tokens, allowed there) read as a float tensor and was
+    refused; a merged grid of numpy or 0-dim tensor integers was called "not ints". Both are accepted,
+    with the same result as plain Python ints."""
+    import numpy as np
+
+    model = model_factory("llava")
+    inputs = tiny.batch("llava", [0, 1])
+    fastv = get_method("fastv")
+    monkeypatch.setattr(fastv, "select_in_llm", lambda self, t: [[] for _ in range(t.hidden.shape[0])])
+    vtprune.patch(model, "fastv", keep=4)
+    with torch.no_grad():
+        model(**inputs)
+    assert vtprune.stats(model).visual_after == [0, 0]
+    monkeypatch.undo()
+    pool = get_method("pool")
+    plain = pool.select
+    outs = {}
+    for name, cast in (("int", int), ("numpy", np.int64), ("tensor", torch.tensor)):
+        def select(self, im, cast=cast):
+            sel = plain(self, im)
+            sel.grid = tuple(cast(int(g)) for g in sel.grid)
+            return sel
+        monkeypatch.setattr(pool, "select", select)
+        monkeypatch.setattr(pool, "select_batch", lambda self, ims: [self.select(im) for im in ims])
+        vtprune.patch(model, "pool", ratio=0.25)
+        with torch.no_grad():
+            outs[name] = model(**inputs).logits
+    assert torch.equal(outs["int"], outs["numpy"]) and torch.equal(outs["int"], outs["tensor"])
+    with pytest.raises(TypeError, match="indices must be an integer tensor, got dtype torch.float32"):
+        from vtprune.hooks.checks import as_indices
+        as_indices([0.5], "x")
+
+
 def test_select_batch_rows_may_differ_in_length_but_not_in_number(model_factory, monkeypatch):
     """A strategy may keep fewer than its budget, differently per image; select_batch must answer for
     every image it was given."""

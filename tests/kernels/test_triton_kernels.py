@@ -190,7 +190,8 @@ def test_attention_key_mask_is_checked_and_broadcast_alike():
     q, k = rand(2, 2, 5, 8, seed=7), rand(2, 1, 5, 8, seed=8)
     row = torch.tensor([True, True, False, True, True], device=DEVICE)
     want = attention_scores_torch(q, k, 0.3, key_mask=row.expand(2, 5).clone())
-    for mask in (row, row[None]):
+    # an integer 0/1 mask (a Hugging Face attention_mask) and a numpy one read as nonzero = attend
+    for mask in (row, row[None], row.long(), row.to(torch.uint8)[None], row.cpu().numpy()):
         for f in (attention_scores_torch, attention_scores_triton):
             torch.testing.assert_close(f(q, k, 0.3, key_mask=mask), want, atol=1e-6, rtol=1e-5)
     for f in (attention_scores_torch, attention_scores_triton):
@@ -198,8 +199,10 @@ def test_attention_key_mask_is_checked_and_broadcast_alike():
             f(q, k, 0.3, key_mask=torch.ones(2, 8, dtype=torch.bool, device=DEVICE))
         with pytest.raises(ValueError, match="key_mask must be"):
             f(q, k, 0.3, key_mask=torch.ones(2, 1, 5, dtype=torch.bool, device=DEVICE))
-        with pytest.raises(TypeError, match="BoolTensor"):
+        with pytest.raises(TypeError, match=r"key_mask must be a bool \(or 0/1 integer\) tensor"):
             f(q, k, 0.3, key_mask=torch.full((2, 5), 0.5, device=DEVICE))
+        with pytest.raises(TypeError, match="got str"):
+            f(q, k, 0.3, key_mask="all")
 
 
 # The benchmark script and the GPU-only low-precision paths ---------------------------------------

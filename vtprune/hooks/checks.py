@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..methods.base import Selection, is_grid
+from ..methods.base import Selection, as_grid, is_grid
 
 
 def check_selection(sel, what: str) -> Selection:
@@ -20,6 +20,8 @@ def as_indices(sel, what: str) -> torch.Tensor:
         sel = torch.as_tensor(sel)
     except (TypeError, RuntimeError, ValueError):
         raise TypeError(f"{what}: indices must be an integer tensor, got {type(sel).__name__}") from None
+    if sel.numel() == 0:  # [] reads as float32: an empty selection has no dtype to get wrong
+        return sel.long()
     if sel.dtype == torch.bool or sel.is_floating_point() or sel.is_complex():
         raise TypeError(f"{what}: indices must be an integer tensor, got dtype {sel.dtype}")
     return sel.long()
@@ -65,6 +67,7 @@ def check_parts(sel: Selection, k: int, dim: int, what: str) -> Selection:
         g = sel.grid
         if not is_grid(g, 3):
             raise RuntimeError(f"{what}: grid must be 3 ints >= 1 (t, h, w), got {g!r}")
+        sel.grid = g = as_grid(g)  # Python ints (numpy or 0-dim tensor integers are accepted)
         if g[0] * g[1] * g[2] != k:
-            raise RuntimeError(f"{what}: merged grid {tuple(g)} does not match {k} tokens")
+            raise RuntimeError(f"{what}: merged grid {g} does not match {k} tokens")
     return sel

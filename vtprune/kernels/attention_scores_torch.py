@@ -42,12 +42,21 @@ def check_attention_args(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, in
 
 def key_mask_of(key_mask, batch: int, n_k: int, device) -> torch.Tensor | None:
     """Validate a key mask (shared by every backend) -> BoolTensor [B, Nk] on `device`, or None.
-    A BoolTensor broadcastable to [B, Nk] ([Nk] or [1, Nk] for every image) is accepted; other dtypes
-    are refused (0.5 or 256 as a "mask" has no single reading)."""
+    A bool or integer tensor or array broadcastable to [B, Nk] ([Nk] or [1, Nk] for every image) is
+    accepted, an integer one read as nonzero = attend (a Hugging Face attention_mask); float masks are
+    refused (0.5 as a "mask" has no single reading)."""
     if key_mask is None:
         return None
-    if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool:
-        raise TypeError(f"key_mask must be a BoolTensor [B, Nk], got {getattr(key_mask, 'dtype', type(key_mask))}")
+    if not isinstance(key_mask, torch.Tensor):
+        try:
+            key_mask = torch.as_tensor(key_mask)
+        except (TypeError, RuntimeError, ValueError):
+            raise TypeError(f"key_mask must be a bool (or 0/1 integer) tensor [B, Nk], got "
+                            f"{type(key_mask).__name__}") from None
+    if key_mask.is_floating_point() or key_mask.is_complex():
+        raise TypeError(f"key_mask must be a bool (or 0/1 integer) tensor [B, Nk], got {key_mask.dtype}")
+    if key_mask.dtype != torch.bool:
+        key_mask = key_mask != 0
     try:
         fits = key_mask.dim() <= 2 and torch.broadcast_shapes(key_mask.shape, (batch, n_k)) == (batch, n_k)
     except RuntimeError:
@@ -71,7 +80,8 @@ def attention_scores_torch(
     q: [B, Hq, Nq, d]; k: [B, Hk, Nk, d] with Hq a multiple of Hk (grouped-query attention).
     query_index: None (all rows), LongTensor [R] or [B, R] of row indices, or BoolTensor [B, Nq].
     causal: query row i sees keys j <= i + (Nk - Nq) (the queries are the last Nq positions).
-    key_mask: BoolTensor [B, Nk] (or broadcast to it), False for keys nobody may attend to (padding).
+    key_mask: BoolTensor [B, Nk] (or broadcast to it; 0/1 integers accepted), False for keys nobody may
+      attend to (padding).
     Returns float32 [B, Nk]. Arithmetic is float32 whatever the input dtype.
     """
     b, hq, n_q, d, hk, n_k = check_attention_args(q, k)

@@ -3,6 +3,7 @@ returns, and the `Method` base class. Nothing here knows about model classes."""
 from __future__ import annotations
 
 import dataclasses
+import operator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -93,9 +94,26 @@ def check_int(name: str, value, low: int | None = None, high: int | None = None)
 
 
 def is_grid(value, rank: int) -> bool:
-    """`value` is a grid: a tuple or list of `rank` ints (not bools) >= 1."""
+    """`value` is a grid: a tuple, list or torch.Size of `rank` integers >= 1 (Python, numpy or 0-dim
+    integer tensor values; not bools)."""
     return (isinstance(value, (tuple, list)) and len(value) == rank
-            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in value))
+            and all(_integer(x) is not None and _integer(x) >= 1 for x in value))
+
+
+def as_grid(value) -> tuple:
+    """A grid accepted by is_grid as a tuple of Python ints."""
+    return tuple(_integer(x) for x in value)
+
+
+def _integer(x) -> int | None:
+    """x as a Python int where it is an integer (operator.index: int, numpy integers, 0-dim integer
+    tensors), else None (bools, floats, anything else)."""
+    if isinstance(x, bool) or (isinstance(x, torch.Tensor) and x.dtype == torch.bool):
+        return None  # (numpy bools refuse operator.index themselves)
+    try:
+        return operator.index(x)
+    except TypeError:
+        return None
 
 
 def check_bool(name: str, value) -> bool:

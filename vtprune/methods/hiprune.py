@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ImageTokens, Method, PruneConfig, Selection, VisionSignal, check_real, frame_grid, is_grid, ranking
+from .base import (ImageTokens, Method, PruneConfig, Selection, VisionSignal, as_grid, check_real, frame_grid, is_grid,
+                   ranking)
 from .registry import register
 
 
@@ -53,7 +54,7 @@ def select(object_scores: torch.Tensor, deep_scores: torch.Tensor, grid: tuple[i
     b, n = object_scores.shape
     if not is_grid(grid, 2):
         raise ValueError(f"grid must be two ints (H, W) >= 1, got {grid!r}")
-    h, w = grid
+    h, w = grid = as_grid(grid)
     if h * w != n:
         raise ValueError(f"grid {h}x{w} does not cover {n} tokens")
     if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= n:
