@@ -125,8 +125,11 @@ def _flops(args) -> int:
         real = None
         model, processor = models.load(args.model, random_weights=args.random_weights)
     inputs = models.calibration(task, model, processor, 1)[0]
-    base = flops.count(model, inputs, config=real)
-    pruned = flops.count(model, inputs, method, config=real, **budget)
+    import torch
+
+    kv_dtype = torch.bfloat16 if real is not None else None  # the stand-in is float32; the real model runs in bf16
+    base = flops.count(model, inputs, arch=real, kv_dtype=kv_dtype)
+    pruned = flops.count(model, inputs, method, arch=real, kv_dtype=kv_dtype, **budget)
     print(flops.format_table(base, pruned, f"{args.model}, one {task} sample: unpatched vs {method} {budget}"))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

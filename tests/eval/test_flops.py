@@ -21,8 +21,9 @@ def counted(model, inputs) -> int:
 
 
 @pytest.mark.parametrize("method, options", [(None, {}), ("random", {"ratio": 0.5}), ("divprune", {"keep": 3}),
-                                             ("fastv", {"ratio": 0.25}), ("pool", {"keep": 4})],
-                         ids=["unpatched", "random", "divprune", "fastv", "pool"])
+                                             ("fastv", {"ratio": 0.25}), ("pool", {"keep": 4}),
+                                             ("transprune", {"keep": 2})],
+                         ids=["unpatched", "random", "divprune", "fastv", "pool", "transprune"])
 def test_analytic_count_matches_the_flop_counter(family_model, method, options):
     family, model = family_model
     for i in (0, 1):  # batch 1: the counter would also count padding, which the convention does not
@@ -33,10 +34,50 @@ def test_analytic_count_matches_the_flop_counter(family_model, method, options):
         else:
             with vtprune.pruned(model, method, **options):
                 want = counted(model, inputs)
-        got = r.vision_encoder + r.projector + r.selection + r.llm_prefill + r.lm_head
-        assert got == pytest.approx(want, rel=0.02)
-        if method != "fastv":  # everything but FastV's scoring pass is modelled exactly
-            assert got == want
+        assert r.vision_encoder + r.projector + r.selection + r.llm_prefill + r.lm_head == want
+
+
+def stage_counts(model, inputs) -> dict:
+    """FlopCounterMode's count split like the report: vision encoder, projector, each decoder layer, LM head."""
+    with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+        model(**inputs, logits_to_keep=1)
+    by = {k.split(".", 1)[1]: sum(v.values()) for k, v in fc.get_flop_counts().items() if "." in k}
+    qwen = "model.visual" in by
+    projector = (by["model.visual.merger"] + sum(v for k, v in by.items() if k.count(".") == 3
+                                                 and k.startswith("model.visual.deepstack_merger_list."))
+                 if qwen else by["model.multi_modal_projector"])
+    layers = len(model.model.language_model.layers)
+    return {"vision_encoder": by["model.visual"] - projector if qwen else by["model.vision_tower"],
+            "projector": projector, "lm_head": by["lm_head"],
+            "llm_prefill_per_layer": [by[f"model.language_model.layers.{i}"] for i in range(layers)]}
+
+
+@pytest.mark.parametrize("method, options", [(None, {}), ("divprune", {"keep": 3}), ("random", {"ratio": 0.5})],
+                         ids=["unpatched", "divprune", "random"])
+def test_each_stage_matches_the_flop_counter(family_model, method, options):
+    """Stage by stage (the totals could hide one stage's excess behind another's shortfall), for two
+    inputs of each family (Qwen2.5-VL's second has partial attention windows)."""
+    family, model = family_model
+    for i in (0, 3):
+        inputs = tiny.batch(family, [i])
+        r = flops.count(model, inputs, method, **options)
+        with vtprune.pruned(model, method or "random", **(options or {"keep": 10_000})):
+            want = stage_counts(model, inputs)
+        assert {k: getattr(r, k) for k in want} == want
+
+
+@pytest.mark.parametrize("method", ["hiprune", "todre", "vflowopt"])
+def test_vision_side_scoring_is_the_part_left_out(method):
+    """HiPrune's, ToDRE's and VFlowOpt's attention recomputed in ViT layers is not modelled (docs/flops.md):
+    every other stage is exact, the vision encoder is short by that pass alone (a few % on a tiny tower)."""
+    model = tiny.build("qwen2_5_vl")
+    inputs = tiny.batch("qwen2_5_vl", [0])
+    r = flops.count(model, inputs, method, keep=3)
+    with vtprune.pruned(model, method, keep=3):
+        want = stage_counts(model, inputs)
+    assert r.projector == want["projector"] and r.lm_head == want["lm_head"]
+    assert r.llm_prefill_per_layer == want["llm_prefill_per_layer"]
+    assert 0.9 * want["vision_encoder"] < r.vision_encoder < want["vision_encoder"]
 
 
 @pytest.mark.parametrize("family", tiny.VIDEO_FAMILIES)
@@ -112,7 +153,7 @@ def test_narrow_stand_in_counts_like_the_real_model(family):
     inputs = tiny.batch(family, [0, 1])
     for method, options in ((None, {}), ("random", {"ratio": 0.5}), ("fastv", {"keep": 3}), ("transprune", {"keep": 2})):
         want = flops.count(real, inputs, method, **options)
-        got = flops.count(stand_in, inputs, method, config=real.config, **options)
+        got = flops.count(stand_in, inputs, method, arch=real.config, **options)
         assert got.tokens_per_layer == want.tokens_per_layer
         assert (got.vision_encoder, got.projector, got.llm_prefill, got.lm_head, got.decode_per_token) == \
             (want.vision_encoder, want.projector, want.llm_prefill, want.lm_head, want.decode_per_token)
@@ -124,3 +165,27 @@ def test_flops_of_a_full_scale_architecture_on_the_cpu(capsys):
     assert main(["flops", "--model", "qwen2-vl-7b", "--keep", "64", "--method", "fastv"]) == 0
     text = capsys.readouterr().out
     assert "tokens per layer" in text and "T" in text.split("LLM prefill (dense attention)")[1].split("\n")[0]
+
+
+def test_count_takes_a_saved_preset_and_the_kv_dtype_explicitly(tmp_path):
+    """count(..., config=FILE) is patch()'s preset (it was read as an architecture and failed asking for
+    keep=); the KV element size is the model's unless kv_dtype says otherwise (it was guessed from
+    whether the architecture was the model's own config object: an equal copy halved it)."""
+    import copy
+    import json
+
+    model = tiny.build("llava")
+    inputs = tiny.batch("llava", [0])
+    preset = tmp_path / "fastv.json"
+    preset.write_text(json.dumps({"method": "fastv", "options": {"keep": 3, "layer": 1}}))
+    r = flops.count(model, inputs, "fastv", config=str(preset))
+    with vtprune.pruned(model, "fastv", keep=3, layer=1):
+        want = counted(model, inputs)
+    assert r.total_prefill == want and r.selection > 0
+    assert r.tokens_per_layer == flops.count(model, inputs, "fastv", keep=3, layer=1).tokens_per_layer
+    assert r.tokens_per_layer != flops.count(model, inputs, "fastv", keep=3).tokens_per_layer  # (layer 2)
+    own = flops.count(model, inputs).kv_bytes
+    assert flops.count(model, inputs, arch=copy.deepcopy(model.config)).kv_bytes == own
+    assert flops.count(model, inputs, kv_dtype=torch.bfloat16).kv_bytes * 2 == own  # float32 model
+    rep = flops.report(model, inputs, None, "fastv", {"config": str(preset)})  # by name, as lmms-eval calls it
+    assert rep.selection == 0  # unpatched figures (no stats): nothing dropped, no scoring pass

@@ -58,11 +58,11 @@ def _vit_layer(n: int, d: int, m: int, mlp_mats: int, attn_n2: int | None = None
     return 8 * n * d * d + 4 * n2 * d + 2 * mlp_mats * n * d * m
 
 
-def vision_flops(model, inputs: dict, config=None) -> dict:
+def vision_flops(model, inputs: dict, arch=None) -> dict:
     """Vision encoder and projector FLOPs for the images and videos in `inputs` (LLaVA-1.5/NeXT/OneVision with
-    CLIP or SigLIP, Qwen2-VL, Qwen2.5-VL, Qwen3-VL),
-    for `config` (default: the model's)."""
-    cfg = config or model.config
+    CLIP or SigLIP, Qwen2-VL, Qwen2.5-VL, Qwen3-VL), for the transformers config `arch` (default: the
+    model's)."""
+    cfg = arch or model.config
     vc = cfg.vision_config
     kind = type(model).__name__
     text_d = TextDims.from_config(cfg).d
@@ -172,44 +172,59 @@ def visual_token_counts(config, inputs: dict) -> list[int]:
     return visual.sum(1).tolist()
 
 
-def _selection_flops(method: str | None, options: dict, images: list[tuple[int, int]],
-                     per_layer: list[list[int]], t: TextDims) -> int:
+def _selection_flops(method, images: list[tuple[int, int]], per_layer: list[list[int]], t: TextDims) -> int:
     """The strategy's own products where they are modelled: greedy diversity (DivPrune, ToDRE) builds
     an N x N Gram matrix of d-wide rows per pruned image or video frame (2 N^2 d; `images` holds each
     one's (N, budget)); FastV scores the n tokens at its layer from every real query row (2 n^2 d_q for
-    q k^T, 2 n^2 for the row average). Other strategies' scoring is not modelled (0)."""
-    if method in ("divprune", "todre"):
+    q k^T, 2 n^2 for the row average); TransPrune, at each drop layer p, projects the n tokens leaving it
+    with layer p+1's q and k (2 n d (d_q + d_kv)) and scores them the same way. The vision-side scoring
+    of HiPrune, VFlowOpt and ToDRE (attention recomputed in a ViT layer, about 4 N^2 d_v each; 0.2 % of
+    a 7B prefill) is not modelled (0)."""
+    name = getattr(method, "name", None)  # (`method`: the built strategy, or None)
+    if name in ("divprune", "todre"):
         return sum(2 * n * n * t.d for n, k in images if k < n)
-    if method == "fastv":
-        from ..methods.fastv import FastVConfig
-
-        layer = options.get("layer", FastVConfig.layer) - 1
+    if name == "transprune" and per_layer[0] != per_layer[-1]:
+        return sum(2 * n * t.d * (t.d_q + t.d_kv) + 2 * n * n * t.d_q + 2 * n * n
+                   for p in method.drop_layers(len(per_layer)) for n in per_layer[p])
+    if name == "fastv":
+        layer = method.config.layer - 1
         if 0 <= layer < len(per_layer) and per_layer[layer] != per_layer[-1]:
             return sum(2 * n * n * t.d_q + 2 * n * n for n in per_layer[layer])
     return 0
 
 
 @torch.no_grad()
-def count(model, inputs: dict, method: str | None = None, config=None, **options) -> FlopsReport:
+def count(model, inputs: dict, method: str | None = None, *, arch=None, kv_dtype=None, **options) -> FlopsReport:
     """FLOPs of one prefill of `inputs` (batch) through `model`, pruned by `method` with `options`
+    (patch()'s keyword arguments: keep= or ratio=, the method's options, config= a saved preset)
     when given (the model is patched for the call and unpatched after). Runs the forward once to
-    learn how many tokens enter each decoder layer. `config`: count for this architecture instead of
-    the model's own (the model is then a narrow stand-in with the same geometry: configs.surrogate)."""
+    learn how many tokens enter each decoder layer. `arch`: a transformers config to count for
+    instead of the model's own (the model is then a narrow stand-in with the same geometry:
+    configs.surrogate); `kv_dtype`: the KV cache's element type (default: the model's parameters')."""
     import vtprune
 
-    st = None
+    from ..patching import _state
+
+    st = built = None
     if method is not None:
         with vtprune.pruned(model, method, **options):
             model(**inputs, logits_to_keep=1)
-            st = vtprune.stats(model)
-    return report(model, inputs, st, method, options, config)
+            st, built = vtprune.stats(model), _state(model).method
+    return report(model, inputs, st, built, arch=arch, kv_dtype=kv_dtype)
 
 
-def report(model, inputs: dict, stats=None, method: str | None = None, options: dict | None = None,
-           config=None) -> FlopsReport:
+def report(model, inputs: dict, stats=None, method: str | None = None, options: dict | None = None, *,
+           arch=None, kv_dtype=None) -> FlopsReport:
     """The FlopsReport of a prefill of `inputs` that already ran: `stats` is `vtprune.stats(model)` after
-    it (its per-layer token counts), None for an unpatched forward. No forward is run."""
-    config = config or model.config
+    it (its per-layer token counts), None for an unpatched forward; `method` and `options` as given to
+    patch() (or `method` the built strategy). No forward is run. `arch`, `kv_dtype`: as for count."""
+    if isinstance(method, str):
+        from ..methods.registry import build_method
+        from ..patching import _resolve
+
+        options = dict(options or {})
+        method = build_method(*_resolve(method, options.pop("config", None), options))
+    config = arch or model.config
     t = TextDims.from_config(config)
     mask = inputs.get("attention_mask")
     ids = inputs["input_ids"]
@@ -221,7 +236,7 @@ def report(model, inputs: dict, stats=None, method: str | None = None, options: 
         per_layer = [list(x) for x in stats.layer_tokens]
         visual_after = list(stats.visual_after)
     layer_flops = [sum(layer_prefill(n, t) for n in ns) for ns in per_layer]
-    kv_dtype_bytes = 2 if config is not model.config else next(model.parameters()).element_size()  # stand-in: bf16
+    kv_dtype_bytes = (kv_dtype or next(model.parameters()).dtype).itemsize
     kv = sum(2 * n * t.d_kv * kv_dtype_bytes for ns in per_layer for n in ns)
     vis = vision_flops(model, inputs, config)
     if stats is not None and stats.images:
@@ -230,7 +245,7 @@ def report(model, inputs: dict, stats=None, method: str | None = None, options: 
         images = [(v, v - (r - f)) for v, r, f in zip(visual_before, real, per_layer[0])]
     return FlopsReport(
         vision_encoder=vis["vision_encoder"], projector=vis["projector"],
-        selection=_selection_flops(method, options or {}, images, per_layer, t),
+        selection=_selection_flops(method, images, per_layer, t),
         llm_prefill=sum(layer_flops),
         llm_prefill_causal=sum(layer_prefill(n, t, causal=True) for ns in per_layer for n in ns),
         llm_prefill_per_layer=layer_flops,
