@@ -111,9 +111,37 @@ def shares(total: int, sizes: list[int]) -> list[int]:
     return out
 
 
-def _too_small(method: Method, keep: int, least: int) -> ValueError:
+def _too_small(method: Method, keep: int, least: int, where: str = "", most: int | None = None) -> ValueError:
+    batch = f" (the most any image of this batch needs: {most})" if most is not None and most > least else ""
     return ValueError(f"{method.name} works per grid on anyres images and keeps their newline tokens: a budget of "
-                      f"{keep} is below the {least} that needs; give a larger keep/ratio")
+                      f"{keep} is below the {least} that {where or 'this image'} needs{batch}; give a larger keep/ratio")
+
+
+def least(method: Method, layout: Layout) -> int:
+    """The smallest budget a per-grid `method` can split over an anyres image's grids: one token per
+    grid plus the kept newlines ("select"), or the smallest whose crop-grid share holds a merged token
+    and its row's newline ("merge"); 0 for grid-determined budgets."""
+    if _fixed(method):
+        return 0
+    sizes = [idx.numel() for idx, _ in layout.grids(method.per_grid)]
+    if method.per_grid == "select" or len(layout.parts) == 1:
+        return len(layout.newlines) + len(sizes)
+    for keep in range(1 + 2, layout.n + 1):  # a merged base token, a merged crop token and its row's newline
+        first = shares(keep, [sizes[0], sizes[1] + len(layout.newlines)])
+        if _crop_keep(method, layout.parts[1][1], first[1]) >= 1:
+            return keep
+    return layout.n + 1
+
+
+def check_budgets(method: Method, images: list[tuple[int, Layout, int]]) -> None:
+    """Every anyres image of a batch, as (keep, layout, sample), against its least budget, before any is
+    selected: the error names the sample short by the most and the least that works for the whole batch
+    (checking one image at a time named the first short image's, which the next image could exceed)."""
+    needs = [(least(method, layout), keep, sample) for keep, layout, sample in images]
+    short = [n for n in needs if n[1] < n[0]]
+    if short:
+        need, keep, sample = max(short, key=lambda n: (n[0] - n[1], -n[2]))
+        raise _too_small(method, keep, need, f"sample {sample}'s image", max(n[0] for n in needs))
 
 
 def _fixed(method: Method) -> bool:
@@ -152,17 +180,14 @@ def select(method: Method, image: ImageTokens, layout: Layout) -> Selection:
     if _fixed(method):
         part_keep = [method.budget(s, (1, h, w)) for s, (_, (h, w)) in zip(sizes, layout.parts)]
     elif mode == "select" or single:
-        spare = image.keep - len(layout.newlines)
-        if spare < len(sizes):
-            raise _too_small(method, image.keep, len(layout.newlines) + len(sizes))
-        part_keep = shares(spare, sizes)
+        if image.keep < least(method, layout):
+            raise _too_small(method, image.keep, least(method, layout))
+        part_keep = shares(image.keep - len(layout.newlines), sizes)
     else:  # merge: the crop grid's share pays for its merged rows' newlines
-        if image.keep < 1 + 2:  # a merged base token, a merged crop token and its row's newline
-            raise _too_small(method, image.keep, 1 + 2)
+        if image.keep < least(method, layout):
+            raise _too_small(method, image.keep, least(method, layout))
         first = shares(image.keep, [sizes[0], sizes[1] + len(layout.newlines)])
         part_keep = [first[0], _crop_keep(method, layout.parts[1][1], first[1])]
-        if part_keep[1] < 1:
-            raise _too_small(method, image.keep, 1 + 2)
     slots, tokens, importance = [], [], []
     merged = scored = False
     for (idx, (h, w)), k in zip(grids, part_keep):

@@ -335,6 +335,7 @@ class PatchState:
         layout) go to the method's `select_batch` together where it has a batched form (DivPrune, ToDRE:
         one kernel launch and one host sync for a LLaVA batch or a clip's frames); the rest one by one."""
         what = f"{self.method_name}.select"
+        anyres.check_budgets(self.method, [(image.keep, u.layout, u.sample) for u, image in todo if self._per_grid(u)])
         out: list[Selection | None] = [None] * len(todo)
         groups: dict[tuple, list[int]] = {}
         batched = type(self.method).select_batch is not Method.select_batch
