@@ -153,6 +153,23 @@ def test_tune_rejects_what_it_cannot_do(tmp_path, capsys):
         cli.main(["flops", "--model", "tiny-llava", "--keep", "4", "--ratio", "0.5"])
     assert exit_.value.code == 2
     assert capsys.readouterr().err == "vtprune flops: error: give exactly one of --keep and --ratio\n"
+    # checked before the model loads (were found after it); a budget of 1 has nothing to tune
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(eval_models, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+        for budget, message in (("0", "budget must be in (0, 1), got 0.0"), ("nan", "budget must be in (0, 1)"),
+                                ("1", "budget 1 keeps every visual token: nothing to tune")):
+            with pytest.raises(SystemExit) as exit_:
+                cli.main(["tune", "--method", "vflowopt", "--model", "tiny-llava", "--budget", budget,
+                          "--out", str(tmp_path / "t.json")])
+            assert exit_.value.code == 2 and message in capsys.readouterr().err
+        with pytest.raises(SystemExit):
+            cli.main(["tune", "--method", "vflowopt", "--model", "tiny-llava", "--budget", "0.5", "--seed", "-1",
+                      "--out", str(tmp_path / "t.json")])
+        assert "--seed: must be >= 0" in capsys.readouterr().err
+        with pytest.raises(SystemExit) as exit_:  # the demo's ratios: both modes, before any model is built
+            mp.setattr("vtprune.demo.run", lambda *a, **k: pytest.fail("the demo ran"))
+            cli.main(["demo", "--plumbing", "--ratios", "0.5,0"])
+        assert exit_.value.code == 2 and "--ratios: each must be in (0, 1], got 0.0" in capsys.readouterr().err
     with pytest.raises(ValueError, match="is for the test models"):
         eval_models.calibration("tiny-prompts", *eval_models.load("tiny-llava", random_weights=True), 2)
     with pytest.raises(ValueError, match="local model directory"):

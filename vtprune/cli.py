@@ -29,12 +29,16 @@ def _items(text: str, option: str) -> list[str]:
 
 
 def _ratios(text: str) -> list[float]:
-    """--ratios as floats (their range is checked where they are used)."""
+    """--ratios as floats in (0, 1], checked before any work."""
     items = _items(text, "--ratios")
     try:
-        return list(dict.fromkeys(float(r) for r in items))  # 0.5 and 0.50 are one ratio
+        ratios = list(dict.fromkeys(float(r) for r in items))  # 0.5 and 0.50 are one ratio
     except ValueError as e:
         raise ValueError(f"--ratios: {e}") from None
+    for r in ratios:
+        if not 0 < r <= 1:  # (nan too)
+            raise ValueError(f"--ratios: each must be in (0, 1], got {r}")
+    return ratios
 
 
 def _demo(args) -> int:
@@ -71,6 +75,7 @@ def _tune(args) -> int:
     if args.method != "vflowopt":
         raise ValueError(f"only --method vflowopt has a tuner, got {args.method!r}")
     check_output(args.out, "--out")
+    tune.check_budget(args.budget)
     import torch
 
     model, processor = models.load(args.model, random_weights=args.random_weights)
@@ -278,7 +283,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, required=True, help="layer-averaged kept fraction, e.g. 0.25")
     p.add_argument("--samples", type=at_least(1), default=30, help="calibration samples (default 30, as the paper)")
     p.add_argument("--iterations", type=at_least(1), default=50, help="optimiser trials (default 50, as the paper)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=at_least(0), default=0)
     p.add_argument("--random-weights", action="store_true", help="bundled architecture with random weights")
     p.add_argument("--out", required=True, help="config file to write (JSON)")
     p.set_defaults(func=_tune)

@@ -9,6 +9,8 @@ on the bundled trained tiny-vit (`patch_vit`), with its plot.
 """
 from __future__ import annotations
 
+import json
+
 import torch
 
 from . import patching
@@ -41,6 +43,8 @@ def run_vit(ratios=(0.5, 0.25, 0.111), out_dir="vtprune-demo", images: int = 500
     rows = tinyvit.sweep(tinyvit.load(), methods, ratios, n=images, progress=True)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     path = tinyvit.plot(rows, Path(out_dir) / "vit_accuracy_vs_ratio.png")
+    (Path(out_dir) / "vit_results.json").write_text(json.dumps(
+        {"model": "tiny-vit", "images": images, "layer": 2, "rows": rows}, indent=1) + "\n")  # (sweep's layer)
     print_(f"vtprune demo: bundled tiny-vit (trained here) on {images} held-out images, accuracy per kept ratio "
            "(patch_vit after block 2 of 6)")
     print_(tinyvit.table(rows))

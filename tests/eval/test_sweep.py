@@ -84,6 +84,9 @@ def test_sweep_resumes_and_writes_results_and_plots(tmp_path, monkeypatch, capsy
     rows = list(csv.reader((tmp_path / "results.csv").open()))
     assert rows[0][:3] == ["method", "ratio", "accuracy"] and len(rows) == 4
     assert rows[0][3:6] == ["prefill_tflops_per_sample", "llm_tflops_per_sample", "visual_tokens_per_sample"]
+    settings = [dict(zip(rows[0], r)) for r in rows[1:]]  # which experiment made each row
+    assert {(s["model"], s["task"], s["questions"], s["batch"], s["random_weights"]) for s in settings} == \
+        {(args["model_name"], "shapes", str(args["n_questions"]), str(args["batch"]), "True")}
     for name in ("accuracy_vs_ratio.png", "accuracy_vs_tflops.png", "latency_vs_ratio.png"):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
@@ -203,6 +206,21 @@ def test_a_corrupt_line_before_the_last_is_an_error_naming_it(tmp_path):
     with pytest.raises(ValueError, match=r"cells\.jsonl, line 2: not a sweep cell"):
         sweep.run("tiny-llava", ["random"], [0.5], "shapes", tmp_path, n_questions=6, batch=3, random_weights=True,
                   progress=False)
+
+
+def test_a_whole_line_that_is_no_cell_is_an_error_naming_it(tmp_path, monkeypatch):
+    """(a format-2 line without a cell's keys was a KeyError traceback; as the last line it is not a cut
+    write, so it is not removed either)"""
+    _counting(monkeypatch)
+    args = dict(n_questions=6, batch=3, random_weights=True, progress=False)
+    sweep.run("tiny-llava", ["random"], [0.5], "shapes", tmp_path, **args)
+    log = tmp_path / "cells.jsonl"
+    with log.open("a") as f:
+        f.write(json.dumps({"format": sweep.FORMAT, "model": "tiny-llava"}) + "\n")
+    before = log.read_text()
+    with pytest.raises(ValueError, match=r"cells\.jsonl, line 3: not a sweep cell \(no task, questions, "):
+        sweep.run("tiny-llava", ["random"], [0.5], "shapes", tmp_path, **args)
+    assert log.read_text() == before
 
 
 def test_repeated_strategies_and_ratios_run_once(tmp_path, monkeypatch):

@@ -65,5 +65,9 @@ def test_demo_prints_the_vit_accuracy_table_and_plot(tmp_path, capsys):
     want = {"divprune", "hiprune", "pool", "random", "todre", "token_shuffle"}
     assert want <= {r["method"] for r in rows} and not {"fastv", "transprune", "vflowopt"} & {r["method"] for r in rows}
     assert "| divprune | " in text and (tmp_path / "vit_accuracy_vs_ratio.png").stat().st_size > 5000
+    import json
+
+    saved = json.loads((tmp_path / "vit_results.json").read_text())  # (only the plot was written)
+    assert saved["rows"] == rows and saved["images"] == 200
     acc = {r["method"]: r["accuracy"] for r in rows}
     assert acc["divprune"] > acc["random"]  # diversity keeps the one distinctive object

@@ -32,6 +32,8 @@ from .paths import check_output
 UNPATCHED = "none"
 FORMAT = 2  # OUT/cells.jsonl cell format: 2 = per-sample TFLOPs, random_weights recorded (none before)
 SETTINGS = ("random_weights", "batch", "device")  # besides model, task and questions: what makes an experiment
+CELL_KEYS = ("model", "task", "questions", *SETTINGS, "method", "ratio", "accuracy", "prefill_tflops", "llm_tflops",
+             "visual_tokens", "prefill_ms", "by_kind")  # what a cell of this FORMAT holds (besides its metric)
 
 
 def prefill_ms(model, inputs, reps: int = 3) -> float:
@@ -233,6 +235,10 @@ def read_cells(log: Path) -> list[dict]:
                     f.flush()
                     os.fsync(f.fileno())
                 return cells
+            missing = [k for k in CELL_KEYS if k not in cell] if cell.get("format") == FORMAT else []
+            if missing:  # whole JSON, not a cut write: never removed
+                raise ValueError(f"{log}, line {lineno}: not a sweep cell (no {', '.join(missing)}); fix or delete "
+                                 "that line (its cell then runs again)")
             cells.append(cell)
         start = end
     if data and not data.endswith(b"\n"):  # a complete last cell without its newline: the next one goes below it
@@ -324,7 +330,8 @@ def run(model_name: str, methods: list[str], ratios: list[float], task: str, out
 
 def write(cells: list[dict], out: Path) -> None:
     (out / "results.json").write_text(json.dumps(cells, indent=1) + "\n")
-    cols = ["method", "ratio", "accuracy", "prefill_tflops", "llm_tflops", "visual_tokens", "prefill_ms", "metric"]
+    cols = ["method", "ratio", "accuracy", "prefill_tflops", "llm_tflops", "visual_tokens", "prefill_ms", "metric",
+            "model", "task", "questions", *SETTINGS]  # (the settings: which experiment made the row)
     header = {k: k + "_per_sample" for k in ("prefill_tflops", "llm_tflops", "visual_tokens")}
     with (out / "results.csv").open("w", newline="") as f:
         w = csv.writer(f)
@@ -359,21 +366,35 @@ def plot(cells: list[dict], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import EngFormatter, FuncFormatter, MaxNLocator
+
     methods = [m for m in dict.fromkeys(c["method"] for c in cells) if m != UNPATCHED]
+    markers = "osD^vP*Xh<>p"  # one per strategy, so that two with equal values still both show
+    colours = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7] + list(plt.get_cmap("Dark2").colors)
+    # (tab10's grey left out: grey is the unpatched model's and the Pareto front's)
     metric = " / ".join(dict.fromkeys(metric_of(c) for c in cells))
     fraction = all(0 <= c["accuracy"] <= 1 for c in cells)  # a score (MME's ~1500) keeps its own y range
     full = next((c for c in cells if c["method"] == UNPATCHED), None)
     paths = []
     for name, xkey, ykey, xlabel, ylabel in (
             ("accuracy_vs_ratio.png", "ratio", "accuracy", "kept visual-token ratio", metric),
-            ("accuracy_vs_tflops.png", "prefill_tflops", "accuracy", "prefill TFLOPs per sample (analytic)", metric),
+            ("accuracy_vs_tflops.png", "prefill_tflops", "accuracy", "prefill per sample (analytic)", metric),
             ("latency_vs_ratio.png", "ratio", "prefill_ms", "kept visual-token ratio", "prefill ms per batch (median)")):
         fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-        for m in methods:
+        for i, m in enumerate(methods):
             pts = sorted((c[xkey], c[ykey]) for c in cells if c["method"] == m)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
-        if full is not None:
-            ax.axhline(full[ykey], color="grey", linestyle="--", label="unpatched")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)], alpha=0.8,
+                    color=colours[i % len(colours)], markerfacecolor="none" if i % 2 else None, label=m)
+        if full is not None:  # its level, and the point itself (at ratio 1, at its own TFLOPs)
+            ax.axhline(full[ykey], color="grey", linestyle="--", linewidth=1)
+            ax.plot([full[xkey]], [full[ykey]], marker="*", markersize=11, color="grey", linestyle="none",
+                    label="unpatched")
+        if xkey == "ratio":
+            ax.set_xlim(0, 1.05)
+        else:  # TFLOPs as SI numbers: 640 G, 1.2 T (tiny models' 0.000639 T read as overlapping ticks)
+            si = EngFormatter(unit="FLOPs")
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: si(x * 1e12)))
+            ax.xaxis.set_major_locator(MaxNLocator(5))
         if name == "accuracy_vs_tflops.png":
             pts = [(c[xkey], c[ykey]) for c in cells]
             front = pareto(pts)

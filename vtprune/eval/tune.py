@@ -58,15 +58,24 @@ def objective(model, batches, reference, options) -> float:
     return float(torch.cat(sims).mean())
 
 
+def check_budget(budget: float) -> float:
+    """A layer-averaged kept fraction in (0, 1): 1 keeps every token (no search point is feasible but the
+    unpruned edge r1 = r2 = 1, which the sampler never draws)."""
+    if not 0 < budget <= 1:  # (nan too)
+        raise ValueError(f"budget must be in (0, 1), got {budget}")
+    if budget == 1:
+        raise ValueError("budget 1 keeps every visual token: nothing to tune (use vtprune unpatched, or a budget < 1)")
+    return budget
+
+
 def tune(model, batches: list[dict], budget: float, iterations: int = 50, seed: int = 0, progress: bool = True) -> dict:
-    """Search VFlowOpt's options for `model` at a layer-averaged `budget` in (0, 1]; returns the config
+    """Search VFlowOpt's options for `model` at a layer-averaged `budget` in (0, 1); returns the config
     dict `vtprune.patch(model, config=...)` accepts, with the search record under "tuned"."""
     try:
         import optuna
     except ImportError:
         raise ImportError("vtprune tune needs optuna: pip install 'vtprune[tune]' (or optuna scipy)") from None
-    if not 0 < budget <= 1:
-        raise ValueError(f"budget must be in (0, 1], got {budget}")
+    check_budget(budget)
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
     num_layers = len(model.model.language_model.layers)
