@@ -40,6 +40,24 @@ def test_divprune_exact_duplicates_are_never_picked_twice():
     assert divprune.select(x[None], 3)[0].tolist() == [0, 1, 2]
 
 
+def test_copies_of_one_token_tie_to_the_lowest_index():
+    """Token 0 and four exact copies of another: the second pick is the first copy, for DivPrune and both
+    ToDRE rules, on the CPU reference as in the Triton kernel (the reference's matrix product rounded one
+    copy's column differently, so the pick went to whichever copy rounded lowest: [0, 4] for some seeds)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # (the BLAS path that showed it)
+    try:
+        for seed in range(60):
+            g = torch.Generator().manual_seed(seed)
+            u, v = torch.randn(2, 64, generator=g)
+            x = torch.stack([u, v, v, v, v])[None]
+            assert divprune.select(x, 2)[0].tolist() == [0, 1], seed
+            for rule in ("maxmin", "maxsum"):
+                assert todre.select(x, 2, torch.tensor([0]), rule=rule)[0].tolist() == [0, 1], (seed, rule)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_todre_maxmin_starts_from_the_pivot():
     # from 1: distances [0.015, -, 0.826, 1.985] -> 3; then min with d(3,.) = [0.015, -, 0.826, -] -> 2
     assert todre.select(POINTS[None], 3, torch.tensor([1]))[0].tolist() == [1, 2, 3]
