@@ -3,21 +3,24 @@
 # PyTorch (vtprune need not be installed: the checkout goes on PYTHONPATH):
 #   bash benchmarks/gpu_figures.sh all
 #   bash benchmarks/gpu_figures.sh --wheels .whl --archive /somewhere/figures.tgz --deadline 540 all
-# --wheels DIR    install these wheels (benchmarks/offline_wheels.py makes them) into a temporary folder
-#                 placed first on PYTHONPATH: for an offline machine whose packages are missing or too old
+# --wheels DIR    install the wheels that DIR/requirements-X.Y.txt pins for this machine's Python X.Y
+#                 (benchmarks/offline_wheels.py makes them) into a temporary folder placed first on
+#                 PYTHONPATH: for an offline machine whose packages are missing or too old
 # --archive FILE  after every part, pack results/ as far as it got into FILE (.tgz)
 # --deadline S    stop within S seconds of the start: each part gets a time limit from what is left less
-#                 40 s for each part after it (so that one that hangs does not starve the rest), and a
-#                 part cut short keeps what it measured (each writes its JSON as it goes)
+#                 40 s for each part after it, and at most its share of S (kernels 30 %, vit 20 %, bench7b
+#                 30 %, next7b 20 %; the last part run gets what is left), so that one that hangs does not
+#                 starve the rest; a part cut short keeps what it measured (each writes its JSON as it goes)
+# --cpu-ok        run the parts without a CUDA device (the tests); otherwise the script stops at once there
 # Parts, in the order `all` runs them (the longest and riskiest last): kernels vit bench7b next7b compiled7b.
 # Medians of 10 runs for the kernel and ViT benchmarks (their default is 20), so that `all` fits ~9 minutes.
 # Each writes results/<name>.json (which records its own command) and a log beside it; results/gpu_env.json
 # records the machine and the versions used. A failed part does not stop the next; the exit status is 1
 # if any failed.
 set -uo pipefail
-usage="usage: $0 [--wheels DIR] [--archive FILE] [--deadline SECONDS] PART...
+usage="usage: $0 [--wheels DIR] [--archive FILE] [--deadline SECONDS] [--cpu-ok] PART...
   parts: kernels vit bench7b next7b compiled7b, or all"
-wheels="" archive="" deadline=""
+wheels="" archive="" deadline="" cpu_ok=""
 while [ $# -gt 0 ]; do
   case $1 in
     --wheels) wheels=$(realpath -m "$2"); shift 2 ;;
@@ -25,6 +28,7 @@ while [ $# -gt 0 ]; do
     --deadline)  # whole seconds (9.5, 540s or an empty value broke the arithmetic, ran nothing and exited 0)
       [[ ${2-} =~ ^[0-9]+$ ]] || { echo "--deadline takes whole seconds, got '${2-}'" >&2; echo "$usage" >&2; exit 2; }
       deadline=$((10#$2)); shift 2 ;;
+    --cpu-ok) cpu_ok=1; shift ;;
     -*) echo "$usage" >&2; exit 2 ;;
     *) break ;;
   esac
@@ -47,9 +51,17 @@ install_failed=""
 if [ -n "$wheels" ]; then
   site=$(mktemp -d)
   written+=(results/wheels.log)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$wheels"/*.whl \
-    2>&1 | tee results/wheels.log
-  [ "${PIPESTATUS[0]}" -eq 0 ] || install_failed=1  # the machine record and the log are still packed
+  pyver=$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+  pins="$wheels/requirements-$pyver.txt"
+  if [ -f "$pins" ]; then  # pip picks, of the wheels there, the ones built for this Python
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --find-links "$wheels" \
+      --target "$site" -r "$pins" 2>&1 | tee results/wheels.log
+    [ "${PIPESTATUS[0]}" -eq 0 ] || install_failed=1  # the machine record and the log are still packed
+  else
+    echo "no $pins: $wheels holds wheels for Python $(ls "$wheels" | sed -n 's/^requirements-\(.*\)\.txt$/\1/p' | xargs)" \
+      "only; make them with benchmarks/offline_wheels.py --python-version $pyver" | tee results/wheels.log
+    install_failed=1
+  fi
   export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -79,19 +91,27 @@ if [ -n "$install_failed" ]; then
   pack
   echo "failed: installing the wheels in $wheels (results/wheels.log)"; exit 1
 fi
+if [ -z "$cpu_ok" ] && ! python3 -c 'import json, sys; sys.exit(not json.load(open("results/gpu_env.json")).get("gpu"))'; then
+  pack  # (every part would fail or, worse, run a GPU-sized benchmark on the CPU until its limit)
+  echo "failed: no CUDA device (results/gpu_env.json); --cpu-ok runs the parts anyway"; exit 1
+fi
 
 failed=()
 later=0  # parts still to run after this one
-part() {  # part NAME COMMAND...: run it under the time left, log beside its JSON
-  local name=$1; shift
+part() {  # part NAME SHARE COMMAND...: run it under the time left (at most SHARE % of the deadline), log beside its JSON
+  local name=$1 share=$2; shift 2
   local limit=""
+  rm -f "results/$name.json" "results/$name.md" "results/$name.log"  # never pack an earlier run's figures as this one's
   if [ -n "$deadline" ]; then
     local left=$((deadline - SECONDS - 15))  # 15 s kept for packing
     if [ "$left" -lt 30 ]; then
       echo "== $name: skipped, ${left}s left before the deadline"; failed+=("$name (no time)"); return
     fi
-    limit=$((left - 40 * later))  # 40 s kept for each later part, as long as this one still gets 30 s
-    [ "$limit" -ge 30 ] || limit=30
+    limit=$((left - 40 * later))  # 40 s kept for each later part
+    if [ "$later" -gt 0 ] && [ "$limit" -gt $((deadline * share / 100)) ]; then
+      limit=$((deadline * share / 100))  # so that a hang here leaves the later parts their time
+    fi
+    [ "$limit" -ge 30 ] || limit=30  # as long as this one still gets 30 s
   fi
   echo "== $name: $* ${limit:+(limit ${limit}s)}"
   written+=("results/$name.json" "results/$name.md" "results/$name.log")
@@ -112,19 +132,19 @@ for i in "${!parts[@]}"; do
   later=$((${#parts[@]} - i - 1))
   case $p in
     kernels)  # issue 6: reference vs Triton, whole selection path, ViT signals, end-to-end share
-      part kernels_gpu python3 benchmarks/kernels.py --reps 10 --out results/kernels_gpu.json ;;
+      part kernels_gpu 30 python3 benchmarks/kernels.py --reps 10 --out results/kernels_gpu.json ;;
     vit)  # issue 10: images/s unpatched vs patched, timm ViT-B/16 and open_clip ViT-B-16
-      part vit_gpu python3 benchmarks/vit.py --reps 10 --out results/vit_gpu.json ;;
+      part vit_gpu 20 python3 benchmarks/vit.py --reps 10 --out results/vit_gpu.json ;;
     bench7b)  # issue 7: LLaVA-1.5-7B-sized, 64 of 576 tokens, batch 1 and 8, plain path
-      part bench_llava15_7b python3 -m vtprune bench --model llava-1.5-7b --random-weights \
+      part bench_llava15_7b 30 python3 -m vtprune bench --model llava-1.5-7b --random-weights \
         --methods divprune,hiprune,todre,fastv,random --keep 64 --batch 1,8 --new-tokens 32 \
         --out results/bench_llava15_7b.json ;;
     next7b)  # issue 7: LLaVA-NeXT-7B-sized, 2880 -> 320 tokens, batch 4
-      part bench_llava_next_7b python3 -m vtprune bench --model llava-next-7b --random-weights \
+      part bench_llava_next_7b 20 python3 -m vtprune bench --model llava-next-7b --random-weights \
         --methods divprune,random --ratio 0.111 --batch 4 --new-tokens 32 \
         --out results/bench_llava_next_7b.json ;;
     compiled7b)  # issue 7: the batch-1 compiled path (compile_llm) beside the plain one
-      part bench_llava15_7b_compiled python3 -m vtprune bench --model llava-1.5-7b --random-weights \
+      part bench_llava15_7b_compiled 100 python3 -m vtprune bench --model llava-1.5-7b --random-weights \
         --methods divprune,random --keep 64 --batch 1 --new-tokens 32 --compile \
         --out results/bench_llava15_7b_compiled.json ;;
   esac

@@ -1,6 +1,6 @@
 """Kernel benchmark: the plain-torch references and the Triton kernels side by side, in one run.
 
-  python benchmarks/kernels.py --out results/kernels_h100.json          # on a CUDA machine
+  python benchmarks/kernels.py --out results/kernels_gpu.json           # on a CUDA machine
   python benchmarks/kernels.py --quick --out /tmp/kernels_quick.json    # tiny shapes (CPU: interpreter)
 
 Sections

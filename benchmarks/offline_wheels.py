@@ -1,15 +1,17 @@
 """Wheels to run vtprune from a checkout on an offline GPU machine that already has PyTorch.
 
-  python benchmarks/offline_wheels.py --dest .whl --python-version 3.12
+  python benchmarks/offline_wheels.py --dest .whl --python-version 3.12,3.13
   # there:  bash benchmarks/gpu_figures.sh --wheels .whl PART...
 
 Run it in the project's environment (vtprune installed with its `vit` extra). It walks the requirements
 of vtprune[vit] through the distributions installed here, pins each to the version installed here, and
 leaves out what the GPU machine brings with its PyTorch: the closure of --have (torch, torchvision,
 numpy, pillow, matplotlib and everything they require). The rest is downloaded as binary wheels for the target
-Python on x86-64 Linux with `pip download --no-deps`. `gpu_figures.sh --wheels DIR` installs them with
-`pip install --no-index --no-deps --target` and puts that folder first on PYTHONPATH, so they take
-precedence over older versions installed there (a transformers older than vtprune needs, say).
+Python(s) on x86-64 Linux with `pip download --no-deps`, and DIR/requirements-X.Y.txt lists each
+Python's pins; wheels in DIR that no list names (left by an earlier run) are deleted. `gpu_figures.sh
+--wheels DIR` installs the list of the machine's Python with `pip install --no-index --no-deps
+--find-links DIR --target` (pip picks the wheel built for it) and puts that folder first on PYTHONPATH,
+so they take precedence over older versions installed there (a transformers older than vtprune needs).
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from pathlib import Path
 
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
+from packaging.utils import canonicalize_name, parse_wheel_filename
+from packaging.version import Version
 
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64"]
@@ -55,25 +58,44 @@ def closure(roots: list[tuple[str, set[str]]], python_version: str) -> dict[str,
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dest", required=True, help="folder for the wheels")
-    ap.add_argument("--python-version", default="3.12", help="the GPU machine's Python (major.minor)")
+    ap.add_argument("--python-version", default="3.12,3.13",
+                    help="the GPU machine's Python (major.minor), or several, comma-separated")
     ap.add_argument("--have", default="torch,torchvision,numpy,pillow,matplotlib",
                     help="distributions the GPU machine has already, with all they require")
     ap.add_argument("--dry-run", action="store_true", help="list the wheels, download nothing")
     args = ap.parse_args(argv)
-    need = closure([("vtprune", {"vit"})], args.python_version)
-    have = closure([(n, set()) for n in args.have.split(",") if n], args.python_version)
-    wanted = sorted((n, v) for n, v in need.items() if n not in have and n != "vtprune")
-    for n, v in wanted:
+    versions = [v.strip() for v in args.python_version.split(",") if v.strip()]
+    if not versions or any(not v.replace(".", "").isdigit() or v.count(".") != 1 for v in versions):
+        raise SystemExit(f"--python-version: major.minor, comma-separated, got {args.python_version!r}")
+    wanted = {}
+    for version in versions:
+        need = closure([("vtprune", {"vit"})], version)
+        have = closure([(n, set()) for n in args.have.split(",") if n], version)
+        wanted[version] = sorted((n, v) for n, v in need.items() if n not in have and n != "vtprune")
+    for n, v in sorted(set().union(*wanted.values())):
         print(f"{n}=={v}")
     if args.dry_run:
         return 0
-    Path(args.dest).mkdir(parents=True, exist_ok=True)
+    dest = Path(args.dest)
+    dest.mkdir(parents=True, exist_ok=True)
     platforms = [a for p in PLATFORMS for a in ("--platform", p)]
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                    "--python-version", args.python_version, "--implementation", "cp", *platforms, "-d", args.dest,
-                    *[f"{n}=={v}" for n, v in wanted]], check=True)
-    size = sum(f.stat().st_size for f in Path(args.dest).glob("*.whl"))
-    print(f"{len(wanted)} wheels, {size / 2**20:.1f} MiB in {args.dest}")
+    for version, pins in wanted.items():
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                        "--python-version", version, "--implementation", "cp", *platforms, "-d", str(dest),
+                        *[f"{n}=={v}" for n, v in pins]], check=True)
+        (dest / f"requirements-{version}.txt").write_text("".join(f"{n}=={v}\n" for n, v in pins))
+    pinned = {(n, str(Version(v))) for pins in wanted.values() for n, v in pins}
+    for stale in dest.glob("*.whl"):  # another version of a package (an earlier run's) would conflict there
+        name, version, _, _ = parse_wheel_filename(stale.name)
+        if (canonicalize_name(name), str(version)) not in pinned:
+            stale.unlink()
+            print(f"removed {stale.name} (not pinned now)")
+    for stale in dest.glob("requirements-*.txt"):
+        if stale.name[len("requirements-"):-len(".txt")] not in wanted:
+            stale.unlink()
+    files = list(dest.glob("*.whl"))
+    size = sum(f.stat().st_size for f in files)
+    print(f"{len(files)} wheels for Python {', '.join(versions)}, {size / 2**20:.1f} MiB in {args.dest}")
     return 0
 
 

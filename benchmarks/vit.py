@@ -1,6 +1,6 @@
 """ViT throughput with patch_vit: images/s unpatched vs patched, side by side in one run.
 
-  python benchmarks/vit.py --out results/vit_h100.json                  # on a CUDA machine (bf16, batch 64)
+  python benchmarks/vit.py --out results/vit_gpu.json                   # on a CUDA machine (bf16, batch 64)
   python benchmarks/vit.py --quick --out /tmp/vit_quick.json            # CPU smoke run (batch 2, 2 reps)
 
 Models (random weights, nothing downloaded): timm `vit_base_patch16_224` and open_clip `ViT-B-16`'s

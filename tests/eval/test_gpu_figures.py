@@ -17,7 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 def bench_parts() -> dict[str, list[str]]:
     """{part name: its `vtprune bench ...` arguments} as the script writes them (`python3 -m vtprune bench ...`)."""
     text = (ROOT / "benchmarks" / "gpu_figures.sh").read_text().replace("\\\n", " ")
-    found = re.finditer(r"part (\w+) python3 -m vtprune (bench .*?) ;;", text)
+    found = re.finditer(r"part (\w+) \d+ python3 -m vtprune (bench .*?) ;;", text)
     return {m.group(1): shlex.split(m.group(2)) for m in found}
 
 
@@ -69,9 +69,9 @@ def test_gpu_bench_part_runs_on_the_cpu(part, small_full_scale, tmp_path):
             assert r["kv_bytes"] == base["kv_bytes"]
 
 
-def run_script(tmp_path, *args, path=()):
+def run_script(tmp_path, *args, path=(), cpu_ok=True):
     """benchmarks/gpu_figures.sh copied into an empty tree (its parts' scripts absent, so each fails at
-    once), run with `path` and then this interpreter's folder first on PATH."""
+    once), run with `path` and then this interpreter's folder first on PATH (with --cpu-ok unless told)."""
     import os
     import shutil
     import subprocess
@@ -80,8 +80,9 @@ def run_script(tmp_path, *args, path=()):
     (tmp_path / "tree" / "benchmarks").mkdir(parents=True, exist_ok=True)
     shutil.copy(ROOT / "benchmarks" / "gpu_figures.sh", tmp_path / "tree" / "benchmarks")
     env = dict(os.environ, PATH=os.pathsep.join([*map(str, path), os.path.dirname(sys.executable), os.environ["PATH"]]))
-    return subprocess.run(["bash", str(tmp_path / "tree" / "benchmarks" / "gpu_figures.sh"), *args], env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(["bash", str(tmp_path / "tree" / "benchmarks" / "gpu_figures.sh"),
+                           *(["--cpu-ok"] if cpu_ok else []), *args], env=env, capture_output=True, text=True,
+                          timeout=120)
 
 
 def test_script_keeps_going_after_a_failed_part_and_packs_what_it_wrote(tmp_path):
@@ -116,7 +117,7 @@ def test_script_skips_parts_past_its_deadline_and_rejects_unknown_parts(tmp_path
 
 def test_deadline_kills_a_running_part_and_keeps_what_it_wrote(tmp_path):
     """A part still running at its limit is killed (timeout's exit 124); what it wrote so far is packed.
-    Its limit leaves 40 s for the part after it, which then runs (and fails at once: no script). (~32 s:
+    Its limit leaves 40 s for the part after it, which then runs (and fails at once: no script). (30 s:
     the shortest limit the script gives a part.)"""
     import tarfile
     import time
@@ -139,7 +140,7 @@ def test_deadline_kills_a_running_part_and_keeps_what_it_wrote(tmp_path):
                    path=[shim])
     took = time.monotonic() - t0
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "== kernels_gpu: python3 benchmarks/kernels.py --reps 10 --out results/kernels_gpu.json (limit 32s)" in r.stdout
+    assert "== kernels_gpu: python3 benchmarks/kernels.py --reps 10 --out results/kernels_gpu.json (limit 30s)" in r.stdout
     assert "failed: kernels_gpu (exit 124) vit_gpu (exit 2)" in r.stdout
     assert took < 60  # killed at its limit, not after the 600 s sleep
     with tarfile.open(tmp_path / "figures.tgz") as t:
@@ -151,15 +152,49 @@ def test_deadline_kills_a_running_part_and_keeps_what_it_wrote(tmp_path):
 def test_a_failed_wheel_install_still_packs_the_machine_record_and_its_log(tmp_path):
     import tarfile
 
+    import sys
+
     (tmp_path / "wheels").mkdir()
     (tmp_path / "wheels" / "broken-1.0-py3-none-any.whl").write_bytes(b"not a zip")
+    pins = tmp_path / "wheels" / f"requirements-{sys.version_info[0]}.{sys.version_info[1]}.txt"
+    pins.write_text("broken==1.0\n")
     r = run_script(tmp_path, "--wheels", str(tmp_path / "wheels"), "--archive", str(tmp_path / "figures.tgz"), "kernels")
     assert r.returncode == 1 and "failed: installing the wheels" in r.stdout, r.stdout + r.stderr
     assert "== kernels_gpu" not in r.stdout
     with tarfile.open(tmp_path / "figures.tgz") as t:
         assert sorted(t.getnames()) == ["results/gpu_env.json", "results/wheels.log"]
         assert t.extractfile("results/wheels.log").read()  # pip's error
+    # wheels made for another Python only: said so (one wheel of the wrong version stopped every part)
+    pins.rename(tmp_path / "wheels" / "requirements-3.99.txt")
+    r = run_script(tmp_path, "--wheels", str(tmp_path / "wheels"), "--archive", str(tmp_path / "figures.tgz"), "kernels")
+    assert r.returncode == 1 and "holds wheels for Python 3.99 only; make them with" in r.stdout, r.stdout
 
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens on a machine without CUDA")
+def test_without_a_gpu_the_script_stops_after_the_machine_record(tmp_path):
+    """(no part could measure anything; vit.py ran ViT-B at batch 64 on the CPU until its limit)"""
+    import tarfile
+
+    r = run_script(tmp_path, "--archive", str(tmp_path / "figures.tgz"), "kernels", "vit", cpu_ok=False)
+    assert r.returncode == 1 and "failed: no CUDA device" in r.stdout and "== kernels_gpu" not in r.stdout
+    with tarfile.open(tmp_path / "figures.tgz") as t:
+        assert t.getnames() == ["results/gpu_env.json"]
+
+
+def test_each_part_is_capped_at_its_share_and_never_packs_an_earlier_run(tmp_path):
+    """With --deadline 540, kernels gets at most 30 % (162 s; it had everything but 40 s per later part, so
+    one that hung starved the rest), the last part what is left; a stale JSON of an earlier run is removed
+    before its part runs (a part failing at once packed it as this run's)."""
+    import tarfile
+
+    (tmp_path / "tree" / "results").mkdir(parents=True)
+    (tmp_path / "tree" / "results" / "kernels_gpu.json").write_text('{"complete": true, "stale": 1}')
+    r = run_script(tmp_path, "--archive", str(tmp_path / "figures.tgz"), "--deadline", "540", "kernels", "vit")
+    assert "(limit 162s)" in r.stdout.split("== vit_gpu")[0], r.stdout
+    last = int(re.search(r"== vit_gpu: .*\(limit (\d+)s\)", r.stdout).group(1))
+    assert last > 400
+    with tarfile.open(tmp_path / "figures.tgz") as t:
+        assert "results/kernels_gpu.json" not in t.getnames()
 
 def test_offline_wheels_lists_what_a_torch_machine_lacks():
     import subprocess
@@ -189,7 +224,7 @@ def test_python_m_vtprune_is_the_cli():  # what the script calls: no install nee
 def script_parts() -> dict[str, list[str]]:
     """{part name: [script, its arguments...]} of the script's `python3 benchmarks/X.py ...` parts."""
     text = (ROOT / "benchmarks" / "gpu_figures.sh").read_text().replace("\\\n", " ")
-    found = re.finditer(r"part (\w+) python3 (benchmarks/\S+ .*?) ;;", text)
+    found = re.finditer(r"part (\w+) \d+ python3 (benchmarks/\S+ .*?) ;;", text)
     return {m.group(1): shlex.split(m.group(2)) for m in found}
 
 
@@ -252,6 +287,9 @@ def test_script_wheels_take_precedence_over_what_is_installed(tmp_path):
         z.writestr("timm-0.0.1.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
                    "Tag: py3-none-any\n")
         z.writestr("timm-0.0.1.dist-info/RECORD", "")
+    import sys
+
+    (wheels / f"requirements-{sys.version_info[0]}.{sys.version_info[1]}.txt").write_text("timm==0.0.1\n")
     archive = tmp_path / "figures.tgz"
     r = run_script(tmp_path, "--wheels", str(wheels), "--archive", str(archive), "--deadline", "0", "vit")
     assert r.returncode == 1 and "vit_gpu: skipped" in r.stdout, r.stdout + r.stderr
@@ -260,3 +298,26 @@ def test_script_wheels_take_precedence_over_what_is_installed(tmp_path):
     import timm
 
     assert versions["timm"] == "0.0.1" != timm.__version__ and versions["torch"] == torch.__version__
+
+
+def test_offline_wheels_pins_each_python_and_removes_stale_wheels(tmp_path, monkeypatch, benchmark_script):
+    """One requirements-X.Y.txt per target Python (the script installs the machine's; a wheel built for
+    another Python among *.whl stopped the whole install), and a wheel no list pins (an earlier run's
+    other version) is deleted (it conflicted there)."""
+    module = benchmark_script("offline_wheels")
+    monkeypatch.setattr(module, "closure", lambda roots, version: (
+        {"vtprune": "0", "transformers": "5.25.0", "regex": "2025.1.1"} if roots[0][0] == "vtprune" else {}))
+    downloads = []
+    monkeypatch.setattr(module.subprocess, "run", lambda cmd, check: downloads.append(cmd))
+    for stale in ("transformers-5.24.0-py3-none-any.whl", "transformers-5.25.0-py3-none-any.whl",
+                  "regex-2025.1.1-cp312-cp312-manylinux_2_17_x86_64.whl"):
+        (tmp_path / stale).write_bytes(b"")
+    (tmp_path / "requirements-3.10.txt").write_text("old\n")
+    assert module.main(["--dest", str(tmp_path), "--python-version", "3.12,3.13"]) == 0
+    assert [cmd[cmd.index("--python-version") + 1] for cmd in downloads] == ["3.12", "3.13"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "regex-2025.1.1-cp312-cp312-manylinux_2_17_x86_64.whl", "requirements-3.12.txt", "requirements-3.13.txt",
+        "transformers-5.25.0-py3-none-any.whl"]
+    assert (tmp_path / "requirements-3.13.txt").read_text() == "regex==2025.1.1\ntransformers==5.25.0\n"
+    with pytest.raises(SystemExit, match="--python-version"):
+        module.main(["--dest", str(tmp_path), "--python-version", "3"])
