@@ -21,7 +21,7 @@ from functools import lru_cache, partial
 import torch
 
 from ..kernels import attention_scores
-from ..methods.base import ImageTokens, LayerTokens, Method, Selection
+from ..methods.base import ImageTokens, LayerTokens, Method, PruneConfig, Selection
 from . import anyres
 from .checks import as_indices, check_indices, check_parts, check_selection, checked
 from .base import SignalStore, call_arguments, wrap_method
@@ -48,7 +48,7 @@ class Stats:
     method: str = ""
     visual_before: list[int] = field(default_factory=list)  # visual tokens per sample entering the model
     visual_after: list[int] = field(default_factory=list)  # visual tokens per sample left at the last layer
-    selection_ms: float = 0.0  # wall time spent in the strategy's selection code
+    selection_ms: float = 0.0  # wall time spent in the strategy's selection code (vision-encoder scores: in the encoder's run)
     layout: torch.Tensor | None = None  # [B, L_out]: input slot of each output position, -1 = added padding
     layer_tokens: list[list[int]] = field(default_factory=list)  # [layer][sample]: real tokens entering each decoder layer
     images: list[tuple[int, int, int]] = field(default_factory=list)  # (sample, tokens, budget) per image / video frame
@@ -111,6 +111,15 @@ def _sync(t: torch.Tensor):
     if t.is_cuda:
         torch.cuda.synchronize(t.device)
 
+
+
+def _keeps_everything(method: Method) -> bool:
+    """ratio 1.0 under the default budget rule: no image is ever over budget, so the vision-encoder scores
+    a method reads would be computed in every forward and never read (hiprune, vflowopt and todre cost
+    12-28 % more per forward on the bundled tiny-llava for nothing)."""
+    cfg = method.config
+    return (type(method).budget is Method.budget and type(cfg).budget is PruneConfig.budget
+            and cfg.keep is None and cfg.ratio == 1.0)
 
 class PatchState:
     """Everything `patch` attaches to a model: the method, the adapter, hook handles, last stats."""
@@ -185,7 +194,7 @@ class PatchState:
             self.handles.extend(self.adapter.install_hooks())
             if hasattr(top, "_prefill"):
                 self.handles.append(wrap_method(top, "_prefill", self._generate_prefill))
-            signals = self.method.vision_signals() if self.pre_llm else {}
+            signals = self.method.vision_signals() if self.pre_llm and not _keeps_everything(self.method) else {}
             self.signal_names = sorted(signals)
             if signals:
                 self.handles.extend(self.adapter.install_vision_signals(signals, self.vision_scores))
