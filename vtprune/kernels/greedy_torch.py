@@ -22,18 +22,22 @@ def cosine_gram(features: torch.Tensor) -> torch.Tensor:
     """[B, N, D] -> float32 [B, N, N] cosine similarities (rows normalised; a row whose norm is below
     1e-12 is left as it is, so zero rows stay zero; a float32 overflow of the squared norm, or a NaN or
     inf entry, makes the row count as zero, as in the Triton kernel); values within SAME of 1 are set to
-    exactly 1, and such duplicates then share the first one's row and column bit for bit (a BLAS can
-    round one column of a matrix product differently from an identical one, which broke ties between
-    copies by rounding instead of by index; two gathers, no host sync)."""
+    exactly 1. An exact copy of an earlier token then takes that token's row and column bit for bit (a
+    BLAS can round one column of a matrix product differently from an identical one, which broke ties
+    between copies by rounding instead of by index; the Triton kernel computes every entry alike).
+    Near-duplicates that are not copies keep their own rows, as in the kernel. No host sync."""
     with float32_math(features):
         x = features.float()
         x = x.masked_fill(~torch.isfinite(x).all(dim=-1, keepdim=True), 0.0)
         x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         sim = x @ x.transpose(1, 2)
     sim = sim.masked_fill(sim >= 1.0 - SAME, 1.0)
-    n = sim.shape[-1]
+    b, n = sim.shape[:2]
+    own = torch.arange(n, device=sim.device).expand(b, n)
     same = (sim == 1.0) | torch.eye(n, dtype=torch.bool, device=sim.device)  # (a zero row is its own)
-    first = same.to(torch.uint8).argmax(dim=-1)  # [B, N]: the first token each one duplicates (itself if none)
+    first = same.to(torch.uint8).argmax(dim=-1)  # [B, N]: the first token within SAME of each one
+    copy = (x.gather(1, first[..., None].expand_as(x)) == x).all(-1)  # ... and equal to it: a copy
+    first = torch.where(copy, first, own)
     sim = sim.gather(1, first[..., None].expand(-1, -1, n))
     return sim.gather(2, first[:, None, :].expand(-1, n, -1))
 
