@@ -338,7 +338,8 @@ def write(cells: list[dict], out: Path) -> None:
         extra = sorted({k for c in cells for k in c["by_kind"]})
         w.writerow([header.get(k, k) for k in cols] + extra)
         for c in cells:
-            w.writerow([metric_of(c) if k == "metric" else c[k] for k in cols] + [c["by_kind"].get(k, "") for k in extra])
+            w.writerow([metric_of(c) if k == "metric" else c.get(k, "") for k in cols]  # (a hand-made cell: no settings)
+                       + [c["by_kind"].get(k, "") for k in extra])
     plot(cells, out)
 
 
