@@ -58,7 +58,8 @@ if [ -n "$wheels" ]; then
       --target "$site" -r "$pins" 2>&1 | tee results/wheels.log
     [ "${PIPESTATUS[0]}" -eq 0 ] || install_failed=1  # the machine record and the log are still packed
   else
-    echo "no $pins: $wheels holds wheels for Python $(ls "$wheels" | sed -n 's/^requirements-\(.*\)\.txt$/\1/p' | xargs)" \
+    made=$(ls "$wheels" | sed -n 's/^requirements-\(.*\)\.txt$/\1/p' | xargs)
+    echo "no $pins: $wheels holds wheels for Python ${made:-none of them listed (made by an older offline_wheels.py?)}" \
       "only; make them with benchmarks/offline_wheels.py --python-version $pyver" | tee results/wheels.log
     install_failed=1
   fi

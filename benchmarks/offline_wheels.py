@@ -16,6 +16,7 @@ so they take precedence over older versions installed there (a transformers olde
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 from importlib import metadata
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="list the wheels, download nothing")
     args = ap.parse_args(argv)
     versions = [v.strip() for v in args.python_version.split(",") if v.strip()]
-    if not versions or any(not v.replace(".", "").isdigit() or v.count(".") != 1 for v in versions):
+    if not versions or not all(re.fullmatch(r"\d+\.\d+", v) for v in versions):
         raise SystemExit(f"--python-version: major.minor, comma-separated, got {args.python_version!r}")
     wanted = {}
     for version in versions:
@@ -84,10 +85,10 @@ def main(argv=None) -> int:
                         "--python-version", version, "--implementation", "cp", *platforms, "-d", str(dest),
                         *[f"{n}=={v}" for n, v in pins]], check=True)
         (dest / f"requirements-{version}.txt").write_text("".join(f"{n}=={v}\n" for n, v in pins))
-    pinned = {(n, str(Version(v))) for pins in wanted.values() for n, v in pins}
+    pinned = {(n, Version(v)) for pins in wanted.values() for n, v in pins}  # (1.0 == 1.0.0)
     for stale in dest.glob("*.whl"):  # another version of a package (an earlier run's) would conflict there
         name, version, _, _ = parse_wheel_filename(stale.name)
-        if (canonicalize_name(name), str(version)) not in pinned:
+        if (canonicalize_name(name), version) not in pinned:
             stale.unlink()
             print(f"removed {stale.name} (not pinned now)")
     for stale in dest.glob("requirements-*.txt"):

@@ -168,6 +168,9 @@ def test_a_failed_wheel_install_still_packs_the_machine_record_and_its_log(tmp_p
     pins.rename(tmp_path / "wheels" / "requirements-3.99.txt")
     r = run_script(tmp_path, "--wheels", str(tmp_path / "wheels"), "--archive", str(tmp_path / "figures.tgz"), "kernels")
     assert r.returncode == 1 and "holds wheels for Python 3.99 only; make them with" in r.stdout, r.stdout
+    (tmp_path / "wheels" / "requirements-3.99.txt").unlink()  # a folder an older offline_wheels.py made
+    r = run_script(tmp_path, "--wheels", str(tmp_path / "wheels"), "--archive", str(tmp_path / "figures.tgz"), "kernels")
+    assert r.returncode == 1 and "none of them listed (made by an older offline_wheels.py?)" in r.stdout, r.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens on a machine without CUDA")
@@ -319,5 +322,12 @@ def test_offline_wheels_pins_each_python_and_removes_stale_wheels(tmp_path, monk
         "regex-2025.1.1-cp312-cp312-manylinux_2_17_x86_64.whl", "requirements-3.12.txt", "requirements-3.13.txt",
         "transformers-5.25.0-py3-none-any.whl"]
     assert (tmp_path / "requirements-3.13.txt").read_text() == "regex==2025.1.1\ntransformers==5.25.0\n"
-    with pytest.raises(SystemExit, match="--python-version"):
-        module.main(["--dest", str(tmp_path), "--python-version", "3"])
+    for bad in ("3", "3.", "3.x"):
+        with pytest.raises(SystemExit, match="--python-version"):
+            module.main(["--dest", str(tmp_path), "--python-version", bad])
+    # a pin of 2.0.0 keeps its wheel named 2.0 (versions compared as versions)
+    monkeypatch.setattr(module, "closure", lambda roots, version: (
+        {"vtprune": "0", "baz": "2.0.0"} if roots[0][0] == "vtprune" else {}))
+    (tmp_path / "baz-2.0-py3-none-any.whl").write_bytes(b"")
+    assert module.main(["--dest", str(tmp_path), "--python-version", "3.12"]) == 0
+    assert (tmp_path / "baz-2.0-py3-none-any.whl").exists()
