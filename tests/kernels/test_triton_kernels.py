@@ -86,6 +86,28 @@ def test_identical_tokens_in_different_tiles_have_identical_gram_columns():
                                greedy_select_torch(x, 20, torch.tensor([0], device=DEVICE), rule)), (seed, rule)
 
 
+def test_copies_behind_a_near_duplicate_pick_alike_in_both_backends():
+    """Tokens [u, w, v, v, v, v], w within 1e-5 of v but not a copy: the reference took the first token within
+    SAME as the copies' representative only if it was a copy, so here the copies kept BLAS-rounded columns
+    and it picked copy 4 where the kernel picked copy 2 (seed 34, one thread). Each backend's second pick is
+    w or the first copy."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for seed in range(40):
+            g = torch.Generator().manual_seed(seed)
+            u, v, d = torch.randn(3, 64, generator=g)
+            w = v - 1e-6 * d / d.norm() * v.norm()
+            x = torch.stack([u, w, v, v, v, v])[None].to(DEVICE)
+            g0 = cosine_gram(x)[0]
+            assert torch.equal(g0[:, 2], g0[:, 5]) and torch.equal(g0[2], g0[5]), seed
+            for rule in ("maxmin", "maxsum"):  # (w against v is a near-tie, which rounding may decide either way)
+                for select in (greedy_select_torch, greedy_select_triton):
+                    assert select(x, 2, None, rule)[0, 1] in (1, 2), (seed, rule, select.__name__)
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered:RuntimeWarning")
 def test_a_row_whose_squared_norm_overflows_counts_as_zero_in_both_backends():
     # (the interpreter's numpy warns about the overflow this test makes on purpose)

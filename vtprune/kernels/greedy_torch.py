@@ -22,10 +22,10 @@ def cosine_gram(features: torch.Tensor) -> torch.Tensor:
     """[B, N, D] -> float32 [B, N, N] cosine similarities (rows normalised; a row whose norm is below
     1e-12 is left as it is, so zero rows stay zero; a float32 overflow of the squared norm, or a NaN or
     inf entry, makes the row count as zero, as in the Triton kernel); values within SAME of 1 are set to
-    exactly 1. An exact copy of an earlier token then takes that token's row and column bit for bit (a
-    BLAS can round one column of a matrix product differently from an identical one, which broke ties
-    between copies by rounding instead of by index; the Triton kernel computes every entry alike).
-    Near-duplicates that are not copies keep their own rows, as in the kernel. No host sync."""
+    exactly 1. Exact copies of a token then take the first copy's row and column bit for bit (a BLAS can
+    round one column of a matrix product differently from an identical one, which broke ties between
+    copies by rounding instead of by index; the Triton kernel computes every entry alike). Near-duplicates
+    that are not copies keep their own rows, as in the kernel."""
     with float32_math(features):
         x = features.float()
         x = x.masked_fill(~torch.isfinite(x).all(dim=-1, keepdim=True), 0.0)
@@ -33,11 +33,12 @@ def cosine_gram(features: torch.Tensor) -> torch.Tensor:
         sim = x @ x.transpose(1, 2)
     sim = sim.masked_fill(sim >= 1.0 - SAME, 1.0)
     b, n = sim.shape[:2]
-    own = torch.arange(n, device=sim.device).expand(b, n)
-    same = (sim == 1.0) | torch.eye(n, dtype=torch.bool, device=sim.device)  # (a zero row is its own)
-    first = same.to(torch.uint8).argmax(dim=-1)  # [B, N]: the first token within SAME of each one
-    copy = (x.gather(1, first[..., None].expand_as(x)) == x).all(-1)  # ... and equal to it: a copy
-    first = torch.where(copy, first, own)
+    own = torch.arange(n, device=sim.device)
+    first = torch.empty(b, n, dtype=torch.long, device=sim.device)
+    for i, xb in enumerate(x):  # exact row equality (a sort; one host sync per image, for unique's size)
+        _, group = torch.unique(xb, dim=0, return_inverse=True)
+        lowest = torch.full((n,), n, dtype=torch.long, device=sim.device).scatter_reduce(0, group, own, "amin")
+        first[i] = lowest[group]
     sim = sim.gather(1, first[..., None].expand(-1, -1, n))
     return sim.gather(2, first[:, None, :].expand(-1, n, -1))
 
