@@ -400,6 +400,44 @@ def test_clip_model_and_its_visual_tower_share_one_configuration():
         assert torch.equal(clip.encode_image(IMAGES), ref)
 
 
+def test_open_clip_model_with_a_timm_trunk():
+    """open_clip's timm towers (SigLIP and others: .visual is a TimmModel around a timm ViT, .trunk) were
+    refused; the CLIP model, its .visual and the trunk now share one configuration, and the trunk's output
+    equals patching the trunk alone."""
+    torch.manual_seed(0)
+    clip = open_clip.CustomTextCLIP(
+        embed_dim=16, vision_cfg=dict(image_size=32, timm_model_name="vit_tiny_patch16_224", timm_model_pretrained=False,
+                                      timm_pool="map", timm_proj="none"),
+        text_cfg=dict(context_length=8, vocab_size=50, width=32, heads=2, layers=1)).eval()
+    clip.visual.trunk.set_input_size(img_size=32)
+    with torch.no_grad():
+        ref = clip.encode_image(IMAGES)
+        for target in (clip, clip.visual):
+            vtprune.patch_vit(target, "divprune", keep=1, layer=5)
+            out = clip.encode_image(IMAGES)
+            assert not torch.equal(out, ref)
+            assert vtprune.stats(clip).visual_after == [1] * len(IMAGES)
+            assert vtprune.stats(clip) is vtprune.stats(clip.visual) is vtprune.stats(clip.visual.trunk)
+            vtprune.unpatch(target)
+            assert torch.equal(clip.encode_image(IMAGES), ref) and _hooks(clip) == 0
+        vtprune.patch_vit(clip.visual.trunk, "divprune", keep=1, layer=5)
+        assert torch.equal(clip.encode_image(IMAGES), out)
+        vtprune.unpatch(clip.visual.trunk)
+
+
+def test_vit_scores_keep_no_graph_in_training():
+    """hiprune's attention scores pick indices only: in train mode their B x H x N x N softmax and its graph
+    stayed alive until the next forward. Gradients still reach the kept tokens."""
+    model = timm_vit().train()
+    vtprune.patch_vit(model, "hiprune", ratio=0.25, layer=1)
+    y = model(IMAGES)
+    assert all(not v.requires_grad for v in model._vtprune.scores.values())
+    y.sum().backward()
+    assert model.patch_embed.proj.weight.grad is not None and bool(model.patch_embed.proj.weight.grad.abs().sum() > 0)
+    with pytest.raises(TypeError, match="keep_positions is for VLMs"):
+        vtprune.patch_vit(timm_vit(), "divprune", keep=4, keep_positions=False)
+
+
 def test_pruned_context_on_a_vit_restores_the_previous_configuration():
     model = timm_vit()
     with torch.no_grad():

@@ -171,7 +171,8 @@ def stats(model) -> Stats:
     """Figures of the last forward that pruned (visual tokens before/after per sample, selection ms)."""
     state = _state(model)
     if state is None:
-        raise ValueError("model is not patched; call vtprune.patch(model, method, keep=...) first")
+        raise ValueError("model is not patched; call vtprune.patch(model, method, keep=...) (a ViT: "
+                         "vtprune.patch_vit) first")
     return state.last_stats
 
 

@@ -53,6 +53,7 @@ class Tower:
     owner: torch.nn.Module  # the timm model or open_clip visual tower: grid size, patch dropout
     batch_first: bool
     kind: str  # "timm" | "open_clip"
+    via: tuple = ()  # modules between the model given and the owner (open_clip's TimmModel around its timm trunk)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -80,13 +81,19 @@ def tower(model) -> Tower:
         return Tower(model.blocks, int(model.num_prefix_tokens), getattr(model, "cls_token", None) is not None,
                      model, True, "timm")
     visual = getattr(model, "visual", model)
+    trunk = getattr(visual, "trunk", None)  # open_clip's timm-tower models (SigLIP, ...): a timm ViT inside
+    if isinstance(trunk, torch.nn.Module) and hasattr(trunk, "blocks") and hasattr(trunk, "num_prefix_tokens"):
+        t = tower(trunk)
+        t.via = tuple(m for m in (visual,) if m is not model)
+        return t
     if hasattr(visual, "transformer") and hasattr(visual.transformer, "resblocks") and hasattr(visual, "grid_size"):
         if getattr(visual, "attn_pool", None) is not None and getattr(visual, "attn_pool_type", "") == "parallel":
             raise ValueError("open_clip towers with a parallel attention pool are not supported")
         # open_clip before 2.26 has no batch_first and runs its blocks sequence-first
         return Tower(visual.transformer.resblocks, 1, True, visual,
                      getattr(visual.transformer, "batch_first", False), "open_clip")
-    raise TypeError(f"patch_vit supports timm VisionTransformer and open_clip visual towers, got {type(model).__name__}")
+    raise TypeError(f"patch_vit supports timm VisionTransformer and open_clip visual towers (their own or a timm "
+                    f"trunk), got {type(model).__name__}")
 
 
 def _signal_block_error(block, kind: str) -> str | None:
@@ -137,8 +144,13 @@ class VitState:
         self.last_stats = Stats(method=method_name)
 
     def holders(self) -> list:
-        """The modules this state is attached to: the model given, and an open_clip CLIP's visual tower."""
-        return [self.model] + ([self.tower.owner] if self.tower.owner is not self.model else [])
+        """The modules this state is attached to: the model given, an open_clip CLIP's visual tower, and
+        the timm trunk of an open_clip timm tower."""
+        out = [self.model]
+        for m in (*self.tower.via, self.tower.owner):
+            if all(m is not h for h in out):
+                out.append(m)
+        return out
 
     def check(self):
         """Everything install() would refuse, before any hook is added."""
@@ -196,8 +208,9 @@ class VitState:
 
     def _signal(self, name: str, sig: VisionSignal, block, module, args, kwargs):
         x = self._tokens(args[0] if args else kwargs.get("x", kwargs.get("query")))  # the attention's input
-        q, k, scale = (_qk_timm if self.tower.kind == "timm" else _qk_open_clip)(block, x)
-        scores = reduce_attention(q, k, float(scale), sig, self.tower.has_cls)
+        with torch.no_grad():  # the scores pick indices only (in training, their N x N softmax stayed in the graph)
+            q, k, scale = (_qk_timm if self.tower.kind == "timm" else _qk_open_clip)(block, x)
+            scores = reduce_attention(q, k, float(scale), sig, self.tower.has_cls)
         self.scores[name] = scores[:, self.tower.prefix:]
         return None
 
@@ -271,6 +284,9 @@ def patch_vit(model, method: str, *, layer: int | None = None, **options):
     if method in LLM_ONLY:
         raise ValueError(f"{method} has no ViT form: {LLM_ONLY[method]}")
     options = dict(options)
+    if "keep_positions" in options:
+        raise TypeError("patch_vit: keep_positions is for VLMs' language models (RoPE positions); a ViT's kept "
+                        "tokens keep the position embeddings they were given")
     if method == "todre":
         if options.get("stage2", False):
             raise ValueError("todre's stage 2 acts inside a language model; patch_vit runs stage 1 (stage2=False)")
@@ -286,7 +302,8 @@ def patch_vit(model, method: str, *, layer: int | None = None, **options):
         raise ValueError(f"layer must be an int in [0, {n_blocks - 1}) (a block must follow it), got {layer!r}")
     state = VitState(model, built, method, options, layer, t)
     state.check()  # refusals before the previous configuration is touched
-    previous = model.__dict__.get(_ATTR) or t.owner.__dict__.get(_ATTR)  # patched as CLIP or as CLIP.visual
+    previous = next((m.__dict__[_ATTR] for m in (model, *t.via, t.owner) if _ATTR in m.__dict__), None)
+    # (patched before as CLIP, as CLIP.visual or as its timm trunk)
     if previous is not None:
         previous.remove()
     try:
