@@ -78,6 +78,10 @@ def test_vision_side_scoring_is_the_part_left_out(method):
     assert r.projector == want["projector"] and r.lm_head == want["lm_head"]
     assert r.llm_prefill_per_layer == want["llm_prefill_per_layer"]
     assert 0.9 * want["vision_encoder"] < r.vision_encoder < want["vision_encoder"]
+    # and the total is short by exactly that (ToDRE's stage-2 scoring in the LLM was missing too)
+    with vtprune.pruned(model, method, keep=3):
+        total = counted(model, inputs)
+    assert total - r.total_prefill == want["vision_encoder"] - r.vision_encoder
 
 
 @pytest.mark.parametrize("family", tiny.VIDEO_FAMILIES)

@@ -176,13 +176,17 @@ def _selection_flops(method, images: list[tuple[int, int]], per_layer: list[list
     """The strategy's own products where they are modelled: greedy diversity (DivPrune, ToDRE) builds
     an N x N Gram matrix of d-wide rows per pruned image or video frame (2 N^2 d; `images` holds each
     one's (N, budget)); FastV scores the n tokens at its layer from every real query row (2 n^2 d_q for
-    q k^T, 2 n^2 for the row average); TransPrune, at each drop layer p, projects the n tokens leaving it
-    with layer p+1's q and k (2 n d (d_q + d_kv)) and scores them the same way. The vision-side scoring
-    of HiPrune, VFlowOpt and ToDRE (attention recomputed in a ViT layer, about 4 N^2 d_v each; 0.2 % of
-    a 7B prefill) is not modelled (0)."""
+    q k^T, 2 n^2 for the row average), and so does ToDRE's stage 2 at its layer; TransPrune, at each
+    drop layer p, projects the n tokens leaving it with layer p+1's q and k (2 n d (d_q + d_kv)) and
+    scores them the same way. The vision-side scoring of HiPrune, VFlowOpt and ToDRE (attention
+    recomputed in a ViT layer, about 4 N^2 d_v each; 0.2 % of a 7B prefill) is not modelled (0)."""
     name = getattr(method, "name", None)  # (`method`: the built strategy, or None)
-    if name in ("divprune", "todre"):
+    if name == "divprune":
         return sum(2 * n * n * t.d for n, k in images if k < n)
+    if name == "todre":  # the greedy Gram, then stage 2 scoring the tokens at its layer as FastV does
+        gram = sum(2 * n * n * t.d for n, k in images if k < n)
+        stage2 = sum(2 * n * n * t.d_q + 2 * n * n for p in method.drop_layers(len(per_layer)) for n in per_layer[p])
+        return gram + (stage2 if gram else 0)
     if name == "transprune" and per_layer[0] != per_layer[-1]:
         return sum(2 * n * t.d * (t.d_q + t.d_kv) + 2 * n * n * t.d_q + 2 * n * n
                    for p in method.drop_layers(len(per_layer)) for n in per_layer[p])
