@@ -58,9 +58,15 @@ if [ -n "$wheels" ]; then
       --target "$site" -r "$pins" 2>&1 | tee results/wheels.log
     [ "${PIPESTATUS[0]}" -eq 0 ] || install_failed=1  # the machine record and the log are still packed
   else
-    made=$(ls "$wheels" | sed -n 's/^requirements-\(.*\)\.txt$/\1/p' | xargs)
-    echo "no $pins: $wheels holds wheels for Python ${made:-none of them listed (made by an older offline_wheels.py?)}" \
-      "only; make them with benchmarks/offline_wheels.py --python-version $pyver" | tee results/wheels.log
+    made=$(ls "$wheels" 2>/dev/null | sed -n 's/^requirements-\(.*\)\.txt$/\1/p' | xargs)
+    if [ ! -d "$wheels" ]; then
+      why="there is no folder $wheels"
+    elif [ -n "$made" ]; then
+      why="$wheels holds wheels for Python $made only"
+    else
+      why="$wheels holds no requirements-X.Y.txt (made by an older offline_wheels.py?)"
+    fi
+    echo "no $pins: $why; make them with benchmarks/offline_wheels.py --python-version $pyver" | tee results/wheels.log
     install_failed=1
   fi
   export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"

@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="list the wheels, download nothing")
     args = ap.parse_args(argv)
     versions = [v.strip() for v in args.python_version.split(",") if v.strip()]
-    if not versions or not all(re.fullmatch(r"\d+\.\d+", v) for v in versions):
+    if not versions or not all(re.fullmatch(r"[0-9]+\.[0-9]+", v) for v in versions):
         raise SystemExit(f"--python-version: major.minor, comma-separated, got {args.python_version!r}")
     wanted = {}
     for version in versions:

@@ -404,6 +404,8 @@ def test_open_clip_model_with_a_timm_trunk():
     """open_clip's timm towers (SigLIP and others: .visual is a TimmModel around a timm ViT, .trunk) were
     refused; the CLIP model, its .visual and the trunk now share one configuration, and the trunk's output
     equals patching the trunk alone."""
+    from vtprune.patching import unpatched
+
     torch.manual_seed(0)
     clip = open_clip.CustomTextCLIP(
         embed_dim=16, vision_cfg=dict(image_size=32, timm_model_name="vit_tiny_patch16_224", timm_model_pretrained=False,
@@ -422,7 +424,15 @@ def test_open_clip_model_with_a_timm_trunk():
             assert torch.equal(clip.encode_image(IMAGES), ref) and _hooks(clip) == 0
         vtprune.patch_vit(clip.visual.trunk, "divprune", keep=1, layer=5)
         assert torch.equal(clip.encode_image(IMAGES), out)
-        vtprune.unpatch(clip.visual.trunk)
+        # ... and the trunk's configuration is the CLIP model's and .visual's (they did not see it)
+        assert vtprune.stats(clip) is vtprune.stats(clip.visual) is vtprune.stats(clip.visual.trunk)
+        with unpatched(clip):
+            assert torch.equal(clip.encode_image(IMAGES), ref)
+        with vtprune.pruned(clip.visual, "random", keep=2, layer=3):
+            pass
+        assert torch.equal(clip.encode_image(IMAGES), out)  # restored on exit
+        vtprune.unpatch(clip)
+        assert torch.equal(clip.encode_image(IMAGES), ref) and _hooks(clip) == 0
 
 
 def test_vit_scores_keep_no_graph_in_training():

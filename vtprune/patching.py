@@ -89,11 +89,13 @@ def patch(model, method: str | None = None, *, config=None, **options):
 
 
 def _state(model):
-    """What patch / patch_vit attached to `model`; for an open_clip CLIP model, also its patched visual tower."""
+    """What patch / patch_vit attached to `model`; for an open_clip CLIP model, also its patched visual tower,
+    and for an open_clip timm tower (or a CLIP model with one), its patched timm trunk."""
     state = getattr(model, _ATTR, None)
-    if state is None:
-        visual = getattr(model, "visual", None)
-        state = getattr(visual, "__dict__", {}).get(_ATTR)
+    visual = getattr(model, "visual", None)
+    for m in (visual, getattr(visual, "trunk", None), getattr(model, "trunk", None)):
+        if state is None:
+            state = getattr(m, "__dict__", {}).get(_ATTR)
     return state
 
 

@@ -170,7 +170,9 @@ def test_a_failed_wheel_install_still_packs_the_machine_record_and_its_log(tmp_p
     assert r.returncode == 1 and "holds wheels for Python 3.99 only; make them with" in r.stdout, r.stdout
     (tmp_path / "wheels" / "requirements-3.99.txt").unlink()  # a folder an older offline_wheels.py made
     r = run_script(tmp_path, "--wheels", str(tmp_path / "wheels"), "--archive", str(tmp_path / "figures.tgz"), "kernels")
-    assert r.returncode == 1 and "none of them listed (made by an older offline_wheels.py?)" in r.stdout, r.stdout
+    assert r.returncode == 1 and "holds no requirements-X.Y.txt (made by an older offline_wheels.py?)" in r.stdout
+    r = run_script(tmp_path, "--wheels", str(tmp_path / "nowhere"), "--archive", str(tmp_path / "figures.tgz"), "kernels")
+    assert r.returncode == 1 and f"there is no folder {tmp_path / 'nowhere'}" in r.stdout, r.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens on a machine without CUDA")

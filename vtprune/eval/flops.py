@@ -178,7 +178,8 @@ def _selection_flops(method, images: list[tuple[int, int]], per_layer: list[list
     one's (N, budget)); FastV scores the n tokens at its layer from every real query row (2 n^2 d_q for
     q k^T, 2 n^2 for the row average), and so does ToDRE's stage 2 at its layer; TransPrune, at each
     drop layer p, projects the n tokens leaving it with layer p+1's q and k (2 n d (d_q + d_kv)) and
-    scores them the same way. The vision-side scoring of HiPrune, VFlowOpt and ToDRE (attention
+    scores them the same way (these two read the question's rows only: every row is what the CPU
+    reference computes up to its 256-row block, an upper bound beyond). The vision-side scoring of HiPrune, VFlowOpt and ToDRE (attention
     recomputed in a ViT layer, about 4 N^2 d_v each; 0.2 % of a 7B prefill) is not modelled (0)."""
     name = getattr(method, "name", None)  # (`method`: the built strategy, or None)
     if name == "divprune":
