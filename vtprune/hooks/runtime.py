@@ -48,7 +48,7 @@ class Stats:
     method: str = ""
     visual_before: list[int] = field(default_factory=list)  # visual tokens per sample entering the model
     visual_after: list[int] = field(default_factory=list)  # visual tokens per sample left at the last layer
-    selection_ms: float = 0.0  # wall time spent in the strategy's selection code (vision-encoder scores: in the encoder's run)
+    selection_ms: float = 0.0  # wall time in the strategy's selection code (vision-encoder scores: the encoder's run)
     layout: torch.Tensor | None = None  # [B, L_out]: input slot of each output position, -1 = added padding
     layer_tokens: list[list[int]] = field(default_factory=list)  # [layer][sample]: real tokens entering each decoder layer
     images: list[tuple[int, int, int]] = field(default_factory=list)  # (sample, tokens, budget) per image / video frame
@@ -112,7 +112,6 @@ def _sync(t: torch.Tensor):
         torch.cuda.synchronize(t.device)
 
 
-
 def _keeps_everything(method: Method) -> bool:
     """ratio 1.0 under the default budget rule: no image is ever over budget, so the vision-encoder scores
     a method reads would be computed in every forward and never read (hiprune, vflowopt and todre cost
@@ -120,6 +119,7 @@ def _keeps_everything(method: Method) -> bool:
     cfg = method.config
     return (type(method).budget is Method.budget and type(cfg).budget is PruneConfig.budget
             and cfg.keep is None and cfg.ratio == 1.0)
+
 
 class PatchState:
     """Everything `patch` attaches to a model: the method, the adapter, hook handles, last stats."""
