@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from .hooks.base import call_arguments, reduce_attention, wrap_method
-from .hooks.checks import as_indices, check_indices, check_parts, check_selection
+from .hooks.checks import checked_batch
 from .hooks.runtime import Stats, _sync
 from .methods.base import ImageTokens, VisionSignal
 from .methods.registry import build_method
-from .patching import _ATTR
+from .patching import _ATTR, _state
 
 LLM_ONLY = {"fastv": "it drops tokens inside a language model's decoder, by the text's attention",
             "transprune": "it drops tokens inside a language model's decoder, by the text's attention",
@@ -239,16 +239,12 @@ class VitState:
         t0 = time.perf_counter()
         images = [ImageTokens(patches[i], (1, h, w), keep, {k: v[i] for k, v in scores.items()}) for i in range(b)]
         what = f"{self.method_name}.select"
-        sels = self.method.select_batch(images)  # one launch for the batch where the method has a batched form
-        if len(sels) != b:
-            raise RuntimeError(f"{what}_batch: {len(sels)} selections for {b} images")
-        rows = [as_indices(check_selection(s, what).indices, what) for s in sels]
-        counts = {r.numel() for r in rows}
+        # one launch for the batch where the method has a batched form, one host sync for its checks
+        sels = checked_batch(self.method.select_batch(images), b, n, keep, patches.shape[-1], what)
+        counts = {s.indices.numel() for s in sels}
         if len(counts) != 1:
             raise RuntimeError(f"{self.method_name} kept different token counts per image: {sorted(counts)}")
-        idx = check_indices(torch.stack([r.to(x.device) for r in rows]), n, keep, what, rows=True)  # one host sync
-        for s in sels:
-            check_parts(s, idx.shape[1], patches.shape[-1], what)
+        idx = torch.stack([s.indices for s in sels]).to(x.device)
         if all(s.tokens is None for s in sels):
             kept = patches.gather(1, idx[..., None].expand(-1, -1, patches.shape[-1]))
         else:
@@ -302,8 +298,7 @@ def patch_vit(model, method: str, *, layer: int | None = None, **options):
         raise ValueError(f"layer must be an int in [0, {n_blocks - 1}) (a block must follow it), got {layer!r}")
     state = VitState(model, built, method, options, layer, t)
     state.check()  # refusals before the previous configuration is touched
-    previous = next((m.__dict__[_ATTR] for m in (model, *t.via, t.owner) if _ATTR in m.__dict__), None)
-    # (patched before as CLIP, as CLIP.visual or as its timm trunk)
+    previous = _state(model)  # (patched before as CLIP, as CLIP.visual or as its timm trunk)
     if previous is not None:
         previous.remove()
     try:

@@ -179,22 +179,26 @@ def _selection_flops(method, images: list[tuple[int, int]], per_layer: list[list
     q k^T, 2 n^2 for the row average), and so does ToDRE's stage 2 at its layer; TransPrune, at each
     drop layer p, projects the n tokens leaving it with layer p+1's q and k (2 n d (d_q + d_kv)) and
     scores them the same way (these two read the question's rows only: every row is what the CPU
-    reference computes up to its 256-row block, an upper bound beyond). The vision-side scoring of HiPrune, VFlowOpt and ToDRE (attention
-    recomputed in a ViT layer, about 4 N^2 d_v each; 0.2 % of a 7B prefill) is not modelled (0)."""
+    reference computes up to its 256-row block, an upper bound beyond). The vision-side scoring of
+    HiPrune, VFlowOpt and ToDRE (attention recomputed in a ViT layer, about 4 N^2 d_v each; 0.2 % of a
+    7B prefill) is not modelled (0)."""
     name = getattr(method, "name", None)  # (`method`: the built strategy, or None)
+    gram = sum(2 * n * n * t.d for n, k in images if k < n)  # one N x N Gram matrix of d-wide rows per pruned image
+
+    def scores(layers) -> int:  # the n tokens at each of `layers` scored from every row: q k^T, then row sums
+        return sum(2 * n * n * t.d_q + 2 * n * n for p in layers for n in per_layer[p])
+
     if name == "divprune":
-        return sum(2 * n * n * t.d for n, k in images if k < n)
-    if name == "todre":  # the greedy Gram, then stage 2 scoring the tokens at its layer as FastV does
-        gram = sum(2 * n * n * t.d for n, k in images if k < n)
-        stage2 = sum(2 * n * n * t.d_q + 2 * n * n for p in method.drop_layers(len(per_layer)) for n in per_layer[p])
-        return gram + (stage2 if gram else 0)
-    if name == "transprune" and per_layer[0] != per_layer[-1]:
-        return sum(2 * n * t.d * (t.d_q + t.d_kv) + 2 * n * n * t.d_q + 2 * n * n
-                   for p in method.drop_layers(len(per_layer)) for n in per_layer[p])
+        return gram
+    if name == "todre":  # the greedy Gram, then stage 2 scoring at its layer (only where stage 1 pruned)
+        return gram + scores(method.drop_layers(len(per_layer))) if gram else 0
+    if name == "transprune" and per_layer[0] != per_layer[-1]:  # + the next layer's q, k projections
+        drops = method.drop_layers(len(per_layer))
+        return sum(2 * n * t.d * (t.d_q + t.d_kv) for p in drops for n in per_layer[p]) + scores(drops)
     if name == "fastv":
         layer = method.config.layer - 1
         if 0 <= layer < len(per_layer) and per_layer[layer] != per_layer[-1]:
-            return sum(2 * n * n * t.d_q + 2 * n * n for n in per_layer[layer])
+            return scores([layer])
     return 0
 
 

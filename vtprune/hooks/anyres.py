@@ -177,15 +177,14 @@ def select(method: Method, image: ImageTokens, layout: Layout) -> Selection:
     grids = layout.grids(mode)
     sizes = [idx.numel() for idx, _ in grids]
     single = len(layout.parts) == 1
+    need = least(method, layout)  # (the runtime checked the whole batch already: check_budgets)
+    if image.keep < need:
+        raise _too_small(method, image.keep, need)
     if _fixed(method):
         part_keep = [method.budget(s, (1, h, w)) for s, (_, (h, w)) in zip(sizes, layout.parts)]
     elif mode == "select" or single:
-        if image.keep < least(method, layout):
-            raise _too_small(method, image.keep, least(method, layout))
         part_keep = shares(image.keep - len(layout.newlines), sizes)
     else:  # merge: the crop grid's share pays for its merged rows' newlines
-        if image.keep < least(method, layout):
-            raise _too_small(method, image.keep, least(method, layout))
         first = shares(image.keep, [sizes[0], sizes[1] + len(layout.newlines)])
         part_keep = [first[0], _crop_keep(method, layout.parts[1][1], first[1])]
     slots, tokens, importance = [], [], []

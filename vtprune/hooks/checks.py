@@ -50,6 +50,23 @@ def checked(sel, n: int, budget: int, dim: int, what: str) -> Selection:
     return check_parts(sel, sel.indices.numel(), dim, what)
 
 
+def checked_batch(sels, count: int, n: int, budget: int, dim: int, what: str) -> list:
+    """`select_batch`'s answer for `count` images of n tokens each: every selection checked whole, as by
+    `checked`, with one host sync for all the index checks where every image keeps as many tokens (a
+    strategy may keep fewer than the budget, differently per image)."""
+    if len(sels) != count:
+        raise RuntimeError(f"{what}_batch: {len(sels)} selections for {count} images")
+    rows = [as_indices(check_selection(s, f"{what}_batch").indices, what) for s in sels]
+    if len({tuple(r.shape) for r in rows}) == 1:
+        rows = check_indices(torch.stack(rows), n, budget, what, rows=True)
+    else:
+        rows = [check_indices(r, n, budget, what) for r in rows]
+    for s, row in zip(sels, rows):
+        s.indices = row
+        check_parts(s, row.numel(), dim, what)
+    return sels
+
+
 def check_parts(sel: Selection, k: int, dim: int, what: str) -> Selection:
     """A selection's optional parts against its k checked indices: tokens a float [k, dim] tensor,
     importance a real [k] tensor, grid (t, h, w) ints >= 1 whose product is k."""

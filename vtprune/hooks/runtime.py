@@ -23,7 +23,7 @@ import torch
 from ..kernels import attention_scores
 from ..methods.base import ImageTokens, LayerTokens, Method, PruneConfig, Selection
 from . import anyres
-from .checks import as_indices, check_indices, check_parts, check_selection, checked
+from .checks import check_indices, checked, checked_batch
 from .base import SignalStore, call_arguments, wrap_method
 from .sequence import compact_index, compact_text_positions, dropped_before, take
 
@@ -354,18 +354,11 @@ class PatchState:
         for members in groups.values():
             if len(members) < 2:
                 continue
-            sels = self.method.select_batch([todo[j][1] for j in members])
-            if len(sels) != len(members):
-                raise RuntimeError(f"{self.method_name}.select_batch: {len(sels)} selections for {len(members)} images")
-            rows = [as_indices(check_selection(s, f"{what}_batch").indices, what) for s in sels]
-            n, keep = len(todo[members[0]][0].slots), todo[members[0]][1].keep
-            if len({tuple(r.shape) for r in rows}) == 1:  # one host sync for the group
-                rows = check_indices(torch.stack(rows), n, keep, what, rows=True)
-            else:  # a strategy may keep fewer than the budget, differently per image
-                rows = [check_indices(r, n, keep, what) for r in rows]
-            for j, s, row in zip(members, sels, rows):
-                s.indices = row
-                out[j] = check_parts(s, row.numel(), todo[j][1].features.shape[-1], what)
+            first, image = todo[members[0]]  # (the group's shape)
+            sels = checked_batch(self.method.select_batch([todo[j][1] for j in members]), len(members),
+                                 len(first.slots), image.keep, image.features.shape[-1], what)
+            for j, s in zip(members, sels):
+                out[j] = s
         for j, (u, image) in enumerate(todo):
             if out[j] is None:
                 sel = anyres.select(self.method, image, u.layout) if self._per_grid(u) else self.method.select(image)
@@ -512,8 +505,8 @@ class PatchState:
         """A merging method (new tokens, not a subset) must merge the deepstack features the same way:
         run its selection again on each level's features and check it chose the same slots (true for
         merges decided by the grid or by vision signals: pool, token_shuffle, vflowopt's recycling)."""
+        what = f"{self.method_name}.select"
         for level, dense in enumerate(deepstack):
-            what = f"{self.method_name}.select"
             again = checked(self.method.select(replace(image, features=dense[u.sample, u.slots])), len(u.slots),
                             image.keep, dense.shape[-1], what)
             idx = again.indices
