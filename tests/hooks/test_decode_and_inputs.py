@@ -289,10 +289,67 @@ def test_several_new_tokens_on_a_pruned_cache_are_refused(model_factory):
     with torch.no_grad():
         model(**inputs, use_cache=True, **{CACHE: cache})
         am = torch.cat([inputs["attention_mask"], torch.ones(1, 2, dtype=torch.long)], 1)
-        with pytest.raises(NotImplementedError, match="multi-turn reuse .* prompt-lookup"):
+        held = cache.get_seq_length()
+        with pytest.raises(NotImplementedError, match=f"holds {held} positions where the unpruned sequence has "
+                           f"{inputs['input_ids'].shape[1]}, .* the whole conversation .* prompt-lookup"):
             model(input_ids=torch.tensor([[5, 6]]), attention_mask=am, use_cache=True, **{CACHE: cache})
-        with pytest.raises(NotImplementedError, match="several new tokens at once"):
+        with pytest.raises(NotImplementedError, match=r"with 2 new tokens at once .* prompt-lookup"):
             model.generate(**inputs, prompt_lookup_num_tokens=2, max_new_tokens=4, **tiny.GEN)
+
+
+def _decode_step(model, inputs, cache, steps):
+    """The logits of decode step `steps` (1-based) after the prefill in `cache`: token 7 fed each step."""
+    am = torch.cat([inputs["attention_mask"], torch.ones(len(inputs["attention_mask"]), steps, dtype=torch.long)], 1)
+    token = torch.full((len(am), 1), 7)
+    return model(input_ids=token, attention_mask=am, use_cache=True, **{CACHE: cache}).logits
+
+
+@pytest.mark.parametrize("method", ["divprune", "fastv"])  # pruned before the LLM; inside it (shorter later layers)
+def test_a_pruned_cache_refuses_to_continue_without_its_configuration(model_factory, method):
+    """A KV cache holds its configuration's layout and positions: continued by the unpatched model (after
+    unpatch or a `pruned` block) or under another configuration it would give wrong logits silently (an
+    unpatched model continued divprune's cache with other tokens than a fresh run; fastv's failed inside SDPA).
+    It refuses by name instead; back under its own configuration (after `unpatched`) it continues exactly;
+    a static cache reset for a new prompt is an empty cache again."""
+    import copy
+
+    from transformers import StaticCache
+
+    from vtprune.patching import unpatched
+
+    model = model_factory("llava")
+    inputs = tiny.batch("llava", [0, 1])
+    options = dict(ratio=0.25, **({"layer": 1} if method == "fastv" else {}))
+    refused = f"holds a prefill pruned by {method} under a configuration since removed"
+    with torch.no_grad():
+        vtprune.patch(model, method, **options)
+        cache = _new_cache(model)
+        model(**inputs, use_cache=True, **{CACHE: cache})
+        twin = copy.deepcopy(cache)
+        want = [_decode_step(model, inputs, twin, 1), _decode_step(model, inputs, twin, 2)]
+        with unpatched(model):
+            with pytest.raises(RuntimeError, match=refused):
+                _decode_step(model, inputs, cache, 1)
+            held = copy.deepcopy(cache)  # a copy of a refusing cache refuses too
+        assert torch.equal(_decode_step(model, inputs, cache, 1), want[0])  # back on its configuration
+        vtprune.patch(model, "random", ratio=0.5)  # another configuration
+        with pytest.raises(RuntimeError, match=refused):
+            _decode_step(model, inputs, cache, 2)
+        vtprune.unpatch(model)
+        for c in (cache, held, twin):  # (twin: a copy made while patched, continued under its configuration)
+            with pytest.raises(RuntimeError, match=refused):
+                _decode_step(model, inputs, c, 2)
+        with vtprune.pruned(model, "divprune", ratio=0.25):  # (a static cache holds pre-LLM pruning only)
+            static = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=64)
+            model(**inputs, use_cache=True, **{CACHE: static})
+        with pytest.raises(RuntimeError, match="pruned by divprune under a configuration since removed"):
+            _decode_step(model, inputs, static, 1)
+        static.reset()
+        fresh = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=64)
+        assert torch.equal(model(**inputs, use_cache=True, **{CACHE: static}).logits,
+                           model(**inputs, use_cache=True, **{CACHE: fresh}).logits)
+        assert torch.equal(_decode_step(model, inputs, static, 1), _decode_step(model, inputs, fresh, 1))
+    assert "update" not in vars(static) and not hasattr(static, "_vtprune_run")
 
 
 def _scaled_copy(model, part: str):

@@ -15,8 +15,11 @@ from __future__ import annotations
 import inspect
 import sys
 import time
+import uuid
+import weakref
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from functools import lru_cache, partial
+from types import MethodType
 
 import torch
 
@@ -84,6 +87,8 @@ class Run:
     orig_mask: torch.Tensor | None = None  # [B, orig_len] the caller's 2-D mask of the prefill
     default_positions: bool = False  # the prefill had no position_ids (the model's default, arange over slots)
     changed: bool = False
+    owner: str = ""  # PatchState.token of the configuration that pruned this prefill
+    method: str = ""  # its strategy's name (for errors)
     state: dict = field(default_factory=dict)  # the method's per-prefill scratch (LayerTokens.state)
     # Qwen3-VL deepstack: per decoder layer i < len, [B, Lcur, D] features added at the visual slots
     # after layer i (dense over the current layout, so they are compacted with everything else)
@@ -140,6 +145,11 @@ class PatchState:
         self.inner_params = list(inspect.signature(adapter.inner().forward).parameters)
         self.top_params = list(inspect.signature(adapter.model.forward).parameters)
         self.labels = False  # the current top-level forward was given labels (a loss is asked for)
+        # the KV caches this configuration pruned a prefill into; `remove` makes the live ones refuse to be
+        # continued without it (an unpatched model would continue them silently wrong), `install` takes that back.
+        # The token survives a deep copy of a cache's Run (a copied cache stays continuable here).
+        self.token = uuid.uuid4().hex
+        self.caches: weakref.WeakSet = weakref.WeakSet()
         n_layers = len(self.layers)
         self.pre_llm = method.stage != "llm"
         self.signal_names: list[str] = []  # the vision-encoder signals the strategy reads (set by install)
@@ -157,6 +167,12 @@ class PatchState:
         for p in self.attn_layers + self.observe_layers:
             if not 0 <= p < n_layers:
                 raise ValueError(f"{method_name}: layer {p} does not exist in a {n_layers}-layer decoder")
+
+    def __getstate__(self):  # a pickled or deep-copied model: its copy holds no caches yet (a WeakSet pickles not)
+        return {**self.__dict__, "caches": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, caches=weakref.WeakSet())
 
     # installation ---------------------------------------------------------------------------
     def install(self):
@@ -203,11 +219,17 @@ class PatchState:
         except BaseException:
             self.remove()
             raise
+        for cache in list(self.caches):  # back on the model (after `unpatched`): its caches continue again
+            if _owner(cache) == self.token and _refusing(cache):
+                del cache.update
 
     def remove(self):
         for h in reversed(self.handles):  # two wraps of one method: the last first
             h.remove()
         self.handles = []
+        for cache in list(self.caches):
+            if _owner(cache) == self.token and not _refusing(cache):
+                cache.update = MethodType(_orphaned_update, cache)
         self.current = None
         self.scratch = None
 
@@ -282,19 +304,25 @@ class PatchState:
         cache = kv_cache(kwargs)
         run = getattr(cache, _CACHE_ATTR, None) if cache is not None else None
         if run is not None and int(cache.get_seq_length()) == 0:
-            delattr(cache, _CACHE_ATTR)  # a static cache reset for reuse: the record is from its last prompt
+            _release(cache)  # a static cache reset for reuse: the record is from its last prompt
             run = None
+        if run is not None and run.owner != self.token:
+            raise RuntimeError(_orphan_message(run))
         if run is not None:
+            self.caches.add(cache)  # (a deep copy of one of ours, continued here)
             if scratch is not None and scratch.get("visual_input"):
                 raise NotImplementedError(
                     "vtprune: new images on a KV cache that already holds a pruned prefill are not supported; "
                     "start a new cache per prompt"
                 )
             if embeds.shape[1] != 1:
+                short, held = run.orig_len - run.groups[0].mask.shape[1], int(cache.get_seq_length())
+                why = (f" (it holds {held} positions where the unpruned sequence has {held + short}, so generate() "
+                       f"given it feeds the last {short} tokens again)" if short else "")
                 raise NotImplementedError(
-                    "vtprune: continuing a pruned KV cache with several new tokens at once is not supported: "
-                    "multi-turn reuse (pass the whole conversation with a fresh cache) or generate()'s assisted / "
-                    "prompt-lookup decoding (generate one token per step)"
+                    f"vtprune: continuing a pruned KV cache with {embeds.shape[1]} new tokens at once is not "
+                    f"supported{why}: for another turn, pass the whole conversation with a fresh cache; "
+                    "generate()'s assisted / prompt-lookup decoding is not supported (it needs one token per step)"
                 )
             return self._decode(run, kwargs)
         if scratch is None or not scratch.get("visual_input"):
@@ -321,7 +349,9 @@ class PatchState:
             if cache is None:
                 cache = kv_cache(kwargs)
             if cache is not None and run.changed:
+                run.owner, run.method = self.token, self.method_name
                 setattr(cache, _CACHE_ATTR, run)
+                self.caches.add(cache)
         run.end_forward()
         return None
 
@@ -777,6 +807,38 @@ def _dense_deepstack(kwargs, visual, embeds) -> list[torch.Tensor]:
         dense[visual] = r.to(embeds.device, embeds.dtype)
         out.append(dense)
     return out
+
+
+def _owner(cache) -> str | None:
+    run = getattr(cache, _CACHE_ATTR, None)
+    return run.owner if isinstance(run, Run) else None
+
+
+def _refusing(cache) -> bool:
+    fn = vars(cache).get("update")
+    return isinstance(fn, MethodType) and fn.__func__ is _orphaned_update
+
+
+def _release(cache) -> None:
+    """Forget the pruned prefill `cache` held (it was reset for another prompt)."""
+    vars(cache).pop(_CACHE_ATTR, None)
+    if _refusing(cache):
+        del cache.update
+
+
+def _orphan_message(run: Run) -> str:
+    return (f"vtprune: this KV cache holds a prefill pruned by {run.method or 'a strategy'} under a configuration "
+            "since removed from the model (unpatch, the end of a `pruned` block, or patch again): its positions "
+            "and layout are that configuration's, so the model would continue it wrongly. Continue it under the "
+            "configuration that filled it, or start a fresh cache (pass the whole conversation)")
+
+
+def _orphaned_update(cache, key_states, value_states, layer_idx, *args, **kwargs):
+    """A pruned cache's `update` once its configuration is gone: refuses, unless reset for a new prompt."""
+    if int(cache.get_seq_length(layer_idx)) == 0:
+        _release(cache)
+        return cache.update(key_states, value_states, layer_idx, *args, **kwargs)
+    raise RuntimeError(_orphan_message(getattr(cache, _CACHE_ATTR)))
 
 
 def kv_cache(call) -> object | None:
