@@ -47,9 +47,16 @@ def _demo(args) -> int:
     from .tiny import CLASSES
 
     ratios = _ratios(args.ratios)
-    families = _items(args.families, "--families")
+    families = _items(args.families or "llava,qwen2_vl", "--families")
     if unknown := [f for f in families if f not in CLASSES]:
         raise ValueError(f"--families: unknown {unknown}; choose from {', '.join(CLASSES)}")
+    bundled = [o for o in ("out", "questions") if getattr(args, o) is not None]
+    if args.plumbing and bundled:
+        raise ValueError(f"{', '.join('--' + o for o in bundled)}: for the bundled models' tables, not --plumbing "
+                         "(which prints a table only)")
+    if args.families is not None and not args.plumbing and trained("tiny-llava"):
+        raise ValueError("--families picks the --plumbing table's random-weight models")
+    args.out, args.questions = args.out or "vtprune-demo", args.questions or 90
     if trained("tiny-llava") and not args.plumbing:
         run_bundled(ratios, args.out, questions=args.questions, out=sys.stdout)
     else:
@@ -76,6 +83,11 @@ def _tune(args) -> int:
         raise ValueError(f"only --method vflowopt has a tuner, got {args.method!r}")
     check_output(args.out, "--out")
     tune.check_budget(args.budget)
+    models.check_task(args.task, args.model)
+    try:
+        tune.require_optuna()
+    except ImportError as e:  # before the model loads, as one line
+        raise ValueError(str(e)) from None
     import torch
 
     model, processor = models.load(args.model, random_weights=args.random_weights)
@@ -117,12 +129,14 @@ def _flops(args) -> int:
     from pathlib import Path
 
     from .eval import configs, flops, models
+    from .methods.registry import build_method
 
     budget = _budget(args)
-    if args.json:
+    if args.json is not None:
         check_output(args.json, "--json")
     method = args.method or "random"  # every projector-stage strategy gives the same LLM counts
-    task = args.task or models.default_task(args.model)
+    build_method(method, budget)  # a bad strategy or budget fails before the model loads
+    task = models.check_task(args.task or models.default_task(args.model), args.model)
     if args.model in configs.FULL_SCALE:  # token counts from a narrow stand-in, dimensions from the real config
         real = configs.FULL_SCALE[args.model]()
         model, processor = configs.surrogate(real), None
@@ -136,13 +150,28 @@ def _flops(args) -> int:
     base = flops.count(model, inputs, arch=real, kv_dtype=kv_dtype)
     pruned = flops.count(model, inputs, method, arch=real, kv_dtype=kv_dtype, **budget)
     print(flops.format_table(base, pruned, f"{args.model}, one {task} sample: unpatched vs {method} {budget}"))
-    if args.json:
+    if args.json is not None:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "task": task, "method": method, **budget,
                        "unpatched": base.to_dict(), "pruned": pruned.to_dict()}, f, indent=1)
         print(f"wrote {args.json}")
     return 0
+
+
+COMPILE_DEFAULTS = {"compile_warmup": 3, "compile_backend": "inductor", "compile_mode": "reduce-overhead"}
+
+
+def _check_compile_options(args) -> None:
+    """--compile-* options belong to --compile, and a mode to inductor (others take none): refused, not ignored."""
+    given = [k for k in COMPILE_DEFAULTS if getattr(args, k) is not None]
+    if given and not args.compile:
+        raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in given)} only apply with --compile")
+    if args.compile_mode is not None and args.compile_backend not in (None, "inductor"):
+        raise ValueError(f"--compile-mode is the inductor backend's; --compile-backend {args.compile_backend} takes none")
+    for k, default in COMPILE_DEFAULTS.items():
+        if getattr(args, k) is None and (k != "compile_mode" or args.compile_backend == "inductor"):
+            setattr(args, k, default)
 
 
 def _compile_options(args) -> dict:
@@ -162,27 +191,28 @@ def _bench(args) -> int:
 
     budget = _budget(args)
     methods = _items(args.methods, "--methods")
-    if args.out and Path(args.out).suffix == ".md":
+    if args.out is not None and Path(args.out).suffix == ".md":
         raise ValueError("--out is the JSON record; the markdown table goes beside it as .md: give a .json path")
-    if args.out:
+    if args.out is not None:
         check_output(args.out, "--out")
         check_output(Path(args.out).with_suffix(".md"), "--out's table")
     for m in methods:  # bad strategies or options fail before the model loads and the baseline runs
         build_method(m, budget)
+    _check_compile_options(args)
     if args.compile:  # torch.compile checks its backend and mode when called: before the plain rows, not after
         try:
             torch.compile(lambda x: x, **_compile_options(args))
         except RuntimeError as e:
-            raise ValueError(f"--compile-backend {args.compile_backend} / --compile-mode {args.compile_mode}: "
-                             f"{e}") from None
+            mode = f" / --compile-mode {args.compile_mode}" if args.compile_mode else ""
+            raise ValueError(f"--compile-backend {args.compile_backend}{mode}: {e}") from None
     try:
         batches = list(dict.fromkeys(at_least(1)(x) for x in _items(args.batch, "--batch")))
     except argparse.ArgumentTypeError as e:
         raise ValueError(f"--batch: {e}") from None
+    task = models.check_task(args.task or models.default_task(args.model), args.model)
     model, processor = models.load(args.model, random_weights=args.random_weights)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device)
-    task = args.task or models.default_task(args.model)
     n_layers = model.config.get_text_config().num_hidden_layers
     rows = []
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
@@ -207,10 +237,10 @@ def _bench(args) -> int:
                 rows.append(row)
                 print(f"batch {b:3d} {row.path:<8} {row.method:<13} prefill {row.prefill_ms:8.2f} ms  generate "
                       f"{row.generate_ms:9.1f} ms  KV {row.kv_bytes / 2**20:.3f} MiB", flush=True)
-                if args.out:
+                if args.out is not None:
                     save(complete=False)
     print(bench.markdown(rows))
-    if args.out:
+    if args.out is not None:
         save(complete=True)
         print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')}")
     return 0
@@ -261,6 +291,16 @@ def _model_budget_args(p) -> None:
     p.add_argument("--random-weights", action="store_true", help="the architecture with random weights")
 
 
+class _Help(argparse.HelpFormatter):
+    """Each option's default in its help line, where it has one and the help does not say it already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not any(action.default is x for x in (None, False, argparse.SUPPRESS)) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vtprune", description="Visual-token pruning for vision-language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -268,11 +308,11 @@ def main(argv=None) -> int:
     p.set_defaults(func=_methods)
     p = sub.add_parser("demo", help="every strategy x ratio on the bundled tiny model (accuracy table + plots)")
     p.add_argument("--ratios", default="1.0,0.5,0.25,0.111", help="comma-separated kept fractions")
-    p.add_argument("--out", default="vtprune-demo", help="directory for the results and plots (bundled model)")
-    p.add_argument("--questions", type=at_least(1), default=90, help="held-out questions per cell (bundled model)")
+    p.add_argument("--out", help="directory for the results and plots (bundled models; default vtprune-demo)")
+    p.add_argument("--questions", type=at_least(1), help="held-out questions per cell (bundled models; default 90)")
     p.add_argument("--plumbing", action="store_true", help="random-weight plumbing table even if trained weights exist")
-    p.add_argument("--families", default="llava,qwen2_vl",
-                   help="(plumbing) comma-separated: llava, llava_next, llava_onevision, qwen2_vl, qwen2_5_vl, qwen3_vl")
+    p.add_argument("--families", help="(--plumbing) comma-separated: llava, llava_next, llava_onevision, qwen2_vl, "
+                                      "qwen2_5_vl, qwen3_vl (default llava,qwen2_vl)")
     p.set_defaults(func=_demo)
     p = sub.add_parser("tune", help="search a method's hyperparameters for a model (VFlowOpt's flow-guided search)")
     p.add_argument("--method", required=True, help="the method to tune (vflowopt)")
@@ -283,7 +323,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, required=True, help="layer-averaged kept fraction, e.g. 0.25")
     p.add_argument("--samples", type=at_least(1), default=30, help="calibration samples (default 30, as the paper)")
     p.add_argument("--iterations", type=at_least(1), default=50, help="optimiser trials (default 50, as the paper)")
-    p.add_argument("--seed", type=at_least(0), default=0)
+    p.add_argument("--seed", type=at_least(0), default=0, help="seed of the calibration samples and the optimiser")
     p.add_argument("--random-weights", action="store_true", help="bundled architecture with random weights")
     p.add_argument("--out", required=True, help="config file to write (JSON)")
     p.set_defaults(func=_tune)
@@ -301,11 +341,13 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true",
                    help="also measure every row on the compiled path (vtprune.compile_llm: torch.compile of the "
                         "language model + static KV cache), side by side with the plain one")
-    p.add_argument("--compile-warmup", type=at_least(0), default=3,
-                   help="untimed runs per compiled cell (compilation and CUDA-graph recording happen in these)")
-    p.add_argument("--compile-mode", default="reduce-overhead", help="torch.compile mode of the compiled path")
-    p.add_argument("--compile-backend", default="inductor",
-                   help="torch.compile backend of the compiled path ('eager' traces only: a CPU smoke test)")
+    p.add_argument("--compile-warmup", type=at_least(0),
+                   help="untimed runs per compiled cell (compilation and CUDA-graph recording happen in these; "
+                        "default 3)")
+    p.add_argument("--compile-mode", help="torch.compile mode of the compiled path (default reduce-overhead)")
+    p.add_argument("--compile-backend",
+                   help="torch.compile backend of the compiled path (default inductor; 'eager' traces only: a CPU "
+                        "smoke test)")
     p.add_argument("--out", help="JSON file to write (a markdown table is written beside it)")
     p.set_defaults(func=_bench)
     p = sub.add_parser("sweep", help="every strategy x ratio on a task: accuracy, FLOPs, latency; CSV/JSON and plots")
@@ -323,10 +365,17 @@ def main(argv=None) -> int:
     p.set_defaults(func=_sweep)
     p = sub.add_parser("lmms-tasks", help="print the folder of vtprune's offline lmms-eval tasks (for --include_path)")
     p.set_defaults(func=_lmms_tasks)
+    for command in sub.choices.values():
+        command.formatter_class = _Help
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     try:
         return args.func(args)
+    except BrokenPipeError:  # `vtprune methods | head`: the reader left; no error line (Python docs' recipe)
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (ValueError, NotImplementedError, OSError) as e:  # bad input or a path: one line, not a traceback
         parser.exit(2, f"vtprune {args.command}: error: {e}\n")
     except KeyboardInterrupt:

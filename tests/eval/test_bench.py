@@ -164,6 +164,11 @@ def test_the_unpatched_row_of_a_patched_model_is_unpatched():
     (["--out", "table.md"], "give a .json path"),  # the markdown beside it overwrote the JSON record
     (["--compile", "", "--compile-mode", "fastest"], "Unrecognized mode=fastest"),  # after the plain rows, before
     (["--compile", "", "--compile-backend", "nope"], "Invalid backend: 'nope'"),
+    (["--compile-mode", "default", "--compile-warmup", "2"], "--compile-warmup, --compile-mode only apply with --compile"),
+    (["--compile", "", "--compile-backend", "eager", "--compile-mode", "x"], "--compile-backend eager takes none"),
+    (["--task", "bogus"], "unknown task 'bogus'; available: shapes, tiny-prompts, synthetic"),
+    (["--task", "shapes"], "tiny-test-llava has none: --task synthetic or tiny-prompts"),
+    (["--model", "llava-1.5-7b", "--random-weights", "", "--task", "shapes"], "llava-1.5-7b has none"),  # built first
 ])
 def test_bench_refuses_bad_arguments_before_loading_the_model(monkeypatch, capsys, argv, words):
     """One line on stderr, exit status 2, and no model loaded (a full-scale build and its baseline
@@ -183,6 +188,50 @@ def test_bench_refuses_bad_arguments_before_loading_the_model(monkeypatch, capsy
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert words in err[-1] and "Traceback" not in "".join(err)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["flops", "--model", "tiny-test-llava", "--keep", "4", "--method", "bogus"], "unknown method 'bogus'"),
+    (["flops", "--model", "tiny-test-llava", "--keep", "0"], "keep must be >= 1"),
+    (["flops", "--model", "tiny-test-llava", "--keep", "4", "--task", "bogus"], "unknown task 'bogus'"),
+    (["flops", "--model", "tiny-test-llava", "--keep", "4", "--task", "shapes"], "tiny-test-llava has none"),
+    (["flops", "--model", "tiny-llava", "--keep", "4", "--task", "tiny-prompts"], "test models"),
+    # (a transformers error about the image size came from the stand-in model)
+    (["flops", "--model", "llava-1.5-7b", "--keep", "64", "--task", "tiny-prompts"], "test models (tiny-test-llava"),
+    (["flops", "--model", "tiny-test-llava", "--keep", "4", "--json", ""], "--json . is a folder"),  # wrote nothing
+    (["tune", "--method", "vflowopt", "--model", "tiny-llava", "--budget", "0.3", "--task", "bogus"], "unknown task"),
+    (["tune", "--method", "vflowopt", "--model", "tiny-test-llava", "--budget", "0.3"], "has none"),  # default shapes
+])
+def test_commands_refuse_bad_inputs_before_loading_the_model(monkeypatch, capsys, tmp_path, argv, words):
+    """Each was found only after the model had loaded (a checkpoint's gigabytes, a full-scale build)."""
+    from vtprune.cli import main
+    from vtprune.eval import configs, models
+
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(configs, "surrogate", lambda *a, **k: pytest.fail("the stand-in model was built"))
+    if argv[0] == "tune":
+        argv = [*argv, "--out", str(tmp_path / "t.json")]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vtprune {argv[0]}: error: ") and err.count("\n") == 1 and words in err
+
+
+def test_tune_without_optuna_is_one_line_before_loading(monkeypatch, capsys, tmp_path):
+    """It was a traceback, after the model loaded and calibration ran."""
+    import sys
+
+    from vtprune.cli import main
+    from vtprune.eval import models
+
+    monkeypatch.setitem(sys.modules, "optuna", None)  # as if the tune extra were not installed
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["tune", "--method", "vflowopt", "--model", "tiny-llava", "--budget", "0.3", "--out", str(tmp_path / "t")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == ("vtprune tune: error: vtprune tune needs optuna: pip install 'vtprune[tune]' "
+                                       "(or optuna scipy)\n")
 
 
 def test_an_unwritable_output_path_is_one_line(capsys, tmp_path):

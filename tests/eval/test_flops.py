@@ -169,6 +169,8 @@ def test_flops_of_a_full_scale_architecture_on_the_cpu(capsys):
     assert main(["flops", "--model", "qwen2-vl-7b", "--keep", "64", "--method", "fastv"]) == 0
     text = capsys.readouterr().out
     assert "tokens per layer" in text and "T" in text.split("LLM prefill (dense attention)")[1].split("\n")[0]
+    # the visual tokens the strategy leaves (only --json had them; the token rows include the text)
+    assert text.split("visual tokens, last layer (sample 0)")[1].split("\n")[0].split() == ["576", "64", "0.111"]
 
 
 def test_count_takes_a_saved_preset_and_the_kv_dtype_explicitly(tmp_path):

@@ -263,6 +263,31 @@ def test_sweep_refuses_an_unusable_out_before_any_cell(tmp_path, monkeypatch, wh
     assert not (tmp_path / "missing").exists()
 
 
+@pytest.mark.parametrize("model", ["tiny-test-llava", "llava-1.5-7b"])
+def test_sweep_refuses_a_model_without_a_processor_before_loading_it(tmp_path, monkeypatch, model):
+    """It loaded (or built) the model, then suggested --task synthetic, which a sweep does not take."""
+    monkeypatch.setattr(sweep.ShapesCells, "__init__", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(ValueError, match=f"{model} has no processor: use tiny-llava, tiny-qwen2vl or a local "):
+        sweep.run(model, ["random"], [0.5], "shapes", tmp_path / "s", random_weights=True)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--plumbing", "--out", "x"], "--out: for the bundled models' tables, not --plumbing"),
+    (["--plumbing", "--questions", "5"], "--questions: for the bundled models' tables"),
+    (["--families", "llava"], "--families picks the --plumbing table's"),
+])
+def test_demo_refuses_options_its_mode_ignores(monkeypatch, capsys, argv, words):
+    """Each was silently ignored."""
+    import vtprune.demo
+    from vtprune.cli import main
+
+    for fn in ("run", "run_bundled", "run_vit"):
+        monkeypatch.setattr(vtprune.demo, fn, lambda *a, **k: pytest.fail("the demo ran"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", *argv])
+    assert exit_.value.code == 2 and words in capsys.readouterr().err
+
+
 def test_demo_on_a_bundled_model(tmp_path, monkeypatch, capsys):
     """`vtprune demo` with weights in the package: accuracy table for every strategy x ratio + plots.
     (A random-weight tiny-llava saved as if bundled stands in for the trained one.)"""

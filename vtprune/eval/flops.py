@@ -180,8 +180,8 @@ def _selection_flops(method, images: list[tuple[int, int]], per_layer: list[list
     drop layer p, projects the n tokens leaving it with layer p+1's q and k (2 n d (d_q + d_kv)) and
     scores them the same way (these two read the question's rows only: every row is what the CPU
     reference computes up to its 256-row block, an upper bound beyond). The vision-side scoring of
-    HiPrune, VFlowOpt and ToDRE (attention recomputed in a ViT layer, about 4 N^2 d_v each; 0.2 % of a
-    7B prefill) is not modelled (0)."""
+    HiPrune, VFlowOpt and ToDRE (attention recomputed in a ViT layer, about 4 N^2 d_v each; per layer
+    ~0.02 % of a LLaVA-1.5/NeXT-7B prefill, ~0.2 % of Qwen2-VL-7B's at 672 px) is not modelled (0)."""
     name = getattr(method, "name", None)  # (`method`: the built strategy, or None)
     gram = sum(2 * n * n * t.d for n, k in images if k < n)  # one N x N Gram matrix of d-wide rows per pruned image
 
@@ -283,6 +283,9 @@ def format_table(base: FlopsReport, pruned: FlopsReport, title: str = "") -> str
     rows = [(label, _g(a[key]), _g(b[key]), f"{b[key] / a[key]:.3f}" if a[key] else "-") for label, key in ROWS]
     rows.append(("KV cache (MiB)", f"{base.kv_bytes / 2**20:.4g}", f"{pruned.kv_bytes / 2**20:.4g}",
                  f"{pruned.kv_bytes / base.kv_bytes:.3f}" if base.kv_bytes else "-"))
+    if base.visual_tokens and pruned.visual_tokens:
+        v0, v1 = base.visual_tokens[0], pruned.visual_tokens[0]
+        rows.append(("visual tokens, last layer (sample 0)", str(v0), str(v1), f"{v1 / v0:.3f}" if v0 else "-"))
     rows.append(("tokens per layer (sample 0)", _runs([ns[0] for ns in base.tokens_per_layer]),
                  _runs([ns[0] for ns in pruned.tokens_per_layer]), ""))
     head = ("stage", "unpatched", "pruned", "ratio")

@@ -115,6 +115,25 @@ def default_task(name: str) -> str:
     return "tiny-prompts" if name in TEST_MODELS else "synthetic" if name in FULL_SCALE else "shapes"
 
 
+TASKS = ("shapes", "tiny-prompts", "synthetic")
+TINY_PROMPTS = "task 'tiny-prompts' is for the test models (tiny-test-llava, ...)"
+
+
+def check_task(task: str, name: str) -> str:
+    """A calibration task that can serve `--model name`, checked before anything loads (a local directory's
+    processor is only known once loaded: `calibration` checks it then)."""
+    from . import configs, tinyvlm
+
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; available: {', '.join(TASKS)}")
+    if task == "shapes" and (name in TEST_MODELS or name in configs.FULL_SCALE):
+        raise ValueError(f"task 'shapes' needs a model with a processor, and {name} has none: --task synthetic"
+                         + (" or tiny-prompts" if name in TEST_MODELS else ""))
+    if task == "tiny-prompts" and (name in configs.FULL_SCALE or name in tinyvlm.NAMES):
+        raise ValueError(f"{TINY_PROMPTS}, not {name}")
+    return task
+
+
 def calibration(task: str, model, processor, n: int, seed: int = 0, batch_size: int = 8) -> list[dict]:
     """Batches of model inputs (left-padded) for a task's first `n` calibration samples.
 
@@ -151,7 +170,7 @@ def calibration(task: str, model, processor, n: int, seed: int = 0, batch_size: 
 
         fam = {cls: family for family, cls in tiny.CLASSES.items()}.get(type(model).__name__)
         if fam is None or processor is not None:
-            raise ValueError("task 'tiny-prompts' is for the test models (tiny-test-llava, ...)")
+            raise ValueError(TINY_PROMPTS)
         idx = list(range(n))
         return [tiny.batch(fam, idx[i:i + batch_size], seed=seed) for i in range(0, n, batch_size)]
-    raise ValueError(f"unknown task {task!r}; available: shapes, tiny-prompts, synthetic")
+    raise ValueError(f"unknown task {task!r}; available: {', '.join(TASKS)}")

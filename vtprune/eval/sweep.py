@@ -126,7 +126,8 @@ class LmmsCells:
         # vtprune's own tasks need no index of lmms-eval's ~2,000 built-in ones
         self.tasks = TaskManager("WARNING", include_path=str(lmms.TASKS), include_defaults=not task.startswith("vtprune_"))
         if task not in self.tasks.all_tasks:
-            raise ValueError(f"lmms-eval has no task {task!r} (vtprune's: vtprune_shapes, vtprune_shapes_dynres, vtprune_shapes_mc)")
+            raise ValueError(f"lmms-eval has no task {task!r} (the bundled benchmark without lmms-eval: shapes; "
+                             "vtprune's lmms-eval tasks: vtprune_shapes, vtprune_shapes_dynres, vtprune_shapes_mc)")
         self.lm = lmms.Vtprune(pretrained=model_name, batch_size=batch, random_weights=random_weights, device=device)
         self.lm.reuse = True
         self.device = self.lm.device.type
@@ -298,6 +299,11 @@ def run(model_name: str, methods: list[str], ratios: list[float], task: str, out
     unknown = [m for m in methods if m not in vtprune.available()]
     if unknown:
         raise ValueError(f"unknown strategies {unknown}; available: {', '.join(vtprune.available())}")
+    from . import configs, models
+
+    if model_name in models.TEST_MODELS or model_name in configs.FULL_SCALE:
+        raise ValueError(f"a sweep asks the model questions, and {model_name} has no processor: use tiny-llava, "
+                         "tiny-qwen2vl or a local checkpoint directory (vtprune bench and vtprune flops take it)")
     methods, ratios = list(dict.fromkeys(methods)), list(dict.fromkeys(float(r) for r in ratios))
     if os.path.isdir(model_name):  # dir, dir/ and ./dir: one model
         model_name = _model(model_name)

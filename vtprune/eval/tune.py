@@ -68,13 +68,19 @@ def check_budget(budget: float) -> float:
     return budget
 
 
-def tune(model, batches: list[dict], budget: float, iterations: int = 50, seed: int = 0, progress: bool = True) -> dict:
-    """Search VFlowOpt's options for `model` at a layer-averaged `budget` in (0, 1); returns the config
-    dict `vtprune.patch(model, config=...)` accepts, with the search record under "tuned"."""
+def require_optuna():
+    """optuna (the tuner's optimiser), or an ImportError saying how to install it."""
     try:
         import optuna
     except ImportError:
         raise ImportError("vtprune tune needs optuna: pip install 'vtprune[tune]' (or optuna scipy)") from None
+    return optuna
+
+
+def tune(model, batches: list[dict], budget: float, iterations: int = 50, seed: int = 0, progress: bool = True) -> dict:
+    """Search VFlowOpt's options for `model` at a layer-averaged `budget` in (0, 1); returns the config
+    dict `vtprune.patch(model, config=...)` accepts, with the search record under "tuned"."""
+    optuna = require_optuna()
     check_budget(budget)
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
