@@ -130,11 +130,26 @@ def _flops(args) -> int:
 
     from .eval import configs, flops, models
     from .methods.registry import build_method
+    from .patching import _resolve
 
-    budget = _budget(args)
     if args.json is not None:
         check_output(args.json, "--json")
-    method = args.method or "random"  # every projector-stage strategy gives the same LLM counts
+    if args.config is None:
+        budget = _budget(args)
+        method = args.method or "random"  # every projector-stage strategy gives the same LLM counts
+    else:  # a preset: the file's (or inline JSON's) method and options; --keep / --ratio replace its budget
+        if args.keep is not None and args.ratio is not None:
+            raise ValueError("give at most one of --keep and --ratio with --config")
+        budget = _budget(args) if (args.keep, args.ratio) != (None, None) else {}
+        text = args.config.strip()
+        try:
+            config = json.loads(text) if text.startswith("{") else args.config
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--config: not valid JSON: {e}") from None
+        try:
+            method, budget = _resolve(args.method, config, budget)
+        except TypeError as e:
+            raise ValueError(f"--config: {e}") from None
     build_method(method, budget)  # a bad strategy or budget fails before the model loads
     task = models.check_task(args.task or models.default_task(args.model), args.model)
     if args.model in configs.FULL_SCALE:  # token counts from a narrow stand-in, dimensions from the real config
@@ -330,6 +345,9 @@ def main(argv=None) -> int:
     p = sub.add_parser("flops", help="analytic FLOPs per stage and KV-cache bytes, unpatched vs pruned (docs/flops.md)")
     _model_budget_args(p)
     p.add_argument("--method", help="strategy (default: any projector-stage one; in-LLM strategies count per layer)")
+    p.add_argument("--config", help="a patch() preset: a JSON file (as vtprune tune writes) or inline JSON, "
+                   "'{\"method\": \"vflowopt\", \"options\": {\"ratio\": 0.27, \"r2\": 0.98}}'; --keep/--ratio "
+                   "replace its budget")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=_flops)
     p = sub.add_parser("bench", help="latency, memory and KV bytes: unpatched and each strategy side by side")

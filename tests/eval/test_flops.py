@@ -173,6 +173,34 @@ def test_flops_of_a_full_scale_architecture_on_the_cpu(capsys):
     assert text.split("visual tokens, last layer (sample 0)")[1].split("\n")[0].split() == ["576", "64", "0.111"]
 
 
+def test_flops_cli_takes_a_preset_file_or_inline_json(tmp_path, capsys):
+    """A tuned VFlowOpt preset (several options) could not be costed from the command line."""
+    import json
+
+    from vtprune.cli import main
+    from vtprune.eval import models
+
+    preset = {"method": "vflowopt", "options": {"ratio": 0.5, "r2": 0.9, "r3": 0.6, "t": 30.0, "a": 10.0}}
+    (tmp_path / "preset.json").write_text(json.dumps(preset))
+    model, _ = models.load("tiny-test-llava")
+    inputs = models.calibration("tiny-prompts", model, None, 1)[0]
+    for config, extra, options in ((json.dumps(preset), [], preset["options"]),
+                                   (str(tmp_path / "preset.json"), ["--keep", "3"],
+                                    {**{k: v for k, v in preset["options"].items() if k != "ratio"}, "keep": 3})):
+        out = tmp_path / "f.json"
+        assert main(["flops", "--model", "tiny-test-llava", "--config", config, *extra, "--json", str(out)]) == 0
+        record = json.loads(out.read_text())
+        want = flops.count(model, inputs, "vflowopt", **options).to_dict()
+        assert record["method"] == "vflowopt" and record["pruned"] == want
+        assert record["pruned"]["tokens_per_layer"] != record["unpatched"]["tokens_per_layer"]  # it pruned
+    capsys.readouterr()
+    for config, words in (('{"method": "vflowopt"', "--config: not valid JSON"),
+                          ('{"options": {"ratio": 0.5}}', "the config names no method")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["flops", "--model", "tiny-test-llava", "--config", config])
+        assert exit_.value.code == 2 and words in capsys.readouterr().err
+
+
 def test_count_takes_a_saved_preset_and_the_kv_dtype_explicitly(tmp_path):
     """count(..., config=FILE) is patch()'s preset (it was read as an architecture and failed asking for
     keep=); the KV element size is the model's unless kv_dtype says otherwise (it was guessed from
