@@ -223,3 +223,13 @@ def test_count_takes_a_saved_preset_and_the_kv_dtype_explicitly(tmp_path):
     assert flops.count(model, inputs, kv_dtype=torch.bfloat16).kv_bytes * 2 == own  # float32 model
     rep = flops.report(model, inputs, None, "fastv", {"config": str(preset)})  # by name, as lmms-eval calls it
     assert rep.selection == 0  # unpatched figures (no stats): nothing dropped, no scoring pass
+
+
+def test_selection_flops_skip_images_within_budget():
+    """An image with budget >= N is never selected: no Gram matrix is counted for it."""
+    from vtprune.methods.divprune import DivPrune
+    from vtprune.methods.base import PruneConfig
+    t = flops.TextDims(d=8, d_q=8, d_kv=8, m=16, layers=2, vocab=10)
+    m = DivPrune(PruneConfig(keep=10))
+    assert flops._selection_flops(m, [(10, 10)], [[20], [20]], t) == 0
+    assert flops._selection_flops(m, [(10, 4)], [[14], [14]], t) == 2 * 100 * 8

@@ -64,3 +64,23 @@ def test_bad_shapes_raise():
         attention_scores(torch.randn(1, 3, 4, 8), torch.randn(1, 2, 4, 8), 1.0)
     with pytest.raises(ValueError, match=r"\[B, H, N, d\]"):
         attention_scores(torch.randn(3, 4, 8), torch.randn(3, 4, 8), 1.0)
+
+
+def test_attention_row_chunks_agree_with_one_block(monkeypatch):
+    """The reference computes 256 query rows at a time: blocks of 4 rows give the one-block answer (no test had more
+    than 130 rows, so an offset bug in the blocks after the first went unseen; every real prefill has more)."""
+    import importlib
+
+    scores_torch = importlib.import_module("vtprune.kernels.attention_scores_torch")  # (the module, not the function)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 11, 8, generator=g), torch.randn(2, 2, 13, 8, generator=g)
+    rows = torch.ones(2, 11, dtype=torch.bool)
+    rows[1, :3] = False
+    mask = torch.ones(2, 13, dtype=torch.bool)
+    mask[1, :2] = False
+    for causal in (False, True):
+        want = scores_torch.attention_scores_torch(q, k, 0.3, rows, causal=causal, key_mask=mask)
+        monkeypatch.setattr(scores_torch, "_ROW_CHUNK", 4)
+        got = scores_torch.attention_scores_torch(q, k, 0.3, rows, causal=causal, key_mask=mask)
+        monkeypatch.setattr(scores_torch, "_ROW_CHUNK", 256)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)

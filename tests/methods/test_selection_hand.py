@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from vtprune.methods import divprune, hiprune, todre, token_shuffle, transprune, vflowopt
-from vtprune.methods.base import top_visual
+from vtprune.methods.base import LayerTokens, top_visual
 
 
 def _unit(*degrees, scale=None):
@@ -337,3 +337,176 @@ def test_batched_selection_equals_one_image_at_a_time():
         one = [method.select(im).indices.tolist() for im in images]
         assert [s.indices.tolist() for s in method.select_batch(images)] == one, (name, options)
     assert int(pivot[2, 4:8].argmax()) + 4 in build_method("todre", {"keep": 5}).select(images[2]).indices.tolist()
+
+
+# Cases that a maintainer's slip would break while every other test passed (found by mutating the code)
+
+def test_hiprune_anchor_count_rounds_up_above_half():
+    """round(), not floor: keep 192 (a standard benchmark budget), alpha 0.1 -> round(3.84) = 4."""
+    assert hiprune.n_anchors(192, 0.1) == 4
+    assert hiprune.n_anchors(3, 1.0) == 1
+
+
+def test_hiprune_anchors_and_buffers_filling_the_budget_exactly_are_kept():
+    """1 interior anchor + 4 buffers = 5 = keep: they fit, nothing is shrunk."""
+    obj = torch.zeros(16)
+    obj[5] = 1.0
+    out = hiprune.select(obj[None], torch.arange(16.0)[None], (4, 4), 5, alpha=1.0)
+    assert out[0].tolist() == [1, 4, 5, 6, 9]
+
+
+def test_vflowopt_cells_on_a_grid_not_divisible_by_the_side():
+    """per-row cell count is ceil(w / a): a 2x5 grid with a = 2 has 3 cells per row of cells."""
+    assert vflowopt.cells((3, 5), 2.0).tolist() == [0, 0, 1, 1, 2,
+                                                    0, 0, 1, 1, 2,
+                                                    3, 3, 4, 4, 5]
+
+
+def test_vflowopt_recycling_ignores_negative_importance():
+    """negative importance (alpha < 0 in the tuner's range) counts as weight 0 in the recycled mean."""
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [5.0, 5.0], [7.0, 7.0]])
+    s = torch.tensor([-1.0, 3.0, 10.0, 9.0])  # cells of side 2 on a 1x4 grid: {0, 1}, {2, 3}
+    idx, tok, _ = vflowopt.prune_recycle(x, s, (1, 4), 3, 2.0)
+    # keep 2 and 3 outright; cell {0, 1} recycles at 1 with weights (0, 1)
+    assert idx.tolist() == [1, 2, 3]
+    torch.testing.assert_close(tok[0], torch.tensor([0.0, 1.0]))
+
+
+def _vf_tokens(layer, num_layers, n=10):
+    return LayerTokens(layer=layer, hidden=torch.zeros(1, n, 2), visual=torch.ones(1, n, dtype=torch.bool),
+                       mask=torch.ones(1, n, dtype=torch.bool), keep=torch.tensor([2]), before=torch.tensor([20]),
+                       unit=torch.zeros(1, n, dtype=torch.long), images=((0, 20, 2),), num_layers=num_layers,
+                       state={"importance": torch.arange(n, 0, -1).float()[None]})
+
+
+def test_vflowopt_first_drop_uses_r2_second_r3():
+    """the first in-LLM drop keeps R2 of the tokens present, the second R3."""
+    m = vflowopt.VFlowOpt(vflowopt.VFlowOptConfig(keep=2, r2=0.8, r3=0.3))
+    l1, l2 = vflowopt.llm_layers(28)
+    assert len(m.select_in_llm(_vf_tokens(l1, 28))[0]) == 8
+    assert len(m.select_in_llm(_vf_tokens(l2, 28))[0]) == 3
+
+
+def test_vflowopt_two_layer_decoder_applies_both_fractions_at_once():
+    """a 2-layer decoder has one drop layer, keeping R2 * R3."""
+    m = vflowopt.VFlowOpt(vflowopt.VFlowOptConfig(keep=2, r2=0.5, r3=0.4))
+    assert vflowopt.llm_layers(2) == [0]
+    assert len(m.select_in_llm(_vf_tokens(0, 2))[0]) == 2  # 10 - round(10 * 0.8) = 2
+
+
+def test_top_visual_returns_ascending_indices():
+    """indices ascending (sequence order), not by score."""
+    scores = torch.tensor([[0.5, 0.1, 0.9]])
+    assert top_visual(scores, torch.ones(1, 3, dtype=torch.bool), [2])[0].tolist() == [0, 2]
+
+
+def test_todre_visual_share_is_a_fraction_of_all_attention():
+    """share = visual mass / total mass."""
+    s = torch.tensor([[0.5, 0.25, 0.25]])
+    v = torch.tensor([[True, False, False]])
+    torch.testing.assert_close(todre.visual_share(s, v), torch.tensor([0.5]))
+
+
+def test_transprune_normalise_only_over_visual_slots():
+    """scores are restricted to visual slots before they are scaled to sum 1."""
+    s = torch.tensor([[1.0, 1.0, 2.0]])
+    v = torch.tensor([[True, True, False]])
+    torch.testing.assert_close(transprune.normalise(s, v), torch.tensor([[0.5, 0.5, 0.0]]))
+
+
+def _tp_tokens(state=None):
+    n = 4
+    return LayerTokens(layer=0, hidden=torch.zeros(1, n, 3), visual=torch.ones(1, n, dtype=torch.bool),
+                       mask=torch.ones(1, n, dtype=torch.bool), keep=torch.tensor([2]),
+                       state={} if state is None else state)
+
+
+def test_transprune_observe_sums_attention_and_mlp_transitions_over_layers():
+    """TTV = attn + MLP transitions, accumulated over the observed layers."""
+    g = torch.Generator().manual_seed(0)
+    io1 = {k: torch.randn(1, 4, 3, generator=g) for k in ("attn_in", "attn_out", "mlp_in", "mlp_out")}
+    io2 = {k: torch.randn(1, 4, 3, generator=g) for k in ("attn_in", "attn_out", "mlp_in", "mlp_out")}
+    m = transprune.TransPrune(transprune.TransPruneConfig(keep=2))
+    tok = _tp_tokens()
+    m.observe(tok, io1)
+    m.observe(tok, io2)
+    valid = tok.mask
+    want = sum(transprune.transition(io[a], io[b], valid) for io in (io1, io2)
+               for a, b in (("attn_in", "attn_out"), ("mlp_in", "mlp_out")))
+    torch.testing.assert_close(tok.state["ttv"], want)
+
+
+def _attention_of(A, mask):
+    """attention(rows) over a fixed [L, L] row-stochastic map: the mean of the selected rows."""
+    def att(rows):
+        rows = mask if rows is None else rows
+        w = rows.float() / rows.float().sum(1, keepdim=True)
+        return w @ A
+    return att
+
+
+def _tp_layer(layer, A, budget=4):
+    # slots: 0 text (system), 1..6 visual (one image, 6 tokens, budget 4), 7, 8 question
+    L = 9
+    visual = torch.zeros(1, L, dtype=torch.bool)
+    visual[0, 1:7] = True
+    mask = torch.ones(1, L, dtype=torch.bool)
+    unit = torch.where(visual, 0, -1)
+    return LayerTokens(layer=layer, hidden=torch.zeros(1, L, 3), visual=visual, mask=mask,
+                       keep=torch.tensor([budget]), before=torch.tensor([6]), unit=unit, images=((0, 6, budget),),
+                       num_layers=4, attention_next=_attention_of(A, mask),
+                       state={"ttv": torch.zeros(1, L)})
+
+
+def test_transprune_early_drop_never_goes_below_the_budget():
+    """before the last drop, max(budget, int(N * fraction)) tokens of an image stay."""
+    m = transprune.TransPrune(transprune.TransPruneConfig(keep=4, schedule=[(0, 0.5), (1, 0.25)]))
+    A = torch.full((9, 9), 1 / 9)
+    assert len(m.select_in_llm(_tp_layer(0, A))[0]) == 4  # int(6 * 0.5) = 3 < budget 4
+
+
+def test_transprune_iga_reads_the_question_rows_only():
+    """IGA is the attention of the question (text after the image), not of every row."""
+    m = transprune.TransPrune(transprune.TransPruneConfig(keep=1, schedule=[(0, 1 / 6)], alpha=0.0))
+    A = torch.zeros(9, 9)
+    A[:, 1] = 1.0  # every row looks at visual slot 1 ...
+    A[7:, 1], A[7:, 5] = 0.0, 1.0  # ... except the question rows, which look at slot 5
+    assert m.select_in_llm(_tp_layer(0, A, budget=1))[0].tolist() == [4]  # the 5th visual token
+
+
+def test_question_rows_leave_right_padding_out():
+    """pad slots after the question are not question rows."""
+    from vtprune.methods.base import question_rows
+
+    visual = torch.tensor([[False, True, True, False, False, False]])
+    mask = torch.tensor([[True, True, True, True, False, False]])
+    t = LayerTokens(layer=0, hidden=torch.zeros(1, 6, 2), visual=visual, mask=mask, keep=torch.tensor([1]))
+    assert question_rows(t).tolist() == [[False, False, False, True, False, False]]
+
+
+def test_todre_pivot_is_the_highest_scoring_token():
+    """the pivot (first pick) is the argmax of the pivot signal."""
+    from vtprune.methods.base import ImageTokens
+
+    m = todre.ToDRE(todre.ToDREConfig(keep=1))
+    im = ImageTokens(features=torch.randn(4, 3, generator=torch.Generator().manual_seed(0)), grid=None, keep=1,
+                     signals={"pivot": torch.tensor([0.1, 0.9, 0.3, 0.2])})
+    assert m.select(im).indices.tolist() == [1]
+
+
+def test_todre_stage2_keeps_tokens_of_a_sample_with_no_question():
+    """a sample whose visual tokens come last has no question rows: stage 2 must not empty it."""
+    L = 5
+    visual = torch.tensor([[False, False, True, True, True]])
+    mask = torch.ones(1, L, dtype=torch.bool)
+    t = LayerTokens(layer=6, hidden=torch.zeros(1, L, 2), visual=visual, mask=mask, keep=torch.tensor([2]),
+                    before=torch.tensor([6]), unit=torch.where(visual, 0, -1), images=((0, 6, 2),), num_layers=8,
+                    attention=lambda rows: rows.float() @ torch.full((L, L), 1 / L) / rows.float().sum().clamp_min(1))
+    m = todre.ToDRE(todre.ToDREConfig(keep=2))
+    assert m.select_in_llm(t)[0].tolist() == [0, 1, 2]
+
+
+def test_token_shuffle_window_budget_counts_merged_tokens():
+    """with s=2 a 4x4 grid keeps 2x2 = 4 tokens (a budget of N would read as 'prune nothing')."""
+    m = token_shuffle.TokenShuffle(token_shuffle.TokenShuffleConfig(s=2))
+    assert m.budget(16, (1, 4, 4)) == 4 and m.budget(15, (1, 3, 5)) == 6
