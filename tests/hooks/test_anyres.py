@@ -369,3 +369,38 @@ def test_onevision_multi_image_samples_use_one_tile_per_image(model_factory):
         assert 16 in first and 16 in second and len(first) == len(second) == (5 if method == "pool" else 8)
         if want is not None:
             assert first == second == want
+
+
+def test_token_shuffle_grid_budget_on_anyres_counts_one_newline_per_merged_row(model_factory):
+    """token_shuffle with s= on LLaVA-NeXT: each image's budget is its merged grids plus one newline per
+    merged crop row (hp), and is what it keeps (non-square crop grids in samples 0-3)."""
+    model = model_factory("llava_next")
+    vtprune.patch(model, "token_shuffle", s=2)
+    with torch.no_grad():
+        model(**tiny.batch("llava_next", [0, 1, 2, 3]))
+    st = vtprune.stats(model)
+    assert [b for _, _, b in st.images] == st.visual_after == [14, 16, 24, 9]
+
+
+def test_an_anyres_part_whose_share_is_its_size_stays_whole_without_reaching_the_method():
+    """ImageTokens.keep < N is the method's contract: a grid whose largest-remainder share equals its size is
+    kept whole (importance inf), never handed to the method with keep == N."""
+    from vtprune.hooks import anyres
+    from vtprune.methods.base import ImageTokens, Selection
+    from vtprune.methods.registry import build_method
+
+    method = build_method("random", {"keep": 11})
+    method.per_grid = "select"
+    calls = []
+
+    def select(image):
+        calls.append((len(image.features), image.keep))
+        return Selection(torch.arange(image.keep), importance=torch.arange(image.keep, dtype=torch.float32))
+
+    method.select = select
+    crop = torch.arange(4, 12).view(2, 4)
+    layout = anyres.Layout(12, [(torch.arange(4), (2, 2)), (crop[:, :-1].reshape(-1), (2, 3))], crop[:, -1], crop[:, -1])
+    sel = anyres.select(method, ImageTokens(torch.randn(12, 8), None, 11, {}), layout)
+    assert calls == [(6, 5)]  # shares(9, [4, 6]) = [4, 5]: the base grid stays whole
+    assert sel.indices.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11]
+    assert torch.isinf(sel.importance[:4]).all()

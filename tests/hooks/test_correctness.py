@@ -431,3 +431,17 @@ def test_select_batch_rows_may_differ_in_length_but_not_in_number(model_factory,
     monkeypatch.setattr(cls, "select_batch", lambda self, ims: [Selection(torch.arange(im.keep)) for im in ims[:-1]])
     with torch.no_grad(), pytest.raises(RuntimeError, match="select_batch: 1 selections for 2 images"):
         model(**inputs)
+
+
+def test_layer_tokens_keep_is_the_sum_of_a_samples_image_and_frame_budgets(model_factory, monkeypatch):
+    """LayerTokens.keep (documented: the sum of the sample's images' budgets) over an image and a clip's frames."""
+    cls = get_method("fastv")
+    seen, real = [], cls.select_in_llm
+    monkeypatch.setattr(cls, "select_in_llm", lambda self, t: seen.append(t.keep.tolist()) or real(self, t))
+    model = model_factory("qwen2_vl")
+    inputs = tiny.batch("qwen2_vl", [0, 1], videos=(0, 1))  # sample 0: 16-token image + 2 frames of 4
+    vtprune.patch(model, "fastv", keep=10)                   # sample 1: 8-token image + 3 frames of 6
+    with torch.no_grad():
+        model(**inputs)
+    assert seen and seen[0] == [10 + 4 + 4, 8 + 6 + 6 + 6]
+    assert [b for _, _, b in vtprune.stats(model).images] == [10, 8, 4, 4, 6, 6, 6]

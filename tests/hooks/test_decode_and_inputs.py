@@ -529,3 +529,36 @@ def test_qwen_inputs_embeds_with_a_grid_strategy_says_why(model_factory, family)
     vtprune.patch(model, "pool", ratio=0.5)
     with torch.no_grad(), pytest.raises(ValueError, match="inputs_embeds alone gets text positions; pass input_ids"):
         model.generate(**x, max_new_tokens=2, **tiny.GEN)
+
+
+def test_placeholder_slots_from_embeddings_need_every_element_to_match(model_factory):
+    """inputs_embeds without input_ids: a text embedding that shares one value with the image token's row
+    (common in bf16) is not an image slot."""
+    from vtprune.hooks import adapter_for
+
+    model = model_factory("llava")
+    ids = tiny.batch("llava", [0])["input_ids"]
+    raw = model.get_input_embeddings()(ids).clone()
+    row = model.get_input_embeddings().weight[tiny.IMG]
+    text = int((ids[0] != tiny.IMG).nonzero()[0])
+    raw[0, text, 0] = row[0]
+    got = adapter_for(model).token_mask({"inputs_embeds": raw}, tiny.IMG, raw.shape[:2])
+    assert torch.equal(got, ids == tiny.IMG)
+
+
+def test_llm_stage_manual_decode_without_attention_mask_equals_no_cache_forward(model_factory):
+    """A manual decode loop passing neither attention_mask nor position_ids after an in-LLM drop (the
+    cache holds the unpruned prompt at layers <= the drop layer): each step equals a no-cache forward."""
+    model = model_factory("llava")
+    inputs = tiny.batch("llava", [1])  # one unpadded prompt
+    vtprune.patch(model, "hidden_norm_test", keep=4)  # prefix-invariant in-LLM pick after decoder layer 1
+    ids = inputs["input_ids"]
+    cache = _new_cache(model)
+    with torch.no_grad():
+        model(input_ids=ids, pixel_values=inputs["pixel_values"], use_cache=True, **{CACHE: cache})
+        for step in range(3):
+            nxt = torch.tensor([[5 + step]])
+            ids = torch.cat([ids, nxt], 1)
+            cached = model(input_ids=nxt, use_cache=True, **{CACHE: cache}).logits[:, -1]
+            full = model(input_ids=ids, pixel_values=inputs["pixel_values"]).logits[:, -1]
+            torch.testing.assert_close(cached, full, atol=2e-5, rtol=1e-4, msg=lambda m: f"step {step}: {m}")

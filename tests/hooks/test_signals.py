@@ -524,3 +524,35 @@ def test_unpatch_removes_every_wrapper(family):
         vtprune.patch(model, method, ratio=0.5)
         vtprune.unpatch(model)
         assert {name: set(m.__dict__) for name, m in model.named_modules()} == before, method
+
+
+def test_llava_feature_signal_with_a_positive_vision_feature_layer():
+    """vision_feature_layer=k >= 0 reads hidden_states[k], the output of encoder layer k - 1: "feature"
+    signals must come from that layer's attention (the tiny config's -2 cannot tell k - 1 from k % n)."""
+    import transformers as tf
+
+    from vtprune.hooks.base import SignalStore
+    from vtprune.hooks.llava import LlavaAdapter
+    from vtprune.methods.base import VisionSignal
+
+    cfg_model = tiny.build("llava")
+    n = cfg_model.config.vision_config.num_hidden_layers
+    k = n - 2  # positive form; hidden_states[k] = output of layer k - 1
+    torch.manual_seed(0)
+    cfg = tf.LlavaConfig(vision_config=cfg_model.config.vision_config, text_config=cfg_model.config.text_config,
+                         image_token_id=tiny.IMG, image_seq_length=16, vision_feature_layer=k,
+                         vision_feature_select_strategy="default")
+    model = tf.LlavaForConditionalGeneration(cfg).eval()
+    model.model.vision_tower.config._attn_implementation = "eager"
+    store = SignalStore()
+    handles = LlavaAdapter(model).install_vision_signals({"m": VisionSignal("feature", "mean")}, store)
+    pixels = tiny.batch("llava", [0])["pixel_values"]
+    with torch.no_grad():
+        ref = model.model.vision_tower(pixels, output_attentions=True).attentions
+    for h in handles:
+        h.remove()
+    got = torch.stack(store.read()["m"])
+    want = ref[k - 1].mean(1).mean(1)[:, 1:]
+    other = ref[k % n].mean(1).mean(1)[:, 1:]
+    assert not torch.allclose(want, other)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
