@@ -385,7 +385,9 @@ def main(argv=None) -> int:
     p.set_defaults(func=_lmms_tasks)
     for command in sub.choices.values():
         command.formatter_class = _Help
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # the subcommand's usage, not the top-level one
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     args.argv = list(argv if argv is not None else sys.argv[1:])
     try:
         return args.func(args)

@@ -417,3 +417,14 @@ def test_a_local_directory_without_a_processor_or_of_another_model(tmp_path, cap
         assert exit_.value.code == 2 and err.count("\n") == 1
         assert f"holds a '{config.model_type}' model" in err and "vtprune does not support" in err
         assert "LlavaForConditionalGeneration" in err and "Blip2Config" not in err
+
+
+def test_an_unknown_option_shows_its_subcommands_usage(capsys):
+    """It printed the top-level usage, which lists no subcommand's options."""
+    from vtprune.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["flops", "--model", "tiny-test-llava", "--keep", "4", "--object_layer", "2"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("usage: vtprune flops ")
+    assert err.rstrip().endswith("vtprune flops: error: unrecognized arguments: --object_layer 2")
