@@ -271,3 +271,115 @@ def test_bf16_tensor_core_paths_on_gpu():
     k = torch.randn(2, 16, 577, 64, device="cuda").to(torch.bfloat16)
     torch.testing.assert_close(attention_scores_triton(q, k, 0.125), attention_scores_torch(q, k, 0.125),
                                atol=1e-6, rtol=1e-5)
+
+
+# Found by mutating the kernels: left padding over a whole key block, per-image query rows in different
+# blocks, and what the interpreter cannot see (input precision, tile legality, the tie-break a GPU applies)
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_attention_left_padding_longer_than_a_key_block(dtype, causal):
+    # sample 1 is left-padded by 40 keys: more than one key block (16 fp32 / 32 bf16), so its rows see
+    # only masked keys in the first block(s) -- as in any batched prefill with different prompt lengths
+    q, k = rand(2, 2, 12, 16, seed=1, dtype=dtype), rand(2, 1, 50, 16, seed=2, dtype=dtype)
+    key_mask = torch.ones(2, 50, dtype=torch.bool, device=DEVICE)
+    key_mask[1, :40] = False
+    want = attention_scores_torch(q, k, 0.25, causal=causal, key_mask=key_mask)
+    got = attention_scores_triton(q, k, 0.25, causal=causal, key_mask=key_mask)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    if not causal:  # (causal: rows 0 and 1 of sample 1 see only padding)
+        torch.testing.assert_close(got.sum(1), torch.ones(2, device=DEVICE))
+
+
+def test_attention_query_rows_in_different_blocks_per_image():
+    # image 0 averages rows of the first query block only, image 1 rows of the second (a question at a
+    # different position in each prompt): each image's own rows decide which blocks are computed
+    q, k = rand(2, 2, 40, 16, seed=3), rand(2, 2, 40, 16, seed=4)
+    rows = torch.zeros(2, 40, dtype=torch.bool, device=DEVICE)
+    rows[0, :10] = True
+    rows[1, 30:] = True
+    for causal in (False, True):
+        want = attention_scores_torch(q, k, 0.3, rows, causal=causal)
+        got = attention_scores_triton(q, k, 0.3, rows, causal=causal)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(got.sum(1), torch.ones(2, device=DEVICE))
+    index = torch.tensor([[1, 2], [33, 38]], device=DEVICE)
+    torch.testing.assert_close(attention_scores_triton(q, k, 0.3, index), attention_scores_torch(q, k, 0.3, index),
+                               atol=1e-6, rtol=1e-5)
+
+
+class _Spy:
+    """Stands in for a kernel: records the launch's keyword arguments (the constexprs), runs nothing."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append(kwargs)
+
+
+def test_gpu_launches_keep_float32_in_ieee_and_tiles_legal(monkeypatch):
+    # The interpreter ignores input_precision (np.matmul in float32 whatever IEEE says) and accepts dots
+    # narrower than 16, so what a GPU launch is given is checked on the arguments, with the launchers told
+    # they are on a GPU: float32 (and mixed-dtype) inputs must keep IEEE dots -- TF32 would change cosines
+    # in the 4th digit and flip selections -- and the head-dim tile must be >= 16 for tl.dot.
+    from vtprune.kernels import attention_triton, greedy_triton, launch
+
+    calls = []
+    monkeypatch.setattr(launch, "compiled", lambda t: True)
+    for name in ("_gram_kernel",):
+        monkeypatch.setattr(greedy_triton, name, _Spy(calls))
+    for name in ("_row_stats_kernel", "_column_kernel"):
+        monkeypatch.setattr(attention_triton, name, _Spy(calls))
+    greedy_triton.cosine_gram_triton(torch.randn(1, 70, 32))
+    assert [c["IEEE"] for c in calls] == [True]
+    calls.clear()
+    greedy_triton.cosine_gram_triton(torch.randn(1, 70, 32).to(torch.bfloat16))
+    assert [c["IEEE"] for c in calls] == [False]  # tensor cores for bf16 on the GPU
+    for qd, kd, ieee in [(torch.float32, torch.float32, True), (torch.bfloat16, torch.float32, True),
+                         (torch.float32, torch.bfloat16, True), (torch.bfloat16, torch.bfloat16, False)]:
+        for d in (8, 12, 64, 80):
+            calls.clear()
+            q, k = torch.randn(1, 2, 20, d).to(qd), torch.randn(1, 2, 20, d).to(kd)
+            attention_triton.attention_scores_triton(q, k, 0.1)
+            assert len(calls) == 2 and all(c["IEEE"] is ieee for c in calls), (qd, kd, d, calls)
+            assert all(c["BD"] >= max(16, d) for c in calls), (d, calls)
+
+
+@pytest.mark.parametrize("rule", ["maxmin", "maxsum"])
+def test_greedy_ties_do_not_rest_on_the_interpreter(monkeypatch, rule):
+    # The interpreter's argmax/argmin always return the leftmost index, whatever tie_break_left says; on a GPU
+    # tie_break_left=False is "fast": any tied index. Here the "fast" combines prefer the rightmost index, as a
+    # GPU may, so the kernel must ask for the lowest index itself.
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    if DEVICE == "cuda":
+        pytest.skip("on a GPU the real tie-break is what the other greedy tests see")
+    if not (hasattr(interpreter, "ReduceOps") and hasattr(tl.standard, "_argmax_combine_tie_break_fast")):
+        pytest.skip("this Triton's interpreter has other internals (written against Triton 3.x's ReduceOps)")
+    fast = {tl.standard._argmax_combine_tie_break_fast: (np.nanmax, np.nanargmax),
+            tl.standard._argmin_combine_tie_break_fast: (np.nanmin, np.nanargmin)}
+    plain = interpreter.ReduceOps.apply_impl
+
+    def apply_impl(self, input):
+        if self.combine_fn not in fast:
+            return plain(self, input)
+        value_op, index_op = fast[self.combine_fn]
+        values = input[0][0] if isinstance(input[0], tuple) else input[0]
+        data = values.handle.data
+        last = data.shape[self.axis] - 1  # the rightmost of tied indices, as a GPU's "fast" tie-break may give
+        index = last - index_op(np.flip(data, axis=self.axis), axis=self.axis, keepdims=self.keep_dims)
+        return (self.to_tensor(value_op(data, axis=self.axis, keepdims=self.keep_dims), values.dtype),
+                self.to_tensor(index.astype(np.int32), tl.int32))
+
+    monkeypatch.setattr(interpreter.ReduceOps, "apply_impl", apply_impl)
+    from vtprune.kernels.greedy_triton import cosine_gram_triton, greedy_from_gram_triton
+    from vtprune.kernels.greedy_torch import greedy_from_gram_torch
+
+    eye = torch.eye(6)
+    x = torch.cat([eye, eye[1:3]])[None].to(DEVICE)  # orthonormal tokens and two copies: ties at every step
+    sim = cosine_gram_triton(x)
+    first = torch.tensor([3], device=DEVICE)
+    assert torch.equal(greedy_from_gram_triton(sim, 8, first, rule), greedy_from_gram_torch(sim, 8, first, rule))
