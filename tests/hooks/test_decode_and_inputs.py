@@ -312,6 +312,9 @@ def test_a_pruned_cache_refuses_to_continue_without_its_configuration(model_fact
     It refuses by name instead; back under its own configuration (after `unpatched`) it continues exactly;
     a static cache reset for a new prompt is an empty cache again."""
     import copy
+    import gc
+    import pickle
+    import weakref
 
     from transformers import StaticCache
 
@@ -336,9 +339,19 @@ def test_a_pruned_cache_refuses_to_continue_without_its_configuration(model_fact
         with pytest.raises(RuntimeError, match=refused):
             _decode_step(model, inputs, cache, 2)
         vtprune.unpatch(model)
-        for c in (cache, held, twin):  # (twin: a copy made while patched, continued under its configuration)
+        pickled = pickle.loads(pickle.dumps(cache))
+        for c in (cache, held, twin, pickled):  # (twin: a copy made while patched, continued under its configuration)
             with pytest.raises(RuntimeError, match=refused):
                 _decode_step(model, inputs, c, 2)
+        for c in (held, pickled):  # a copy's refusal is its own: reset, it is free again (the original is not)
+            assert c.update.cache() is c
+        gc.disable()  # no reference cycle: a dropped refusing cache is freed at once, not at a collection
+        try:
+            gone = weakref.ref(held)
+            del held
+            assert gone() is None
+        finally:
+            gc.enable()
         with vtprune.pruned(model, "divprune", ratio=0.25):  # (a static cache holds pre-LLM pruning only)
             static = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=64)
             model(**inputs, use_cache=True, **{CACHE: static})

@@ -19,7 +19,6 @@ import uuid
 import weakref
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from functools import lru_cache, partial
-from types import MethodType
 
 import torch
 
@@ -229,7 +228,7 @@ class PatchState:
         self.handles = []
         for cache in list(self.caches):
             if _owner(cache) == self.token and not _refusing(cache):
-                cache.update = MethodType(_orphaned_update, cache)
+                cache.update = _Refusal(cache)
         self.current = None
         self.scratch = None
 
@@ -815,8 +814,7 @@ def _owner(cache) -> str | None:
 
 
 def _refusing(cache) -> bool:
-    fn = vars(cache).get("update")
-    return isinstance(fn, MethodType) and fn.__func__ is _orphaned_update
+    return isinstance(vars(cache).get("update"), _Refusal)
 
 
 def _release(cache) -> None:
@@ -833,12 +831,28 @@ def _orphan_message(run: Run) -> str:
             "configuration that filled it, or start a fresh cache (pass the whole conversation)")
 
 
-def _orphaned_update(cache, key_states, value_states, layer_idx, *args, **kwargs):
-    """A pruned cache's `update` once its configuration is gone: refuses, unless reset for a new prompt."""
-    if int(cache.get_seq_length(layer_idx)) == 0:
-        _release(cache)
-        return cache.update(key_states, value_states, layer_idx, *args, **kwargs)
-    raise RuntimeError(_orphan_message(getattr(cache, _CACHE_ATTR)))
+class _Refusal:
+    """A pruned cache's `update` once its configuration is gone: refuses, unless the cache was reset for a new
+    prompt. It holds the cache weakly (a bound method would make a reference cycle, and the cache's tensors
+    would then wait for a garbage collection after the caller drops it); a deep copy or pickle of the cache
+    gets one of its own."""
+
+    def __init__(self, cache):
+        self.cache = weakref.ref(cache)
+
+    def __call__(self, key_states, value_states, layer_idx, *args, **kwargs):
+        cache = self.cache()
+        if int(cache.get_seq_length(layer_idx)) == 0:
+            _release(cache)
+            return cache.update(key_states, value_states, layer_idx, *args, **kwargs)
+        raise RuntimeError(_orphan_message(getattr(cache, _CACHE_ATTR)))
+
+    def __deepcopy__(self, memo):
+        cache = self.cache()
+        return _Refusal(memo.get(id(cache), cache))  # (the cache's copy, made before its attributes are copied)
+
+    def __reduce__(self):
+        return _Refusal, (self.cache(),)
 
 
 def kv_cache(call) -> object | None:
