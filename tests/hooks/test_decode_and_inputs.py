@@ -323,39 +323,49 @@ def test_a_pruned_cache_refuses_to_continue_without_its_configuration(model_fact
     model = model_factory("llava")
     inputs = tiny.batch("llava", [0, 1])
     options = dict(ratio=0.25, **({"layer": 1} if method == "fastv" else {}))
-    refused = f"holds a prefill pruned by {method} under a configuration since removed"
+    refused = f"holds a prefill pruned by {method} under another vtprune configuration: one since removed"
     with torch.no_grad():
         vtprune.patch(model, method, **options)
         cache = _new_cache(model)
         model(**inputs, use_cache=True, **{CACHE: cache})
-        twin = copy.deepcopy(cache)
+        twin, unused = copy.deepcopy(cache), copy.deepcopy(cache)  # (copies made while patched)
         want = [_decode_step(model, inputs, twin, 1), _decode_step(model, inputs, twin, 2)]
+        mine = vars(cache)["update"] = cache.update  # a wrapper the caller set on the instance stays
         with unpatched(model):
             with pytest.raises(RuntimeError, match=refused):
                 _decode_step(model, inputs, cache, 1)
-            held = copy.deepcopy(cache)  # a copy of a refusing cache refuses too
-        assert torch.equal(_decode_step(model, inputs, cache, 1), want[0])  # back on its configuration
+            held = copy.deepcopy(cache)  # a copy of a refusing cache refuses too ...
+            with pytest.raises(RuntimeError, match=refused):
+                _decode_step(model, inputs, held, 1)
+        assert vars(cache)["update"] is mine
+        for c in (cache, held):  # ... and both continue back on their configuration
+            assert torch.equal(_decode_step(model, inputs, c, 1), want[0])
+        other = tiny.build("llava")
+        vtprune.patch(other, method, **options)  # another model, the same settings
+        with pytest.raises(RuntimeError, match="or another model's"):
+            _decode_step(other, inputs, cache, 2)
         vtprune.patch(model, "random", ratio=0.5)  # another configuration
         with pytest.raises(RuntimeError, match=refused):
             _decode_step(model, inputs, cache, 2)
         vtprune.unpatch(model)
         pickled = pickle.loads(pickle.dumps(cache))
-        for c in (cache, held, twin, pickled):  # (twin: a copy made while patched, continued under its configuration)
+        for c, step in ((cache, 2), (held, 2), (twin, 3), (unused, 1), (pickled, 2)):
             with pytest.raises(RuntimeError, match=refused):
-                _decode_step(model, inputs, c, 2)
-        for c in (held, pickled):  # a copy's refusal is its own: reset, it is free again (the original is not)
+                _decode_step(model, inputs, c, step)
+        for c in (held, pickled, unused):  # a copy's refusal is its own: reset, it is free again (the original is not)
             assert c.update.cache() is c
+        del c
         gc.disable()  # no reference cycle: a dropped refusing cache is freed at once, not at a collection
         try:
-            gone = weakref.ref(held)
-            del held
+            gone = weakref.ref(unused)
+            del unused
             assert gone() is None
         finally:
             gc.enable()
         with vtprune.pruned(model, "divprune", ratio=0.25):  # (a static cache holds pre-LLM pruning only)
             static = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=64)
             model(**inputs, use_cache=True, **{CACHE: static})
-        with pytest.raises(RuntimeError, match="pruned by divprune under a configuration since removed"):
+        with pytest.raises(RuntimeError, match="pruned by divprune under another vtprune configuration"):
             _decode_step(model, inputs, static, 1)
         static.reset()
         fresh = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=64)

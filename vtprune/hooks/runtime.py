@@ -12,6 +12,7 @@ Flow of one pruned `generate()`:
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import sys
 import time
@@ -88,6 +89,8 @@ class Run:
     changed: bool = False
     owner: str = ""  # PatchState.token of the configuration that pruned this prefill
     method: str = ""  # its strategy's name (for errors)
+    home: object = None  # weakref to that configuration's set of caches (PatchState.caches), where ...
+    cache: object = None  # ... this weakref's cache is tracked; a deep copy of the cache is tracked beside it
     state: dict = field(default_factory=dict)  # the method's per-prefill scratch (LayerTokens.state)
     # Qwen3-VL deepstack: per decoder layer i < len, [B, Lcur, D] features added at the visual slots
     # after layer i (dense over the current layout, so they are compacted with everything else)
@@ -98,6 +101,24 @@ class Run:
     masks: dict = field(default_factory=dict)
     pos_emb: dict = field(default_factory=dict)
     captured: dict = field(default_factory=dict)
+
+    def __deepcopy__(self, memo):
+        """copy.deepcopy of the cache holding this record (as transformers' docs reuse a prompt's cache): the copy
+        is tracked where the original is, so that it too refuses once its configuration is removed."""
+        new = copy.copy(self)
+        memo[id(self)] = new
+        for f in fields(self):
+            if f.name not in ("home", "cache"):
+                setattr(new, f.name, copy.deepcopy(getattr(self, f.name), memo))
+        cache, home = (ref() if ref is not None else None for ref in (self.cache, self.home))
+        twin = memo.get(id(cache)) if cache is not None else None  # (made before its attributes are copied)
+        new.home, new.cache = self.home, weakref.ref(twin) if twin is not None else None
+        if twin is not None and home is not None:
+            home.add(twin)
+        return new
+
+    def __getstate__(self):  # pickled: weak references do not pickle (an unpickled cache is not tracked)
+        return {**self.__dict__, "home": None, "cache": None}
 
     def group_for(self, layer: int) -> tuple[int, Group]:
         for gi in range(len(self.groups) - 1, -1, -1):
@@ -219,8 +240,8 @@ class PatchState:
             self.remove()
             raise
         for cache in list(self.caches):  # back on the model (after `unpatched`): its caches continue again
-            if _owner(cache) == self.token and _refusing(cache):
-                del cache.update
+            if _owner(cache) == self.token:
+                _stop_refusing(cache)
 
     def remove(self):
         for h in reversed(self.handles):  # two wraps of one method: the last first
@@ -228,7 +249,7 @@ class PatchState:
         self.handles = []
         for cache in list(self.caches):
             if _owner(cache) == self.token and not _refusing(cache):
-                cache.update = _Refusal(cache)
+                cache.update = _Refusal(cache, vars(cache).get("update"))  # (keeps a wrapper the caller set there)
         self.current = None
         self.scratch = None
 
@@ -308,7 +329,8 @@ class PatchState:
         if run is not None and run.owner != self.token:
             raise RuntimeError(_orphan_message(run))
         if run is not None:
-            self.caches.add(cache)  # (a deep copy of one of ours, continued here)
+            _stop_refusing(cache)  # ours (e.g. a copy made while this configuration was off the model)
+            self.caches.add(cache)  # (an unpickled copy of one of ours)
             if scratch is not None and scratch.get("visual_input"):
                 raise NotImplementedError(
                     "vtprune: new images on a KV cache that already holds a pruned prefill are not supported; "
@@ -349,6 +371,7 @@ class PatchState:
                 cache = kv_cache(kwargs)
             if cache is not None and run.changed:
                 run.owner, run.method = self.token, self.method_name
+                run.home, run.cache = weakref.ref(self.caches), weakref.ref(cache)
                 setattr(cache, _CACHE_ATTR, run)
                 self.caches.add(cache)
         run.end_forward()
@@ -817,28 +840,38 @@ def _refusing(cache) -> bool:
     return isinstance(vars(cache).get("update"), _Refusal)
 
 
+def _stop_refusing(cache) -> None:
+    """The cache's own `update` again (or the one the caller had set on it)."""
+    refusal = vars(cache).get("update")
+    if isinstance(refusal, _Refusal):
+        if refusal.previous is None:
+            del cache.update
+        else:
+            cache.update = refusal.previous
+
+
 def _release(cache) -> None:
     """Forget the pruned prefill `cache` held (it was reset for another prompt)."""
     vars(cache).pop(_CACHE_ATTR, None)
-    if _refusing(cache):
-        del cache.update
+    _stop_refusing(cache)
 
 
 def _orphan_message(run: Run) -> str:
-    return (f"vtprune: this KV cache holds a prefill pruned by {run.method or 'a strategy'} under a configuration "
-            "since removed from the model (unpatch, the end of a `pruned` block, or patch again): its positions "
-            "and layout are that configuration's, so the model would continue it wrongly. Continue it under the "
-            "configuration that filled it, or start a fresh cache (pass the whole conversation)")
+    return (f"vtprune: this KV cache holds a prefill pruned by {run.method or 'a strategy'} under another vtprune "
+            "configuration: one since removed from the model (unpatch, the end of a `pruned` block, or patch "
+            "again), or another model's. Its positions and layout are that configuration's, so this model would "
+            "continue it wrongly: continue it under the configuration that filled it, or start a fresh cache "
+            "(pass the whole conversation)")
 
 
 class _Refusal:
     """A pruned cache's `update` once its configuration is gone: refuses, unless the cache was reset for a new
     prompt. It holds the cache weakly (a bound method would make a reference cycle, and the cache's tensors
     would then wait for a garbage collection after the caller drops it); a deep copy or pickle of the cache
-    gets one of its own."""
+    gets one of its own. `previous`: an `update` the caller had set on the instance, put back after."""
 
-    def __init__(self, cache):
-        self.cache = weakref.ref(cache)
+    def __init__(self, cache, previous=None):
+        self.cache, self.previous = weakref.ref(cache), previous
 
     def __call__(self, key_states, value_states, layer_idx, *args, **kwargs):
         cache = self.cache()
@@ -848,11 +881,11 @@ class _Refusal:
         raise RuntimeError(_orphan_message(getattr(cache, _CACHE_ATTR)))
 
     def __deepcopy__(self, memo):
-        cache = self.cache()
-        return _Refusal(memo.get(id(cache), cache))  # (the cache's copy, made before its attributes are copied)
+        cache = self.cache()  # (the cache's copy is in memo, made before its attributes are copied)
+        return _Refusal(memo.get(id(cache), cache), copy.deepcopy(self.previous, memo))
 
     def __reduce__(self):
-        return _Refusal, (self.cache(),)
+        return _Refusal, (self.cache(), self.previous)
 
 
 def kv_cache(call) -> object | None:
