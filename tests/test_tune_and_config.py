@@ -38,6 +38,14 @@ def test_config_errors(model_factory, tmp_path):
         vtprune.patch(model, config={"method": "vflowopt", "options": {"keep": 2, "beta": 1}})
     with pytest.raises(TypeError, match="needs a method"):
         vtprune.patch(model)
+    # an option beside "options" was read as a note (its value unused); a JSON list was "not a path or a dict"
+    with pytest.raises(ValueError, match=r"config keys \['r2', 'ratio'\] are the method's options: put them under"):
+        vtprune.patch(model, config={"method": "vflowopt", "ratio": 0.3, "r2": 0.5})
+    with pytest.raises(ValueError, match=r"config keys \['keep'\]"):
+        vtprune.patch(model, "random", config={"keep": 3})
+    bad.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="holds a JSON list, not an object"):
+        vtprune.patch(model, config=bad)
     assert not hasattr(model, "_vtprune")
 
 

@@ -130,7 +130,7 @@ def _flops(args) -> int:
 
     from .eval import configs, flops, models
     from .methods.registry import build_method
-    from .patching import _resolve
+    from .patching import _resolve, load_config
 
     if args.json is not None:
         check_output(args.json, "--json")
@@ -147,6 +147,8 @@ def _flops(args) -> int:
         except json.JSONDecodeError as e:
             raise ValueError(f"--config: not valid JSON: {e}") from None
         try:
+            if args.method is None and load_config(config)[0] is None:
+                raise ValueError("--config names no method: add --method NAME, or \"method\" to the config")
             method, budget = _resolve(args.method, config, budget)
         except TypeError as e:
             raise ValueError(f"--config: {e}") from None
@@ -181,7 +183,8 @@ def _check_compile_options(args) -> None:
     """--compile-* options belong to --compile, and a mode to inductor (others take none): refused, not ignored."""
     given = [k for k in COMPILE_DEFAULTS if getattr(args, k) is not None]
     if given and not args.compile:
-        raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in given)} only apply with --compile")
+        raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in given)} "
+                         f"{'needs' if len(given) == 1 else 'need'} --compile")
     if args.compile_mode is not None and args.compile_backend not in (None, "inductor"):
         raise ValueError(f"--compile-mode is the inductor backend's; --compile-backend {args.compile_backend} takes none")
     for k, default in COMPILE_DEFAULTS.items():

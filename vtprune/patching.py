@@ -19,11 +19,15 @@ def load_config(config) -> tuple[str | None, dict]:
     """(method, options) from a config file path (JSON, as `vtprune tune` writes) or a dict:
     {"method": "vflowopt", "options": {"ratio": 0.26, "r2": 0.98, ...}, ...other keys ignored}."""
     if isinstance(config, (str, os.PathLike)):
-        with open(config) as f:
+        path = os.fspath(config)
+        with open(path) as f:
             try:
                 config = json.load(f)
             except json.JSONDecodeError as e:
-                raise ValueError(f"config file {os.fspath(config)!r} is not valid JSON: {e}") from None
+                raise ValueError(f"config file {path!r} is not valid JSON: {e}") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"config file {path!r} holds a JSON {type(config).__name__}, not an object "
+                             '{"method": ..., "options": {...}}')
     if not isinstance(config, dict):
         raise TypeError(f"config must be a path to a JSON file or a dict, got {type(config).__name__}")
     import difflib
@@ -38,6 +42,15 @@ def load_config(config) -> tuple[str | None, dict]:
     method = config.get("method")
     if method is not None and not isinstance(method, str):
         raise ValueError(f"config 'method' must be a name, got {method!r}")
+    from .methods.registry import available, get_method
+
+    names = {"keep", "ratio"}  # an option beside "options" would be read as a note: its value silently unused
+    if method in available():
+        import dataclasses
+
+        names |= {f.name for f in dataclasses.fields(get_method(method).Config)}
+    if misplaced := sorted(names & set(config)):
+        raise ValueError(f"config keys {misplaced} are the method's options: put them under \"options\"")
     return method, dict(options)
 
 

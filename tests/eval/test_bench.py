@@ -164,7 +164,7 @@ def test_the_unpatched_row_of_a_patched_model_is_unpatched():
     (["--out", "table.md"], "give a .json path"),  # the markdown beside it overwrote the JSON record
     (["--compile", "", "--compile-mode", "fastest"], "Unrecognized mode=fastest"),  # after the plain rows, before
     (["--compile", "", "--compile-backend", "nope"], "Invalid backend: 'nope'"),
-    (["--compile-mode", "default", "--compile-warmup", "2"], "--compile-warmup, --compile-mode only apply with --compile"),
+    (["--compile-mode", "default", "--compile-warmup", "2"], "--compile-warmup, --compile-mode need --compile"),
     (["--compile", "", "--compile-backend", "eager", "--compile-mode", "x"], "--compile-backend eager takes none"),
     (["--task", "bogus"], "unknown task 'bogus'; available: shapes, tiny-prompts, synthetic"),
     (["--task", "shapes"], "tiny-test-llava has none: --task synthetic or tiny-prompts"),

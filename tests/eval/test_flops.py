@@ -195,7 +195,7 @@ def test_flops_cli_takes_a_preset_file_or_inline_json(tmp_path, capsys):
         assert record["pruned"]["tokens_per_layer"] != record["unpatched"]["tokens_per_layer"]  # it pruned
     capsys.readouterr()
     for config, words in (('{"method": "vflowopt"', "--config: not valid JSON"),
-                          ('{"options": {"ratio": 0.5}}', "the config names no method")):
+                          ('{"options": {"ratio": 0.5}}', "--config names no method: add --method NAME")):
         with pytest.raises(SystemExit) as exit_:
             main(["flops", "--model", "tiny-test-llava", "--config", config])
         assert exit_.value.code == 2 and words in capsys.readouterr().err
