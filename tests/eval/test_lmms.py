@@ -10,7 +10,7 @@ import torch
 
 lmms_eval = pytest.importorskip("lmms_eval", reason="lmms-eval is an optional extra: pip install 'vtprune[eval]'")
 
-from vtprune.eval import lmms, shapes, sweep  # noqa: E402
+from vtprune.eval import lmms, shapes, sweep, tinyvlm  # noqa: E402
 
 TASK = "vtprune_shapes"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -448,3 +448,99 @@ def test_chat_class_without_a_template_refuses_turns_it_would_drop():
         lm.generate_until([_Req("", lambda d: messages, {"max_new_tokens": 1}, 0, "t", "test")])
     out = lm.generate_until([_Req("", lambda d: messages[1:], {"max_new_tokens": 1}, 0, "t", "test")])
     assert out[0].text is not None
+
+
+# Found by mutating the harness: cases a slip passed (greedy flag, padding side, options, figures)
+
+def test_loglikelihood_greedy_needs_every_token_to_be_greedy():
+    lm = lmms.Vtprune(pretrained="tiny-llava", random_weights=True)
+    scene, qs = shapes.sample("eval", 3)
+    lm.task_dict = {"t": {"test": {0: {"scene": 3}}}}
+    visual = lambda d: [shapes.render(shapes.sample("eval", d["scene"])[0])]  # noqa: E731
+    tok, proc = lm.tokenizer, lm.processor
+
+    def next_word(text):
+        inputs = proc(images=[shapes.render(scene)], text=[text], return_tensors="pt")
+        inputs.pop("token_type_ids", None)
+        with torch.no_grad():
+            return tok.convert_ids_to_tokens(int(lm.model(**inputs).logits[0, -1].argmax()))
+
+    base = tinyvlm.prompt("llava", qs[0].text)
+    g1 = next_word(base)
+    g2 = next_word(base + " " + g1)
+    other = next(w for w in shapes.VOCAB if w != g2)
+    res = [r.text for r in lm.loglikelihood([_Req(qs[0].text, g1, visual, 0, "t", "test"),
+                                             _Req(qs[0].text, f"{g1} {g2}", visual, 0, "t", "test"),
+                                             _Req(qs[0].text, f"{g1} {other}", visual, 0, "t", "test")])]
+    assert [greedy for _, greedy in res] == [True, True, False]
+
+
+def _questions(n):
+    rows = tinyvlm.held_out("llava", n)
+    task = {i: {"scene": idx} for i, (idx, _) in enumerate(shapes.eval_set(n))}
+    return rows, task
+
+
+def test_generated_answers_are_the_bundled_models_answers():
+    """The trained tiny-llava through generate_until answers what tinyvlm.answers (the `shapes` scorer)
+    answers: the text is the new tokens only, whatever the batch."""
+    rows, task = _questions(6)
+    model, proc = tinyvlm.load("tiny-llava")
+    want = tinyvlm.answers(model, proc, [img for _, img, _ in rows], [q.text for _, _, q in rows])
+    lm = lmms.Vtprune(pretrained="tiny-llava", batch_size=3)
+    lm.task_dict = {"t": {"test": task}}
+    visual = lambda d: [shapes.render(shapes.sample("eval", d["scene"])[0])]  # noqa: E731
+    out = lm.generate_until([_Req(q.text, {"max_new_tokens": 1}, visual, i, "t", "test") for i, (_, _, q) in enumerate(rows)])
+    assert [o.text.split()[0] for o in out] == want
+
+
+def test_a_checkpoint_that_pads_right_is_read_left_padded(tmp_path):
+    model, proc = tinyvlm.load("tiny-llava")
+    proc.tokenizer.padding_side = "right"
+    model.save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    rows, task = _questions(3)
+    visual = lambda d: [shapes.render(shapes.sample("eval", d["scene"])[0])]  # noqa: E731
+    qs = ["what colour is the star ?", "how many red shapes are there ?", "is the red circle left of the blue square ?"]
+    answers = []
+    for batch in (1, 3):
+        lm = lmms.Vtprune(pretrained=str(tmp_path), batch_size=batch)
+        lm.task_dict = {"t": {"test": task}}
+        answers.append([o.text for o in lm.generate_until(
+            [_Req(q, {"max_new_tokens": 2}, visual, i, "t", "test") for i, q in enumerate(qs)])])
+    assert answers[0] == answers[1]
+
+
+def test_non_whole_float_for_an_int_option_is_refused():
+    from lmms_eval.utils import simple_parse_args_string
+
+    args = simple_parse_args_string("pretrained=tiny-llava,random_weights=true,method=hiprune,keep=8,deep_layer=-2.5")
+    with pytest.raises(TypeError, match="deep_layer"):
+        lmms.Vtprune(**args)
+
+
+def test_quoted_flags():
+    for v in ('"1"', "'1'", "1", '"yes"', '"true"', 1, True):
+        assert lmms._flag("f", v) is True, v
+    for v in ('"0"', "0", '"no"', '"false"', 0, False, None):
+        assert lmms._flag("f", v) is False, v
+
+
+def test_summary_selection_ms_is_per_batch():
+    from types import SimpleNamespace
+
+    rec = lambda n, ms: {"samples": n, "visual_before": 196 * n, "visual_after": 49 * n, "selection_ms": ms,  # noqa: E731
+                         "generate_s": 1.0, "prefill_tflops": n, "llm_prefill_tflops": n, "vision_tflops": n}
+    s = lmms.Vtprune.summary(SimpleNamespace(method="x", options={}, records=[]), [rec(3, 6.0), rec(1, 2.0)])
+    assert s["selection_ms"] == 4.0 and s["samples"] == 4 and s["visual_after"] == 49
+
+
+def test_output_tokens_count_the_eos():
+    lm = lmms.Vtprune(pretrained="tiny-llava", random_weights=True)
+    tok = lm.tokenizer
+    word, eos, pad = tok.convert_tokens_to_ids("red"), tok.eos_token_id, tok.pad_token_id
+    lm.model.generate = lambda **kw: torch.cat([kw["input_ids"], torch.tensor([[word, eos, pad]])], 1)
+    lm.task_dict = {"t": {"test": {0: {"scene": 0}}}}
+    visual = lambda d: [shapes.render(shapes.sample("eval", 0)[0])]  # noqa: E731
+    out = lm.generate_until([_Req("what colour is the star ?", {"max_new_tokens": 3}, visual, 0, "t", "test")])
+    assert out[0].text.split() == ["red"] and out[0].token_counts.output_tokens == 2

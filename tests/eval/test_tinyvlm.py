@@ -121,3 +121,30 @@ def test_split_overlap_finds_content_twins_and_the_readme_quotes_its_json():
     block = re.search(r"<!-- overlap:start -->\n(.*?)<!-- overlap:end -->", readme, re.S)
     assert block and block.group(1).strip() == split_overlap.readme_note(root / "results" / "split_overlap.json"), \
         "stale: python scripts/update_readme.py"
+
+
+# Found by mutating the harness: the trained prompt, scenes at the family's size, ties, every question scored
+
+def test_prompt_is_the_trained_layout():
+    assert tinyvlm.prompt("llava", "what colour is the star ?") == "<s> <image> what colour is the star ?"
+    assert tinyvlm.prompt("qwen2_vl", "q ?") == "<s> <|vision_start|> <|image_pad|> <|vision_end|> q ?"
+
+
+def test_held_out_pairs_each_question_with_its_own_scene_at_the_familys_size():
+    for family in ("llava", "qwen2_vl"):
+        rows = tinyvlm.held_out(family, 12)
+        for (idx, q), (scene, img, q2) in zip(shapes.eval_set(12), rows):
+            w, h = tinyvlm.scene_size(family, "eval", idx)
+            assert q2 == q and img.size == (w, h) and (scene.width, scene.height) == (w, h)
+            assert img.tobytes() == shapes.render(shapes.sample("eval", idx, w, h)[0]).tobytes()
+
+
+def test_majority_tie_is_the_alphabetically_first_answer():
+    b = shapes.majority_baseline([("colour", "red"), ("colour", "blue"), ("count", "two"), ("count", "three")])
+    assert b["majority"] == {"colour": "blue", "count": "three"}
+
+
+def test_evaluate_scores_every_question_whatever_the_batch():
+    model, proc = tinyvlm.load("tiny-llava")
+    r = tinyvlm.evaluate(model, proc, n_questions=5, batch_size=4)
+    assert r["n"] == 5 and sum(r["n_by_kind"].values()) == 5
