@@ -321,16 +321,18 @@ def _kept_tokens(model, layer, **options):
     return got["x"], full["x"]
 
 
-def test_object_scores_come_from_the_middle_block():
-    """round(n / 2) - 1 took block 1 of blocks 0..4 (layer=4) instead of the middle block 2."""
+@pytest.mark.parametrize("layer, middle, other", [(4, 2, 1), (3, 1, 2)], ids=["odd", "even"])
+def test_object_scores_come_from_the_middle_block(layer, middle, other):
+    """"object" is block (n - 1) // 2 of blocks 0..layer, as Adapter.object_layer: round(n / 2) - 1 took block 1
+    of blocks 0..4 instead of 2; n // 2 would take block 2 of blocks 0..3 (the even case) instead of 1."""
     model = timm_vit(depth=6, class_token=False, global_pool="avg")
     with torch.no_grad():
         for blk in model.blocks:
             blk.attn.qkv.weight.mul_(10)
-        lower, middle, deep = _eager_received(model, (1, 2, 4), IMAGES)
-        want = hiprune.select(middle, deep, (4, 4), 10, 0.5)  # one anchor from the object scores
-        assert not torch.equal(want, hiprune.select(lower, deep, (4, 4), 10, 0.5))  # the test can tell them apart
-        got, full = _kept_tokens(model, 4, keep=10, alpha=0.5, deep_layer=-1)
+        right, wrong, deep = _eager_received(model, (middle, other, layer), IMAGES)
+        want = hiprune.select(right, deep, (4, 4), 10, 0.5)  # one anchor from the object scores
+        assert not torch.equal(want, hiprune.select(wrong, deep, (4, 4), 10, 0.5))  # the test can tell them apart
+        got, full = _kept_tokens(model, layer, keep=10, alpha=0.5, deep_layer=-1)
     assert torch.equal(got, torch.stack([full[i][want[i]] for i in range(3)]))
 
 
@@ -512,16 +514,3 @@ def test_what_a_strategy_returns_is_checked_in_a_vit(monkeypatch, bad, exc, mess
     model = vtprune.patch_vit(timm_vit(), "divprune", keep=4, layer=1)
     with torch.no_grad(), pytest.raises(exc, match="divprune.select.*" + message):
         model(IMAGES)
-
-
-def test_object_scores_of_an_even_number_of_blocks_come_from_the_lower_middle_one():
-    """patch_vit after block 3 (blocks 0..3): "object" is block (4 - 1) // 2 = 1, as Adapter.object_layer."""
-    model = timm_vit(depth=6, class_token=False, global_pool="avg")
-    with torch.no_grad():
-        for blk in model.blocks:
-            blk.attn.qkv.weight.mul_(10)
-        lower, upper, deep = _eager_received(model, (1, 2, 3), IMAGES)
-        want = hiprune.select(lower, deep, (4, 4), 10, 0.5)
-        assert not torch.equal(want, hiprune.select(upper, deep, (4, 4), 10, 0.5))  # the test can tell them apart
-        got, full = _kept_tokens(model, 3, keep=10, alpha=0.5, deep_layer=-1)
-    assert torch.equal(got, torch.stack([full[i][want[i]] for i in range(3)]))
