@@ -10,7 +10,8 @@ warps are the ones a CUDA run would use. Each distinct launch is then specialise
 does for the target (its own binder: pointers and ints divisible by 16 marked so, ints equal to 1 made
 constants), compiled with `triton.compile`, and its PTX passed to the ptxas Triton itself uses for it.
 Cases: bf16, fp16 and float32 inputs; greedy max-min and max-sum at N = 70 and 5000; attention with head
-dims 64, 80 and 128, grouped (GQA) and one key head per query head, plain and causal + key mask. Exit
+dims 64, 80 and 128, grouped (GQA) and one key head per query head, plain and causal + key mask; head dims
+8 and 12 (below tl.dot's 16); bf16 queries with float32 keys and the reverse. Exit
 status 1 if a launch fails to compile, or spills when --no-spills is given.
 """
 from __future__ import annotations
@@ -41,16 +42,17 @@ TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", t
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
 
 
-def record_launches() -> list[tuple[JITFunction, tuple, dict]]:
-    """(kernel, positional arguments, keyword arguments and launch options) of every launch the cases make."""
+def record_launches() -> list[tuple[JITFunction, tuple, dict, str]]:
+    """(kernel, positional arguments, keyword arguments and launch options, the inputs' dtypes) of every
+    launch the cases make."""
     from vtprune.kernels import attention_triton, greedy_triton, launch
 
-    launches = []
+    launches, case = [], [""]
 
     def record(self, *args, grid, warmup, **kwargs):
         if unknown := set(kwargs) - set(self.arg_names) - set(LAUNCH_OPTIONS):
             raise TypeError(f"{self.__name__} launched with {sorted(unknown)}: add them to LAUNCH_OPTIONS")
-        launches.append((self, args, kwargs))
+        launches.append((self, args, kwargs, case[0]))
 
     run, compiled = JITFunction.run, launch.compiled
     JITFunction.run = record
@@ -58,6 +60,7 @@ def record_launches() -> list[tuple[JITFunction, tuple, dict]]:
     try:
         g = torch.Generator().manual_seed(0)
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            case[0] = TYPES[dtype]
             for n in (70, 576, 5000):  # (576: a multiple of 16, which Triton's launcher specialises on)
                 x = torch.randn(1, n, 32, generator=g).to(dtype)
                 for rule in ("maxmin", "maxsum"):
@@ -69,6 +72,13 @@ def record_launches() -> list[tuple[JITFunction, tuple, dict]]:
                 attention_triton.attention_scores_triton(q, k, d ** -0.5)
                 attention_triton.attention_scores_triton(q, k, d ** -0.5, torch.tensor([t - 1]), causal=True,
                                                          key_mask=torch.ones(1, t, dtype=torch.bool))
+            for d in (8, 12):  # head dims below tl.dot's 16 (the tiny test models'): the launcher pads the tile
+                q, k = torch.randn(1, 4, 20, d, generator=g).to(dtype), torch.randn(1, 2, 20, d, generator=g).to(dtype)
+                attention_triton.attention_scores_triton(q, k, d ** -0.5)
+        for qt, kt in ((torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)):  # mixed: IEEE float32 dots
+            case[0] = f"{TYPES[qt]}+{TYPES[kt]}"
+            q, k = torch.randn(1, 4, 20, 64, generator=g).to(qt), torch.randn(1, 2, 20, 64, generator=g).to(kt)
+            attention_triton.attention_scores_triton(q, k, 0.125)
     finally:
         JITFunction.run = run
         launch.compiled = compiled
@@ -123,12 +133,10 @@ def main(argv=None) -> int:
     sm = f"sm_{args.arch}a" if args.arch >= 90 else f"sm_{args.arch}"
     target = GPUTarget("cuda", args.arch, 32)
     rows, seen = [], set()
-    for fn, positional, kwargs in record_launches():
+    for fn, positional, kwargs, inputs in record_launches():
         values = {**dict(zip(fn.arg_names, positional)), **kwargs}
         options = {k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs}
         constants = {p.name: values[p.name] for p in fn.params if p.is_constexpr}
-        inputs = sorted({TYPES[v.dtype] for v in values.values() if isinstance(v, torch.Tensor)
-                         and v.dtype in (torch.bfloat16, torch.float16)}) or ["fp32"]
         try:
             signature, constexprs, attrs, compile_options = specialise(fn, positional, kwargs, target)
             specialised = True
@@ -140,7 +148,7 @@ def main(argv=None) -> int:
         if key in seen:
             continue
         seen.add(key)
-        row = dict(kernel=fn.__name__, inputs=inputs[0], constants=constants, specialised=specialised, **options)
+        row = dict(kernel=fn.__name__, inputs=inputs, constants=constants, specialised=specialised, **options)
         try:
             kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=compile_options)
         except Exception as e:  # noqa: BLE001 -- reported per launch
@@ -160,7 +168,7 @@ def main(argv=None) -> int:
                            spill_loads=int(spill.group(2)))
         rows.append(row)
         shown = " ".join(f"{k}={v}" for k, v in constants.items())
-        print(f"{row['kernel']:<18} {row['inputs']:<5} {shown:<62} warps={options.get('num_warps', 4):<3} "
+        print(f"{row['kernel']:<18} {row['inputs']:<9} {shown:<62} warps={options.get('num_warps', 4):<3} "
               + (f"ERROR {row['error'][:200]}" if "error" in row else
                  f"regs {row['registers']:>3}  spills {row['spill_stores']}/{row['spill_loads']} B"), flush=True)
     failed = [r for r in rows if "error" in r]
