@@ -43,6 +43,8 @@ def test_config_errors(model_factory, tmp_path):
         vtprune.patch(model, config={"method": "vflowopt", "ratio": 0.3, "r2": 0.5})
     with pytest.raises(ValueError, match=r"config keys \['keep'\]"):
         vtprune.patch(model, "random", config={"keep": 3})
+    with pytest.raises(ValueError, match=r"config keys \['seed'\]"):  # the method named by the caller's options too
+        vtprune.patch(model, "random", config={"options": {"ratio": 0.5}, "seed": 3})
     bad.write_text("[1, 2]")
     with pytest.raises(ValueError, match="holds a JSON list, not an object"):
         vtprune.patch(model, config=bad)

@@ -143,7 +143,7 @@ def _flops(args) -> int:
         budget = _budget(args) if (args.keep, args.ratio) != (None, None) else {}
         text = args.config.strip()
         try:
-            config = json.loads(text) if text.startswith("{") else args.config
+            config = json.loads(text) if text.startswith(("{", "[")) else args.config
         except json.JSONDecodeError as e:
             raise ValueError(f"--config: not valid JSON: {e}") from None
         try:

@@ -15,9 +15,10 @@ _COMPILED = "_vtprune_compiled"
 RECOMPILE_LIMIT = 64  # compiled variants of the language model (prompt lengths x batch sizes x mask kinds)
 
 
-def load_config(config) -> tuple[str | None, dict]:
+def load_config(config, method: str | None = None) -> tuple[str | None, dict]:
     """(method, options) from a config file path (JSON, as `vtprune tune` writes) or a dict:
-    {"method": "vflowopt", "options": {"ratio": 0.26, "r2": 0.98, ...}, ...other keys ignored}."""
+    {"method": "vflowopt", "options": {"ratio": 0.26, "r2": 0.98, ...}, ...other keys ignored}.
+    `method`: the strategy the caller names (its options are refused beside "options", as the file's)."""
     if isinstance(config, (str, os.PathLike)):
         path = os.fspath(config)
         with open(path) as f:
@@ -39,16 +40,16 @@ def load_config(config) -> tuple[str | None, dict]:
     options = config.get("options", {})
     if not isinstance(options, dict):
         raise ValueError("config 'options' must be a mapping of option names to values")
-    method = config.get("method")
+    named, method = method, config.get("method")
     if method is not None and not isinstance(method, str):
         raise ValueError(f"config 'method' must be a name, got {method!r}")
     from .methods.registry import available, get_method
 
     names = {"keep", "ratio"}  # an option beside "options" would be read as a note: its value silently unused
-    if method in available():
+    for m in {named, method} & set(available()):
         import dataclasses
 
-        names |= {f.name for f in dataclasses.fields(get_method(method).Config)}
+        names |= {f.name for f in dataclasses.fields(get_method(m).Config)}
     if misplaced := sorted(names & set(config)):
         raise ValueError(f"config keys {misplaced} are the method's options: put them under \"options\"")
     return method, dict(options)
@@ -59,7 +60,7 @@ def _resolve(method, config, options) -> tuple[str, dict]:
         if method is None:
             raise TypeError("patch() needs a method name (or config=FILE naming one)")
         return method, options
-    file_method, file_options = load_config(config)
+    file_method, file_options = load_config(config, method)
     if method is not None and file_method is not None and method != file_method:
         raise ValueError(f"method {method!r} differs from the config's {file_method!r}")
     method = method or file_method

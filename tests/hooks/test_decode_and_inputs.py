@@ -326,6 +326,7 @@ def test_a_pruned_cache_refuses_to_continue_without_its_configuration(model_fact
     refused = f"holds a prefill pruned by {method} under another vtprune configuration: one since removed"
     with torch.no_grad():
         vtprune.patch(model, method, **options)
+        clone = copy.deepcopy(model)  # (before a forward: transformers' hooks stop a deep copy's pickle after)
         cache = _new_cache(model)
         model(**inputs, use_cache=True, **{CACHE: cache})
         twin, unused = copy.deepcopy(cache), copy.deepcopy(cache)  # (copies made while patched)
@@ -341,9 +342,10 @@ def test_a_pruned_cache_refuses_to_continue_without_its_configuration(model_fact
         for c in (cache, held):  # ... and both continue back on their configuration
             assert torch.equal(_decode_step(model, inputs, c, 1), want[0])
         other = tiny.build("llava")
-        vtprune.patch(other, method, **options)  # another model, the same settings
-        with pytest.raises(RuntimeError, match="or another model's"):
-            _decode_step(other, inputs, cache, 2)
+        vtprune.patch(other, method, **options)  # another model, the same settings; a copy of this one
+        for m in (other, clone):
+            with pytest.raises(RuntimeError, match="or another model's"):
+                _decode_step(m, inputs, cache, 2)
         vtprune.patch(model, "random", ratio=0.5)  # another configuration
         with pytest.raises(RuntimeError, match=refused):
             _decode_step(model, inputs, cache, 2)
@@ -354,6 +356,7 @@ def test_a_pruned_cache_refuses_to_continue_without_its_configuration(model_fact
                 _decode_step(model, inputs, c, step)
         for c in (held, pickled, unused):  # a copy's refusal is its own: reset, it is free again (the original is not)
             assert c.update.cache() is c
+        shallow = copy.copy(unused)  # shares the refusal, which outlives its cache
         del c
         gc.disable()  # no reference cycle: a dropped refusing cache is freed at once, not at a collection
         try:
@@ -362,6 +365,8 @@ def test_a_pruned_cache_refuses_to_continue_without_its_configuration(model_fact
             assert gone() is None
         finally:
             gc.enable()
+        with pytest.raises(RuntimeError, match="holds a prefill pruned by a strategy under another"):
+            _decode_step(model, inputs, shallow, 1)
         with vtprune.pruned(model, "divprune", ratio=0.25):  # (a static cache holds pre-LLM pruning only)
             static = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=64)
             model(**inputs, use_cache=True, **{CACHE: static})

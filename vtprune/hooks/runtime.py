@@ -191,8 +191,8 @@ class PatchState:
     def __getstate__(self):  # a pickled or deep-copied model: its copy holds no caches yet (a WeakSet pickles not)
         return {**self.__dict__, "caches": None}
 
-    def __setstate__(self, state):
-        self.__dict__.update(state, caches=weakref.WeakSet())
+    def __setstate__(self, state):  # (a token of its own: another model's caches are not the copy's)
+        self.__dict__.update(state, caches=weakref.WeakSet(), token=uuid.uuid4().hex)
 
     # installation ---------------------------------------------------------------------------
     def install(self):
@@ -327,7 +327,7 @@ class PatchState:
             _release(cache)  # a static cache reset for reuse: the record is from its last prompt
             run = None
         if run is not None and run.owner != self.token:
-            raise RuntimeError(_orphan_message(run))
+            raise RuntimeError(_orphan_message(run.method))
         if run is not None:
             _stop_refusing(cache)  # ours (e.g. a copy made while this configuration was off the model)
             self.caches.add(cache)  # (an unpickled copy of one of ours)
@@ -856,8 +856,8 @@ def _release(cache) -> None:
     _stop_refusing(cache)
 
 
-def _orphan_message(run: Run) -> str:
-    return (f"vtprune: this KV cache holds a prefill pruned by {run.method or 'a strategy'} under another vtprune "
+def _orphan_message(method: str) -> str:
+    return (f"vtprune: this KV cache holds a prefill pruned by {method or 'a strategy'} under another vtprune "
             "configuration: one since removed from the model (unpatch, the end of a `pruned` block, or patch "
             "again), or another model's. Its positions and layout are that configuration's, so this model would "
             "continue it wrongly: continue it under the configuration that filled it, or start a fresh cache "
@@ -871,14 +871,16 @@ class _Refusal:
     gets one of its own. `previous`: an `update` the caller had set on the instance, put back after."""
 
     def __init__(self, cache, previous=None):
-        self.cache, self.previous = weakref.ref(cache), previous
+        self.cache, self.previous = (weakref.ref(cache) if cache is not None else lambda: None), previous
 
     def __call__(self, key_states, value_states, layer_idx, *args, **kwargs):
         cache = self.cache()
+        if cache is None:  # (on a copy.copy of a cache since freed, which shares this object)
+            raise RuntimeError(_orphan_message(""))
         if int(cache.get_seq_length(layer_idx)) == 0:
             _release(cache)
             return cache.update(key_states, value_states, layer_idx, *args, **kwargs)
-        raise RuntimeError(_orphan_message(getattr(cache, _CACHE_ATTR)))
+        raise RuntimeError(_orphan_message(getattr(cache, _CACHE_ATTR).method))
 
     def __deepcopy__(self, memo):
         cache = self.cache()  # (the cache's copy is in memo, made before its attributes are copied)
