@@ -41,13 +41,18 @@ def _ratios(text: str) -> list[float]:
     return ratios
 
 
+# defaults of options that only apply in one mode (left None in argparse, so that a given one can be refused)
+DEMO_DEFAULTS = {"out": "vtprune-demo", "questions": 90, "families": "llava,qwen2_vl"}
+COMPILE_DEFAULTS = {"compile_warmup": 3, "compile_backend": "inductor", "compile_mode": "reduce-overhead"}
+
+
 def _demo(args) -> int:
     from .demo import run, run_bundled
     from .eval.tinyvlm import trained
     from .tiny import CLASSES
 
     ratios = _ratios(args.ratios)
-    families = _items(args.families or "llava,qwen2_vl", "--families")
+    families = _items(args.families or DEMO_DEFAULTS["families"], "--families")
     if unknown := [f for f in families if f not in CLASSES]:
         raise ValueError(f"--families: unknown {unknown}; choose from {', '.join(CLASSES)}")
     bundled = [o for o in ("out", "questions") if getattr(args, o) is not None]
@@ -56,7 +61,7 @@ def _demo(args) -> int:
                          "(which prints a table only)")
     if args.families is not None and not args.plumbing and trained("tiny-llava"):
         raise ValueError("--families picks the --plumbing table's random-weight models")
-    args.out, args.questions = args.out or "vtprune-demo", args.questions or 90
+    args.out, args.questions = args.out or DEMO_DEFAULTS["out"], args.questions or DEMO_DEFAULTS["questions"]
     if trained("tiny-llava") and not args.plumbing:
         run_bundled(ratios, args.out, questions=args.questions, out=sys.stdout)
     else:
@@ -174,9 +179,6 @@ def _flops(args) -> int:
                        "unpatched": base.to_dict(), "pruned": pruned.to_dict()}, f, indent=1)
         print(f"wrote {args.json}")
     return 0
-
-
-COMPILE_DEFAULTS = {"compile_warmup": 3, "compile_backend": "inductor", "compile_mode": "reduce-overhead"}
 
 
 def _check_compile_options(args) -> None:
@@ -326,11 +328,13 @@ def main(argv=None) -> int:
     p.set_defaults(func=_methods)
     p = sub.add_parser("demo", help="every strategy x ratio on the bundled tiny model (accuracy table + plots)")
     p.add_argument("--ratios", default="1.0,0.5,0.25,0.111", help="comma-separated kept fractions")
-    p.add_argument("--out", help="directory for the results and plots (bundled models; default vtprune-demo)")
-    p.add_argument("--questions", type=at_least(1), help="held-out questions per cell (bundled models; default 90)")
+    p.add_argument("--out", help="directory for the results and plots (bundled models; "
+                                 f"default {DEMO_DEFAULTS['out']})")
+    p.add_argument("--questions", type=at_least(1),
+                   help=f"held-out questions per cell (bundled models; default {DEMO_DEFAULTS['questions']})")
     p.add_argument("--plumbing", action="store_true", help="random-weight plumbing table even if trained weights exist")
     p.add_argument("--families", help="(--plumbing) comma-separated: llava, llava_next, llava_onevision, qwen2_vl, "
-                                      "qwen2_5_vl, qwen3_vl (default llava,qwen2_vl)")
+                                      f"qwen2_5_vl, qwen3_vl (default {DEMO_DEFAULTS['families']})")
     p.set_defaults(func=_demo)
     p = sub.add_parser("tune", help="search a method's hyperparameters for a model (VFlowOpt's flow-guided search)")
     p.add_argument("--method", required=True, help="the method to tune (vflowopt)")
@@ -364,11 +368,12 @@ def main(argv=None) -> int:
                         "language model + static KV cache), side by side with the plain one")
     p.add_argument("--compile-warmup", type=at_least(0),
                    help="untimed runs per compiled cell (compilation and CUDA-graph recording happen in these; "
-                        "default 3)")
-    p.add_argument("--compile-mode", help="torch.compile mode of the compiled path (default reduce-overhead)")
+                        f"default {COMPILE_DEFAULTS['compile_warmup']})")
+    p.add_argument("--compile-mode", help="torch.compile mode of the compiled path "
+                                          f"(default {COMPILE_DEFAULTS['compile_mode']})")
     p.add_argument("--compile-backend",
-                   help="torch.compile backend of the compiled path (default inductor; 'eager' traces only: a CPU "
-                        "smoke test)")
+                   help=f"torch.compile backend of the compiled path (default {COMPILE_DEFAULTS['compile_backend']}; "
+                        "'eager' traces only: a CPU smoke test)")
     p.add_argument("--out", help="JSON file to write (a markdown table is written beside it)")
     p.set_defaults(func=_bench)
     p = sub.add_parser("sweep", help="every strategy x ratio on a task: accuracy, FLOPs, latency; CSV/JSON and plots")

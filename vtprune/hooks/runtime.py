@@ -194,6 +194,11 @@ class PatchState:
     def __setstate__(self, state):  # (a token of its own: another model's caches are not the copy's)
         self.__dict__.update(state, caches=weakref.WeakSet(), token=uuid.uuid4().hex)
 
+    def _track(self, cache, run: Run) -> None:
+        """`cache` holds `run`, a prefill this configuration pruned: refused once it is removed (see remove)."""
+        run.home, run.cache = weakref.ref(self.caches), weakref.ref(cache)
+        self.caches.add(cache)
+
     # installation ---------------------------------------------------------------------------
     def install(self):
         try:
@@ -330,7 +335,8 @@ class PatchState:
             raise RuntimeError(_orphan_message(run.method))
         if run is not None:
             _stop_refusing(cache)  # ours (e.g. a copy made while this configuration was off the model)
-            self.caches.add(cache)  # (an unpickled copy of one of ours)
+            if run.cache is None or run.cache() is not cache:  # an untracked copy of one of ours (unpickled)
+                self._track(cache, run)
             if scratch is not None and scratch.get("visual_input"):
                 raise NotImplementedError(
                     "vtprune: new images on a KV cache that already holds a pruned prefill are not supported; "
@@ -371,9 +377,8 @@ class PatchState:
                 cache = kv_cache(kwargs)
             if cache is not None and run.changed:
                 run.owner, run.method = self.token, self.method_name
-                run.home, run.cache = weakref.ref(self.caches), weakref.ref(cache)
                 setattr(cache, _CACHE_ATTR, run)
-                self.caches.add(cache)
+                self._track(cache, run)
         run.end_forward()
         return None
 
