@@ -26,14 +26,15 @@ QWEN_IDS = dict(image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS
 SIGLIP_VISION = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                      num_attention_heads=4, image_size=56, patch_size=14)
 
-FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
-QWEN_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
+QWEN_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
 ANYRES_FAMILIES = ["llava_next", "llava_onevision"]
 VIDEO_FAMILIES = [*QWEN_FAMILIES, "llava_onevision"]
 # family -> the transformers class `build` makes
 CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
            "llava_onevision": "LlavaOnevisionForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration",
-           "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration"}
+           "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
+           "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}
 # LLaVA-NeXT / OneVision (anyres): 56-px tiles of the tiny CLIP / SigLIP, a base tile + 2 or 4 crops per image
 NEXT_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
 NEXT_SIZES = [(40, 90), (90, 40), (100, 100), (30, 110)]  # (height, width) of sample i % 4
@@ -64,13 +65,16 @@ def build(family: str, attn: str = "sdpa", seed: int = 0):
                                                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
                                                      window_size=56, out_hidden_size=64, fullatt_block_indexes=[1]),
                                   text_config=QWEN_TEXT, **QWEN_IDS)
-    elif family == "qwen3_vl":  # deepstack: vision blocks 0 and 1 feed decoder layers 0 and 1
+    elif family in ("qwen3_vl", "qwen3_vl_moe"):  # deepstack: vision blocks 0 and 1 feed decoder layers 0 and 1
         text = dict(QWEN_TEXT, head_dim=16, rope_parameters=dict(QWEN_TEXT["rope_parameters"], mrope_interleaved=True))
-        cfg = tf.Qwen3VLConfig(vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4,
-                                                  patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
-                                                  out_hidden_size=64, num_position_embeddings=16,
-                                                  deepstack_visual_indexes=[0, 1]),
-                               text_config=text, **QWEN_IDS)
+        config = tf.Qwen3VLConfig
+        if family == "qwen3_vl_moe":  # every decoder MLP a mixture of 4 experts, 2 per token
+            config = tf.Qwen3VLMoeConfig
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+        cfg = config(vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4,
+                                        patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                                        out_hidden_size=64, num_position_embeddings=16, deepstack_visual_indexes=[0, 1]),
+                     text_config=text, **QWEN_IDS)
     else:
         raise ValueError(family)
     cfg._attn_implementation = attn
@@ -88,7 +92,7 @@ VIDEO_GRIDS = [(2, 4, 4), (3, 4, 6)]
 
 
 def _patch_dim(family: str) -> int:
-    return 3 * 2 * (16 if family == "qwen3_vl" else 14) ** 2
+    return 3 * 2 * (16 if family.startswith("qwen3_vl") else 14) ** 2
 
 
 def _video(family: str, i: int, g: torch.Generator):
@@ -101,7 +105,7 @@ def _video(family: str, i: int, g: torch.Generator):
         return [VID] * (frames * 4 + 1), {"pixel_values_videos": torch.randn(1, frames, 3, 56, 56, generator=g)}
     t, h, w = VIDEO_GRIDS[i % len(VIDEO_GRIDS)]
     per_frame = h * w // 4
-    if family == "qwen3_vl":
+    if family.startswith("qwen3_vl"):
         ids = sum(([3 + f, VSTART] + [VID] * per_frame + [VEND] for f in range(t)), [])
     else:
         ids = [VSTART] + [VID] * (t * per_frame) + [VEND]

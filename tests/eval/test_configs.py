@@ -16,6 +16,15 @@ def test_full_scale_configs_have_the_published_size(name, params):
     assert sum(p.numel() for p in model.parameters()) == params  # the model cards' counts
 
 
+def test_the_mixture_of_experts_config_has_the_published_size():
+    """Qwen3-VL-30B-A3B: the model card says 31.1 B parameters (it gives no exact count)."""
+    model = configs.build("qwen3-vl-30b-a3b", device="meta", dtype=torch.bfloat16)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e8) == 311
+    text = model.config.text_config
+    assert [type(layer.mlp).__name__ for layer in model.model.language_model.layers] == ["Qwen3VLMoeTextSparseMoeBlock"] * 48
+    assert (text.num_experts, text.num_experts_per_tok, text.moe_intermediate_size) == (128, 8, 768)
+
+
 def test_full_scale_needs_random_weights_and_a_gpu():
     with pytest.raises(ValueError, match="--random-weights"):
         models.load("llava-1.5-7b")
@@ -26,7 +35,8 @@ def test_full_scale_needs_random_weights_and_a_gpu():
 
 @pytest.mark.parametrize("family, px, visual", [("llava", None, 16), ("llava_next", 100, 88),
                                                 ("llava_onevision", 100, 88), ("qwen2_vl", 56, 4),
-                                                ("qwen2_5_vl", 112, 16), ("qwen3_vl", 64, 4)])
+                                                ("qwen2_5_vl", 112, 16), ("qwen3_vl", 64, 4),
+                                                ("qwen3_vl_moe", 64, 4)])
 def test_synthetic_inputs_run_through_the_model(family, px, visual):
     model = tiny.build(family)
     inputs = configs.synthetic_inputs(model, 2, text_tokens=5, image_px=px)

@@ -9,9 +9,16 @@ from vtprune import tiny
 from vtprune.eval import flops
 
 
+def build(family):
+    model = tiny.build(family)
+    if family.endswith("_moe"):  # FlopCounterMode has no formula for the default grouped_mm experts (counts 0)
+        model.set_experts_implementation("eager")  # one linear per expert hit, each counted
+    return model
+
+
 @pytest.fixture(scope="module", params=[*tiny.FAMILIES, *tiny.ANYRES_FAMILIES])
 def family_model(request):
-    return request.param, tiny.build(request.param)
+    return request.param, build(request.param)
 
 
 def counted(model, inputs) -> int:
@@ -89,7 +96,7 @@ def test_vision_side_scoring_is_the_part_left_out(method):
                          ids=["unpatched", "random", "divprune"])
 def test_analytic_count_with_a_video_matches_the_flop_counter(family, method, options):
     """An image and a clip in one sample: DivPrune's Gram matrices are per image and per frame."""
-    model = tiny.build(family)
+    model = build(family)
     inputs = tiny.batch(family, [1], videos=(1,))
     r = flops.count(model, inputs, method, **options)
     with vtprune.pruned(model, method or "random", **(options or {"keep": 10_000})):
@@ -107,6 +114,35 @@ def test_formulas_by_hand():
     n = 5  # MHA check from the notes: 8nd^2 + 6ndm + 4n^2 d
     assert flops.layer_prefill(n, mha) == 8 * n * 64 + 6 * n * 8 * 16 + 4 * n * n * 8
     assert flops.fastv_layer_macs(n, mha) == 4 * n * 64 + 2 * n * n * 8 + 2 * n * 8 * 16
+
+
+def test_mixture_of_experts_formulas_by_hand():
+    """Router (d x E) plus the top-k experts a token runs; a dense layer among sparse ones keeps 6 d m."""
+    t = flops.TextDims(d=8, d_q=8, d_kv=4, m=16, layers=2, vocab=10, experts=4, top_k=2, m_expert=6,
+                       sparse=frozenset({1}))
+    attn = 2 * 3 * 8 * 24 + 4 * 9 * 8
+    assert flops.layer_prefill(3, t, layer=0) == attn + 6 * 3 * 8 * 16
+    assert flops.layer_prefill(3, t, layer=1) == attn + 3 * (2 * 8 * 4 + 2 * 6 * 8 * 6)
+    assert flops.layer_decode(5, t, 1) == 2 * 8 * 24 + 2 * 8 * 4 + 2 * 6 * 8 * 6 + 4 * 6 * 8
+    assert flops.fastv_layer_macs(3, t, 1) == 4 * 3 * 64 + 2 * 9 * 8 + 2 * 3 * 8 * 12
+
+
+def test_mixture_of_experts_layers_read_off_the_config():
+    """mlp_only_layers and decoder_sparse_step pick the dense layers; each layer's count matches the counter."""
+    cfg = tiny.build("qwen3_vl_moe").config
+    cfg.text_config.mlp_only_layers, cfg.text_config.decoder_sparse_step = [0], 2
+    t = flops.TextDims.from_config(cfg)
+    assert t.sparse == {1, 3} and (t.experts, t.top_k, t.m_expert) == (4, 2, 32)
+    model = type(tiny.build("qwen3_vl_moe"))(cfg).eval()
+    model.set_experts_implementation("eager")
+    assert [type(layer.mlp).__name__.endswith("SparseMoeBlock") for layer in model.model.language_model.layers] == [
+        False, True, False, True]
+    inputs = tiny.batch("qwen3_vl_moe", [0])
+    with vtprune.pruned(model, "random", keep=10_000):
+        want = stage_counts(model, inputs)
+    r = flops.count(model, inputs)
+    assert r.llm_prefill_per_layer == want["llm_prefill_per_layer"]
+    assert r.llm_prefill_per_layer[0] != r.llm_prefill_per_layer[1]
 
 
 def test_per_layer_tokens_and_kv_bytes_follow_the_pruning():

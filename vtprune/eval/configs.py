@@ -1,6 +1,6 @@
 """Full-scale architectures with random weights, for speed and memory figures without downloading
 anything: the published configs of LLaVA-1.5-7B, LLaVA-NeXT-7B (v1.6-vicuna), LLaVA-OneVision-7B, Qwen2-VL-7B,
-Qwen2.5-VL-7B and Qwen3-VL-8B written out as transformers config objects, and synthetic inputs shaped like a real
+Qwen2.5-VL-7B, Qwen3-VL-8B and Qwen3-VL-30B-A3B written out as transformers config objects, and synthetic inputs shaped like a real
 prompt (image tokens + text).
 
   vtprune bench --model llava-1.5-7b --random-weights --methods divprune,fastv --keep 64 --batch 1,8
@@ -90,20 +90,40 @@ def qwen3_vl_8b():
     return tf.Qwen3VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=False, **_QWEN_IDS)
 
 
+def qwen3_vl_30b_a3b():
+    """Qwen3-VL-30B-A3B-Instruct: Qwen3-30B-A3B (48 layers, every MLP 128 experts of width 768, 8 per token)
+    and Qwen3-VL-8B's vision tower, its mergers projecting to the LLM's width 2048."""
+    import transformers as tf
+
+    text = dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+                num_attention_heads=32, num_key_value_heads=4, head_dim=128, max_position_embeddings=262144,
+                num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, decoder_sparse_step=1,
+                mlp_only_layers=[], rms_norm_eps=1e-6,
+                rope_parameters=dict(rope_type="default", rope_theta=5000000.0, mrope_section=[24, 20, 20],
+                                     mrope_interleaved=True),
+                bos_token_id=151643, eos_token_id=151645)
+    vision = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16, out_hidden_size=2048,
+                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                  deepstack_visual_indexes=[8, 16, 24], hidden_act="gelu_pytorch_tanh", in_channels=3)
+    return tf.Qwen3VLMoeConfig(vision_config=vision, text_config=text, tie_word_embeddings=False, **_QWEN_IDS)
+
+
 FULL_SCALE = {"llava-1.5-7b": llava_1_5_7b, "llava-next-7b": llava_next_7b, "llava-onevision-7b": llava_onevision_7b,
               "qwen2-vl-7b": qwen2_vl_7b,
-              "qwen2.5-vl-7b": qwen2_5_vl_7b, "qwen3-vl-8b": qwen3_vl_8b}
+              "qwen2.5-vl-7b": qwen2_5_vl_7b, "qwen3-vl-8b": qwen3_vl_8b, "qwen3-vl-30b-a3b": qwen3_vl_30b_a3b}
 
 
 def build(name: str, device=None, dtype=None, attn: str = "sdpa"):
-    """A full-scale model with random weights (bf16 on CUDA by default). Needs ~16 GB of GPU memory."""
+    """A full-scale model with random weights (bf16 on CUDA by default). Needs ~16 GB of GPU memory for the 7-8 B
+    models, ~62 GB for qwen3-vl-30b-a3b."""
     import transformers as tf
 
     if name not in FULL_SCALE:
         raise ValueError(f"unknown full-scale config {name!r}; available: {', '.join(FULL_SCALE)}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if str(device) == "cpu" and dtype is None:
-        raise ValueError(f"{name} with random weights is a ~7-8 B parameter model: build it on a CUDA device "
+        size = "~31 B" if name == "qwen3-vl-30b-a3b" else "~7-8 B"
+        raise ValueError(f"{name} with random weights is a {size} parameter model: build it on a CUDA device "
                          "(or pass dtype= explicitly to build it on the CPU anyway)")
     dtype = dtype or torch.bfloat16
     torch.manual_seed(0)
@@ -182,6 +202,8 @@ def surrogate(config):
     tc, vc = cfg.get_text_config(), cfg.vision_config
     head = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads  # RoPE sections need it
     tc.hidden_size, tc.intermediate_size, tc.num_attention_heads, tc.num_key_value_heads = head, head, 1, 1
+    if getattr(tc, "num_experts", 0):  # routing changes no token count: two narrow experts, one per token
+        tc.num_experts, tc.num_experts_per_tok, tc.moe_intermediate_size = 2, 1, head
     if getattr(tc, "head_dim", None):
         tc.head_dim = head
     name = type(cfg).__name__

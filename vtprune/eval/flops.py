@@ -9,6 +9,8 @@ Token counts come from the model's real inputs and, under pruning, from the patc
   decoder layer, n tokens:    2 n d (2 d_q + 2 d_kv) + 6 n d m + 4 n^2 d_q     (gated MLP: 3 matrices)
   decode step, KV length c:   2 d (2 d_q + 2 d_kv) + 6 d m + 4 (c + 1) d_q      per layer, + 2 d V LM head
   FastV-style (papers):       4 n d^2 + 2 n^2 d + 2 n d m   multiply-adds, 2-matrix MLP, no GQA
+  mixture-of-experts layer:   the MLP term is 2 n d E (router) + k 6 n d m_e   (E experts, k per token,
+                              m_e = their width: the experts each token runs, not all); FastV-style: m = k m_e
 """
 from __future__ import annotations
 
@@ -25,6 +27,12 @@ class TextDims:
     m: int  # MLP intermediate size (gated: 3 matrices)
     layers: int
     vocab: int
+    # mixture of experts (Qwen3-VL-MoE): `sparse` holds the decoder layers whose MLP is `experts` gated MLPs of
+    # width `m_expert` behind a router, `top_k` of them run per token; the other layers' MLP is dense (`m`)
+    experts: int = 0
+    top_k: int = 0
+    m_expert: int = 0
+    sparse: frozenset = frozenset()
 
     @classmethod
     def from_config(cls, cfg) -> "TextDims":
@@ -32,23 +40,40 @@ class TextDims:
         hq = tc.num_attention_heads
         hd = getattr(tc, "head_dim", None) or tc.hidden_size // hq
         hkv = getattr(tc, "num_key_value_heads", None) or hq
-        return cls(tc.hidden_size, hq * hd, hkv * hd, tc.intermediate_size, tc.num_hidden_layers, tc.vocab_size)
+        moe = {}
+        if getattr(tc, "num_experts", 0) and getattr(tc, "moe_intermediate_size", None):
+            if getattr(tc, "shared_expert_intermediate_size", 0):
+                raise ValueError("FLOPs of a mixture of experts with a shared expert are not modelled")
+            step, dense = getattr(tc, "decoder_sparse_step", 1) or 1, set(getattr(tc, "mlp_only_layers", None) or ())
+            moe = dict(experts=tc.num_experts, top_k=tc.num_experts_per_tok, m_expert=tc.moe_intermediate_size,
+                       sparse=frozenset(i for i in range(tc.num_hidden_layers) if i not in dense and (i + 1) % step == 0))
+        return cls(tc.hidden_size, hq * hd, hkv * hd, tc.intermediate_size, tc.num_hidden_layers, tc.vocab_size, **moe)
+
+    def mlp(self, layer: int) -> int:
+        """FLOPs of decoder layer `layer`'s MLP per token: 6 d m dense; router + the top-k experts if sparse."""
+        if layer in self.sparse:
+            return 2 * self.d * self.experts + self.top_k * 6 * self.d * self.m_expert
+        return 6 * self.d * self.m
+
+    def mlp_width(self, layer: int) -> int:
+        """The MLP width a token runs through at `layer` (FastV-style counts): m, or k m_e if sparse."""
+        return self.top_k * self.m_expert if layer in self.sparse else self.m
 
 
-def layer_prefill(n: int, t: TextDims, causal: bool = False) -> int:
-    """FLOPs of one decoder layer over n tokens (dense attention unless causal=True)."""
+def layer_prefill(n: int, t: TextDims, causal: bool = False, layer: int = 0) -> int:
+    """FLOPs of decoder layer `layer` over n tokens (dense attention unless causal=True)."""
     attn = 2 * n * (n + 1) * t.d_q if causal else 4 * n * n * t.d_q
-    return 2 * n * t.d * (2 * t.d_q + 2 * t.d_kv) + 6 * n * t.d * t.m + attn
+    return 2 * n * t.d * (2 * t.d_q + 2 * t.d_kv) + n * t.mlp(layer) + attn
 
 
-def layer_decode(c: int, t: TextDims) -> int:
-    """FLOPs of one decoder layer for one new token over a KV cache of c tokens (+ itself)."""
-    return 2 * t.d * (2 * t.d_q + 2 * t.d_kv) + 6 * t.d * t.m + 4 * (c + 1) * t.d_q
+def layer_decode(c: int, t: TextDims, layer: int = 0) -> int:
+    """FLOPs of decoder layer `layer` for one new token over a KV cache of c tokens (+ itself)."""
+    return 2 * t.d * (2 * t.d_q + 2 * t.d_kv) + t.mlp(layer) + 4 * (c + 1) * t.d_q
 
 
-def fastv_layer_macs(n: int, t: TextDims) -> int:
+def fastv_layer_macs(n: int, t: TextDims, layer: int = 0) -> int:
     """FastV's per-layer count (multiply-adds, MHA, 2-matrix MLP): 4 n d^2 + 2 n^2 d + 2 n d m."""
-    return 4 * n * t.d ** 2 + 2 * n * n * t.d + 2 * n * t.d * t.m
+    return 4 * n * t.d ** 2 + 2 * n * n * t.d + 2 * n * t.d * t.mlp_width(layer)
 
 
 def _vit_layer(n: int, d: int, m: int, mlp_mats: int, attn_n2: int | None = None) -> int:
@@ -60,7 +85,7 @@ def _vit_layer(n: int, d: int, m: int, mlp_mats: int, attn_n2: int | None = None
 
 def vision_flops(model, inputs: dict, arch=None) -> dict:
     """Vision encoder and projector FLOPs for the images and videos in `inputs` (LLaVA-1.5/NeXT/OneVision with
-    CLIP or SigLIP, Qwen2-VL, Qwen2.5-VL, Qwen3-VL), for the transformers config `arch` (default: the
+    CLIP or SigLIP, Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE), for the transformers config `arch` (default: the
     model's)."""
     cfg = arch or model.config
     vc = cfg.vision_config
@@ -244,7 +269,7 @@ def report(model, inputs: dict, stats=None, method: str | None = None, options: 
     if stats is not None and stats.layer_tokens:
         per_layer = [list(x) for x in stats.layer_tokens]
         visual_after = list(stats.visual_after)
-    layer_flops = [sum(layer_prefill(n, t) for n in ns) for ns in per_layer]
+    layer_flops = [sum(layer_prefill(n, t, layer=i) for n in ns) for i, ns in enumerate(per_layer)]
     kv_dtype_bytes = (kv_dtype or next(model.parameters()).dtype).itemsize
     kv = sum(2 * n * t.d_kv * kv_dtype_bytes for ns in per_layer for n in ns)
     vis = vision_flops(model, inputs, config)
@@ -256,12 +281,13 @@ def report(model, inputs: dict, stats=None, method: str | None = None, options: 
         vision_encoder=vis["vision_encoder"], projector=vis["projector"],
         selection=_selection_flops(method, images, per_layer, t),
         llm_prefill=sum(layer_flops),
-        llm_prefill_causal=sum(layer_prefill(n, t, causal=True) for ns in per_layer for n in ns),
+        llm_prefill_causal=sum(layer_prefill(n, t, causal=True, layer=i) for i, ns in enumerate(per_layer) for n in ns),
         llm_prefill_per_layer=layer_flops,
         lm_head=len(real) * 2 * t.d * t.vocab,
-        decode_per_token=sum(layer_decode(n, t) for ns in per_layer for n in ns) + len(real) * 2 * t.d * t.vocab,
+        decode_per_token=(sum(layer_decode(n, t, i) for i, ns in enumerate(per_layer) for n in ns)
+                          + len(real) * 2 * t.d * t.vocab),
         kv_bytes=kv,
-        fastv_macs=sum(fastv_layer_macs(n, t) for ns in per_layer for n in ns),
+        fastv_macs=sum(fastv_layer_macs(n, t, i) for i, ns in enumerate(per_layer) for n in ns),
         tokens_per_layer=per_layer,
         visual_tokens=list(visual_after),
     )

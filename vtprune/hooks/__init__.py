@@ -15,6 +15,7 @@ ADAPTERS: dict[str, type[Adapter]] = {
     "Qwen2VLForConditionalGeneration": QwenVLAdapter,
     "Qwen2_5_VLForConditionalGeneration": QwenVLAdapter,
     "Qwen3VLForConditionalGeneration": Qwen3VLAdapter,
+    "Qwen3VLMoeForConditionalGeneration": Qwen3VLAdapter,
 }
 
 
