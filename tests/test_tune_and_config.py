@@ -196,7 +196,8 @@ def test_shapes_calibration_for_qwen2_5_vl_and_later():
     for key, token in (("image_token_id", "<|image_pad|>"), ("vision_start_token_id", "<|vision_start|>")):
         setattr(model.config, key, proc.tokenizer.convert_tokens_to_ids(token))
         setattr(model.model.config, key, getattr(model.config, key))
-    assert tinyvlm.family_of(tiny.build("qwen3_vl")) == "qwen2_vl"
+    assert [tinyvlm.family_of(tiny.build(f)) for f in ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")] == [
+        "qwen2_vl"] * 4
     batches = [eval_models.to_model(b, model) for b in eval_models.calibration("shapes", model, proc, 4, batch_size=2)]
     assert [int((b["input_ids"] == model.config.image_token_id).sum()) for b in batches] == [
         int(b["image_grid_thw"].prod(-1).sum()) // 4 for b in batches]  # every image's tokens, 2x2 merged

@@ -205,8 +205,12 @@ def compile_llm(model, mode: str | None = "reduce-overhead", **compile_options):
     vflowopt, todre unless stage2=False) cannot use it. `uncompile_llm` undoes all of this.
     Extra keyword arguments go to `torch.compile` (`mode=None, backend="eager"` traces without
     generating code, e.g. on a CPU without a compiler)."""
-    uncompile_llm(model)
     lm = adapter_for(model).language_model()
+    if "linear_attention" in (getattr(lm.config, "layer_types", None) or ()):
+        raise ValueError(f"compile_llm does not support {type(model).__name__}: its linear-attention layers would "
+                         "allocate their states inside the compiled prefill, where CUDA graphs do not hold them "
+                         "(run it uncompiled; a static cache works: generate(..., cache_implementation='static'))")
+    uncompile_llm(model)
     gc = model.generation_config
     saved = {"cache_implementation": gc.cache_implementation, "disable_compile": gc.disable_compile}
     restore = Restore(lm, "forward")  # puts back a forward already on the instance (accelerate's device hooks)

@@ -26,15 +26,16 @@ QWEN_IDS = dict(image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS
 SIGLIP_VISION = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                      num_attention_heads=4, image_size=56, patch_size=14)
 
-FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
-QWEN_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
+FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"]
+QWEN_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"]
 ANYRES_FAMILIES = ["llava_next", "llava_onevision"]
 VIDEO_FAMILIES = [*QWEN_FAMILIES, "llava_onevision"]
 # family -> the transformers class `build` makes
 CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
            "llava_onevision": "LlavaOnevisionForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration",
            "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
-           "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}
+           "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration", "qwen3_5": "Qwen3_5ForConditionalGeneration",
+           "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"}
 # LLaVA-NeXT / OneVision (anyres): 56-px tiles of the tiny CLIP / SigLIP, a base tile + 2 or 4 crops per image
 NEXT_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
 NEXT_SIZES = [(40, 90), (90, 40), (100, 100), (30, 110)]  # (height, width) of sample i % 4
@@ -75,6 +76,22 @@ def build(family: str, attn: str = "sdpa", seed: int = 0):
                                         patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
                                         out_hidden_size=64, num_position_embeddings=16, deepstack_visual_indexes=[0, 1]),
                      text_config=text, **QWEN_IDS)
+    elif family in ("qwen3_5", "qwen3_5_moe"):  # Qwen3-VL's tower without deepstack; Gated DeltaNet layers
+        text = dict(QWEN_TEXT, head_dim=16, partial_rotary_factor=0.5,  # 8 rotary dims: M-RoPE sections 2 + 1 + 1
+                    rope_parameters=dict(QWEN_TEXT["rope_parameters"], mrope_section=[2, 1, 1], mrope_interleaved=True),
+                    # attention where the strategies' defaults read it on 4 layers (fastv 1, todre 2, transprune 1
+                    # and 2), linear attention first and after every drop
+                    layer_types=["linear_attention", "full_attention", "full_attention", "linear_attention"],
+                    linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8)
+        config = tf.Qwen3_5Config
+        if family == "qwen3_5_moe":  # every MLP 4 experts, 2 per token, and a gated shared expert
+            config = tf.Qwen3_5MoeConfig
+            text.pop("intermediate_size")
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48)
+        cfg = config(vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=16,
+                                        spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
+                                        num_position_embeddings=16),
+                     text_config=text, **QWEN_IDS)
     else:
         raise ValueError(family)
     cfg._attn_implementation = attn
@@ -92,7 +109,7 @@ VIDEO_GRIDS = [(2, 4, 4), (3, 4, 6)]
 
 
 def _patch_dim(family: str) -> int:
-    return 3 * 2 * (16 if family.startswith("qwen3_vl") else 14) ** 2
+    return 3 * 2 * (16 if family.startswith("qwen3") else 14) ** 2
 
 
 def _video(family: str, i: int, g: torch.Generator):
@@ -105,7 +122,7 @@ def _video(family: str, i: int, g: torch.Generator):
         return [VID] * (frames * 4 + 1), {"pixel_values_videos": torch.randn(1, frames, 3, 56, 56, generator=g)}
     t, h, w = VIDEO_GRIDS[i % len(VIDEO_GRIDS)]
     per_frame = h * w // 4
-    if family.startswith("qwen3_vl"):
+    if family.startswith("qwen3"):
         ids = sum(([3 + f, VSTART] + [VID] * per_frame + [VEND] for f in range(t)), [])
     else:
         ids = [VSTART] + [VID] * (t * per_frame) + [VEND]

@@ -8,7 +8,7 @@ from vtprune import tiny
 from vtprune.eval import bench, flops
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_5"])  # qwen3_5: attention layers only
 def test_measured_kv_bytes_match_the_analytic_count(family):
     model = tiny.build(family)
     inputs = tiny.batch(family, [0])  # batch 1: no padding in the cache

@@ -25,6 +25,15 @@ def test_the_mixture_of_experts_config_has_the_published_size():
     assert (text.num_experts, text.num_experts_per_tok, text.moe_intermediate_size) == (128, 8, 768)
 
 
+def test_the_hybrid_config_has_the_published_layout():
+    """Qwen3.5-27B: 27 B parameters; every fourth decoder layer gated attention, the others Gated DeltaNet."""
+    model = configs.build("qwen3.5-27b", device="meta", dtype=torch.bfloat16)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e9) == 27
+    layers = model.model.language_model.layers
+    assert [i for i, layer in enumerate(layers) if hasattr(layer, "self_attn")] == list(range(3, 64, 4))
+    assert layers[3].self_attn.q_proj.out_features == 2 * 24 * 256  # queries and their output gate
+
+
 def test_full_scale_needs_random_weights_and_a_gpu():
     with pytest.raises(ValueError, match="--random-weights"):
         models.load("llava-1.5-7b")
@@ -36,7 +45,8 @@ def test_full_scale_needs_random_weights_and_a_gpu():
 @pytest.mark.parametrize("family, px, visual", [("llava", None, 16), ("llava_next", 100, 88),
                                                 ("llava_onevision", 100, 88), ("qwen2_vl", 56, 4),
                                                 ("qwen2_5_vl", 112, 16), ("qwen3_vl", 64, 4),
-                                                ("qwen3_vl_moe", 64, 4)])
+                                                ("qwen3_vl_moe", 64, 4), ("qwen3_5", 64, 4),
+                                                ("qwen3_5_moe", 64, 4)])
 def test_synthetic_inputs_run_through_the_model(family, px, visual):
     model = tiny.build(family)
     inputs = configs.synthetic_inputs(model, 2, text_tokens=5, image_px=px)

@@ -73,7 +73,8 @@ def test_objective_is_the_mean_per_sample_cosine(monkeypatch):
 
 @pytest.mark.parametrize("name, visual, extra", [("llava-1.5-7b", 576, 1), ("llava-next-7b", 2928, 1),
                                                  ("qwen2-vl-7b", 576, 3), ("qwen2.5-vl-7b", 576, 3),
-                                                 ("qwen3-vl-8b", 576, 3), ("qwen3-vl-30b-a3b", 576, 3)])
+                                                 ("qwen3-vl-8b", 576, 3), ("qwen3-vl-30b-a3b", 576, 3),
+                                                 ("qwen3.5-27b", 576, 3)])
 def test_full_scale_synthetic_prompts_have_the_documented_length(name, visual, extra):
     from vtprune.eval import configs
 

@@ -1,5 +1,5 @@
 """Family-specific plumbing checked against an independent reference: Qwen3-VL deepstack through the
-pruned layout, Qwen2.5-VL vision signals from full-attention blocks in raster order."""
+pruned layout, Qwen3.5's linear-attention layers, Qwen2.5-VL vision signals from full-attention blocks in raster order."""
 import sys
 
 import pytest
@@ -163,3 +163,68 @@ def test_qwen25_signals_come_from_full_attention_blocks_in_raster_order(model_fa
     assert not torch.equal(wi, torch.arange(wi.numel()))
     with pytest.raises(ValueError, match="windowed block"):
         QwenVLAdapter(model).install_vision_signals({"w": VisionSignal(0, "mean")}, SignalStore())
+
+
+def test_hybrid_attention_signals_are_refused_at_linear_attention_layers(model_factory):
+    """Qwen3.5's Gated DeltaNet layers have no attention map: a strategy reading one is refused by name,
+    with the layers it can read (at patch time, or at the first forward for the next layer's attention)."""
+    model = model_factory("qwen3_5")
+    inputs = tiny.batch("qwen3_5", [0, 1])
+    with pytest.raises(ValueError, match=r"fastv: decoder layer 0 is a linear-attention layer \(Qwen3_5GatedDeltaNet\)"
+                                         r".*attention layers are \[1, 2\]"):
+        vtprune.patch(model, "fastv", layer=1, keep=4)  # reads layer 0
+    with pytest.raises(ValueError, match="todre: decoder layer 0 is a linear-attention layer"):
+        vtprune.patch(model, "todre", stage2_layer=0, keep=4)
+    vtprune.patch(model, "transprune", schedule=[[2, 0.5]], keep=4)  # drop after 2 reads layer 3
+    with pytest.raises(ValueError, match="transprune: decoder layer 3 is a linear-attention layer"), torch.no_grad():
+        model(**inputs)
+    with pytest.raises(ValueError, match="compile_llm does not support Qwen3_5ForConditionalGeneration"):
+        vtprune.compile_llm(model)
+    vtprune.patch(model, "fastv", layer=2, keep=4)  # reads layer 1 (attention): prunes
+    with torch.no_grad():
+        model(**inputs)
+    assert vtprune.stats(model).visual_after == [4, 4]
+
+
+def test_hybrid_linear_attention_layers_are_observed_and_masked_after_a_drop(model_factory):
+    """Observed parts at a linear-attention layer (TransPrune's transitions) are its token mixer's (linear_attn)
+    input and output, as the model adds them up; after a drop, the layers that follow (one of them linear
+    attention, given its padding mask) give each sample of a padded batch its logits as alone. (Padding slots
+    stay zero through these bias-free layers, so the mask itself changes nothing here.)"""
+    got = {}
+
+    @vtprune.register("hybrid_probe_test")
+    class Probe(vtprune.Method):
+        """observes layer 0 (linear attention), drops after layer 1 (attention) by hidden norm: layer 2 (attention)
+        and layer 3 (linear attention) then run on the pruned, re-padded layout"""
+        stage = "llm"
+
+        def drop_layers(self, n):
+            return [1]
+
+        def observe_layers(self, n):
+            return [0]
+
+        def observe(self, tokens, io):
+            got["io"] = io
+
+        def select_in_llm(self, tokens):
+            norm = tokens.hidden.norm(dim=-1)
+            return [norm[b][tokens.visual[b]].topk(3).indices.sort().values for b in range(norm.shape[0])]
+
+    model = model_factory("qwen3_5")
+    inputs = tiny.batch("qwen3_5", [0, 1, 2])
+    vtprune.patch(model, "hybrid_probe_test", keep=3)
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True)
+        io, layer_tokens = got["io"], vtprune.stats(model).layer_tokens
+        alone = [model(**tiny.batch("qwen3_5", [i])).logits[0, -1] for i in range(3)]
+    hs = out.hidden_states
+    layer = model.model.language_model.layers[0]
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(io["attn_in"][real], layer.input_layernorm(hs[0])[real])
+    torch.testing.assert_close((hs[0] + io["attn_out"] + io["mlp_out"])[real], hs[1][real])
+    assert layer_tokens[3] == [n - (v - 3) for n, v in zip(
+        real.sum(1).tolist(), ((inputs["input_ids"] == tiny.IMG) & real).sum(1).tolist())]
+    for i in range(3):
+        torch.testing.assert_close(out.logits[i, -1], alone[i], atol=1e-5, rtol=1e-4)

@@ -28,6 +28,13 @@ def _kept(layout, visual, b):
     return sorted(vis_slots.index(int(s)) for s in layout[b] if s >= 0 and int(s) in vis_slots)
 
 
+def attention_map(model, out, layer):
+    """Decoder layer `layer`'s attention probabilities in `out.attentions`, which holds one per attention layer
+    (Qwen3.5's linear-attention layers have none)."""
+    attention = [i for i, x in enumerate(model.model.language_model.layers) if hasattr(x, "self_attn")]
+    return out.attentions[attention.index(layer)]
+
+
 @pytest.mark.parametrize("family", tiny.FAMILIES)
 def test_fastv_under_sdpa_selects_what_eager_attention_selects(model_factory, family):
     sdpa = model_factory(family, "sdpa")
@@ -36,7 +43,7 @@ def test_fastv_under_sdpa_selects_what_eager_attention_selects(model_factory, fa
     k_layer = 2
     with torch.no_grad():
         out = eager(**inputs, output_attentions=True)
-    attn = out.attentions[k_layer - 1]  # [B, H, L, L] probabilities at layer K-1 (0-indexed)
+    attn = attention_map(eager, out, k_layer - 1)  # [B, H, L, L] probabilities at layer K-1 (0-indexed)
     mask = inputs["attention_mask"].bool()
     per_key = (attn.mean(1) * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True)  # mean over real rows
     visual = inputs["input_ids"] == tiny.IMG
@@ -186,7 +193,7 @@ def test_todre_stage2_share_under_sdpa_matches_eager(model_factory, family):
     with torch.no_grad():
         out = eager(**inputs, output_attentions=True)
     st = vtprune.stats(eager)
-    attn = out.attentions[layer].mean(1)  # [B, L', L'] in the pruned layout
+    attn = attention_map(eager, out, layer).mean(1)  # [B, L', L'] in the pruned layout
     visual = (inputs["input_ids"] == tiny.IMG) | (inputs["input_ids"] == tiny.VID)
     shares = []
     for b in range(3):
@@ -242,7 +249,7 @@ def test_llm_signals_equal_eager_attention_and_hidden_states(model_factory, fami
         ref = eager(**inputs, output_attentions=True)
     mask = inputs["attention_mask"].bool()
     for key, layer in (("now", 1), ("next", 2)):
-        a = ref.attentions[layer].mean(1)
+        a = attention_map(eager, ref, layer).mean(1)
         want = (a * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True)
         torch.testing.assert_close(got[key], want, atol=1e-6, rtol=1e-5)
     io, hs = got["io"], out.hidden_states

@@ -9,7 +9,7 @@ import vtprune
 from vtprune import tiny
 from vtprune.hooks.runtime import _cache_kwarg, padding_mask
 
-FAMILIES = ["llava", "qwen2_vl", "qwen3_vl", "llava_next"]
+FAMILIES = ["llava", "qwen2_vl", "qwen3_vl", "llava_next", "qwen3_5"]
 GEN = dict(max_new_tokens=5, output_scores=True, return_dict_in_generate=True, **tiny.GEN)
 
 

@@ -1,6 +1,6 @@
 """Full-scale architectures with random weights, for speed and memory figures without downloading
 anything: the published configs of LLaVA-1.5-7B, LLaVA-NeXT-7B (v1.6-vicuna), LLaVA-OneVision-7B, Qwen2-VL-7B,
-Qwen2.5-VL-7B, Qwen3-VL-8B and Qwen3-VL-30B-A3B written out as transformers config objects, and synthetic inputs shaped like a real
+Qwen2.5-VL-7B, Qwen3-VL-8B, Qwen3-VL-30B-A3B and Qwen3.5-27B written out as transformers config objects, and synthetic inputs shaped like a real
 prompt (image tokens + text).
 
   vtprune bench --model llava-1.5-7b --random-weights --methods divprune,fastv --keep 64 --batch 1,8
@@ -74,6 +74,15 @@ def qwen2_5_vl_7b():
                                **_QWEN_IDS)
 
 
+def _qwen3_vision(out_hidden_size: int, deepstack=(8, 16, 24)) -> dict:
+    """Qwen3-VL's (and Qwen3.5's, without deepstack) 27-block SigLIP-2-style ViT with 16-px patches, merging
+    to the LLM's width."""
+    vision = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
+                  out_hidden_size=out_hidden_size, spatial_merge_size=2, temporal_patch_size=2,
+                  num_position_embeddings=2304, hidden_act="gelu_pytorch_tanh", in_channels=3)
+    return dict(vision, deepstack_visual_indexes=list(deepstack)) if deepstack else vision
+
+
 def qwen3_vl_8b():
     """Qwen3-VL-8B-Instruct: Qwen3-8B (q/k norms, interleaved M-RoPE) and a 27-block SigLIP-2-style ViT
     with 16-px patches whose blocks 8, 16 and 24 feed the first three decoder layers (deepstack)."""
@@ -84,10 +93,7 @@ def qwen3_vl_8b():
                 rms_norm_eps=1e-6, rope_parameters=dict(rope_type="default", rope_theta=5000000.0,
                                                         mrope_section=[24, 20, 20], mrope_interleaved=True),
                 bos_token_id=151643, eos_token_id=151645)
-    vision = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16, out_hidden_size=4096,
-                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
-                  deepstack_visual_indexes=[8, 16, 24], hidden_act="gelu_pytorch_tanh", in_channels=3)
-    return tf.Qwen3VLConfig(vision_config=vision, text_config=text, tie_word_embeddings=False, **_QWEN_IDS)
+    return tf.Qwen3VLConfig(vision_config=_qwen3_vision(4096), text_config=text, tie_word_embeddings=False, **_QWEN_IDS)
 
 
 def qwen3_vl_30b_a3b():
@@ -102,27 +108,40 @@ def qwen3_vl_30b_a3b():
                 rope_parameters=dict(rope_type="default", rope_theta=5000000.0, mrope_section=[24, 20, 20],
                                      mrope_interleaved=True),
                 bos_token_id=151643, eos_token_id=151645)
-    vision = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16, out_hidden_size=2048,
-                  spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
-                  deepstack_visual_indexes=[8, 16, 24], hidden_act="gelu_pytorch_tanh", in_channels=3)
-    return tf.Qwen3VLMoeConfig(vision_config=vision, text_config=text, tie_word_embeddings=False, **_QWEN_IDS)
+    return tf.Qwen3VLMoeConfig(vision_config=_qwen3_vision(2048), text_config=text, tie_word_embeddings=False, **_QWEN_IDS)
+
+
+def qwen3_5_27b():
+    """Qwen3.5-27B: 64 decoder layers, each group of four three Gated DeltaNet (linear attention: 16 key and 48 value
+    heads of 128) and one gated attention layer (24 query heads, 4 key/value heads of 256, 25 % rotary); Qwen3-VL's
+    vision tower without deepstack, merging to the LLM's width 5120. Token ids as Qwen3-VL's (any serve here)."""
+    import transformers as tf
+
+    text = dict(vocab_size=248320, hidden_size=5120, intermediate_size=17408, num_hidden_layers=64,
+                num_attention_heads=24, num_key_value_heads=4, head_dim=256, linear_num_key_heads=16,
+                linear_num_value_heads=48, linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4,
+                full_attention_interval=4, max_position_embeddings=262144, rms_norm_eps=1e-6, partial_rotary_factor=0.25,
+                rope_parameters=dict(rope_type="default", rope_theta=10000000.0, mrope_section=[11, 11, 10],
+                                     mrope_interleaved=True, partial_rotary_factor=0.25))
+    return tf.Qwen3_5Config(vision_config=_qwen3_vision(5120, deepstack=()), text_config=text, tie_word_embeddings=False, **_QWEN_IDS)
 
 
 FULL_SCALE = {"llava-1.5-7b": llava_1_5_7b, "llava-next-7b": llava_next_7b, "llava-onevision-7b": llava_onevision_7b,
               "qwen2-vl-7b": qwen2_vl_7b,
-              "qwen2.5-vl-7b": qwen2_5_vl_7b, "qwen3-vl-8b": qwen3_vl_8b, "qwen3-vl-30b-a3b": qwen3_vl_30b_a3b}
+              "qwen2.5-vl-7b": qwen2_5_vl_7b, "qwen3-vl-8b": qwen3_vl_8b, "qwen3-vl-30b-a3b": qwen3_vl_30b_a3b,
+              "qwen3.5-27b": qwen3_5_27b}
 
 
 def build(name: str, device=None, dtype=None, attn: str = "sdpa"):
     """A full-scale model with random weights (bf16 on CUDA by default). Needs ~16 GB of GPU memory for the 7-8 B
-    models, ~62 GB for qwen3-vl-30b-a3b."""
+    models, ~55 GB for qwen3.5-27b, ~62 GB for qwen3-vl-30b-a3b."""
     import transformers as tf
 
     if name not in FULL_SCALE:
         raise ValueError(f"unknown full-scale config {name!r}; available: {', '.join(FULL_SCALE)}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if str(device) == "cpu" and dtype is None:
-        size = "~31 B" if name == "qwen3-vl-30b-a3b" else "~7-8 B"
+        size = {"qwen3-vl-30b-a3b": "~31 B", "qwen3.5-27b": "~27 B"}.get(name, "~7-8 B")
         raise ValueError(f"{name} with random weights is a {size} parameter model: build it on a CUDA device "
                          "(or pass dtype= explicitly to build it on the CPU anyway)")
     dtype = dtype or torch.bfloat16
@@ -204,6 +223,9 @@ def surrogate(config):
     tc.hidden_size, tc.intermediate_size, tc.num_attention_heads, tc.num_key_value_heads = head, head, 1, 1
     if getattr(tc, "num_experts", 0):  # routing changes no token count: two narrow experts, one per token
         tc.num_experts, tc.num_experts_per_tok, tc.moe_intermediate_size = 2, 1, head
+    if getattr(tc, "linear_num_key_heads", None):  # Qwen3.5's linear attention: one narrow head
+        tc.linear_num_key_heads = tc.linear_num_value_heads = 1
+        tc.linear_key_head_dim = tc.linear_value_head_dim = min(head, 16)
     if getattr(tc, "head_dim", None):
         tc.head_dim = head
     name = type(cfg).__name__
@@ -212,7 +234,7 @@ def surrogate(config):
         vc.hidden_size, vc.intermediate_size, vc.num_attention_heads, vc.projection_dim = vh, vh, 1, vh
     elif name.startswith("Qwen2VL"):
         vc.embed_dim, vc.num_heads, vc.mlp_ratio, vc.hidden_size = vc.embed_dim // vc.num_heads, 1, 1, head
-    elif name.startswith(("Qwen2_5_VL", "Qwen3VL")):
+    elif name.startswith(("Qwen2_5_VL", "Qwen3VL", "Qwen3_5")):
         vh = vc.hidden_size // vc.num_heads
         vc.hidden_size, vc.intermediate_size, vc.num_heads, vc.out_hidden_size = vh, vh, 1, head
     else:

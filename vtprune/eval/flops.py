@@ -10,7 +10,14 @@ Token counts come from the model's real inputs and, under pruning, from the patc
   decode step, KV length c:   2 d (2 d_q + 2 d_kv) + 6 d m + 4 (c + 1) d_q      per layer, + 2 d V LM head
   FastV-style (papers):       4 n d^2 + 2 n^2 d + 2 n d m   multiply-adds, 2-matrix MLP, no GQA
   mixture-of-experts layer:   the MLP term is 2 n d E (router) + k 6 n d m_e   (E experts, k per token,
-                              m_e = their width: the experts each token runs, not all); FastV-style: m = k m_e
+                              m_e = their width: the experts each token runs, not all), + 6 n d m_s + 2 n d
+                              with a gated shared expert of width m_s; FastV-style: m = k m_e (+ m_s)
+  gated attention (Qwen3.5):  + 2 n d d_q (the q projection also makes each head's output gate)
+  linear-attention layer      2 n d (2 d_k + 2 d_v + 2 h) + 2 n d_v d + 2 n (2 d_k + d_v) K + 6 n h d_hk d_hv
+  (Qwen3.5 Gated DeltaNet):   + MLP: projections q k v, z, a, b and out; the causal depthwise convolution (kernel
+                              K); the delta rule in its recurrent form (h value heads, state d_hk x d_hv:
+                              read, update, query). No n^2 term; decode costs the same per token; its state
+                              does not grow, and is not in the KV bytes.
 """
 from __future__ import annotations
 
@@ -33,6 +40,17 @@ class TextDims:
     top_k: int = 0
     m_expert: int = 0
     sparse: frozenset = frozenset()
+    m_shared: int = 0  # a sparse layer's shared expert (Qwen3.5-MoE: every token, its output gated by a d -> 1 linear)
+    gate: bool = False  # the attention's q projection also makes an output gate per head (Qwen3.5)
+    # hybrid (Qwen3.5): `linear` holds the linear-attention (Gated DeltaNet) layers: `lin_heads` value heads of
+    # width `lin_dv`, keys `lin_dk` wide (`lin_k` = all key heads' width, `lin_v` = all value heads'), conv kernel
+    linear: frozenset = frozenset()
+    lin_k: int = 0
+    lin_v: int = 0
+    lin_heads: int = 0
+    lin_dk: int = 0
+    lin_dv: int = 0
+    conv: int = 0
 
     @classmethod
     def from_config(cls, cfg) -> "TextDims":
@@ -42,38 +60,60 @@ class TextDims:
         hkv = getattr(tc, "num_key_value_heads", None) or hq
         moe = {}
         if getattr(tc, "num_experts", 0) and getattr(tc, "moe_intermediate_size", None):
-            if getattr(tc, "shared_expert_intermediate_size", 0):
-                raise ValueError("FLOPs of a mixture of experts with a shared expert are not modelled")
             step, dense = getattr(tc, "decoder_sparse_step", 1) or 1, set(getattr(tc, "mlp_only_layers", None) or ())
             moe = dict(experts=tc.num_experts, top_k=tc.num_experts_per_tok, m_expert=tc.moe_intermediate_size,
+                       m_shared=getattr(tc, "shared_expert_intermediate_size", 0) or 0,
                        sparse=frozenset(i for i in range(tc.num_hidden_layers) if i not in dense and (i + 1) % step == 0))
-        return cls(tc.hidden_size, hq * hd, hkv * hd, tc.intermediate_size, tc.num_hidden_layers, tc.vocab_size, **moe)
+        types = list(getattr(tc, "layer_types", None) or [])
+        if unknown := sorted(set(types) - {"full_attention", "sliding_attention", "linear_attention"}):
+            raise ValueError(f"FLOPs of {unknown} decoder layers are not modelled")
+        if "linear_attention" in types:
+            if getattr(tc, "model_type", "") not in ("qwen3_5_text", "qwen3_5_moe_text"):
+                raise ValueError(f"FLOPs of {tc.model_type}'s linear-attention layers are not modelled")
+            moe.update(linear=frozenset(i for i, kind in enumerate(types) if kind == "linear_attention"),
+                       lin_k=tc.linear_num_key_heads * tc.linear_key_head_dim,
+                       lin_v=tc.linear_num_value_heads * tc.linear_value_head_dim, lin_heads=tc.linear_num_value_heads,
+                       lin_dk=tc.linear_key_head_dim, lin_dv=tc.linear_value_head_dim, conv=tc.linear_conv_kernel_dim)
+        gate = getattr(tc, "model_type", "").startswith("qwen3_5")  # Qwen3.5's attention: q and an output gate
+        m = getattr(tc, "intermediate_size", 0) or 0  # (Qwen3.5-MoE has no dense MLP)
+        return cls(tc.hidden_size, hq * hd, hkv * hd, m, tc.num_hidden_layers, tc.vocab_size, gate=gate, **moe)
+
+    def projections(self, layer: int) -> int:
+        """FLOPs per token of decoder layer `layer`'s token mixer, all but attention's score term."""
+        if layer in self.linear:
+            conv_dim = 2 * self.lin_k + self.lin_v
+            return (2 * self.d * (conv_dim + self.lin_v + 2 * self.lin_heads) + 2 * self.lin_v * self.d
+                    + 2 * conv_dim * self.conv + 6 * self.lin_heads * self.lin_dk * self.lin_dv)
+        return 2 * self.d * ((3 if self.gate else 2) * self.d_q + 2 * self.d_kv)
 
     def mlp(self, layer: int) -> int:
         """FLOPs of decoder layer `layer`'s MLP per token: 6 d m dense; router + the top-k experts if sparse."""
         if layer in self.sparse:
-            return 2 * self.d * self.experts + self.top_k * 6 * self.d * self.m_expert
+            shared = 6 * self.d * self.m_shared + 2 * self.d if self.m_shared else 0
+            return 2 * self.d * self.experts + self.top_k * 6 * self.d * self.m_expert + shared
         return 6 * self.d * self.m
 
     def mlp_width(self, layer: int) -> int:
         """The MLP width a token runs through at `layer` (FastV-style counts): m, or k m_e if sparse."""
-        return self.top_k * self.m_expert if layer in self.sparse else self.m
+        return self.top_k * self.m_expert + self.m_shared if layer in self.sparse else self.m
 
 
 def layer_prefill(n: int, t: TextDims, causal: bool = False, layer: int = 0) -> int:
     """FLOPs of decoder layer `layer` over n tokens (dense attention unless causal=True)."""
-    attn = 2 * n * (n + 1) * t.d_q if causal else 4 * n * n * t.d_q
-    return 2 * n * t.d * (2 * t.d_q + 2 * t.d_kv) + n * t.mlp(layer) + attn
+    attn = 0 if layer in t.linear else 2 * n * (n + 1) * t.d_q if causal else 4 * n * n * t.d_q
+    return n * t.projections(layer) + n * t.mlp(layer) + attn
 
 
 def layer_decode(c: int, t: TextDims, layer: int = 0) -> int:
     """FLOPs of decoder layer `layer` for one new token over a KV cache of c tokens (+ itself)."""
-    return 2 * t.d * (2 * t.d_q + 2 * t.d_kv) + t.mlp(layer) + 4 * (c + 1) * t.d_q
+    return t.projections(layer) + t.mlp(layer) + (0 if layer in t.linear else 4 * (c + 1) * t.d_q)
 
 
 def fastv_layer_macs(n: int, t: TextDims, layer: int = 0) -> int:
-    """FastV's per-layer count (multiply-adds, MHA, 2-matrix MLP): 4 n d^2 + 2 n^2 d + 2 n d m."""
-    return 4 * n * t.d ** 2 + 2 * n * n * t.d + 2 * n * t.d * t.mlp_width(layer)
+    """FastV's per-layer count (multiply-adds, MHA, 2-matrix MLP): 4 n d^2 + 2 n^2 d + 2 n d m; a linear-attention
+    layer's mixer as multiply-adds (half our FLOPs) in place of the first two terms."""
+    mixer = n * t.projections(layer) // 2 if layer in t.linear else 4 * n * t.d ** 2 + 2 * n * n * t.d
+    return mixer + 2 * n * t.d * t.mlp_width(layer)
 
 
 def _vit_layer(n: int, d: int, m: int, mlp_mats: int, attn_n2: int | None = None) -> int:
@@ -85,7 +125,7 @@ def _vit_layer(n: int, d: int, m: int, mlp_mats: int, attn_n2: int | None = None
 
 def vision_flops(model, inputs: dict, arch=None) -> dict:
     """Vision encoder and projector FLOPs for the images and videos in `inputs` (LLaVA-1.5/NeXT/OneVision with
-    CLIP or SigLIP, Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE), for the transformers config `arch` (default: the
+    CLIP or SigLIP, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE and Qwen3.5), for the transformers config `arch` (default: the
     model's)."""
     cfg = arch or model.config
     vc = cfg.vision_config
@@ -117,8 +157,8 @@ def vision_flops(model, inputs: dict, arch=None) -> dict:
         feats = n - 1 if strategy == "default" else n
         proj = 2 * feats * (d * text_d + text_d * text_d)
         return {"vision_encoder": images * enc, "projector": images * proj}
-    if kind.startswith(("Qwen2VL", "Qwen2_5_VL", "Qwen3VL")):
-        version = "2.5" if kind.startswith("Qwen2_5_VL") else "3" if kind.startswith("Qwen3VL") else "2"
+    if kind.startswith(("Qwen2VL", "Qwen2_5_VL", "Qwen3VL", "Qwen3_5")):  # Qwen3.5: Qwen3-VL's tower, no deepstack
+        version = "2.5" if kind.startswith("Qwen2_5_VL") else "3" if kind.startswith(("Qwen3VL", "Qwen3_5")) else "2"
         enc = proj = 0
         for key in ("image_grid_thw", "video_grid_thw"):
             grids = inputs.get(key)
@@ -151,7 +191,7 @@ def _qwen_vision(vc, version: str, t: int, h: int, w: int, text_d: int) -> tuple
     elif version == "3":
         layers = vc.depth * _vit_layer(n, d, vc.intermediate_size, 2, n * n // t if t else 0)
         out = vc.out_hidden_size
-        mergers += len(vc.deepstack_visual_indexes)
+        mergers += len(getattr(vc, "deepstack_visual_indexes", None) or ())
     else:
         m, mats = int(d * vc.mlp_ratio), 2
         layers = vc.depth * _vit_layer(n, d, m, mats, n * n // t if t else 0)  # frames attend within their image
@@ -219,7 +259,8 @@ def _selection_flops(method, images: list[tuple[int, int]], per_layer: list[list
         return gram + scores(method.drop_layers(len(per_layer))) if gram else 0
     if name == "transprune" and per_layer[0] != per_layer[-1]:  # + the next layer's q, k projections
         drops = method.drop_layers(len(per_layer))
-        return sum(2 * n * t.d * (t.d_q + t.d_kv) for p in drops for n in per_layer[p]) + scores(drops)
+        q = 2 * t.d_q if t.gate else t.d_q  # (a gated q projection also makes the output gate)
+        return sum(2 * n * t.d * (q + t.d_kv) for p in drops for n in per_layer[p]) + scores(drops)
     if name == "fastv":
         layer = method.config.layer - 1
         if 0 <= layer < len(per_layer) and per_layer[layer] != per_layer[-1]:
@@ -271,7 +312,7 @@ def report(model, inputs: dict, stats=None, method: str | None = None, options: 
         visual_after = list(stats.visual_after)
     layer_flops = [sum(layer_prefill(n, t, layer=i) for n in ns) for i, ns in enumerate(per_layer)]
     kv_dtype_bytes = (kv_dtype or next(model.parameters()).dtype).itemsize
-    kv = sum(2 * n * t.d_kv * kv_dtype_bytes for ns in per_layer for n in ns)
+    kv = sum(2 * n * t.d_kv * kv_dtype_bytes for i, ns in enumerate(per_layer) if i not in t.linear for n in ns)
     vis = vision_flops(model, inputs, config)
     if stats is not None and stats.images:
         images = [(n, k) for _, n, k in stats.images]

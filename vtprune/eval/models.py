@@ -8,7 +8,8 @@ import os
 TEST_MODELS = {"tiny-test-llava": "llava", "tiny-test-llava-next": "llava_next",
                "tiny-test-llava-onevision": "llava_onevision", "tiny-test-qwen2-vl": "qwen2_vl",
                "tiny-test-qwen2.5-vl": "qwen2_5_vl", "tiny-test-qwen3-vl": "qwen3_vl",
-               "tiny-test-qwen3-vl-moe": "qwen3_vl_moe"}
+               "tiny-test-qwen3-vl-moe": "qwen3_vl_moe", "tiny-test-qwen3.5": "qwen3_5",
+               "tiny-test-qwen3.5-moe": "qwen3_5_moe"}
 
 
 # what a checkpoint folder with a processor holds (any one of them)

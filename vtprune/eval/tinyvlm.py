@@ -117,7 +117,7 @@ def family_of(model) -> str:
     name = type(model).__name__
     if name.startswith("Llava"):
         return "llava"
-    if name.startswith(("Qwen2VL", "Qwen2_5_VL", "Qwen3VL")):  # one prompt layout (<|vision_start|> ...)
+    if name.startswith(("Qwen2VL", "Qwen2_5_VL", "Qwen3VL", "Qwen3_5")):  # one prompt layout (<|vision_start|> ...)
         return "qwen2_vl"
     raise ValueError(f"not a bundled tiny model family: {name}")
 

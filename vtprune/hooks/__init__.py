@@ -16,6 +16,8 @@ ADAPTERS: dict[str, type[Adapter]] = {
     "Qwen2_5_VLForConditionalGeneration": QwenVLAdapter,
     "Qwen3VLForConditionalGeneration": Qwen3VLAdapter,
     "Qwen3VLMoeForConditionalGeneration": Qwen3VLAdapter,
+    "Qwen3_5ForConditionalGeneration": Qwen3VLAdapter,
+    "Qwen3_5MoeForConditionalGeneration": Qwen3VLAdapter,
 }
 
 

@@ -1,5 +1,6 @@
-"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL: dynamic-resolution ViT with a 2x2 patch merger, M-RoPE language
-model. Images and video frames are units of their own (per-frame budgets).
+"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL (and its mixture-of-experts models) and Qwen3.5: dynamic-resolution ViT with a
+2x2 patch merger, M-RoPE language model. Images and video frames are units of their own (per-frame budgets).
+Qwen3.5 is Qwen3-VL without deepstack, on a hybrid decoder (linear-attention layers: see the runtime).
 
 Qwen2.5-VL's ViT runs most blocks on windows, in window order: vision signals come from its
 full-attention blocks only and are put back in raster order. Qwen3-VL adds "deepstack" features of
@@ -210,4 +211,4 @@ class Qwen3VLAdapter(QwenVLAdapter):
     frame_runs = True
 
     def deepstack_layers(self):
-        return len(self.model.config.vision_config.deepstack_visual_indexes)
+        return len(getattr(self.model.config.vision_config, "deepstack_visual_indexes", None) or ())

@@ -187,6 +187,30 @@ class PatchState:
         for p in self.attn_layers + self.observe_layers:
             if not 0 <= p < n_layers:
                 raise ValueError(f"{method_name}: layer {p} does not exist in a {n_layers}-layer decoder")
+        for p in self.attn_layers:
+            self._attention_module(p)
+        # the layer whose KV cache length is read: a hybrid model's linear-attention layers may count no positions
+        self.length_layer = next((i for i, layer in enumerate(self.layers) if hasattr(layer, "self_attn")), 0)
+
+    def _attention_module(self, p: int):
+        """Decoder layer p's self-attention; a ValueError for a hybrid model's linear-attention layer (Qwen3.5's
+        Gated DeltaNet), which has no attention map to score tokens by."""
+        attn = getattr(self.layers[p], "self_attn", None)
+        if attn is None:
+            full = [i for i, layer in enumerate(self.layers) if hasattr(layer, "self_attn")]
+            mixer = type(_mixer(self.layers[p])).__name__
+            raise ValueError(
+                f"{self.method_name}: decoder layer {p} is a linear-attention layer ({mixer}), with no attention map to "
+                f"score tokens by; this model's attention layers are {full}. Choose the strategy's layers among them "
+                "(fastv: layer=K reads layer K-1; todre: stage2_layer=L reads layer L, or stage2=False; transprune: "
+                "a schedule whose drop layers p read layer p+1)")
+        return attn
+
+    def _held(self, cache, run: Run) -> int:
+        """Positions a pruned cache holds in the layout the prefill entered the decoder with (group 0), the tokens
+        generated since included: read at `length_layer`, with what in-LLM drops before it removed added back."""
+        _, group = run.group_for(self.length_layer)
+        return int(cache.get_seq_length(self.length_layer)) - group.mask.shape[1] + run.groups[0].mask.shape[1]
 
     def __getstate__(self):  # a pickled or deep-copied model: its copy holds no caches yet (a WeakSet pickles not)
         return {**self.__dict__, "caches": None}
@@ -220,16 +244,16 @@ class PatchState:
                     )
             for p in sorted(set(self.drop_layers + self.observe_layers)):
                 self.handles.append(self.layers[p].register_forward_hook(partial(self._layer_post, p), with_kwargs=True))
-            for p in sorted(set(self.attn_layers + self.drop_layers)):
-                attn = self.layers[p].self_attn
-                self.handles.append(attn.register_forward_pre_hook(partial(self._attn_pre, p), with_kwargs=True))
+            for p in sorted(set(self.attn_layers + self.drop_layers)):  # (a linear-attention layer: its layer's)
+                where = getattr(self.layers[p], "self_attn", self.layers[p])  # rotary table, for the next layer
+                self.handles.append(where.register_forward_pre_hook(partial(self._attn_pre, p), with_kwargs=True))
             for p in self.attn_layers:
-                attn = self.layers[p].self_attn
+                attn = self._attention_module(p)
                 self.handles.append(attn.q_proj.register_forward_hook(partial(self._capture, p, "q")))
                 self.handles.append(attn.k_proj.register_forward_hook(partial(self._capture, p, "k")))
             for p in self.observe_layers:
                 layer = self.layers[p]
-                for name, mod in (("attn_in", layer.input_layernorm), ("attn_out", layer.self_attn),
+                for name, mod in (("attn_in", layer.input_layernorm), ("attn_out", _mixer(layer)),
                                   ("mlp_in", layer.post_attention_layernorm), ("mlp_out", layer.mlp)):
                     self.handles.append(mod.register_forward_hook(partial(self._capture, p, name)))
             self.handles.extend(self.adapter.install_hooks())
@@ -343,7 +367,7 @@ class PatchState:
                     "start a new cache per prompt"
                 )
             if embeds.shape[1] != 1:
-                short, held = run.orig_len - run.groups[0].mask.shape[1], int(cache.get_seq_length())
+                short, held = run.orig_len - run.groups[0].mask.shape[1], self._held(cache, run)
                 why = (f" (it holds {held} positions where the unpruned sequence has {held + short}, so generate() "
                        f"given it feeds the last {short} tokens again)" if short else "")
                 raise NotImplementedError(
@@ -644,7 +668,7 @@ class PatchState:
         if static or am is None:
             # the 2-D mask generate() grows (with a static cache it prepared a full mask for the unpruned layout
             # instead): the prompt's, then one real column per token generated so far
-            seen = int(cache.get_seq_length()) - run.groups[0].mask.shape[1]
+            seen = self._held(cache, run) - run.groups[0].mask.shape[1]
             am = torch.cat([run.orig_mask, run.orig_mask.new_ones(b, seen + q)], dim=1)
         if not isinstance(am, torch.Tensor) or am.dim() != 2 or am.shape[1] < run.orig_len + q:
             raise ValueError("vtprune: decode steps need the 2-D attention mask that grows from the prompt's")
@@ -688,11 +712,14 @@ class PatchState:
             )
             from transformers import masking_utils  # imports triton: load only when a layer needs it
 
-            make = (masking_utils.create_sliding_window_causal_mask if layer_type == "sliding_attention"
-                    else masking_utils.create_causal_mask)
-            run.masks[key] = make(
+            make = {"sliding_attention": masking_utils.create_sliding_window_causal_mask,
+                    "linear_attention": getattr(masking_utils, "create_recurrent_attention_mask", None)}.get(
+                layer_type, masking_utils.create_causal_mask)
+            if make is None:
+                raise RuntimeError(f"vtprune: this transformers has no mask for decoder layer {i}'s {layer_type!r}")
+            run.masks[key] = make(  # (layer i: the group's layers of one type hold KV caches of one length)
                 config=self.lm.config, inputs_embeds=hidden, attention_mask=mask2d, position_ids=None,
-                layer_idx=group.start_layer, **{_cache_kwarg(make): kv_cache(kwargs)},
+                layer_idx=i, **{_cache_kwarg(make): kv_cache(kwargs)},
             )
         kwargs["attention_mask"] = run.masks[key]
         if run.prefill:
@@ -724,14 +751,14 @@ class PatchState:
         cap = run.captured.get(p, {})
         if "q" not in cap or "k" not in cap:
             raise RuntimeError(f"{self.method_name}: attention at layer {p} was not captured")
-        return _key_attention(self.layers[p].self_attn, cap["q"], cap["k"], cap.get("pos"), run, query_rows)
+        return _key_attention(self._attention_module(p), cap["q"], cap["k"], cap.get("pos"), run, query_rows)
 
     def _next_attention(self, p, run: Run, hidden, query_rows=None):
         """Attention at layer p+1 of the tokens leaving layer p: its input norm and q/k projections
         applied to `hidden` (layer p+1 sees the same layout, so it shares layer p's rotary table)."""
         layer = self.layers[p + 1]
+        attn = self._attention_module(p + 1)
         x = layer.input_layernorm(hidden)
-        attn = layer.self_attn
         return _key_attention(attn, attn.q_proj(x), attn.k_proj(x), run.captured.get(p, {}).get("pos"), run, query_rows)
 
     def _deepstack(self, i, module, args, output):
@@ -803,12 +830,22 @@ class PatchState:
         return (new_hidden, *output[1:]) if isinstance(output, tuple) else new_hidden
 
 
+def _mixer(layer):
+    """A decoder layer's token mixer: its self-attention, or a hybrid model's linear attention."""
+    attn = getattr(layer, "self_attn", None)
+    return attn if attn is not None else layer.linear_attn
+
+
 def _key_attention(attn, q_raw, k_raw, pos, run: Run, query_rows=None) -> torch.Tensor:
     """Causal attention each key receives from the chosen real query rows, averaged over heads, from a
     decoder attention module's raw q/k projection outputs [B, L, H*d]: per-head norms where the module
-    has them (Qwen3), then its own RoPE, then `attention_scores` (float32 [B, L])."""
+    has them (Qwen3), then its own RoPE, then `attention_scores` (float32 [B, L]). A gated attention's
+    q projection (Qwen3.5: [B, L, H*2d], each head's query then its output gate) gives its queries."""
     b, seq_len = q_raw.shape[:2]
-    q = q_raw.view(b, seq_len, -1, attn.head_dim)
+    heads = getattr(getattr(attn, "config", None), "num_attention_heads", None)
+    if heads is not None and q_raw.shape[-1] == 2 * heads * attn.head_dim:
+        q_raw = q_raw.view(b, seq_len, heads, 2 * attn.head_dim)[..., :attn.head_dim]
+    q = q_raw.reshape(b, seq_len, -1, attn.head_dim)
     k = k_raw.view(b, seq_len, -1, attn.head_dim)
     if hasattr(attn, "q_norm"):
         q, k = attn.q_norm(q), attn.k_norm(k)
