@@ -129,13 +129,36 @@ def _budget(args) -> dict:
     return {"keep": args.keep} if args.keep is not None else {"ratio": args.ratio}
 
 
+def _preset(text: str, method: str | None, budget: dict, flag: str = "--config") -> tuple[str, dict]:
+    """(method, patch() options) of a preset given on the command line: a JSON file (as `vtprune tune` writes)
+    or inline JSON; `budget` ({} or --keep / --ratio) replaces the preset's; checked before any model loads."""
+    import json
+
+    from .methods.registry import build_method
+    from .patching import _resolve, load_config
+
+    stripped = text.strip()
+    try:
+        config = json.loads(stripped) if stripped.startswith(("{", "[")) else text
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag}: not valid JSON: {e}") from None
+    try:
+        if method is None and load_config(config)[0] is None:
+            raise ValueError(f"{flag} names no method: add --method NAME, or \"method\" to the config")
+        method, options = _resolve(method, config, dict(budget))
+        build_method(method, options)
+    except (TypeError, ValueError) as e:
+        message = str(e)
+        raise ValueError(message if message.startswith(flag) else f"{flag}: {message}") from None
+    return method, options
+
+
 def _flops(args) -> int:
     import json
     from pathlib import Path
 
     from .eval import configs, flops, models
     from .methods.registry import build_method
-    from .patching import _resolve, load_config
 
     if args.json is not None:
         check_output(args.json, "--json")
@@ -146,17 +169,7 @@ def _flops(args) -> int:
         if args.keep is not None and args.ratio is not None:
             raise ValueError("give at most one of --keep and --ratio with --config")
         budget = _budget(args) if (args.keep, args.ratio) != (None, None) else {}
-        text = args.config.strip()
-        try:
-            config = json.loads(text) if text.startswith(("{", "[")) else args.config
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--config: not valid JSON: {e}") from None
-        try:
-            if args.method is None and load_config(config)[0] is None:
-                raise ValueError("--config names no method: add --method NAME, or \"method\" to the config")
-            method, budget = _resolve(args.method, config, budget)
-        except TypeError as e:
-            raise ValueError(f"--config: {e}") from None
+        method, budget = _preset(args.config, args.method, budget)
     build_method(method, budget)  # a bad strategy or budget fails before the model loads
     task = models.check_task(args.task or models.default_task(args.model), args.model)
     if args.model in configs.FULL_SCALE:  # token counts from a narrow stand-in, dimensions from the real config
@@ -209,15 +222,23 @@ def _bench(args) -> int:
     from .eval import bench, models
     from .methods.registry import build_method
 
-    budget = _budget(args)
-    methods = _items(args.methods, "--methods")
+    if args.methods is None and not args.config:
+        raise ValueError("give --methods, --config, or both")
+    if args.methods is not None or (args.keep, args.ratio) != (None, None):
+        budget = _budget(args)  # (--config alone: each preset's own budget)
+    else:
+        budget = {}
+    methods = _items(args.methods, "--methods") if args.methods is not None else []
     if args.out is not None and Path(args.out).suffix == ".md":
         raise ValueError("--out is the JSON record; the markdown table goes beside it as .md: give a .json path")
     if args.out is not None:
         check_output(args.out, "--out")
         check_output(Path(args.out).with_suffix(".md"), "--out's table")
-    for m in methods:  # bad strategies or options fail before the model loads and the baseline runs
+    for m in methods:  # bad strategies, options or presets fail before the model loads and the baseline runs
         build_method(m, budget)
+    jobs = [(m, budget) for m in methods]
+    for i, text in enumerate(args.config or []):
+        jobs.append(_preset(text, None, budget, "--config" if len(args.config) == 1 else f"--config #{i + 1}"))
     _check_compile_options(args)
     if args.compile:  # torch.compile checks its backend and mode when called: before the plain rows, not after
         try:
@@ -247,12 +268,12 @@ def _bench(args) -> int:
         inputs = models.to_model(models.calibration(task, model, processor, b, batch_size=b)[0], model)
         paths = [None, _compile_options(args)] if args.compile else [None]
         for compiled in paths:
-            for method in [None] + methods:
-                if compiled is not None and method is not None and build_method(method, budget).drop_layers(n_layers):
+            for method, options in [(None, None)] + jobs:
+                if compiled is not None and method is not None and build_method(method, options).drop_layers(n_layers):
                     print(f"batch {b:3d} compiled {method:<13} skipped: it drops tokens inside the decoder, which a "
                           "static KV cache cannot hold", flush=True)
                     continue
-                row = bench.measure(model, inputs, method, budget if method else None, args.new_tokens, args.reps,
+                row = bench.measure(model, inputs, method, options, args.new_tokens, args.reps,
                                     warmup=1 if compiled is None else args.compile_warmup, compiled=compiled)
                 rows.append(row)
                 print(f"batch {b:3d} {row.path:<8} {row.method:<13} prefill {row.prefill_ms:8.2f} ms  generate "
@@ -360,7 +381,11 @@ def main(argv=None) -> int:
     p.set_defaults(func=_flops)
     p = sub.add_parser("bench", help="latency, memory and KV bytes: unpatched and each strategy side by side")
     _model_budget_args(p)
-    p.add_argument("--methods", required=True, help="comma-separated strategies")
+    p.add_argument("--methods", help="comma-separated strategies, each with --keep or --ratio")
+    p.add_argument("--config", action="append",
+                   help="also a patch() preset: a JSON file (as vtprune tune writes) or inline JSON, e.g. "
+                        "'{\"method\": \"fastv\", \"options\": {\"layer\": 4, \"keep\": 64}}'; repeat for more "
+                        "(--keep / --ratio, if given, replace each preset's budget)")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes")
     p.add_argument("--new-tokens", type=at_least(1), default=32, help="tokens generated per run")
     p.add_argument("--reps", type=at_least(1), default=5, help="timed runs per cell (median), after one warm-up")

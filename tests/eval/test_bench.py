@@ -168,6 +168,12 @@ def test_the_unpatched_row_of_a_patched_model_is_unpatched():
     (["--compile", "", "--compile-backend", "eager", "--compile-mode", "x"], "--compile-backend eager takes none"),
     (["--task", "bogus"], "unknown task 'bogus'; available: shapes, tiny-prompts, synthetic"),
     (["--task", "shapes"], "tiny-test-llava has none: --task synthetic or tiny-prompts"),
+    (["--methods", None], "give --methods, --config, or both"),
+    (["--config", '{"method": "fastv"'], "--config: not valid JSON"),
+    (["--config", '{"method": "nope", "options": {}}'], "--config: unknown method 'nope'"),
+    (["--methods", None, "--keep", None, "--config", '{"method": "fastv", "options": {"layer": 2}}'],
+     "--config: give exactly one of keep="),  # a preset without a budget, and none given
+
     (["--model", "llava-1.5-7b", "--random-weights", "", "--task", "shapes"], "llava-1.5-7b has none"),  # built first
 ])
 def test_bench_refuses_bad_arguments_before_loading_the_model(monkeypatch, capsys, argv, words):
@@ -188,6 +194,29 @@ def test_bench_refuses_bad_arguments_before_loading_the_model(monkeypatch, capsy
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert words in err[-1] and "Traceback" not in "".join(err)
+
+
+def test_bench_measures_presets_beside_the_methods(tmp_path):
+    """A tuned or hand-set preset (a method's own options) could not be benchmarked: --methods took one budget
+    for every strategy. --config (repeatable) adds a row per preset; --keep / --ratio replace its budget."""
+    import json
+
+    from vtprune.cli import main
+
+    (tmp_path / "preset.json").write_text(json.dumps({"method": "vflowopt", "options": {"ratio": 0.5, "r2": 0.9}}))
+    out = tmp_path / "b.json"
+    argv = ["bench", "--model", "tiny-test-llava", "--reps", "1", "--new-tokens", "2", "--out", str(out)]
+    assert main([*argv, "--methods", "divprune", "--keep", "3", "--config", '{"method": "fastv", "options": {"layer": 2}}',
+                 "--config", str(tmp_path / "preset.json")]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["options"]) for r in rows] == [
+        ("unpatched", {}), ("divprune", {"keep": 3}), ("fastv", {"layer": 2, "keep": 3}),
+        ("vflowopt", {"r2": 0.9, "keep": 3})]
+    assert [r["visual_tokens"] for r in rows[1:]] == [3, 3, 3]
+    assert main([*argv, "--config", str(tmp_path / "preset.json")]) == 0  # alone: the preset's own budget
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["options"]) for r in rows] == [("unpatched", {}), ("vflowopt", {"ratio": 0.5, "r2": 0.9})]
+    assert rows[1]["visual_tokens"] <= 8  # half of 16 before the LLM, fewer after its in-LLM drops
 
 
 @pytest.mark.parametrize("argv, words", [

@@ -167,7 +167,8 @@ def test_qwen25_signals_come_from_full_attention_blocks_in_raster_order(model_fa
 
 def test_hybrid_attention_signals_are_refused_at_linear_attention_layers(model_factory):
     """Qwen3.5's Gated DeltaNet layers have no attention map: a strategy reading one is refused by name,
-    with the layers it can read (at patch time, or at the first forward for the next layer's attention)."""
+    with the layers it can read (at patch time; a custom one that reads the next layer's attention without
+    saying so, at the first forward)."""
     model = model_factory("qwen3_5")
     inputs = tiny.batch("qwen3_5", [0, 1])
     with pytest.raises(ValueError, match=r"fastv: decoder layer 0 is a linear-attention layer \(Qwen3_5GatedDeltaNet\)"
@@ -175,8 +176,22 @@ def test_hybrid_attention_signals_are_refused_at_linear_attention_layers(model_f
         vtprune.patch(model, "fastv", layer=1, keep=4)  # reads layer 0
     with pytest.raises(ValueError, match="todre: decoder layer 0 is a linear-attention layer"):
         vtprune.patch(model, "todre", stage2_layer=0, keep=4)
-    vtprune.patch(model, "transprune", schedule=[[2, 0.5]], keep=4)  # drop after 2 reads layer 3
-    with pytest.raises(ValueError, match="transprune: decoder layer 3 is a linear-attention layer"), torch.no_grad():
+    with pytest.raises(ValueError, match="transprune: decoder layer 3 is a linear-attention layer"):
+        vtprune.patch(model, "transprune", schedule=[[2, 0.5]], keep=4)  # drop after 2 reads layer 3
+
+    @vtprune.register("next_attention_probe_test")
+    class NextProbe(vtprune.Method):
+        """reads attention_next without declaring it: refused at the first forward"""
+        stage = "llm"
+
+        def drop_layers(self, n):
+            return [2]
+
+        def select_in_llm(self, tokens):
+            tokens.attention_next(None)
+
+    vtprune.patch(model, "next_attention_probe_test", keep=4)
+    with pytest.raises(ValueError, match="next_attention_probe_test: decoder layer 3 is a linear"), torch.no_grad():
         model(**inputs)
     with pytest.raises(ValueError, match="compile_llm does not support Qwen3_5ForConditionalGeneration"):
         vtprune.compile_llm(model)

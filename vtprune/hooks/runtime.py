@@ -187,7 +187,7 @@ class PatchState:
         for p in self.attn_layers + self.observe_layers:
             if not 0 <= p < n_layers:
                 raise ValueError(f"{method_name}: layer {p} does not exist in a {n_layers}-layer decoder")
-        for p in self.attn_layers:
+        for p in self.attn_layers + ([p + 1 for p in self.drop_layers] if method.reads_next_attention else []):
             self._attention_module(p)
         # the layer whose KV cache length is read: a hybrid model's linear-attention layers may count no positions
         self.length_layer = next((i for i, layer in enumerate(self.layers) if hasattr(layer, "self_attn")), 0)

@@ -222,7 +222,8 @@ class LayerTokens:
       averaged over heads and the given query rows (BoolTensor [B, L]; None = all real rows);
       available when the method lists the layer in `attention_layers`.
     attention_next: the same for layer `layer + 1`, computed from `hidden` with that layer's input norm
-      and q/k projections (the layer has not run yet); available at drop layers.
+      and q/k projections (the layer has not run yet); available at drop layers (a method that reads it
+      sets `reads_next_attention`).
     state: per-forward scratch shared by all hooks of one prefill. Tensors of shape [B, L] in it are
       re-gathered by the runtime whenever tokens are dropped, so they stay aligned with `hidden`.
       A pre-LLM `Selection.importance` arrives here as state["importance"] (0 for text slots).
@@ -304,6 +305,9 @@ class Method:
     # multi-grid images (LLaVA-NeXT / OneVision anyres: base tile + crop grid): "" = the method sees the
     # whole image at once; "select" / "merge" = it runs on each grid separately (vtprune.hooks.anyres)
     per_grid: ClassVar[str] = ""
+    # the method calls LayerTokens.attention_next at its drop layers: layer p + 1 must have attention (a hybrid
+    # model's linear-attention layer is refused when the method is patched on, not at the first forward)
+    reads_next_attention: ClassVar[bool] = False
 
     def __init__(self, config: PruneConfig):
         self.config = config

@@ -101,6 +101,7 @@ class TransPrune(Method):
     """Progressive in-LLM drops by token transition variation + the question's attention."""
 
     stage = "llm"
+    reads_next_attention = True
     Config = TransPruneConfig
     paper = "Li et al., TransPrune: Token Transition Pruning for Efficient LVLMs (arXiv 2507.20630)"
 
