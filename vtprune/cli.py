@@ -252,6 +252,14 @@ def _bench(args) -> int:
         raise ValueError(f"--batch: {e}") from None
     task = models.check_task(args.task or models.default_task(args.model), args.model)
     model, processor = models.load(args.model, random_weights=args.random_weights)
+    import vtprune
+    from .patching import check_compilable
+
+    if args.compile:  # what needs the model is refused before any row is timed, too
+        check_compilable(model)
+    for method, options in jobs:  # (layer choices: in range, attention where they read it)
+        with vtprune.pruned(model, method, **options):
+            pass
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device)
     n_layers = model.config.get_text_config().num_hidden_layers

@@ -192,6 +192,16 @@ def stats(model) -> Stats:
     return state.last_stats
 
 
+def check_compilable(model):
+    """The language model `compile_llm` would compile; a ValueError for a model it does not support."""
+    lm = adapter_for(model).language_model()
+    if "linear_attention" in (getattr(lm.config, "layer_types", None) or ()):
+        raise ValueError(f"compile_llm does not support {type(model).__name__}: its linear-attention layers would "
+                         "allocate their states inside the compiled prefill, where CUDA graphs do not hold them "
+                         "(run it uncompiled; a static cache works: generate(..., cache_implementation='static'))")
+    return lm
+
+
 def compile_llm(model, mode: str | None = "reduce-overhead", **compile_options):
     """Opt-in fast path for small batches, where transformers' Python loop over the decoder layers costs
     more than the pruned prefill itself: `torch.compile` the language model only (mode
@@ -205,11 +215,7 @@ def compile_llm(model, mode: str | None = "reduce-overhead", **compile_options):
     vflowopt, todre unless stage2=False) cannot use it. `uncompile_llm` undoes all of this.
     Extra keyword arguments go to `torch.compile` (`mode=None, backend="eager"` traces without
     generating code, e.g. on a CPU without a compiler)."""
-    lm = adapter_for(model).language_model()
-    if "linear_attention" in (getattr(lm.config, "layer_types", None) or ()):
-        raise ValueError(f"compile_llm does not support {type(model).__name__}: its linear-attention layers would "
-                         "allocate their states inside the compiled prefill, where CUDA graphs do not hold them "
-                         "(run it uncompiled; a static cache works: generate(..., cache_implementation='static'))")
+    lm = check_compilable(model)
     uncompile_llm(model)
     gc = model.generation_config
     saved = {"cache_implementation": gc.cache_implementation, "disable_compile": gc.disable_compile}

@@ -196,6 +196,24 @@ def test_bench_refuses_bad_arguments_before_loading_the_model(monkeypatch, capsy
     assert words in err[-1] and "Traceback" not in "".join(err)
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["--config", '{"method": "fastv", "options": {"keep": 4, "layer": 99}}'], "fastv layer=99 must be <"),
+    (["--methods", "fastv", "--keep", "4", "--config", '{"method": "fastv", "options": {"layer": 1}}'],
+     "fastv: decoder layer 0 is a linear-attention layer"),
+    (["--methods", "divprune", "--keep", "4", "--compile", "--compile-backend", "eager"],
+     "compile_llm does not support Qwen3_5ForConditionalGeneration"),
+])
+def test_bench_refuses_what_needs_the_model_before_timing_a_row(monkeypatch, capsys, argv, words):
+    """A preset's layers and --compile on a hybrid model were refused after the unpatched (and earlier) rows had
+    run, and those rows were lost: minutes of a full-scale GPU run."""
+    from vtprune.cli import main
+
+    monkeypatch.setattr(bench, "measure", lambda *a, **k: pytest.fail("a row was timed"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--model", "tiny-test-qwen3.5", "--reps", "1", *argv])
+    assert exit_.value.code == 2 and words in capsys.readouterr().err
+
+
 def test_bench_measures_presets_beside_the_methods(tmp_path):
     """A tuned or hand-set preset (a method's own options) could not be benchmarked: --methods took one budget
     for every strategy. --config (repeatable) adds a row per preset; --keep / --ratio replace its budget."""

@@ -380,6 +380,50 @@ def test_a_pruned_cache_refuses_to_continue_without_its_configuration(model_fact
     assert "update" not in vars(static) and not hasattr(static, "_vtprune_run")
 
 
+@pytest.mark.parametrize("method, options", [("divprune", dict(ratio=0.25)), ("fastv", dict(ratio=0.25, layer=2))])
+def test_a_hybrid_cache_refuses_before_its_linear_attention_state_moves(model_factory, method, options):
+    """Qwen3.5: decoder layer 0 is linear attention, which read and advanced its conv and recurrent state in
+    place before layer 1's KV `update` refused: back under its own configuration, the cache then continued
+    wrongly, silently. The refusal now comes at the first state a step reads, so the cache is left as it was."""
+    import copy
+    import pickle
+
+    from transformers import StaticCache
+
+    from vtprune.patching import unpatched
+
+    model = model_factory("qwen3_5")
+    inputs = tiny.batch("qwen3_5", [0])  # (transformers' Qwen-VL decode by hand takes no padded batch: batch 1)
+
+    def step(cache):
+        return model(input_ids=torch.tensor([[7]]), use_cache=True, **{CACHE: cache}).logits
+
+    refused = f"holds a prefill pruned by {method} under another vtprune configuration"
+    with torch.no_grad():
+        vtprune.patch(model, method, **options)
+        cache = _new_cache(model)
+        model(**inputs, use_cache=True, **{CACHE: cache})
+        twin = copy.deepcopy(cache)
+        want = [step(twin), step(twin)]
+        with unpatched(model):
+            for c in (cache, copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))):
+                with pytest.raises(RuntimeError, match=refused):
+                    step(c)
+        assert not {"update", "get_conv_state"} & set(vars(cache))
+        assert torch.equal(step(cache), want[0]) and torch.equal(step(cache), want[1])
+        if method == "divprune":  # a static cache reset for a new prompt is free again
+            static = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=64)
+            model(**inputs, use_cache=True, **{CACHE: static})
+            vtprune.unpatch(model)
+            with pytest.raises(RuntimeError, match=refused):
+                step(static)
+            static.reset()
+            fresh = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=64)
+            assert torch.equal(model(**inputs, use_cache=True, **{CACHE: static}).logits,
+                               model(**inputs, use_cache=True, **{CACHE: fresh}).logits)
+            assert not {"update", "get_conv_state"} & set(vars(static))
+
+
 def _scaled_copy(model, part: str):
     """A deep copy of `model` whose `part` weights are scaled (so that it computes differently), and a fresh
     model with the same weights as that copy."""

@@ -187,8 +187,9 @@ def test_hybrid_attention_signals_are_refused_at_linear_attention_layers(model_f
         def drop_layers(self, n):
             return [2]
 
-        def select_in_llm(self, tokens):
+        def select_in_llm(self, tokens):  # (registered for the session: a valid selection where it can run)
             tokens.attention_next(None)
+            return [torch.arange(int(v.sum())) for v in tokens.visual]
 
     vtprune.patch(model, "next_attention_probe_test", keep=4)
     with pytest.raises(ValueError, match="next_attention_probe_test: decoder layer 3 is a linear"), torch.no_grad():
@@ -243,3 +244,22 @@ def test_hybrid_linear_attention_layers_are_observed_and_masked_after_a_drop(mod
         real.sum(1).tolist(), ((inputs["input_ids"] == tiny.IMG) & real).sum(1).tolist())]
     for i in range(3):
         torch.testing.assert_close(out.logits[i, -1], alone[i], atol=1e-5, rtol=1e-4)
+
+
+def test_hybrid_group_starting_on_a_linear_attention_layer():
+    """A drop after layer 0 of a [attention, linear, attention, attention] decoder: the layers after it form one
+    group that starts on a linear-attention layer (as Qwen3.5-27B's after fastv layer=4: linear 4, attention 7).
+    Its attention layers' masks were sized at the group's first layer, a linear one, which transformers refused
+    (get_mask_sizes on a LinearAttentionLayer); each layer's mask is now sized at that layer."""
+    cfg = tiny.build("qwen3_5").config
+    cfg.text_config.layer_types = ["full_attention", "linear_attention", "full_attention", "full_attention"]
+    torch.manual_seed(0)
+    model = type(tiny.build("qwen3_5"))(cfg).eval()
+    vtprune.patch(model, "fastv", layer=1, keep=2)
+    inputs = tiny.batch("qwen3_5", [0, 1, 2])
+    with torch.no_grad():
+        batch = model.generate(**inputs, max_new_tokens=3, **tiny.GEN)
+        assert vtprune.stats(model).layer_tokens[1] < vtprune.stats(model).layer_tokens[0]
+        for i in range(3):
+            alone = model.generate(**tiny.batch("qwen3_5", [i]), max_new_tokens=3, **tiny.GEN)
+            assert torch.equal(batch[i, -3:], alone[0, -3:]), i

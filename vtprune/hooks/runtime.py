@@ -278,7 +278,9 @@ class PatchState:
         self.handles = []
         for cache in list(self.caches):
             if _owner(cache) == self.token and not _refusing(cache):
-                cache.update = _Refusal(cache, vars(cache).get("update"))  # (keeps a wrapper the caller set there)
+                for name in REFUSED:  # (keeps a wrapper the caller set there)
+                    if hasattr(cache, name):
+                        setattr(cache, name, _Refusal(cache, vars(cache).get(name), name))
         self.current = None
         self.scratch = None
 
@@ -883,13 +885,14 @@ def _refusing(cache) -> bool:
 
 
 def _stop_refusing(cache) -> None:
-    """The cache's own `update` again (or the one the caller had set on it)."""
-    refusal = vars(cache).get("update")
-    if isinstance(refusal, _Refusal):
-        if refusal.previous is None:
-            del cache.update
-        else:
-            cache.update = refusal.previous
+    """The cache's own `update` (and `get_conv_state`) again, or the ones the caller had set on it."""
+    for name in REFUSED:
+        refusal = vars(cache).get(name)
+        if isinstance(refusal, _Refusal):
+            if refusal.previous is None:
+                delattr(cache, name)
+            else:
+                setattr(cache, name, refusal.previous)
 
 
 def _release(cache) -> None:
@@ -906,30 +909,41 @@ def _orphan_message(method: str) -> str:
             "(pass the whole conversation)")
 
 
+# the cache methods a step calls before it changes anything: attention layers' `update`, and a hybrid model's
+# linear-attention layers' `get_conv_state` (read first, then advanced in place; those layers can run first)
+REFUSED = ("update", "get_conv_state")
+
+
 class _Refusal:
-    """A pruned cache's `update` once its configuration is gone: refuses, unless the cache was reset for a new
-    prompt. It holds the cache weakly (a bound method would make a reference cycle, and the cache's tensors
-    would then wait for a garbage collection after the caller drops it); a deep copy or pickle of the cache
-    gets one of its own. `previous`: an `update` the caller had set on the instance, put back after."""
+    """A pruned cache's `update` (or `get_conv_state`, by `name`) once its configuration is gone: refuses,
+    unless the cache was reset for a new prompt. It holds the cache weakly (a bound method would make a
+    reference cycle, and the cache's tensors would then wait for a garbage collection after the caller drops
+    it); a deep copy or pickle of the cache gets one of its own. `previous`: a method the caller had set on
+    the instance, put back after."""
 
-    def __init__(self, cache, previous=None):
+    def __init__(self, cache, previous=None, name: str = "update"):
         self.cache, self.previous = (weakref.ref(cache) if cache is not None else lambda: None), previous
+        self.name = name
 
-    def __call__(self, key_states, value_states, layer_idx, *args, **kwargs):
+    def __call__(self, *args, **kwargs):
         cache = self.cache()
         if cache is None:  # (on a copy.copy of a cache since freed, which shares this object)
             raise RuntimeError(_orphan_message(""))
-        if int(cache.get_seq_length(layer_idx)) == 0:
+        if self.name == "update":  # (key_states, value_states, layer_idx, ...)
+            fresh = int(cache.get_seq_length(args[2] if len(args) > 2 else kwargs["layer_idx"])) == 0
+        else:  # a linear-attention layer (some transformers count no positions there): the cache's length
+            fresh = int(cache.get_seq_length()) == 0
+        if fresh:
             _release(cache)
-            return cache.update(key_states, value_states, layer_idx, *args, **kwargs)
+            return getattr(cache, self.name)(*args, **kwargs)
         raise RuntimeError(_orphan_message(getattr(cache, _CACHE_ATTR).method))
 
     def __deepcopy__(self, memo):
         cache = self.cache()  # (the cache's copy is in memo, made before its attributes are copied)
-        return _Refusal(memo.get(id(cache), cache), copy.deepcopy(self.previous, memo))
+        return _Refusal(memo.get(id(cache), cache), copy.deepcopy(self.previous, memo), self.name)
 
     def __reduce__(self):
-        return _Refusal, (self.cache(), self.previous)
+        return _Refusal, (self.cache(), self.previous, self.name)
 
 
 def kv_cache(call) -> object | None:

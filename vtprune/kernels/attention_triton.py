@@ -101,7 +101,7 @@ def _column_kernel(q_ptr, k_ptr, w_ptr, km_ptr, m_ptr, l_ptr, out_ptr, n_q, n_k,
 def tiles(fp32: bool) -> tuple[int, int, int]:
     """(BQ, BK, num_warps). bf16/fp16 tiles go through tensor cores; float32 dots (IEEE) run on CUDA cores
     and hold more of each tile in registers, so they take smaller tiles. With these, ptxas reports no
-    spills on sm_90 and sm_80 for head dims up to 128 (compiled as Triton's launcher specialises them,
+    spills on sm_90 and sm_80 for head dims up to 128 and 256 (compiled as Triton's launcher specialises them,
     lengths that are multiples of 16 included), where 64 x 64 tiles over 4 warps spilled up to 0.7 KB
     (bf16, Triton 3.6) and 23 KB (float32) per thread, and float32 16 x 32 tiles up to 16 B on sm_90
     (benchmarks/kernel_resources.py, tests/kernels/test_kernel_resources.py)."""
