@@ -165,12 +165,12 @@ def _flops(args) -> int:
     if args.config is None:
         budget = _budget(args)
         method = args.method or "random"  # every projector-stage strategy gives the same LLM counts
+        build_method(method, budget)  # a bad strategy or budget fails before the model loads
     else:  # a preset: the file's (or inline JSON's) method and options; --keep / --ratio replace its budget
         if args.keep is not None and args.ratio is not None:
             raise ValueError("give at most one of --keep and --ratio with --config")
         budget = _budget(args) if (args.keep, args.ratio) != (None, None) else {}
-        method, budget = _preset(args.config, args.method, budget)
-    build_method(method, budget)  # a bad strategy or budget fails before the model loads
+        method, budget = _preset(args.config, args.method, budget)  # (built there, before the model loads)
     task = models.check_task(args.task or models.default_task(args.model), args.model)
     if args.model in configs.FULL_SCALE:  # token counts from a narrow stand-in, dimensions from the real config
         real = configs.FULL_SCALE[args.model]()

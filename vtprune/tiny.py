@@ -23,6 +23,10 @@ QWEN_TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hi
                  rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
                  pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
 QWEN_IDS = dict(image_token_id=IMG, video_token_id=VID, vision_start_token_id=VSTART, vision_end_token_id=VEND)
+# Qwen3-VL's (and Qwen3.5's, which has no deepstack) tower, its text model's head size and interleaved M-RoPE
+QWEN3_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=16, spatial_merge_size=2,
+                    temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=16)
+QWEN3_TEXT = dict(QWEN_TEXT, head_dim=16, rope_parameters=dict(QWEN_TEXT["rope_parameters"], mrope_interleaved=True))
 SIGLIP_VISION = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                      num_attention_heads=4, image_size=56, patch_size=14)
 
@@ -67,18 +71,15 @@ def build(family: str, attn: str = "sdpa", seed: int = 0):
                                                      window_size=56, out_hidden_size=64, fullatt_block_indexes=[1]),
                                   text_config=QWEN_TEXT, **QWEN_IDS)
     elif family in ("qwen3_vl", "qwen3_vl_moe"):  # deepstack: vision blocks 0 and 1 feed decoder layers 0 and 1
-        text = dict(QWEN_TEXT, head_dim=16, rope_parameters=dict(QWEN_TEXT["rope_parameters"], mrope_interleaved=True))
+        text = dict(QWEN3_TEXT)
         config = tf.Qwen3VLConfig
         if family == "qwen3_vl_moe":  # every decoder MLP a mixture of 4 experts, 2 per token
             config = tf.Qwen3VLMoeConfig
             text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
-        cfg = config(vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4,
-                                        patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
-                                        out_hidden_size=64, num_position_embeddings=16, deepstack_visual_indexes=[0, 1]),
-                     text_config=text, **QWEN_IDS)
+        cfg = config(vision_config=dict(QWEN3_VISION, deepstack_visual_indexes=[0, 1]), text_config=text, **QWEN_IDS)
     elif family in ("qwen3_5", "qwen3_5_moe"):  # Qwen3-VL's tower without deepstack; Gated DeltaNet layers
-        text = dict(QWEN_TEXT, head_dim=16, partial_rotary_factor=0.5,  # 8 rotary dims: M-RoPE sections 2 + 1 + 1
-                    rope_parameters=dict(QWEN_TEXT["rope_parameters"], mrope_section=[2, 1, 1], mrope_interleaved=True),
+        text = dict(QWEN3_TEXT, partial_rotary_factor=0.5,  # 8 rotary dims: M-RoPE sections 2 + 1 + 1
+                    rope_parameters=dict(QWEN3_TEXT["rope_parameters"], mrope_section=[2, 1, 1]),
                     # attention where the strategies' defaults read it on 4 layers (fastv 1, todre 2, transprune 1
                     # and 2), linear attention first and after every drop
                     layer_types=["linear_attention", "full_attention", "full_attention", "linear_attention"],
@@ -88,10 +89,7 @@ def build(family: str, attn: str = "sdpa", seed: int = 0):
             config = tf.Qwen3_5MoeConfig
             text.pop("intermediate_size")
             text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48)
-        cfg = config(vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=16,
-                                        spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
-                                        num_position_embeddings=16),
-                     text_config=text, **QWEN_IDS)
+        cfg = config(vision_config=QWEN3_VISION, text_config=text, **QWEN_IDS)
     else:
         raise ValueError(family)
     cfg._attn_implementation = attn

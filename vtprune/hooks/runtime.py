@@ -187,21 +187,22 @@ class PatchState:
         for p in self.attn_layers + self.observe_layers:
             if not 0 <= p < n_layers:
                 raise ValueError(f"{method_name}: layer {p} does not exist in a {n_layers}-layer decoder")
+        # decoder layers with attention (a hybrid model's others are linear attention: no attention map, and in
+        # some transformers no position count in the cache, so the cache length is read at the first of these)
+        self.attention_ids = [i for i, layer in enumerate(self.layers) if hasattr(layer, "self_attn")]
+        self.length_layer = self.attention_ids[0] if self.attention_ids else 0
         for p in self.attn_layers + ([p + 1 for p in self.drop_layers] if method.reads_next_attention else []):
             self._attention_module(p)
-        # the layer whose KV cache length is read: a hybrid model's linear-attention layers may count no positions
-        self.length_layer = next((i for i, layer in enumerate(self.layers) if hasattr(layer, "self_attn")), 0)
 
     def _attention_module(self, p: int):
         """Decoder layer p's self-attention; a ValueError for a hybrid model's linear-attention layer (Qwen3.5's
         Gated DeltaNet), which has no attention map to score tokens by."""
         attn = getattr(self.layers[p], "self_attn", None)
         if attn is None:
-            full = [i for i, layer in enumerate(self.layers) if hasattr(layer, "self_attn")]
             mixer = type(_mixer(self.layers[p])).__name__
             raise ValueError(
                 f"{self.method_name}: decoder layer {p} is a linear-attention layer ({mixer}), with no attention map to "
-                f"score tokens by; this model's attention layers are {full}. Choose the strategy's layers among them "
+                f"score tokens by; this model's attention layers are {self.attention_ids}. Choose the strategy's layers among them "
                 "(fastv: layer=K reads layer K-1; todre: stage2_layer=L reads layer L, or stage2=False; transprune: "
                 "a schedule whose drop layers p read layer p+1)")
         return attn
