@@ -333,11 +333,12 @@ def _lmms_tasks(args) -> int:
 def _model_budget_args(p) -> None:
     p.add_argument("--model", required=True,
                    help="a local model directory, a bundled name, a tiny-test model or a full-scale architecture "
-                        "(llava-1.5-7b, llava-next-7b, llava-onevision-7b, qwen2-vl-7b, qwen2.5-vl-7b, qwen3-vl-8b, "
+                        "(llava-1.5-7b, llava-next-7b, llava-next-video-7b, llava-onevision-7b, qwen2-vl-7b, qwen2.5-vl-7b, qwen3-vl-8b, "
                         "qwen3-vl-30b-a3b, qwen3.5-27b)")
     p.add_argument("--keep", type=int, help="visual tokens kept per image")
     p.add_argument("--ratio", type=float, help="fraction of visual tokens kept (instead of --keep)")
-    p.add_argument("--task", help="input source (default: shapes; tiny-prompts for test models; synthetic for full-scale)")
+    p.add_argument("--task", help="input source (default: shapes; tiny-prompts for test models; synthetic for full-scale; "
+                                  "synthetic-video: a 32-frame clip instead of the image)")
     p.add_argument("--random-weights", action="store_true", help="the architecture with random weights")
 
 
@@ -363,7 +364,7 @@ def main(argv=None) -> int:
     p.add_argument("--questions", type=at_least(1),
                    help=f"held-out questions per cell (bundled models; default {DEMO_DEFAULTS['questions']})")
     p.add_argument("--plumbing", action="store_true", help="random-weight plumbing table even if trained weights exist")
-    p.add_argument("--families", help="(--plumbing) comma-separated: llava, llava_next, llava_onevision, qwen2_vl, "
+    p.add_argument("--families", help="(--plumbing) comma-separated: llava, llava_next, llava_next_video, llava_onevision, qwen2_vl, "
                                       f"qwen2_5_vl, qwen3_vl, qwen3_vl_moe, qwen3_5, qwen3_5_moe (default {DEMO_DEFAULTS['families']})")
     p.set_defaults(func=_demo)
     p = sub.add_parser("tune", help="search a method's hyperparameters for a model (VFlowOpt's flow-guided search)")

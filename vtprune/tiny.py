@@ -2,8 +2,8 @@
 
 Used by the tests and by `vtprune demo` until the bundled trained models exist; nothing here is
 downloaded. Sample i of a batch = [BOS] + text + image block + text, with a different text length
-per sample (and, for Qwen-VL, a different image size). Qwen-VL and LLaVA-OneVision samples can also
-carry a short video after the image (`batch(..., videos=...)`).
+per sample (and, for Qwen-VL, a different image size). Qwen-VL, LLaVA-NeXT-Video and LLaVA-OneVision samples
+can also carry a short video after the image (`batch(..., videos=...)`).
 """
 from __future__ import annotations
 
@@ -32,10 +32,11 @@ SIGLIP_VISION = dict(model_type="siglip_vision_model", hidden_size=32, intermedi
 
 FAMILIES = ["llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"]
 QWEN_FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"]
-ANYRES_FAMILIES = ["llava_next", "llava_onevision"]
-VIDEO_FAMILIES = [*QWEN_FAMILIES, "llava_onevision"]
+ANYRES_FAMILIES = ["llava_next", "llava_next_video", "llava_onevision"]
+VIDEO_FAMILIES = [*QWEN_FAMILIES, "llava_next_video", "llava_onevision"]
 # family -> the transformers class `build` makes
 CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+           "llava_next_video": "LlavaNextVideoForConditionalGeneration",
            "llava_onevision": "LlavaOnevisionForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration",
            "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
            "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration", "qwen3_5": "Qwen3_5ForConditionalGeneration",
@@ -56,6 +57,11 @@ def build(family: str, attn: str = "sdpa", seed: int = 0):
         cfg = tf.LlavaNextConfig(vision_config=CLIP_VISION, text_config=LLAMA_TEXT, image_token_id=IMG,
                                  image_grid_pinpoints=NEXT_PINPOINTS, vision_feature_layer=-2,
                                  vision_feature_select_strategy="default")
+    elif family == "llava_next_video":  # LLaVA-NeXT's images; video frames average-pooled 2x2 before the projector
+        cfg = tf.LlavaNextVideoConfig(vision_config=CLIP_VISION, text_config=LLAMA_TEXT, image_token_id=IMG,
+                                      video_token_id=VID, image_grid_pinpoints=NEXT_PINPOINTS, vision_feature_layer=-2,
+                                      vision_feature_select_strategy="default", spatial_pool_mode="average",
+                                      spatial_pool_stride=2)
     elif family == "llava_onevision":  # SigLIP (no CLS, all patches), Qwen2 LLM, anyres-max-9, videos
         cfg = tf.LlavaOnevisionConfig(vision_config=SIGLIP_VISION, text_config=dict(LLAMA_TEXT, model_type="qwen2"),
                                       image_token_id=IMG, video_token_id=VID, image_grid_pinpoints=NEXT_PINPOINTS,
@@ -113,11 +119,12 @@ def _patch_dim(family: str) -> int:
 def _video(family: str, i: int, g: torch.Generator):
     """Token ids and inputs of sample i's video clip. Qwen3-VL: one vision_start/end group per frame
     with a timestamp token before it, as its processor writes them; Qwen2/2.5: one group.
-    LLaVA-OneVision: 3 frames of 56 px (a batch's clips share one tensor), each pooled to 2x2 tokens,
-    then one newline token."""
-    if family == "llava_onevision":
+    LLaVA-NeXT-Video and LLaVA-OneVision: 3 frames of 56 px (a batch's clips share one tensor), each pooled to
+    2x2 tokens; OneVision then adds one newline token."""
+    if family in ("llava_next_video", "llava_onevision"):
         frames = 3
-        return [VID] * (frames * 4 + 1), {"pixel_values_videos": torch.randn(1, frames, 3, 56, 56, generator=g)}
+        ids = [VID] * (frames * 4 + (family == "llava_onevision"))
+        return ids, {"pixel_values_videos": torch.randn(1, frames, 3, 56, 56, generator=g)}
     t, h, w = VIDEO_GRIDS[i % len(VIDEO_GRIDS)]
     per_frame = h * w // 4
     if family.startswith("qwen3"):
@@ -131,14 +138,14 @@ def _video(family: str, i: int, g: torch.Generator):
 
 def sample(family: str, i: int, seed: int = 0, video: bool = False):
     """One sample's token ids (list) and its visual inputs (dict of tensors for a batch of one).
-    video=True (Qwen-VL, LLaVA-OneVision): a video clip follows the image."""
+    video=True (VIDEO_FAMILIES): a video clip follows the image."""
     g = torch.Generator().manual_seed(1000 * seed + i)
     before = (torch.randint(3, 200, (2 + 2 * i,), generator=g)).tolist()
     after = (torch.randint(3, 200, (3 + (i % 2),), generator=g)).tolist()
     if family == "llava":
         ids = [BOS] + before + [IMG] * 16 + after
         vis = {"pixel_values": torch.randn(1, 3, 56, 56, generator=g)}
-    elif family in ("llava_next", "llava_onevision"):
+    elif family in ANYRES_FAMILIES:
         h, w = NEXT_SIZES[i % len(NEXT_SIZES)]
         n, tiles = next_tokens(h, w)
         ids = [BOS] + before + [IMG] * n + after
@@ -194,7 +201,7 @@ def batch(family: str, indices, padding: str = "left", seed: int = 0, videos=())
         clips = [v["pixel_values_videos"] for _, v in samples if "pixel_values_videos" in v]
         if clips:  # one tensor [videos, frames, ...]: clips of one batch need the same frame count
             if len({c.shape[1] for c in clips}) > 1:
-                raise ValueError("LLaVA-OneVision videos in one batch need the same number of frames")
+                raise ValueError("LLaVA-NeXT-Video/OneVision videos in one batch need the same number of frames")
             out["pixel_values_videos"] = torch.cat(clips)
         return out
     out["pixel_values"] = torch.cat([v["pixel_values"] for _, v in samples])

@@ -41,6 +41,22 @@ def test_bench_command_writes_json_and_table(tmp_path, capsys):
     assert rec["command"].startswith("vtprune bench --model tiny-test-llava") and rec["complete"] is True
 
 
+def test_flops_and_bench_take_a_synthetic_clip(tmp_path):
+    """--task synthetic-video: one 32-frame clip per prompt (a test model's frames: 2 x 2 tokens for
+    LLaVA-NeXT-Video; 12 x 12 merged patches per 2 frames for Qwen2-VL); keep counts per frame."""
+    from vtprune.cli import main
+
+    f, b = tmp_path / "f.json", tmp_path / "b.json"
+    assert main(["flops", "--model", "tiny-test-llava-next-video", "--task", "synthetic-video", "--method", "divprune",
+                 "--keep", "2", "--json", str(f)]) == 0
+    rec = json.loads(f.read_text())
+    assert rec["unpatched"]["visual_tokens"] == [32 * 4] and rec["pruned"]["visual_tokens"] == [32 * 2]
+    assert main(["bench", "--model", "tiny-test-qwen2-vl", "--task", "synthetic-video", "--methods", "divprune",
+                 "--keep", "16", "--batch", "2", "--new-tokens", "2", "--reps", "1", "--out", str(b)]) == 0
+    assert [(r["method"], r["visual_tokens"]) for r in json.loads(b.read_text())["rows"]] == [
+        ("unpatched", 16 * 144), ("divprune", 16 * 16)]
+
+
 def test_bench_command_keeps_the_rows_of_a_run_cut_short(tmp_path, monkeypatch):
     from vtprune.cli import main
     from vtprune.eval import bench
@@ -166,7 +182,7 @@ def test_the_unpatched_row_of_a_patched_model_is_unpatched():
     (["--compile", "", "--compile-backend", "nope"], "Invalid backend: 'nope'"),
     (["--compile-mode", "default", "--compile-warmup", "2"], "--compile-warmup, --compile-mode need --compile"),
     (["--compile", "", "--compile-backend", "eager", "--compile-mode", "x"], "--compile-backend eager takes none"),
-    (["--task", "bogus"], "unknown task 'bogus'; available: shapes, tiny-prompts, synthetic"),
+    (["--task", "bogus"], "unknown task 'bogus'; available: shapes, tiny-prompts, synthetic, synthetic-video"),
     (["--task", "shapes"], "tiny-test-llava has none: --task synthetic or tiny-prompts"),
     (["--methods", None], "give --methods, --config, or both"),
     (["--config", '{"method": "fastv"'], "--config: not valid JSON"),

@@ -7,6 +7,7 @@ from vtprune.eval import configs, models
 
 
 @pytest.mark.parametrize("name, params", [("llava-1.5-7b", 7_063_427_072), ("llava-next-7b", 7_063_427_072 + 4096),
+                                          ("llava-next-video-7b", 7_063_427_072 + 4096),  # NeXT's; its pooling has none
                                           ("llava-onevision-7b", 8_030_807_584),
                                           ("qwen2-vl-7b", 8_291_375_616),
                                           ("qwen2.5-vl-7b", 8_292_166_656),
@@ -57,6 +58,43 @@ def test_synthetic_inputs_run_through_the_model(family, px, visual):
     assert out.logits.shape[:2] == (2, 1)
     batches = models.calibration("synthetic", model, None, 5, batch_size=2)
     assert [b["input_ids"].shape[0] for b in batches] == [2, 2, 1]
+
+
+@pytest.mark.parametrize("family, px, frames, placeholders, length", [
+    ("llava_next_video", None, 8, 8 * 4, 1 + 8 * 4 + 5),  # 8 frames of 2 x 2 pooled tokens
+    ("llava_onevision", None, 8, 8 * 4 + 1, 1 + 8 * 4 + 1 + 5),  # and a newline
+    ("qwen2_vl", 56, 4, 4 * 4, 1 + 1 + 4 * 4 + 1 + 5),  # 4 temporal patches (of 2 frames) of 2 x 2 merged patches
+    ("qwen2_5_vl", 112, 4, 4 * 16, 1 + 1 + 4 * 16 + 1 + 5),
+    ("qwen3_vl", 64, 4, 4 * 4, 1 + 4 * (3 + 4) + 5),  # a timestamp, start and end around each temporal patch
+    ("qwen3_5", 64, 4, 4 * 4, 1 + 4 * (3 + 4) + 5)])
+def test_synthetic_video_inputs_run_through_the_model(family, px, frames, placeholders, length):
+    """frames=8: one clip instead of the image; every video placeholder is filled (the model checks it),
+    keep-all is bit-identical and a strategy prunes each frame to its budget."""
+    import vtprune
+
+    model = tiny.build(family)
+    inputs = configs.synthetic_inputs(model, 2, text_tokens=5, image_px=px, frames=8)
+    assert inputs["input_ids"].shape == (2, length)
+    assert (inputs["input_ids"] == model.config.video_token_id).sum(1).tolist() == [placeholders] * 2
+    assert not (inputs["input_ids"] == model.config.image_token_id).any()
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with vtprune.pruned(model, "divprune", keep=10_000):
+            assert torch.equal(model(**inputs).logits, ref)
+        with vtprune.pruned(model, "divprune", keep=2):
+            model(**inputs)
+            assert vtprune.stats(model).visual_after == [frames * 2] * 2
+    assert [b["input_ids"].shape[0] for b in models.calibration("synthetic-video", model, None, 3, batch_size=2)] == [2, 1]
+
+
+def test_synthetic_video_inputs_refuse_what_cannot_hold_a_clip():
+    with pytest.raises(ValueError, match="LlavaNextForConditionalGeneration takes no video input"):
+        configs.synthetic_inputs(tiny.build("llava_next"), 1, frames=8)
+    with pytest.raises(ValueError, match="frames in groups of 2: give a multiple of 2"):
+        configs.synthetic_inputs(tiny.build("qwen2_vl"), 1, image_px=56, frames=3)
+    with pytest.raises(ValueError, match="llava-1.5-7b takes no video input: task 'synthetic-video' needs one of "
+                                         "llava-next-video-7b, llava-onevision-7b, qwen2-vl-7b"):
+        models.check_task("synthetic-video", "llava-1.5-7b")
 
 
 def test_onevision_synthetic_inputs_refuse_downsampled_sizes():

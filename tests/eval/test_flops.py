@@ -110,6 +110,25 @@ def test_analytic_count_with_a_video_matches_the_flop_counter(family, method, op
     assert r.vision_encoder + r.projector + r.selection + r.llm_prefill + r.lm_head == want
 
 
+@pytest.mark.parametrize("mode", ["max", "conv"])
+def test_next_video_resampler_modes_against_the_flop_counter(mode):
+    """LLaVA-NeXT-Video pools a frame's patches before its projector (so the projector runs on 4 tokens per
+    tiny frame, not 16); a learned conv resampler adds its stride-2 convolution to the vision encoder."""
+    model = tiny.build("llava_next_video")
+    model.config.spatial_pool_mode = mode
+    model.model.vision_resampler = type(model.model.vision_resampler)(model.config).eval()
+    inputs = tiny.batch("llava_next_video", [1], videos=(1,))
+    r = flops.count(model, inputs)
+    assert r.vision_encoder + r.projector + r.selection + r.llm_prefill + r.lm_head == counted(model, inputs)
+    d, text_d = model.config.vision_config.hidden_size, model.config.text_config.hidden_size
+    frame_projector = 3 * 2 * 4 * (d * text_d + text_d * text_d)  # 3 frames of 2 x 2 pooled tokens
+    assert r.projector - frame_projector == flops.count(model, tiny.batch("llava_next_video", [1])).projector
+    conv = 3 * 2 * 4 * (2 * 2 * d) * d
+    image = flops.count(model, tiny.batch("llava_next_video", [1])).vision_encoder
+    tiles = tiny.next_tokens(*tiny.NEXT_SIZES[1])[1]  # a frame goes through the tower as a tile does
+    assert r.vision_encoder - image == 3 * image // tiles + (conv if mode == "conv" else 0)
+
+
 def test_formulas_by_hand():
     t = flops.TextDims(d=8, d_q=8, d_kv=4, m=16, layers=2, vocab=10)
     # 2*3*8*(16+8) + 6*3*8*16 + 4*9*8

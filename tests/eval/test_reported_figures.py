@@ -83,6 +83,19 @@ def test_full_scale_synthetic_prompts_have_the_documented_length(name, visual, e
     assert inputs["input_ids"].shape == (1, extra + visual + 48)
 
 
+@pytest.mark.parametrize("name, visual, extra", [("llava-next-video-7b", 32 * 144, 1), ("llava-onevision-7b", 32 * 196 + 1, 1),
+                                                 ("qwen2-vl-7b", 16 * 144, 3), ("qwen3-vl-8b", 16 * 144, 1 + 16 * 3),
+                                                 ("qwen3.5-27b", 16 * 144, 1 + 16 * 3)])
+def test_full_scale_synthetic_clips_have_the_documented_length(name, visual, extra):
+    """task synthetic-video (README): 32 frames; NeXT-Video 144 tokens a frame, OneVision 196 and a newline,
+    Qwen 144 per 2 frames (Qwen3-VL and Qwen3.5: a timestamp, start and end per 2 frames)."""
+    from vtprune.eval import configs, models
+
+    model = configs.build(name, device="meta", dtype=torch.bfloat16)
+    inputs = models.calibration("synthetic-video", model, None, 1)[0]
+    assert inputs["input_ids"].shape == (1, extra + visual + 48)
+
+
 def test_objective_weights_every_sample_alike_across_uneven_batches(monkeypatch):
     import contextlib
 

@@ -1,4 +1,4 @@
-"""LLaVA-NeXT and LLaVA-OneVision (anyres) specifics; the shared correctness matrix
+"""LLaVA-NeXT, LLaVA-NeXT-Video and LLaVA-OneVision (anyres) specifics; the shared correctness matrix
 (test_correctness.py) also covers them."""
 import pytest
 import torch
@@ -174,7 +174,7 @@ def test_todre_searches_its_pivot_over_the_base_tile_only(model_factory, family,
         att = eager.model.vision_tower(inputs["pixel_values"][0, :1], output_attentions=True).attentions
     layer = model.config.vision_feature_layer % (len(att) + 1) - 1  # hidden_states[f] is layer f - 1's output
     probs = att[layer][0].mean(0)  # heads averaged; columns in the base grid's order (after a CLS)
-    scores = probs[0, 1:] if family == "llava_next" else probs.mean(0)  # CLIP: the CLS row; SigLIP: all rows
+    scores = probs.mean(0) if family == "llava_onevision" else probs[0, 1:]  # CLIP: the CLS row; SigLIP: all rows
     pivot = int(scores.argmax())
     want = todre.select(embeds[0, slots][None], 8, torch.tensor([pivot]))[0]
     with vtprune.pruned(model, "todre", keep=8, stage2=False):
@@ -246,16 +246,17 @@ def test_the_least_budget_named_is_the_least_that_works(model_factory, family, m
         model(**tiny.batch(family, [0, 1]))
 
 
+@pytest.mark.parametrize("family", ["llava_next_video", "llava_onevision"])
 @pytest.mark.parametrize("method", ["hiprune", "todre", "vflowopt", "vision_attn_test"])
-def test_onevision_video_without_an_image(model_factory, method):
+def test_video_without_an_image(model_factory, family, method):
     """A video-only prompt: strategies reading vision scores work (no image layout is needed), keep-all
     is bit-identical, and each frame gets its budget."""
     from vtprune.tiny import _video
 
-    vids, vis = _video("llava_onevision", 1, torch.Generator().manual_seed(0))
+    vids, vis = _video(family, 1, torch.Generator().manual_seed(0))
     ids = torch.tensor([[tiny.BOS, 5, 6, *vids, 7, 8]])
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), **vis)
-    model = model_factory("llava_onevision")
+    model = model_factory(family)
     with torch.no_grad():
         ref = model.generate(**inputs, max_new_tokens=3, **tiny.GEN)
         vtprune.patch(model, method, keep=10_000)
@@ -285,6 +286,42 @@ def test_onevision_video_frame_scores_are_pooled_like_the_frames(model_factory):
     kept = sorted(vid.index(int(s)) for s in st.layout[0] if int(s) in vid)
     assert kept == want + [12]  # and the newline closing the video
     assert st.visual_before == [56 + 12] and st.visual_after == [2 + 3 * 2]
+
+
+@pytest.mark.parametrize("mode", ["average", "max", "conv"])
+def test_next_video_frame_scores_are_pooled_like_the_frames(mode):
+    """LLaVA-NeXT-Video: each frame's CLIP attention at the feature layer (eager reference: mean over heads
+    and queries, the CLS column dropped) pooled 4 x 4 -> 2 x 2 as its resampler pools the patches (a learned
+    conv: averaged); the test strategy keeps each frame's top token (here an average and a max pool pick
+    different ones). No newline closes the clip."""
+    import torch.nn.functional as F
+
+    def build(attn):
+        model = tiny.build("llava_next_video", attn)
+        model.config.spatial_pool_mode = mode
+        torch.manual_seed(1)
+        model.model.vision_resampler = type(model.model.vision_resampler)(model.config).eval()
+        return model
+
+    model, eager = build("sdpa"), build("eager")
+    eager.load_state_dict(model.state_dict())
+    inputs = tiny.batch("llava_next_video", [1], videos=(1,))
+    with torch.no_grad():
+        att = eager.model.vision_tower(inputs["pixel_values_videos"][0], output_attentions=True).attentions
+    layer = model.config.vision_feature_layer % (len(att) + 1) - 1  # hidden_states[f] is layer f - 1's output
+    grid = att[layer].mean(1).mean(1)[:, 1:].view(3, 1, 4, 4)
+    top = {pool: [f * 4 + int(i) for f in range(3) for i in pool(grid, 2).view(3, 4)[f].topk(1).indices]
+           for pool in (F.avg_pool2d, F.max_pool2d)}
+    assert top[F.avg_pool2d] != top[F.max_pool2d]
+    want = top[F.max_pool2d if mode == "max" else F.avg_pool2d]
+    vtprune.patch(model, "vision_attn_test", keep=1)
+    with torch.no_grad():
+        model(**inputs)
+    st = vtprune.stats(model)
+    vid = (inputs["input_ids"][0] == tiny.VID).nonzero().squeeze(1).tolist()
+    assert len(vid) == 12 and sorted(vid.index(int(s)) for s in st.layout[0] if int(s) in vid) == want
+    assert st.visual_before == [56 + 12] and st.visual_after == [1 + 3 * 1]
+    assert st.images[1:] == [(0, 4, 1)] * 3
 
 
 def _onevision_224():

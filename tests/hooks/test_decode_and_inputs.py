@@ -202,7 +202,7 @@ def test_keep_all_with_in_llm_strategy_and_static_cache_is_a_no_op(model_factory
 # and then repeats per beam / returned sequence; divprune needs neither (a control)
 EXPAND_METHODS = ["todre", "hiprune", "vflowopt", "pool", "token_shuffle", "divprune"]
 EXPAND_CASES = [(f, m, ()) for f in [*tiny.FAMILIES, *tiny.ANYRES_FAMILIES] for m in EXPAND_METHODS] + \
-               [(f, m, (1,)) for f in ["qwen2_vl", "llava_onevision"] for m in EXPAND_METHODS]  # with a video
+               [(f, m, (1,)) for f in ["qwen2_vl", "llava_next_video", "llava_onevision"] for m in EXPAND_METHODS]  # with a video
 
 
 @pytest.mark.parametrize("family, method, videos", EXPAND_CASES)

@@ -1,5 +1,5 @@
 """Full-scale architectures with random weights, for speed and memory figures without downloading
-anything: the published configs of LLaVA-1.5-7B, LLaVA-NeXT-7B (v1.6-vicuna), LLaVA-OneVision-7B, Qwen2-VL-7B,
+anything: the published configs of LLaVA-1.5-7B, LLaVA-NeXT-7B (v1.6-vicuna), LLaVA-NeXT-Video-7B, LLaVA-OneVision-7B, Qwen2-VL-7B,
 Qwen2.5-VL-7B, Qwen3-VL-8B, Qwen3-VL-30B-A3B and Qwen3.5-27B written out as transformers config objects, and synthetic inputs shaped like a real
 prompt (image tokens + text).
 
@@ -39,6 +39,18 @@ def llava_next_7b():
                               image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
                               vision_feature_layer=-2, vision_feature_select_strategy="default",
                               projector_hidden_act="gelu", pad_token_id=32001)
+
+
+def llava_next_video_7b():
+    """LLaVA-NeXT-Video-7B: LLaVA-NeXT-7B's tower, LLM and anyres images; video frames average-pooled 24 x 24 ->
+    12 x 12 (144 tokens) before the projector. Token ids as in transformers' defaults (video 32000, image 32001)."""
+    import transformers as tf
+
+    return tf.LlavaNextVideoConfig(vision_config=CLIP_L336, text_config=LLAMA2_7B, image_token_id=32001,
+                                   video_token_id=32000, image_grid_pinpoints=llava_next_7b().image_grid_pinpoints,
+                                   vision_feature_layer=-2, vision_feature_select_strategy="default",
+                                   spatial_pool_mode="average", spatial_pool_stride=2, projector_hidden_act="gelu",
+                                   pad_token_id=32001)
 
 
 def llava_onevision_7b():
@@ -126,7 +138,8 @@ def qwen3_5_27b():
     return tf.Qwen3_5Config(vision_config=_qwen3_vision(5120, deepstack=()), text_config=text, tie_word_embeddings=False, **_QWEN_IDS)
 
 
-FULL_SCALE = {"llava-1.5-7b": llava_1_5_7b, "llava-next-7b": llava_next_7b, "llava-onevision-7b": llava_onevision_7b,
+FULL_SCALE = {"llava-1.5-7b": llava_1_5_7b, "llava-next-7b": llava_next_7b, "llava-next-video-7b": llava_next_video_7b,
+              "llava-onevision-7b": llava_onevision_7b,
               "qwen2-vl-7b": qwen2_vl_7b,
               "qwen2.5-vl-7b": qwen2_5_vl_7b, "qwen3-vl-8b": qwen3_vl_8b, "qwen3-vl-30b-a3b": qwen3_vl_30b_a3b,
               "qwen3.5-27b": qwen3_5_27b}
@@ -151,11 +164,20 @@ def build(name: str, device=None, dtype=None, attn: str = "sdpa"):
     return model.eval()
 
 
-def synthetic_inputs(model, batch: int, text_tokens: int = 48, image_px: int | None = None, seed: int = 0) -> dict:
+VIDEO_FRAMES = 32  # synthetic clips: LLaVA-NeXT-Video's and LLaVA-OneVision's frame count
+
+
+def synthetic_inputs(model, batch: int, text_tokens: int = 48, image_px: int | None = None, seed: int = 0,
+                     frames: int = 0) -> dict:
     """A batch of prompts shaped like real ones: BOS + one image + `text_tokens` random text tokens (Qwen:
     vision start/end around the image), no padding. LLaVA images are the tower's size; Qwen images are
     `image_px` square (default 24 merged patches a side -> 576 visual tokens, as many as LLaVA-1.5:
-    672 px for Qwen2/2.5-VL, 768 px for Qwen3-VL)."""
+    672 px for Qwen2/2.5-VL, 768 px for Qwen3-VL).
+
+    frames > 0: a video clip of that many frames instead of the image (models with video input). LLaVA
+    frames are the tower's size (NeXT-Video: 144 tokens each at 336 px; OneVision: 196 at 384 px, then a
+    newline); Qwen frames are `image_px` square (default 12 merged patches a side: 144 tokens per
+    temporal patch of 2 frames; 336 px for Qwen2/2.5-VL, 384 px for Qwen3-VL and Qwen3.5)."""
     cfg = model.config
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -170,7 +192,12 @@ def synthetic_inputs(model, batch: int, text_tokens: int = 48, image_px: int | N
         ordinary = torch.tensor([t for t in range(3, min(vocab, 30000)) if t not in special])
         text = ordinary[torch.randint(len(ordinary), (batch, text_tokens), generator=g)]
     name = type(model).__name__
-    if name.startswith("Llava"):
+    if frames:
+        out = _synthetic_video(model, batch, frames, image_px, g)
+        out["input_ids"] = torch.cat([out["input_ids"], text], 1)
+        if name.startswith(("Qwen2", "Qwen3")):
+            out["mm_token_type_ids"] = 2 * (out["input_ids"] == cfg.video_token_id).int()  # 2 = video, for M-RoPE
+    elif name.startswith("Llava"):
         vc = cfg.vision_config
         if name.startswith(("LlavaNext", "LlavaOnevision")):  # anyres: base tile + crops (+ a newline per row);
             from ..tiny import next_tokens                     # default 2 x 2 tiles: 672 px -> 2928 tokens (NeXT)
@@ -204,7 +231,45 @@ def synthetic_inputs(model, batch: int, text_tokens: int = 48, image_px: int | N
     else:
         raise ValueError(f"no synthetic inputs for {name}")
     out["attention_mask"] = torch.ones_like(out["input_ids"])
-    return {k: v.to(device) for k, v in out.items()}
+    return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in out.items()}
+
+
+def _synthetic_video(model, batch: int, frames: int, px: int | None, g) -> dict:
+    """BOS + one clip of `frames` random frames per sample (input_ids without the text, and the video inputs)."""
+    cfg = model.config
+    vc = cfg.vision_config
+    name = type(model).__name__
+    bos = torch.full((batch, 1), cfg.get_text_config().bos_token_id or 1)
+    if name.startswith(("LlavaNextVideo", "LlavaOnevision")):
+        side = vc.image_size // vc.patch_size
+        if name.startswith("LlavaOnevision"):
+            n = frames * ((side + 1) // 2) ** 2 + 1  # apply_pooling's ceil(side / 2) a side, then one newline
+        else:
+            n = frames * (side // cfg.spatial_pool_stride) ** 2
+        pixels = torch.randn(batch, frames, 3, vc.image_size, vc.image_size, generator=g)
+        return dict(input_ids=torch.cat([bos, torch.full((batch, n), cfg.video_token_id)], 1), pixel_values_videos=pixels)
+    if name.startswith(("Qwen2", "Qwen3")):
+        merge, tp = vc.spatial_merge_size, vc.temporal_patch_size
+        px = px or 12 * merge * vc.patch_size
+        side = px // vc.patch_size
+        if side % merge:
+            raise ValueError(f"image_px must be a multiple of {vc.patch_size * merge}")
+        if frames % tp:
+            raise ValueError(f"{name} videos take frames in groups of {tp}: give a multiple of {tp}")
+        t = frames // tp
+        per = side * side // merge ** 2
+        start, end = torch.tensor([cfg.vision_start_token_id]), torch.tensor([cfg.vision_end_token_id])
+        group = torch.cat([start, torch.full((per,), cfg.video_token_id), end])
+        if name.startswith("Qwen3"):  # (and Qwen3.5) one group per temporal patch, after a timestamp (one token here)
+            block = torch.cat([torch.cat([torch.tensor([3 + i % 100]), group]) for i in range(t)])
+        else:
+            block = torch.cat([start, torch.full((t * per,), cfg.video_token_id), end])
+        patch_dim = vc.in_channels * tp * vc.patch_size ** 2
+        return dict(input_ids=torch.cat([bos, block.expand(batch, -1)], 1),
+                    pixel_values_videos=torch.randn(batch * t * side * side, patch_dim, generator=g),
+                    video_grid_thw=torch.tensor([[t, side, side]] * batch))
+    raise ValueError(f"{name} takes no video input: task 'synthetic-video' needs a video model "
+                     "(LLaVA-NeXT-Video, LLaVA-OneVision, Qwen2/2.5/3-VL, Qwen3.5)")
 
 
 def surrogate(config):

@@ -124,7 +124,7 @@ def _vit_layer(n: int, d: int, m: int, mlp_mats: int, attn_n2: int | None = None
 
 
 def vision_flops(model, inputs: dict, arch=None) -> dict:
-    """Vision encoder and projector FLOPs for the images and videos in `inputs` (LLaVA-1.5/NeXT/OneVision with
+    """Vision encoder and projector FLOPs for the images and videos in `inputs` (LLaVA-1.5/NeXT/NeXT-Video/OneVision with
     CLIP or SigLIP, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE and Qwen3.5), for the transformers config `arch` (default: the
     model's)."""
     cfg = arch or model.config
@@ -143,8 +143,7 @@ def vision_flops(model, inputs: dict, arch=None) -> dict:
                     bh, bw = select_best_resolution([h, w], cfg.image_grid_pinpoints)
                     images += 1 + (bh // vc.image_size) * (bw // vc.image_size)
         videos = inputs.get("pixel_values_videos")
-        if videos is not None:  # OneVision: every frame through the tower and projector, then pooled
-            images += videos.shape[0] * videos.shape[1]
+        frames = 0 if videos is None else videos.shape[0] * videos.shape[1]  # every frame through the tower
         grid = vc.image_size // vc.patch_size
         d, m = vc.hidden_size, vc.intermediate_size
         siglip = getattr(vc, "model_type", "") == "siglip_vision_model"
@@ -156,7 +155,13 @@ def vision_flops(model, inputs: dict, arch=None) -> dict:
         strategy = getattr(cfg, "vision_feature_select_strategy", "default")
         feats = n - 1 if strategy == "default" else n
         proj = 2 * feats * (d * text_d + text_d * text_d)
-        return {"vision_encoder": images * enc, "projector": images * proj}
+        frame_enc, frame_proj = enc, proj  # OneVision: a frame's projected features are pooled after the projector
+        if kind.startswith("LlavaNextVideo"):  # its vision_resampler pools a frame's patches before the projector
+            pooled = (grid // cfg.spatial_pool_stride) ** 2
+            frame_proj = 2 * pooled * (d * text_d + text_d * text_d)
+            if cfg.spatial_pool_mode == "conv":  # a learned stride-s convolution (average and max pools: no FLOPs)
+                frame_enc += 2 * pooled * cfg.spatial_pool_stride ** 2 * d * d
+        return {"vision_encoder": images * enc + frames * frame_enc, "projector": images * proj + frames * frame_proj}
     if kind.startswith(("Qwen2VL", "Qwen2_5_VL", "Qwen3VL", "Qwen3_5")):  # Qwen3.5: Qwen3-VL's tower, no deepstack
         version = "2.5" if kind.startswith("Qwen2_5_VL") else "3" if kind.startswith(("Qwen3VL", "Qwen3_5")) else "2"
         enc = proj = 0

@@ -5,7 +5,7 @@ import contextlib
 import os
 
 # vtprune.tiny's test models (random weights, no processor): for plumbing only
-TEST_MODELS = {"tiny-test-llava": "llava", "tiny-test-llava-next": "llava_next",
+TEST_MODELS = {"tiny-test-llava": "llava", "tiny-test-llava-next": "llava_next", "tiny-test-llava-next-video": "llava_next_video",
                "tiny-test-llava-onevision": "llava_onevision", "tiny-test-qwen2-vl": "qwen2_vl",
                "tiny-test-qwen2.5-vl": "qwen2_5_vl", "tiny-test-qwen3-vl": "qwen3_vl",
                "tiny-test-qwen3-vl-moe": "qwen3_vl_moe", "tiny-test-qwen3.5": "qwen3_5",
@@ -117,7 +117,7 @@ def default_task(name: str) -> str:
     return "tiny-prompts" if name in TEST_MODELS else "synthetic" if name in FULL_SCALE else "shapes"
 
 
-TASKS = ("shapes", "tiny-prompts", "synthetic")
+TASKS = ("shapes", "tiny-prompts", "synthetic", "synthetic-video")
 TINY_PROMPTS = "task 'tiny-prompts' is for the test models (tiny-test-llava, ...)"
 
 
@@ -133,6 +133,10 @@ def check_task(task: str, name: str) -> str:
                          + (" or tiny-prompts" if name in TEST_MODELS else ""))
     if task == "tiny-prompts" and (name in configs.FULL_SCALE or name in tinyvlm.NAMES):
         raise ValueError(f"{TINY_PROMPTS}, not {name}")
+    if task == "synthetic-video" and name in configs.FULL_SCALE and getattr(configs.FULL_SCALE[name](), "video_token_id",
+                                                                            None) is None:
+        video = [k for k, f in configs.FULL_SCALE.items() if getattr(f(), "video_token_id", None) is not None]
+        raise ValueError(f"{name} takes no video input: task 'synthetic-video' needs one of {', '.join(video)}")
     return task
 
 
@@ -141,11 +145,14 @@ def calibration(task: str, model, processor, n: int, seed: int = 0, batch_size: 
 
     Tasks: "shapes" = questions on the benchmark's train split (bundled models; the evaluation split is
     never used for calibration); "tiny-prompts" = vtprune.tiny's random prompts (its test models);
-    "synthetic" = BOS + one image + random text tokens (configs.synthetic_inputs; any LLaVA/Qwen2-VL model)."""
-    if task == "synthetic":
-        from .configs import synthetic_inputs
+    "synthetic" = BOS + one image + random text tokens (configs.synthetic_inputs; any LLaVA/Qwen-VL model);
+    "synthetic-video" = BOS + one 32-frame clip + random text tokens (models with video input)."""
+    if task in ("synthetic", "synthetic-video"):
+        from .configs import VIDEO_FRAMES, synthetic_inputs
 
-        return [synthetic_inputs(model, min(batch_size, n - i), seed=seed + i) for i in range(0, n, batch_size)]
+        frames = VIDEO_FRAMES if task == "synthetic-video" else 0
+        return [synthetic_inputs(model, min(batch_size, n - i), seed=seed + i, frames=frames)
+                for i in range(0, n, batch_size)]
     if task == "shapes":
         from . import shapes, tinyvlm
 

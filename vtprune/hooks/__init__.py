@@ -4,6 +4,7 @@ from __future__ import annotations
 from .base import Adapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
+from .llava_next_video import LlavaNextVideoAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_vl import Qwen3VLAdapter, QwenVLAdapter
 
@@ -11,6 +12,7 @@ from .qwen2_vl import Qwen3VLAdapter, QwenVLAdapter
 ADAPTERS: dict[str, type[Adapter]] = {
     "LlavaForConditionalGeneration": LlavaAdapter,
     "LlavaNextForConditionalGeneration": LlavaNextAdapter,
+    "LlavaNextVideoForConditionalGeneration": LlavaNextVideoAdapter,
     "LlavaOnevisionForConditionalGeneration": LlavaOnevisionAdapter,
     "Qwen2VLForConditionalGeneration": QwenVLAdapter,
     "Qwen2_5_VLForConditionalGeneration": QwenVLAdapter,
