@@ -203,3 +203,18 @@ def test_shapes_calibration_for_qwen2_5_vl_and_later():
         int(b["image_grid_thw"].prod(-1).sum()) // 4 for b in batches]  # every image's tokens, 2x2 merged
     cfg = tune.tune(model, batches, 0.5, iterations=2, progress=False)
     assert abs(cfg["tuned"]["layer_averaged_retention"] - 0.5) < 1e-9
+
+
+def test_a_command_line_preset_file_is_read_once(tmp_path, monkeypatch):
+    """bench/flops --config FILE read the file twice (the method check, then the options): a file changing in
+    between (a tune run still writing it) could give the method of one version and the options of another."""
+    import builtins
+
+    from vtprune import patching
+
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"method": "fastv", "options": {"keep": 4, "layer": 2}}))
+    opened = []
+    monkeypatch.setattr(patching, "open", lambda *a, **k: (opened.append(a[0]), builtins.open(*a, **k))[1], raising=False)
+    assert cli._preset(str(path), None, {}) == ("fastv", {"keep": 4, "layer": 2})
+    assert opened == [str(path)]

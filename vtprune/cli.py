@@ -135,7 +135,7 @@ def _preset(text: str, method: str | None, budget: dict, flag: str = "--config")
     import json
 
     from .methods.registry import build_method
-    from .patching import _resolve, load_config
+    from .patching import _resolve, load_config, read_config
 
     stripped = text.strip()
     try:
@@ -143,6 +143,7 @@ def _preset(text: str, method: str | None, budget: dict, flag: str = "--config")
     except json.JSONDecodeError as e:
         raise ValueError(f"{flag}: not valid JSON: {e}") from None
     try:
+        config = read_config(config)  # (a file: read once)
         if method is None and load_config(config)[0] is None:
             raise ValueError(f"{flag} names no method: add --method NAME, or \"method\" to the config")
         method, options = _resolve(method, config, dict(budget))

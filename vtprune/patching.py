@@ -15,10 +15,8 @@ _COMPILED = "_vtprune_compiled"
 RECOMPILE_LIMIT = 64  # compiled variants of the language model (prompt lengths x batch sizes x mask kinds)
 
 
-def load_config(config, method: str | None = None) -> tuple[str | None, dict]:
-    """(method, options) from a config file path (JSON, as `vtprune tune` writes) or a dict:
-    {"method": "vflowopt", "options": {"ratio": 0.26, "r2": 0.98, ...}, ...other keys ignored}.
-    `method`: the strategy the caller names (its options are refused beside "options", as the file's)."""
+def read_config(config):
+    """A config file's JSON object (read once); anything else as given."""
     if isinstance(config, (str, os.PathLike)):
         path = os.fspath(config)
         with open(path) as f:
@@ -29,6 +27,14 @@ def load_config(config, method: str | None = None) -> tuple[str | None, dict]:
         if not isinstance(config, dict):
             raise ValueError(f"config file {path!r} holds a JSON {type(config).__name__}, not an object "
                              '{"method": ..., "options": {...}}')
+    return config
+
+
+def load_config(config, method: str | None = None) -> tuple[str | None, dict]:
+    """(method, options) from a config file path (JSON, as `vtprune tune` writes) or a dict:
+    {"method": "vflowopt", "options": {"ratio": 0.26, "r2": 0.98, ...}, ...other keys ignored}.
+    `method`: the strategy the caller names (its options are refused beside "options", as the file's)."""
+    config = read_config(config)
     if not isinstance(config, dict):
         raise TypeError(f"config must be a path to a JSON file or a dict, got {type(config).__name__}")
     import difflib

@@ -81,6 +81,7 @@ class Run:
     layout: torch.Tensor  # [B, Lcur] caller-side slot of each current slot (-1 = padding we added)
     keep_total: torch.Tensor  # [B] visual tokens an llm-stage method keeps per sample
     pos_shift: torch.Tensor  # [B] added to decode positions
+    shifted: bool = False  # any pos_shift non-zero (read once at the prefill: no host sync per decode step)
     unit: torch.Tensor | None = None  # [B, Lcur] the image/frame (index into images) of each visual slot, else -1
     images: tuple = ()  # (sample, tokens, budget) per image / video frame of this forward (= Stats.images)
     before: torch.Tensor | None = None  # [B] visual tokens per sample on entering the model
@@ -571,7 +572,7 @@ class PatchState:
         run.visual = take(visual, index, 1, False)
         run.unit = take(unit, index, 1, -1)
         run.layout = index
-        run.pos_shift = shift
+        run.pos_shift, run.shifted = shift, bool(shift.any())
         run.changed = True
         kwargs["inputs_embeds"] = take(new_embeds, index, 1, 0)
         kwargs["attention_mask"] = (self._prepared_mask(new_mask, kwargs["inputs_embeds"], cache)
@@ -680,7 +681,7 @@ class PatchState:
         self.current = run
         mask = torch.cat([run.groups[0].mask.to(am.dtype), am[:, run.orig_len:]], dim=1)
         kwargs["attention_mask"] = self._prepared_mask(mask, embeds, cache) if static else mask
-        if bool(run.pos_shift.any()) or kwargs.get("position_ids") is None:
+        if run.shifted or kwargs.get("position_ids") is None:
             pos = kwargs.get("position_ids")
             if pos is None:
                 if run.default_positions:  # the prefill counted every slot (arange), as the model does
