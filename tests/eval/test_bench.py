@@ -57,6 +57,21 @@ def test_flops_and_bench_take_a_synthetic_clip(tmp_path):
         ("unpatched", 16 * 144), ("divprune", 16 * 16)]
 
 
+def test_visual_token_figures_count_a_kept_closing_newline_on_both_sides(tmp_path):
+    """OneVision's newline closing a video is a placeholder in no frame, always kept: the unpatched figure
+    counted it and the pruned one did not (6273 -> 1568 at ratio 0.25 on llava-onevision-7b's clip)."""
+    from vtprune.cli import main
+
+    f, b = tmp_path / "f.json", tmp_path / "b.json"
+    args = ["--model", "tiny-test-llava-onevision", "--task", "synthetic-video", "--keep", "1"]
+    assert main(["flops", *args, "--method", "divprune", "--json", str(f)]) == 0
+    rec = json.loads(f.read_text())
+    assert rec["unpatched"]["visual_tokens"] == [32 * 4 + 1] and rec["pruned"]["visual_tokens"] == [32 * 1 + 1]
+    assert main(["bench", *args, "--methods", "divprune", "--batch", "1", "--new-tokens", "2", "--reps", "1",
+                 "--out", str(b)]) == 0
+    assert [r["visual_tokens"] for r in json.loads(b.read_text())["rows"]] == [32 * 4 + 1, 32 * 1 + 1]
+
+
 def test_bench_command_keeps_the_rows_of_a_run_cut_short(tmp_path, monkeypatch):
     from vtprune.cli import main
     from vtprune.eval import bench

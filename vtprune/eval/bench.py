@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..hooks.runtime import kv_cache
-from .flops import visual_token_counts
+from .flops import visual_left, visual_token_counts
 
 
 class _Timer:
@@ -173,7 +173,8 @@ def measure(model, inputs: dict, method: str | None = None, options: dict | None
                     decode=statistics.mean(lm[1:]) if len(lm) > 1 else 0.0,
                     generate=total, selection=st.selection_ms if st is not None else 0.0,
                     peak=(torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None,
-                    visual=statistics.mean(st.visual_after) if st is not None and st.visual_after else None))
+                    visual=statistics.mean(visual_left(st, visual_token_counts(model.config, inputs)))
+                    if st is not None and st.visual_after else None))
         finally:
             vision_t.remove()
             lm_t.remove()

@@ -232,6 +232,13 @@ class FlopsReport:
         return {**asdict(self), "total_prefill": self.total_prefill}
 
 
+def visual_left(stats, placeholders: list[int]) -> list[int]:
+    """Per sample, the visual placeholders a pruned prefill left at the last decoder layer: the strategy's count
+    (`stats.visual_after`) and the placeholders in no image or frame, always kept (OneVision's newline closing a
+    video), so that the count compares with the unpatched one (`placeholders`: visual_token_counts)."""
+    return [a + p - b for a, p, b in zip(stats.visual_after, placeholders, stats.visual_before)]
+
+
 def visual_token_counts(config, inputs: dict) -> list[int]:
     """Per sample, the image/video placeholder tokens among the real (unpadded) input tokens."""
     ids = inputs["input_ids"]
@@ -314,7 +321,7 @@ def report(model, inputs: dict, stats=None, method: str | None = None, options: 
     visual_after = visual_before
     if stats is not None and stats.layer_tokens:
         per_layer = [list(x) for x in stats.layer_tokens]
-        visual_after = list(stats.visual_after)
+        visual_after = visual_left(stats, visual_before)
     layer_flops = [sum(layer_prefill(n, t, layer=i) for n in ns) for i, ns in enumerate(per_layer)]
     kv_dtype_bytes = (kv_dtype or next(model.parameters()).dtype).itemsize
     kv = sum(2 * n * t.d_kv * kv_dtype_bytes for i, ns in enumerate(per_layer) if i not in t.linear for n in ns)
