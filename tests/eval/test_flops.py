@@ -129,6 +129,19 @@ def test_next_video_resampler_modes_against_the_flop_counter(mode):
     assert r.vision_encoder - image == 3 * image // tiles + (conv if mode == "conv" else 0)
 
 
+@pytest.mark.parametrize("family", ["llava", "llava_next_video"])
+def test_several_vision_feature_layers_widen_the_projector(family):
+    """vision_feature_layer=[-2, -1]: the projector's first matrix takes both layers' features (2 d_v wide);
+    it was counted d_v wide (found by an audit: short by 2 * 16 * 32 * 64 on tiny LLaVA)."""
+    model = tiny.build(family)
+    model.config.vision_feature_layer = [-2, -1]
+    torch.manual_seed(0)
+    model = type(model)(model.config).eval()
+    inputs = tiny.batch(family, [1], videos=(1,) if family in tiny.VIDEO_FAMILIES else ())
+    r = flops.count(model, inputs)
+    assert r.vision_encoder + r.projector + r.selection + r.llm_prefill + r.lm_head == counted(model, inputs)
+
+
 def test_formulas_by_hand():
     t = flops.TextDims(d=8, d_q=8, d_kv=4, m=16, layers=2, vocab=10)
     # 2*3*8*(16+8) + 6*3*8*16 + 4*9*8

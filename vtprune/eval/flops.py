@@ -154,11 +154,13 @@ def vision_flops(model, inputs: dict, arch=None) -> dict:
             enc += 4 * n * d * d + 4 * d * d + 4 * n * d + 4 * d * m
         strategy = getattr(cfg, "vision_feature_select_strategy", "default")
         feats = n - 1 if strategy == "default" else n
-        proj = 2 * feats * (d * text_d + text_d * text_d)
+        layers = getattr(cfg, "vision_feature_layer", -2)
+        d_in = d * (1 if isinstance(layers, int) else len(layers))  # several feature layers: their features concatenated
+        proj = 2 * feats * (d_in * text_d + text_d * text_d)
         frame_enc, frame_proj = enc, proj  # OneVision: a frame's projected features are pooled after the projector
         if kind.startswith("LlavaNextVideo"):  # its vision_resampler pools a frame's patches before the projector
             pooled = (grid // cfg.spatial_pool_stride) ** 2
-            frame_proj = 2 * pooled * (d * text_d + text_d * text_d)
+            frame_proj = 2 * pooled * (d_in * text_d + text_d * text_d)
             if cfg.spatial_pool_mode == "conv":  # a learned stride-s convolution (average and max pools: no FLOPs)
                 frame_enc += 2 * pooled * cfg.spatial_pool_stride ** 2 * d * d
         return {"vision_encoder": images * enc + frames * frame_enc, "projector": images * proj + frames * frame_proj}
