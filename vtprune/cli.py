@@ -129,9 +129,11 @@ def _budget(args) -> dict:
     return {"keep": args.keep} if args.keep is not None else {"ratio": args.ratio}
 
 
-def _preset(text: str, method: str | None, budget: dict, flag: str = "--config") -> tuple[str, dict]:
+def _preset(text: str, method: str | None, budget: dict, flag: str = "--config", read: dict | None = None
+            ) -> tuple[str, dict]:
     """(method, patch() options) of a preset given on the command line: a JSON file (as `vtprune tune` writes)
-    or inline JSON; `budget` ({} or --keep / --ratio) replaces the preset's; checked before any model loads."""
+    or inline JSON; `budget` ({} or --keep / --ratio) replaces the preset's; checked before any model loads.
+    `read`: filled with the preset's JSON object (its other keys, e.g. a label)."""
     import json
 
     from .methods.registry import build_method
@@ -144,6 +146,8 @@ def _preset(text: str, method: str | None, budget: dict, flag: str = "--config")
         raise ValueError(f"{flag}: not valid JSON: {e}") from None
     try:
         config = read_config(config)  # (a file: read once)
+        if read is not None:
+            read.update(config if isinstance(config, dict) else {})
         if method is None and load_config(config)[0] is None:
             raise ValueError(f"{flag} names no method: add --method NAME, or \"method\" to the config")
         method, options = _resolve(method, config, dict(budget))
@@ -296,6 +300,21 @@ def _bench(args) -> int:
     return 0
 
 
+def _sweep_preset(text: str, flag: str) -> tuple[str, dict, str]:
+    """(method, options without a budget, label) of a sweep's --config: the sweep's ratios are its budget. The
+    label: the preset's "label", else its file's name, else the method and its options."""
+    from pathlib import Path
+
+    config = {}
+    method, options = _preset(text, None, {"ratio": 1.0}, flag, config)  # (its own budget replaced, then dropped)
+    options.pop("ratio")
+    name = config.get("label")
+    if name is None:
+        inline = text.strip().startswith(("{", "["))
+        name = f"{method}[{', '.join(f'{k}={v}' for k, v in sorted(options.items()))}]" if inline else Path(text).stem
+    return method, options, str(name)
+
+
 def _sweep(args) -> int:
     import warnings
 
@@ -303,13 +322,18 @@ def _sweep(args) -> int:
 
     from .methods.registry import available
 
-    methods = _items(args.methods, "--methods")
-    methods = available() if methods == ["all"] else methods
+    if args.methods is None:  # all strategies, or only the presets when --config is given
+        methods = [] if args.config else available()
+    else:
+        methods = _items(args.methods, "--methods")
+        methods = available() if methods == ["all"] else methods
     ratios = _ratios(args.ratios)
+    presets = [_sweep_preset(text, "--config" if len(args.config) == 1 else f"--config #{i + 1}")
+               for i, text in enumerate(args.config or [])]
     with warnings.catch_warnings():  # the sweep's warnings (cells not reused, a cut-short line) as one line each
         warnings.showwarning = lambda message, *_, **__: print(f"vtprune sweep: warning: {message}", file=sys.stderr)
-        cells = sweep.run(args.model, methods, ratios, args.task,
-                          args.out, n_questions=args.questions, batch=args.batch, random_weights=args.random_weights)
+        cells = sweep.run(args.model, methods, ratios, args.task, args.out, n_questions=args.questions,
+                          batch=args.batch, random_weights=args.random_weights, presets=presets)
     from pathlib import Path
 
     out = Path(args.out)
@@ -414,7 +438,11 @@ def main(argv=None) -> int:
     p.set_defaults(func=_bench)
     p = sub.add_parser("sweep", help="every strategy x ratio on a task: accuracy, FLOPs, latency; CSV/JSON and plots")
     p.add_argument("--model", required=True, help="a bundled name (tiny-llava, tiny-qwen2vl) or a local model directory")
-    p.add_argument("--methods", default="all", help="comma-separated strategies (default: all)")
+    p.add_argument("--methods", help="comma-separated strategies (default: all; with --config: none besides the presets)")
+    p.add_argument("--config", action="append", metavar="FILE|JSON",
+                   help="a patch() preset (a file vtprune tune wrote, or inline JSON): one more row, its method's "
+                        "options at each ratio (its budget replaced by the ratio); labelled by its \"label\", file "
+                        "name, or method and options; repeatable")
     p.add_argument("--ratios", default="0.5,0.25,0.111", help="comma-separated kept fractions")
     p.add_argument("--task", default="shapes", help="evaluation task: shapes, or an lmms-eval task (vtprune_shapes, "
                    "mme, ...; needs pip install 'vtprune[eval]')")

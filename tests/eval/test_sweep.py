@@ -232,6 +232,62 @@ def test_repeated_strategies_and_ratios_run_once(tmp_path, monkeypatch):
     assert len(list(csv.reader((tmp_path / "results.csv").open()))) == 3
 
 
+def test_presets_are_rows_of_their_own_at_the_sweep_s_ratios(tmp_path, monkeypatch, capsys):
+    """--config: a preset's options at each ratio (its budget replaced), a row beside the plain strategy,
+    labelled by its file name or "label"; options are part of a cell's identity (a resumed sweep reuses
+    the preset's cells, and the plain strategy's stay apart)."""
+    from vtprune.cli import main
+
+    seen = []
+    real = sweep.ShapesCells.cell
+    monkeypatch.setattr(sweep.ShapesCells, "cell", lambda self, m, r, o=None: (seen.append((m, r, o)),
+                                                                              real(self, m, r, o))[1])
+    preset = tmp_path / "fastv-early.json"
+    preset.write_text(json.dumps({"method": "fastv", "options": {"keep": 7, "layer": 1}}))
+    inline = json.dumps({"method": "fastv", "options": {"ratio": 0.9, "layer": 3}, "label": "late"})
+    out = tmp_path / "s"
+    argv = ["sweep", "--model", "tiny-llava", "--random-weights", "--methods", "fastv", "--ratios", "0.5,0.25",
+            "--questions", "4", "--batch", "2", "--config", str(preset), "--config", inline, "--out", str(out)]
+    assert main(argv) == 0
+    assert seen == [("none", 1.0, None)] + [("fastv", r, o) for o in (None, {"layer": 1}, {"layer": 3})
+                                            for r in (0.5, 0.25)]
+    table = capsys.readouterr().out
+    assert [line.split(" |")[0] for line in table.splitlines() if line.startswith("| ")][1:] == [
+        "| unpatched", "| fastv", "| fastv-early", "| late"]
+    cells = json.loads((out / "results.json").read_text())
+    assert [(c["method"], c.get("options"), c.get("label"), c["ratio"]) for c in cells][3:5] == [
+        ("fastv", {"layer": 1}, "fastv-early", 0.5), ("fastv", {"layer": 1}, "fastv-early", 0.25)]
+    early, default = cells[3]["llm_tflops"], cells[1]["llm_tflops"]
+    assert early < default  # the preset's layer 1 drops tokens sooner than fastv's default layer 2
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["label"], r["options"]) for r in rows][1:4:2] == [("fastv", "{}"), ("fastv-early", '{"layer": 1}')]
+    assert main(argv) == 0 and len(seen) == 7  # resumed: every cell reused
+    capsys.readouterr()
+    alone = ["sweep", "--model", "tiny-llava", "--random-weights", "--ratios", "0.5,0.25", "--questions", "4", "--batch",
+             "2", "--config", inline, "--out", str(out)]  # --config without --methods: the presets only
+    assert main(alone) == 0 and len(seen) == 7
+    assert [line.split(" |")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:] == [
+        "| unpatched", "| late"]
+
+
+@pytest.mark.parametrize("configs, words", [
+    (['{"method": "fastv", "options": {"layer": 1}}', '{"method": "fastv", "options": {"layer": 3}, "label": "fastv"}'],
+     "labelled alike: fastv"),
+    (['{"method": "fastv", "options": {"layer": 0}}'], "--config: layer must be an int >= 1, got 0"),
+    (['{"method": "nope", "options": {}}'], "--config: unknown method 'nope'"),
+    (['{"options": {"layer": 1}}'], "--config names no method"),
+])
+def test_sweep_refuses_bad_presets_before_loading_the_model(tmp_path, monkeypatch, capsys, configs, words):
+    from vtprune.cli import main
+
+    monkeypatch.setattr(sweep.ShapesCells, "__init__", lambda *a, **k: pytest.fail("the model was loaded"))
+    argv = ["sweep", "--model", "tiny-llava", "--random-weights", "--ratios", "0.5", "--out", str(tmp_path / "s")]
+    argv += ["--methods", "fastv"] if "labelled" in words else []
+    with pytest.raises(SystemExit) as exit_:
+        main(argv + [x for c in configs for x in ("--config", c)])
+    assert exit_.value.code == 2 and words in capsys.readouterr().err
+
+
 def test_sweep_rejects_bad_input(tmp_path):
     with pytest.raises(ValueError, match="ratios"):
         sweep.run("tiny-llava", ["random"], [1.5], "shapes", tmp_path, random_weights=True)
@@ -242,7 +298,7 @@ def test_sweep_rejects_bad_input(tmp_path):
     assert not (tmp_path / "new").exists()
     with pytest.raises(ValueError, match="no metric"):  # nor a first cell that fails (an lmms-eval dataset not cached)
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(sweep.ShapesCells, "cell", lambda self, m, r: (_ for _ in ()).throw(ValueError("no metric")))
+            mp.setattr(sweep.ShapesCells, "cell", lambda self, *a: (_ for _ in ()).throw(ValueError("no metric")))
             sweep.run("tiny-llava", ["random"], [0.5], "shapes", tmp_path / "new", n_questions=2, random_weights=True)
     assert not (tmp_path / "new").exists()
     (tmp_path / "file").write_text("")

@@ -10,7 +10,9 @@ so an interrupted sweep resumes where it stopped. A cell is reused only when it 
 settings: model, task, question count, --random-weights, --batch, device (cpu/cuda), strategy and
 ratio, in this cell format (FORMAT); a finished cell made with other settings, or by a vtprune before
 FORMAT 2 (whose shapes TFLOPs were summed over the batch), is run again, with a warning. The unpatched
-model is one more cell (ratio 1.0, strategy "none"). Plots: accuracy vs kept ratio, accuracy vs prefill
+model is one more cell (ratio 1.0, strategy "none"). A preset (`presets`: a method with its own options, e.g.
+a tuned VFlowOpt) is a row of its own: its cells hold the options and a label, and the sweep's ratio replaces
+the preset's budget; options are part of a cell's identity. Plots: accuracy vs kept ratio, accuracy vs prefill
 TFLOPs per sample with the Pareto front marked, prefill latency vs kept ratio.
 """
 from __future__ import annotations
@@ -89,17 +91,17 @@ class ShapesCells:
         n = min(batch, n_questions)  # the FLOPs / latency sample: one batch of the task's calibration split
         self.sample = models.to_model(models.calibration(task, self.model, self.processor, n, batch_size=n)[0], self.model)
 
-    def cell(self, method: str, ratio: float) -> dict:
+    def cell(self, method: str, ratio: float, options: dict | None = None) -> dict:
         import vtprune
 
         if method == UNPATCHED:
             acc = accuracy(self.task, self.model, self.processor, self.n_questions, self.batch)
             report, ms = flops.count(self.model, self.sample), prefill_ms(self.model, self.sample)
         else:
-            with vtprune.pruned(self.model, method, ratio=ratio):
+            with vtprune.pruned(self.model, method, ratio=ratio, **(options or {})):
                 acc = accuracy(self.task, self.model, self.processor, self.n_questions, self.batch)
                 ms = prefill_ms(self.model, self.sample)
-            report = flops.count(self.model, self.sample, method, ratio=ratio)
+            report = flops.count(self.model, self.sample, method, ratio=ratio, **(options or {}))
         n = len(report.visual_tokens)  # the report sums over the sample's batch; a cell holds per-sample means
         return {"accuracy": acc["overall"], "metric": "accuracy", "by_kind": acc["by_kind"],
                 "prefill_tflops": report.total_prefill / n / 1e12,
@@ -132,7 +134,7 @@ class LmmsCells:
         self.lm.reuse = True
         self.device = self.lm.device.type
 
-    def cell(self, method: str, ratio: float) -> dict:
+    def cell(self, method: str, ratio: float, options: dict | None = None) -> dict:
         import vtprune
 
         lm = self.lm
@@ -140,8 +142,8 @@ class LmmsCells:
             vtprune.unpatch(lm.model)
             lm.method, lm.options = None, {}
         else:
-            vtprune.patch(lm.model, method, ratio=ratio)
-            lm.method, lm.options = method, {"ratio": ratio}
+            vtprune.patch(lm.model, method, ratio=ratio, **(options or {}))
+            lm.method, lm.options = method, {"ratio": ratio, **(options or {})}
         lm.records, lm.first_inputs = [], None
         try:
             res = self.evaluate(model=lm, tasks=[self.task], task_manager=self.tasks, limit=self.n_questions,
@@ -186,15 +188,25 @@ def _ratio(value) -> float | None:
         return None
 
 
+def _options(cell: dict) -> str:
+    """A cell's strategy options besides the ratio, as one string ({} for a plain strategy and cells before presets)."""
+    return json.dumps(cell.get("options") or {}, sort_keys=True)
+
+
 def _key(cell: dict) -> tuple:
-    """What identifies a cell (of this FORMAT): the experiment's settings, strategy and ratio."""
+    """What identifies a cell (of this FORMAT): the experiment's settings, strategy, its options and ratio."""
     return (_model(cell["model"]), cell["task"], cell["questions"], *(cell[k] for k in SETTINGS), cell["method"],
-            float(cell["ratio"]))
+            _options(cell), float(cell["ratio"]))
 
 
 def _cell_of(cell: dict) -> tuple:
-    """The cell alone, whatever its settings or format: model, task, strategy, ratio."""
-    return _model(cell.get("model")), cell.get("task"), cell.get("method"), _ratio(cell.get("ratio"))
+    """The cell alone, whatever its settings or format: model, task, strategy, options, ratio."""
+    return _model(cell.get("model")), cell.get("task"), cell.get("method"), _options(cell), _ratio(cell.get("ratio"))
+
+
+def label(cell: dict) -> str:
+    """A cell's row in the table and line in the plots: its strategy, or its preset's label."""
+    return "unpatched" if cell["method"] == UNPATCHED else cell.get("label") or cell["method"]
 
 
 def _model(name):
@@ -259,10 +271,10 @@ def _append(log: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def _warn_not_reused(log: Path, logged: list[dict], base: dict, missing: list[tuple[str, float]]) -> None:
+def _warn_not_reused(log: Path, logged: list[dict], base: dict, missing: list[dict]) -> None:
     """Warn when a cell about to run has a finished counterpart in OUT/cells.jsonl made with other
     settings or in an older format, which is not reused."""
-    wanted = {(base["model"], base["task"], m, float(r)) for m, r in missing}
+    wanted = {_cell_of({**base, **m}) for m in missing}
     settings = ("questions", *SETTINGS)
     hit, why = set(), set()
     for c in logged:
@@ -284,9 +296,11 @@ def _warn_not_reused(log: Path, logged: list[dict], base: dict, missing: list[tu
 
 
 def run(model_name: str, methods: list[str], ratios: list[float], task: str, out: str | Path,
-        n_questions: int = 1200, batch: int = 32, random_weights: bool = False, progress: bool = True) -> list[dict]:
+        n_questions: int = 1200, batch: int = 32, random_weights: bool = False, progress: bool = True,
+        presets: list[tuple[str, dict, str]] = ()) -> list[dict]:
     """Run the missing cells, then write OUT/results.{json,csv} and the plots; returns every cell
-    (repeated strategies and ratios count once)."""
+    (repeated strategies, presets and ratios count once). `presets`: (method, options, label) rows beside
+    `methods`, each at every ratio (options without a budget: the ratio is the sweep's)."""
     from tqdm.auto import tqdm
 
     import vtprune
@@ -299,12 +313,33 @@ def run(model_name: str, methods: list[str], ratios: list[float], task: str, out
     unknown = [m for m in methods if m not in vtprune.available()]
     if unknown:
         raise ValueError(f"unknown strategies {unknown}; available: {', '.join(vtprune.available())}")
+    from ..methods.registry import build_method
+
+    rows = [dict(method=m, options={}, label=m) for m in methods]
+    for method, options, name in presets:
+        budget = build_method(method, {"ratio": 1.0}).Config.budget_fields
+        given = sorted(set(options) & set(budget))
+        if given:
+            raise ValueError(f"preset {name!r}: the sweep's ratios are its budget; drop {', '.join(given)}")
+        for r in ratios:  # options that fail at some ratio fail now, before the model loads
+            build_method(method, {**options, "ratio": float(r)})
+        rows.append(dict(method=method, options=dict(options), label=name))
+    if not rows:
+        raise ValueError("nothing to sweep: give strategies, presets or both")
     from . import configs, models
 
     if model_name in models.TEST_MODELS or model_name in configs.FULL_SCALE:
         raise ValueError(f"a sweep asks the model questions, and {model_name} has no processor: use tiny-llava, "
                          "tiny-qwen2vl or a local checkpoint directory (vtprune bench and vtprune flops take it)")
-    methods, ratios = list(dict.fromkeys(methods)), list(dict.fromkeys(float(r) for r in ratios))
+    first = {}
+    for row in rows:  # a repeated strategy, or preset with the same options: once, where it first came
+        first.setdefault((row["method"], _options(row)), row)
+    rows = list(first.values())
+    names = [row["label"] for row in rows]
+    twice = sorted({n for n in names if names.count(n) > 1} | ({"unpatched"} & set(names)))
+    if twice:
+        raise ValueError(f"rows with different options are labelled alike: {', '.join(twice)}; name the presets apart")
+    ratios = list(dict.fromkeys(float(r) for r in ratios))
     if os.path.isdir(model_name):  # dir, dir/ and ./dir: one model
         model_name = _model(model_name)
     out = check_output(out, "--out", folder=True)
@@ -313,8 +348,9 @@ def run(model_name: str, methods: list[str], ratios: list[float], task: str, out
     base = dict(format=FORMAT, model=model_name, task=task, questions=n_questions, random_weights=bool(random_weights),
                 batch=batch, device=default_device())
     done = {_key(c): c for c in logged if c.get("format") == FORMAT}  # a later line wins
-    todo = [(UNPATCHED, 1.0)] + [(m, r) for m in methods for r in ratios]
-    missing = [(m, r) for m, r in todo if _key({**base, "method": m, "ratio": r}) not in done]
+    todo = [dict(method=UNPATCHED, ratio=1.0)] + [
+        {**row, "ratio": r} if row["options"] else dict(method=row["method"], ratio=r) for row in rows for r in ratios]
+    missing = [t for t in todo if _key({**base, **t}) not in done]
     if missing:
         _warn_not_reused(log, logged, base, missing)
         cells_of = ShapesCells if task == "shapes" else LmmsCells
@@ -322,14 +358,14 @@ def run(model_name: str, methods: list[str], ratios: list[float], task: str, out
         if runner.device != base["device"]:
             raise RuntimeError(f"the sweep runs on {runner.device}, not {base['device']}")
         with tqdm(total=len(missing), desc="sweep", unit="cell", disable=not progress) as bar:
-            for method, ratio in missing:
-                bar.set_postfix_str(f"{method} {ratio:g}")
-                cell = {**base, "method": method, "ratio": ratio, **runner.cell(method, ratio)}
+            for t in missing:
+                bar.set_postfix_str(f"{label(t)} {t['ratio']:g}")
+                cell = {**base, **t, **runner.cell(t["method"], t["ratio"], t.get("options"))}
                 out.mkdir(parents=True, exist_ok=True)  # with the first cell: a bad model, task or dataset leaves none
                 _append(log, (json.dumps(cell) + "\n").encode())
                 done[_key(cell)] = cell
                 bar.update(1)
-    cells = [done[_key({**base, "method": m, "ratio": r})] for m, r in todo]
+    cells = [{**done[_key({**base, **t})], **({"label": t["label"]} if "label" in t else {})} for t in todo]
     write(cells, out)
     return cells
 
@@ -338,13 +374,16 @@ def write(cells: list[dict], out: Path) -> None:
     (out / "results.json").write_text(json.dumps(cells, indent=1) + "\n")
     cols = ["method", "ratio", "accuracy", "prefill_tflops", "llm_tflops", "visual_tokens", "prefill_ms", "metric",
             "model", "task", "questions", *SETTINGS]  # (the settings: which experiment made the row)
+    if any(c.get("options") for c in cells):  # presets: their label and options
+        cols[1:1] = ["label", "options"]
     header = {k: k + "_per_sample" for k in ("prefill_tflops", "llm_tflops", "visual_tokens")}
     with (out / "results.csv").open("w", newline="") as f:
         w = csv.writer(f)
         extra = sorted({k for c in cells for k in c["by_kind"]})
         w.writerow([header.get(k, k) for k in cols] + extra)
         for c in cells:
-            w.writerow([metric_of(c) if k == "metric" else c.get(k, "") for k in cols]  # (a hand-made cell: no settings)
+            w.writerow([metric_of(c) if k == "metric" else label(c) if k == "label" else _options(c) if k == "options"
+                        else c.get(k, "") for k in cols]  # (a hand-made cell: no settings)
                        + [c["by_kind"].get(k, "") for k in extra])
     plot(cells, out)
 
@@ -380,7 +419,7 @@ def plot(cells: list[dict], out: Path) -> list[Path]:
 
     from matplotlib.ticker import EngFormatter, FuncFormatter, MaxNLocator
 
-    methods = [m for m in dict.fromkeys(c["method"] for c in cells) if m != UNPATCHED]
+    methods = [m for m in dict.fromkeys(label(c) for c in cells if c["method"] != UNPATCHED)]
     markers = "osD^vP*Xh<>p"  # one per strategy, so that two with equal values still both show
     colours = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7] + list(plt.get_cmap("Dark2").colors)
     # (tab10's grey left out: grey is the unpatched model's and the Pareto front's)
@@ -394,7 +433,7 @@ def plot(cells: list[dict], out: Path) -> list[Path]:
             ("latency_vs_ratio.png", "ratio", "prefill_ms", RATIO_AXIS, "prefill ms per batch (median)")):
         fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
         for i, m in enumerate(methods):
-            pts = sorted((c[xkey], c[ykey]) for c in cells if c["method"] == m)
+            pts = sorted((c[xkey], c[ykey]) for c in cells if c["method"] != UNPATCHED and label(c) == m)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)], alpha=0.8,
                     color=colours[i % len(colours)], markerfacecolor="none" if i % 2 else None, label=m)
         if full is not None:  # its level, and the point itself (at ratio 1, at its own TFLOPs)
@@ -429,8 +468,7 @@ def table(cells: list[dict]) -> str:
     """Markdown: one row per strategy, accuracy per ratio."""
     ratios = sorted({float(c["ratio"]) for c in cells}, reverse=True)  # the unpatched model's 1.0 among them
     lines = ["| strategy | " + " | ".join(f"{r:g}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
-    for m in dict.fromkeys(c["method"] for c in cells):
-        acc = {float(c["ratio"]): c["accuracy"] for c in cells if c["method"] == m}
-        name = "unpatched" if m == UNPATCHED else m
+    for name in dict.fromkeys(label(c) for c in cells):
+        acc = {float(c["ratio"]): c["accuracy"] for c in cells if label(c) == name}
         lines.append(f"| {name} | " + " | ".join(f"{acc[r]:.3f}" if r in acc else "" for r in ratios) + " |")
     return "\n".join(lines)
