@@ -176,14 +176,14 @@ def _flops(args) -> int:
             raise ValueError("give at most one of --keep and --ratio with --config")
         budget = _budget(args) if (args.keep, args.ratio) != (None, None) else {}
         method, budget = _preset(args.config, args.method, budget)  # (built there, before the model loads)
-    task = models.check_task(args.task or models.default_task(args.model), args.model)
+    task = models.check_task(args.task or models.default_task(args.model), args.model, args.frames)
     if args.model in configs.FULL_SCALE:  # token counts from a narrow stand-in, dimensions from the real config
         real = configs.FULL_SCALE[args.model]()
         model, processor = configs.surrogate(real), None
     else:
         real = None
         model, processor = models.load(args.model, random_weights=args.random_weights)
-    inputs = models.calibration(task, model, processor, 1)[0]
+    inputs = models.calibration(task, model, processor, 1, frames=args.frames)[0]
     import torch
 
     kv_dtype = torch.bfloat16 if real is not None else None  # the stand-in is float32; the real model runs in bf16
@@ -255,7 +255,7 @@ def _bench(args) -> int:
         batches = list(dict.fromkeys(at_least(1)(x) for x in _items(args.batch, "--batch")))
     except argparse.ArgumentTypeError as e:
         raise ValueError(f"--batch: {e}") from None
-    task = models.check_task(args.task or models.default_task(args.model), args.model)
+    task = models.check_task(args.task or models.default_task(args.model), args.model, args.frames)
     model, processor = models.load(args.model, random_weights=args.random_weights)
     import vtprune
     from .patching import check_compilable
@@ -278,7 +278,7 @@ def _bench(args) -> int:
         bench.save_text(Path(args.out).with_suffix(".md"), bench.markdown(rows) + "\n")
 
     for b in batches:
-        inputs = models.to_model(models.calibration(task, model, processor, b, batch_size=b)[0], model)
+        inputs = models.to_model(models.calibration(task, model, processor, b, batch_size=b, frames=args.frames)[0], model)
         paths = [None, _compile_options(args)] if args.compile else [None]
         for compiled in paths:
             for method, options in [(None, None)] + jobs:
@@ -363,7 +363,8 @@ def _model_budget_args(p) -> None:
     p.add_argument("--keep", type=int, help="visual tokens kept per image")
     p.add_argument("--ratio", type=float, help="fraction of visual tokens kept (instead of --keep)")
     p.add_argument("--task", help="input source (default: shapes; tiny-prompts for test models; synthetic for full-scale; "
-                                  "synthetic-video: a 32-frame clip instead of the image)")
+                                  "synthetic-video: a clip instead of the image)")
+    p.add_argument("--frames", type=at_least(1), help="frames of the synthetic-video clip (default 32)")
     p.add_argument("--random-weights", action="store_true", help="the architecture with random weights")
 
 

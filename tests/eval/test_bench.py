@@ -51,6 +51,10 @@ def test_flops_and_bench_take_a_synthetic_clip(tmp_path):
                  "--keep", "2", "--json", str(f)]) == 0
     rec = json.loads(f.read_text())
     assert rec["unpatched"]["visual_tokens"] == [32 * 4] and rec["pruned"]["visual_tokens"] == [32 * 2]
+    assert main(["flops", "--model", "tiny-test-llava-next-video", "--task", "synthetic-video", "--frames", "5",
+                 "--keep", "1", "--json", str(f)]) == 0
+    rec = json.loads(f.read_text())
+    assert rec["unpatched"]["visual_tokens"] == [5 * 4] and rec["pruned"]["visual_tokens"] == [5 * 1]
     assert main(["bench", "--model", "tiny-test-qwen2-vl", "--task", "synthetic-video", "--methods", "divprune",
                  "--keep", "16", "--batch", "2", "--new-tokens", "2", "--reps", "1", "--out", str(b)]) == 0
     assert [(r["method"], r["visual_tokens"]) for r in json.loads(b.read_text())["rows"]] == [
@@ -199,6 +203,9 @@ def test_the_unpatched_row_of_a_patched_model_is_unpatched():
     (["--compile", "", "--compile-backend", "eager", "--compile-mode", "x"], "--compile-backend eager takes none"),
     (["--task", "bogus"], "unknown task 'bogus'; available: shapes, tiny-prompts, synthetic, synthetic-video"),
     (["--task", "shapes"], "tiny-test-llava has none: --task synthetic or tiny-prompts"),
+    (["--frames", "8"], "--frames is for --task synthetic-video, not tiny-prompts"),
+    (["--model", "qwen2-vl-7b", "--random-weights", "", "--task", "synthetic-video", "--frames", "7"],
+     "qwen2-vl-7b videos take frames in groups of 2: give --frames a multiple of 2"),
     (["--methods", None], "give --methods, --config, or both"),
     (["--config", '{"method": "fastv"'], "--config: not valid JSON"),
     (["--config", '{"method": "nope", "options": {}}'], "--config: unknown method 'nope'"),

@@ -121,9 +121,9 @@ TASKS = ("shapes", "tiny-prompts", "synthetic", "synthetic-video")
 TINY_PROMPTS = "task 'tiny-prompts' is for the test models (tiny-test-llava, ...)"
 
 
-def check_task(task: str, name: str) -> str:
-    """A calibration task that can serve `--model name`, checked before anything loads (a local directory's
-    processor is only known once loaded: `calibration` checks it then)."""
+def check_task(task: str, name: str, frames: int | None = None) -> str:
+    """A calibration task that can serve `--model name` (with `frames`, a synthetic-video clip's), checked before
+    anything loads (a local directory's processor is only known once loaded: `calibration` checks it then)."""
     from . import configs, tinyvlm
 
     if task not in TASKS:
@@ -133,24 +133,34 @@ def check_task(task: str, name: str) -> str:
                          + (" or tiny-prompts" if name in TEST_MODELS else ""))
     if task == "tiny-prompts" and (name in configs.FULL_SCALE or name in tinyvlm.NAMES):
         raise ValueError(f"{TINY_PROMPTS}, not {name}")
-    if task == "synthetic-video" and name in configs.FULL_SCALE and getattr(configs.FULL_SCALE[name](), "video_token_id",
-                                                                            None) is None:
-        video = [k for k, f in configs.FULL_SCALE.items() if getattr(f(), "video_token_id", None) is not None]
-        raise ValueError(f"{name} takes no video input: task 'synthetic-video' needs one of {', '.join(video)}")
+    if frames is not None and task != "synthetic-video":
+        raise ValueError(f"--frames is for --task synthetic-video, not {task}")
+    if task == "synthetic-video" and name in configs.FULL_SCALE:
+        cfg = configs.FULL_SCALE[name]()
+        if getattr(cfg, "video_token_id", None) is None:
+            video = [k for k, f in configs.FULL_SCALE.items() if getattr(f(), "video_token_id", None) is not None]
+            raise ValueError(f"{name} takes no video input: task 'synthetic-video' needs one of {', '.join(video)}")
+        group = getattr(cfg.vision_config, "temporal_patch_size", 1)
+        if (frames or configs.VIDEO_FRAMES) % group:
+            raise ValueError(f"{name} videos take frames in groups of {group}: give --frames a multiple of {group}")
     return task
 
 
-def calibration(task: str, model, processor, n: int, seed: int = 0, batch_size: int = 8) -> list[dict]:
+def calibration(task: str, model, processor, n: int, seed: int = 0, batch_size: int = 8,
+                frames: int | None = None) -> list[dict]:
     """Batches of model inputs (left-padded) for a task's first `n` calibration samples.
 
     Tasks: "shapes" = questions on the benchmark's train split (bundled models; the evaluation split is
     never used for calibration); "tiny-prompts" = vtprune.tiny's random prompts (its test models);
     "synthetic" = BOS + one image + random text tokens (configs.synthetic_inputs; any LLaVA/Qwen-VL model);
-    "synthetic-video" = BOS + one 32-frame clip + random text tokens (models with video input)."""
+    "synthetic-video" = BOS + one clip of `frames` frames (default 32) + random text tokens (models with video
+    input)."""
+    if frames is not None and task != "synthetic-video":
+        raise ValueError(f"frames are for task 'synthetic-video', not {task!r}")
     if task in ("synthetic", "synthetic-video"):
         from .configs import VIDEO_FRAMES, synthetic_inputs
 
-        frames = VIDEO_FRAMES if task == "synthetic-video" else 0
+        frames = (frames or VIDEO_FRAMES) if task == "synthetic-video" else 0
         return [synthetic_inputs(model, min(batch_size, n - i), seed=seed + i, frames=frames)
                 for i in range(0, n, batch_size)]
     if task == "shapes":
