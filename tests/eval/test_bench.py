@@ -436,6 +436,27 @@ def test_sweep_methods_all_with_spaces_and_the_help_lists_every_family(monkeypat
     assert all(family in text for family in tiny.CLASSES)
 
 
+def test_every_command_s_help_lists_its_models_and_defaults(capsys, monkeypatch):
+    """Each subcommand's --help exits 0; flops and bench name every full-scale architecture they take (their
+    --model help is written by hand), and an option's default is shown where it has one."""
+    from vtprune import cli
+    from vtprune.eval import configs
+
+    monkeypatch.setenv("COLUMNS", "1000")  # (argparse wraps at the terminal's width, hyphenated names too)
+
+    texts = {}
+    for command in ("methods", "demo", "tune", "flops", "bench", "sweep", "lmms-tasks"):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([command, "--help"])
+        assert exit_.value.code == 0, command
+        texts[command] = " ".join(capsys.readouterr().out.split())
+    for command in ("flops", "bench"):
+        assert all(name in texts[command] for name in configs.FULL_SCALE), command
+        assert "synthetic-video" in texts[command] and "--frames" in texts[command]
+    assert "comma-separated kept fractions (default: 0.5,0.25,0.111)" in texts["sweep"]
+    assert "--config FILE|JSON" in texts["sweep"]
+
+
 def test_synthetic_prompts_of_a_small_vocabulary_hold_only_their_image_tokens():
     """Random 'text' tokens drawn from a small vocabulary hit the image token id: the model then found
     more image tokens than features (tiny-llava: 199 for 196)."""
