@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from .eval.paths import check_output
@@ -272,7 +273,7 @@ def _bench(args) -> int:
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
 
     def save(complete: bool):  # after every row too, so that a run cut short keeps what it measured
-        record = {"command": "vtprune " + " ".join(args.argv), "device": gpu, "model": args.model, "complete": complete,
+        record = {"command": "vtprune " + shlex.join(args.argv), "device": gpu, "model": args.model, "complete": complete,
                   "rows": [r.to_dict() for r in rows]}
         bench.save_text(args.out, json.dumps(record, indent=1) + "\n")
         bench.save_text(Path(args.out).with_suffix(".md"), bench.markdown(rows) + "\n")
@@ -305,10 +306,18 @@ def _sweep_preset(text: str, flag: str) -> tuple[str, dict, str]:
     label: the preset's "label", else its file's name, else the method and its options."""
     from pathlib import Path
 
+    from .methods.registry import get_method
+
     config = {}
     method, options = _preset(text, None, {"ratio": 1.0}, flag, config)  # (its own budget replaced, then dropped)
     options.pop("ratio")
+    shape = sorted(set(config.get("options") or {}) & set(get_method(method).Config.budget_fields) - {"keep", "ratio"})
+    if shape:  # (token_shuffle's s: its window, which the sweep's ratio would replace)
+        raise ValueError(f"{flag}: the sweep's ratios set the budget, which {', '.join(shape)} would set too: drop "
+                         f"{', '.join(shape)} (or sweep {method} with its own ratios)")
     name = config.get("label")
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise ValueError(f"{flag}: \"label\" must be a non-empty string, got {name!r}")
     if name is None:
         inline = text.strip().startswith(("{", "["))
         name = f"{method}[{', '.join(f'{k}={v}' for k, v in sorted(options.items()))}]" if inline else Path(text).stem
@@ -337,7 +346,7 @@ def _sweep(args) -> int:
     from pathlib import Path
 
     out = Path(args.out)
-    line = "vtprune " + " ".join(args.argv) + "\n"
+    line = "vtprune " + shlex.join(args.argv) + "\n"  # (quoted: inline JSON presets re-run as written)
     log = out / "commands.txt"  # what made the figures: a resumed sweep adds its line, the same one again nothing
     if not log.exists() or line not in log.read_text().splitlines(keepends=True)[-1:]:
         with open(log, "a") as f:

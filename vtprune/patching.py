@@ -40,9 +40,10 @@ def load_config(config, method: str | None = None) -> tuple[str | None, dict]:
     import difflib
 
     for key in config:  # other keys (e.g. "tuned") are notes; a near-miss of a meaningful one is a typo
-        near = difflib.get_close_matches(key, ["method", "options"], n=1, cutoff=0.7)
+        near = difflib.get_close_matches(key, ["method", "options", "label"], n=1, cutoff=0.7)
         if near and near[0] != key:
-            raise ValueError(f"config key {key!r}: did you mean {near[0]!r}? (keys read: 'method', 'options')")
+            raise ValueError(f"config key {key!r}: did you mean {near[0]!r}? (keys read: 'method', 'options'; "
+                             "'label' by vtprune sweep)")
     options = config.get("options", {})
     if not isinstance(options, dict):
         raise ValueError("config 'options' must be a mapping of option names to values")

@@ -276,6 +276,10 @@ def test_presets_are_rows_of_their_own_at_the_sweep_s_ratios(tmp_path, monkeypat
     (['{"method": "fastv", "options": {"layer": 0}}'], "--config: layer must be an int >= 1, got 0"),
     (['{"method": "nope", "options": {}}'], "--config: unknown method 'nope'"),
     (['{"options": {"layer": 1}}'], "--config names no method"),
+    (['{"method": "token_shuffle", "options": {"s": 3}}'], "--config: the sweep's ratios set the budget, which s would "
+                                                          "set too: drop s"),  # (it was dropped silently)
+    (['{"method": "fastv", "options": {"layer": 1}, "label": ""}'], '--config: "label" must be a non-empty string'),
+    (['{"method": "fastv", "options": {"layer": 1}, "lable": "x"}'], "config key 'lable': did you mean 'label'?"),
 ])
 def test_sweep_refuses_bad_presets_before_loading_the_model(tmp_path, monkeypatch, capsys, configs, words):
     from vtprune.cli import main
@@ -286,6 +290,41 @@ def test_sweep_refuses_bad_presets_before_loading_the_model(tmp_path, monkeypatc
     with pytest.raises(SystemExit) as exit_:
         main(argv + [x for c in configs for x in ("--config", c)])
     assert exit_.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_a_labelled_preset_with_a_strategy_s_options_is_a_row_sharing_its_cells(tmp_path, monkeypatch, capsys):
+    """A preset whose options, its budget dropped, are none (or equal a plain row's) lost its label and
+    merged into the plain row; it is a row of its own now, its cells run once for both."""
+    from vtprune.cli import main
+
+    calls = _counting(monkeypatch)
+    argv = ["sweep", "--model", "tiny-llava", "--random-weights", "--methods", "fastv", "--ratios", "0.5",
+            "--questions", "4", "--batch", "2", "--config", '{"method": "fastv", "options": {"keep": 3}, "label": "mine"}',
+            "--out", str(tmp_path)]
+    assert main(argv) == 0 and len(calls) == 2  # unpatched, fastv at 0.5: the preset's cell is fastv's
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [line.split(" |")[0] for line in table][1:] == ["| unpatched", "| fastv", "| mine"]
+    assert table[-1].split("|")[2:] == table[-2].split("|")[2:]
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert [(r["method"], r["label"], r["options"]) for r in rows] == [
+        ("none", "unpatched", "{}"), ("fastv", "fastv", "{}"), ("fastv", "mine", "{}")]
+    import shlex  # the command is recorded quoted: the inline JSON preset re-runs as written
+
+    assert shlex.split((tmp_path / "commands.txt").read_text())[1:] == argv
+
+
+def test_a_preset_the_model_refuses_stops_the_sweep_before_its_first_cell(tmp_path, monkeypatch, capsys):
+    """fastv layer=99 on a 4-layer model passes every check without the model: it was refused at its first
+    cell, after the unpatched model and the other strategies had been evaluated."""
+    from vtprune.cli import main
+
+    calls = _counting(monkeypatch)
+    with pytest.raises(SystemExit) as exit_:
+        main(["sweep", "--model", "tiny-llava", "--random-weights", "--methods", "random", "--ratios", "0.5",
+              "--questions", "4", "--batch", "2", "--config", '{"method": "fastv", "options": {"layer": 99}}',
+              "--out", str(tmp_path / "s")])
+    assert exit_.value.code == 2 and "fastv layer=99 must be < the model's 4 decoder layers" in capsys.readouterr().err
+    assert calls == [] and not (tmp_path / "s").exists()
 
 
 def test_sweep_rejects_bad_input(tmp_path):

@@ -90,6 +90,7 @@ class ShapesCells:
         self.model = self.model.to(self.device)
         n = min(batch, n_questions)  # the FLOPs / latency sample: one batch of the task's calibration split
         self.sample = models.to_model(models.calibration(task, self.model, self.processor, n, batch_size=n)[0], self.model)
+        self.patchable = self.model  # what the cells patch
 
     def cell(self, method: str, ratio: float, options: dict | None = None) -> dict:
         import vtprune
@@ -132,6 +133,7 @@ class LmmsCells:
                              "vtprune's lmms-eval tasks: vtprune_shapes, vtprune_shapes_dynres, vtprune_shapes_mc)")
         self.lm = lmms.Vtprune(pretrained=model_name, batch_size=batch, random_weights=random_weights, device=device)
         self.lm.reuse = True
+        self.patchable = self.lm.model
         self.device = self.lm.device.type
 
     def cell(self, method: str, ratio: float, options: dict | None = None) -> dict:
@@ -321,6 +323,8 @@ def run(model_name: str, methods: list[str], ratios: list[float], task: str, out
         given = sorted(set(options) & set(budget))
         if given:
             raise ValueError(f"preset {name!r}: the sweep's ratios are its budget; drop {', '.join(given)}")
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"a preset's label must be a non-empty string, got {name!r}")
         for r in ratios:  # options that fail at some ratio fail now, before the model loads
             build_method(method, {**options, "ratio": float(r)})
         rows.append(dict(method=method, options=dict(options), label=name))
@@ -332,13 +336,13 @@ def run(model_name: str, methods: list[str], ratios: list[float], task: str, out
         raise ValueError(f"a sweep asks the model questions, and {model_name} has no processor: use tiny-llava, "
                          "tiny-qwen2vl or a local checkpoint directory (vtprune bench and vtprune flops take it)")
     first = {}
-    for row in rows:  # a repeated strategy, or preset with the same options: once, where it first came
-        first.setdefault((row["method"], _options(row)), row)
+    for row in rows:  # a repeated strategy or preset: once, where it first came (a preset with a strategy's
+        first.setdefault((row["method"], _options(row), row["label"]), row)  # options: a row of its own, same cells)
     rows = list(first.values())
     names = [row["label"] for row in rows]
     twice = sorted({n for n in names if names.count(n) > 1} | ({"unpatched"} & set(names)))
     if twice:
-        raise ValueError(f"rows with different options are labelled alike: {', '.join(twice)}; name the presets apart")
+        raise ValueError(f"different rows are labelled alike: {', '.join(twice)}; name the presets apart")
     ratios = list(dict.fromkeys(float(r) for r in ratios))
     if os.path.isdir(model_name):  # dir, dir/ and ./dir: one model
         model_name = _model(model_name)
@@ -348,15 +352,24 @@ def run(model_name: str, methods: list[str], ratios: list[float], task: str, out
     base = dict(format=FORMAT, model=model_name, task=task, questions=n_questions, random_weights=bool(random_weights),
                 batch=batch, device=default_device())
     done = {_key(c): c for c in logged if c.get("format") == FORMAT}  # a later line wins
-    todo = [dict(method=UNPATCHED, ratio=1.0)] + [
-        {**row, "ratio": r} if row["options"] else dict(method=row["method"], ratio=r) for row in rows for r in ratios]
-    missing = [t for t in todo if _key({**base, **t}) not in done]
+    todo = [dict(method=UNPATCHED, ratio=1.0)] + [  # (a plain strategy's cells hold neither label nor options)
+        {**row, "ratio": r} if (row["options"] or row["label"] != row["method"]) else dict(method=row["method"], ratio=r)
+        for row in rows for r in ratios]
+    missing = {}
+    for t in todo:  # each cell once, where it first comes
+        if _key({**base, **t}) not in done:
+            missing.setdefault(_key({**base, **t}), t)
+    missing = list(missing.values())
     if missing:
         _warn_not_reused(log, logged, base, missing)
         cells_of = ShapesCells if task == "shapes" else LmmsCells
         runner = cells_of(model_name, task, n_questions, batch, random_weights, device=base["device"])
         if runner.device != base["device"]:
             raise RuntimeError(f"the sweep runs on {runner.device}, not {base['device']}")
+        for row in rows:  # what needs the model (a preset's layer in range): refused before the first cell
+            if row["options"]:
+                with vtprune.pruned(runner.patchable, row["method"], ratio=ratios[0], **row["options"]):
+                    pass
         with tqdm(total=len(missing), desc="sweep", unit="cell", disable=not progress) as bar:
             for t in missing:
                 bar.set_postfix_str(f"{label(t)} {t['ratio']:g}")
@@ -365,7 +378,10 @@ def run(model_name: str, methods: list[str], ratios: list[float], task: str, out
                 _append(log, (json.dumps(cell) + "\n").encode())
                 done[_key(cell)] = cell
                 bar.update(1)
-    cells = [{**done[_key({**base, **t})], **({"label": t["label"]} if "label" in t else {})} for t in todo]
+    cells = []
+    for t in todo:  # a cell run for one row may serve another with the same strategy and options: this row's label
+        cell = {k: v for k, v in done[_key({**base, **t})].items() if k != "label"}
+        cells.append({**cell, "label": t["label"]} if "label" in t else cell)
     write(cells, out)
     return cells
 
@@ -374,7 +390,7 @@ def write(cells: list[dict], out: Path) -> None:
     (out / "results.json").write_text(json.dumps(cells, indent=1) + "\n")
     cols = ["method", "ratio", "accuracy", "prefill_tflops", "llm_tflops", "visual_tokens", "prefill_ms", "metric",
             "model", "task", "questions", *SETTINGS]  # (the settings: which experiment made the row)
-    if any(c.get("options") for c in cells):  # presets: their label and options
+    if any(c.get("options") or c.get("label") for c in cells):  # presets: their label and options
         cols[1:1] = ["label", "options"]
     header = {k: k + "_per_sample" for k in ("prefill_tflops", "llm_tflops", "visual_tokens")}
     with (out / "results.csv").open("w", newline="") as f:
