@@ -153,6 +153,8 @@ def _preset(text: str, method: str | None, budget: dict, flag: str = "--config",
             raise ValueError(f"{flag} names no method: add --method NAME, or \"method\" to the config")
         method, options = _resolve(method, config, dict(budget))
         build_method(method, options)
+    except OSError as e:  # a missing or unreadable file
+        raise ValueError(f"{flag}: cannot read {text}: {e.strerror or e}") from None
     except (TypeError, ValueError) as e:
         message = str(e)
         raise ValueError(message if message.startswith(flag) else f"{flag}: {message}") from None

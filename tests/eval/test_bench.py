@@ -204,6 +204,8 @@ def test_the_unpatched_row_of_a_patched_model_is_unpatched():
     (["--task", "bogus"], "unknown task 'bogus'; available: shapes, tiny-prompts, synthetic, synthetic-video"),
     (["--task", "shapes"], "tiny-test-llava has none: --task synthetic or tiny-prompts"),
     (["--frames", "8"], "--frames is for --task synthetic-video, not tiny-prompts"),
+    (["--task", "synthetic-video"], "tiny-test-llava takes no video input"),
+    (["--methods", None, "--config", "missing.json"], "--config: cannot read missing.json: No such file or directory"),
     (["--model", "qwen2-vl-7b", "--random-weights", "", "--task", "synthetic-video", "--frames", "7"],
      "qwen2-vl-7b videos take frames in groups of 2: give --frames a multiple of 2"),
     (["--methods", None], "give --methods, --config, or both"),

@@ -92,9 +92,15 @@ def test_synthetic_video_inputs_refuse_what_cannot_hold_a_clip():
         configs.synthetic_inputs(tiny.build("llava_next"), 1, frames=8)
     with pytest.raises(ValueError, match="frames in groups of 2: give a multiple of 2"):
         configs.synthetic_inputs(tiny.build("qwen2_vl"), 1, image_px=56, frames=3)
-    with pytest.raises(ValueError, match="llava-1.5-7b takes no video input: task 'synthetic-video' needs one of "
-                                         "llava-next-video-7b, llava-onevision-7b, qwen2-vl-7b"):
+    with pytest.raises(ValueError, match="llava-1.5-7b takes no video input: task 'synthetic-video' needs a model that "
+                                         "does, e.g. llava-next-video-7b, llava-onevision-7b, qwen2-vl-7b"):
         models.check_task("synthetic-video", "llava-1.5-7b")
+    for name in ("tiny-test-llava-next", "tiny-llava"):  # test and bundled models: known before they load too
+        with pytest.raises(ValueError, match=f"{name} takes no video input"):
+            models.check_task("synthetic-video", name)
+    with pytest.raises(ValueError, match="tiny-qwen2vl videos take frames in groups of 2: give --frames a multiple"):
+        models.check_task("synthetic-video", "tiny-qwen2vl", 3)
+    assert models.check_task("synthetic-video", "tiny-test-qwen3-vl", 4) == "synthetic-video"
 
 
 def test_onevision_synthetic_inputs_refuse_downsampled_sizes():

@@ -121,6 +121,23 @@ TASKS = ("shapes", "tiny-prompts", "synthetic", "synthetic-video")
 TINY_PROMPTS = "task 'tiny-prompts' is for the test models (tiny-test-llava, ...)"
 
 
+def _known_config(name: str):
+    """The transformers config of a full-scale, test or bundled model name, without building it; None otherwise."""
+    from . import configs, tinyvlm
+
+    if name in configs.FULL_SCALE:
+        return configs.FULL_SCALE[name]()
+    if name in TEST_MODELS:
+        from .. import tiny
+
+        return tiny.build(TEST_MODELS[name]).config  # (a few thousand parameters)
+    if name in tinyvlm.NAMES and (tinyvlm.BUNDLED / name / "config.json").exists():
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(tinyvlm.BUNDLED / name)
+    return None
+
+
 def check_task(task: str, name: str, frames: int | None = None) -> str:
     """A calibration task that can serve `--model name` (with `frames`, a synthetic-video clip's), checked before
     anything loads (a local directory's processor is only known once loaded: `calibration` checks it then)."""
@@ -135,11 +152,12 @@ def check_task(task: str, name: str, frames: int | None = None) -> str:
         raise ValueError(f"{TINY_PROMPTS}, not {name}")
     if frames is not None and task != "synthetic-video":
         raise ValueError(f"--frames is for --task synthetic-video, not {task}")
-    if task == "synthetic-video" and name in configs.FULL_SCALE:
-        cfg = configs.FULL_SCALE[name]()
+    cfg = _known_config(name) if task == "synthetic-video" else None
+    if cfg is not None:
         if getattr(cfg, "video_token_id", None) is None:
             video = [k for k, f in configs.FULL_SCALE.items() if getattr(f(), "video_token_id", None) is not None]
-            raise ValueError(f"{name} takes no video input: task 'synthetic-video' needs one of {', '.join(video)}")
+            raise ValueError(f"{name} takes no video input: task 'synthetic-video' needs a model that does, "
+                             f"e.g. {', '.join(video)}")
         group = getattr(cfg.vision_config, "temporal_patch_size", 1)
         if (frames or configs.VIDEO_FRAMES) % group:
             raise ValueError(f"{name} videos take frames in groups of {group}: give --frames a multiple of {group}")
