@@ -311,6 +311,10 @@ def test_a_labelled_preset_with_a_strategy_s_options_is_a_row_sharing_its_cells(
     import shlex  # the command is recorded quoted: the inline JSON preset re-runs as written
 
     assert shlex.split((tmp_path / "commands.txt").read_text())[1:] == argv
+    at_default = argv[:-4] + ["--config", '{"method": "fastv", "options": {"layer": 2}}', "--out", str(tmp_path)]
+    assert main(at_default) == 0 and len(calls) == 2  # fastv's own layer: the same cells, not run again
+    assert [line.split(" |")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:] == [
+        "| unpatched", "| fastv", "| fastv[layer=2]"]
 
 
 def test_a_preset_the_model_refuses_stops_the_sweep_before_its_first_cell(tmp_path, monkeypatch, capsys):

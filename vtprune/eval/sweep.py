@@ -319,15 +319,18 @@ def run(model_name: str, methods: list[str], ratios: list[float], task: str, out
 
     rows = [dict(method=m, options={}, label=m) for m in methods]
     for method, options, name in presets:
-        budget = build_method(method, {"ratio": 1.0}).Config.budget_fields
+        defaults = build_method(method, {"ratio": 1.0})
+        budget = defaults.Config.budget_fields
         given = sorted(set(options) & set(budget))
         if given:
             raise ValueError(f"preset {name!r}: the sweep's ratios are its budget; drop {', '.join(given)}")
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"a preset's label must be a non-empty string, got {name!r}")
         for r in ratios:  # options that fail at some ratio fail now, before the model loads
-            build_method(method, {**options, "ratio": float(r)})
-        rows.append(dict(method=method, options=dict(options), label=name))
+            built = build_method(method, {**options, "ratio": float(r)})
+        # an option at its default is no option: such a preset shares the strategy's cells
+        options = {k: v for k, v in options.items() if getattr(defaults.config, k) != getattr(built.config, k)}
+        rows.append(dict(method=method, options=options, label=name))
     if not rows:
         raise ValueError("nothing to sweep: give strategies, presets or both")
     from . import configs, models
