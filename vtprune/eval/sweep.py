@@ -376,7 +376,8 @@ def run(model_name: str, methods: list[str], ratios: list[float], task: str, out
         with tqdm(total=len(missing), desc="sweep", unit="cell", disable=not progress) as bar:
             for t in missing:
                 bar.set_postfix_str(f"{label(t)} {t['ratio']:g}")
-                cell = {**base, **t, **runner.cell(t["method"], t["ratio"], t.get("options"))}
+                options = [t["options"]] if t.get("options") else []  # (a plain cell: cell(method, ratio))
+                cell = {**base, **t, **runner.cell(t["method"], t["ratio"], *options)}
                 out.mkdir(parents=True, exist_ok=True)  # with the first cell: a bad model, task or dataset leaves none
                 _append(log, (json.dumps(cell) + "\n").encode())
                 done[_key(cell)] = cell
