@@ -49,7 +49,20 @@ NEXT_SIZES = [(40, 90), (90, 40), (100, 100), (30, 110)]  # (height, width) of s
 def build(family: str, attn: str = "sdpa", seed: int = 0):
     import transformers as tf
 
+    cfg = config(family)
     torch.manual_seed(seed)
+    cfg._attn_implementation = attn
+    model = getattr(tf, CLASSES[family])(cfg).eval()
+    model.set_attn_implementation(attn)
+    gc = model.generation_config
+    gc.pad_token_id, gc.eos_token_id, gc.bos_token_id = PAD, EOS, BOS
+    return model
+
+
+def config(family: str):
+    """The transformers config `build` makes the family's model from."""
+    import transformers as tf
+
     if family == "llava":
         cfg = tf.LlavaConfig(vision_config=CLIP_VISION, text_config=LLAMA_TEXT, image_token_id=IMG,
                              image_seq_length=16, vision_feature_layer=-2, vision_feature_select_strategy="default")
@@ -78,11 +91,11 @@ def build(family: str, attn: str = "sdpa", seed: int = 0):
                                   text_config=QWEN_TEXT, **QWEN_IDS)
     elif family in ("qwen3_vl", "qwen3_vl_moe"):  # deepstack: vision blocks 0 and 1 feed decoder layers 0 and 1
         text = dict(QWEN3_TEXT)
-        config = tf.Qwen3VLConfig
+        make = tf.Qwen3VLConfig
         if family == "qwen3_vl_moe":  # every decoder MLP a mixture of 4 experts, 2 per token
-            config = tf.Qwen3VLMoeConfig
+            make = tf.Qwen3VLMoeConfig
             text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
-        cfg = config(vision_config=dict(QWEN3_VISION, deepstack_visual_indexes=[0, 1]), text_config=text, **QWEN_IDS)
+        cfg = make(vision_config=dict(QWEN3_VISION, deepstack_visual_indexes=[0, 1]), text_config=text, **QWEN_IDS)
     elif family in ("qwen3_5", "qwen3_5_moe"):  # Qwen3-VL's tower without deepstack; Gated DeltaNet layers
         text = dict(QWEN3_TEXT, partial_rotary_factor=0.5,  # 8 rotary dims: M-RoPE sections 2 + 1 + 1
                     rope_parameters=dict(QWEN3_TEXT["rope_parameters"], mrope_section=[2, 1, 1]),
@@ -90,20 +103,15 @@ def build(family: str, attn: str = "sdpa", seed: int = 0):
                     # and 2), linear attention first and after every drop
                     layer_types=["linear_attention", "full_attention", "full_attention", "linear_attention"],
                     linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8)
-        config = tf.Qwen3_5Config
+        make = tf.Qwen3_5Config
         if family == "qwen3_5_moe":  # every MLP 4 experts, 2 per token, and a gated shared expert
-            config = tf.Qwen3_5MoeConfig
+            make = tf.Qwen3_5MoeConfig
             text.pop("intermediate_size")
             text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48)
-        cfg = config(vision_config=QWEN3_VISION, text_config=text, **QWEN_IDS)
+        cfg = make(vision_config=QWEN3_VISION, text_config=text, **QWEN_IDS)
     else:
         raise ValueError(family)
-    cfg._attn_implementation = attn
-    model = getattr(tf, CLASSES[family])(cfg).eval()
-    model.set_attn_implementation(attn)
-    gc = model.generation_config
-    gc.pad_token_id, gc.eos_token_id, gc.bos_token_id = PAD, EOS, BOS
-    return model
+    return cfg
 
 
 # Qwen image grids (t, h, w) in ViT patches; LLM tokens = t*h*w/4

@@ -207,18 +207,15 @@ def synthetic_inputs(model, batch: int, text_tokens: int = 48, image_px: int | N
             if name.startswith("LlavaOnevision") and px > 3 * vc.image_size:  # > 3 x 3 tiles: downsampled
                 raise ValueError(f"{px} px would be downsampled by anyres_max_9: pick image_px <= {3 * vc.image_size}")
             pixels = torch.randn(batch, tiles, 3, vc.image_size, vc.image_size, generator=g)
-            out = dict(pixel_values=pixels.to(dtype), image_sizes=torch.tensor([[px, px]] * batch))
+            out = dict(pixel_values=pixels, image_sizes=torch.tensor([[px, px]] * batch))
         else:
             n = (vc.image_size // vc.patch_size) ** 2
-            out = dict(pixel_values=torch.randn(batch, 3, vc.image_size, vc.image_size, generator=g).to(dtype))
+            out = dict(pixel_values=torch.randn(batch, 3, vc.image_size, vc.image_size, generator=g))
         out["input_ids"] = torch.cat([torch.ones(batch, 1, dtype=torch.long), torch.full((batch, n), cfg.image_token_id),
                                       text], 1)
     elif name.startswith(("Qwen2", "Qwen3")):
         vc = cfg.vision_config
-        px = image_px or 24 * vc.spatial_merge_size * vc.patch_size
-        side = px // vc.patch_size
-        if side % vc.spatial_merge_size:
-            raise ValueError(f"image_px must be a multiple of {vc.patch_size * vc.spatial_merge_size}")
+        side = _qwen_side(vc, image_px, 24)
         n = side * side // vc.spatial_merge_size ** 2
         block = torch.cat([torch.tensor([cfg.vision_start_token_id]), torch.full((n,), cfg.image_token_id),
                            torch.tensor([cfg.vision_end_token_id])])
@@ -226,12 +223,20 @@ def synthetic_inputs(model, batch: int, text_tokens: int = 48, image_px: int | N
         ids = torch.cat([torch.full((batch, 1), bos), block.expand(batch, -1), text], 1)
         patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
         pixels = torch.randn(batch * side * side, patch_dim, generator=g)
-        out = dict(input_ids=ids, pixel_values=pixels.to(dtype), image_grid_thw=torch.tensor([[1, side, side]] * batch),
+        out = dict(input_ids=ids, pixel_values=pixels, image_grid_thw=torch.tensor([[1, side, side]] * batch),
                    mm_token_type_ids=(ids == cfg.image_token_id).int())  # 1 = image token, for M-RoPE
     else:
         raise ValueError(f"no synthetic inputs for {name}")
     out["attention_mask"] = torch.ones_like(out["input_ids"])
     return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in out.items()}
+
+
+def _qwen_side(vc, px: int | None, merged: int) -> int:
+    """ViT patches a side of a square Qwen image or frame of `px` pixels (default: `merged` merged patches a side)."""
+    side = (px or merged * vc.spatial_merge_size * vc.patch_size) // vc.patch_size
+    if side % vc.spatial_merge_size:
+        raise ValueError(f"image_px must be a multiple of {vc.patch_size * vc.spatial_merge_size}")
+    return side
 
 
 def _synthetic_video(model, batch: int, frames: int, px: int | None, g) -> dict:
@@ -250,10 +255,7 @@ def _synthetic_video(model, batch: int, frames: int, px: int | None, g) -> dict:
         return dict(input_ids=torch.cat([bos, torch.full((batch, n), cfg.video_token_id)], 1), pixel_values_videos=pixels)
     if name.startswith(("Qwen2", "Qwen3")):
         merge, tp = vc.spatial_merge_size, vc.temporal_patch_size
-        px = px or 12 * merge * vc.patch_size
-        side = px // vc.patch_size
-        if side % merge:
-            raise ValueError(f"image_px must be a multiple of {vc.patch_size * merge}")
+        side = _qwen_side(vc, px, 12)
         if frames % tp:
             raise ValueError(f"{name} videos take frames in groups of {tp}: give a multiple of {tp}")
         t = frames // tp

@@ -156,11 +156,12 @@ def vision_flops(model, inputs: dict, arch=None) -> dict:
         feats = n - 1 if strategy == "default" else n
         layers = getattr(cfg, "vision_feature_layer", -2)
         d_in = d * (1 if isinstance(layers, int) else len(layers))  # several feature layers: their features concatenated
-        proj = 2 * feats * (d_in * text_d + text_d * text_d)
+        per_feature = 2 * (d_in * text_d + text_d * text_d)  # the projector's two linears
+        proj = feats * per_feature
         frame_enc, frame_proj = enc, proj  # OneVision: a frame's projected features are pooled after the projector
         if kind.startswith("LlavaNextVideo"):  # its vision_resampler pools a frame's patches before the projector
             pooled = (grid // cfg.spatial_pool_stride) ** 2
-            frame_proj = 2 * pooled * (d_in * text_d + text_d * text_d)
+            frame_proj = pooled * per_feature
             if cfg.spatial_pool_mode == "conv":  # a learned stride-s convolution (average and max pools: no FLOPs)
                 frame_enc += 2 * pooled * cfg.spatial_pool_stride ** 2 * d * d
         return {"vision_encoder": images * enc + frames * frame_enc, "projector": images * proj + frames * frame_proj}

@@ -130,7 +130,7 @@ def _known_config(name: str):
     if name in TEST_MODELS:
         from .. import tiny
 
-        return tiny.build(TEST_MODELS[name]).config  # (a few thousand parameters)
+        return tiny.config(TEST_MODELS[name])
     if name in tinyvlm.NAMES and (tinyvlm.BUNDLED / name / "config.json").exists():
         from transformers import AutoConfig
 

@@ -317,7 +317,7 @@ def run(model_name: str, methods: list[str], ratios: list[float], task: str, out
         raise ValueError(f"unknown strategies {unknown}; available: {', '.join(vtprune.available())}")
     from ..methods.registry import build_method
 
-    rows = [dict(method=m, options={}, label=m) for m in methods]
+    rows = [dict(method=m) for m in methods]  # a plain strategy's cells hold neither label nor options
     for method, options, name in presets:
         defaults = build_method(method, {"ratio": 1.0})
         budget = defaults.Config.budget_fields
@@ -330,7 +330,7 @@ def run(model_name: str, methods: list[str], ratios: list[float], task: str, out
             built = build_method(method, {**options, "ratio": float(r)})
         # an option at its default is no option: such a preset shares the strategy's cells
         options = {k: v for k, v in options.items() if getattr(defaults.config, k) != getattr(built.config, k)}
-        rows.append(dict(method=method, options=options, label=name))
+        rows.append(dict(method=method, options=options, label=name) if options or name != method else dict(method=method))
     if not rows:
         raise ValueError("nothing to sweep: give strategies, presets or both")
     from . import configs, models
@@ -340,9 +340,9 @@ def run(model_name: str, methods: list[str], ratios: list[float], task: str, out
                          "tiny-qwen2vl or a local checkpoint directory (vtprune bench and vtprune flops take it)")
     first = {}
     for row in rows:  # a repeated strategy or preset: once, where it first came (a preset with a strategy's
-        first.setdefault((row["method"], _options(row), row["label"]), row)  # options: a row of its own, same cells)
+        first.setdefault((row["method"], _options(row), label(row)), row)  # options: a row of its own, same cells)
     rows = list(first.values())
-    names = [row["label"] for row in rows]
+    names = [label(row) for row in rows]
     twice = sorted({n for n in names if names.count(n) > 1} | ({"unpatched"} & set(names)))
     if twice:
         raise ValueError(f"different rows are labelled alike: {', '.join(twice)}; name the presets apart")
@@ -355,13 +355,12 @@ def run(model_name: str, methods: list[str], ratios: list[float], task: str, out
     base = dict(format=FORMAT, model=model_name, task=task, questions=n_questions, random_weights=bool(random_weights),
                 batch=batch, device=default_device())
     done = {_key(c): c for c in logged if c.get("format") == FORMAT}  # a later line wins
-    todo = [dict(method=UNPATCHED, ratio=1.0)] + [  # (a plain strategy's cells hold neither label nor options)
-        {**row, "ratio": r} if (row["options"] or row["label"] != row["method"]) else dict(method=row["method"], ratio=r)
-        for row in rows for r in ratios]
+    todo = [dict(method=UNPATCHED, ratio=1.0)] + [{**row, "ratio": r} for row in rows for r in ratios]
     missing = {}
     for t in todo:  # each cell once, where it first comes
-        if _key({**base, **t}) not in done:
-            missing.setdefault(_key({**base, **t}), t)
+        key = _key({**base, **t})
+        if key not in done:
+            missing.setdefault(key, t)
     missing = list(missing.values())
     if missing:
         _warn_not_reused(log, logged, base, missing)
@@ -370,7 +369,7 @@ def run(model_name: str, methods: list[str], ratios: list[float], task: str, out
         if runner.device != base["device"]:
             raise RuntimeError(f"the sweep runs on {runner.device}, not {base['device']}")
         for row in rows:  # what needs the model (a preset's layer in range): refused before the first cell
-            if row["options"]:
+            if row.get("options"):
                 with vtprune.pruned(runner.patchable, row["method"], ratio=ratios[0], **row["options"]):
                     pass
         with tqdm(total=len(missing), desc="sweep", unit="cell", disable=not progress) as bar:
