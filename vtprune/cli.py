@@ -457,7 +457,7 @@ def main(argv=None) -> int:
                         "name, or method and options; repeatable")
     p.add_argument("--ratios", default="0.5,0.25,0.111", help="comma-separated kept fractions")
     p.add_argument("--task", default="shapes", help="evaluation task: shapes, or an lmms-eval task (vtprune_shapes, "
-                   "mme, ...; needs pip install 'vtprune[eval]')")
+                   "vtprune_shapes_video, mme, ...; needs pip install 'vtprune[eval]')")
     p.add_argument("--questions", type=at_least(1), default=1200, help="held-out questions per cell (lmms-eval: --limit)")
     p.add_argument("--batch", type=at_least(1), default=32,
                    help="evaluation batch size (prefill latency is of one batch; FLOPs are per sample)")

@@ -1,16 +1,20 @@
 """lmms-eval integration: the `vtprune` model (entry point), the offline `vtprune_shapes` task, batching,
-loglikelihood, sweeps through the Python API, the CLI and a 2-process `accelerate launch` on the CPU."""
+loglikelihood, sweeps through the Python API, the CLI and a 2-process `accelerate launch` on the CPU;
+videos: frame sampling from files (vtprune.eval.clips), the `vtprune_shapes_video` task on the trained
+tiny-qwen2vl, and local LLaVA-NeXT-Video / Qwen2.5-VL / Qwen3-VL checkpoints."""
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 lmms_eval = pytest.importorskip("lmms_eval", reason="lmms-eval is an optional extra: pip install 'vtprune[eval]'")
 
-from vtprune.eval import lmms, shapes, sweep, tinyvlm  # noqa: E402
+from vtprune import tiny  # noqa: E402
+from vtprune.eval import clips, lmms, shapes, sweep, tinyvlm  # noqa: E402
 
 TASK = "vtprune_shapes"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -544,3 +548,233 @@ def test_output_tokens_count_the_eos():
     visual = lambda d: [shapes.render(shapes.sample("eval", 0)[0])]  # noqa: E731
     out = lm.generate_until([_Req("what colour is the star ?", {"max_new_tokens": 3}, visual, 0, "t", "test")])
     assert out[0].text.split() == ["red"] and out[0].token_counts.output_tokens == 2
+
+
+# videos ----------------------------------------------------------------------------------------
+
+VIDEO_TASK = "vtprune_shapes_video"
+
+
+def _clip(path, frames=10, h=30, w=42, fps=2.0, seed=0):
+    rng = np.random.default_rng(seed)
+    video = rng.integers(0, 256, (frames, h, w, 3), dtype=np.uint8)
+    return video, clips.write(video, path, fps=fps)
+
+
+def test_clips_sample_uniformly_and_read_back_the_pixels_written(tmp_path):
+    video, path = _clip(tmp_path / "a.avi")
+    for max_frames, multiple, want in ((32, 1, list(range(10))), (4, 1, [0, 2, 5, 7]), (5, 2, [0, 2, 5, 7]),
+                                       (3, 2, [0, 5]), (1, 1, [0])):
+        frames, meta = clips.read(path, max_frames, multiple)
+        assert meta.frames_indices == want, (max_frames, multiple)
+        assert np.array_equal(frames, video[want])  # lossless
+        assert (meta.total_num_frames, meta.fps, meta.duration, meta.height, meta.width) == (10, 2.0, 5.0, 30, 42)
+    # a segment in seconds: frames 2 (1.0 s) to 7 (3.5 s) at 2 fps, six of them
+    assert clips.read(path, 8, 2, start=1.0, end=3.5)[1].frames_indices == [2, 3, 4, 5, 6, 7]
+    assert clips.read(path, 2, 1, start=1.0, end=3.5)[1].frames_indices == [2, 5]
+    assert clips.read(path, 8, 1, start=4.0)[1].frames_indices == [8, 9]
+    # one frame, for a model whose temporal patch is 2: that frame (the processor repeats it)
+    one = clips.write(video[:1], tmp_path / "one.avi")
+    assert clips.read(one, 8, 2)[1].frames_indices == [0]
+    # a container whose header has no frame count (Matroska): counted from its packets, same frames
+    import av
+
+    mkv = tmp_path / "a.mkv"
+    with av.open(str(path)) as src, av.open(str(mkv), "w") as dst:
+        stream = dst.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                dst.mux(packet)
+    with av.open(str(mkv)) as c:
+        assert c.streams.video[0].frames == 0
+    frames, meta = clips.read(mkv, 4, 1)
+    assert meta.frames_indices == [0, 2, 5, 7] and np.array_equal(frames, video[[0, 2, 5, 7]])
+    with pytest.raises(ValueError, match="no frames in the segment"):
+        clips.read(path, 4, start=6.0)
+    with pytest.raises(ValueError, match="max_frames"):
+        clips.read(path, 0)
+
+
+def _direct_answers(model, proc, docs, frames):
+    """The model's argmax next token after each doc's question on its scene held still for `frames`
+    frames, from the processor directly (the `shapes` scorer's way, with a video prompt)."""
+    from vtprune.eval.models import to_model
+
+    tasks_utils = _utils()
+    out = []
+    for doc in docs:
+        still = np.asarray(tasks_utils.doc_to_visual_dynres(doc)[0].convert("RGB"))
+        inputs = proc(videos=[np.stack([still] * frames)], text=[tinyvlm.prompt("qwen2_vl", doc["question"], video=True)],
+                      return_tensors="pt", do_sample_frames=False)
+        inputs.pop("token_type_ids", None)
+        with torch.no_grad():
+            logits = model(**to_model(dict(inputs), model), logits_to_keep=1).logits[:, -1]
+        out.append(proc.tokenizer.convert_ids_to_tokens(int(logits.argmax())))
+    return out
+
+
+def _utils():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("shapes_task_utils", lmms.TASKS / "vtprune_shapes" / "utils.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _video_docs(n):
+    import json
+
+    lines = (lmms.TASKS / "vtprune_shapes" / "shapes_eval.jsonl").read_text().splitlines()[:n]
+    return [json.loads(line) for line in lines]
+
+
+def test_video_task_answers_are_the_models_answers_on_its_frames(tasks):
+    """The trained tiny-qwen2vl through lmms-eval on vtprune_shapes_video answers what it answers on the
+    same still frames given to its processor directly; each clip's 8 frames are 4 temporal patches."""
+    lm = lmms.Vtprune(pretrained="tiny-qwen2vl", batch_size=3, max_frames_num=8)
+    res, answers = evaluate(lm, tasks, 6, VIDEO_TASK)
+    docs = _video_docs(6)
+    assert [a.split()[0] for a in answers] == _direct_answers(lm.model, lm.processor, docs, 8)
+    per_clip = [4 * (d["width"] // 28) * (d["height"] // 28) for d in docs]
+    assert lm.summary()["visual_before"] == pytest.approx(sum(per_clip) / 6)
+    assert res["results"][VIDEO_TASK]["accuracy,none"] == pytest.approx(
+        np.mean([a.split()[0] == d["answer"] for a, d in zip(answers, docs)]))
+    # max_frames_num caps the frames read, in whole temporal patches: 5 -> 4 of the 8 (2 patches), half the tokens
+    half = lmms.Vtprune(pretrained="tiny-qwen2vl", batch_size=3, max_frames_num=5)
+    evaluate(half, tasks, 6, VIDEO_TASK)
+    assert half.summary()["visual_before"] == pytest.approx(sum(per_clip) / 12)
+
+
+def test_video_answers_do_not_depend_on_batch_or_protocol(tasks):
+    kw = dict(pretrained="tiny-qwen2vl", method="divprune", ratio=0.25, max_frames_num=8)
+    one = lmms.Vtprune(batch_size=1, **kw)
+    answers = evaluate(one, tasks, 6, VIDEO_TASK)[1]
+    for cls in (lmms.Vtprune, lmms.VtpruneChat):
+        assert evaluate(cls(batch_size=3, **kw), tasks, 6, VIDEO_TASK)[1] == answers, cls.__name__
+    s = one.summary()
+    assert s["kept_fraction"] == pytest.approx(0.25, abs=0.02) and s["llm_prefill_tflops"] > 0
+
+
+def test_loglikelihood_reads_a_video(tmp_path):
+    """A multiple-choice request on a clip: keep-all gives the unpatched model's log-probability of the
+    continuation on the same frames given to the processor directly."""
+    lm = lmms.Vtprune(pretrained="tiny-qwen2vl", method="divprune", ratio=1.0, max_frames_num=4)
+    video, path = _clip(tmp_path / "c.avi", frames=6, h=168, w=196)
+    lm.task_dict = {"t": {"test": {0: {}}}}
+    (loss, _), = (r.text for r in lm.loglikelihood([_Req("what colour is the star ?", "red", lambda d: [str(path)], 0,
+                                                         "t", "test")]))
+    inputs = lm.processor(videos=[video[[0, 1, 3, 4]]], text=[tinyvlm.prompt("qwen2_vl", "what colour is the star ? red",
+                                                                              video=True)],
+                          return_tensors="pt", do_sample_frames=False)
+    inputs.pop("token_type_ids", None)
+    import vtprune
+
+    vtprune.unpatch(lm.model)
+    with torch.no_grad():
+        logp = torch.log_softmax(lm.model(**inputs).logits[0, -2].float(), -1)
+    assert loss == pytest.approx(-float(logp[inputs["input_ids"][0, -1]]), abs=1e-4)
+    assert lm.summary()["visual_before"] == 2 * (168 // 28) * (196 // 28)
+
+
+def test_a_model_without_video_input_refuses_a_video_task(tasks):
+    lm = lmms.Vtprune(pretrained="tiny-llava", random_weights=True, method="random", ratio=0.5)
+    with pytest.raises(NotImplementedError, match="LlavaForConditionalGeneration takes no video"):
+        evaluate(lm, tasks, 2, VIDEO_TASK)
+    lm.task_dict = {"t": {"test": {0: {}}}}
+    with pytest.raises(NotImplementedError, match="not audio"):
+        lm.generate_until([_Req("q", {"max_new_tokens": 1}, lambda d: ["x.wav"], 0, "t", "test")])
+    with pytest.raises(ValueError, match="max_frames_num must be a whole number >= 1, got 0"):
+        lmms.Vtprune(pretrained="tiny-qwen2vl", random_weights=True, max_frames_num=0)
+
+
+# local checkpoints of the video families: a word-level tokenizer over the test models' ids
+
+VIDEO_TEMPLATE = ("{% for m in messages %}<s> {% for c in m['content'] %}{% if c['type'] == 'video' %}VIDEO "
+                  "{% elif c['type'] == 'image' %}IMAGE {% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}")
+
+
+def _tokenizer(image, video, extra=()):
+    import transformers as tf
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": tiny.PAD, "<s>": tiny.BOS, "</s>": tiny.EOS, "<unk>": 3, "what": 4, "is": 5, "it": 6, "?": 7,
+             image: tiny.IMG, video: tiny.VID, "<|vision_start|>": tiny.VSTART, "<|vision_end|>": tiny.VEND}
+    vocab.update({w: 10 + i for i, w in enumerate(extra)})
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tf.PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>", padding_side="left",
+        extra_special_tokens={"image_token": image, "video_token": video, "vision_start_token": "<|vision_start|>",
+                              "vision_end_token": "<|vision_end|>"})
+
+
+def _processor(family):
+    import transformers as tf
+
+    if family == "llava_next_video":
+        tok = _tokenizer("<image>", "<video>")
+        size = dict(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+        return tf.LlavaNextVideoProcessor(
+            video_processor=tf.LlavaNextVideoVideoProcessor(**size),
+            image_processor=tf.LlavaNextImageProcessor(image_grid_pinpoints=tiny.NEXT_PINPOINTS, **size), tokenizer=tok,
+            patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+            chat_template=VIDEO_TEMPLATE.replace("VIDEO", "<video>").replace("IMAGE", "<image>"))
+    patch = 14 if family == "qwen2_5_vl" else 16
+    size = dict(size={"shortest_edge": 16 * 16 * 4, "longest_edge": 64 * 64}, patch_size=patch, merge_size=2,
+                temporal_patch_size=2)
+    tok = _tokenizer("<|image_pad|>", "<|video_pad|>", extra=["<0.5", "<3.0", "seconds>"])
+    template = VIDEO_TEMPLATE.replace("VIDEO", "<|vision_start|> <|video_pad|> <|vision_end|>").replace(
+        "IMAGE", "<|vision_start|> <|image_pad|> <|vision_end|>")
+    if family == "qwen2_5_vl":
+        return tf.Qwen2_5_VLProcessor(image_processor=tf.Qwen2VLImageProcessor(**size), tokenizer=tok,
+                                      video_processor=tf.Qwen2VLVideoProcessor(**size), chat_template=template)
+    video = dict(size, size={"shortest_edge": 16 * 16 * 4, "longest_edge": 4 * 64 * 64})  # Qwen3-VL: pixels of all frames
+    return tf.Qwen3VLProcessor(image_processor=tf.Qwen2VLImageProcessor(**size), tokenizer=tok,
+                               video_processor=tf.Qwen3VLVideoProcessor(**video), chat_template=template)
+
+
+@pytest.mark.parametrize("family,tokens", [("llava_next_video", 4 * 4), ("qwen2_5_vl", 2 * 4), ("qwen3_vl", 2 * 4)])
+def test_local_checkpoints_of_video_models_read_clips(tmp_path, family, tokens):
+    """A saved LLaVA-NeXT-Video / Qwen2.5-VL / Qwen3-VL checkpoint with its processor runs a video request
+    through the chat template: 4 of a 10-frame 2-fps clip's frames ([0, 2, 5, 7]) reach the processor
+    with their metadata (Qwen2.5-VL: 2 frames a temporal patch at 0.8 sampled fps = 2.5 s; Qwen3-VL:
+    the patches' mean timestamps 0.5 s and 3.0 s written in the prompt), and are pruned."""
+    model, proc = tiny.build(family), _processor(family)
+    model.save_pretrained(tmp_path / "ckpt")
+    proc.save_pretrained(tmp_path / "ckpt")
+    _, path = _clip(tmp_path / "clip.avi", h=56, w=56)
+    seen = {}
+    for method in (None, "divprune"):
+        lm = lmms.VtpruneChat(pretrained=str(tmp_path / "ckpt"), method=method, max_frames_num=4,
+                              **({"ratio": 0.5} if method else {}))
+        lm.task_dict = {"t": {"test": {0: {}}}}
+        messages = [{"role": "user", "content": [{"type": "video", "url": str(path)},
+                                                 {"type": "text", "text": "what is it ?"}]}]
+        inputs = {}
+        generate = lm._generate
+        lm._generate = lambda *a, **k: (inputs.update(lm._inputs(a[0], a[1], k["videos"])), generate(*a, **k))[1]
+        out = lm.generate_until([_Req("", lambda d: messages, {"max_new_tokens": 2}, 0, "t", "test")])
+        assert out[0].text is not None
+        assert int((inputs["input_ids"] == tiny.VID).sum()) == tokens
+        s = lm.summary()
+        assert s["visual_before"] == tokens and s["visual_after"] == (tokens if method is None else tokens // 2)
+        seen[method] = inputs
+    inputs = seen[None]
+    if family == "qwen2_5_vl":
+        assert inputs["second_per_grid_ts"].tolist() == [2.5]
+    if family == "qwen3_vl":
+        words = lm.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0].tolist())
+        assert [w for w in words if w.startswith("<") and w[1:2].isdigit()] == ["<0.5", "<3.0"]
+        assert words.count("seconds>") == 2
+    if family == "llava_next_video":
+        assert inputs["pixel_values_videos"].shape[:2] == (1, 4)
+
+
+def test_simple_prompt_puts_videos_first():
+    assert lmms._content("what is it ?", 0, 1) == [{"type": "video"}, {"type": "text", "text": "what is it ?"}]
+    assert lmms._content("<image> and this ?", 1, 1) == [{"type": "video"}, {"type": "image"},
+                                                         {"type": "text", "text": "and this ?"}]
+    images, videos = lmms._media(["a.mp4", {"path": "b.avi", "video_start": 1.0}, shapes.render(shapes.sample("eval", 0)[0])])
+    assert videos == ["a.mp4", {"path": "b.avi", "video_start": 1.0}] and len(images) == 1

@@ -12,7 +12,7 @@ Decoding follows lmms-eval's own models: sampling only when the task's temperatu
 `method` (a registered strategy; omitted or "none": unpatched), `keep` or `ratio`, any option of the
 method, and `dtype` ("auto", "float16", "bfloat16", "float32"), `attn` ("sdpa", "eager", ...),
 `random_weights` (bundled architectures without trained weights: plumbing only), `max_new_tokens`
-(default when the task sets none), `stats_path` (a folder: each rank writes its pruning figures to
+(default when the task sets none), `max_frames_num` (frames read from a video), `stats_path` (a folder: each rank writes its pruning figures to
 `vtprune_stats_rank<R>.json` there, as lmms-eval's own throughput log is per process).
 
 The pruning figures (visual tokens before/after, selection time, analytic prefill TFLOPs from the
@@ -22,7 +22,11 @@ and each answer's prompt length after pruning to its token counts. Beam search p
 alike; its figures count each prompt once.
 
 lmms-eval's task index has no entry point, so the bundled offline tasks (`vtprune_shapes`,
-`vtprune_shapes_dynres`, `vtprune_shapes_mc`) are found with `--include_path "$(vtprune lmms-tasks)"` (TASKS).
+`vtprune_shapes_dynres`, `vtprune_shapes_mc`, `vtprune_shapes_video`) are found with `--include_path "$(vtprune lmms-tasks)"` (TASKS).
+
+Videos (a path that is not an image, or a dict with a `video_start` / `video_end` segment) are read with
+PyAV by `clips.read`: `max_frames_num` frames (default 32), sampled as transformers samples, passed to the
+processor with their metadata (Qwen2.5-VL's time steps and Qwen3-VL's timestamps come from it).
 """
 from __future__ import annotations
 
@@ -133,7 +137,7 @@ class Vtprune(lmms):
 
     def __init__(self, pretrained: str, method: str | None = None, batch_size=1, device: str | None = None,
                  max_batch_size=None, dtype: str = "auto", attn: str = "sdpa", random_weights: bool = False,
-                 max_new_tokens: int = 64, stats_path: str | None = None, **options) -> None:
+                 max_new_tokens: int = 64, stats_path: str | None = None, max_frames_num=32, **options) -> None:
         super().__init__()
         from . import models
 
@@ -153,6 +157,7 @@ class Vtprune(lmms):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.max_new_tokens = _count("max_new_tokens", max_new_tokens)
+        self.max_frames = _count("max_frames_num", max_frames_num)
         self.stats_path = _value(stats_path)
         self.method = _value(method)
         self.options = _typed(self.method, {k: _value(v) for k, v in options.items()})
@@ -182,33 +187,59 @@ class Vtprune(lmms):
 
     # prompts -----------------------------------------------------------------------------------
 
-    def _prompt(self, text: str, n_images: int, messages: list | None = None) -> str:
+    def _prompt(self, text: str, n_images: int, messages: list | None = None, n_videos: int = 0) -> str:
         """The model's prompt: its chat template when the processor has one (`messages`, or one user
-        turn of the images and `text`, see `_content`); else the bundled tiny models' format."""
+        turn of the videos, images and `text`, see `_content`); else the bundled tiny models' format."""
         if getattr(self.processor, "chat_template", None):
             if messages is None:
-                messages = [{"role": "user", "content": _content(text, n_images)}]
+                messages = [{"role": "user", "content": _content(text, n_images, n_videos)}]
             return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         from . import tinyvlm
 
-        if n_images != 1:
-            raise ValueError(f"a model without a chat template takes one image per prompt, got {n_images}")
-        return tinyvlm.prompt(tinyvlm.family_of(self.model), " ".join(text.replace(PLACEHOLDER, " ").split()))
+        if n_images + n_videos != 1:
+            raise ValueError("a model without a chat template takes one image or video per prompt, got "
+                             f"{n_images} image(s) and {n_videos} video(s)")
+        return tinyvlm.prompt(tinyvlm.family_of(self.model), " ".join(text.replace(PLACEHOLDER, " ").split()),
+                              video=bool(n_videos))
 
-    def _inputs(self, prompts: list[str], images: list) -> dict:
+    def _inputs(self, prompts: list[str], images: list, videos: list = ()) -> dict:
+        """The processor's tensors; `videos` are (frames, metadata) pairs already sampled (see `_video`)."""
         from .models import to_model
 
-        inputs = self.processor(images=images or None, text=prompts, padding=True, return_tensors="pt")
+        kw = {}
+        if videos:
+            kw = dict(videos=[f for f, _ in videos], video_metadata=[m for _, m in videos], do_sample_frames=False)
+        inputs = self.processor(images=images or None, text=prompts, padding=True, return_tensors="pt", **kw)
         inputs.pop("token_type_ids", None)
         return to_model(dict(inputs), self.model)
 
+    def _video(self, source):
+        """(frames, metadata) of a video a task gives: a path, or a dict with its path under url / path /
+        video and a `video_start` / `video_end` segment in seconds. `max_frames_num` frames sampled
+        uniformly, a multiple of the model's temporal patch (see `clips.read`)."""
+        from . import clips
+
+        start = end = None
+        if isinstance(source, dict):
+            start, end = source.get("video_start"), source.get("video_end")
+            source = source.get("url") or source.get("path") or source.get("video")
+        if not isinstance(source, (str, os.PathLike)):
+            raise NotImplementedError(f"vtprune's lmms-eval model reads videos from files, got {type(source).__name__}")
+        if getattr(self.model.config, "video_token_id", None) is None or getattr(self.processor, "video_processor", None) is None:
+            raise NotImplementedError(
+                f"{type(self.model).__name__} takes no video; video tasks need a model with video input "
+                "(LLaVA-NeXT-Video, LLaVA-OneVision, Qwen2/2.5/3-VL, Qwen3.5, or the bundled tiny-qwen2vl)")
+        multiple = getattr(self.processor.video_processor, "temporal_patch_size", None) or 1
+        return clips.read(source, self.max_frames, multiple, start, end)
+
     GEN_KWARGS = 1  # where a generate_until request's arguments hold its gen_kwargs
 
-    def _request(self, args) -> tuple[str, list]:
-        """(prompt, images) of a simple-protocol request."""
+    def _request(self, args) -> tuple[str, list, list]:
+        """(prompt, images, videos) of a simple-protocol request."""
         ctx, _, doc_to_visual, doc_id, task, split = args
-        images = _images(doc_to_visual(self.task_dict[task][split][doc_id]))
-        return self._prompt(ctx, len(images)), images
+        images, sources = _media(doc_to_visual(self.task_dict[task][split][doc_id]))
+        videos = [self._video(v) for v in sources]
+        return self._prompt(ctx, len(images), n_videos=len(videos)), images, videos
 
     # generation --------------------------------------------------------------------------------
 
@@ -229,8 +260,9 @@ class Vtprune(lmms):
                 for s in range(0, len(idx), self.batch_size):
                     chunk = idx[s:s + self.batch_size]
                     prepared = [self._request(requests[i].args) for i in chunk]
-                    texts, counts, seconds = self._generate([p for p, _ in prepared], [im for _, ims in prepared for im in ims],
-                                                            requests[chunk[0]].args[self.GEN_KWARGS], record=not padding)
+                    texts, counts, seconds = self._generate([p for p, _, _ in prepared], [im for _, ims, _ in prepared for im in ims],
+                                                            requests[chunk[0]].args[self.GEN_KWARGS], record=not padding,
+                                                            videos=[v for _, _, vs in prepared for v in vs])
                     for i, text, c in zip(chunk, texts, counts):
                         out[i] = GenerationResult(text=text, token_counts=c)
                     if not padding:
@@ -241,8 +273,8 @@ class Vtprune(lmms):
         return out
 
     @torch.no_grad()
-    def _generate(self, prompts: list[str], images: list, gen_kwargs: dict, record: bool = True):
-        inputs = self._inputs(prompts, images)
+    def _generate(self, prompts: list[str], images: list, gen_kwargs: dict, record: bool = True, videos: list = ()):
+        inputs = self._inputs(prompts, images, videos)
         kw = dict(gen_kwargs or {})
         until = kw.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
@@ -361,8 +393,9 @@ class Vtprune(lmms):
             doc = self.task_dict[task][split][doc_id]
             if callable(continuation):
                 continuation = continuation(doc)
-            images = _images(doc_to_visual(doc))
-            inputs = self._inputs([self._prompt(ctx, len(images))], images)
+            images, sources = _media(doc_to_visual(doc))
+            videos = [self._video(v) for v in sources]
+            inputs = self._inputs([self._prompt(ctx, len(images), n_videos=len(videos))], images, videos)
             cont = self.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
             if cont.shape[1] == 0:
                 raise ValueError(f"continuation {continuation!r} has no tokens")
@@ -395,12 +428,15 @@ class VtpruneChat(Vtprune):
 
         ctx, doc_to_messages, _, doc_id, task, split = args
         chat = ChatMessages(messages=doc_to_messages(self.task_dict[task][split][doc_id]))
-        images, videos, audios = chat.extract_media()
-        if videos or audios:
-            raise NotImplementedError("vtprune's lmms-eval model takes images only (no video or audio) for now")
-        images = _images(images)
+        images, _, audios = chat.extract_media()
+        if audios:
+            raise NotImplementedError("vtprune's lmms-eval model takes images and videos, not audio")
+        images = _media(images)[0]
+        videos = [self._video({"url": c.url, "video_start": c.start_time, "video_end": c.end_time}
+                              if c.start_time is not None or c.end_time is not None else c.url)
+                  for m in chat.messages for c in m.content if c.type == "video"]
         if getattr(self.processor, "chat_template", None):
-            return self._prompt("", len(images), chat.to_hf_messages()), images
+            return self._prompt("", len(images), chat.to_hf_messages()), images, videos
         roles = [m.role for m in chat.messages]
         if roles != ["user"]:
             raise NotImplementedError(
@@ -408,7 +444,7 @@ class VtpruneChat(Vtprune):
                 "turns, which would be dropped: run with --force_simple (the task's plain prompt) or use a "
                 "checkpoint with a chat template")
         text = " ".join(c.text for c in chat.messages[0].content if c.type == "text")
-        return self._prompt(text, len(images)), images
+        return self._prompt(text, len(images), n_videos=len(videos)), images, videos
 
     def loglikelihood(self, requests):
         raise NotImplementedError("lmms-eval's chat protocol has no loglikelihood; run with --force_simple")
@@ -419,21 +455,22 @@ def _padding(request) -> bool:
     return bool((getattr(request, "metadata", None) or {}).get("__padding_only__"))
 
 
-def _content(text: str, n_images: int) -> list[dict]:
-    """One user turn's content: the images where the text has `<image>` placeholders when it has one
-    per image (interleaved tasks), else the placeholders removed and the images first."""
+def _content(text: str, n_images: int, n_videos: int = 0) -> list[dict]:
+    """One user turn's content: videos first, then the images where the text has `<image>` placeholders
+    when it has one per image (interleaved tasks), else the placeholders removed and the images first."""
     parts = text.split(PLACEHOLDER)
+    videos = [{"type": "video"}] * n_videos
     if len(parts) == 1:
-        return [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
+        return videos + [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
     if n_images and len(parts) == n_images + 1:
-        content = []
+        content = list(videos)
         for i, part in enumerate(parts):
             if i:
                 content.append({"type": "image"})
             if part.strip():
                 content.append({"type": "text", "text": part.strip()})
         return content
-    return [{"type": "image"}] * n_images + [{"type": "text", "text": " ".join(p.strip() for p in parts if p.strip())}]
+    return videos + [{"type": "image"}] * n_images + [{"type": "text", "text": " ".join(p.strip() for p in parts if p.strip())}]
 
 
 def _per_prompt(st, prompts: int):
@@ -450,15 +487,27 @@ def _per_prompt(st, prompts: int):
         images=[(b // k, n, budget) for b, n, budget in st.images if b % k == 0])
 
 
-def _images(visuals) -> list:
-    """PIL RGB images from what a task gives (images or paths); video paths raise."""
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tiff", ".webp")  # lmms-eval's own split of media paths
+AUDIO_EXTS = (".wav", ".mp3", ".m4a", ".aac", ".flac", ".ogg", ".opus")
+
+
+def _media(visuals) -> tuple[list, list]:
+    """(PIL RGB images, video sources) from what a task gives: images, image paths, and (as lmms-eval
+    reads them) any other path, or a dict, is a video; audio raises."""
     from PIL import Image
 
-    out = []
+    images, videos = [], []
     for v in visuals or []:
         if isinstance(v, (str, os.PathLike)):
-            if str(v).lower().endswith((".mp4", ".avi", ".mov", ".mkv", ".webm")):
-                raise NotImplementedError("vtprune's lmms-eval model takes images only (no video) for now")
+            ext = os.path.splitext(str(v))[1].lower()
+            if ext in AUDIO_EXTS:
+                raise NotImplementedError(f"vtprune's lmms-eval model takes images and videos, not audio ({v})")
+            if ext not in IMAGE_EXTS:
+                videos.append(v)
+                continue
             v = Image.open(v)
-        out.append(v.convert("RGB"))
-    return out
+        if isinstance(v, dict):
+            videos.append(v)
+            continue
+        images.append(v.convert("RGB"))
+    return images, videos

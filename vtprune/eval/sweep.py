@@ -130,7 +130,8 @@ class LmmsCells:
         self.tasks = TaskManager("WARNING", include_path=str(lmms.TASKS), include_defaults=not task.startswith("vtprune_"))
         if task not in self.tasks.all_tasks:
             raise ValueError(f"lmms-eval has no task {task!r} (the bundled benchmark without lmms-eval: shapes; "
-                             "vtprune's lmms-eval tasks: vtprune_shapes, vtprune_shapes_dynres, vtprune_shapes_mc)")
+                             "vtprune's lmms-eval tasks: vtprune_shapes, vtprune_shapes_dynres, vtprune_shapes_mc, "
+                             "vtprune_shapes_video)")
         self.lm = lmms.Vtprune(pretrained=model_name, batch_size=batch, random_weights=random_weights, device=device)
         self.lm.reuse = True
         self.patchable = self.lm.model

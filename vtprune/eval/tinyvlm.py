@@ -81,11 +81,14 @@ def config(family: str):
     raise ValueError(f"unknown family {family!r}")
 
 
-def prompt(family: str, question: str) -> str:
-    """The text for one question, laid out as real VLM prompts are (image, then question); the answer
-    is the next token."""
-    image = "<image>" if family == "llava" else "<|vision_start|> <|image_pad|> <|vision_end|>"
-    return f"<s> {image} {question}"
+def prompt(family: str, question: str, video: bool = False) -> str:
+    """The text for one question, laid out as real VLM prompts are (image or video, then question); the
+    answer is the next token. Only the Qwen2-VL family reads videos."""
+    if video and family == "llava":
+        raise ValueError("the tiny LLaVA takes no video")
+    pad = "<|video_pad|>" if video else "<|image_pad|>"
+    visual = "<image>" if family == "llava" else f"<|vision_start|> {pad} <|vision_end|>"
+    return f"<s> {visual} {question}"
 
 
 def trained(name: str) -> bool:

@@ -1,6 +1,12 @@
 """lmms-eval hooks of the `vtprune_shapes` tasks: images are rendered from the scene index (the
 benchmark is deterministic), answers are scored on their first word, overall and per question kind."""
-from vtprune.eval import shapes
+import getpass
+import tempfile
+from pathlib import Path
+
+from vtprune.eval import clips, shapes
+
+CLIP_FRAMES, CLIP_FPS = 8, 2  # vtprune_shapes_video: a still scene held for 4 s
 
 
 def doc_to_visual(doc):
@@ -11,6 +17,20 @@ def doc_to_visual(doc):
 def doc_to_visual_dynres(doc):
     """The scene at its own size (168-280 px a side, as tiny-qwen2vl is trained and evaluated)."""
     return [shapes.render(shapes.sample("eval", doc["scene"], doc["width"], doc["height"])[0])]
+
+
+def doc_to_visual_video(doc):
+    """The scene at its own size held still for 8 frames at 2 fps: a lossless clip written once to the
+    temporary folder (an lmms-eval video task gives the model a file path)."""
+    name = f"v1_scene{doc['scene']}_{doc['width']}x{doc['height']}_{CLIP_FRAMES}f.avi"
+    try:
+        user = getpass.getuser()
+    except Exception:  # no user name to be found (some containers)
+        user = "user"
+    path = Path(tempfile.gettempdir()) / f"vtprune_shapes_video-{user}" / name  # per user: /tmp is shared
+    if not path.exists():
+        clips.write([doc_to_visual_dynres(doc)[0]] * CLIP_FRAMES, path, fps=CLIP_FPS)
+    return [str(path)]
 
 
 def doc_to_text(doc, lmms_eval_specific_kwargs=None):
