@@ -563,15 +563,19 @@ def _clip(path, frames=10, h=30, w=42, fps=2.0, seed=0):
 
 def test_clips_sample_uniformly_and_read_back_the_pixels_written(tmp_path):
     video, path = _clip(tmp_path / "a.avi")
-    for max_frames, multiple, want in ((32, 1, list(range(10))), (4, 1, [0, 2, 5, 7]), (5, 2, [0, 2, 5, 7]),
-                                       (3, 2, [0, 5]), (1, 1, [0])):
+    # evenly spaced from the first frame to the last, rounded: linspace(0, 9, 4) = 0, 3, 6, 9
+    for max_frames, multiple, want in ((32, 1, list(range(10))), (4, 1, [0, 3, 6, 9]), (5, 2, [0, 3, 6, 9]),
+                                       (3, 2, [0, 9]), (1, 1, [0]), (3, 1, [0, 4, 9])):
         frames, meta = clips.read(path, max_frames, multiple)
         assert meta.frames_indices == want, (max_frames, multiple)
         assert np.array_equal(frames, video[want])  # lossless
         assert (meta.total_num_frames, meta.fps, meta.duration, meta.height, meta.width) == (10, 2.0, 5.0, 30, 42)
-    # a segment in seconds: frames 2 (1.0 s) to 7 (3.5 s) at 2 fps, six of them
-    assert clips.read(path, 8, 2, start=1.0, end=3.5)[1].frames_indices == [2, 3, 4, 5, 6, 7]
-    assert clips.read(path, 2, 1, start=1.0, end=3.5)[1].frames_indices == [2, 5]
+    # a segment in seconds: frames 2 (1.0 s) to 7 (3.5 s) at 2 fps, six of them; the metadata describes the
+    # segment (what Qwen2.5-VL's time steps read: sampled_fps = 6 of its 6 frames at 2 fps)
+    meta = clips.read(path, 8, 2, start=1.0, end=3.5)[1]
+    assert meta.frames_indices == [2, 3, 4, 5, 6, 7]
+    assert (meta.total_num_frames, meta.duration, meta.sampled_fps) == (6, 3.0, 2.0)
+    assert clips.read(path, 2, 1, start=1.0, end=3.5)[1].frames_indices == [2, 7]
     assert clips.read(path, 8, 1, start=4.0)[1].frames_indices == [8, 9]
     # one frame, for a model whose temporal patch is 2: that frame (the processor repeats it)
     one = clips.write(video[:1], tmp_path / "one.avi")
@@ -589,7 +593,7 @@ def test_clips_sample_uniformly_and_read_back_the_pixels_written(tmp_path):
     with av.open(str(mkv)) as c:
         assert c.streams.video[0].frames == 0
     frames, meta = clips.read(mkv, 4, 1)
-    assert meta.frames_indices == [0, 2, 5, 7] and np.array_equal(frames, video[[0, 2, 5, 7]])
+    assert meta.frames_indices == [0, 3, 6, 9] and np.array_equal(frames, video[[0, 3, 6, 9]])
     with pytest.raises(ValueError, match="no frames in the segment"):
         clips.read(path, 4, start=6.0)
     with pytest.raises(ValueError, match="max_frames"):
@@ -665,7 +669,7 @@ def test_loglikelihood_reads_a_video(tmp_path):
     lm.task_dict = {"t": {"test": {0: {}}}}
     (loss, _), = (r.text for r in lm.loglikelihood([_Req("what colour is the star ?", "red", lambda d: [str(path)], 0,
                                                          "t", "test")]))
-    inputs = lm.processor(videos=[video[[0, 1, 3, 4]]], text=[tinyvlm.prompt("qwen2_vl", "what colour is the star ? red",
+    inputs = lm.processor(videos=[video[[0, 2, 3, 5]]], text=[tinyvlm.prompt("qwen2_vl", "what colour is the star ? red",
                                                                               video=True)],
                           return_tensors="pt", do_sample_frames=False)
     inputs.pop("token_type_ids", None)
@@ -724,7 +728,7 @@ def _processor(family):
     patch = 14 if family == "qwen2_5_vl" else 16
     size = dict(size={"shortest_edge": 16 * 16 * 4, "longest_edge": 64 * 64}, patch_size=patch, merge_size=2,
                 temporal_patch_size=2)
-    tok = _tokenizer("<|image_pad|>", "<|video_pad|>", extra=["<0.5", "<3.0", "seconds>"])
+    tok = _tokenizer("<|image_pad|>", "<|video_pad|>", extra=["<0.8", "<3.8", "seconds>"])
     template = VIDEO_TEMPLATE.replace("VIDEO", "<|vision_start|> <|video_pad|> <|vision_end|>").replace(
         "IMAGE", "<|vision_start|> <|image_pad|> <|vision_end|>")
     if family == "qwen2_5_vl":
@@ -738,9 +742,10 @@ def _processor(family):
 @pytest.mark.parametrize("family,tokens", [("llava_next_video", 4 * 4), ("qwen2_5_vl", 2 * 4), ("qwen3_vl", 2 * 4)])
 def test_local_checkpoints_of_video_models_read_clips(tmp_path, family, tokens):
     """A saved LLaVA-NeXT-Video / Qwen2.5-VL / Qwen3-VL checkpoint with its processor runs a video request
-    through the chat template: 4 of a 10-frame 2-fps clip's frames ([0, 2, 5, 7]) reach the processor
+    through the chat template: 4 of a 10-frame 2-fps clip's frames ([0, 3, 6, 9]) reach the processor
     with their metadata (Qwen2.5-VL: 2 frames a temporal patch at 0.8 sampled fps = 2.5 s; Qwen3-VL:
-    the patches' mean timestamps 0.5 s and 3.0 s written in the prompt), and are pruned."""
+    the patches' mean timestamps 0.75 s and 3.75 s written in the prompt, as "<0.8" and "<3.8"), and are
+    pruned."""
     model, proc = tiny.build(family), _processor(family)
     model.save_pretrained(tmp_path / "ckpt")
     proc.save_pretrained(tmp_path / "ckpt")
@@ -766,10 +771,52 @@ def test_local_checkpoints_of_video_models_read_clips(tmp_path, family, tokens):
         assert inputs["second_per_grid_ts"].tolist() == [2.5]
     if family == "qwen3_vl":
         words = lm.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0].tolist())
-        assert [w for w in words if w.startswith("<") and w[1:2].isdigit()] == ["<0.5", "<3.0"]
+        assert [w for w in words if w.startswith("<") and w[1:2].isdigit()] == ["<0.8", "<3.8"]
         assert words.count("seconds>") == 2
     if family == "llava_next_video":
         assert inputs["pixel_values_videos"].shape[:2] == (1, 4)
+
+
+def test_llava_video_batches_split_where_clips_read_different_frame_counts(tmp_path):
+    """LLaVA-NeXT-Video's processor stacks a batch's clips into one tensor: a 10-frame clip (4 frames
+    read) beside a 3-frame one (3 read) runs as two sub-batches, with batch 1's answers and figures."""
+    model, proc = tiny.build("llava_next_video"), _processor("llava_next_video")
+    model.save_pretrained(tmp_path / "ckpt")
+    proc.save_pretrained(tmp_path / "ckpt")
+    paths = [_clip(tmp_path / "a.avi", frames=10, h=56, w=56)[1], _clip(tmp_path / "b.avi", frames=3, h=56, w=56, seed=1)[1],
+             _clip(tmp_path / "c.avi", frames=8, h=56, w=56, seed=2)[1]]
+    answers, figures = [], []
+    for batch in (1, 3):
+        lm = lmms.Vtprune(pretrained=str(tmp_path / "ckpt"), method="divprune", ratio=0.5, max_frames_num=4,
+                          batch_size=batch)
+        lm.task_dict = {"t": {"test": {i: {} for i in range(3)}}}
+        out = lm.generate_until([_Req("what is it ?", {"max_new_tokens": 3}, lambda d, p=p: [str(p)], i, "t", "test")
+                                 for i, p in enumerate(paths)])
+        answers.append([o.text for o in out])
+        figures.append((lm.summary()["visual_before"], lm.summary()["visual_after"]))
+    assert answers[0] == answers[1]
+    assert figures[0] == figures[1] == ((16 + 12 + 16) / 3, (8 + 6 + 8) / 3)  # 4 tokens a frame, half kept
+
+
+def test_video_sources_as_lmms_eval_gives_them(tmp_path):
+    """A .webm is a video in both protocols (lmms-eval's chat messages file it under audio); a typed dict
+    follows its type; a dict without a file says what it needs."""
+    from lmms_eval.protocol import ChatMessages
+
+    chat = ChatMessages(messages=[{"role": "user", "content": [{"type": "audio", "url": "clip.webm"},
+                                                               {"type": "audio", "url": "talk.wav"},
+                                                               {"type": "text", "text": "what is it ?"}]}])
+    images, videos, audios = lmms._webm_as_video(chat).extract_media()
+    assert (images, videos, audios) == ([], ["clip.webm"], ["talk.wav"])
+    assert lmms._media(["clip.webm"])[1] == ["clip.webm"]
+    shapes.render(shapes.sample("eval", 0)[0]).save(tmp_path / "x.png")
+    images, videos = lmms._media([{"type": "image", "path": str(tmp_path / "x.png")}, {"path": "v.mp4"}])
+    assert len(images) == 1 and videos == [{"path": "v.mp4"}]
+    lm = lmms.Vtprune(pretrained="tiny-qwen2vl", random_weights=True)
+    with pytest.raises(ValueError, match="needs its file under 'url', 'path' or 'video'"):
+        lm._video({"video_start": 1.0})
+    with pytest.raises(NotImplementedError, match="not audio"):
+        lmms._media([{"type": "audio", "path": "talk.wav"}])
 
 
 def test_simple_prompt_puts_videos_first():

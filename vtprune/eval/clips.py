@@ -9,11 +9,14 @@ import numpy as np
 
 
 def read(path, max_frames: int, multiple: int = 1, start: float | None = None, end: float | None = None):
-    """(frames [T, H, W, 3] uint8 RGB, transformers `VideoMetadata`): T = `max_frames` frames sampled
-    uniformly over the clip (or over [`start`, `end`] seconds of it) the way transformers' own loader
-    samples (frame i * total // T), fewer when the clip has fewer, rounded down to a multiple of
-    `multiple` (a Qwen model's temporal patch: 2 frames). `metadata.frames_indices` holds the frame
-    numbers taken, `fps` the file's rate (Qwen3-VL's timestamps and Qwen2.5-VL's time steps read them)."""
+    """(frames [T, H, W, 3] uint8 RGB, transformers `VideoMetadata`): T = `max_frames` frames evenly
+    spaced from the clip's first frame to its last (or over [`start`, `end`] seconds of it), rounded to
+    the nearest frame: linspace(first, last, T).round(), the rule of qwen-vl-utils (lmms-eval's Qwen
+    models) and of the Qwen3-VL processor. Fewer when the clip has fewer, rounded down to a multiple of
+    `multiple` (a Qwen model's temporal patch: 2 frames). `metadata.frames_indices` holds the frame numbers
+    taken; `fps` the file's rate; `total_num_frames` and `duration` the sampled span's (the whole clip,
+    or the segment), so that `sampled_fps` is the rate of the frames taken (Qwen2.5-VL's time steps read
+    it; Qwen3-VL's timestamps read the indices)."""
     import av
     from transformers.video_utils import VideoMetadata
 
@@ -37,15 +40,15 @@ def read(path, max_frames: int, multiple: int = 1, start: float | None = None, e
             raise ValueError(f"{path}: no frames in the segment [{start}, {end}] s of a {total}-frame clip")
         n = min(max_frames, span)
         n = max(n - n % multiple, min(span, multiple))  # a clip shorter than one temporal patch: all of it
-        indices = first + np.arange(n, dtype=int) * span // n
+        indices = np.linspace(first, last, n).round().astype(int)
         frames, decoded = _decode(path, indices)
         if len(frames) == n or decoded >= total:
             break
         total = decoded
     if len(frames) != n:
         raise ValueError(f"{path}: decoded {len(frames)} of the {n} frames sampled from {total}")
-    meta = VideoMetadata(total_num_frames=total, fps=fps, width=width, height=height,
-                         duration=total / fps if fps else None, video_backend="pyav", frames_indices=indices.tolist())
+    meta = VideoMetadata(total_num_frames=span, fps=fps, width=width, height=height,
+                         duration=span / fps if fps else None, video_backend="pyav", frames_indices=indices.tolist())
     return np.stack(frames), meta
 
 

@@ -222,7 +222,10 @@ class Vtprune(lmms):
         start = end = None
         if isinstance(source, dict):
             start, end = source.get("video_start"), source.get("video_end")
+            given = source
             source = source.get("url") or source.get("path") or source.get("video")
+            if source is None:
+                raise ValueError(f"a video given as a dict needs its file under 'url', 'path' or 'video': {given!r}")
         if not isinstance(source, (str, os.PathLike)):
             raise NotImplementedError(f"vtprune's lmms-eval model reads videos from files, got {type(source).__name__}")
         if getattr(self.model.config, "video_token_id", None) is None or getattr(self.processor, "video_processor", None) is None:
@@ -260,17 +263,32 @@ class Vtprune(lmms):
                 for s in range(0, len(idx), self.batch_size):
                     chunk = idx[s:s + self.batch_size]
                     prepared = [self._request(requests[i].args) for i in chunk]
-                    texts, counts, seconds = self._generate([p for p, _, _ in prepared], [im for _, ims, _ in prepared for im in ims],
-                                                            requests[chunk[0]].args[self.GEN_KWARGS], record=not padding,
-                                                            videos=[v for _, _, vs in prepared for v in vs])
-                    for i, text, c in zip(chunk, texts, counts):
-                        out[i] = GenerationResult(text=text, token_counts=c)
-                    if not padding:
-                        elapsed += seconds
-                        new_tokens += sum(c.output_tokens for c in counts)
+                    for part in self._stackable(prepared):  # (videos of one frame count, where the processor stacks them)
+                        texts, counts, seconds = self._generate(
+                            [prepared[j][0] for j in part], [im for j in part for im in prepared[j][1]],
+                            requests[chunk[0]].args[self.GEN_KWARGS], record=not padding,
+                            videos=[v for j in part for v in prepared[j][2]])
+                        for j, text, c in zip(part, texts, counts):
+                            out[chunk[j]] = GenerationResult(text=text, token_counts=c)
+                        if not padding:
+                            elapsed += seconds
+                            new_tokens += sum(c.output_tokens for c in counts)
                     bar.update(len(chunk))
         self._log(elapsed, new_tokens, self.records[first:])
         return out
+
+    def _stackable(self, prepared: list) -> list[list[int]]:
+        """A batch's requests (prompt, images, videos) in groups the processor can take together: all of
+        them, except that LLaVA-NeXT-Video's and OneVision's processors stack a batch's videos into one
+        tensor, so there the videos of a group have one frame count (a short clip or segment reads fewer
+        frames than max_frames_num); Qwen's flatten theirs."""
+        if getattr(getattr(self.processor, "video_processor", None), "temporal_patch_size", None):
+            return [list(range(len(prepared)))]
+        groups: dict[tuple, list[int]] = {}
+        for j, (_, _, videos) in enumerate(prepared):
+            frames = {len(f) for f, _ in videos}
+            groups.setdefault(next(iter(frames)) if len(frames) == 1 else tuple(sorted(frames)), []).append(j)
+        return list(groups.values())
 
     @torch.no_grad()
     def _generate(self, prompts: list[str], images: list, gen_kwargs: dict, record: bool = True, videos: list = ()):
@@ -427,10 +445,10 @@ class VtpruneChat(Vtprune):
         from lmms_eval.protocol import ChatMessages
 
         ctx, doc_to_messages, _, doc_id, task, split = args
-        chat = ChatMessages(messages=doc_to_messages(self.task_dict[task][split][doc_id]))
+        chat = _webm_as_video(ChatMessages(messages=doc_to_messages(self.task_dict[task][split][doc_id])))
         images, _, audios = chat.extract_media()
         if audios:
-            raise NotImplementedError("vtprune's lmms-eval model takes images and videos, not audio")
+            raise NotImplementedError(f"vtprune's lmms-eval model takes images and videos, not audio ({audios[0]})")
         images = _media(images)[0]
         videos = [self._video({"url": c.url, "video_start": c.start_time, "video_end": c.end_time}
                               if c.start_time is not None or c.end_time is not None else c.url)
@@ -448,6 +466,18 @@ class VtpruneChat(Vtprune):
 
     def loglikelihood(self, requests):
         raise NotImplementedError("lmms-eval's chat protocol has no loglikelihood; run with --force_simple")
+
+
+def _webm_as_video(chat):
+    """lmms-eval's automatic messages file a .webm path under audio (its audio extensions include it);
+    video tasks ship .webm clips, so here a .webm is a video, as in the simple protocol."""
+    from lmms_eval.protocol import ChatVideoContent
+
+    for m in chat.messages:
+        for i, c in enumerate(m.content):
+            if c.type == "audio" and isinstance(c.url, (str, os.PathLike)) and str(c.url).lower().endswith(".webm"):
+                m.content[i] = ChatVideoContent(url=c.url)
+    return chat
 
 
 def _padding(request) -> bool:
@@ -493,7 +523,8 @@ AUDIO_EXTS = (".wav", ".mp3", ".m4a", ".aac", ".flac", ".ogg", ".opus")
 
 def _media(visuals) -> tuple[list, list]:
     """(PIL RGB images, video sources) from what a task gives: images, image paths, and (as lmms-eval
-    reads them) any other path, or a dict, is a video; audio raises."""
+    reads them) any other path, or a dict unless its "type" says image, is a video (a .webm too, which
+    lmms-eval's chat messages file under audio); audio raises."""
     from PIL import Image
 
     images, videos = [], []
@@ -506,8 +537,13 @@ def _media(visuals) -> tuple[list, list]:
                 videos.append(v)
                 continue
             v = Image.open(v)
-        if isinstance(v, dict):
-            videos.append(v)
-            continue
+        if isinstance(v, dict):  # typed as lmms-eval types them
+            kind = v.get("type", "video")
+            if kind == "audio":
+                raise NotImplementedError(f"vtprune's lmms-eval model takes images and videos, not audio ({v})")
+            if kind != "image":
+                videos.append(v)
+                continue
+            v = Image.open(v.get("url") or v.get("path"))
         images.append(v.convert("RGB"))
     return images, videos

@@ -1,12 +1,11 @@
 """lmms-eval hooks of the `vtprune_shapes` tasks: images are rendered from the scene index (the
 benchmark is deterministic), answers are scored on their first word, overall and per question kind."""
-import getpass
-import tempfile
 from pathlib import Path
 
 from vtprune.eval import clips, shapes
 
 CLIP_FRAMES, CLIP_FPS = 8, 2  # vtprune_shapes_video: a still scene held for 4 s
+CLIPS = Path.home() / ".cache" / "vtprune" / "shapes_video"  # the user's own: a shared /tmp folder could be anyone's
 
 
 def doc_to_visual(doc):
@@ -20,16 +19,15 @@ def doc_to_visual_dynres(doc):
 
 
 def doc_to_visual_video(doc):
-    """The scene at its own size held still for 8 frames at 2 fps: a lossless clip written once to the
-    temporary folder (an lmms-eval video task gives the model a file path)."""
-    name = f"v1_scene{doc['scene']}_{doc['width']}x{doc['height']}_{CLIP_FRAMES}f.avi"
-    try:
-        user = getpass.getuser()
-    except Exception:  # no user name to be found (some containers)
-        user = "user"
-    path = Path(tempfile.gettempdir()) / f"vtprune_shapes_video-{user}" / name  # per user: /tmp is shared
+    """The scene at its own size held still for 8 frames at 2 fps: a lossless clip written once to
+    ~/.cache/vtprune/shapes_video (an lmms-eval video task gives the model a file path)."""
+    name = f"v1_scene{doc['scene']}_{doc['width']}x{doc['height']}_{CLIP_FRAMES}f.avi"  # v1: bump if rendering changes
+    path = CLIPS / name
     if not path.exists():
-        clips.write([doc_to_visual_dynres(doc)[0]] * CLIP_FRAMES, path, fps=CLIP_FPS)
+        try:
+            clips.write([doc_to_visual_dynres(doc)[0]] * CLIP_FRAMES, path, fps=CLIP_FPS)
+        except OSError as e:  # PyAV's errors name no file
+            raise OSError(f"vtprune_shapes_video: cannot write its clip {path} ({e}); the folder must be writable") from e
     return [str(path)]
 
 
