@@ -28,10 +28,13 @@ def test_readme_lists_every_strategy_with_options_and_paper():
     for name in ("divprune", "hiprune", "todre", "transprune", "vflowopt", "token_shuffle", "random", "pool", "fastv"):
         assert name in vtprune.available() and name in table, name
         own = [f.name for f in dataclasses.fields(get_method(name).Config)
-               if f.name not in ("keep", "ratio", "keep_positions", "pixel_mean", "pixel_std", "accumulate_from")]
+               if f.name not in ("keep", "ratio", "keep_positions", "video_budget", "pixel_mean", "pixel_std",
+                                 "accumulate_from")]
         for opt in own:
             assert f"`{opt}`" in table[name], f"{name}: option {opt} missing from the README table"
         assert get_method(name).paper or "baseline" in table[name]
+    for common in ("keep_positions", "video_budget"):  # every strategy's: in the options paragraph
+        assert f"`{common}=" in README.read_text(), common
 
 
 def test_demo_command_prints_table():

@@ -448,6 +448,8 @@ def test_vit_scores_keep_no_graph_in_training():
     assert model.patch_embed.proj.weight.grad is not None and bool(model.patch_embed.proj.weight.grad.abs().sum() > 0)
     with pytest.raises(TypeError, match="keep_positions is for VLMs"):
         vtprune.patch_vit(timm_vit(), "divprune", keep=4, keep_positions=False)
+    with pytest.raises(TypeError, match="video_budget is for VLMs' videos"):
+        vtprune.patch_vit(timm_vit(), "divprune", keep=4, video_budget="frame")
 
 
 def test_pruned_context_on_a_vit_restores_the_previous_configuration():

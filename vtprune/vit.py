@@ -280,6 +280,8 @@ def patch_vit(model, method: str, *, layer: int | None = None, **options):
     if method in LLM_ONLY:
         raise ValueError(f"{method} has no ViT form: {LLM_ONLY[method]}")
     options = dict(options)
+    if "video_budget" in options:
+        raise TypeError("patch_vit: video_budget is for VLMs' videos; a ViT prunes each image on its own")
     if "keep_positions" in options:
         raise TypeError("patch_vit: keep_positions is for VLMs' language models (RoPE positions); a ViT's kept "
                         "tokens keep the position embeddings they were given")

@@ -98,10 +98,13 @@ def test_vision_side_scoring_is_the_part_left_out(method):
 
 
 @pytest.mark.parametrize("family", [f for f in tiny.VIDEO_FAMILIES if f not in HYBRID])
-@pytest.mark.parametrize("method, options", [(None, {}), ("random", {"ratio": 0.5}), ("divprune", {"keep": 2})],
-                         ids=["unpatched", "random", "divprune"])
+@pytest.mark.parametrize("method, options", [(None, {}), ("random", {"ratio": 0.5}), ("divprune", {"keep": 2}),
+                                             ("divprune", {"keep": 2, "video_budget": "clip"}),
+                                             ("fastv", {"ratio": 0.25, "video_budget": "clip"})],
+                         ids=["unpatched", "random", "divprune", "divprune-clip", "fastv-clip"])
 def test_analytic_count_with_a_video_matches_the_flop_counter(family, method, options):
-    """An image and a clip in one sample: DivPrune's Gram matrices are per image and per frame."""
+    """An image and a clip in one sample: DivPrune's Gram matrices are per image and per frame (per clip
+    with video_budget="clip")."""
     model = build(family)
     inputs = tiny.batch(family, [1], videos=(1,))
     r = flops.count(model, inputs, method, **options)

@@ -93,8 +93,8 @@ def _logits_by_real_token(logits, layout, mask):
     return out
 
 
-def _check_batch_prefill(model, family, method, padding, videos=()):
-    _patch(model, method, ratio=0.4)
+def _check_batch_prefill(model, family, method, padding, videos=(), **options):
+    _patch(model, method, ratio=0.4, **options)
     idx = [0, 1, 2]
     inputs = tiny.batch(family, idx, padding=padding, videos=videos)
     with torch.no_grad():
@@ -127,6 +127,16 @@ MIXED = (1, 2)
 @pytest.mark.parametrize("family, method", VIDEO_PAIRS)
 def test_image_video_batch_matches_each_sample_alone(model_factory, family, method):
     _check_batch_prefill(model_factory(family), family, method, "left", videos=MIXED)
+
+
+# video_budget="clip": the strategies that choose among any tokens (not per grid)
+CLIP_METHODS = ["random", "fastv", "vision_attn_test", "hidden_norm_test", "divprune", "todre", "todre_stage2",
+                "transprune"]
+
+
+@pytest.mark.parametrize("family, method", [(f, m) for f in tiny.VIDEO_FAMILIES for m in CLIP_METHODS])
+def test_clip_budget_batch_matches_each_sample_alone(model_factory, family, method):
+    _check_batch_prefill(model_factory(family), family, method, "left", videos=MIXED, video_budget="clip")
 
 
 @pytest.mark.parametrize("family, method", VIDEO_PAIRS)
@@ -197,6 +207,122 @@ def test_video_budget_is_per_frame(model_factory):
     st = vtprune.stats(model)
     assert st.visual_before == [16, 8 + 3 * 6]
     assert st.visual_after == [2, 2 + 3 * 2]
+
+
+def _llm_inputs(model, inputs) -> torch.Tensor:
+    """The embeddings the unpatched model hands its language model (projected visual tokens in place)."""
+    seen = {}
+
+    def keep(module, args, kwargs):
+        seen.setdefault("embeds", kwargs["inputs_embeds"])
+
+    hook = model.model.language_model.register_forward_pre_hook(keep, with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+    hook.remove()
+    return seen["embeds"]
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "llava_next_video"])
+def test_clip_budget_divprune_is_the_selection_on_the_whole_clip(model_factory, family):
+    """video_budget="clip": DivPrune selects from all of a clip's tokens at once (its three frames' budgets
+    summed: 3 x keep) what `divprune.select` selects from them; the image beside it keeps its own budget."""
+    from vtprune.methods import divprune
+
+    model = model_factory(family)
+    inputs = tiny.batch(family, [1], videos=(1,))
+    embeds = _llm_inputs(model, inputs)[0]
+    ids = inputs["input_ids"][0]
+    video = (ids == tiny.VID).nonzero().squeeze(1)
+    image = (ids == tiny.IMG).nonzero().squeeze(1)
+    want = video[divprune.select(embeds[video][None].float(), 3)[0]]
+    vtprune.patch(model, "divprune", keep=1, video_budget="clip")
+    with torch.no_grad():
+        model(**inputs)
+    st = vtprune.stats(model)
+    kept = set(st.layout[0].tolist())
+    assert sorted(kept & set(video.tolist())) == want.tolist()
+    assert len(kept & set(image.tolist())) == 1
+    assert st.images[-1] == (0, len(video), 3) and len(st.images) == 2
+
+
+@pytest.mark.parametrize("family", ["llava_next_video", "qwen2_vl"])
+def test_clip_budget_drops_repeated_frames_that_per_frame_budgets_keep(model_factory, family):
+    """A clip whose first two frames are the same picture: per frame, each copy keeps the same tokens
+    (the same features, kept twice); with one budget for the clip, DivPrune keeps no feature twice."""
+    model = model_factory(family)
+    inputs = tiny.batch(family, [1], videos=(1,))
+    pix = inputs["pixel_values_videos"]
+    if family == "llava_next_video":  # [videos, frames, 3, H, W]
+        pix[:, 1] = pix[:, 0]
+    else:  # Qwen: rows of temporal patches (t = 3 of 2 frames each), frame-major
+        per = pix.shape[0] // 3
+        pix[per:2 * per] = pix[:per]
+    ids = inputs["input_ids"][0]
+    video = (ids == tiny.VID).nonzero().squeeze(1)
+    embeds = _llm_inputs(model, inputs)[0]
+    n = len(video) // 3
+    # the repeated frame's features (equal up to float rounding: CLIP runs the frames as one batch)
+    torch.testing.assert_close(embeds[video[:n]], embeds[video[n:2 * n]], atol=1e-6, rtol=1e-5)
+    kept_features = {}
+    for mode in ("frame", "clip"):
+        vtprune.patch(model, "divprune", keep=2, video_budget=mode)
+        with torch.no_grad():
+            model(**inputs)
+        kept = sorted(set(vtprune.stats(model).layout[0].tolist()) & set(video.tolist()))
+        assert len(kept) == 6
+        kept_features[mode] = embeds[kept]
+    distinct = {mode: len(torch.unique((f * 1e4).round(), dim=0)) for mode, f in kept_features.items()}
+    assert distinct == {"frame": 4, "clip": 6}
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "llava_next_video"])
+def test_clip_budget_hands_a_clip_its_frames_vision_scores_in_order(model_factory, family):
+    """A clip's vision-encoder scores are its frames' scores, frame after frame (what a per-frame run sees)."""
+    seen = []
+    vision_attn = get_method("vision_attn_test")
+
+    class Record(vision_attn):
+        def select(self, image):
+            seen.append(image.signals["feat"].clone())
+            return super().select(image)
+
+    model = model_factory(family)
+    inputs = tiny.batch(family, [1], videos=(1,))
+    got = {}
+    for mode in ("frame", "clip"):
+        seen.clear()
+        vtprune.patch(model, "vision_attn_test", keep=1, video_budget=mode)
+        model._vtprune.method = Record(model._vtprune.method.config)
+        with torch.no_grad():
+            model(**inputs)
+        got[mode] = list(seen)
+    assert len(got["frame"]) == 4 and len(got["clip"]) == 2  # the image, then 3 frames / 1 clip
+    assert torch.equal(got["clip"][0], got["frame"][0])
+    assert torch.equal(got["clip"][1], torch.cat(got["frame"][1:]))
+
+
+def test_clip_budget_is_refused_where_it_cannot_apply(model_factory):
+    for method in ("pool", "token_shuffle", "hiprune", "vflowopt"):  # they work on each frame's grid
+        with pytest.raises(ValueError, match=f"{method} works on each frame's token grid"):
+            vtprune.patch(model_factory("qwen2_vl"), method, ratio=0.5, video_budget="clip")
+    with pytest.raises(ValueError, match="video_budget must be 'frame' or 'clip', got 'video'"):
+        vtprune.patch(model_factory("qwen2_vl"), "divprune", ratio=0.5, video_budget="video")
+
+
+def test_clip_budget_needs_to_know_each_frames_video():
+    """Qwen3-VL's frames are separate runs: without video_grid_thw they cannot be put together (said so)."""
+    from vtprune.hooks.runtime import Unit, _clips
+
+    frames = [Unit(0, torch.tensor([3, 4]), None, 0, video=None)]
+    with pytest.raises(ValueError, match="which frames make each video"):
+        _clips(frames, [1])
+    image = Unit(0, torch.tensor([0, 1]), None, 0)
+    units, budgets, groups = _clips([image, Unit(0, torch.tensor([3, 4]), (1, 1, 2), 1, video=0),
+                                     Unit(0, torch.tensor([6, 7]), (1, 1, 2), 2, video=0),
+                                     Unit(1, torch.tensor([2, 3]), (1, 1, 2), 3, video=1)], [1, 1, 2, 1])
+    assert groups == [[0], [1, 2], [3]] and budgets == [1, 3, 1]
+    assert units[1].slots.tolist() == [3, 4, 6, 7] and units[1].grid is None and units[2].grid == (1, 1, 2)
 
 
 @pytest.mark.parametrize("family, method", PAIRS)

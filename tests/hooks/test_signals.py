@@ -60,6 +60,33 @@ def test_fastv_under_sdpa_selects_what_eager_attention_selects(model_factory, fa
     assert sdpa.config.text_config._attn_implementation == "sdpa"
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "llava_next_video"])
+def test_fastv_with_a_clip_budget_keeps_the_clips_most_attended_tokens(model_factory, family):
+    """video_budget="clip": FastV ranks a clip's tokens together (its frames' budgets summed) and the
+    image apart, by eager attention at layer K-1 averaged over heads and real rows."""
+    sdpa, eager = model_factory(family, "sdpa"), model_factory(family, "eager")
+    inputs = tiny.batch(family, [1], videos=(1,))
+    with torch.no_grad():
+        out = eager(**inputs, output_attentions=True)
+    attn = attention_map(eager, out, 1)
+    mask = inputs["attention_mask"].bool()
+    per_key = ((attn.mean(1) * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True))[0]
+    ids = inputs["input_ids"][0]
+    vtprune.patch(sdpa, "fastv", ratio=0.3, video_budget="clip")
+    with torch.no_grad():
+        sdpa(**inputs)
+    st = vtprune.stats(sdpa)
+    kept = set(st.layout[0].tolist())
+    image, video = (ids == tiny.IMG).nonzero().squeeze(1), (ids == tiny.VID).nonzero().squeeze(1)
+    (_, n_img, k_img), (_, n_vid, k_vid) = st.images  # one unit per image, one per clip
+    assert (n_img, n_vid) == (len(image), len(video))
+    frames = 3  # the tiny clip's frames (temporal patches): each would keep round(0.3 * its tokens)
+    assert k_vid == frames * max(1, round(0.3 * n_vid / frames))
+    for slots, k in ((image, k_img), (video, k_vid)):
+        want = slots[torch.sort(per_key[slots], descending=True, stable=True).indices[:k]]
+        assert kept & set(slots.tolist()) == set(want.tolist())
+
+
 def test_llava_vision_signal_equals_eager_clip_attention(model_factory):
     from vtprune.hooks.llava import LlavaAdapter
     from vtprune.methods.base import VisionSignal

@@ -59,13 +59,14 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         units = self.image_units(images, scratch.get("n_images"))
         gh, gw = self.frame_grid
         per_frame = gh * gw
+        videos = 0
         for b, sample_runs in enumerate(runs(video)):
             for run in sample_runs:
                 frames, extra = divmod(run.numel() - self.closing, per_frame)
                 if extra or frames < 1:
                     tail = f" + {self.closing} newline" if self.closing else ""
                     raise ValueError(f"a video of {run.numel()} tokens is not frames x {per_frame}{tail}")
-                block = len(units)
-                units += [Unit(b, frame, (1, gh, gw), block=block)
+                block, videos = len(units), videos + 1
+                units += [Unit(b, frame, (1, gh, gw), block=block, video=videos - 1)
                           for frame in run[:run.numel() - self.closing].split(per_frame)]
         return units

@@ -58,12 +58,18 @@ class QwenVLAdapter(Adapter):
         thw = positions[-3:]
         units = []
         block = 0  # ids unique over images and videos
+        # Qwen3-VL: each frame is a run of its own, so a video's frames are counted off video_grid_thw
+        grid_thw = scratch.get("video_grid_thw") if self.frame_runs else None
+        per_video = [int(t) for t in grid_thw[:, 0]] if grid_thw is not None else None
+        video, seen = -1, 0  # the current video, and its frames met so far (Qwen3-VL)
         for token_id in (self.image_token_id, self.video_token_id):
             mask = self.token_mask(scratch, token_id, visual.shape)
             if mask is None or not bool(mask.any()):
                 continue
             for b, sample_runs in enumerate(runs(mask)):
                 for run in sample_runs:
+                    if token_id == self.video_token_id and not self.frame_runs:
+                        video += 1
                     h_all, w_all = thw[1, b, run], thw[2, b, run]
                     if (token_id == self.video_token_id and not self.frame_runs and len(run) > 1
                             and torch.equal(thw[0, b, run], h_all) and torch.equal(h_all, w_all)):
@@ -78,7 +84,18 @@ class QwenVLAdapter(Adapter):
                         gh = int(h_pos.max() - h_pos.min()) + 1
                         gw = int(w_pos.max() - w_pos.min()) + 1
                         grid = (1, gh, gw) if gh * gw == frame.numel() else None
-                        units.append(Unit(b, frame, grid, block=block))
+                        of = -1  # an image
+                        if token_id == self.video_token_id:
+                            if not self.frame_runs:
+                                of = video
+                            elif per_video is None:
+                                of = None  # which video each frame belongs to is unknown here
+                            else:
+                                if video < 0 or seen == per_video[video]:
+                                    video, seen = video + 1, 0
+                                seen += 1
+                                of = video if video < len(per_video) else None
+                        units.append(Unit(b, frame, grid, block=block, video=of))
                     block += 1
         return units
 

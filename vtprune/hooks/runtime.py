@@ -42,6 +42,7 @@ class Unit:
     grid: tuple[int, int, int] | None
     block: int  # id of the contiguous visual block (image or video) it belongs to
     layout: object = None  # anyres.Layout of a multi-grid image (LLaVA-NeXT / OneVision), else None
+    video: int = -1  # a video frame: the index of its video among this forward's videos; -1 for an image
 
 
 @dataclass
@@ -54,7 +55,7 @@ class Stats:
     selection_ms: float = 0.0  # wall time in the strategy's selection code (vision-encoder scores: the encoder's run)
     layout: torch.Tensor | None = None  # [B, L_out]: input slot of each output position, -1 = added padding
     layer_tokens: list[list[int]] = field(default_factory=list)  # [layer][sample]: real tokens entering each decoder layer
-    images: list[tuple[int, int, int]] = field(default_factory=list)  # (sample, tokens, budget) per image / video frame
+    images: list[tuple[int, int, int]] = field(default_factory=list)  # (sample, tokens, budget) per image / video frame (clip)
 
     @property
     def kept_fraction(self) -> float:
@@ -83,7 +84,7 @@ class Run:
     pos_shift: torch.Tensor  # [B] added to decode positions
     shifted: bool = False  # any pos_shift non-zero (read once at the prefill: no host sync per decode step)
     unit: torch.Tensor | None = None  # [B, Lcur] the image/frame (index into images) of each visual slot, else -1
-    images: tuple = ()  # (sample, tokens, budget) per image / video frame of this forward (= Stats.images)
+    images: tuple = ()  # (sample, tokens, budget) per image / video frame (clip) of this forward (= Stats.images)
     before: torch.Tensor | None = None  # [B] visual tokens per sample on entering the model
     orig_mask: torch.Tensor | None = None  # [B, orig_len] the caller's 2-D mask of the prefill
     default_positions: bool = False  # the prefill had no position_ids (the model's default, arange over slots)
@@ -467,6 +468,9 @@ class PatchState:
             covered[u.sample, u.slots] = True
         visual = covered  # placeholders in no unit are structural (a video's closing newline): never pruned
         budgets = [self._budget(u) for u in units]
+        frames, groups = units, None
+        if self.method.config.video_budget == "clip":  # each video one unit: its frames' slots, their budgets' sum
+            units, budgets, groups = _clips(units, budgets)
         prunes = any(k < len(u.slots) for u, k in zip(units, budgets))  # some image is over its budget
         if self.labels and prunes:
             raise NotImplementedError(
@@ -517,7 +521,9 @@ class PatchState:
 
         _sync(embeds)
         t0 = time.perf_counter()
-        signals = self.adapter.unit_signals(self.vision_scores, units) if self.vision_scores else [{}] * len(units)
+        signals = self.adapter.unit_signals(self.vision_scores, frames) if self.vision_scores else [{}] * len(frames)
+        if groups is not None:  # a clip's scores: its frames', in order
+            signals = [{name: torch.cat([signals[j][name] for j in g]) for name in signals[g[0]]} for g in groups]
         todo: list[tuple[Unit, ImageTokens]] = []
         for i, (u, k) in enumerate(zip(units, budgets)):
             if k >= len(u.slots):
@@ -832,6 +838,30 @@ class PatchState:
         run.layout = take(run.layout, index, 1, -1)
         new_hidden = take(hidden, index, 1, 0)
         return (new_hidden, *output[1:]) if isinstance(output, tuple) else new_hidden
+
+
+def _clips(units: list, budgets: list) -> tuple[list, list, list]:
+    """(units, budgets, groups) with each video's frames made one unit (video_budget="clip"): its frames'
+    slots in order, no grid, the sum of their budgets; groups[i] = the frame units unit i was made of."""
+    out, out_budgets, groups, index = [], [], [], {}
+    for j, (u, k) in enumerate(zip(units, budgets)):
+        if u.video is None:
+            raise ValueError("vtprune: video_budget='clip' needs to know which frames make each video, and this "
+                             "call does not say (Qwen3-VL: pass video_grid_thw with the video's features)")
+        key = (u.sample, u.video)
+        if u.video >= 0 and key in index:
+            i = index[key]
+            groups[i].append(j)
+            out_budgets[i] += k
+            continue
+        if u.video >= 0:
+            index[key] = len(out)
+        out.append(u)
+        out_budgets.append(k)
+        groups.append([j])
+    out = [u if len(g) == 1 else Unit(u.sample, torch.cat([units[j].slots for j in g]), None, u.block, video=u.video)
+           for u, g in zip(out, groups)]
+    return out, out_budgets, groups
 
 
 def _mixer(layer):

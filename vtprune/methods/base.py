@@ -19,6 +19,9 @@ class PruneConfig:
     keep: int | None = None  # visual tokens kept per image (per video frame)
     ratio: float | None = None  # fraction of each image's visual tokens kept, in (0, 1]
     keep_positions: bool = False  # 1-D RoPE models: keep original positions (gaps) instead of renumbering
+    # videos: "frame" = each frame keeps its own budget; "clip" = a video's frames share the sum of their
+    # budgets and the strategy chooses across all of them (frames that repeat others give up their tokens)
+    video_budget: str = "frame"
     # the options that set the budget: an explicit one replaces all of them from a config file
     budget_fields: ClassVar[tuple[str, ...]] = ("keep", "ratio")
 
@@ -39,6 +42,8 @@ class PruneConfig:
 
     def _check_flags(self):
         check_bool("keep_positions", self.keep_positions)
+        if self.video_budget not in ("frame", "clip"):
+            raise ValueError(f"video_budget must be 'frame' or 'clip', got {self.video_budget!r}")
 
     def budget(self, n: int) -> int:
         """Tokens kept for an image of `n` visual tokens: min(n, keep) or max(1, round(ratio * n))."""

@@ -54,7 +54,12 @@ def build_method(name: str, options: dict) -> Method:
             f"unknown option(s) {', '.join(map(repr, unknown))} for method {name!r}; "
             f"allowed: {', '.join(sorted(fields))}"
         )
-    return cls(cls.Config(**options))
+    config = cls.Config(**options)
+    if config.video_budget == "clip" and cls.per_grid:
+        raise ValueError(f"{name} works on each frame's token grid, so its video budget is per frame: "
+                         "video_budget='clip' is for strategies that choose among any tokens (divprune, todre, random, "
+                         "fastv, transprune)")
+    return cls(config)
 
 
 def option_help(cls: type[Method]) -> list[tuple[str, str, object, str]]:
