@@ -302,6 +302,26 @@ def test_clip_budget_hands_a_clip_its_frames_vision_scores_in_order(model_factor
     assert torch.equal(got["clip"][1], torch.cat(got["frame"][1:]))
 
 
+@pytest.mark.parametrize("family", tiny.VIDEO_FAMILIES)
+def test_clip_budget_in_generate(model_factory, family):
+    """generate() (which encodes the videos before the forward: Qwen3-VL then gets no video_grid_thw, and its
+    frames are grouped by the encoded videos' token counts): with and without the cache, one clip unit per
+    video, and under beam search each beam prunes as its prompt alone does."""
+    model = model_factory(family)
+    inputs = tiny.batch(family, [0, 1, 2], videos=MIXED)
+    vtprune.patch(model, "divprune", ratio=0.3, video_budget="clip")
+    with torch.no_grad():
+        cached = model.generate(**inputs, max_new_tokens=4, **tiny.GEN)
+        assert sorted(b for b, _, _ in vtprune.stats(model).images) == [0, 1, 1, 2, 2]  # images, one unit per clip
+        plain = model.generate(**inputs, max_new_tokens=4, use_cache=False, **tiny.GEN)
+        assert cached.tolist() == plain.tolist()
+        beams = model.generate(**inputs, max_new_tokens=3, num_beams=2, num_return_sequences=2, **tiny.GEN)[:, -3:]
+        for b in range(3):
+            alone = model.generate(**tiny.batch(family, [b], videos=MIXED), max_new_tokens=3, num_beams=2,
+                                   num_return_sequences=2, **tiny.GEN)[:, -3:]
+            assert beams[2 * b:2 * b + 2].tolist() == alone.tolist(), f"sample {b}"
+
+
 def test_clip_budget_is_refused_where_it_cannot_apply(model_factory):
     for method in ("pool", "token_shuffle", "hiprune", "vflowopt"):  # they work on each frame's grid
         with pytest.raises(ValueError, match=f"{method} works on each frame's token grid"):
@@ -317,6 +337,12 @@ def test_clip_budget_needs_to_know_each_frames_video():
     frames = [Unit(0, torch.tensor([3, 4]), None, 0, video=None)]
     with pytest.raises(ValueError, match="which frames make each video"):
         _clips(frames, [1])
+    from vtprune.hooks.qwen2_vl import _row_videos
+
+    # each row's videos by token counts: listed per row, or once per prompt under k = 2 copies per prompt
+    assert _row_videos([8, 18, 6], [8, 24, 0]) == [[8], [18, 6], []]
+    assert _row_videos([8, 18, 6], [8, 8, 24, 24]) == [[8], [8], [18, 6], [18, 6]]
+    assert _row_videos([8, 18], [8, 20]) is None and _row_videos(None, [8]) is None
     image = Unit(0, torch.tensor([0, 1]), None, 0)
     units, budgets, groups = _clips([image, Unit(0, torch.tensor([3, 4]), (1, 1, 2), 1, video=0),
                                      Unit(0, torch.tensor([6, 7]), (1, 1, 2), 2, video=0),

@@ -254,7 +254,7 @@ def visual_token_counts(config, inputs: dict) -> list[int]:
 
 def _selection_flops(method, images: list[tuple[int, int]], per_layer: list[list[int]], t: TextDims) -> int:
     """The strategy's own products where they are modelled: greedy diversity (DivPrune, ToDRE) builds
-    an N x N Gram matrix of d-wide rows per pruned image or video frame (2 N^2 d; `images` holds each
+    an N x N Gram matrix of d-wide rows per pruned image or video frame, or clip (2 N^2 d; `images` holds each
     one's (N, budget)); FastV scores the n tokens at its layer from every real query row (2 n^2 d_q for
     q k^T, 2 n^2 for the row average), and so does ToDRE's stage 2 at its layer; TransPrune, at each
     drop layer p, projects the n tokens leaving it with layer p+1's q and k (2 n d (d_q + d_kv)) and

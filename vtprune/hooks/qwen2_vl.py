@@ -39,12 +39,19 @@ class QwenVLAdapter(Adapter):
         present = any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos")) or any(
             enc.get(k) is not None for k in ("image", "video")
         )
+        grid, video = kwargs.get("video_grid_thw"), enc.get("video")
+        tokens = None  # each video's LLM tokens, in batch order: from its grid, or from its encoded features
+        if grid is not None:
+            tokens = [int(g.prod()) // self.merge ** 2 for g in grid]
+        elif isinstance(getattr(video, "pooler_output", None), (list, tuple)):  # generate() encodes first
+            tokens = [int(x.shape[0]) for x in video.pooler_output]
         return {
             "input_ids": kwargs.get("input_ids"),
             "inputs_embeds": kwargs.get("inputs_embeds"),
             "visual_input": present,
             "image_grid_thw": kwargs.get("image_grid_thw"),
-            "video_grid_thw": kwargs.get("video_grid_thw"),
+            "video_grid_thw": grid,
+            "video_tokens": tokens,
         }
 
     def units(self, scratch, visual, positions):
@@ -58,15 +65,16 @@ class QwenVLAdapter(Adapter):
         thw = positions[-3:]
         units = []
         block = 0  # ids unique over images and videos
-        # Qwen3-VL: each frame is a run of its own, so a video's frames are counted off video_grid_thw
-        grid_thw = scratch.get("video_grid_thw") if self.frame_runs else None
-        per_video = [int(t) for t in grid_thw[:, 0]] if grid_thw is not None else None
-        video, seen = -1, 0  # the current video, and its frames met so far (Qwen3-VL)
+        video = -1  # Qwen2/2.5-VL: the current video (one run each)
         for token_id in (self.image_token_id, self.video_token_id):
             mask = self.token_mask(scratch, token_id, visual.shape)
             if mask is None or not bool(mask.any()):
                 continue
+            # Qwen3-VL: each frame is a run of its own; each row's videos, by their token counts, group them
+            rows = _row_videos(scratch.get("video_tokens"), mask.sum(1).tolist()) if (
+                token_id == self.video_token_id and self.frame_runs) else None
             for b, sample_runs in enumerate(runs(mask)):
+                left, j = 0, -1  # Qwen3-VL: tokens left of the row's current video, and its index in the row
                 for run in sample_runs:
                     if token_id == self.video_token_id and not self.frame_runs:
                         video += 1
@@ -88,13 +96,12 @@ class QwenVLAdapter(Adapter):
                         if token_id == self.video_token_id:
                             if not self.frame_runs:
                                 of = video
-                            elif per_video is None:
-                                of = None  # which video each frame belongs to is unknown here
                             else:
-                                if video < 0 or seen == per_video[video]:
-                                    video, seen = video + 1, 0
-                                seen += 1
-                                of = video if video < len(per_video) else None
+                                if rows is not None and left == 0:
+                                    j += 1
+                                    left = rows[b][j] if j < len(rows[b]) else 0
+                                of = j if rows is not None and left >= frame.numel() else None  # None: unknown
+                                left -= frame.numel() if of is not None else 0
                         units.append(Unit(b, frame, grid, block=block, video=of))
                     block += 1
         return units
@@ -222,6 +229,29 @@ def _keep_kwargs(store, module, args, kwargs):
 
 def _keep_qkv(store, module, args, output):
     store["qkv"] = output
+
+
+def _row_videos(tokens: list[int] | None, row_totals: list[int]) -> list[list[int]] | None:
+    """Each row's videos (their token counts, in order), from every video's token count in batch order and
+    each row's video tokens; None where they do not add up. generate() with beams or several sequences
+    repeats a prompt's rows k times (adjacent copies); if the videos were listed once per prompt, each
+    copy gets its prompt's."""
+    if not tokens or sum(row_totals) % sum(tokens):
+        return None
+    k = sum(row_totals) // sum(tokens)
+    if len(row_totals) % k:
+        return None
+    out, i = [], 0
+    for b in range(0, len(row_totals), k):
+        need, videos = row_totals[b], []
+        while need > 0 and i < len(tokens):
+            videos.append(tokens[i])
+            need -= tokens[i]
+            i += 1
+        if need or any(row_totals[b + c] != row_totals[b] for c in range(k)):
+            return None
+        out += [videos] * k
+    return out
 
 
 class Qwen3VLAdapter(QwenVLAdapter):

@@ -847,7 +847,8 @@ def _clips(units: list, budgets: list) -> tuple[list, list, list]:
     for j, (u, k) in enumerate(zip(units, budgets)):
         if u.video is None:
             raise ValueError("vtprune: video_budget='clip' needs to know which frames make each video, and this "
-                             "call does not say (Qwen3-VL: pass video_grid_thw with the video's features)")
+                             "call does not say (Qwen3-VL counts them off video_grid_thw, or off the encoded "
+                             "videos' pooler_output when generate() hands them)")
         key = (u.sample, u.video)
         if u.video >= 0 and key in index:
             i = index[key]
