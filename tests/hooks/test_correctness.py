@@ -322,6 +322,25 @@ def test_clip_budget_in_generate(model_factory, family):
             assert beams[2 * b:2 * b + 2].tolist() == alone.tolist(), f"sample {b}"
 
 
+@pytest.mark.parametrize("family", ["llava_next_video", "llava_onevision"])
+def test_back_to_back_llava_videos_are_two_videos(model_factory, family):
+    """Two clips with no text between them are one run of placeholders: split into the two videos by their
+    length (OneVision refused it; a clip budget was shared by both), in a forward and under generate()."""
+    g = torch.Generator().manual_seed(5)
+    model = model_factory(family)
+    (v1, p1), (v2, p2) = tiny._video(family, 0, g), tiny._video(family, 1, g)
+    ids = [tiny.BOS, 10, 11] + v1 + v2 + [12, 13]
+    inputs = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+              "pixel_values_videos": torch.cat([p1["pixel_values_videos"], p2["pixel_values_videos"]])}
+    for mode, want in (("frame", [(0, 4, 1)] * 6), ("clip", [(0, 12, 3)] * 2)):
+        vtprune.patch(model, "divprune", keep=1, video_budget=mode)
+        with torch.no_grad():
+            model(**inputs)
+            assert vtprune.stats(model).images == want
+            model.generate(**inputs, max_new_tokens=2, **tiny.GEN)
+            assert vtprune.stats(model).images == want
+
+
 def test_clip_budget_is_refused_where_it_cannot_apply(model_factory):
     for method in ("pool", "token_shuffle", "hiprune", "vflowopt"):  # they work on each frame's grid
         with pytest.raises(ValueError, match=f"{method} works on each frame's token grid"):

@@ -46,8 +46,16 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
     def read_call(self, kwargs):
         out = super().read_call(kwargs)
         enc = kwargs.get("mm_encoder_outputs") or {}
-        videos = kwargs.get("pixel_values_videos") is not None or enc.get("video") is not None
-        out["visual_input"] = out["visual_input"] or videos
+        pixels, encoded = kwargs.get("pixel_values_videos"), enc.get("video")
+        out["visual_input"] = out["visual_input"] or pixels is not None or encoded is not None
+        # one video's placeholder tokens (a batch's clips have one frame count): back-to-back videos, with no
+        # text between them, are one run of placeholders that this splits
+        gh, gw = self.frame_grid
+        out["video_len"] = None
+        if pixels is not None and pixels.dim() == 5:
+            out["video_len"] = pixels.shape[1] * gh * gw + self.closing
+        elif isinstance(getattr(encoded, "pooler_output", None), torch.Tensor) and encoded.pooler_output.dim() == 3:
+            out["video_len"] = encoded.pooler_output.shape[1]  # generate() encodes first: [videos, tokens, d]
         return out
 
     def units(self, scratch, visual, positions):
@@ -60,8 +68,9 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         gh, gw = self.frame_grid
         per_frame = gh * gw
         videos = 0
+        length = scratch.get("video_len")
         for b, sample_runs in enumerate(runs(video)):
-            for run in sample_runs:
+            for run in (clip for whole in sample_runs for clip in _videos(whole, length)):
                 frames, extra = divmod(run.numel() - self.closing, per_frame)
                 if extra or frames < 1:
                     tail = f" + {self.closing} newline" if self.closing else ""
@@ -70,3 +79,10 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
                 units += [Unit(b, frame, (1, gh, gw), block=block, video=videos - 1)
                           for frame in run[:run.numel() - self.closing].split(per_frame)]
         return units
+
+
+def _videos(run: torch.Tensor, length: int | None) -> list:
+    """A run of video placeholders as its videos: back-to-back videos of `length` tokens each, split."""
+    if length and run.numel() > length and run.numel() % length == 0:
+        return list(run.split(length))
+    return [run]

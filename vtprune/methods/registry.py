@@ -67,6 +67,8 @@ def option_help(cls: type[Method]) -> list[tuple[str, str, object, str]]:
     field's line (or the comment lines just above it) in the config class that declares it."""
     out = []
     notes = _field_comments(cls.Config)
+    if cls.per_grid:  # (build_method refuses "clip" for it)
+        notes["video_budget"] = "videos: \"frame\" only (it works on each frame's token grid)"
     for f in dataclasses.fields(cls.Config):
         default = f.default if f.default is not dataclasses.MISSING else None
         out.append((f.name, str(f.type), default, notes.get(f.name, "")))
