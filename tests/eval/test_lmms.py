@@ -594,6 +594,14 @@ def test_clips_sample_uniformly_and_read_back_the_pixels_written(tmp_path):
         assert c.streams.video[0].frames == 0
     frames, meta = clips.read(mkv, 4, 1)
     assert meta.frames_indices == [0, 3, 6, 9] and np.array_equal(frames, video[[0, 3, 6, 9]])
+    # by rate: floor(seconds x rate) frames, a multiple of the temporal patch, at most max_frames
+    assert clips.read(path, 32, 1, rate=1.0)[1].frames_indices == [0, 2, 4, 7, 9]  # 5 s -> 5 frames (4.5 -> 4: half to even)
+    assert clips.read(path, 32, 2, rate=1.0)[1].frames_indices == [0, 3, 6, 9]  # -> 4
+    assert clips.read(path, 3, 1, rate=1.0)[1].frames_indices == [0, 4, 9]  # capped
+    assert clips.read(path, 32, 2, rate=0.1)[1].frames_indices == [0, 9]  # at least one temporal patch
+    assert clips.read(path, 32, 1, start=1.0, end=3.5, rate=1.0)[1].frames_indices == [2, 4, 7]  # 3 s -> 3
+    with pytest.raises(ValueError, match="rate"):
+        clips.read(path, 4, rate=0)
     with pytest.raises(ValueError, match="no frames in the segment"):
         clips.read(path, 4, start=6.0)
     with pytest.raises(ValueError, match="max_frames"):
@@ -649,6 +657,12 @@ def test_video_task_answers_are_the_models_answers_on_its_frames(tasks):
     half = lmms.Vtprune(pretrained="tiny-qwen2vl", batch_size=3, max_frames_num=5)
     evaluate(half, tasks, 6, VIDEO_TASK)
     assert half.summary()["visual_before"] == pytest.approx(sum(per_clip) / 12)
+    # or by rate: fps=1 reads 4 frames of the 4-second clips
+    rated = lmms.Vtprune(pretrained="tiny-qwen2vl", batch_size=3, fps="1")
+    evaluate(rated, tasks, 6, VIDEO_TASK)
+    assert rated.summary()["visual_before"] == pytest.approx(sum(per_clip) / 12)
+    with pytest.raises(ValueError, match="fps must be a number > 0"):
+        lmms.Vtprune(pretrained="tiny-qwen2vl", random_weights=True, fps=0)
 
 
 def test_video_answers_do_not_depend_on_batch_or_protocol(tasks):

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 
-def read(path, max_frames: int, multiple: int = 1, start: float | None = None, end: float | None = None):
+def read(path, max_frames: int, multiple: int = 1, start: float | None = None, end: float | None = None,
+         rate: float | None = None):
     """(frames [T, H, W, 3] uint8 RGB, transformers `VideoMetadata`): T = `max_frames` frames evenly
     spaced from the clip's first frame to its last (or over [`start`, `end`] seconds of it), rounded to
     the nearest frame: linspace(first, last, T).round(), the rule of qwen-vl-utils (lmms-eval's Qwen
@@ -16,12 +17,16 @@ def read(path, max_frames: int, multiple: int = 1, start: float | None = None, e
     `multiple` (a Qwen model's temporal patch: 2 frames). `metadata.frames_indices` holds the frame numbers
     taken; `fps` the file's rate; `total_num_frames` and `duration` the sampled span's (the whole clip,
     or the segment), so that `sampled_fps` is the rate of the frames taken (Qwen2.5-VL's time steps read
-    it; Qwen3-VL's timestamps read the indices)."""
+    it; Qwen3-VL's timestamps read the indices). `rate`: sample that many frames per second of the span
+    instead (floor(seconds x rate), at least one temporal patch), still at most `max_frames`: lmms-eval's
+    Qwen models' `fps`."""
     import av
     from transformers.video_utils import VideoMetadata
 
     if max_frames < 1 or multiple < 1:
         raise ValueError(f"max_frames and multiple must be >= 1, got {max_frames}, {multiple}")
+    if rate is not None and not rate > 0:
+        raise ValueError(f"rate (frames per second) must be > 0, got {rate}")
     path = os.fspath(path)
     with av.open(path) as container:
         if not container.streams.video:
@@ -30,15 +35,16 @@ def read(path, max_frames: int, multiple: int = 1, start: float | None = None, e
         fps = float(stream.average_rate) if stream.average_rate else None
         total = stream.frames or sum(1 for p in container.demux(stream) if p.size)  # some containers leave it 0
         height, width = stream.height, stream.width
-    if (start is not None or end is not None) and not fps:
-        raise ValueError(f"{path} has no frame rate, so the segment [{start}, {end}] s cannot be found")
+    if (start is not None or end is not None or rate is not None) and not fps:
+        raise ValueError(f"{path} has no frame rate, so it cannot be sampled by time (segment [{start}, {end}] s, "
+                         f"{rate} frames a second)")
     for _ in range(2):  # a second pass only when the header's frame count was more than the frames that decode
         first = max(0, int(np.ceil(start * fps))) if start is not None else 0
         last = min(total - 1, int(np.floor(end * fps))) if end is not None else total - 1
         span = last - first + 1
         if span < 1:
             raise ValueError(f"{path}: no frames in the segment [{start}, {end}] s of a {total}-frame clip")
-        n = min(max_frames, span)
+        n = min(max_frames, span, max(multiple, int(span / fps * rate)) if rate is not None else span)
         n = max(n - n % multiple, min(span, multiple))  # a clip shorter than one temporal patch: all of it
         indices = np.linspace(first, last, n).round().astype(int)
         frames, decoded = _decode(path, indices)

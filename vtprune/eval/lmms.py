@@ -12,7 +12,8 @@ Decoding follows lmms-eval's own models: sampling only when the task's temperatu
 `method` (a registered strategy; omitted or "none": unpatched), `keep` or `ratio`, any option of the
 method, and `dtype` ("auto", "float16", "bfloat16", "float32"), `attn` ("sdpa", "eager", ...),
 `random_weights` (bundled architectures without trained weights: plumbing only), `max_new_tokens`
-(default when the task sets none), `max_frames_num` (frames read from a video), `stats_path` (a folder: each rank writes its pruning figures to
+(default when the task sets none), `max_frames_num` (frames read from a video), `fps` (sample that many
+frames a second instead, at most max_frames_num), `stats_path` (a folder: each rank writes its pruning figures to
 `vtprune_stats_rank<R>.json` there, as lmms-eval's own throughput log is per process).
 
 The pruning figures (visual tokens before/after, selection time, analytic prefill TFLOPs from the
@@ -99,6 +100,20 @@ def _count(name: str, v) -> int:
     return n
 
 
+def _rate(v) -> float | None:
+    """The `fps` model argument: frames sampled per second of video (None: max_frames_num frames a video)."""
+    v = _value(v)
+    if v is None:
+        return None
+    try:
+        f = float(v) if not isinstance(v, bool) else None
+    except (TypeError, ValueError):
+        f = None
+    if f is None or not f > 0 or f == float("inf"):
+        raise ValueError(f"fps must be a number > 0 (frames sampled per second of video), got {v!r}")
+    return f
+
+
 def _typed(method, options: dict) -> dict:
     """lmms-eval parses every number with a sign or exponent as a float (`deep_layer=-2` -> -2.0,
     `keep=1e2` -> 100.0): a whole float given to an option declared int (and not float) becomes an int."""
@@ -137,7 +152,8 @@ class Vtprune(lmms):
 
     def __init__(self, pretrained: str, method: str | None = None, batch_size=1, device: str | None = None,
                  max_batch_size=None, dtype: str = "auto", attn: str = "sdpa", random_weights: bool = False,
-                 max_new_tokens: int = 64, stats_path: str | None = None, max_frames_num=32, **options) -> None:
+                 max_new_tokens: int = 64, stats_path: str | None = None, max_frames_num=32, fps=None,
+                 **options) -> None:
         super().__init__()
         from . import models
 
@@ -158,6 +174,7 @@ class Vtprune(lmms):
         self.tokenizer = processor.tokenizer
         self.max_new_tokens = _count("max_new_tokens", max_new_tokens)
         self.max_frames = _count("max_frames_num", max_frames_num)
+        self.fps = _rate(fps)
         self.stats_path = _value(stats_path)
         self.method = _value(method)
         self.options = _typed(self.method, {k: _value(v) for k, v in options.items()})
@@ -233,7 +250,7 @@ class Vtprune(lmms):
                 f"{type(self.model).__name__} takes no video; video tasks need a model with video input "
                 "(LLaVA-NeXT-Video, LLaVA-OneVision, Qwen2/2.5/3-VL, Qwen3.5, or the bundled tiny-qwen2vl)")
         multiple = getattr(self.processor.video_processor, "temporal_patch_size", None) or 1
-        return clips.read(source, self.max_frames, multiple, start, end)
+        return clips.read(source, self.max_frames, multiple, start, end, rate=self.fps)
 
     GEN_KWARGS = 1  # where a generate_until request's arguments hold its gen_kwargs
 
