@@ -26,8 +26,9 @@ lmms-eval's task index has no entry point, so the bundled offline tasks (`vtprun
 `vtprune_shapes_dynres`, `vtprune_shapes_mc`, `vtprune_shapes_video`) are found with `--include_path "$(vtprune lmms-tasks)"` (TASKS).
 
 Videos (a path that is not an image, or a dict with a `video_start` / `video_end` segment) are read with
-PyAV by `clips.read`: `max_frames_num` frames (default 32), sampled as transformers samples, passed to the
-processor with their metadata (Qwen2.5-VL's time steps and Qwen3-VL's timestamps come from it).
+PyAV by `clips.read`: `max_frames_num` frames (default 32; or `fps` frames a second) evenly spaced from the
+first to the last, passed to the processor with their metadata (Qwen2.5-VL's time steps and Qwen3-VL's
+timestamps come from it).
 """
 from __future__ import annotations
 
@@ -232,8 +233,8 @@ class Vtprune(lmms):
 
     def _video(self, source):
         """(frames, metadata) of a video a task gives: a path, or a dict with its path under url / path /
-        video and a `video_start` / `video_end` segment in seconds. `max_frames_num` frames sampled
-        uniformly, a multiple of the model's temporal patch (see `clips.read`)."""
+        video and a `video_start` / `video_end` segment in seconds. `max_frames_num` frames (or `fps` a
+        second) evenly spaced, a multiple of the model's temporal patch (see `clips.read`)."""
         from . import clips
 
         start = end = None

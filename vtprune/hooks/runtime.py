@@ -42,7 +42,7 @@ class Unit:
     grid: tuple[int, int, int] | None
     block: int  # id of the contiguous visual block (image or video) it belongs to
     layout: object = None  # anyres.Layout of a multi-grid image (LLaVA-NeXT / OneVision), else None
-    video: int = -1  # a video frame: the index of its video among this forward's videos; -1 for an image
+    video: int | None = -1  # a video frame: its video's id (unique within its sample); -1: an image; None: unknown
 
 
 @dataclass
