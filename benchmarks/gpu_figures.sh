@@ -12,14 +12,15 @@
 #                 30 %, next7b 20 %; the last part run gets what is left), so that one that hangs does not
 #                 starve the rest; a part cut short keeps what it measured (each writes its JSON as it goes)
 # --cpu-ok        run the parts without a CUDA device (the tests); otherwise the script stops at once there
-# Parts, in the order `all` runs them (the longest and riskiest last): kernels vit bench7b next7b compiled7b.
+# Parts, in the order `all` runs them (the longest and riskiest last): kernels vit bench7b next7b compiled7b;
+# and video7b (a 32-frame clip on LLaVA-NeXT-Video-7B, per-frame vs per-clip budgets), run by name only.
 # Medians of 10 runs for the kernel and ViT benchmarks (their default is 20), so that `all` fits ~9 minutes.
 # Each writes results/<name>.json (which records its own command) and a log beside it; results/gpu_env.json
 # records the machine and the versions used. A failed part does not stop the next; the exit status is 1
 # if any failed.
 set -uo pipefail
 usage="usage: $0 [--wheels DIR] [--archive FILE] [--deadline SECONDS] [--cpu-ok] PART...
-  parts: kernels vit bench7b next7b compiled7b, or all"
+  parts: kernels vit bench7b next7b compiled7b video7b, or all (all but video7b)"
 wheels="" archive="" deadline="" cpu_ok=""
 while [ $# -gt 0 ]; do
   case $1 in
@@ -38,7 +39,7 @@ parts=()
 for p in "$@"; do
   case $p in
     all) parts+=(kernels vit bench7b next7b compiled7b) ;;
-    kernels|vit|bench7b|next7b|compiled7b) parts+=("$p") ;;
+    kernels|vit|bench7b|next7b|compiled7b|video7b) parts+=("$p") ;;
     *) echo "unknown part $p; $usage" >&2; exit 2 ;;
   esac
 done
@@ -154,6 +155,11 @@ for i in "${!parts[@]}"; do
       part bench_llava15_7b_compiled 100 python3 -m vtprune bench --model llava-1.5-7b --random-weights \
         --methods divprune,random --keep 64 --batch 1 --new-tokens 32 --compile \
         --out results/bench_llava15_7b_compiled.json ;;
+    video7b)  # a 32-frame clip (4608 visual tokens): divprune per frame and per clip (video_budget), random
+      part bench_llava_next_video_7b 100 python3 -m vtprune bench --model llava-next-video-7b --random-weights \
+        --task synthetic-video --methods divprune,random --ratio 0.25 \
+        --config '{"method": "divprune", "options": {"video_budget": "clip"}}' --batch 1 --new-tokens 32 \
+        --out results/bench_llava_next_video_7b.json ;;
   esac
 done
 pack

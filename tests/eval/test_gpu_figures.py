@@ -34,11 +34,14 @@ def small_full_scale(monkeypatch):
                         build(name, device, dtype or torch.float32, attn))
 
 
+PARTS = ["bench_llava15_7b", "bench_llava15_7b_compiled", "bench_llava_next_7b", "bench_llava_next_video_7b"]
+
+
 def test_the_script_names_the_bench_parts():
-    assert sorted(bench_parts()) == ["bench_llava15_7b", "bench_llava15_7b_compiled", "bench_llava_next_7b"]
+    assert sorted(bench_parts()) == PARTS
 
 
-@pytest.mark.parametrize("part", ["bench_llava15_7b", "bench_llava15_7b_compiled", "bench_llava_next_7b"])
+@pytest.mark.parametrize("part", PARTS)
 def test_gpu_bench_part_runs_on_the_cpu(part, small_full_scale, tmp_path):
     from vtprune.cli import main
 
@@ -51,7 +54,8 @@ def test_gpu_bench_part_runs_on_the_cpu(part, small_full_scale, tmp_path):
                                                   if "--compile" in args else [])
     assert main(args + fast) == 0
     rows = json.loads(out.read_text())["rows"]
-    methods = ["unpatched"] + args[args.index("--methods") + 1].split(",")
+    presets = [json.loads(args[i + 1])["method"] for i, a in enumerate(args) if a == "--config"]
+    methods = ["unpatched"] + args[args.index("--methods") + 1].split(",") + presets
     batches = [int(b) for b in args[args.index("--batch") + 1].split(",")]
     paths = ["eager", "compiled"] if "--compile" in args else ["eager"]
     assert [(r["batch"], r["path"], r["method"]) for r in rows] == [(b, p, m) for b in batches for p in paths for m in methods]
@@ -61,8 +65,10 @@ def test_gpu_bench_part_runs_on_the_cpu(part, small_full_scale, tmp_path):
             continue
         if "--keep" in args:
             assert r["visual_tokens"] == int(args[args.index("--keep") + 1])
-        else:  # LLaVA-NeXT at 11 %: 2928 visual tokens (2 x 2 tiles + base + newlines) -> 11 % of them
-            assert r["visual_tokens"] == round(0.111 * base["visual_tokens"]) and base["visual_tokens"] > 2000
+        else:  # LLaVA-NeXT at 11 %: 2928 visual tokens (2 x 2 tiles + base + newlines) -> 11 % of them;
+            # NeXT-Video's 32-frame clip at 25 %: 4608 -> 1152 (36 of each frame's 144, or of the clip's)
+            ratio = float(args[args.index("--ratio") + 1])
+            assert r["visual_tokens"] == round(ratio * base["visual_tokens"]) and base["visual_tokens"] > 2000
         if r["path"] == "eager":
             assert r["kv_bytes"] < base["kv_bytes"]
         else:  # the static cache is sized for the unpruned prompt
