@@ -598,8 +598,10 @@ def test_clips_sample_uniformly_and_read_back_the_pixels_written(tmp_path):
     assert clips.read(path, 32, 1, rate=1.0)[1].frames_indices == [0, 2, 4, 7, 9]  # 5 s -> 5 frames (4.5 -> 4: half to even)
     assert clips.read(path, 32, 2, rate=1.0)[1].frames_indices == [0, 3, 6, 9]  # -> 4
     assert clips.read(path, 3, 1, rate=1.0)[1].frames_indices == [0, 4, 9]  # capped
-    assert clips.read(path, 32, 2, rate=0.1)[1].frames_indices == [0, 9]  # at least one temporal patch
-    assert clips.read(path, 32, 1, start=1.0, end=3.5, rate=1.0)[1].frames_indices == [2, 4, 7]  # 3 s -> 3
+    assert clips.read(path, 32, 2, rate=0.1)[1].frames_indices == [0, 3, 6, 9]  # at least 4 (qwen-vl-utils)
+    assert clips.read(path, 32, 1, start=1.0, end=3.5, rate=1.0)[1].frames_indices == [2, 4, 5, 7]  # 3 s, 4 at least
+    assert clips.read(path, 32, 1, start=1.0, end=4.5, rate=2.0)[1].frames_indices == [2, 3, 4, 5, 6, 7, 8, 9]  # 8
+    assert clips.read(path, 1, 2)[1].frames_indices == [0, 9]  # never less than one temporal patch
     with pytest.raises(ValueError, match="rate"):
         clips.read(path, 4, rate=0)
     with pytest.raises(ValueError, match="no frames in the segment"):

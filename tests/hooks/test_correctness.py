@@ -339,6 +339,10 @@ def test_back_to_back_llava_videos_are_two_videos(model_factory, family):
             assert vtprune.stats(model).images == want
             model.generate(**inputs, max_new_tokens=2, **tiny.GEN)
             assert vtprune.stats(model).images == want
+    from vtprune.hooks.llava_next_video import _videos
+
+    with pytest.raises(ValueError, match="not a whole number of this call's clips of 12 tokens"):
+        _videos(torch.arange(16), 12)  # text inside a clip (at a frame boundary: 16 = 12 + 4)
 
 
 def test_clip_budget_is_refused_where_it_cannot_apply(model_factory):

@@ -18,8 +18,9 @@ def read(path, max_frames: int, multiple: int = 1, start: float | None = None, e
     taken; `fps` the file's rate; `total_num_frames` and `duration` the sampled span's (the whole clip,
     or the segment), so that `sampled_fps` is the rate of the frames taken (Qwen2.5-VL's time steps read
     it; Qwen3-VL's timestamps read the indices). `rate`: sample that many frames per second of the span
-    instead (floor(seconds x rate), at least one temporal patch), still at most `max_frames`: lmms-eval's
-    Qwen models' `fps`."""
+    instead: floor(seconds x rate), at least 4, still at most `max_frames` (qwen-vl-utils' rule, which
+    lmms-eval's Qwen models follow with their `fps`). Never less than one temporal patch (or the whole
+    clip, if shorter), whatever `max_frames`."""
     import av
     from transformers.video_utils import VideoMetadata
 
@@ -44,7 +45,7 @@ def read(path, max_frames: int, multiple: int = 1, start: float | None = None, e
         span = last - first + 1
         if span < 1:
             raise ValueError(f"{path}: no frames in the segment [{start}, {end}] s of a {total}-frame clip")
-        n = min(max_frames, span, max(multiple, int(span / fps * rate)) if rate is not None else span)
+        n = min(max_frames, span, max(-(-4 // multiple) * multiple, int(span / fps * rate)) if rate is not None else span)
         n = max(n - n % multiple, min(span, multiple))  # a clip shorter than one temporal patch: all of it
         indices = np.linspace(first, last, n).round().astype(int)
         frames, decoded = _decode(path, indices)

@@ -83,6 +83,9 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
 
 def _videos(run: torch.Tensor, length: int | None) -> list:
     """A run of video placeholders as its videos: back-to-back videos of `length` tokens each, split."""
-    if length and run.numel() > length and run.numel() % length == 0:
-        return list(run.split(length))
-    return [run]
+    if not length:
+        return [run]
+    if run.numel() % length:
+        raise ValueError(f"a run of {run.numel()} video placeholder tokens is not a whole number of this call's "
+                         f"clips of {length} tokens (text inside a clip's placeholders?)")
+    return list(run.split(length))
