@@ -39,19 +39,14 @@ class QwenVLAdapter(Adapter):
         present = any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos")) or any(
             enc.get(k) is not None for k in ("image", "video")
         )
-        grid, video = kwargs.get("video_grid_thw"), enc.get("video")
-        tokens = None  # each video's LLM tokens, in batch order: from its grid, or from its encoded features
-        if grid is not None:
-            tokens = [int(g.prod()) // self.merge ** 2 for g in grid]
-        elif isinstance(getattr(video, "pooler_output", None), (list, tuple)):  # generate() encodes first
-            tokens = [int(x.shape[0]) for x in video.pooler_output]
+        encoded = getattr(enc.get("video"), "pooler_output", None)  # generate() encodes first: one entry per video
         return {
             "input_ids": kwargs.get("input_ids"),
             "inputs_embeds": kwargs.get("inputs_embeds"),
             "visual_input": present,
             "image_grid_thw": kwargs.get("image_grid_thw"),
-            "video_grid_thw": grid,
-            "video_tokens": tokens,
+            "video_grid_thw": kwargs.get("video_grid_thw"),
+            "encoded_video_tokens": [x.shape[0] for x in encoded] if isinstance(encoded, (list, tuple)) else None,
         }
 
     def units(self, scratch, visual, positions):
@@ -71,7 +66,7 @@ class QwenVLAdapter(Adapter):
             if mask is None or not bool(mask.any()):
                 continue
             # Qwen3-VL: each frame is a run of its own; each row's videos, by their token counts, group them
-            rows = _row_videos(scratch.get("video_tokens"), mask.sum(1).tolist()) if (
+            rows = _row_videos(self._video_tokens(scratch), mask.sum(1).tolist()) if (
                 token_id == self.video_token_id and self.frame_runs) else None
             for b, sample_runs in enumerate(runs(mask)):
                 left, j = 0, -1  # Qwen3-VL: tokens left of the row's current video, and its index in the row
@@ -105,6 +100,14 @@ class QwenVLAdapter(Adapter):
                         units.append(Unit(b, frame, grid, block=block, video=of))
                     block += 1
         return units
+
+    def _video_tokens(self, scratch) -> list[int] | None:
+        """Each video's LLM tokens, in batch order: from its grid, or from its encoded features (read at the
+        prefill only: the grid may be on the GPU, and decode steps carry it too)."""
+        grid = scratch.get("video_grid_thw")
+        if grid is not None:
+            return [t * h * w // self.merge ** 2 for t, h, w in grid.tolist()]
+        return scratch.get("encoded_video_tokens")
 
     # vision signals: attention inside chosen ViT blocks, per image, merged to LLM tokens -------
     def layout_hint(self):
