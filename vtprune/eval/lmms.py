@@ -88,14 +88,19 @@ def _flag(name: str, v) -> bool:
     raise ValueError(f"{name} must be true or false, got {v!r}")
 
 
+def _number(v) -> float | None:
+    """A numeric model argument as lmms-eval passes it (parsed, or a string), else None (booleans too)."""
+    try:
+        return float(v) if not isinstance(v, bool) else None
+    except (TypeError, ValueError, OverflowError):  # (an int too large for a float)
+        return None
+
+
 def _count(name: str, v) -> int:
     """A positive whole-number model argument."""
     v = _value(v)
-    try:
-        f = float(v) if not isinstance(v, bool) else None
-        n = int(f) if f is not None and f.is_integer() else None
-    except (TypeError, ValueError, OverflowError):
-        n = None
+    f = _number(v)
+    n = int(f) if f is not None and f.is_integer() else None  # (inf and nan are not whole)
     if n is None or n < 1:
         raise ValueError(f"{name} must be a whole number >= 1, got {v!r}")
     return n
@@ -106,10 +111,7 @@ def _rate(v) -> float | None:
     v = _value(v)
     if v is None:
         return None
-    try:
-        f = float(v) if not isinstance(v, bool) else None
-    except (TypeError, ValueError):
-        f = None
+    f = _number(v)
     if f is None or not f > 0 or f == float("inf"):
         raise ValueError(f"fps must be a number > 0 (frames sampled per second of video), got {v!r}")
     return f
