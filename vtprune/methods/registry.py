@@ -56,9 +56,9 @@ def build_method(name: str, options: dict) -> Method:
         )
     config = cls.Config(**options)
     if config.video_budget == "clip" and cls.per_grid:
+        anywhere = ", ".join(n for n in available() if not _REGISTRY[n].per_grid)
         raise ValueError(f"{name} works on each frame's token grid, so its video budget is per frame: "
-                         "video_budget='clip' is for strategies that choose among any tokens (divprune, todre, random, "
-                         "fastv, transprune)")
+                         f"video_budget='clip' is for strategies that choose among any tokens ({anywhere})")
     return cls(config)
 
 
