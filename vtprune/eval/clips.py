@@ -1,5 +1,5 @@
-"""Video files for the lmms-eval model: frames sampled as transformers samples them, and lossless clips
-written for the bundled video task. PyAV (`av`, installed with lmms-eval) reads and writes them."""
+"""Video files for the lmms-eval model: frames sampled evenly (as qwen-vl-utils and the Qwen3-VL processor
+sample them), and lossless clips written for the bundled video task. PyAV (`av`, installed with lmms-eval) reads and writes them."""
 from __future__ import annotations
 
 import os
@@ -45,7 +45,8 @@ def read(path, max_frames: int, multiple: int = 1, start: float | None = None, e
         span = last - first + 1
         if span < 1:
             raise ValueError(f"{path}: no frames in the segment [{start}, {end}] s of a {total}-frame clip")
-        n = min(max_frames, span, max(-(-4 // multiple) * multiple, int(span / fps * rate)) if rate is not None else span)
+        by_rate = span if rate is None else max(-(-4 // multiple) * multiple, int(span / fps * rate))  # >= 4, whole patches
+        n = min(max_frames, span, by_rate)
         n = max(n - n % multiple, min(span, multiple))  # a clip shorter than one temporal patch: all of it
         indices = np.linspace(first, last, n).round().astype(int)
         frames, decoded = _decode(path, indices)
