@@ -12,7 +12,7 @@ import importlib.util
 import torch
 
 from .attention_scores_torch import attention_scores_torch
-from .greedy_torch import greedy_select_torch
+from .greedy_torch import check_greedy_args, greedy_select_torch
 
 
 def triton_available() -> bool:
@@ -35,16 +35,34 @@ def attention_scores(q, k, scale, query_index=None, *, causal=False, key_mask=No
     return attention_scores_torch(q, k, scale, query_index, causal=causal, key_mask=key_mask)
 
 
+# The float32 Gram matrices of one call to a greedy backend stay within this many bytes: a batch whose
+# B x N x N would exceed it is selected in consecutive slices (each image's picks do not depend on the
+# others'). One image larger than this still gets its whole Gram (the greedy steps need every row).
+GRAM_BYTES = 1 << 30
+
+
 def greedy_select(features, keep, first=None, rule="maxmin"):
     """Greedy max-min / max-sum diverse subset per row set -> LongTensor[B, keep], ascending.
 
-    See `greedy_select_torch`. On CUDA: fused Gram + all greedy steps in one launch (Triton)."""
+    See `greedy_select_torch`. On CUDA: fused Gram + all greedy steps in one launch (Triton). A batch
+    whose Gram matrices together would pass GRAM_BYTES (a batch of long clips) goes in slices."""
     if _use_triton(features):
         from .greedy_triton import greedy_select_triton
 
-        with torch.cuda.device(features.device):
-            return greedy_select_triton(features, keep, first, rule)
-    return greedy_select_torch(features, keep, first, rule)
+        def backend(x, f):
+            with torch.cuda.device(x.device):  # Triton launches on the current device (a model over several GPUs)
+                return greedy_select_triton(x, keep, f, rule)
+    else:
+        def backend(x, f):
+            return greedy_select_torch(x, keep, f, rule)
+
+    b, n = features.shape[:2] if features.dim() == 3 else (1, 1)  # (a wrong shape: the backend says so)
+    per = max(1, GRAM_BYTES // (4 * max(n, 1) ** 2))
+    if b <= per:
+        return backend(features, first)
+    first = check_greedy_args(features, keep, rule, first)  # (a tensor on the features' device, to slice)
+    return torch.cat([backend(features[i:i + per], None if first is None else first[i:i + per])
+                      for i in range(0, b, per)])
 
 
 __all__ = ["attention_scores", "attention_scores_torch", "greedy_select", "greedy_select_torch", "triton_available"]
