@@ -9,7 +9,7 @@ launch replaced by a recorder and told they are on a GPU, so the recorded argume
 warps are the ones a CUDA run would use. Each distinct launch is then specialised as Triton's launcher
 does for the target (its own binder: pointers and ints divisible by 16 marked so, ints equal to 1 made
 constants), compiled with `triton.compile`, and its PTX passed to the ptxas Triton itself uses for it.
-Cases: bf16, fp16 and float32 inputs; greedy max-min and max-sum at N = 70 and 5000; attention with head
+Cases: bf16, fp16, float32 and float64 inputs; greedy max-min and max-sum at N = 70 and 5000; attention with head
 dims 64, 80 and 128, grouped (GQA) and one key head per query head, plain and causal + key mask; head dim
 256 (Qwen3.5); head dims 8 and 12 (below tl.dot's 16); bf16 queries with float32 keys and the reverse. Exit
 status 1 if a launch fails to compile, or spills when --no-spills is given.
@@ -37,7 +37,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
+TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
          torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
 
@@ -59,7 +59,7 @@ def record_launches() -> list[tuple[JITFunction, tuple, dict, str]]:
     launch.compiled = lambda t: True
     try:
         g = torch.Generator().manual_seed(0)
-        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):  # (float64: float32 dots)
             case[0] = TYPES[dtype]
             for n in (70, 576, 5000):  # (576: a multiple of 16, which Triton's launcher specialises on)
                 x = torch.randn(1, n, 32, generator=g).to(dtype)

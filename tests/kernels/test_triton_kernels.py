@@ -309,13 +309,15 @@ def test_attention_query_rows_in_different_blocks_per_image():
 
 
 class _Spy:
-    """Stands in for a kernel: records the launch's keyword arguments (the constexprs), runs nothing."""
+    """Stands in for a kernel: records the launch's keyword arguments (the constexprs) and, under "dtypes",
+    its tensor arguments' dtypes; runs nothing."""
 
     def __init__(self, calls):
         self.calls = calls
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.calls.append(kwargs)
+        return lambda *args, **kwargs: self.calls.append(
+            {**kwargs, "dtypes": [a.dtype for a in args if isinstance(a, torch.Tensor)]})
 
 
 def test_gpu_launches_keep_float32_in_ieee_and_tiles_legal(monkeypatch):
@@ -336,6 +338,10 @@ def test_gpu_launches_keep_float32_in_ieee_and_tiles_legal(monkeypatch):
     calls.clear()
     greedy_triton.cosine_gram_triton(torch.randn(1, 70, 32).to(torch.bfloat16))
     assert [c["IEEE"] for c in calls] == [False]  # tensor cores for bf16 on the GPU
+    calls.clear()
+    greedy_triton.cosine_gram_triton(torch.randn(1, 70, 32, dtype=torch.float64))
+    # float64 goes in as float32, as the reference computes (a float64 tile did not compile on a GPU)
+    assert [(c["IEEE"], c["BK"], c["dtypes"][0]) for c in calls] == [(True, 16, torch.float32)]
     for qd, kd, ieee in [(torch.float32, torch.float32, True), (torch.bfloat16, torch.float32, True),
                          (torch.float32, torch.bfloat16, True), (torch.bfloat16, torch.bfloat16, False)]:
         for d in (8, 12, 64, 80):
@@ -344,6 +350,11 @@ def test_gpu_launches_keep_float32_in_ieee_and_tiles_legal(monkeypatch):
             attention_triton.attention_scores_triton(q, k, 0.1)
             assert len(calls) == 2 and all(c["IEEE"] is ieee for c in calls), (qd, kd, d, calls)
             assert all(c["BD"] >= max(16, d) for c in calls), (d, calls)
+    for qd, kd in [(torch.float64, torch.float64), (torch.float64, torch.bfloat16)]:
+        calls.clear()
+        attention_triton.attention_scores_triton(torch.randn(1, 2, 20, 64).to(qd), torch.randn(1, 2, 20, 64).to(kd), 0.1)
+        assert len(calls) == 2 and all(c["IEEE"] for c in calls)
+        assert all(t in (torch.float32, torch.bfloat16, torch.int8) for c in calls for t in c["dtypes"]), calls
 
 
 @pytest.mark.parametrize("rule", ["maxmin", "maxsum"])

@@ -112,6 +112,7 @@ def attention_scores_triton(q: torch.Tensor, k: torch.Tensor, scale: float, quer
                             causal: bool = False, key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract as attention_scores_torch: float32 [B, Nk]."""
     b, hq, n_q, d, hk, n_k = check_attention_args(q, k)
+    q, k = launch.kernel_dtype(q), launch.kernel_dtype(k)
     w = row_weights(query_index, b, n_q, q.device).contiguous()
     m = torch.empty(b, hq, n_q, dtype=torch.float32, device=q.device)
     l = torch.zeros(b, hq, n_q, dtype=torch.float32, device=q.device)

@@ -116,6 +116,7 @@ def cosine_gram_triton(features: torch.Tensor) -> torch.Tensor:
     g = torch.empty(b, n, n, dtype=torch.float32, device=features.device)
     # bf16/fp16 through tensor cores on the GPU; Triton's CPU interpreter gets low-precision dots
     # wrong, so there the tiles are upcast (the same products: bf16 x bf16 is exact in float32)
+    features = launch.kernel_dtype(features)
     ieee = features.dtype == torch.float32 or not launch.compiled(features)
     # 64 x 64 output tiles over 8 warps; float32 dots (CUDA cores) take narrower K steps. With these, ptxas
     # reports no spills on sm_90 or sm_80, where BK=64 over 4 warps spilled 328 B on sm_90
