@@ -51,6 +51,9 @@ def test_query_index_forms_agree():
     mask[:, [0, 3]] = True
     assert torch.equal(by_list, attention_scores_torch(q, k, 0.5, mask))
     assert torch.equal(by_list, attention_scores_torch(q, k, 0.5, torch.tensor([[0, 3], [0, 3]])))
+    assert torch.equal(by_list, attention_scores_torch(q, k, 0.5, [0, 3]))  # a plain list of rows
+    with pytest.raises(TypeError, match="integer row indices"):  # 1.7 was read as row 1
+        attention_scores_torch(q, k, 0.5, torch.tensor([0.0, 3.0]))
 
 
 def test_rows_average_to_a_distribution():

@@ -138,6 +138,32 @@ def test_a_row_with_a_non_finite_entry_counts_as_zero_in_both_backends(bad, rule
     assert greedy_select_triton(x, 3, None, rule).tolist() == want.tolist()
 
 
+@pytest.mark.parametrize("rule", ["maxmin", "maxsum"])
+def test_opposite_tokens_tie_exactly_in_both_backends(rule):
+    # a, then -a, -2a, -3a, -5a: from token 0 the other four are all at cosine -1 (distance 2); rounding made
+    # -1 +- an ulp, so the second pick went to 1, 3 or 4 by seed and backend (an audit: 3 / 9 of 30 seeds wrong)
+    for seed in range(30):
+        a = torch.randn(16, generator=torch.Generator().manual_seed(seed))
+        x = torch.stack([a, -a, -2 * a, -3 * a, -5 * a])[None].to(DEVICE)
+        for gram in (cosine_gram, cosine_gram_triton):
+            sim = gram(x)[0]
+            assert sim[0, 1:].tolist() == [-1.0] * 4 and sim[1:, 1:].eq(1).all(), (seed, gram.__name__)
+        for select in (greedy_select_torch, greedy_select_triton):
+            assert select(x, 2, torch.tensor([0], device=DEVICE), rule).tolist() == [[0, 1]], (seed, rule)
+
+
+@pytest.mark.parametrize("rule", ["maxmin", "maxsum"])
+def test_a_row_of_norm_below_1e_12_counts_as_zero_in_both_backends(rule):
+    # 1e-25 * randn: the reference divided by 1e-12 and kept tiny similarities where the kernel's squared norms
+    # underflowed to exact zeros, and the two picked different tokens (maxsum [0,2,10,14,18,19] vs [0,1,...,5])
+    x = rand(1, 20, 16, seed=5) * 1e-25
+    x[0, 3] = rand(16, seed=6)  # one ordinary row among them
+    for gram in (cosine_gram, cosine_gram_triton):
+        sim = gram(x)[0]
+        assert sim[3, 3] == 1 and sim.count_nonzero() == 1, gram.__name__
+    assert greedy_select_triton(x, 6, None, rule).tolist() == greedy_select_torch(x, 6, None, rule).tolist()
+
+
 def test_gram_matches_reference_with_zero_rows_and_low_precision():
     x = rand(2, 70, 37, seed=5)
     x[1, 4] = 0  # zero rows stay zero

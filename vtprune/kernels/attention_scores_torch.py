@@ -11,6 +11,10 @@ _ROW_CHUNK = 256
 
 def row_weights(query_index, batch: int, n_q: int, device) -> torch.Tensor:
     """Per-row averaging weights [B, Nq] (each selected row 1/count, others 0)."""
+    if query_index is not None and not isinstance(query_index, torch.Tensor):
+        query_index = torch.as_tensor(query_index)  # (a list of row indices)
+    if query_index is not None and (query_index.is_floating_point() or query_index.is_complex()):
+        raise TypeError(f"query_index must hold integer row indices or be a bool mask, got dtype {query_index.dtype}")
     if query_index is None:
         sel = torch.ones(batch, n_q, dtype=torch.bool, device=device)
     elif query_index.dtype == torch.bool:
@@ -78,7 +82,8 @@ def attention_scores_torch(
     """Attention each key receives: softmax(q k^T * scale), averaged over heads and selected query rows.
 
     q: [B, Hq, Nq, d]; k: [B, Hk, Nk, d] with Hq a multiple of Hk (grouped-query attention).
-    query_index: None (all rows), LongTensor [R] or [B, R] of row indices, or BoolTensor [B, Nq].
+    query_index: None (all rows), LongTensor [R] or [B, R] of row indices (or a list), or BoolTensor [B, Nq];
+      a sample with no row selected gets all-zero scores.
     causal: query row i sees keys j <= i + (Nk - Nq) (the queries are the last Nq positions).
     key_mask: BoolTensor [B, Nk] (or broadcast to it; 0/1 integers accepted), False for keys nobody may
       attend to (padding).

@@ -20,18 +20,19 @@ SAME = 1e-5
 
 def cosine_gram(features: torch.Tensor) -> torch.Tensor:
     """[B, N, D] -> float32 [B, N, N] cosine similarities (rows normalised; a row whose norm is below
-    1e-12 is left as it is, so zero rows stay zero; a float32 overflow of the squared norm, or a NaN or
-    inf entry, makes the row count as zero, as in the Triton kernel); values within SAME of 1 are set to
-    exactly 1. Exact copies of a token then take the first copy's row and column bit for bit (a BLAS can
+    1e-12, a float32 overflow of the squared norm, or a NaN or inf entry makes the row count as zero, as
+    in the Triton kernel); values within SAME of 1 are set to exactly 1, and within SAME of -1 to exactly
+    -1 (opposite tokens tie too). Exact copies of a token then take the first copy's row and column bit for bit (a BLAS can
     round one column of a matrix product differently from an identical one, which broke ties between
     copies by rounding instead of by index; the Triton kernel computes every entry alike). Near-duplicates
     that are not copies keep their own rows, as in the kernel."""
     with float32_math(features):
         x = features.float()
         x = x.masked_fill(~torch.isfinite(x).all(dim=-1, keepdim=True), 0.0)
-        x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        norm = x.norm(dim=-1, keepdim=True)
+        x = (x / norm.clamp_min(1e-12)).masked_fill(norm < 1e-12, 0.0)
         sim = x @ x.transpose(1, 2)
-    sim = sim.masked_fill(sim >= 1.0 - SAME, 1.0)
+    sim = sim.masked_fill(sim >= 1.0 - SAME, 1.0).masked_fill(sim <= SAME - 1.0, -1.0)
     b, n = sim.shape[:2]
     own = torch.arange(n, device=sim.device)
     first = torch.empty(b, n, dtype=torch.long, device=sim.device)

@@ -3,8 +3,9 @@
 1. `_gram_kernel`: cosine similarity of every pair of rows, normalisation fused in (squared norms
    accumulated in the same pass over D), upper-triangle tiles only, each mirrored. bf16/fp16 tiles go
    through tensor cores with float32 accumulation (their products are exact in float32); float32
-   inputs use IEEE float32 dots (so do all inputs in the CPU interpreter). Cosines within SAME of 1
-   become exactly 1, as in the reference (duplicate tokens tie exactly).
+   inputs use IEEE float32 dots (so do all inputs in the CPU interpreter). Cosines within SAME of +-1
+   become exactly +-1, as in the reference (duplicate and opposite tokens tie exactly); a row of norm
+   below 1e-12 counts as zero.
 2. `_isolated_kernel`: for DivPrune's seed, each token's distance to its nearest other token
    (1 - similarity, min over rows, the diagonal excluded) -- the same arithmetic as the reference.
 3. `_greedy_kernel`: all `keep` max-min / max-sum steps in ONE launch, one program per image; the
@@ -52,13 +53,15 @@ def _gram_kernel(x_ptr, g_ptr, n, d, sxb, sxn, sxd, sgb, sgn,
                 acc += tl.dot(af, tl.trans(cf), input_precision="ieee")
             else:
                 acc += tl.dot(a, tl.trans(c))
-        inv_r = 1.0 / tl.maximum(tl.sqrt(sq_r), 1e-12)
-        inv_c = 1.0 / tl.maximum(tl.sqrt(sq_c), 1e-12)
+        norm_r, norm_c = tl.sqrt(sq_r), tl.sqrt(sq_c)
+        inv_r = tl.where(norm_r < 1e-12, 0.0, 1.0 / tl.maximum(norm_r, 1e-12))  # a (near-)zero row counts as zero
+        inv_c = tl.where(norm_c < 1e-12, 0.0, 1.0 / tl.maximum(norm_c, 1e-12))
         # one product of the two norms' inverses, whichever token is the row: (acc*inv_r)*inv_c and
         # (acc*inv_c)*inv_r differ by an ulp, which broke exact ties between identical tokens in other tiles
         g = acc * (inv_r[:, None] * inv_c[None, :])
         g = tl.where(g == g, g, 0.0)  # a squared norm that overflowed float32 (inf * 0): the row counts as zero
         g = tl.where(g >= 1.0 - SAME, 1.0, g)  # duplicates tie exactly (greedy_torch.SAME)
+        g = tl.where(g <= SAME - 1.0, -1.0, g)  # and so do opposite tokens
         ok = (rows[:, None] < n) & (cols[None, :] < n)
         gb = g_ptr + b.to(tl.int64) * sgb
         tl.store(gb + rows[:, None] * sgn + cols[None, :], g, mask=ok)
