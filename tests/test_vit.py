@@ -17,9 +17,9 @@ def timm_vit(**kw):
     return timm.models.vision_transformer.VisionTransformer(**{**args, **kw}).eval()
 
 
-def clip_vit(batch_first=True):
+def clip_vit(batch_first=True, layers=4):
     torch.manual_seed(0)
-    v = open_clip.transformer.VisionTransformer(image_size=32, patch_size=8, width=32, layers=4, heads=2, mlp_ratio=2,
+    v = open_clip.transformer.VisionTransformer(image_size=32, patch_size=8, width=32, layers=layers, heads=2, mlp_ratio=2,
                                                 output_dim=16).eval()
     v.transformer.batch_first = batch_first  # older open_clip runs its blocks sequence-first
     for blk in v.transformer.resblocks:
@@ -171,6 +171,17 @@ def test_unsupported_strategies_and_bad_input_raise_clearly():
     assert vtprune.stats(no_cls).visual_after == [4, 4, 4]
     with pytest.raises(TypeError, match="timm VisionTransformer"):
         vtprune.patch_vit(torch.nn.Linear(2, 2), "divprune", keep=4)
+    # options a ViT has no use for are named, and the allowed list is the ViT's (not keep_positions, video_budget)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) 'foo' for method 'divprune' in a ViT; allowed: keep, "
+                                        r"ratio$"):
+        vtprune.patch_vit(model, "divprune", keep=4, foo=1)
+    with pytest.raises(TypeError, match="tau: todre's stage-2 options"):  # (it was taken and ignored)
+        vtprune.patch_vit(model, "todre", keep=4, tau=0.9)
+    with pytest.raises(TypeError, match=r"use vtprune.patch_vit\(model, 'divprune'"):  # patch() points the way
+        vtprune.patch(model, "divprune", keep=4)
+    with pytest.raises(TypeError, match="not NaFlexVit"):  # (the generic "supports timm VisionTransformer" before)
+        vtprune.patch_vit(timm.models.naflexvit.NaFlexVit(img_size=32, patch_size=8, embed_dim=32, depth=2,
+                                                          num_heads=2), "divprune", keep=4)
     assert not hasattr(model, "_vtprune")  # failed patches leave the model untouched
 
 
@@ -234,6 +245,41 @@ def test_forward_intermediates_refuses_grids_after_the_pruning_block(kind):
     assert "forward_intermediates" not in vars(model)  # unpatch restores the class method
 
 
+@pytest.mark.parametrize("kind", ["timm", "open_clip"])
+def test_forward_intermediates_after_prune_intermediate_layers_counts_the_blocks_left(kind):
+    """prune_intermediate_layers replaces the block list: indices were mapped through the count at patching
+    (6), so block -4 of the 4 left (block 0, before the pruning) was refused as block 2."""
+    model = timm_vit(depth=6) if kind == "timm" else clip_vit(layers=6)
+    vtprune.patch_vit(model, "divprune", keep=5, layer=2)
+    model.prune_intermediate_layers(indices=[0, 1, 2, 3])
+    inter = (lambda o: o) if kind == "timm" else (lambda o: o["image_intermediates"])
+    with torch.no_grad():
+        assert inter(model.forward_intermediates(IMAGES, indices=[-4], intermediates_only=True))[0].dim() == 4
+        with pytest.raises(ValueError, match=r"blocks \[2, 3\] come after"):
+            model.forward_intermediates(IMAGES, indices=2, intermediates_only=True)  # the last 2 of 4
+        model.prune_intermediate_layers(indices=[0, 1])
+        with pytest.raises(ValueError, match="pruning block 2 is gone"):
+            model.forward_intermediates(IMAGES, indices=[0], intermediates_only=True)
+
+
+def test_open_clip_parallel_attention_pool():
+    """Both of a parallel pool's poolers read the kept tokens: the forward equals the unpatched one with the
+    pruned tokens put in place by a hook (it was refused, for no reason)."""
+    torch.manual_seed(0)
+    v = open_clip.transformer.VisionTransformer(image_size=32, patch_size=8, width=32, layers=4, heads=2, mlp_ratio=2,
+                                                output_dim=32, attentional_pool="parallel", attn_pooler_queries=3,
+                                                attn_pooler_heads=2, output_tokens=True).eval()
+    with torch.no_grad():
+        pick = lambda x: torch.stack([x[i, divprune.select(x[i:i + 1], 6)[0]] for i in range(len(x))])  # noqa: E731
+        hook = v.transformer.resblocks[1].register_forward_hook(lambda m, a, o: torch.cat([o[:, :1], pick(o[:, 1:])], 1))
+        want = v(IMAGES)
+        hook.remove()
+        vtprune.patch_vit(v, "divprune", keep=6, layer=1)
+        got = v(IMAGES)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-6)
+
+
 def test_towers_patch_vit_cannot_run_are_refused_when_patching():
     with pytest.raises(TypeError, match="not Eva"):
         vtprune.patch_vit(timm.models.eva.Eva(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2,
@@ -292,18 +338,36 @@ def test_signals_of_a_post_norm_block_come_from_the_attention_input():
     assert torch.equal(got, torch.stack([full[i][want[i]] for i in range(3)]))
 
 
-@pytest.mark.parametrize("kind", ["timm", "open_clip"])
-def test_gradient_checkpointing_with_attention_signals(kind):
-    """The pruning block rerun alone in backward found its earlier block's "object" scores gone (KeyError)."""
+@pytest.mark.parametrize("kind", ["timm", "timm-reentrant", "open_clip"])
+def test_gradient_checkpointing_with_attention_signals(kind, monkeypatch):
+    """The pruning block rerun alone in backward found its earlier block's "object" scores gone (KeyError);
+    then, with two forwards before one backward (two crops), it found the second forward's scores: other
+    tokens kept in the rerun, wrong gradients (max error 0.019 against 0.031), or an IndexError when the two
+    batches differed in size. Reentrant checkpointing reruns the block on a detached copy of its input."""
+    if kind == "timm-reentrant":
+        import timm.layers.config
+
+        monkeypatch.setattr(timm.layers.config, "_USE_REENTRANT_CKPT", True)
     grads = []
     for checkpointing in (False, True):
-        model = timm_vit() if kind == "timm" else clip_vit()
+        model = timm_vit() if kind.startswith("timm") else clip_vit()
         model.train().set_grad_checkpointing(checkpointing)
         vtprune.patch_vit(model, "hiprune", keep=5, layer=2)
         images = IMAGES.clone().requires_grad_(True)
-        model(images).square().sum().backward()
+        loss = model(images).square().sum() + model(images[1:].flip(-1)).square().sum()  # second: other crops
+        loss.backward()
         grads.append(images.grad)
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-6)
+
+
+def test_a_checkpointed_rerun_whose_scores_are_gone_says_so(monkeypatch):
+    monkeypatch.setattr(vtprune.vit, "REPLAYS", 1)  # one forward's earlier-block scores kept
+    model = timm_vit()
+    model.train().set_grad_checkpointing(True)
+    vtprune.patch_vit(model, "hiprune", keep=5, layer=2)
+    loss = model(IMAGES).sum() + model(IMAGES[1:]).sum()
+    with pytest.raises(RuntimeError, match="gradient checkpointing reran block 2 .* gone"):
+        loss.backward()
 
 
 def _kept_tokens(model, layer, **options):

@@ -17,7 +17,9 @@ vflowopt's in-LLM drops, todre's stage 2) have no ViT form and raise.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import partial
 
@@ -28,9 +30,10 @@ from .hooks.base import call_arguments, reduce_attention, wrap_method
 from .hooks.checks import checked_batch
 from .hooks.runtime import Stats, _sync
 from .methods.base import ImageTokens, VisionSignal
-from .methods.registry import build_method
+from .methods.registry import build_method, get_method
 from .patching import _ATTR, _state
 
+REPLAYS = 64  # forwards whose earlier-block scores a checkpointed backward can still find (VitState._scores)
 LLM_ONLY = {"fastv": "it drops tokens inside a language model's decoder, by the text's attention",
             "transprune": "it drops tokens inside a language model's decoder, by the text's attention",
             "vflowopt": "its schedule drops tokens inside a language model (r2, r3) and recycles them there"}
@@ -47,13 +50,17 @@ def supported() -> list[str]:
 class Tower:
     """What patch_vit needs to know about a ViT."""
 
-    blocks: torch.nn.ModuleList
     prefix: int  # tokens before the patches (CLS, registers): never pruned
     has_cls: bool
     owner: torch.nn.Module  # the timm model or open_clip visual tower: grid size, patch dropout
     batch_first: bool
     kind: str  # "timm" | "open_clip"
     via: tuple = ()  # modules between the model given and the owner (open_clip's TimmModel around its timm trunk)
+
+    @property
+    def blocks(self) -> torch.nn.ModuleList:
+        """The blocks, read when needed (prune_intermediate_layers replaces the list)."""
+        return self.owner.blocks if self.kind == "timm" else self.owner.transformer.resblocks
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -69,7 +76,8 @@ class Tower:
 
 def tower(model) -> Tower:
     """The blocks and token layout of a timm VisionTransformer or an open_clip visual tower (or CLIP model)."""
-    if hasattr(model, "blocks") and hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens"):
+    if hasattr(model, "blocks") and (hasattr(model, "patch_embed") or type(model).__module__.startswith("timm.")) \
+            and hasattr(model, "num_prefix_tokens"):
         from timm.models.vision_transformer import VisionTransformer
 
         if not isinstance(model, VisionTransformer):  # Eva, BEiT, NaFlexVit...: rotary / relative positions
@@ -78,7 +86,7 @@ def tower(model) -> Tower:
         if getattr(model, "dynamic_img_size", False) or getattr(model.patch_embed, "dynamic_img_size", False):
             raise ValueError("timm ViTs with dynamic_img_size are not supported: the patch grid must be fixed "
                              "(model.set_input_size changes it between calls, and works)")
-        return Tower(model.blocks, int(model.num_prefix_tokens), getattr(model, "cls_token", None) is not None,
+        return Tower(int(model.num_prefix_tokens), getattr(model, "cls_token", None) is not None,
                      model, True, "timm")
     visual = getattr(model, "visual", model)
     trunk = getattr(visual, "trunk", None)  # open_clip's timm-tower models (SigLIP, ...): a timm ViT inside
@@ -87,10 +95,8 @@ def tower(model) -> Tower:
         t.via = tuple(m for m in (visual,) if m is not model)
         return t
     if hasattr(visual, "transformer") and hasattr(visual.transformer, "resblocks") and hasattr(visual, "grid_size"):
-        if getattr(visual, "attn_pool", None) is not None and getattr(visual, "attn_pool_type", "") == "parallel":
-            raise ValueError("open_clip towers with a parallel attention pool are not supported")
         # open_clip before 2.26 has no batch_first and runs its blocks sequence-first
-        return Tower(visual.transformer.resblocks, 1, True, visual,
+        return Tower(1, True, visual,
                      getattr(visual.transformer, "batch_first", False), "open_clip")
     raise TypeError(f"patch_vit supports timm VisionTransformer and open_clip visual towers (their own or a timm "
                     f"trunk), got {type(model).__name__}")
@@ -141,6 +147,12 @@ class VitState:
         self.layer, self.tower = layer, t
         self.handles: list = []
         self.scores: dict[str, torch.Tensor] = {}
+        # Scores from blocks before `layer`, per forward, for gradient checkpointing: backward reruns the
+        # pruning block alone, after later forwards have replaced `scores` (two crops, then one backward).
+        # Keyed by the pruning block's input (a rerun gets that tensor or a detached view of it); the most
+        # recent REPLAYS forwards are kept.
+        self.early: set[str] = set()
+        self.replays: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
         self.last_stats = Stats(method=method_name)
 
     def holders(self) -> list:
@@ -168,7 +180,10 @@ class VitState:
         self.check()
         n = self.layer + 1
         for name, sig in self.method.vision_signals().items():
-            block = self.tower.blocks[_resolve(sig.layer, n)]
+            at = _resolve(sig.layer, n)
+            if at < self.layer:
+                self.early.add(name)
+            block = self.tower.blocks[at]
             # q, k from the attention's own input (after norm1 in a pre-norm Block, the raw tokens in timm's
             # post-norm ResPostBlock)
             self.handles.append(block.attn.register_forward_pre_hook(partial(self._signal, name, sig, block),
@@ -194,6 +209,9 @@ class VitState:
         fmt = bound.get("output_fmt", "NCHW")
         indices = bound.get("indices")
         n = len(self.tower.blocks)
+        if self.layer >= n:
+            raise ValueError(f"forward_intermediates: the pruning block {self.layer} is gone (the model keeps {n} "
+                             "blocks, after prune_intermediate_layers); patch_vit again with an earlier layer")
         taken = range(n) if indices is None else range(n - indices, n) if isinstance(indices, int) else \
             [i % n for i in indices]
         late = [i for i in taken if i >= self.layer]
@@ -214,6 +232,27 @@ class VitState:
         self.scores[name] = scores[:, self.tower.prefix:]
         return None
 
+    def _scores(self, x) -> dict[str, torch.Tensor]:
+        """This forward's signals. Under backward (a checkpointed pruning block rerun alone) the earlier
+        blocks' scores are those its forward recorded for the same input, not the last forward's."""
+        if not self.early:
+            return dict(self.scores)
+        key = (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(), x.device)
+        if torch._C._current_graph_task_id() != -1:  # inside backward: a recomputation
+            if key not in self.replays:
+                raise RuntimeError(
+                    f"{self.method_name}: gradient checkpointing reran block {self.layer} for a forward whose "
+                    f"earlier-block scores ({', '.join(sorted(self.early))}) are gone (more than {REPLAYS} "
+                    "forwards before one backward, or a forward under no_grad in eval mode); run backward sooner, "
+                    f"or take the signals from block {self.layer} itself")
+            return {**self.scores, **self.replays[key]}
+        if self.model.training or torch.is_grad_enabled():  # a backward may rerun this block
+            self.replays[key] = {k: self.scores[k] for k in self.early}
+            self.replays.move_to_end(key)
+            while len(self.replays) > REPLAYS:
+                self.replays.popitem(last=False)
+        return dict(self.scores)
+
     def _drop(self, module, args, kwargs, output):
         # open_clip's checkpointing passes the mask positionally: bind the call only when it has such arguments
         positional = len(args) > 1 and call_arguments(module.forward, args, kwargs).get("attn_mask") is not None
@@ -230,7 +269,7 @@ class VitState:
                     "set it to 0)") if self.tower.patch_dropout() > 0 else ""
             raise ValueError(f"block {self.layer} output has {n} patch tokens, the {h}x{w} grid needs {h * w}{hint}")
         keep = self.method.budget(n, (1, h, w))
-        scores = dict(self.scores)  # kept: gradient checkpointing reruns this block alone in backward
+        scores = self._scores(args[0] if args else kwargs.get("x", kwargs.get("q_x")))  # (the block's input)
         stats = Stats(method=self.method_name, visual_before=[n] * b, visual_after=[n] * b)
         if keep >= n:
             self.last_stats = stats
@@ -285,10 +324,19 @@ def patch_vit(model, method: str, *, layer: int | None = None, **options):
     if "keep_positions" in options:
         raise TypeError("patch_vit: keep_positions is for VLMs' language models (RoPE positions); a ViT's kept "
                         "tokens keep the position embeddings they were given")
+    vlm_only = {"keep_positions", "video_budget"}
     if method == "todre":
         if options.get("stage2", False):
             raise ValueError("todre's stage 2 acts inside a language model; patch_vit runs stage 1 (stage2=False)")
+        if stage2 := sorted({"tau", "stage2_layer"} & set(options)):
+            raise TypeError(f"patch_vit: {', '.join(stage2)}: todre's stage-2 options (inside a language model); "
+                            "a ViT runs stage 1")
         options["stage2"] = False
+        vlm_only |= {"stage2", "tau", "stage2_layer"}
+    fields = {f.name for f in dataclasses.fields(get_method(method).Config)} - vlm_only
+    if unknown := sorted(set(options) - fields - {"stage2"}):
+        raise TypeError(f"unknown option(s) {', '.join(map(repr, unknown))} for method {method!r} in a ViT; "
+                        f"allowed: {', '.join(sorted(fields))}")
     built = build_method(method, options)
     if built.stage == "llm" or built.drop_layers(1000):
         raise ValueError(f"{method} acts inside a language model's decoder; it has no ViT form")
