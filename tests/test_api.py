@@ -83,6 +83,7 @@ def test_method_option_validation():
     ("transprune", dict(keep=4, schedule=[5]), ValueError, "pairs"),
     ("transprune", dict(keep=4, schedule=[(1, float("nan"))]), ValueError, "schedule fraction must be a finite"),
     ("todre", dict(keep=4, stage2=False, stage2_layer=2), ValueError, "needs stage2=True"),
+    ("todre", dict(keep=4, stage2=False, tau=0.3), ValueError, "tau is stage 2's threshold; it needs stage2=True"),
     ("vflowopt", dict(keep=4, t=float("nan")), ValueError, "t must be a finite number >= 0.0"),
     ("vflowopt", dict(keep=4, t=float("inf")), ValueError, "t must be a finite"),
     ("vflowopt", dict(keep=4, t=10**400), ValueError, "t must be a finite"),

@@ -93,7 +93,13 @@ def patch(model, method: str | None = None, *, config=None, **options):
     """
     method, options = _resolve(method, config, options)
     built = build_method(method, options)  # validates name and options before touching the model
-    adapter = adapter_for(model)
+    try:
+        adapter = adapter_for(model)
+    except TypeError as e:
+        if _is_vit(model):
+            raise TypeError(f"{e}. {type(model).__name__} is a vision transformer: use vtprune.patch_vit(model, "
+                            f"{method!r}, ...), which prunes inside its blocks") from None
+        raise
     state = PatchState(adapter, built, method, dict(options))
     previous = getattr(model, _ATTR, None)
     if previous is not None:

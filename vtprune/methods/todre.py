@@ -48,6 +48,8 @@ class ToDREConfig(PruneConfig):
             raise ValueError(f"stage2_layer must be an int >= 0 or None, got {self.stage2_layer!r}")
         if self.stage2_layer is not None and not self.stage2:
             raise ValueError("stage2_layer sets where stage 2 runs; it needs stage2=True")
+        if self.tau != type(self).tau and not self.stage2:
+            raise ValueError("tau is stage 2's threshold; it needs stage2=True")
 
 
 @register("todre")
