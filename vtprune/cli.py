@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 
 from .eval.paths import check_output
 
@@ -163,7 +164,6 @@ def _preset(text: str, method: str | None, budget: dict, flag: str = "--config",
 
 def _flops(args) -> int:
     import json
-    from pathlib import Path
 
     from .eval import configs, flops, models
     from .methods.registry import build_method
@@ -192,11 +192,12 @@ def _flops(args) -> int:
     kv_dtype = torch.bfloat16 if real is not None else None  # the stand-in is float32; the real model runs in bf16
     base = flops.count(model, inputs, arch=real, kv_dtype=kv_dtype)
     pruned = flops.count(model, inputs, method, arch=real, kv_dtype=kv_dtype, **budget)
-    print(flops.format_table(base, pruned, f"{args.model}, one {task} sample: unpatched vs {method} {budget}"))
+    given = ", ".join(f"{k}={v}" for k, v in budget.items())
+    print(flops.format_table(base, pruned, f"{args.model}, one {task} sample: unpatched vs {method} ({given})"))
     if args.json is not None:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "task": task, "method": method, **budget,
+            json.dump({"model": args.model, "task": task, "method": method, "options": budget,  # (as bench's rows)
                        "unpatched": base.to_dict(), "pruned": pruned.to_dict()}, f, indent=1)
         print(f"wrote {args.json}")
     return 0
@@ -221,9 +222,15 @@ def _compile_options(args) -> dict:
     return {"mode": None, "backend": args.compile_backend}
 
 
+def _table_path(out: str) -> Path:
+    """bench's markdown table beside its JSON: OUT.json -> OUT.md; any other name gets .md added
+    (with_suffix cut bench_qwen2.5-7b to bench_qwen2.md, which bench_qwen2.7-7b would overwrite)."""
+    out = Path(out)
+    return out.with_suffix(".md") if out.suffix == ".json" else out.with_name(out.name + ".md")
+
+
 def _bench(args) -> int:
     import json
-    from pathlib import Path
 
     import torch
 
@@ -241,7 +248,7 @@ def _bench(args) -> int:
         raise ValueError("--out is the JSON record; the markdown table goes beside it as .md: give a .json path")
     if args.out is not None:
         check_output(args.out, "--out")
-        check_output(Path(args.out).with_suffix(".md"), "--out's table")
+        check_output(_table_path(args.out), "--out's table")
     for m in methods:  # bad strategies, options or presets fail before the model loads and the baseline runs
         build_method(m, budget)
     jobs = [(m, budget) for m in methods]
@@ -271,14 +278,16 @@ def _bench(args) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device)
     n_layers = model.config.get_text_config().num_hidden_layers
-    rows = []
+    rows, skipped = [], []
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    why = "it drops tokens inside the decoder, which a static KV cache cannot hold"
 
     def save(complete: bool):  # after every row too, so that a run cut short keeps what it measured
         record = {"command": "vtprune " + shlex.join(args.argv), "device": gpu, "model": args.model, "complete": complete,
-                  "rows": [r.to_dict() for r in rows]}
+                  "rows": [r.to_dict() for r in rows], "skipped": skipped}
         bench.save_text(args.out, json.dumps(record, indent=1) + "\n")
-        bench.save_text(Path(args.out).with_suffix(".md"), bench.markdown(rows) + "\n")
+        note = "".join(f"\n\nSkipped: batch {s['batch']}, {s['path']} {s['method']} ({why})." for s in skipped)
+        bench.save_text(_table_path(args.out), bench.markdown(rows) + note + "\n")
 
     for b in batches:
         inputs = models.to_model(models.calibration(task, model, processor, b, batch_size=b, frames=args.frames)[0], model)
@@ -286,8 +295,8 @@ def _bench(args) -> int:
         for compiled in paths:
             for method, options in [(None, None)] + jobs:
                 if compiled is not None and method is not None and build_method(method, options).drop_layers(n_layers):
-                    print(f"batch {b:3d} compiled {method:<13} skipped: it drops tokens inside the decoder, which a "
-                          "static KV cache cannot hold", flush=True)
+                    print(f"batch {b:3d} compiled {method:<13} skipped: {why}", flush=True)
+                    skipped.append(dict(batch=b, path="compiled", method=method, options=options))
                     continue
                 row = bench.measure(model, inputs, method, options, args.new_tokens, args.reps,
                                     warmup=1 if compiled is None else args.compile_warmup, compiled=compiled)
@@ -299,14 +308,13 @@ def _bench(args) -> int:
     print(bench.markdown(rows))
     if args.out is not None:
         save(complete=True)
-        print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')}")
+        print(f"wrote {args.out} and {_table_path(args.out)}")
     return 0
 
 
 def _sweep_preset(text: str, flag: str) -> tuple[str, dict, str]:
     """(method, options without a budget, label) of a sweep's --config: the sweep's ratios are its budget. The
     label: the preset's "label", else its file's name, else the method and its options."""
-    from pathlib import Path
 
     from .methods.registry import get_method
 
@@ -345,7 +353,6 @@ def _sweep(args) -> int:
         warnings.showwarning = lambda message, *_, **__: print(f"vtprune sweep: warning: {message}", file=sys.stderr)
         cells = sweep.run(args.model, methods, ratios, args.task, args.out, n_questions=args.questions,
                           batch=args.batch, random_weights=args.random_weights, presets=presets)
-    from pathlib import Path
 
     out = Path(args.out)
     line = "vtprune " + shlex.join(args.argv) + "\n"  # (quoted: inline JSON presets re-run as written)
@@ -360,7 +367,6 @@ def _sweep(args) -> int:
 
 
 def _lmms_tasks(args) -> int:
-    from pathlib import Path
 
     print(Path(__file__).resolve().parent / "eval" / "lmms_tasks")  # = vtprune.eval.lmms.TASKS, without lmms-eval
     return 0
@@ -463,7 +469,7 @@ def main(argv=None) -> int:
                    help="evaluation batch size (prefill latency is of one batch; FLOPs are per sample)")
     p.add_argument("--random-weights", action="store_true", help="bundled architecture with random weights")
     p.add_argument("--out", required=True, help="directory for results and plots (finished cells with the same model, "
-                   "task, --questions, --random-weights, --batch and device are reused)")
+                   "weights, task, --questions, --random-weights, --batch and device are reused)")
     p.set_defaults(func=_sweep)
     p = sub.add_parser("lmms-tasks", help="print the folder of vtprune's offline lmms-eval tasks (for --include_path)")
     p.set_defaults(func=_lmms_tasks)

@@ -39,7 +39,7 @@ def run_vit(ratios=(0.5, 0.25, 0.111), out_dir="vtprune-demo", images: int = 500
     from .vit import supported
 
     methods = supported()
-    ratios = [r for r in ratios if r < 1.0] or [0.25]
+    ratios = [r for r in ratios if r < 1.0]  # (1.0 is the unpatched row; --ratios 1.0 alone: that row only)
     rows = tinyvit.sweep(tinyvit.load(), methods, ratios, n=images, progress=True)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     path = tinyvit.plot(rows, Path(out_dir) / "vit_accuracy_vs_ratio.png")

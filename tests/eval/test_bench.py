@@ -41,6 +41,20 @@ def test_bench_command_writes_json_and_table(tmp_path, capsys):
     assert rec["command"].startswith("vtprune bench --model tiny-test-llava") and rec["complete"] is True
 
 
+def test_a_dotted_out_name_keeps_its_table_and_one_new_token_has_no_decode_time(tmp_path, capsys):
+    """--out bench_llava-1.5-7b wrote its table to bench_llava-1.md (with_suffix), which another run named
+    bench_llava-1.6-7b overwrote; with --new-tokens 1 there is no decode step, yet 0.00 ms was reported."""
+    from vtprune.cli import main
+
+    out = tmp_path / "bench_llava-1.5-7b"
+    assert main(["bench", "--model", "tiny-test-llava", "--methods", "random", "--keep", "4", "--new-tokens", "1",
+                 "--reps", "1", "--out", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench_llava-1.5-7b", "bench_llava-1.5-7b.md"]
+    assert [r["decode_ms_per_token"] for r in json.loads(out.read_text())["rows"]] == [None, None]
+    rows = (tmp_path / "bench_llava-1.5-7b.md").read_text().splitlines()[2:]
+    assert [r.split(" | ")[9] for r in rows] == ["-", "-"]  # the decode column
+
+
 def test_flops_and_bench_take_a_synthetic_clip(tmp_path):
     """--task synthetic-video: one 32-frame clip per prompt (a test model's frames: 2 x 2 tokens for
     LLaVA-NeXT-Video; 12 x 12 merged patches per 2 frames for Qwen2-VL); keep counts per frame."""
@@ -106,10 +120,14 @@ def test_bench_compiled_path_rows_side_by_side(tmp_path):
     assert main(["bench", "--model", "tiny-test-llava", "--methods", "pool,fastv", "--keep", "4", "--batch", "1",
                  "--new-tokens", "2", "--reps", "1", "--compile", "--compile-backend", "eager", "--compile-warmup", "1",
                  "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+    record = json.loads(out.read_text())
+    rows = record["rows"]
     # fastv drops tokens inside the decoder: no static cache, so no compiled row (todre with its stage 2 alike)
     assert [(r["path"], r["method"]) for r in rows] == [
         ("eager", "unpatched"), ("eager", "pool"), ("eager", "fastv"), ("compiled", "unpatched"), ("compiled", "pool")]
+    # ... and the files say so (it was on the terminal only)
+    assert record["skipped"] == [dict(batch=1, path="compiled", method="fastv", options={"keep": 4})]
+    assert "Skipped: batch 1, compiled fastv (it drops tokens inside the decoder" in (tmp_path / "c.md").read_text()
     by = {(r["path"], r["method"]): r for r in rows}
     # the static cache is allocated for the unpruned prompt + new tokens either way: pruning saves no KV
     # bytes on the compiled path; the eager path holds the pruned prefill only
@@ -362,7 +380,7 @@ def test_output_folders_are_made_as_the_writers_make_them(tmp_path, capsys):
 
     out = tmp_path / "new" / "deeper" / "f.json"
     assert main(["flops", "--model", "tiny-test-llava", "--keep", "4", "--json", str(out)]) == 0
-    assert json.loads(out.read_text())["keep"] == 4
+    assert json.loads(out.read_text())["options"] == {"keep": 4}
     for argv in (["bench", "--model", "tiny-test-llava", "--ratio", "0.5", "--methods", "bogus", "--out"],
                  ["flops", "--model", "tiny-test-llava", "--keep", "4", "--task", "bogus", "--json"]):
         with pytest.raises(SystemExit):  # a command refused after the check leaves no folder behind

@@ -325,7 +325,7 @@ def test_flops_cli_takes_a_preset_file_or_inline_json(tmp_path, capsys):
         assert main(["flops", "--model", "tiny-test-llava", "--config", config, *extra, "--json", str(out)]) == 0
         record = json.loads(out.read_text())
         want = flops.count(model, inputs, "vflowopt", **options).to_dict()
-        assert record["method"] == "vflowopt" and record["pruned"] == want
+        assert record["method"] == "vflowopt" and record["pruned"] == want and record["options"] == options
         assert record["pruned"]["tokens_per_layer"] != record["unpatched"]["tokens_per_layer"]  # it pruned
     capsys.readouterr()
     for config, words in (('{"method": "vflowopt"', "--config: not valid JSON"),

@@ -79,6 +79,7 @@ def test_sweep_resumes_and_writes_results_and_plots(tmp_path, monkeypatch, capsy
     assert len(lines) == 3
     cells = json.loads((tmp_path / "results.json").read_text())
     assert [(c["method"], c["ratio"]) for c in cells] == [("none", 1.0), ("random", 0.5), ("random", 0.25)]
+    assert [(c["label"], c["options"]) for c in cells] == [("unpatched", {}), ("random", {}), ("random", {})]  # as the CSV
     assert cells[2]["llm_tflops"] < cells[1]["llm_tflops"] < cells[0]["llm_tflops"]
     assert cells[2]["visual_tokens"] == round(0.25 * 196)
     rows = list(csv.reader((tmp_path / "results.csv").open()))
@@ -137,6 +138,34 @@ def test_a_local_directory_is_one_model_however_it_is_spelt(tmp_path, monkeypatc
     log.write_text(log.read_text().replace('"model": "ck"', '"model": "ck/"'))
     assert [c["model"] for c in sweep.run(model_name="ck", **args)] == ["ck/", "ck/"]
     assert len(calls) == 2
+
+
+def test_cells_made_by_other_weights_are_not_reused(tmp_path, monkeypatch):
+    """`--model ckpt` from two folders holding different checkpoints (or one folder whose weights were
+    replaced) reused the first one's cells silently: a LLaVA sweep's numbers came back for a Qwen2-VL."""
+    from vtprune.eval import models
+
+    model, processor = models.load("tiny-llava", random_weights=True)
+    for folder in ("A", "B"):
+        model.save_pretrained(tmp_path / folder / "ckpt")
+        processor.save_pretrained(tmp_path / folder / "ckpt")
+        with torch.no_grad():
+            next(model.parameters()).add_(1.0)  # B's weights differ from A's
+    calls = _counting(monkeypatch)
+    args = dict(model_name="ckpt", methods=["random"], ratios=[0.5], task="shapes", out=tmp_path / "out",
+                n_questions=2, batch=2, progress=False)
+    monkeypatch.chdir(tmp_path / "A")
+    first = sweep.run(**args)
+    assert len(calls) == 2 and len({c["weights"] for c in first}) == 1 and first[0]["weights"]
+    assert sweep.run(**args) == first and len(calls) == 2  # the same weights: reused
+    monkeypatch.chdir(tmp_path / "B")
+    with pytest.warns(UserWarning, match=r"2 of the 2 cells.*not reused.*other weights"):
+        second = sweep.run(**args)
+    assert len(calls) == 4 and first[0]["weights"] != second[0]["weights"]
+    # with --random-weights only the architecture counts: A's and B's configs are one
+    assert sweep.weights_id("ckpt", True) == sweep.weights_id(str(tmp_path / "A" / "ckpt"), True)
+    assert sweep.weights_id("tiny-test-llava", False) is None  # built in code, no files
+    assert sweep.weights_id("tiny-llava", False) != sweep.weights_id("tiny-qwen2vl", False)  # bundled: their files
 
 
 def test_a_local_folder_named_like_a_bundled_model_stays_a_folder(tmp_path, monkeypatch):

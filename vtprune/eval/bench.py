@@ -106,7 +106,7 @@ class BenchRow:
     vision_ms: float
     selection_ms: float
     prefill_ms: float  # language model's first call (in-LLM selection included)
-    decode_ms_per_token: float
+    decode_ms_per_token: float | None  # None: --new-tokens 1 (no decode step)
     generate_ms: float  # end to end, `new_tokens` tokens
     peak_mib: float | None  # CUDA: peak allocated above the weights during generate
     kv_bytes: int  # eager: the cache after the prefill; compiled: the static cache generate() allocated
@@ -170,7 +170,7 @@ def measure(model, inputs: dict, method: str | None = None, options: dict | None
                 st = vtprune.stats(model) if method is not None else None
                 rows.append(dict(
                     vision=sum(vision_t.times_ms()), prefill=lm[0],
-                    decode=statistics.mean(lm[1:]) if len(lm) > 1 else 0.0,
+                    decode=statistics.mean(lm[1:]) if len(lm) > 1 else None,  # (one new token: no decode step)
                     generate=total, selection=st.selection_ms if st is not None else 0.0,
                     peak=(torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None,
                     visual=statistics.mean(visual_left(st, visual_token_counts(model.config, inputs)))
@@ -215,7 +215,8 @@ def markdown(rows: list[BenchRow]) -> str:
         sg = f"{b.generate_ms / r.generate_ms:.2f}x" if b else "-"
         opts = ", ".join(f"{k}={v}" for k, v in r.options.items()) or "-"
         peak = f"{r.peak_mib:.0f}" if r.peak_mib is not None else "-"
+        decode = f"{r.decode_ms_per_token:.2f}" if r.decode_ms_per_token is not None else "-"
         lines.append(f"| {r.batch} | {r.path} | {r.method} | {opts} | {r.visual_tokens:.0f} | {r.vision_ms:.2f} | "
-                     f"{r.selection_ms:.2f} | {r.prefill_ms:.2f} | {sp} | {r.decode_ms_per_token:.2f} | "
+                     f"{r.selection_ms:.2f} | {r.prefill_ms:.2f} | {sp} | {decode} | "
                      f"{r.generate_ms:.1f} | {sg} | {peak} | {r.kv_bytes / 2**20:.3f} |")
     return "\n".join(lines)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import hashlib
 import json
 import os
 import statistics
@@ -198,8 +199,8 @@ def _options(cell: dict) -> str:
 
 def _key(cell: dict) -> tuple:
     """What identifies a cell (of this FORMAT): the experiment's settings, strategy, its options and ratio."""
-    return (_model(cell["model"]), cell["task"], cell["questions"], *(cell[k] for k in SETTINGS), cell["method"],
-            _options(cell), float(cell["ratio"]))
+    return (_model(cell["model"]), cell.get("weights"), cell["task"], cell["questions"], *(cell[k] for k in SETTINGS),
+            cell["method"], _options(cell), float(cell["ratio"]))
 
 
 def _cell_of(cell: dict) -> tuple:
@@ -220,6 +221,36 @@ def _model(name):
         return name
     norm = os.path.normpath(name)
     return os.path.join(".", norm) if norm in vtprune_names() else norm
+
+
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def weights_id(model_name: str, random_weights: bool) -> str | None:
+    """A fingerprint of the checkpoint a sweep's cells come from, so that cells made by other weights are
+    not reused: a local directory's or a bundled model's config.json and weight files (names, sizes, and
+    the bytes of small files or of 16 spread 64 KiB samples of large ones: hashing a 7B model's 15 GB whole
+    would take minutes). None for built-in random-weight architectures; with --random-weights only the
+    config counts."""
+    from . import tinyvlm
+
+    folder = tinyvlm.BUNDLED / model_name if model_name in tinyvlm.NAMES else Path(model_name)
+    if (model_name in vtprune_names() and model_name not in tinyvlm.NAMES) or not folder.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if not f.is_file() or not (f.name == "config.json" or f.suffix in WEIGHT_FILES and not random_weights):
+            continue
+        size = f.stat().st_size
+        h.update(f"{f.name}\0{size}\0".encode())
+        with f.open("rb") as fh:
+            if size <= 16 << 20:
+                h.update(fh.read())
+            else:
+                for i in range(16):
+                    fh.seek(i * (size - (64 << 10)) // 15)
+                    h.update(fh.read(64 << 10))
+    return h.hexdigest()[:16]
 
 
 def read_cells(log: Path) -> list[dict]:
@@ -278,7 +309,7 @@ def _warn_not_reused(log: Path, logged: list[dict], base: dict, missing: list[di
     """Warn when a cell about to run has a finished counterpart in OUT/cells.jsonl made with other
     settings or in an older format, which is not reused."""
     wanted = {_cell_of({**base, **m}) for m in missing}
-    settings = ("questions", *SETTINGS)
+    settings = ("questions", *SETTINGS, "weights")
     hit, why = set(), set()
     for c in logged:
         if _cell_of(c) not in wanted:
@@ -287,12 +318,13 @@ def _warn_not_reused(log: Path, logged: list[dict], base: dict, missing: list[di
             why.add("written by an older vtprune (no random_weights recorded, TFLOPs summed over the batch)"
                     if "format" not in c else f"cell format {c['format']!r} (this vtprune writes {FORMAT})")
         elif any(c.get(k) != base[k] for k in settings):
-            why.update(f"{k}={c.get(k)!r}" for k in settings if c.get(k) != base[k])
+            why.update(("other weights (the model's files differ, or were not recorded)" if k == "weights" else
+                        f"{k}={c.get(k)!r}") for k in settings if c.get(k) != base[k])
         else:
             continue
         hit.add(_cell_of(c))
     if hit:
-        now = ", ".join(f"{k}={base[k]!r}" for k in settings)
+        now = ", ".join(f"{k}={base[k]!r}" for k in settings if k != "weights")
         warnings.warn(f"{log}: {len(hit)} of the {len(missing)} cells to run have finished cells there that are not "
                       f"reused, made with other settings: {'; '.join(sorted(why))} (this run: {now}); they run "
                       "again", stacklevel=3)
@@ -353,8 +385,8 @@ def run(model_name: str, methods: list[str], ratios: list[float], task: str, out
     out = check_output(out, "--out", folder=True)
     log = out / "cells.jsonl"
     logged = read_cells(log)
-    base = dict(format=FORMAT, model=model_name, task=task, questions=n_questions, random_weights=bool(random_weights),
-                batch=batch, device=default_device())
+    base = dict(format=FORMAT, model=model_name, weights=weights_id(model_name, random_weights), task=task,
+                questions=n_questions, random_weights=bool(random_weights), batch=batch, device=default_device())
     done = {_key(c): c for c in logged if c.get("format") == FORMAT}  # a later line wins
     todo = [dict(method=UNPATCHED, ratio=1.0)] + [{**row, "ratio": r} for row in rows for r in ratios]
     missing = {}
@@ -391,9 +423,10 @@ def run(model_name: str, methods: list[str], ratios: list[float], task: str, out
 
 
 def write(cells: list[dict], out: Path) -> None:
-    (out / "results.json").write_text(json.dumps(cells, indent=1) + "\n")
+    rows = [{**c, "label": label(c), "options": c.get("options") or {}} for c in cells]  # every row, as in the CSV
+    (out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
     cols = ["method", "ratio", "accuracy", "prefill_tflops", "llm_tflops", "visual_tokens", "prefill_ms", "metric",
-            "model", "task", "questions", *SETTINGS]  # (the settings: which experiment made the row)
+            "model", "weights", "task", "questions", *SETTINGS]  # (the settings: which experiment made the row)
     if any(c.get("options") or c.get("label") for c in cells):  # presets: their label and options
         cols[1:1] = ["label", "options"]
     header = {k: k + "_per_sample" for k in ("prefill_tflops", "llm_tflops", "visual_tokens")}
