@@ -282,6 +282,20 @@ def test_vflowopt_prune_recycle_on_a_4x4_grid():
     torch.testing.assert_close(tokens[0], want5)
 
 
+def test_vflowopt_prune_recycle_with_autograd_on_warns_nothing_and_passes_gradients():
+    """A patched model's plain forward (no torch.no_grad) warned 'Converting a tensor with requires_grad=True
+    to a scalar' from the recycling weights' check."""
+    import warnings
+
+    x = torch.randn(16, 3, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    imp = torch.arange(16.0).requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, tokens, _ = vflowopt.prune_recycle(x, imp, (4, 4), 6, 2.0)
+    tokens.sum().backward()
+    assert x.grad is not None and imp.grad is not None  # the recycling weights stay in the graph
+
+
 def test_vflowopt_prune_recycle_counts_and_fallback():
     x = torch.randn(16, 3, generator=torch.Generator().manual_seed(1))
     imp = torch.arange(16.0)

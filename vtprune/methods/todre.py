@@ -33,7 +33,7 @@ class ToDREConfig(PruneConfig):
     rule: str = "maxmin"  # "maxmin" (v1, greedy k-center) or "maxsum" (v2, greedy max-sum)
     stage2: bool = True  # drop all visual tokens inside the LLM when the question's attention to them < tau
     tau: float = 0.10  # stage 2 drops a sample's visual tokens when its question gives them < tau of its attention
-    stage2_layer: int | None = None  # 0-based decoder layer whose attention decides; None = floor(7L/8)
+    stage2_layer: int | None = None  # 0-based decoder layer whose attention decides; None = min(floor(7L/8), L-2)
     # (at most L-2, so that some layer follows)
 
     def __post_init__(self):

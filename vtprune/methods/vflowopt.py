@@ -94,7 +94,7 @@ def prune_recycle(features: torch.Tensor, scores: torch.Tensor, grid: tuple[int,
     for c in torch.unique(cell[~kept]).tolist():
         members = ((cell == c) & ~kept).nonzero().squeeze(1)
         wts = s[members].clamp_min(0)
-        wts = wts / wts.sum() if float(wts.sum()) > 0 else torch.full_like(wts, 1.0 / members.numel())
+        wts = wts / wts.sum() if float(wts.detach().sum()) > 0 else torch.full_like(wts, 1.0 / members.numel())
         best = members[ranking(s[members])[0]]
         slots.append(best[None])
         tokens.append((wts[:, None] * x[members]).sum(0, keepdim=True))
