@@ -289,12 +289,35 @@ def test_several_new_tokens_on_a_pruned_cache_are_refused(model_factory):
     with torch.no_grad():
         model(**inputs, use_cache=True, **{CACHE: cache})
         am = torch.cat([inputs["attention_mask"], torch.ones(1, 2, dtype=torch.long)], 1)
-        held = cache.get_seq_length()
-        with pytest.raises(NotImplementedError, match=f"holds {held} positions where the unpruned sequence has "
-                           f"{inputs['input_ids'].shape[1]}, .* the whole conversation .* prompt-lookup"):
+        held, full = cache.get_seq_length(), inputs["input_ids"].shape[1]
+        with pytest.raises(NotImplementedError, match=r"with 2 new tokens at once is not supported: .* the whole "
+                                                      "conversation .* prompt-lookup"):
             model(input_ids=torch.tensor([[5, 6]]), attention_mask=am, use_cache=True, **{CACHE: cache})
-        with pytest.raises(NotImplementedError, match=r"with 2 new tokens at once .* prompt-lookup"):
+        # a new turn through generate(): it cuts the ids at the cache's length, so the pruned part comes again
+        ids = torch.cat([inputs["input_ids"], torch.tensor([[5, 6]])], 1)[:, held:]
+        with pytest.raises(NotImplementedError, match=f"holds {held} positions where the unpruned sequence has {full}, "
+                           f"so generate\\(\\) given it feeds the last {full - held} tokens again\\): for another turn"):
+            model(input_ids=ids, attention_mask=am, use_cache=True, **{CACHE: cache})
+        with pytest.raises(NotImplementedError, match=r"with 2 new tokens at once .* prompt-lookup") as refused:
             model.generate(**inputs, prompt_lookup_num_tokens=2, max_new_tokens=4, **tiny.GEN)
+        assert "feeds the last" not in str(refused.value)  # (that is a new turn's cause, not a few guessed tokens)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize("method", ["divprune", "pool", "fastv"])
+def test_a_new_image_turn_on_a_pruned_cache_is_refused_by_name(model_factory, family, method):
+    """generate() on the returned cache with another image: pre-LLM strategies failed in transformers'
+    placeholder check ("Image features and image tokens do not match, tokens: 22, features: 1024")."""
+    model = model_factory(family)
+    vtprune.patch(model, method, ratio=0.25)
+    inputs = tiny.batch(family, [0])
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=2, return_dict_in_generate=True, **tiny.GEN)
+        ids2, visual = tiny.sample(family, 1)
+        ids = torch.cat([out.sequences, torch.tensor([ids2])], 1)
+        with pytest.raises(NotImplementedError, match="new images on a KV cache that already holds a pruned prefill"):
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **visual,
+                           past_key_values=out.past_key_values, max_new_tokens=2, **tiny.GEN)
 
 
 def _decode_step(model, inputs, cache, steps):
