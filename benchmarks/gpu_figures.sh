@@ -8,11 +8,14 @@
 #                 PYTHONPATH: for an offline machine whose packages are missing or too old
 # --archive FILE  after every part, pack results/ as far as it got into FILE (.tgz)
 # --deadline S    stop within S seconds of the start: each part gets a time limit from what is left less
-#                 40 s for each part after it, and at most its share of S (kernels 30 %, vit 20 %, bench7b
-#                 30 %, next7b 20 %; the last part run gets what is left), so that one that hangs does not
-#                 starve the rest; a part cut short keeps what it measured (each writes its JSON as it goes)
+#                 40 s for each part after it, and at most its share of S (kernels 25 %, vit 10 %,
+#                 compiled7b 45 %, bench7b 25 %; the last part run gets what is left), so that one that hangs
+#                 does not starve the rest; a part cut short keeps what it measured (each writes its JSON row
+#                 by row, the issues' target cases first)
 # --cpu-ok        run the parts without a CUDA device (the tests); otherwise the script stops at once there
-# Parts, in the order `all` runs them (the longest and riskiest last): kernels vit bench7b next7b compiled7b;
+# Parts, in the order `all` runs them: kernels vit compiled7b bench7b next7b (the batch-1 compiled path, whose
+# three cold torch.compile graphs of a 7B language model may take minutes, before the plain-path parts, which
+# a short limit cuts after their first rows: batch 8 and 4, the issues' targets, come first);
 # and video7b (a 32-frame clip on LLaVA-NeXT-Video-7B, per-frame vs per-clip budgets), run by name only.
 # Medians of 10 runs for the kernel and ViT benchmarks (their default is 20), so that `all` fits ~9 minutes.
 # Each writes results/<name>.json (which records its own command) and a log beside it; results/gpu_env.json
@@ -38,7 +41,7 @@ done
 parts=()
 for p in "$@"; do
   case $p in
-    all) parts+=(kernels vit bench7b next7b compiled7b) ;;
+    all) parts+=(kernels vit compiled7b bench7b next7b) ;;
     kernels|vit|bench7b|next7b|compiled7b|video7b) parts+=("$p") ;;
     *) echo "unknown part $p; $usage" >&2; exit 2 ;;
   esac
@@ -140,19 +143,19 @@ for i in "${!parts[@]}"; do
   later=$((${#parts[@]} - i - 1))
   case $p in
     kernels)  # issue 6: reference vs Triton, whole selection path, ViT signals, end-to-end share
-      part kernels_gpu 30 python3 benchmarks/kernels.py --reps 10 --out results/kernels_gpu.json ;;
+      part kernels_gpu 25 python3 benchmarks/kernels.py --reps 10 --out results/kernels_gpu.json ;;
     vit)  # issue 10: images/s unpatched vs patched, timm ViT-B/16 and open_clip ViT-B-16
-      part vit_gpu 20 python3 benchmarks/vit.py --reps 10 --out results/vit_gpu.json ;;
-    bench7b)  # issue 7: LLaVA-1.5-7B-sized, 64 of 576 tokens, batch 1 and 8, plain path
-      part bench_llava15_7b 30 python3 -m vtprune bench --model llava-1.5-7b --random-weights \
-        --methods divprune,hiprune,todre,fastv,random --keep 64 --batch 1,8 --new-tokens 32 \
+      part vit_gpu 10 python3 benchmarks/vit.py --reps 10 --out results/vit_gpu.json ;;
+    bench7b)  # issue 7: LLaVA-1.5-7B-sized, 64 of 576 tokens, batch 8 (every pre-LLM strategy) then 1, plain path
+      part bench_llava15_7b 25 python3 -m vtprune bench --model llava-1.5-7b --random-weights \
+        --methods divprune,hiprune,pool,token_shuffle,random,todre,fastv --keep 64 --batch 8,1 --new-tokens 8 \
         --out results/bench_llava15_7b.json ;;
-    next7b)  # issue 7: LLaVA-NeXT-7B-sized, 2880 -> 320 tokens, batch 4
+    next7b)  # issue 7: LLaVA-NeXT-7B-sized, 2928 (2880 + newlines) -> 320 tokens, batch 4
       part bench_llava_next_7b 20 python3 -m vtprune bench --model llava-next-7b --random-weights \
-        --methods divprune,random --ratio 0.111 --batch 4 --new-tokens 32 \
+        --methods divprune,random --keep 320 --batch 4 --new-tokens 4 \
         --out results/bench_llava_next_7b.json ;;
     compiled7b)  # issue 7: the batch-1 compiled path (compile_llm) beside the plain one
-      part bench_llava15_7b_compiled 100 python3 -m vtprune bench --model llava-1.5-7b --random-weights \
+      part bench_llava15_7b_compiled 45 python3 -m vtprune bench --model llava-1.5-7b --random-weights \
         --methods divprune,random --keep 64 --batch 1 --new-tokens 32 --compile \
         --out results/bench_llava15_7b_compiled.json ;;
     video7b)  # a 32-frame clip (4608 visual tokens): divprune per frame and per clip (video_budget), random

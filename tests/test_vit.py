@@ -193,7 +193,7 @@ def test_throughput_benchmark_runs_side_by_side(tmp_path, monkeypatch, benchmark
     bench.main(["--quick", "--methods", "divprune,pool", "--ratios", "0.5", "--layer", "1", "--out", str(tmp_path / "v.json")])
     rows = json.loads((tmp_path / "v.json").read_text())["rows"]
     assert [(r["model"], r["method"]) for r in rows] == [(m, x) for m in ("tiny timm", "tiny open_clip")
-                                                         for x in ("none", "divprune", "pool")]
+                                                         for x in ("none", "divprune", "pool", "none (again)")]
     assert all(r["images_per_s"] > 0 for r in rows) and [r.get("kept") for r in rows[:3]] == [None, 8, 4]  # pool: a 2 x 2 grid
 
 

@@ -104,7 +104,7 @@ def greedy_select_torch(features: torch.Tensor, keep: int, first: torch.Tensor |
     selection (None: the most isolated token, DivPrune's rule). rule "maxmin": add the token whose
     cosine distance to its nearest selected token is largest; "maxsum": add the token whose summed
     cosine similarity to the selected tokens is smallest. Returns LongTensor[B, keep], ascending."""
-    check_greedy_args(features, keep, rule)
+    given = check_greedy_args(features, keep, rule, first)
     sim = cosine_gram(features)
-    first = check_greedy_args(features, keep, rule, most_isolated(sim) if first is None else first)
+    first = most_isolated(sim) if given is None else given
     return greedy_from_gram_torch(sim, keep, first, rule).sort(dim=1).values

@@ -158,8 +158,7 @@ def greedy_from_gram_triton(sim: torch.Tensor, keep: int, first: torch.Tensor, r
 def greedy_select_triton(features: torch.Tensor, keep: int, first: torch.Tensor | None = None,
                          rule: str = "maxmin") -> torch.Tensor:
     """Same contract as greedy_select_torch (LongTensor[B, keep], ascending)."""
-    check_greedy_args(features, keep, rule)
+    given = check_greedy_args(features, keep, rule, first)  # a caller's seeds (their range check syncs once)
     sim = cosine_gram_triton(features)
-    first = most_isolated_triton(sim) if first is None else first
-    first = check_greedy_args(features, keep, rule, first)
+    first = most_isolated_triton(sim) if given is None else given  # (its own seeds need no check: no host sync)
     return greedy_from_gram_triton(sim, keep, first, rule).sort(dim=1).values
