@@ -317,7 +317,7 @@ def test_a_new_image_turn_on_a_pruned_cache_is_refused_by_name(model_factory, fa
         ids = torch.cat([out.sequences, torch.tensor([ids2])], 1)
         with pytest.raises(NotImplementedError, match="new images on a KV cache that already holds a pruned prefill"):
             model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **visual,
-                           past_key_values=out.past_key_values, max_new_tokens=2, **tiny.GEN)
+                           **{CACHE: out.past_key_values}, max_new_tokens=2, **tiny.GEN)
 
 
 def _decode_step(model, inputs, cache, steps):
