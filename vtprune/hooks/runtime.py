@@ -31,8 +31,6 @@ from .base import SignalStore, call_arguments, wrap_method
 from .sequence import compact_index, compact_text_positions, dropped_before, take
 
 _CACHE_ATTR = "_vtprune_run"
-NEW_IMAGES_ON_PRUNED_CACHE = ("vtprune: new images on a KV cache that already holds a pruned prefill are not supported; "
-                              "start a new cache per prompt")
 
 
 @dataclass
@@ -309,14 +307,13 @@ class PatchState:
             kwargs = {**kwargs, "mm_encoder_outputs": self.prefill_outputs or self.encoder_outputs
                       or kwargs["mm_encoder_outputs"]}
         self.stats_before = self.last_stats  # put back if this forward raises (half-filled figures otherwise)
-        encoded = kwargs.get("mm_encoder_outputs") or {}
-        images = any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos")) or any(
-            v is not None for v in encoded.values())
+        scratch = self.adapter.read_call(kwargs)
         cache = kv_cache(kwargs)
-        if images and cache is not None and getattr(cache, _CACHE_ATTR, None) is not None \
-                and int(cache.get_seq_length()) > 0:  # (before transformers' placeholder check, which fails unclearly)
-            raise NotImplementedError(NEW_IMAGES_ON_PRUNED_CACHE)
-        self.scratch = self.adapter.read_call(kwargs)
+        if scratch.get("visual_input") and cache is not None and getattr(cache, _CACHE_ATTR, None) is not None \
+                and int(cache.get_seq_length()) > 0:  # here, before transformers' placeholder check fails unclearly
+            raise NotImplementedError("vtprune: new images on a KV cache that already holds a pruned prefill are "
+                                      "not supported; start a new cache per prompt")
+        self.scratch = scratch
         if any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos")):
             self.vision_scores.reset()  # this forward encodes its own images
         elif kwargs.get("mm_encoder_outputs"):  # the runs that made these
@@ -375,8 +372,6 @@ class PatchState:
             _stop_refusing(cache)  # ours (e.g. a copy made while this configuration was off the model)
             if run.cache is None or run.cache() is not cache:  # an untracked copy of one of ours (unpickled)
                 self._track(cache, run)
-            if scratch is not None and scratch.get("visual_input"):
-                raise NotImplementedError(NEW_IMAGES_ON_PRUNED_CACHE)
             if embeds.shape[1] != 1:
                 short, held = run.orig_len - run.groups[0].mask.shape[1], self._held(cache, run)
                 # (a new turn: generate() cut the ids at the cache's shorter length; prompt lookup feeds a few guesses)
