@@ -315,7 +315,6 @@ def _bench(args) -> int:
 def _sweep_preset(text: str, flag: str) -> tuple[str, dict, str]:
     """(method, options without a budget, label) of a sweep's --config: the sweep's ratios are its budget. The
     label: the preset's "label", else its file's name, else the method and its options."""
-
     from .methods.registry import get_method
 
     config = {}
@@ -367,7 +366,6 @@ def _sweep(args) -> int:
 
 
 def _lmms_tasks(args) -> int:
-
     print(Path(__file__).resolve().parent / "eval" / "lmms_tasks")  # = vtprune.eval.lmms.TASKS, without lmms-eval
     return 0
 
