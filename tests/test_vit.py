@@ -177,6 +177,14 @@ def test_unsupported_strategies_and_bad_input_raise_clearly():
         vtprune.patch_vit(model, "divprune", keep=4, foo=1)
     with pytest.raises(TypeError, match="tau: todre's stage-2 options"):  # (it was taken and ignored)
         vtprune.patch_vit(model, "todre", keep=4, tau=0.9)
+    with pytest.raises(TypeError, match="stage2_layer: todre's stage-2 options"):
+        vtprune.patch_vit(model, "todre", keep=4, stage2_layer=1)
+    with pytest.raises(TypeError, match=r"'foo' for method 'todre' in a ViT; allowed: keep, ratio, rule$"):
+        vtprune.patch_vit(model, "todre", keep=4, foo=1)
+    # stage2 is todre's alone: another strategy's error lists its ViT options (it listed keep_positions, ...)
+    with pytest.raises(TypeError, match=r"'stage2' for method 'hiprune' in a ViT; allowed: alpha, deep_layer, keep, "
+                                        r"object_layer, ratio$"):
+        vtprune.patch_vit(model, "hiprune", keep=4, stage2=False)
     with pytest.raises(TypeError, match=r"use vtprune.patch_vit\(model, 'divprune'"):  # patch() points the way
         vtprune.patch(model, "divprune", keep=4)
     with pytest.raises(TypeError, match="not NaFlexVit"):  # (the generic "supports timm VisionTransformer" before)
@@ -338,12 +346,13 @@ def test_signals_of_a_post_norm_block_come_from_the_attention_input():
     assert torch.equal(got, torch.stack([full[i][want[i]] for i in range(3)]))
 
 
-@pytest.mark.parametrize("kind", ["timm", "timm-reentrant", "open_clip"])
+@pytest.mark.parametrize("kind", ["timm", "timm-reentrant", "open_clip", "timm-eval"])
 def test_gradient_checkpointing_with_attention_signals(kind, monkeypatch):
     """The pruning block rerun alone in backward found its earlier block's "object" scores gone (KeyError);
     then, with two forwards before one backward (two crops), it found the second forward's scores: other
     tokens kept in the rerun, wrong gradients (max error 0.019 against 0.031), or an IndexError when the two
-    batches differed in size. Reentrant checkpointing reruns the block on a detached copy of its input."""
+    batches differed in size. Reentrant checkpointing reruns the block on a detached copy of its input. timm
+    checkpoints in eval mode too (a gradient saliency map): forwards under grad are recorded there as well."""
     if kind == "timm-reentrant":
         import timm.layers.config
 
@@ -351,7 +360,7 @@ def test_gradient_checkpointing_with_attention_signals(kind, monkeypatch):
     grads = []
     for checkpointing in (False, True):
         model = timm_vit() if kind.startswith("timm") else clip_vit()
-        model.train().set_grad_checkpointing(checkpointing)
+        model.train(kind != "timm-eval").set_grad_checkpointing(checkpointing)
         vtprune.patch_vit(model, "hiprune", keep=5, layer=2)
         images = IMAGES.clone().requires_grad_(True)
         loss = model(images).square().sum() + model(images[1:].flip(-1)).square().sum()  # second: other crops
@@ -368,6 +377,33 @@ def test_a_checkpointed_rerun_whose_scores_are_gone_says_so(monkeypatch):
     loss = model(IMAGES).sum() + model(IMAGES[1:]).sum()
     with pytest.raises(RuntimeError, match="gradient checkpointing reran block 2 .* gone"):
         loss.backward()
+
+
+def test_the_last_replays_forwards_are_the_ones_kept(monkeypatch):
+    """REPLAYS forwards are kept, the oldest evicted first; an input at an address seen before (the allocator
+    reuses freed memory) counts as the newest."""
+    monkeypatch.setattr(vtprune.vit, "REPLAYS", 2)
+    model = timm_vit()
+    model.train().set_grad_checkpointing(True)
+    vtprune.patch_vit(model, "hiprune", keep=5, layer=2)
+    model(IMAGES[:1])  # the oldest: evicted
+    (model(IMAGES).sum() + model(IMAGES[1:]).sum()).backward()  # the last two: both rerun
+    state = model._vtprune
+    state.replays.clear()
+    xs = [torch.randn(1, 17, 32) for _ in range(3)]
+    for x in (xs[0], xs[1], xs[0], xs[2]):
+        state._scores(x)
+    assert [k[0] for k in state.replays] == [xs[0].untyped_storage().data_ptr(), xs[2].untyped_storage().data_ptr()]
+
+
+@pytest.mark.parametrize("method", ["divprune", "todre"])  # no signal / the pruning block's own
+def test_no_scores_are_kept_per_forward_without_earlier_block_signals(monkeypatch, method):
+    monkeypatch.setattr(vtprune.vit, "REPLAYS", 1)
+    model = timm_vit()
+    model.train().set_grad_checkpointing(True)
+    vtprune.patch_vit(model, method, keep=5, layer=2)
+    (model(IMAGES).sum() + model(IMAGES[1:]).sum()).backward()  # never "gone"
+    assert not model._vtprune.replays
 
 
 def _kept_tokens(model, layer, **options):

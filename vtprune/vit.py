@@ -334,7 +334,7 @@ def patch_vit(model, method: str, *, layer: int | None = None, **options):
         options["stage2"] = False
         vlm_only |= {"stage2", "tau", "stage2_layer"}
     fields = {f.name for f in dataclasses.fields(get_method(method).Config)} - vlm_only
-    if unknown := sorted(set(options) - fields - {"stage2"}):
+    if unknown := sorted(set(options) - fields - ({"stage2"} if method == "todre" else set())):
         raise TypeError(f"unknown option(s) {', '.join(map(repr, unknown))} for method {method!r} in a ViT; "
                         f"allowed: {', '.join(sorted(fields))}")
     built = build_method(method, options)

@@ -1,5 +1,7 @@
 """The correctness matrix on tiny random-weight models of the real classes (CPU):
 keep-all and unpatch bit-identity, batch invariance under padding, cache == no cache."""
+import re
+
 import pytest
 import torch
 
@@ -351,6 +353,17 @@ def test_clip_budget_is_refused_where_it_cannot_apply(model_factory):
             vtprune.patch(model_factory("qwen2_vl"), method, ratio=0.5, video_budget="clip")
     with pytest.raises(ValueError, match="video_budget must be 'frame' or 'clip', got 'video'"):
         vtprune.patch(model_factory("qwen2_vl"), "divprune", ratio=0.5, video_budget="video")
+    with pytest.raises(ValueError, match=r"choose among any tokens \((.*)\)") as err:  # (the ones that can)
+        vtprune.patch(model_factory("qwen2_vl"), "pool", ratio=0.5, video_budget="clip")
+    named = set(re.search(r"any tokens \((.*)\)", str(err.value)).group(1).split(", "))
+    builtin = {"divprune", "fastv", "random", "todre", "transprune", "pool", "token_shuffle", "hiprune", "vflowopt"}
+    assert named & builtin == {"divprune", "fastv", "random", "todre", "transprune"}  # (tests register others)
+    from vtprune.methods.registry import get_method, option_help
+
+    def note(method):  # the help text of video_budget (vtprune methods / --help)
+        return next(n for name, _, _, n in option_help(get_method(method)) if name == "video_budget")
+    assert all('"frame" only' in note(m) for m in ("pool", "token_shuffle", "hiprune", "vflowopt"))
+    assert not any('"frame" only' in note(m) for m in ("divprune", "fastv", "random", "todre", "transprune"))
 
 
 def test_clip_budget_needs_to_know_each_frames_video():

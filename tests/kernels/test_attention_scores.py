@@ -54,6 +54,9 @@ def test_query_index_forms_agree():
     assert torch.equal(by_list, attention_scores_torch(q, k, 0.5, [0, 3]))  # a plain list of rows
     with pytest.raises(TypeError, match="integer row indices"):  # 1.7 was read as row 1
         attention_scores_torch(q, k, 0.5, torch.tensor([0.0, 3.0]))
+    # no rows at all, as a list ([] is float32 to torch.as_tensor) or a LongTensor: all-zero scores
+    empty = attention_scores_torch(q, k, 0.5, torch.tensor([], dtype=torch.long))
+    assert torch.equal(empty, torch.zeros(2, 5)) and torch.equal(attention_scores_torch(q, k, 0.5, []), empty)
 
 
 def test_rows_average_to_a_distribution():

@@ -46,3 +46,12 @@ def test_sliced_calls_still_check_their_arguments(monkeypatch):
         kernels.greedy_select(x, 5)
     with pytest.raises(ValueError, match=r"\[B, N, D\]"):
         kernels.greedy_select(x[0], 2)
+
+
+def test_the_sliced_path_checks_the_seeds_of_the_whole_batch(monkeypatch):
+    # slice by slice, 4 seeds for 3 images were taken (the 4th ignored) and gave picks
+    monkeypatch.setattr(kernels, "GRAM_BYTES", 10)  # one image per slice
+    x = torch.randn(3, 4, 2, generator=torch.Generator().manual_seed(0))
+    for first in ([0, 1, 2, 3], torch.tensor([[0, 1, 2, 3]])):
+        with pytest.raises(ValueError, match="first/pivot"):
+            kernels.greedy_select(x, 2, first)

@@ -402,6 +402,9 @@ def test_gpu_launches_keep_float32_in_ieee_and_tiles_legal(monkeypatch):
     greedy_triton.cosine_gram_triton(torch.randn(1, 70, 32).to(torch.bfloat16))
     assert [c["IEEE"] for c in calls] == [False]  # tensor cores for bf16 on the GPU
     calls.clear()
+    greedy_triton.cosine_gram_triton(torch.randn(1, 70, 32).half())
+    assert [(c["IEEE"], c["dtypes"][0]) for c in calls] == [(False, torch.float16)]  # and for fp16
+    calls.clear()
     greedy_triton.cosine_gram_triton(torch.randn(1, 70, 32, dtype=torch.float64))
     # float64 goes in as float32, as the reference computes (a float64 tile did not compile on a GPU)
     assert [(c["IEEE"], c["BK"], c["dtypes"][0]) for c in calls] == [(True, 16, torch.float32)]
@@ -457,3 +460,11 @@ def test_greedy_ties_do_not_rest_on_the_interpreter(monkeypatch, rule):
     sim = cosine_gram_triton(x)
     first = torch.tensor([3], device=DEVICE)
     assert torch.equal(greedy_from_gram_triton(sim, 8, first, rule), greedy_from_gram_torch(sim, 8, first, rule))
+
+
+def test_triton_takes_a_callers_seeds_as_a_list_or_int32():
+    # the checked seeds (a LongTensor on the features' device) reach the kernel, not the caller's object
+    x = rand(3, 9, 5, seed=1)
+    want = greedy_select_torch(x, 4, torch.tensor([0, 4, 8], device=DEVICE))
+    assert torch.equal(greedy_select_triton(x, 4, [0, 4, 8]), want)
+    assert torch.equal(greedy_select_triton(x, 4, torch.tensor([0, 4, 8], dtype=torch.int32, device=DEVICE)), want)

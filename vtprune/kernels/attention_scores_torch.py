@@ -13,6 +13,8 @@ def row_weights(query_index, batch: int, n_q: int, device) -> torch.Tensor:
     """Per-row averaging weights [B, Nq] (each selected row 1/count, others 0)."""
     if query_index is not None and not isinstance(query_index, torch.Tensor):
         query_index = torch.as_tensor(query_index)  # (a list of row indices)
+        if query_index.numel() == 0 and query_index.is_floating_point():
+            query_index = query_index.long()  # ([] comes out float32: no rows, as an empty LongTensor)
     if query_index is not None and (query_index.is_floating_point() or query_index.is_complex()):
         raise TypeError(f"query_index must hold integer row indices or be a bool mask, got dtype {query_index.dtype}")
     if query_index is None:
