@@ -602,6 +602,11 @@ def test_clips_sample_uniformly_and_read_back_the_pixels_written(tmp_path):
     assert clips.read(path, 32, 1, start=1.0, end=3.5, rate=1.0)[1].frames_indices == [2, 4, 5, 7]  # 3 s, 4 at least
     assert clips.read(path, 32, 1, start=1.0, end=4.5, rate=2.0)[1].frames_indices == [2, 3, 4, 5, 6, 7, 8, 9]  # 8
     assert clips.read(path, 1, 2)[1].frames_indices == [0, 9]  # never less than one temporal patch
+    # segment edges between frame times take the frames inside: frame 2 (1.0 s) is before 1.2 s, frame 8
+    # (4.0 s) after 3.7 s; and a rate gives floor(seconds x rate) frames: 5 s x 1.5 = 7.5 -> 7
+    assert clips.read(path, 32, 1, start=1.2)[1].frames_indices == [3, 4, 5, 6, 7, 8, 9]
+    assert clips.read(path, 32, 1, end=3.7)[1].frames_indices == list(range(8))
+    assert len(clips.read(path, 32, 1, rate=1.5)[1].frames_indices) == 7
     with pytest.raises(ValueError, match="rate"):
         clips.read(path, 4, rate=0)
     with pytest.raises(ValueError, match="no frames in the segment"):

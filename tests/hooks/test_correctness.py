@@ -379,12 +379,14 @@ def test_clip_budget_needs_to_know_each_frames_video():
     assert _row_videos([8, 18, 6], [8, 24, 0]) == [[8], [18, 6], []]
     assert _row_videos([8, 18, 6], [8, 8, 24, 24]) == [[8], [8], [18, 6], [18, 6]]
     assert _row_videos([8, 18], [8, 20]) is None and _row_videos(None, [8]) is None
+    assert _row_videos([4, 4], [4, 2, 4, 6]) is None  # rows that are not copies of one prompt's
     image = Unit(0, torch.tensor([0, 1]), None, 0)
     units, budgets, groups = _clips([image, Unit(0, torch.tensor([3, 4]), (1, 1, 2), 1, video=0),
                                      Unit(0, torch.tensor([6, 7]), (1, 1, 2), 2, video=0),
-                                     Unit(1, torch.tensor([2, 3]), (1, 1, 2), 3, video=1)], [1, 1, 2, 1])
-    assert groups == [[0], [1, 2], [3]] and budgets == [1, 3, 1]
-    assert units[1].slots.tolist() == [3, 4, 6, 7] and units[1].grid is None and units[2].grid == (1, 1, 2)
+                                     Unit(0, torch.tensor([8, 9]), None, 4),  # a second image: its own budget
+                                     Unit(1, torch.tensor([2, 3]), (1, 1, 2), 3, video=1)], [1, 1, 2, 1, 1])
+    assert groups == [[0], [1, 2], [3], [4]] and budgets == [1, 3, 1, 1]
+    assert units[1].slots.tolist() == [3, 4, 6, 7] and units[1].grid is None and units[3].grid == (1, 1, 2)
 
 
 @pytest.mark.parametrize("family, method", PAIRS)

@@ -161,6 +161,28 @@ def test_reset_dynamic_cache_can_be_reused_while_patched(model_factory):
         assert all(torch.equal(x, y) for x, y in zip(out.scores, fresh.scores))
 
 
+def test_a_reset_pruned_cache_takes_new_images_and_an_unpruned_prefix_is_refused_as_such(model_factory):
+    """Forward calls on one cache: after reset() it holds nothing, so a new image prompt is pruned (not refused
+    as a new turn on a pruned prefill); images continuing a prefix the unpatched model cached get the refusal
+    for continued caches, not the one for pruned prefills."""
+    model = model_factory("llava")
+    vtprune.patch(model, "divprune", keep=4)
+    a, b = tiny.batch("llava", [0]), tiny.batch("llava", [1])
+    cache = _new_cache(model)
+    with torch.no_grad():
+        model(**a, use_cache=True, **{CACHE: cache})
+        cache.reset()
+        model(**b, use_cache=True, **{CACHE: cache})
+        assert vtprune.stats(model).visual_after == [4]
+        vtprune.unpatch(model)
+        ids, prefix = b["input_ids"], _new_cache(model)
+        model(input_ids=ids[:, :3], attention_mask=torch.ones_like(ids[:, :3]), use_cache=True, **{CACHE: prefix})
+        vtprune.patch(model, "divprune", keep=4)
+        with pytest.raises(NotImplementedError, match="images in a call that continues an existing KV cache"):
+            model(input_ids=ids[:, 3:], attention_mask=torch.ones_like(ids), pixel_values=b["pixel_values"],
+                  use_cache=True, **{CACHE: prefix})
+
+
 def test_llava_next_takes_4d_pixel_values(model_factory):
     """LLaVA-NeXT with 4-D pixel_values (all images' tiles stacked) prunes as the
     5-D form does, as transformers accepts both."""

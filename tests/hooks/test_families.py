@@ -246,6 +246,38 @@ def test_hybrid_linear_attention_layers_are_observed_and_masked_after_a_drop(mod
         torch.testing.assert_close(out.logits[i, -1], alone[i], atol=1e-5, rtol=1e-4)
 
 
+def test_hybrid_decode_without_a_mask_after_a_drop_before_the_first_attention_layer(model_factory):
+    """Tiny Qwen3.5 (linear, attention, attention, linear) with a drop after layer 0: decode steps given no
+    attention mask rebuild it from the positions the cache holds, read at attention layer 1, in the pruned
+    layout of every layer after the drop (a negative-size tensor without that correction)."""
+    from transformers import DynamicCache
+
+    from vtprune.hooks.runtime import _cache_kwarg
+
+    @vtprune.register("drop0_probe_test")
+    class Probe(vtprune.Method):
+        stage = "llm"
+
+        def drop_layers(self, n):
+            return [0]
+
+        def select_in_llm(self, tokens):
+            norm = tokens.hidden.norm(dim=-1)
+            return [norm[b][tokens.visual[b]].topk(3).indices.sort().values for b in range(norm.shape[0])]
+
+    model = model_factory("qwen3_5")
+    vtprune.patch(model, "drop0_probe_test", keep=3)
+    inputs = tiny.batch("qwen3_5", [0])
+    cache = DynamicCache(config=model.config.get_text_config())
+    kw = {_cache_kwarg(type(model).forward): cache}  # (past_key_values is deprecated in newer transformers)
+    with torch.no_grad():
+        model(**inputs, use_cache=True, **kw)
+        held = cache.get_seq_length(1)
+        for step in range(3):
+            logits = model(input_ids=torch.tensor([[7]]), use_cache=True, **kw).logits
+            assert torch.isfinite(logits).all() and cache.get_seq_length(1) == held + step + 1
+
+
 def test_hybrid_group_starting_on_a_linear_attention_layer():
     """A drop after layer 0 of a [attention, linear, attention, attention] decoder: the layers after it form one
     group that starts on a linear-attention layer (as Qwen3.5-27B's after fastv layer=4: linear 4, attention 7).
