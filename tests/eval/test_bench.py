@@ -55,6 +55,19 @@ def test_a_dotted_out_name_keeps_its_table_and_one_new_token_has_no_decode_time(
     assert [r.split(" | ")[9] for r in rows] == ["-", "-"]  # the decode column
 
 
+def test_bench_records_its_command_quoted(tmp_path):
+    """An inline JSON preset in the record's command re-runs as written (as sweep's commands.txt)."""
+    import shlex
+
+    from vtprune.cli import main
+
+    out = tmp_path / "b.json"
+    argv = ["bench", "--model", "tiny-test-llava", "--config", '{"method": "random", "options": {"keep": 4}}',
+            "--new-tokens", "1", "--reps", "1", "--out", str(out)]
+    assert main(argv) == 0
+    assert shlex.split(json.loads(out.read_text())["command"])[1:] == argv
+
+
 def test_flops_and_bench_take_a_synthetic_clip(tmp_path):
     """--task synthetic-video: one 32-frame clip per prompt (a test model's frames: 2 x 2 tokens for
     LLaVA-NeXT-Video; 12 x 12 merged patches per 2 frames for Qwen2-VL); keep counts per frame."""

@@ -103,10 +103,10 @@ def test_vision_side_scoring_is_the_part_left_out(method):
                                              ("fastv", {"ratio": 0.25, "video_budget": "clip"})],
                          ids=["unpatched", "random", "divprune", "divprune-clip", "fastv-clip"])
 def test_analytic_count_with_a_video_matches_the_flop_counter(family, method, options):
-    """An image and a clip in one sample: DivPrune's Gram matrices are per image and per frame (per clip
-    with video_budget="clip")."""
+    """Two samples of an image and a clip each: DivPrune's Gram matrices are per image and per frame (per clip
+    with video_budget="clip"); every sample's clip goes through the tower (LLaVA's frames counted one clip's)."""
     model = build(family)
-    inputs = tiny.batch(family, [1], videos=(1,))
+    inputs = tiny.batch(family, [1, 1], videos=(1,))
     r = flops.count(model, inputs, method, **options)
     with vtprune.pruned(model, method or "random", **(options or {"keep": 10_000})):
         want = counted(model, inputs)
@@ -223,6 +223,23 @@ def test_mixture_of_experts_formulas_by_hand():
     shared = flops.TextDims(d=8, d_q=8, d_kv=4, m=0, layers=1, vocab=10, experts=4, top_k=2, m_expert=6, m_shared=5,
                             sparse=frozenset({0}))  # + the shared expert (6 d m_s) and its d -> 1 gate
     assert flops.layer_prefill(3, shared) == attn + 3 * (2 * 8 * 4 + 2 * 6 * 8 * 6 + 6 * 8 * 5 + 2 * 8)
+
+
+LINEAR = flops.TextDims(d=8, d_q=8, d_kv=4, m=16, layers=2, vocab=10, linear=frozenset({0}), lin_k=4, lin_v=6,
+                        lin_heads=3, lin_dk=4, lin_dv=2, conv=4)  # layer 0 Gated DeltaNet, layer 1 attention
+
+
+def test_linear_attention_decode_and_fastv_macs_by_hand():
+    """A linear-attention layer's decode step costs the same whatever the cache holds (no KV term); its
+    FastV-style multiply-adds are half its mixer's FLOPs plus the 2-matrix MLP's; a shared expert is part of
+    the MLP width FastV-style formulas count."""
+    t = LINEAR
+    assert flops.layer_decode(5, t, 0) == flops.layer_decode(500, t, 0) == t.projections(0) + t.mlp(0)
+    assert flops.layer_decode(5, t, 1) == t.projections(1) + t.mlp(1) + 4 * 6 * 8
+    assert flops.fastv_layer_macs(3, t, 0) == 3 * t.projections(0) // 2 + 2 * 3 * 8 * 16
+    shared = flops.TextDims(d=8, d_q=8, d_kv=4, m=0, layers=1, vocab=10, experts=4, top_k=2, m_expert=6, m_shared=5,
+                            sparse=frozenset({0}))
+    assert flops.fastv_layer_macs(3, shared, 0) == 4 * 3 * 64 + 2 * 9 * 8 + 2 * 3 * 8 * (2 * 6 + 5)
 
 
 def test_mixture_of_experts_layers_read_off_the_config():

@@ -204,6 +204,12 @@ def test_sweep_on_an_lmms_eval_task_resumes(tmp_path, monkeypatch):
     assert [c["visual_tokens"] for c in cells] == [196, 49, 49]
     assert cells[1]["llm_tflops"] < cells[2]["llm_tflops"] < cells[0]["llm_tflops"]  # FastV prunes after layer 2
     assert set(cells[0]["by_kind"]) == {"colour", "shape", "count", "relation"}  # the first 4 questions' kinds
+    # a preset's cell counts its own options: fastv scoring at layer 1 drops a layer sooner than fastv's own 2
+    early = sweep.run(methods=[], ratios=[0.25], presets=[("fastv", {"layer": 1}, "early")], **args)[-1]
+    assert early["options"] == {"layer": 1} and cells[1]["llm_tflops"] < early["llm_tflops"] < cells[2]["llm_tflops"]
+    runner = sweep.LmmsCells("tiny-llava", TASK, 2, 2, True, device="cpu")  # what its FLOPs and stats file read
+    runner.cell("fastv", 0.5, {"layer": 1})
+    assert runner.lm.summary()["options"] == {"ratio": 0.5, "layer": 1}
     monkeypatch.setattr(sweep, "LmmsCells", None)  # a resumed sweep with nothing missing builds no runner
     assert sweep.run(methods=["divprune", "fastv"], ratios=[0.25], **args) == cells
     with pytest.raises(ValueError, match="no task"):
@@ -840,8 +846,25 @@ def test_video_sources_as_lmms_eval_gives_them(tmp_path):
         lmms._media([{"type": "audio", "path": "talk.wav"}])
 
 
+def test_a_video_segment_is_read_in_both_protocols(tmp_path):
+    """A dict's video_start / video_end (the simple protocol) and a chat message's start_time / end_time read
+    that segment: frames 2..7 (1.0 s to 3.5 s) of a 10-frame 2-fps clip."""
+    video, path = _clip(tmp_path / "a.avi")
+    lm = lmms.Vtprune(pretrained="tiny-qwen2vl", random_weights=True, max_frames_num=8)
+    frames, meta = lm._video({"path": str(path), "video_start": 1.0, "video_end": 3.5})
+    assert meta.frames_indices == [2, 3, 4, 5, 6, 7] and np.array_equal(frames, video[2:8])
+    chat = lmms.VtpruneChat(pretrained="tiny-qwen2vl", random_weights=True, max_frames_num=8)
+    chat.task_dict = {"t": {"test": {0: {}}}}
+    messages = [{"role": "user", "content": [{"type": "video", "url": str(path), "start_time": 1.0, "end_time": 3.5},
+                                             {"type": "text", "text": "what is it ?"}]}]
+    _, images, videos = chat._request(("", lambda d: messages, {}, 0, "t", "test"))
+    assert images == [] and [m.frames_indices for _, m in videos] == [[2, 3, 4, 5, 6, 7]]
+
+
 def test_simple_prompt_puts_videos_first():
     assert lmms._content("what is it ?", 0, 1) == [{"type": "video"}, {"type": "text", "text": "what is it ?"}]
+    assert lmms._content("what is it ?", 1, 1) == [{"type": "video"}, {"type": "image"},  # (no placeholder)
+                                                   {"type": "text", "text": "what is it ?"}]
     assert lmms._content("<image> and this ?", 1, 1) == [{"type": "video"}, {"type": "image"},
                                                          {"type": "text", "text": "and this ?"}]
     images, videos = lmms._media(["a.mp4", {"path": "b.avi", "video_start": 1.0}, shapes.render(shapes.sample("eval", 0)[0])])

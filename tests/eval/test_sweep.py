@@ -168,6 +168,66 @@ def test_cells_made_by_other_weights_are_not_reused(tmp_path, monkeypatch):
     assert sweep.weights_id("tiny-llava", False) != sweep.weights_id("tiny-qwen2vl", False)  # bundled: their files
 
 
+def test_the_fingerprint_samples_large_weight_files_and_reads_the_processor_files(tmp_path):
+    """A weight file over 16 MiB is sampled at 16 spread offsets (a change near its end is another checkpoint;
+    its first 64 KiB, mostly the safetensors header, are alike for one architecture); and the processor's
+    files change what the model answers (image mean/std, the chat template), so they count too."""
+    size = 20 << 20
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder, tail in ((a, b"\x00"), (b, b"\x01")):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        with open(folder / "model.safetensors", "wb") as f:
+            f.truncate(size - 1)
+            f.seek(size - 1)
+            f.write(tail)
+    assert sweep.weights_id(str(a), False) != sweep.weights_id(str(b), False)
+    assert sweep.weights_id(str(a), True) == sweep.weights_id(str(b), True)  # random weights: the files' weights not
+    before = sweep.weights_id(str(a), True)
+    for name in ("processor_config.json", "preprocessor_config.json", "chat_template.jinja", "tokenizer_config.json"):
+        (a / name).write_text("{}")
+        after = sweep.weights_id(str(a), True)
+        assert after != before, name
+        before = after
+    (a / "README.md").write_text("notes")  # not read by the model or its processor
+    assert sweep.weights_id(str(a), True) == before
+
+
+class _NoModelCells:
+    """Stands in for ShapesCells: fixed figures, no model."""
+
+    def __init__(self, *a, device=None, **k):
+        self.device, self.patchable = device, None
+
+    def cell(self, method, ratio, options=None):
+        return {"accuracy": 0.5, "metric": "accuracy", "by_kind": {}, "prefill_tflops": 1.0, "llm_tflops": 1.0,
+                "visual_tokens": 1.0, "prefill_ms": 1.0}
+
+
+def test_cells_a_preset_ran_serve_the_plain_rows_under_their_own_names(tmp_path, monkeypatch):
+    """A preset labelled "mine" whose options are fastv's own ran fastv's cells first: a later plain sweep shows
+    them as "fastv", not "mine"; and a preset's cells made with other settings are not counted as the plain
+    strategy's in the not-reused warning (1 of the 2 cells: the unpatched one, made at another batch)."""
+    import warnings
+
+    import contextlib
+
+    monkeypatch.setattr(sweep, "ShapesCells", _NoModelCells)
+    monkeypatch.setattr(sweep, "write", lambda cells, out: None)
+    monkeypatch.setattr("vtprune.pruned", lambda *a, **k: contextlib.nullcontext())  # (the presets' check on the model)
+    args = dict(model_name="tiny-llava", ratios=[0.5], task="shapes", out=tmp_path / "a", n_questions=2,
+                random_weights=True, progress=False)
+    sweep.run(methods=[], presets=[("fastv", {}, "mine")], batch=2, **args)
+    assert [sweep.label(c) for c in sweep.run(methods=["fastv"], batch=2, **args)] == ["unpatched", "fastv"]
+    args["out"] = tmp_path / "b"
+    sweep.run(methods=[], presets=[("fastv", {"layer": 1}, "early")], batch=3, **args)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        sweep.run(methods=["fastv"], batch=2, **args)
+    said = [str(w.message) for w in got if "not reused" in str(w.message)]
+    assert len(said) == 1 and "1 of the 2 cells" in said[0], said
+
+
 def test_a_local_folder_named_like_a_bundled_model_stays_a_folder(tmp_path, monkeypatch):
     """`--model ./tiny-llava` (a local folder) was normalised to `tiny-llava`, which loaded the bundled
     model instead and shared its cells."""
@@ -376,6 +436,9 @@ def test_sweep_rejects_bad_input(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="is a file: give a folder"):
         sweep.run("tiny-llava", ["random"], [0.5], "shapes", tmp_path / "file", random_weights=True)
+    with pytest.raises(ValueError, match="labelled alike: unpatched"):  # (it would merge into that row)
+        sweep.run("tiny-llava", [], [0.5], "shapes", tmp_path / "new", random_weights=True,
+                  presets=[("fastv", {"layer": 1}, "unpatched")])
 
 
 @pytest.mark.parametrize("where", ["under a file", "a dangling link", "under a dangling link"])

@@ -18,6 +18,7 @@ TFLOPs per sample with the Pareto front marked, prefill latency vs kept ratio.
 from __future__ import annotations
 
 import csv
+import fnmatch
 import functools
 import hashlib
 import json
@@ -224,14 +225,18 @@ def _model(name):
 
 
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
+# the files besides the weights that change what a model answers: its config, generation defaults, and what
+# its processor and tokenizer read (image/video preprocessing, vocabulary, chat template)
+SETTINGS_FILES = ("config.json", "generation_config.json", "*processor_config.json", "tokenizer*", "chat_template*",
+                  "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt")
 
 
 def weights_id(model_name: str, random_weights: bool) -> str | None:
     """A fingerprint of the checkpoint a sweep's cells come from, so that cells made by other weights are
-    not reused: a local directory's or a bundled model's config.json and weight files (names, sizes, and
-    the bytes of small files or of 16 spread 64 KiB samples of large ones: hashing a 7B model's 15 GB whole
-    would take minutes). None for built-in random-weight architectures; with --random-weights only the
-    config counts."""
+    not reused: a local directory's or a bundled model's weight files and SETTINGS_FILES (config, generation,
+    processor and tokenizer files): names, sizes, and the bytes of small files or of 16 spread 64 KiB samples
+    of large ones (hashing a 7B model's 15 GB whole would take minutes). None for built-in random-weight
+    architectures; with --random-weights the weight files do not count."""
     from . import tinyvlm
 
     folder = tinyvlm.BUNDLED / model_name if model_name in tinyvlm.NAMES else Path(model_name)
@@ -239,7 +244,8 @@ def weights_id(model_name: str, random_weights: bool) -> str | None:
         return None
     h = hashlib.sha256()
     for f in sorted(folder.iterdir()):
-        if not f.is_file() or not (f.name == "config.json" or f.suffix in WEIGHT_FILES and not random_weights):
+        settings = any(fnmatch.fnmatch(f.name, pattern) for pattern in SETTINGS_FILES)
+        if not f.is_file() or not (settings or f.suffix in WEIGHT_FILES and not random_weights):
             continue
         size = f.stat().st_size
         h.update(f"{f.name}\0{size}\0".encode())
