@@ -147,6 +147,32 @@ def test_failed_repatch_keeps_previous_config(model_factory):
     assert model._vtprune.method_name == "random" and _hook_count(model) == hooks
 
 
+def test_a_repatch_whose_install_fails_leaves_the_previous_pruning_working(model_factory, monkeypatch):
+    """The new configuration is built, the old one removed, then the new one's hooks fail to install: the old
+    one is installed again, hooks and all (it was named on the model with no hooks left: silently unpruned)."""
+    from vtprune.hooks import adapter_for
+
+    model, inputs = model_factory("llava"), tiny.batch("llava", [0])
+    vtprune.patch(model, "random", keep=4)
+    hooks = _hook_count(model)
+    cls, calls = type(adapter_for(model)), []
+    real = cls.install_hooks
+
+    def failing_once(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("install failed")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "install_hooks", failing_once)
+    with pytest.raises(RuntimeError, match="install failed"):
+        vtprune.patch(model, "pool", keep=4)
+    assert model._vtprune.method_name == "random" and _hook_count(model) == hooks
+    with torch.no_grad():
+        model(**inputs)
+    assert vtprune.stats(model).visual_after == [4]
+
+
 def test_patch_returns_same_object_and_repatch_replaces(model_factory):
     model = model_factory("llava")
     untouched = _hook_count(model)

@@ -408,6 +408,57 @@ def test_onevision_multi_image_samples_use_one_tile_per_image(model_factory):
             assert first == second == want
 
 
+def test_onevision_single_tile_images_keep_their_closing_newline_under_a_fixed_grid(model_factory):
+    """token_shuffle s=2 on OneVision's one-tile images (batch_num_images > 1): each image's budget is its
+    2 x 2 merged grid plus its closing newline."""
+    model = model_factory("llava_onevision")
+    pixels = torch.stack([tiny.sample("llava_onevision", i)[1]["pixel_values"][0, :1] for i in (0, 2)])
+    ids = torch.tensor([[tiny.BOS, 5] + [tiny.IMG] * 17 + [6] + [tiny.IMG] * 17 + [7]])
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                  image_sizes=torch.tensor([[40, 90], [100, 100]]), batch_num_images=torch.tensor([2]))
+    vtprune.patch(model, "token_shuffle", s=2)
+    with torch.no_grad():
+        model(**inputs)
+    assert vtprune.stats(model).images == [(0, 17, 5)] * 2
+
+
+def _odd_tile_video_model(family):
+    """A LLaVA video model whose tower gives 5 x 5 patches per frame (70 px): pooled, OneVision's bilinear
+    halving rounds up (3 x 3, as its released 27 x 27 -> 14 x 14), NeXT-Video's stride-2 average pool down (2 x 2)."""
+    import transformers
+
+    torch.manual_seed(0)
+    if family == "llava_onevision":
+        cfg = transformers.LlavaOnevisionConfig(
+            vision_config=dict(tiny.SIGLIP_VISION, image_size=70), text_config=dict(tiny.LLAMA_TEXT, model_type="qwen2"),
+            image_token_id=tiny.IMG, video_token_id=tiny.VID, image_grid_pinpoints=[[70, 70]], vision_feature_layer=-1,
+            vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9")
+        return transformers.LlavaOnevisionForConditionalGeneration(cfg).eval()
+    cfg = transformers.LlavaNextVideoConfig(
+        vision_config=dict(tiny.CLIP_VISION, image_size=70), text_config=tiny.LLAMA_TEXT, image_token_id=tiny.IMG,
+        video_token_id=tiny.VID, image_grid_pinpoints=[[70, 70]], vision_feature_layer=-2,
+        vision_feature_select_strategy="default", spatial_pool_mode="average", spatial_pool_stride=2)
+    return transformers.LlavaNextVideoForConditionalGeneration(cfg).eval()
+
+
+@pytest.mark.parametrize("family, per_frame", [("llava_onevision", 9), ("llava_next_video", 4)])
+def test_video_frames_of_an_odd_tile_side(family, per_frame):
+    """The pooled frame grid of an odd tile side: whole frames kept are the unpatched model bit for bit."""
+    model = _odd_tile_video_model(family)
+    n = 3 * per_frame + (family == "llava_onevision")  # 3 frames (+ OneVision's closing newline)
+    ids = torch.tensor([[tiny.BOS, 5, *[tiny.VID] * n, 7]])
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                  pixel_values_videos=torch.randn(1, 3, 3, 70, 70, generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        vtprune.patch(model, "pool", keep=per_frame)
+        assert torch.equal(model(**inputs).logits, ref)
+        assert vtprune.stats(model).images == [(0, per_frame, per_frame)] * 3
+        vtprune.patch(model, "pool", keep=1)
+        model(**inputs)
+    assert vtprune.stats(model).visual_after == [3]
+
+
 def test_token_shuffle_grid_budget_on_anyres_counts_one_newline_per_merged_row(model_factory):
     """token_shuffle with s= on LLaVA-NeXT: each image's budget is its merged grids plus one newline per
     merged crop row (hp), and is what it keeps (non-square crop grids in samples 0-3)."""

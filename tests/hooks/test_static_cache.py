@@ -109,8 +109,10 @@ def test_compile_llm_gives_the_plain_path_tokens_and_undoes_cleanly(model_factor
                    for t in (layer.keys, layer.values))
         vtprune.unpatch(model)
         compiled_plain = model.generate(**inputs, **GEN)
+        assert "_previous_max_cache_length" in vars(model)  # (the compiled runs' static cache length) ...
         vtprune.uncompile_llm(model)
     assert "forward" not in vars(lm) and not hasattr(lm, "_vtprune_compiled")
+    assert "_previous_max_cache_length" not in vars(model)  # ... forgotten: a later static cache is sized anew
     assert (gc.cache_implementation, gc.disable_compile) == before
     for out in (first, second):
         assert torch.equal(out.sequences, pruned.sequences) and _max_score_diff(out, pruned) < 1e-5

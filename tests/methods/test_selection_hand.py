@@ -164,6 +164,23 @@ def test_token_shuffle_2x2_windows_means_and_rescale():
     torch.testing.assert_close(tokens, torch.full((4, 2), 0.5 ** 0.5))
 
 
+def test_token_shuffle_rescales_to_the_members_mean_norm():
+    x = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 1.0], [0.0, 1.0]])  # norms 1, 3, 1, 1: mean 1.5 (RMS 2)
+    tokens, _, _ = token_shuffle.merge(x, (2, 2), s=2)
+    torch.testing.assert_close(tokens.norm(dim=-1), torch.tensor([1.5]))
+
+
+def test_token_shuffle_positions_option_sets_the_coarse_grid():
+    """positions="grid" (default): the merged tokens take the coarse grid's RoPE positions; "topleft": each
+    its window's first token's (no grid)."""
+    from vtprune.methods.base import ImageTokens
+    from vtprune.methods.registry import build_method
+
+    image = ImageTokens(torch.randn(16, 4), (1, 4, 4), 4, {})
+    assert build_method("token_shuffle", {"s": 2}).select(image).grid == (1, 2, 2)
+    assert build_method("token_shuffle", {"s": 2, "positions": "topleft"}).select(image).grid is None
+
+
 def test_token_shuffle_partial_edge_windows():
     x = torch.arange(9.0)[:, None]
     tokens, idx, grid = token_shuffle.merge(x, (3, 3), s=2, rescale=False)
@@ -223,6 +240,20 @@ def test_pool_window_starts_are_adaptive_pooling_floors():
     from vtprune.methods.pool import window_starts
 
     assert window_starts(5, 3).tolist() == [0, 1, 3]  # floor(i * 5 / 3)
+
+
+def test_pool_on_a_grid_that_is_not_square():
+    from vtprune.methods.pool import pool
+
+    tokens, idx, grid = pool(torch.arange(8.0)[:, None], (2, 4), keep=2)  # rows 0 1 2 3 / 4 5 6 7
+    assert grid == (1, 2) and idx.tolist() == [0, 2] and tokens[:, 0].tolist() == [2.5, 4.5]
+
+
+def test_pooled_grid_is_exact_where_the_float_scale_rounds_down():
+    """sqrt(144 / 289) * 17 is 11.999... in floating point: 12 x 12 fits 144 exactly (and 13 x 13, 169)."""
+    from vtprune.methods.pool import pooled_grid
+
+    assert pooled_grid(17, 17, 144) == (12, 12) and pooled_grid(15, 15, 169) == (13, 13)
 
 
 def test_in_llm_layers_of_fastv_and_todre():
