@@ -9,7 +9,7 @@
 # --archive FILE  after every part, pack results/ as far as it got into FILE (.tgz)
 # --deadline S    stop within S seconds of the start: each part gets a time limit from what is left less
 #                 40 s for each part after it, and at most its share of S (kernels 25 %, vit 10 %,
-#                 compiled7b 45 %, bench7b 25 %; the last part run gets what is left), so that one that hangs
+#                 compiled7b 45 %, bench7b 25 %, next7b 20 %; the last part run gets what is left), so that one that hangs
 #                 does not starve the rest; a part cut short keeps what it measured (each writes its JSON row
 #                 by row, the issues' target cases first)
 # --cpu-ok        run the parts without a CUDA device (the tests); otherwise the script stops at once there

@@ -132,6 +132,45 @@ def test_all_runs_the_compiled_part_before_the_plain_bench_parts(tmp_path):
     assert bench_parts()["bench_llava15_7b"][bench_parts()["bench_llava15_7b"].index("--batch") + 1] == "8,1"
 
 
+def _quick_python(tmp_path):
+    """A folder with a python3 that skips the machine record (torch's import time; the times are tight)."""
+    import sys
+
+    shim = tmp_path / "bin"
+    shim.mkdir(exist_ok=True)
+    (shim / "python3").write_text(f'#!/bin/sh\n[ "$1" = - ] && {{ echo {{}}; exit; }}\nexec {sys.executable} "$@"\n')
+    (shim / "python3").chmod(0o755)
+    return shim
+
+
+def test_a_part_with_under_30_s_left_is_skipped(tmp_path):
+    r = run_script(tmp_path, "--deadline", "44", "kernels", path=[_quick_python(tmp_path)])
+    assert r.returncode == 1 and "== kernels_gpu: skipped" in r.stdout, r.stdout
+
+
+def test_40_s_are_kept_for_each_later_part(tmp_path):
+    """`all` under 220 s: what is left less 4 x 40 s for the later parts (45 s) is less than kernels' share (55 s)."""
+    r = run_script(tmp_path, "--deadline", "220", "all", path=[_quick_python(tmp_path)])
+    limit = int(re.search(r"== kernels_gpu: .*\(limit (\d+)s\)", r.stdout).group(1))
+    assert 30 <= limit <= 220 - 15 - 4 * 40, r.stdout
+
+
+def test_the_archive_is_packed_after_each_part_and_the_time_spent_counts(tmp_path):
+    """A stand-in vit.py finds kernels' JSON already in the archive (a machine taken away mid-run still leaves
+    it); and vit's limit counts the 5 s kernels took."""
+    archive = tmp_path / "figures.tgz"
+    (tmp_path / "tree" / "benchmarks").mkdir(parents=True)
+    (tmp_path / "tree" / "benchmarks" / "kernels.py").write_text(
+        "import sys, time\nopen(sys.argv[sys.argv.index('--out') + 1], 'w').write('{}')\ntime.sleep(5)\n")
+    (tmp_path / "tree" / "benchmarks" / "vit.py").write_text(
+        f"import sys, tarfile\nsys.exit(0 if 'results/kernels_gpu.json' in tarfile.open({str(archive)!r}).getnames() else 3)\n")
+    r = run_script(tmp_path, "--archive", str(archive), "--deadline", "200", "kernels", "vit",
+                   path=[_quick_python(tmp_path)])
+    assert r.returncode == 0 and "all parts done" in r.stdout, r.stdout
+    limit = int(re.search(r"== vit_gpu: .*\(limit (\d+)s\)", r.stdout).group(1))
+    assert limit <= 200 - 15 - 5, r.stdout
+
+
 def test_deadline_kills_a_running_part_and_keeps_what_it_wrote(tmp_path):
     """A part still running at its limit is killed (timeout's exit 124); what it wrote so far is packed.
     Its limit leaves 40 s for the part after it, which then runs (and fails at once: no script). (30 s:
@@ -139,12 +178,7 @@ def test_deadline_kills_a_running_part_and_keeps_what_it_wrote(tmp_path):
     import tarfile
     import time
 
-    import sys
-
-    shim = tmp_path / "bin"  # python3 without torch's import time for the machine record (times are tight)
-    shim.mkdir()
-    (shim / "python3").write_text(f'#!/bin/sh\n[ "$1" = - ] && {{ echo {{}}; exit; }}\nexec {sys.executable} "$@"\n')
-    (shim / "python3").chmod(0o755)
+    shim = _quick_python(tmp_path)
     (tmp_path / "tree" / "benchmarks").mkdir(parents=True)
     (tmp_path / "tree" / "benchmarks" / "kernels.py").write_text(
         "import sys, time\n"
