@@ -520,8 +520,10 @@ def _tokens(im, k=None):
      r"grid must be 3 ints >= 1"),
     (lambda im: Selection(torch.arange(im.keep), tokens=_tokens(im), grid=(1, 2, im.keep)), RuntimeError,
      r"merged grid \(1, 2, \d+\) does not match \d+ tokens"),
+    (lambda im: Selection(torch.arange(im.keep), tokens=_tokens(im), grid=(2, 1, im.keep)), RuntimeError,
+     r"merged grid \(2, 1, \d+\) does not match \d+ tokens"),  # (h w = k, but two frames of them)
 ], ids=["float", "bare_tensor", "negative", "tokens_1d", "tokens_int", "tokens_rows", "importance", "grid_signs",
-        "grid_size"])
+        "grid_size", "grid_frames"])
 def test_what_a_strategy_returns_is_checked_on_every_path(model_factory, monkeypatch, where, bad, exc, message):
     """Float indices were rounded down (0.7 -> 0), a [D] tokens tensor was broadcast over every kept token,
     a bare tensor's .indices (a torch method) gave "Could not infer dtype", and on LLaVA-NeXT's per-grid
@@ -538,6 +540,37 @@ def test_what_a_strategy_returns_is_checked_on_every_path(model_factory, monkeyp
     vtprune.patch(model, "divprune", keep=8 if where != "per_grid" else 12)
     with torch.no_grad(), pytest.raises(exc, match="divprune.select.*" + message):
         model(**tiny.batch(family, [0, 1] if where == "select_batch" else [0]))
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_selection_importance_reaches_the_llm_stage_at_the_kept_slots(model_factory, monkeypatch, family):
+    """Selection.importance (vflowopt's) arrives as LayerTokens.state["importance"] at the kept visual slots,
+    each kept token its own value and 0 elsewhere, per sample. (Written to the wrong slots it ranked other
+    tokens at the in-LLM drops; batch-vs-alone and cache-vs-none agreed, being wrong alike.)"""
+    cls = get_method("vflowopt")
+    real_select, real_in_llm = cls.select, cls.select_in_llm
+    sels, states = [], []
+
+    def select(self, image):
+        sel = real_select(self, image)
+        sels.append(sel.importance.clone())
+        return sel
+
+    def select_in_llm(self, tokens):
+        if not states:
+            states.append((tokens.state["importance"].clone(), tokens.visual.clone()))
+        return real_in_llm(self, tokens)
+
+    monkeypatch.setattr(cls, "select", select)
+    monkeypatch.setattr(cls, "select_in_llm", select_in_llm)
+    model = model_factory(family)
+    vtprune.patch(model, "vflowopt", ratio=0.5)
+    with torch.no_grad():
+        model(**tiny.batch(family, [0, 1]))
+    (importance, visual), = states
+    assert len(sels) == 2
+    for b in range(2):
+        assert torch.equal(importance[b][visual[b]], sels[b].float()) and not importance[b][~visual[b]].any()
 
 
 def test_an_llm_strategy_that_drops_nothing_is_an_error(model_factory, monkeypatch):

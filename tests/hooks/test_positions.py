@@ -92,3 +92,66 @@ def test_llava_positions_are_renumbered_or_kept(model_factory):
             assert got == want
             n_real = int(mask[b].sum())
             assert seen[1][b, -1].item() == (n_real if keep_positions else len(real))
+
+
+def test_a_merged_grid_of_other_slots_starts_at_the_image_and_text_resumes_after_it(model_factory, monkeypatch):
+    """A strategy's merged grid (a custom one: 2 x 2 windows each represented by its bottom-right token, slots
+    5, 7, 13, 15) starts at the image's first position, not at its first kept slot's; the text after the
+    block moves back from after the block's last slot, though that slot is kept."""
+    from vtprune.methods.base import Selection
+    from vtprune.methods.registry import get_method
+
+    def select(self, image):
+        idx = torch.tensor([5, 7, 13, 15])
+        return Selection(idx, tokens=image.features[idx].clone(), grid=(1, 2, 2))
+
+    monkeypatch.setattr(get_method("pool"), "select", select)
+    model = model_factory("qwen2_vl")
+    inputs = tiny.batch("qwen2_vl", [0])
+    ids = inputs["input_ids"][0]
+    assert tiny.QWEN_GRIDS[0][1:] == (8, 8)  # a 4 x 4 grid of merged tokens
+    vtprune.patch(model, "pool", keep=4)
+    seen = generate_capturing_positions(model, inputs, 2)
+    s = int((ids == tiny.IMG).nonzero()[0])
+    after = len(ids) - s - 16
+    want = torch.tensor([(p, p, p) for p in range(s)] + [(s, s + r, s + c) for r in range(2) for c in range(2)]
+                        + [(s + 2 + k,) * 3 for k in range(after)]).T
+    assert torch.equal(seen[0][-3:, 0], want)
+    assert seen[1][-3:, 0, -1].tolist() == [s + 2 + after] * 3
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_layers_after_an_in_llm_drop_get_position_ids_of_their_layout(model_factory, family):
+    """Decoder layers after fastv's drop run on fewer slots; the position_ids they are given (what
+    flash-attention reads to find packed sequences; RoPE itself comes from position_embeddings) count the real
+    slots of that layout, 0, 1, 2, ... with pads 0, as generate() would build them from its mask, instead of
+    being the prefill's longer ones."""
+    model = model_factory(family)
+    inputs = tiny.batch(family, [0, 1])
+    vtprune.patch(model, "fastv", layer=1, ratio=0.25)
+    seen = {}
+
+    def record(i):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            seen.setdefault(i, (kwargs["position_ids"], hidden.shape[1]))
+        return hook
+
+    hooks = [layer.register_forward_pre_hook(record(i), with_kwargs=True)
+             for i, layer in enumerate(model.model.language_model.layers)]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    layout = vtprune.stats(model).layout  # [B, L]: the caller-side slot of each slot after the drop (-1: a pad added)
+    assert layout.shape[1] == seen[1][1] < seen[0][1]  # (layer=1: scored at layer 0, dropped after it)
+    real = (layout >= 0) & inputs["attention_mask"].bool().gather(1, layout.clamp(min=0))  # (the caller's pads too)
+    want = (real.long().cumsum(-1) - 1).masked_fill(~real, 0)
+    for i in (1, 2, 3):
+        pos = seen[i][0]
+        if pos is None:  # Qwen2-VL's layers get its text row only when the positions have one (4 rows)
+            assert family == "qwen2_vl"
+            continue
+        assert torch.equal(pos if pos.dim() == 2 else pos[0], want), (i, pos, want)

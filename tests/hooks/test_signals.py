@@ -590,3 +590,10 @@ def test_llava_feature_signal_with_a_positive_vision_feature_layer():
     other = ref[k % n].mean(1).mean(1)[:, 1:]
     assert not torch.allclose(want, other)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_the_default_object_layer_is_the_lower_middle_block():
+    """HiPrune's "object" signal: block (n - 1) // 2 of a vision tower's n blocks (15 of 32; n // 2 took 16)."""
+    from vtprune.hooks.base import Adapter
+
+    assert [Adapter(None).object_layer(n) for n in (1, 2, 4, 5, 32)] == [0, 0, 1, 2, 15]
