@@ -89,12 +89,13 @@ def test_static_cache_with_todre_stage1_only(model_factory):
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_compile_llm_gives_the_plain_path_tokens_and_undoes_cleanly(model_factory, family):
+def test_compile_llm_gives_the_plain_path_tokens_and_undoes_cleanly(model_factory, family, monkeypatch):
     model = model_factory(family)
     lm = model.model.language_model
     inputs = tiny.batch(family, [0, 1, 2])
     gc = model.generation_config
     before = (gc.cache_implementation, gc.disable_compile)
+    monkeypatch.setattr(model, "_previous_max_cache_length", 1, raising=False)  # generate()'s static-cache length
     with torch.no_grad():
         plain = model.generate(**inputs, **GEN)
         vtprune.patch(model, "divprune", keep=4)
@@ -109,10 +110,10 @@ def test_compile_llm_gives_the_plain_path_tokens_and_undoes_cleanly(model_factor
                    for t in (layer.keys, layer.values))
         vtprune.unpatch(model)
         compiled_plain = model.generate(**inputs, **GEN)
-        assert "_previous_max_cache_length" in vars(model)  # (the compiled runs' static cache length) ...
+        assert vars(model)["_previous_max_cache_length"] > 1  # (the compiled runs' static cache) ...
         vtprune.uncompile_llm(model)
     assert "forward" not in vars(lm) and not hasattr(lm, "_vtprune_compiled")
-    assert "_previous_max_cache_length" not in vars(model)  # ... forgotten: a later static cache is sized anew
+    assert vars(model)["_previous_max_cache_length"] == 1  # ... forgotten: the length from before is back
     assert (gc.cache_implementation, gc.disable_compile) == before
     for out in (first, second):
         assert torch.equal(out.sequences, pruned.sequences) and _max_score_diff(out, pruned) < 1e-5
