@@ -273,3 +273,23 @@ def test_cli_methods_lists_stage_and_options():
     # each option's help is the comment beside it in the config class
     assert "s: int | None = None  # window side; None with no keep/ratio means s=2" in text
     assert "tau: float = 0.1  # stage 2 drops" in text
+
+
+
+def test_cli_methods_lists_a_strategy_registered_without_a_docstring(capsys):
+    """`vtprune methods` failed (IndexError) on the first registered strategy with no docstring."""
+    from vtprune.cli import main
+    from vtprune.methods.registry import _REGISTRY
+
+    @vtprune.register("undocumented_test")
+    class Undocumented(vtprune.Method):
+        stage = "projector"
+
+        def select(self, image):
+            return vtprune.Selection(torch.arange(image.keep))
+
+    try:
+        assert main(["methods"]) == 0
+    finally:
+        _REGISTRY.pop("undocumented_test")
+    assert "undocumented_test  (stage: projector)\n" in capsys.readouterr().out

@@ -14,7 +14,8 @@ def _methods(args) -> int:
 
     for name in available():
         cls = get_method(name)
-        print(f"{name}  (stage: {cls.stage})  {(cls.__doc__ or '').strip().splitlines()[0]}")
+        summary = (cls.__doc__ or "").strip().splitlines()  # (a strategy registered without a docstring has none)
+        print(f"{name}  (stage: {cls.stage})" + (f"  {summary[0]}" if summary else ""))
         if cls.paper:
             print(f"    paper: {cls.paper}")
         for opt, typ, default, note in option_help(cls):
