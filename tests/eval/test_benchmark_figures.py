@@ -159,24 +159,6 @@ def test_kernels_full_grid_puts_the_issue_targets_first(tmp_path, monkeypatch, b
     assert len(seen) == len(set(seen)) == 64
 
 
-def test_kernels_attention_rows_are_written_as_they_go(tmp_path, monkeypatch, benchmark_script):
-    pytest.importorskip("triton")
-    module = benchmark_script("kernels")
-    out, real, calls = tmp_path / "k.json", module.bench_attention, []
-
-    def second_case_stops(cases, *a):
-        calls.append(cases)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(cases, *a)
-
-    monkeypatch.setattr(module, "bench_attention", second_case_stops)
-    with pytest.raises(KeyboardInterrupt):
-        module.main(["--quick", "--sections", "attention", "--out", str(out)])
-    record = json.loads(out.read_text())
-    assert len(record["attention"]) == 1 and record["complete"] is False
-
-
 def test_kernels_peak_extra_is_above_what_was_allocated(monkeypatch, benchmark_script):
     module = benchmark_script("kernels")
     bump = fake_cuda(monkeypatch)

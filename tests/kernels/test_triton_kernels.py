@@ -284,12 +284,13 @@ def test_kernel_benchmark_quick_run(tmp_path, benchmark_script):
     assert e2e["selection_ms"] > 0 and e2e["greedy_kernel_ms"] > 0  # the strategy's own selection, and the kernel
 
 
-def test_kernel_benchmark_writes_each_row_as_it_goes(tmp_path, benchmark_script, monkeypatch):
+@pytest.mark.parametrize("section", ["greedy", "attention"])
+def test_kernel_benchmark_writes_each_row_as_it_goes(tmp_path, benchmark_script, monkeypatch, section):
     """A deadline cut the greedy section after its last case only: 63 rows measured and none written."""
     import json
 
     module = benchmark_script("kernels")
-    out, real, calls = tmp_path / "k.json", module.bench_greedy, []
+    out, real, calls = tmp_path / "k.json", getattr(module, f"bench_{section}"), []
 
     def second_case_stops(cases, *a):
         calls.append(cases)
@@ -297,11 +298,11 @@ def test_kernel_benchmark_writes_each_row_as_it_goes(tmp_path, benchmark_script,
             raise KeyboardInterrupt
         return real(cases, *a)
 
-    monkeypatch.setattr(module, "bench_greedy", second_case_stops)
+    monkeypatch.setattr(module, f"bench_{section}", second_case_stops)
     with pytest.raises(KeyboardInterrupt):
-        module.main(["--quick", "--sections", "greedy", "--out", str(out)])
+        module.main(["--quick", "--sections", section, "--out", str(out)])
     record = json.loads(out.read_text())
-    assert len(record["greedy"]) == 1 and record["complete"] is False
+    assert len(record[section]) == 1 and record["complete"] is False
 
 
 def test_kernel_benchmark_runs_as_a_script(tmp_path):
