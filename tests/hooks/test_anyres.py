@@ -390,14 +390,19 @@ def test_two_images_in_one_sample_are_pruned_as_each_alone(model_factory, method
     assert all(len(k) > 0 for k in both)
 
 
+def _onevision_two_images():
+    """One OneVision sample of two images (batch_num_images=2): each its base tile only, 16 tokens + a newline."""
+    pixels = torch.stack([tiny.sample("llava_onevision", i)[1]["pixel_values"][0, :1] for i in (0, 2)])
+    ids = torch.tensor([[tiny.BOS, 5] + [tiny.IMG] * 17 + [6] + [tiny.IMG] * 17 + [7]])
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                image_sizes=torch.tensor([[40, 90], [100, 100]]), batch_num_images=torch.tensor([2]))
+
+
 def test_onevision_multi_image_samples_use_one_tile_per_image(model_factory):
     """batch_num_images > 1: OneVision encodes each image as its base tile only (16 tokens + a closing
     newline). ratio 0.5 -> 8 = the newline + 7 HiPrune tokens; pool: 2 x 2 windows + the newline."""
     model = model_factory("llava_onevision")
-    pixels = torch.stack([tiny.sample("llava_onevision", i)[1]["pixel_values"][0, :1] for i in (0, 2)])
-    ids = torch.tensor([[tiny.BOS, 5] + [tiny.IMG] * 17 + [6] + [tiny.IMG] * 17 + [7]])
-    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
-                  image_sizes=torch.tensor([[40, 90], [100, 100]]), batch_num_images=torch.tensor([2]))
+    inputs = _onevision_two_images()
     for method, want in (("pool", [0, 2, 8, 10, 16]), ("hiprune", None)):
         with vtprune.pruned(model, method, ratio=0.5), torch.no_grad():
             model(**inputs)
@@ -412,10 +417,7 @@ def test_onevision_single_tile_images_keep_their_closing_newline_under_a_fixed_g
     """token_shuffle s=2 on OneVision's one-tile images (batch_num_images > 1): each image's budget is its
     2 x 2 merged grid plus its closing newline."""
     model = model_factory("llava_onevision")
-    pixels = torch.stack([tiny.sample("llava_onevision", i)[1]["pixel_values"][0, :1] for i in (0, 2)])
-    ids = torch.tensor([[tiny.BOS, 5] + [tiny.IMG] * 17 + [6] + [tiny.IMG] * 17 + [7]])
-    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
-                  image_sizes=torch.tensor([[40, 90], [100, 100]]), batch_num_images=torch.tensor([2]))
+    inputs = _onevision_two_images()
     vtprune.patch(model, "token_shuffle", s=2)
     with torch.no_grad():
         model(**inputs)
