@@ -101,3 +101,19 @@ def model_factory(models):
     for m in used:
         vtprune.unpatch(m)
         vtprune.uncompile_llm(m)
+
+
+@pytest.fixture
+def no_model_cells(monkeypatch):
+    """sweep's `shapes` cells made without a model: fixed figures (the ratio as TFLOPs and visual tokens)."""
+    from vtprune.eval import sweep
+
+    class Cells:
+        def __init__(self, *args, device=None, **kwargs):
+            self.device, self.patchable = device, None
+
+        def cell(self, method, ratio, options=None):
+            return {"accuracy": 0.5, "metric": "accuracy", "by_kind": {}, "prefill_tflops": ratio, "llm_tflops": ratio,
+                    "visual_tokens": ratio, "prefill_ms": 1.0}
+
+    monkeypatch.setattr(sweep, "ShapesCells", Cells)

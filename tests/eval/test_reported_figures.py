@@ -178,23 +178,12 @@ def test_tune_starts_from_the_nearest_released_preset(monkeypatch):
     assert seen[0]["t"] == 34.76 and seen[0]["a"] == 15.58  # the 25 % preset's
 
 
-class _FakeCells:
-    def __init__(self, *a, device=None, **k):
-        self.device = device
-
-    def cell(self, method, ratio):
-        return {"accuracy": 0.5, "metric": "accuracy", "by_kind": {}, "prefill_tflops": ratio, "llm_tflops": ratio,
-                "visual_tokens": ratio, "prefill_ms": 1.0}
-
-
-def test_sweep_takes_ratio_one(tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep, "ShapesCells", _FakeCells)
+def test_sweep_takes_ratio_one(tmp_path, no_model_cells):
     cells = sweep.run("tiny-llava", ["random"], [1.0, 0.5], "shapes", tmp_path, n_questions=2, batch=2, progress=False)
     assert [(c["method"], c["ratio"]) for c in cells] == [("none", 1.0), ("random", 1.0), ("random", 0.5)]
 
 
-def test_a_last_cell_without_its_newline_is_kept_when_the_sweep_goes_on(tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep, "ShapesCells", _FakeCells)
+def test_a_last_cell_without_its_newline_is_kept_when_the_sweep_goes_on(tmp_path, no_model_cells):
     args = dict(model_name="tiny-llava", methods=["random"], task="shapes", out=tmp_path, n_questions=2, batch=2,
                 progress=False)
     sweep.run(ratios=[0.5], **args)

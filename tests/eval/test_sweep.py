@@ -193,26 +193,13 @@ def test_the_fingerprint_samples_large_weight_files_and_reads_the_processor_file
     assert sweep.weights_id(str(a), True) == before
 
 
-class _NoModelCells:
-    """Stands in for ShapesCells: fixed figures, no model."""
-
-    def __init__(self, *a, device=None, **k):
-        self.device, self.patchable = device, None
-
-    def cell(self, method, ratio, options=None):
-        return {"accuracy": 0.5, "metric": "accuracy", "by_kind": {}, "prefill_tflops": 1.0, "llm_tflops": 1.0,
-                "visual_tokens": 1.0, "prefill_ms": 1.0}
-
-
-def test_cells_a_preset_ran_serve_the_plain_rows_under_their_own_names(tmp_path, monkeypatch):
+def test_cells_a_preset_ran_serve_the_plain_rows_under_their_own_names(tmp_path, monkeypatch, no_model_cells):
     """A preset labelled "mine" whose options are fastv's own ran fastv's cells first: a later plain sweep shows
     them as "fastv", not "mine"; and a preset's cells made with other settings are not counted as the plain
     strategy's in the not-reused warning (1 of the 2 cells: the unpatched one, made at another batch)."""
+    import contextlib
     import warnings
 
-    import contextlib
-
-    monkeypatch.setattr(sweep, "ShapesCells", _NoModelCells)
     monkeypatch.setattr(sweep, "write", lambda cells, out: None)
     monkeypatch.setattr("vtprune.pruned", lambda *a, **k: contextlib.nullcontext())  # (the presets' check on the model)
     args = dict(model_name="tiny-llava", ratios=[0.5], task="shapes", out=tmp_path / "a", n_questions=2,
