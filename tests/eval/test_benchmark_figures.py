@@ -16,23 +16,26 @@ MiB = 2**20
 
 
 class FakeEvent:
-    """torch.cuda.Event on the host clock (records perf_counter)."""
+    """torch.cuda.Event on a host clock (perf_counter unless fake_cuda is given another)."""
+    clock = staticmethod(time.perf_counter)
 
     def __init__(self, enable_timing=False):
         self.t = None
 
     def record(self, stream=None):
-        self.t = time.perf_counter()
+        self.t = self.clock()
 
     def elapsed_time(self, other):
         return (other.t - self.t) * 1e3
 
 
-def fake_cuda(monkeypatch, log=None, alloc=1000 * MiB, leftover_peak=3000 * MiB):
-    """torch.cuda's timing and memory calls faked: allocated stays `alloc`; the peak is whatever was set
-    since the last reset (a leftover peak from loading before any reset)."""
+def fake_cuda(monkeypatch, log=None, alloc=1000 * MiB, leftover_peak=3000 * MiB, clock=None):
+    """torch.cuda's timing and memory calls faked: events read `clock` (seconds); allocated stays `alloc`; the
+    peak is whatever was set since the last reset (a leftover peak from loading before any reset)."""
     state = dict(alloc=alloc, peak=leftover_peak)
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    if clock is not None:
+        monkeypatch.setattr(FakeEvent, "clock", staticmethod(clock))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: log.append("sync") if log is not None else None)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: state["alloc"])
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: state.update(peak=state["alloc"]))
@@ -167,23 +170,23 @@ def test_kernels_peak_extra_is_above_what_was_allocated(monkeypatch, benchmark_s
 
 
 def test_kernels_tower_span_leaves_out_the_warmup_runs(monkeypatch, benchmark_script):
-    """The tower's first two (warm-up) forwards are slow and allocate 100 MiB; the timed one 5 MiB."""
+    """The tower's first two (warm-up) forwards take 1 s and allocate 100 MiB on a fake clock; the timed one
+    5 ms and 5 MiB."""
     module = benchmark_script("kernels")
-    bump = fake_cuda(monkeypatch)
+    now, n = [0.0], [0]
+    bump = fake_cuda(monkeypatch, clock=lambda: now[0])
     model, inputs = tiny.build("llava"), tiny.batch("llava", [0])
-    n = [0]
 
     def inside(*_):
         n[0] += 1
-        if n[0] <= 2:
-            time.sleep(0.5)
+        now[0] += 1.0 if n[0] <= 2 else 0.005
         bump(100 if n[0] <= 2 else 5)
 
     h = model.model.vision_tower.encoder.register_forward_hook(inside)
     with torch.no_grad():
         ms, mib = module.tower_span(model, lambda: model(**inputs), 1, "cuda")
     h.remove()
-    assert n[0] == 3 and ms < 500 and mib == 5.0  # (the warm-ups' sleeps would be 1000 ms)
+    assert n[0] == 3 and ms == pytest.approx(5.0) and mib == 5.0
 
 
 # benchmarks/vit.py ----------------------------------------------------------------------------------
