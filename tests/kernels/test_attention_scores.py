@@ -90,3 +90,15 @@ def test_attention_row_chunks_agree_with_one_block(monkeypatch):
         got = scores_torch.attention_scores_torch(q, k, 0.3, rows, causal=causal, key_mask=mask)
         monkeypatch.setattr(scores_torch, "_ROW_CHUNK", 256)
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_integer_key_mask_reads_nonzero_as_attend():
+    """A Hugging Face attention_mask (0/1 integers, 1 = a real token) masks what the bool mask masks (this
+    was checked only in the Triton test file, which is skipped where Triton is not installed)."""
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 2, 4, 8, generator=g), torch.randn(2, 1, 6, 8, generator=g)
+    hf = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    want = naive(q, k, 0.4, None, False, hf.bool())
+    assert want[0, :2].abs().max() == 0 and want[1, :2].min() > 0
+    for mask in (hf, hf.to(torch.uint8), hf.bool()):
+        torch.testing.assert_close(attention_scores_torch(q, k, 0.4, key_mask=mask), want, atol=1e-6, rtol=1e-5)
