@@ -597,3 +597,13 @@ def test_the_default_object_layer_is_the_lower_middle_block():
     from vtprune.hooks.base import Adapter
 
     assert [Adapter(None).object_layer(n) for n in (1, 2, 4, 5, 32)] == [0, 0, 1, 2, 15]
+
+
+def test_llava_object_layer_is_hiprunes_layer_9_of_24(model_factory):
+    """hiprune.md: CLIP ViT-L/14-336's object layer is the output of encoder layer 9 (1-indexed) = 0-based
+    8; other depths scale it: 32 layers -> round(12) - 1 = 11; the tiny 3-layer tower -> round(1.125) - 1 = 0
+    (where a layer-10 slip gives 0 too, so only a real depth tells them apart)."""
+    from vtprune.hooks.llava import LlavaAdapter
+
+    adapter = LlavaAdapter(model_factory("llava"))
+    assert [adapter.object_layer(n) for n in (24, 32, 3)] == [8, 11, 0]
