@@ -555,3 +555,107 @@ def test_token_shuffle_window_budget_counts_merged_tokens():
     """with s=2 a 4x4 grid keeps 2x2 = 4 tokens (a budget of N would read as 'prune nothing')."""
     m = token_shuffle.TokenShuffle(token_shuffle.TokenShuffleConfig(s=2))
     assert m.budget(16, (1, 4, 4)) == 4 and m.budget(15, (1, 3, 5)) == 6
+
+
+# More cases found by mutating hiprune / transprune (each fails on a one-line slip that every test above passed)
+
+def test_hiprune_top_left_corner_anchor_wraps_to_no_other_row():
+    """4x4 grid, the anchor at 0: only 1 (right) and 4 (down) are its buffers. A left neighbour read as
+    index -1 would wrap to 15, an upper one (-4) to 12; deep scores rank both last so neither can come
+    back as a register and hide the slip (in the edge-anchor case above, the wrapped 3 is a register)."""
+    obj = torch.zeros(16)
+    obj[0] = 1.0
+    deep = torch.arange(16.0).flip(0)  # prefers low indices: 15 and 12 are the least wanted
+    # keep 5, alpha 1 -> round(1) = 1 anchor; A = {0, 1, 4}; registers = the 2 lowest others: 2, 3
+    assert hiprune.select(obj[None], deep[None], (4, 4), 5, alpha=1.0)[0].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_hiprune_anchors_that_do_not_fit_are_dropped_one_at_a_time():
+    """keep 8, alpha 1 -> round(1.6) = 2 anchors, 5 (interior: 1 4 6 9) and 14 (bottom row: 10 13 15),
+    9 tokens > 8: the weaker anchor goes, the stronger one stays with its 4 buffers (not zero anchors)."""
+    obj = torch.zeros(16)
+    obj[5], obj[14] = 2.0, 1.0
+    deep = torch.arange(16.0).flip(0)
+    out = hiprune.select(obj[None], deep[None], (4, 4), 8, alpha=1.0)
+    assert out[0].tolist() == [0, 1, 2, 3, 4, 5, 6, 9]  # A = {1, 4, 5, 6, 9} + registers 0, 2, 3
+
+
+def test_hiprune_method_reads_the_grid_as_rows_then_columns():
+    """ImageTokens.grid is (t, h, w): on a 2 x 4 grid (0 1 2 3 / 4 5 6 7) the anchor 1's buffers are 0, 2
+    (same row) and 5 (below). Read as 4 x 2 (0 1 / 2 3 / 4 5 / 6 7) they would be 0 and 3."""
+    from vtprune.methods.base import ImageTokens
+
+    obj = torch.zeros(8)
+    obj[1] = 1.0
+    deep = torch.arange(8.0).flip(0)  # registers: the lowest indices left
+    m = hiprune.HiPrune(hiprune.HiPruneConfig(keep=5, alpha=1.0))
+    im = ImageTokens(features=torch.randn(8, 4), grid=(1, 2, 4), keep=5, signals={"object": obj, "deep": deep})
+    # 1 anchor; A = {0, 1, 2, 5}; 1 register: 3
+    assert m.select(im).indices.tolist() == [0, 1, 2, 3, 5]
+
+
+def test_hiprune_default_alpha_is_a_tenth():
+    """alpha = 0.1 (hiprune.md) in both the function and the config: keep 30 -> round(0.6) = 1 anchor.
+    6 x 6 grid; the object scores' top two are 7 (r1 c1) and 2; deep scores prefer high indices.
+    1 anchor: A = {7, 1, 6, 8, 13}; registers = the 25 highest of the other 31 (all but 0 2 3 4 5 9).
+    (alpha 0.3 -> 2 anchors would keep 2 and 3; alpha 0 no anchor would keep 6..35.)"""
+    from vtprune.methods.base import ImageTokens
+
+    obj = torch.zeros(36)
+    obj[7], obj[2] = 2.0, 1.0
+    deep = torch.arange(36.0)
+    want = [1, 6, 7, 8] + list(range(10, 36))
+    assert hiprune.select(obj[None], deep[None], (6, 6), 30)[0].tolist() == want
+    m = hiprune.HiPrune(hiprune.HiPruneConfig(keep=30))
+    im = ImageTokens(features=torch.randn(36, 4), grid=(1, 6, 6), keep=30, signals={"object": obj, "deep": deep})
+    assert m.select(im).indices.tolist() == want
+
+
+def test_transprune_early_drop_keeps_int_of_its_fraction():
+    """transprune.md: earlier stages keep int(N * fraction): int(6 * 0.625) = int(3.75) = 3, not 4."""
+    m = transprune.TransPrune(transprune.TransPruneConfig(keep=1, schedule=[(0, 0.625), (1, 1 / 6)]))
+    assert len(m.select_in_llm(_tp_layer(0, torch.full((9, 9), 1 / 9), budget=1))[0]) == 3
+
+
+def test_transprune_accumulates_from_the_first_drop_through_the_last():
+    """TTV accumulates over layers 7..12 (1-indexed) = 6..11 with the paper's schedule: the last drop
+    layer's own transitions count; accumulate_from moves the start, up to the last drop itself."""
+    tp = lambda **kw: transprune.TransPrune(transprune.TransPruneConfig(keep=4, **kw))  # noqa: E731
+    assert tp().observe_layers(32) == [6, 7, 8, 9, 10, 11]
+    assert tp(schedule=[(3, 0.5), (5, 0.25)]).observe_layers(8) == [3, 4, 5]
+    assert tp(schedule=[(3, 0.5), (5, 0.25)], accumulate_from=1).observe_layers(8) == [1, 2, 3, 4, 5]
+    assert tp(schedule=[(3, 0.5), (5, 0.25)], accumulate_from=5).observe_layers(8) == [5]
+    assert tp(accumulate_from=11).observe_layers(32) == [11]  # the default schedule's last drop
+
+
+def test_transprune_observe_uses_abs_cos_and_the_valid_tokens_for_both_sub_modules():
+    """abs_cos applies to the attention and the MLP transitions alike; each softmax runs over the sample's
+    valid tokens (text included), not over its visual ones alone."""
+    g = torch.Generator().manual_seed(1)
+    io = {k: torch.randn(1, 5, 3, generator=g) for k in ("attn_in", "attn_out", "mlp_in", "mlp_out")}
+    io["mlp_out"] = -io["mlp_in"] * 2 + 0.1 * io["mlp_out"]  # cos near -1: |cos| and cos differ a lot
+    visual = torch.tensor([[False, True, True, True, False]])
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    tok = LayerTokens(layer=0, hidden=torch.zeros(1, 5, 3), visual=visual, mask=mask, keep=torch.tensor([2]), state={})
+    transprune.TransPrune(transprune.TransPruneConfig(keep=2, abs_cos=True)).observe(tok, io)
+    want = (transprune.transition(io["attn_in"], io["attn_out"], mask, abs_cos=True)
+            + transprune.transition(io["mlp_in"], io["mlp_out"], mask, abs_cos=True))
+    torch.testing.assert_close(tok.state["ttv"], want)
+    assert not torch.allclose(want, transprune.transition(io["attn_in"], io["attn_out"], mask, abs_cos=True)
+                              + transprune.transition(io["mlp_in"], io["mlp_out"], mask))
+    assert not torch.allclose(want, transprune.transition(io["attn_in"], io["attn_out"], visual, abs_cos=True)
+                              + transprune.transition(io["mlp_in"], io["mlp_out"], visual, abs_cos=True))
+
+
+def test_transprune_mixes_ttv_and_iga_after_normalising_each():
+    """score = 0.5 * TTV / sum + 0.5 * IGA / sum over the visual tokens. TTV (raw sum 100) is 0.6 on the
+    3rd and 0.4 on the 4th visual token; the question pays 0.15 to the 4th, 0.85 to text, so IGA is 1 there.
+    Scores 0.3 vs 0.2 + 0.5 = 0.7: the 4th wins. Mixing raw values would pick the 3rd (30 vs 20.075,
+    or with raw IGA 0.3 vs 0.275)."""
+    m = transprune.TransPrune(transprune.TransPruneConfig(keep=1, schedule=[(0, 1 / 6)]))
+    A = torch.full((9, 9), 1 / 9)
+    A[7:] = 0.0
+    A[7:, 0], A[7:, 4] = 0.85, 0.15  # question rows (slots 7, 8): system text and visual slot 4
+    tok = _tp_layer(0, A, budget=1)
+    tok.state["ttv"][0, 3], tok.state["ttv"][0, 4] = 60.0, 40.0  # visual slots 3, 4 = the 3rd and 4th tokens
+    assert m.select_in_llm(tok)[0].tolist() == [3]
