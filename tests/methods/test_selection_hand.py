@@ -439,6 +439,80 @@ def test_vflowopt_two_layer_decoder_applies_both_fractions_at_once():
     assert len(m.select_in_llm(_vf_tokens(0, 2))[0]) == 2  # 10 - round(10 * 0.8) = 2
 
 
+def test_vflowopt_entropy_counts_all_256_grey_levels_in_bits():
+    """256 bins of one grey level each: 0..255 once each is log2(256) = 8 bits, and 254 vs 255 (merged by a
+    bin too few) is 1 bit; uint8 input (what the hooks give) reads the same."""
+    torch.testing.assert_close(vflowopt.patch_entropy(torch.arange(256)[None]), torch.tensor([8.0]))
+    px = torch.tensor([[254, 255, 254, 255], [0, 255, 255, 255]], dtype=torch.uint8)
+    h34 = -(0.25 * math.log2(0.25) + 0.75 * math.log2(0.75))  # 0.811 bits
+    torch.testing.assert_close(vflowopt.patch_entropy(px), torch.tensor([1.0, h34]))
+
+
+def test_vflowopt_negative_alpha_subtracts_the_entropy_term():
+    """The tuner searches alpha in [-1, 1]: a negative weight is applied, not ignored."""
+    att, h = torch.tensor([0.5, 0.25, 0.25]), torch.tensor([1.0, 0.0, 2.0])
+    torch.testing.assert_close(vflowopt.importance(att, h, -0.5), att - 0.5 * torch.softmax(h, 0))
+
+
+def test_vflowopt_recycling_a_cell_with_no_positive_weight_is_the_plain_mean():
+    """cells of side 2 on a 1x4 grid: {0, 1} all negative -> uniform weights 1/2 each (not 1 each), at the
+    slot of the less negative token 0, which it carries; 2 is kept, 3 alone in its cell stays itself."""
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [5.0, 5.0], [7.0, 7.0]])
+    s = torch.tensor([-1.0, -2.0, 10.0, 9.0])
+    idx, tok, imp = vflowopt.prune_recycle(x, s, (1, 4), 3, 2.0)
+    assert idx.tolist() == [0, 2, 3] and imp.tolist() == [-1.0, 10.0, 9.0]
+    torch.testing.assert_close(tok, torch.tensor([[0.5, 0.5], [5.0, 5.0], [7.0, 7.0]]))
+
+
+def test_vflowopt_prune_recycle_returns_the_features_dtype():
+    """tokens come back in the input dtype (documented), the float32 merge rounded once."""
+    x = torch.randn(16, 3, generator=torch.Generator().manual_seed(0)).bfloat16()
+    _, tokens, _ = vflowopt.prune_recycle(x, torch.arange(16.0), (4, 4), 6, 2.0)
+    _, want, _ = vflowopt.prune_recycle(x.float(), torch.arange(16.0), (4, 4), 6, 2.0)
+    assert tokens.dtype == torch.bfloat16 and torch.equal(tokens, want.bfloat16())
+
+
+@pytest.mark.parametrize("alpha, entropy, want", [
+    (1.0, [0.0, 0.0, 8.0, 0.0], 2),  # I = att + softmax(H) ~ [.300, .200, 1.249, .250]
+    (-1.0, [8.0, 0.0, 0.0, 0.0], 2),  # ~ [-.699, .200, .250, .250]: the tie 2 / 3 to the lower index
+    (0.0, [0.0, 0.0, 8.0, 0.0], 0),  # entropy off: the attention alone
+])
+def test_vflowopt_select_ranks_by_attention_plus_alpha_entropy_softmax(alpha, entropy, want):
+    """VFlowOpt.select scores with its config's alpha. Cells of side 1 never recycle (k + (4 - k) = 4 > 1):
+    keep 1 is the plain top-1, carrying its importance."""
+    from vtprune.methods.base import ImageTokens
+
+    att, h = torch.tensor([0.30, 0.20, 0.25, 0.25]), torch.tensor(entropy)
+    method = vflowopt.VFlowOpt(vflowopt.VFlowOptConfig(keep=1, a=1.0, alpha=alpha))
+    sel = method.select(ImageTokens(torch.eye(4), (1, 2, 2), 1, {"context": att, "entropy": h}))
+    assert sel.indices.tolist() == [want]
+    torch.testing.assert_close(sel.importance, (att + alpha * torch.softmax(h, 0))[[want]])
+    torch.testing.assert_close(sel.tokens, torch.eye(4)[[want]])
+
+
+def test_vflowopt_asks_for_the_context_map_at_t_and_the_entropy_only_with_alpha():
+    from vtprune.methods.base import VisionSignal
+
+    sig = vflowopt.VFlowOpt(vflowopt.VFlowOptConfig(keep=4, t=7.0, a=3.0)).vision_signals()
+    assert sig == {"context": VisionSignal("feature", "context", threshold=7.0)}
+    cfg = vflowopt.VFlowOptConfig(keep=4, t=2.0, alpha=-0.5, pixel_mean=(0.5, 0.4, 0.3), pixel_std=(0.2, 0.1, 0.3))
+    sig = vflowopt.VFlowOpt(cfg).vision_signals()
+    assert sig == {"context": VisionSignal("feature", "context", threshold=2.0),
+                   "entropy": VisionSignal("feature", "entropy", pixel_mean=(0.5, 0.4, 0.3), pixel_std=(0.2, 0.1, 0.3))}
+
+
+def test_vflowopt_presets_and_defaults_are_the_released_ones():
+    """The spec's table of the authors' released LLaVA-OV-7B configurations; the defaults are the 25 % one
+    with the entropy term off."""
+    assert vflowopt.PRESETS == {
+        10: dict(ratio=0.1166, r2=1.0, r3=0.6011, t=39.26, a=17.39),
+        25: dict(ratio=0.2651, r2=0.9833, r3=0.8773, t=34.76, a=15.58),
+        50: dict(ratio=0.7233, r2=0.7487, r3=0.487, t=28.68, a=11.76),
+    }
+    cfg = vflowopt.VFlowOptConfig(keep=4)
+    assert (cfg.r2, cfg.r3, cfg.t, cfg.a, cfg.alpha) == (0.9833, 0.8773, 34.76, 15.58, 0.0)
+
+
 def test_top_visual_returns_ascending_indices():
     """indices ascending (sequence order), not by score."""
     scores = torch.tensor([[0.5, 0.1, 0.9]])
