@@ -72,6 +72,121 @@ def test_released_presets_meet_their_budgets_on_28_layers():
         assert abs(tune._retention(p, 28) - pct / 100) < 2e-3, pct
 
 
+def test_solve_r3_refuses_an_r3_below_its_minimum():
+    """28 layers split 9 / 9 / 10: R1 = 0.3, R2 = 1 spends 5.4 / 28 before the last drop; R3 = 0.005 (under
+    R3_MIN = 0.01, or 0, which the config refuses) is infeasible, R3 = 0.02 is solved."""
+    assert tune.layer_split(28) == (9, 9, 10)
+    assert tune.solve_r3((5.4 + 0.3 * 0.005 * 10) / 28, 0.3, 1.0, 28) is None
+    assert tune.solve_r3(5.4 / 28, 0.3, 1.0, 28) is None
+    assert tune.solve_r3((5.4 + 0.3 * 0.02 * 10) / 28, 0.3, 1.0, 28) == pytest.approx(0.02, abs=1e-12)
+
+
+def test_objective_is_the_mean_over_samples_of_each_samples_cosine(monkeypatch):
+    """Hand-worked: batch 1 has cosines 1 and 0 (orthogonal), batch 2 a NaN state (counts as 0); the mean is
+    over the 3 samples (1/3), each cosine over the hidden dimension, all under vtprune.pruned(options)."""
+    import contextlib
+
+    active, seen = [], []
+
+    @contextlib.contextmanager
+    def pruned(model, method, **options):
+        seen.append((model, method, options))
+        active.append(True)
+        yield
+        active.pop()
+
+    monkeypatch.setattr(vtprune, "pruned", pruned)
+    monkeypatch.setattr(tune, "last_hidden", lambda model, inputs: (inputs["h"] if active else pytest.fail("unpruned")))
+    batches = [{"h": torch.tensor([[1.0, 0.0], [0.0, 1.0]])}, {"h": torch.tensor([[float("nan"), 0.0]])}]
+    reference = [torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[1.0, 0.0]])]
+    opts = dict(ratio=0.5, r2=0.9, r3=0.8)
+    assert tune.objective("m", batches, reference, opts) == pytest.approx(1 / 3, abs=1e-6)
+    assert seen == [("m", "vflowopt", opts)]
+
+
+def _score(options):
+    """The stand-in objective of _fake_tune: a known function of the options, in (-1, 1)."""
+    return 0.9 - abs(options["t"] - 10) / 100 - abs(options["a"] - 5) / 100
+
+
+def _fake_tune(monkeypatch, budget, iterations, seed=0, calls=None, ranges=None):
+    """tune() on a stand-in 28-layer model whose objective is _score: every evaluated option set goes to
+    `calls`, every suggest_float (name, low, high, value) to `ranges`."""
+    from types import SimpleNamespace
+
+    import optuna
+
+    calls = [] if calls is None else calls
+    ranges = [] if ranges is None else ranges
+    model = SimpleNamespace(model=SimpleNamespace(language_model=SimpleNamespace(layers=[None] * 28)))
+    real = optuna.trial.Trial.suggest_float
+
+    def suggest_float(self, name, low, high, **kw):
+        value = real(self, name, low, high, **kw)
+        ranges.append((name, low, high, value))
+        return value
+
+    monkeypatch.setattr(tune, "objective", lambda model_, batches, reference, options: calls.append(options) or _score(options))
+    monkeypatch.setattr(tune, "last_hidden", lambda model_, inputs: torch.zeros(1, 2))
+    monkeypatch.setattr(optuna.trial.Trial, "suggest_float", suggest_float)
+    batches = [{"input_ids": torch.zeros(2, 3, dtype=torch.long)}]
+    return tune.tune(model, batches, budget, iterations=iterations, seed=seed, progress=False)
+
+
+@pytest.mark.parametrize("budget, pct, ratio", [(0.1, 10, 0.1166), (0.25, 25, 0.2651), (0.4, 50, 0.6)])
+def test_tune_starts_from_the_nearest_released_preset(monkeypatch, budget, pct, ratio):
+    """The first trial is the preset nearest the budget (0.4: the 50 % one), R1 clamped into the band
+    [budget, 1.5 budget] (0.7233 -> 0.6), entropy off, R3 solved for the budget."""
+    from vtprune.methods.vflowopt import PRESETS
+
+    p, calls = PRESETS[pct], []
+    cfg = _fake_tune(monkeypatch, budget, 1, calls=calls)
+    want = dict(ratio=ratio, r2=p["r2"], r3=tune.solve_r3(budget, ratio, p["r2"], 28), t=p["t"], a=p["a"], alpha=0.0)
+    assert len(calls) == 1 and calls[0] == pytest.approx(want, abs=1e-12) and cfg["options"] == calls[0]
+    assert cfg["tuned"]["start_objective"] == cfg["tuned"]["objective"] == _score(calls[0])
+
+
+def test_tune_searches_the_declared_ranges_and_returns_the_best_trial(monkeypatch):
+    calls, ranges = [], []
+    cfg = _fake_tune(monkeypatch, 0.25, 8, calls=calls, ranges=ranges)
+    want = {"r1": (0.25, 0.375), **tune.SPACE}
+    assert len(ranges) == 8 * 5 and all((low, high) == want[name] for name, low, high, _ in ranges)
+    drawn = [{name: v for name, _, _, v in ranges[i:i + 5]} for i in range(0, len(ranges), 5)]
+    feasible = [d for d in drawn if tune.solve_r3(0.25, d["r1"], d["r2"], 28) is not None]
+    assert len(calls) == len(feasible) >= 3  # the start and some feasible draws, each evaluated as drawn
+    assert [(o["ratio"], o["r2"], o["t"], o["a"], o["alpha"]) for o in calls] == [
+        (d["r1"], d["r2"], d["t"], d["a"], d["alpha"]) for d in feasible]
+    for o in calls:  # every evaluated point is in its range and meets the budget
+        assert 0.25 <= o["ratio"] <= 0.375 and 0.5 <= o["r2"] <= 1 and tune.R3_MIN <= o["r3"] <= 1
+        assert 0 <= o["t"] <= 50 and 3 <= o["a"] <= 24 and -1 <= o["alpha"] <= 1
+        assert tune._retention(o, 28) == pytest.approx(0.25, abs=1e-9)
+    scores = [_score(o) for o in calls]
+    assert len(set(scores)) > 1
+    best = max(range(len(calls)), key=scores.__getitem__)
+    assert cfg["options"] == calls[best] and cfg["tuned"]["objective"] == scores[best]
+    assert cfg["tuned"]["start_objective"] == scores[0] and cfg["tuned"]["seed"] == 0
+    assert cfg["tuned"]["samples"] == 2 and cfg["tuned"]["iterations"] == 8
+
+
+def test_tune_is_reproducible_by_its_seed(monkeypatch):
+    runs = {}
+    for key, seed in (("a", 3), ("b", 3), ("c", 4)):
+        runs[key] = []
+        with monkeypatch.context() as mp:
+            _fake_tune(mp, 0.25, 6, seed=seed, calls=runs[key])
+    assert runs["a"] == runs["b"]
+    assert runs["a"][0] == runs["c"][0] and runs["a"][1:] != runs["c"][1:]  # the same start, other draws
+
+
+def test_tune_r1_band_stops_at_one(monkeypatch):
+    """budget 0.8: R1 is searched in [0.8, 1] (1.5 x 0.8 would keep more than every token); the only trial,
+    the 50 % preset with R1 raised to 0.8, cannot reach the budget: nothing feasible."""
+    calls, ranges = [], []
+    with pytest.raises(ValueError, match="no feasible configuration found"):
+        _fake_tune(monkeypatch, 0.8, 1, calls=calls, ranges=ranges)
+    assert calls == [] and ranges[0][:3] == ("r1", 0.8, 1.0)
+
+
 def test_objective_is_one_without_pruning_and_lower_with(models):
     model = models("qwen2_vl")
     batches = eval_models.calibration("tiny-prompts", model, None, 4, batch_size=2)
