@@ -339,6 +339,51 @@ def test_entropy_signal_from_pixels_llava_and_qwen(model_factory):
     torch.testing.assert_close(got["h"][0], want)
 
 
+def test_context_rows_are_those_strictly_above_t_times_the_mean():
+    """A permutation attention (query i looks only at key i + 1 mod 4) gives every key the mean 1/4: at t = 1
+    none is strictly above t x mean, so S = {argmax} = {0} and the map is row 0, the one-hot on key 1; at
+    t = 0.5 every row is context and the map is their mean, uniform."""
+    from vtprune.hooks.base import reduce_attention
+    from vtprune.methods.base import VisionSignal
+
+    eye = torch.eye(4)
+    q, k = eye[[1, 2, 3, 0]][None, None], eye[None, None]  # [B=1, H=1, T=4, d=4]
+    got = reduce_attention(q, k, 1000.0, VisionSignal("feature", "context", 1.0), has_cls=False)
+    assert got.tolist() == [[0.0, 1.0, 0.0, 0.0]]
+    got = reduce_attention(q, k, 1000.0, VisionSignal("feature", "context", 0.5), has_cls=False)
+    assert got.tolist() == [[0.25, 0.25, 0.25, 0.25]]
+
+
+def test_grey_levels_are_pil_luma_of_the_unnormalised_rgb():
+    """ITU-R 601-2 as PIL's "L": red 0.299 x 255 = 76.2 -> 76, green 149.7 -> 150 (rounded, not truncated),
+    blue 29.1 -> 29, white 255, black 0; from CLIP-normalised pixels [N, 3, 1, 1]."""
+    from vtprune.hooks.base import grey_levels
+    from vtprune.methods.base import CLIP_MEAN, CLIP_STD
+
+    rgb = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1], [0, 0, 0]])[:, :, None, None]
+    px = (rgb - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+    got = grey_levels(px, CLIP_MEAN, CLIP_STD)
+    assert got.dtype == torch.uint8 and got.flatten().tolist() == [76, 150, 29, 255, 0]
+
+
+def test_llava_entropy_follows_the_row_major_token_grid(model_factory):
+    """Token (row 0, col 1) = 1 holds 1 bit, token (1, 2) = 6 holds 2 bits, all others 0: a transposed grid
+    would put them at 4 and 9."""
+    from vtprune.hooks.llava import LlavaAdapter
+    from vtprune.methods.base import VisionSignal
+
+    blocks = torch.zeros(16, 14, 14)
+    blocks[1, :, 7:] = 255
+    blocks[6] = torch.tensor([10.0, 20, 30, 40]).repeat_interleave(49).view(14, 14)
+    grey = blocks.view(4, 4, 14, 14).permute(0, 2, 1, 3).reshape(56, 56)
+    model = model_factory("llava")
+    got = _signals(model, LlavaAdapter, {"h": VisionSignal("feature", "entropy")},
+                   lambda: model.model.vision_tower(_normalised(grey)[None]))
+    want = torch.zeros(16)
+    want[1], want[6] = 1.0, 2.0
+    torch.testing.assert_close(got["h"][0], want)
+
+
 @pytest.mark.parametrize("family", tiny.FAMILIES)
 def test_vflowopt_with_entropy_runs(model_factory, family):
     model = model_factory(family)
