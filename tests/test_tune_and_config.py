@@ -81,6 +81,13 @@ def test_solve_r3_refuses_an_r3_below_its_minimum():
     assert tune.solve_r3((5.4 + 0.3 * 0.02 * 10) / 28, 0.3, 1.0, 28) == pytest.approx(0.02, abs=1e-12)
 
 
+def test_solve_r3_takes_a_budget_met_at_r3_one_despite_rounding():
+    """R1 = 0.1, R2 = 0.9 on 28 layers: the budget of R3 = 1 solves to 1 + 4e-16 in floats; that is R3 = 1
+    (capped: the config refuses R3 > 1), not an infeasible point."""
+    budget = (0.1 * 9 + 0.1 * 0.9 * 9 + 0.1 * 0.9 * 10) / 28
+    assert tune.solve_r3(budget, 0.1, 0.9, 28) == 1.0
+
+
 def test_objective_is_the_mean_over_samples_of_each_samples_cosine(monkeypatch):
     """Hand-worked: batch 1 has cosines 1 and 0 (orthogonal), batch 2 a NaN state (counts as 0); the mean is
     over the 3 samples (1/3), each cosine over the hidden dimension, all under vtprune.pruned(options)."""
@@ -109,8 +116,8 @@ def _score(options):
     return 0.9 - abs(options["t"] - 10) / 100 - abs(options["a"] - 5) / 100
 
 
-def _fake_tune(monkeypatch, budget, iterations, seed=0, calls=None, ranges=None):
-    """tune() on a stand-in 28-layer model whose objective is _score: every evaluated option set goes to
+def _fake_tune(monkeypatch, budget, iterations, seed=0, calls=None, ranges=None, score=_score):
+    """tune() on a stand-in 28-layer model whose objective is `score`: every evaluated option set goes to
     `calls`, every suggest_float (name, low, high, value) to `ranges`."""
     from types import SimpleNamespace
 
@@ -126,7 +133,7 @@ def _fake_tune(monkeypatch, budget, iterations, seed=0, calls=None, ranges=None)
         ranges.append((name, low, high, value))
         return value
 
-    monkeypatch.setattr(tune, "objective", lambda model_, batches, reference, options: calls.append(options) or _score(options))
+    monkeypatch.setattr(tune, "objective", lambda model_, batches, reference, options: calls.append(options) or score(options))
     monkeypatch.setattr(tune, "last_hidden", lambda model_, inputs: torch.zeros(1, 2))
     monkeypatch.setattr(optuna.trial.Trial, "suggest_float", suggest_float)
     batches = [{"input_ids": torch.zeros(2, 3, dtype=torch.long)}]
@@ -166,6 +173,17 @@ def test_tune_searches_the_declared_ranges_and_returns_the_best_trial(monkeypatc
     assert cfg["options"] == calls[best] and cfg["tuned"]["objective"] == scores[best]
     assert cfg["tuned"]["start_objective"] == scores[0] and cfg["tuned"]["seed"] == 0
     assert cfg["tuned"]["samples"] == 2 and cfg["tuned"]["iterations"] == 8
+
+
+@pytest.mark.parametrize("shift", [0.0, -1.2])  # scores in [0.31, 0.9] or [-0.89, -0.3]
+def test_tune_scores_an_infeasible_start_below_any_cosine(monkeypatch, shift):
+    """budget 0.3: the start (the 25 % preset, R1 raised to 0.3) would need R3 = 1.03, infeasible; it is not
+    evaluated and reported as None, and the best feasible trial wins even when every cosine is negative."""
+    calls = []
+    cfg = _fake_tune(monkeypatch, 0.3, 8, calls=calls, score=lambda o: _score(o) + shift)
+    assert tune.solve_r3(0.3, 0.3, 0.9833, 28) is None
+    assert calls and all(o["t"] != 34.76 for o in calls) and cfg["tuned"]["start_objective"] is None
+    assert cfg["options"] in calls and cfg["tuned"]["objective"] == max(_score(o) + shift for o in calls)
 
 
 def test_tune_is_reproducible_by_its_seed(monkeypatch):
