@@ -733,3 +733,12 @@ def test_transprune_mixes_ttv_and_iga_after_normalising_each():
     tok = _tp_layer(0, A, budget=1)
     tok.state["ttv"][0, 3], tok.state["ttv"][0, 4] = 60.0, 40.0  # visual slots 3, 4 = the 3rd and 4th tokens
     assert m.select_in_llm(tok)[0].tolist() == [3]
+
+
+def test_vflowopt_any_nonzero_alpha_needs_the_entropy():
+    """a negative weight needs the entropy as much as a positive one; alpha 0 never reads it."""
+    att = torch.tensor([0.5, 0.25, 0.25])
+    for alpha in (0.5, -0.5):
+        with pytest.raises(ValueError, match="alpha != 0 needs the patch entropy"):
+            vflowopt.importance(att, None, alpha)
+    torch.testing.assert_close(vflowopt.importance(att, None, 0.0), att)

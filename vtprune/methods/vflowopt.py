@@ -38,7 +38,7 @@ def importance(attention: torch.Tensor, entropy: torch.Tensor | None = None, alp
     out = attention.float()
     if alpha:
         if entropy is None:
-            raise ValueError("alpha > 0 needs the patch entropy")
+            raise ValueError("alpha != 0 needs the patch entropy (the entropy signal)")
         out = out + alpha * torch.softmax(entropy.float(), dim=0)
     return out
 
