@@ -40,6 +40,35 @@ def test_divprune_exact_duplicates_are_never_picked_twice():
     assert divprune.select(x[None], 3)[0].tolist() == [0, 1, 2]
 
 
+def test_cosine_gram_is_the_cosine_of_each_pair():
+    """rows normalised over the feature axis: (3, 4), (1, 0), (0, 2) have cosines 0.6, 0.8 and 0."""
+    from vtprune.kernels.greedy_torch import cosine_gram
+
+    x = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 2.0]])
+    want = torch.tensor([[1.0, 0.6, 0.8], [0.6, 1.0, 0.0], [0.8, 0.0, 1.0]])
+    torch.testing.assert_close(cosine_gram(x[None])[0], want)
+
+
+def test_divprune_most_isolated_ties_go_to_the_lowest_index():
+    # tokens 0 and 1 coincide (nearest at distance 0); 2, 3 and 4 are orthogonal to everything else
+    # (nearest at distance 1): the first pick is the lowest of those, 2
+    a, b, c, d = torch.eye(4)
+    x = torch.stack([a, a, b, c, d])[None]
+    assert divprune.select(x, 1)[0].tolist() == [2]
+    assert divprune.select(torch.eye(3)[None], 1)[0].tolist() == [0]
+
+
+def test_selected_tokens_are_excluded_even_when_they_tie():
+    """The pivot and every pick are masked out, not left to lose on score. Max-sum on [e1, e2, -e1] from
+    pivot 0: -e1 first (sum -1), then e1 and e2 both sum to 0 -- the lowest index is e1, chosen already,
+    so e2. A copy of the pivot at distance 0 ties with the pivot's own self-distance in max-min."""
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])[None]
+    assert todre.select(x, 3, torch.tensor([0]), rule="maxsum")[0].tolist() == [0, 1, 2]
+    copies = torch.tensor([[1.0, 0.0], [1.0, 0.0]])[None]
+    for rule in ("maxmin", "maxsum"):
+        assert todre.select(copies, 2, torch.tensor([0]), rule=rule)[0].tolist() == [0, 1], rule
+
+
 def test_copies_of_one_token_tie_to_the_lowest_index():
     """Token 0 and four exact copies of another: the second pick is the first copy, for DivPrune and both
     ToDRE rules, on the CPU reference as in the Triton kernel (the reference's matrix product rounded one
@@ -88,7 +117,11 @@ def test_greedy_rejects_bad_input():
     with pytest.raises(ValueError):
         divprune.select(POINTS[None], 5)
     with pytest.raises(ValueError):
+        divprune.select(POINTS[None], 0)
+    with pytest.raises(ValueError):
         todre.select(POINTS[None], 2, torch.tensor([4]))
+    with pytest.raises(ValueError):
+        todre.select(POINTS[None], 2, torch.tensor([-1]))  # not the last token, counted from the end
     with pytest.raises(ValueError):
         todre.select(POINTS[None], 2, torch.tensor([0]), rule="kcenter")
     for pivot in (torch.tensor([1.9]), torch.tensor([True])):  # not truncated or cast to index 1
@@ -264,6 +297,37 @@ def test_in_llm_layers_of_fastv_and_todre():
     stage2 = todre.ToDRE(todre.ToDREConfig(keep=4))
     assert stage2.drop_layers(32) == [28] and stage2.drop_layers(28) == [24]  # floor(7L/8)
     assert stage2.drop_layers(4) == [2]  # floor(28/8) = 3 is the last layer: clamped to L - 2
+
+
+def test_todre_stage2_layer_edges():
+    """min(floor(7L/8), L - 2): L = 10 gives 8 = L - 2 itself (not clamped further), L = 2 the first layer,
+    L = 1 none (no layer follows). An explicit stage2_layer is taken as given, refused where no layer
+    follows it; stage2=False reads and drops at no layer."""
+    def layers(num_layers, **options):
+        method = todre.ToDRE(todre.ToDREConfig(keep=4, **options))
+        assert method.drop_layers(num_layers) == method.attention_layers(num_layers)
+        return method.drop_layers(num_layers)
+
+    assert layers(10) == [8] and layers(9) == [7] and layers(8) == [6]
+    assert layers(2) == [0] and layers(1) == []
+    assert layers(32, stage2_layer=5) == [5] and layers(32, stage2_layer=30) == [30]
+    with pytest.raises(ValueError, match="stage2_layer=31"):
+        layers(32, stage2_layer=31)
+    assert layers(32, stage2=False) == []
+
+
+def test_todre_rule_option_reaches_the_selection():
+    """ToDRE's `rule` option decides the greedy rule, in select and select_batch alike; the default is
+    max-min. POINTS with the pivot signal highest at token 1: max-min [1, 2, 3], max-sum [0, 1, 3] (the
+    hand-worked cases above)."""
+    from vtprune.methods.base import ImageTokens
+    from vtprune.methods.registry import build_method
+
+    image = ImageTokens(POINTS, None, 3, {"pivot": torch.tensor([0.1, 0.9, 0.3, 0.2])})
+    for options, want in (({}, [1, 2, 3]), ({"rule": "maxmin"}, [1, 2, 3]), ({"rule": "maxsum"}, [0, 1, 3])):
+        method = build_method("todre", {"keep": 3, "stage2": False, **options})
+        assert method.select(image).indices.tolist() == want, options
+        assert [s.indices.tolist() for s in method.select_batch([image, image])] == [want, want], options
 
 
 def test_vflowopt_drop_counts_round_half_to_even_as_the_authors():
@@ -524,6 +588,7 @@ def test_todre_visual_share_is_a_fraction_of_all_attention():
     s = torch.tensor([[0.5, 0.25, 0.25]])
     v = torch.tensor([[True, False, False]])
     torch.testing.assert_close(todre.visual_share(s, v), torch.tensor([0.5]))
+    torch.testing.assert_close(todre.visual_share(s * 4, v), torch.tensor([0.5]))  # mass 4: still half
 
 
 def test_transprune_normalise_only_over_visual_slots():
@@ -623,6 +688,34 @@ def test_todre_stage2_keeps_tokens_of_a_sample_with_no_question():
                     attention=lambda rows: rows.float() @ torch.full((L, L), 1 / L) / rows.float().sum().clamp_min(1))
     m = todre.ToDRE(todre.ToDREConfig(keep=2))
     assert m.select_in_llm(t)[0].tolist() == [0, 1, 2]
+
+
+def test_todre_stage2_drops_a_sample_only_strictly_below_tau():
+    """Per sample: its visual tokens all go when its question rows (the text after the image, not the rows
+    before it) give the visual keys less than tau of their attention. A share equal to tau keeps them;
+    so does an image within its budget; the other samples of the batch are left alone."""
+    B, L = 4, 6  # slot 0 system text, 1..3 the image, 4..5 the question
+    visual = torch.zeros(B, L, dtype=torch.bool)
+    visual[:, 1:4] = True
+    A = torch.zeros(B, L, L)
+    A[:, 0, 0] = 1.0
+    A[:, 1:4, 1] = 1.0  # the image's own rows look at the image only (a share of 1, were they counted)
+    A[:, 4:] = torch.tensor([[0.5, 0.25, 0.125, 0.125, 0, 0],  # share 0.5: kept
+                             [0.9375, 0.0625, 0, 0, 0, 0],  # 0.0625 < tau: dropped
+                             [0.875, 0.125, 0, 0, 0, 0],  # exactly tau: kept
+                             [0.9375, 0.0625, 0, 0, 0, 0]])[:, None]  # below tau, but within its budget
+
+    def attention(rows):
+        rows = torch.ones(B, L, dtype=torch.bool) if rows is None else rows
+        w = rows.float() / rows.float().sum(1, keepdim=True)
+        return torch.einsum("bl,blk->bk", w, A)
+
+    t = LayerTokens(layer=6, hidden=torch.zeros(B, L, 2), visual=visual, mask=torch.ones(B, L, dtype=torch.bool),
+                    keep=torch.tensor([1, 1, 1, 3]), before=torch.tensor([3, 3, 3, 3]),
+                    unit=torch.where(visual, torch.arange(B)[:, None], -1),
+                    images=((0, 3, 1), (1, 3, 1), (2, 3, 1), (3, 3, 3)), num_layers=8, attention=attention)
+    m = todre.ToDRE(todre.ToDREConfig(keep=1, tau=0.125))
+    assert [s.tolist() for s in m.select_in_llm(t)] == [[0, 1, 2], [], [0, 1, 2], [0, 1, 2]]
 
 
 def test_token_shuffle_window_budget_counts_merged_tokens():
