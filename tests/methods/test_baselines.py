@@ -13,6 +13,20 @@ def test_random_is_deterministic_sorted_unique_and_batch_free():
     assert random.select(5, 9).tolist() == [0, 1, 2, 3, 4]
 
 
+def test_random_draws_the_documented_subset_of_the_image_tokens():
+    """The first keep entries of randperm(n) from the seed (so that published subsets can be redrawn), n
+    the image's token count (not its feature size); every int64 seed is taken, negative ones included."""
+    from vtprune.methods.base import ImageTokens
+
+    image = ImageTokens(torch.randn(20, 7), None, 6)  # 20 tokens of 7 features
+    for seed in (0, 3, -1, -2**63):
+        want = torch.randperm(20, generator=torch.Generator().manual_seed(seed))[:6].sort().values
+        assert torch.equal(random.select(20, 6, seed=seed), want), seed
+        assert torch.equal(random.Random(random.RandomConfig(keep=6, seed=seed)).select(image).indices, want), seed
+    with pytest.raises(ValueError, match="seed"):
+        random.RandomConfig(keep=6, seed=-2**63 - 1)
+
+
 @pytest.mark.parametrize("h, w, keep, want", [
     (24, 24, 64, (8, 8)), (24, 24, 144, (12, 12)), (24, 24, 288, (16, 16)),
     (4, 8, 2, (1, 2)), (4, 4, 4, (2, 2)), (2, 10, 3, (1, 3)), (1, 1, 1, (1, 1)),
@@ -38,7 +52,10 @@ def test_fastv_select_ties_go_to_lowest_index():
     assert fastv.select(scores, visual, torch.tensor([4]))[0].tolist() == [0, 1, 3, 4]
 
 
-@pytest.mark.parametrize("n, ratio, want", [(576, 0.111, 64), (576, 0.25, 144), (3, 0.1, 1), (10, 1.0, 10)])
+@pytest.mark.parametrize("n, ratio, want", [(576, 0.111, 64), (576, 0.25, 144), (3, 0.1, 1), (10, 1.0, 10),
+                                             (10, 0.33, 3), (10, 0.25, 2)])
 def test_budget_rule(n, ratio, want):
+    # keep = max(1, round(ratio * N)) (specs/README.md): 3.3 -> 3 (not the ceiling), 2.5 -> 2 (Python's round,
+    # half to even)
     assert PruneConfig(ratio=ratio).budget(n) == want
     assert PruneConfig(keep=64).budget(n) == min(n, 64)

@@ -716,6 +716,8 @@ def test_todre_stage2_drops_a_sample_only_strictly_below_tau():
                     images=((0, 3, 1), (1, 3, 1), (2, 3, 1), (3, 3, 3)), num_layers=8, attention=attention)
     m = todre.ToDRE(todre.ToDREConfig(keep=1, tau=0.125))
     assert [s.tolist() for s in m.select_in_llm(t)] == [[0, 1, 2], [], [0, 1, 2], [0, 1, 2]]
+    never = todre.ToDRE(todre.ToDREConfig(keep=1, tau=0.0))  # (tau is in [0, 1]: 0 never drops)
+    assert [s.tolist() for s in never.select_in_llm(t)] == [[0, 1, 2]] * 4
 
 
 def test_token_shuffle_window_budget_counts_merged_tokens():
