@@ -259,6 +259,43 @@ def test_register_rejects_bad_names_and_duplicates():
         @vtprune.register("random")
         class Other(vtprune.Method):
             stage = "projector"
+    for bad in ("bad name", "bad-name", "bad.name", "9bad", "_bad", "", 3):  # (a lowercase start is not enough)
+        with pytest.raises(ValueError, match="lowercase identifiers"):
+            vtprune.register(bad)
+
+    class NoStage(vtprune.Method):
+        stage = "encoder"
+
+    class BadConfig(vtprune.Method):
+        stage = "projector"
+        Config = dict
+
+    with pytest.raises(TypeError, match="subclass of vtprune.Method"):
+        vtprune.register("not_a_method_test")(type("NotAMethod", (), {"stage": "projector"}))
+    with pytest.raises(ValueError, match="stage 'encoder'"):
+        vtprune.register("no_stage_test")(NoStage)
+    with pytest.raises(TypeError, match="Config must subclass"):
+        vtprune.register("bad_config_test")(BadConfig)
+    assert not {"not_a_method_test", "no_stage_test", "bad_config_test"} & set(vtprune.available())
+    from vtprune.methods.registry import get_method
+    with pytest.raises(TypeError, match="must be a name"):
+        get_method(vtprune.Method)
+
+
+def test_option_help_takes_a_config_subclass_comment_over_its_base():
+    from vtprune.methods.registry import option_help
+
+    @dataclasses.dataclass
+    class Config(vtprune.PruneConfig):
+        keep: int | None = None  # this strategy's own words on keep
+
+    class Strategy(vtprune.Method):
+        stage = "projector"
+
+    Strategy.Config = Config
+    notes = {name: note for name, _, _, note in option_help(Strategy)}
+    assert notes["keep"] == "this strategy's own words on keep"
+    assert notes["ratio"] == "fraction of each image's visual tokens kept, in (0, 1]"  # (the base's)
 
 
 def test_cli_methods_lists_stage_and_options():
