@@ -330,11 +330,13 @@ def test_entropy_signal_from_pixels_llava_and_qwen(model_factory):
     model = model_factory("llava")
     got = _signals(model, LlavaAdapter, sig, lambda: model.model.vision_tower(_normalised(grey)[None]))
     torch.testing.assert_close(got["h"][0], want)
-    # Qwen2-VL: an LLM token merges 2x2 patches of 14 px (consecutive rows of pixel_values)
+    # Qwen2-VL: an LLM token merges 2x2 patches of 14 px (consecutive rows of pixel_values), each row a
+    # patch's (channel, temporal, y, x) pixels; the grey levels come from the first temporal slice (the
+    # second, a flat picture of 0 bits here, as a video's next frame can be, is not read)
     model = model_factory("qwen2_vl")
     blocks, want = _levels(4, 28)
     patches = blocks.view(4, 2, 14, 2, 14).permute(0, 1, 3, 2, 4).reshape(16, 14, 14)
-    px = _normalised(patches)[:, :, None].expand(16, 3, 2, 14, 14).reshape(16, -1)
+    px = torch.stack([_normalised(patches), _normalised(torch.zeros(16, 14, 14))], 2).reshape(16, -1)
     got = _signals(model, QwenVLAdapter, sig, lambda: model.model.visual(px, grid_thw=torch.tensor([[1, 4, 4]])))
     torch.testing.assert_close(got["h"][0], want)
 
@@ -652,3 +654,14 @@ def test_llava_object_layer_is_hiprunes_layer_9_of_24(model_factory):
 
     adapter = LlavaAdapter(model_factory("llava"))
     assert [adapter.object_layer(n) for n in (24, 32, 3)] == [8, 11, 0]
+
+
+def test_the_object_layer_is_never_deeper_than_the_feature_layer():
+    """"object" (HiPrune's shallow layer) is the middle block, or the feature layer where that is shallower
+    (a tower whose projector reads an early layer), so that it is never the deeper of the two."""
+    from vtprune.hooks.base import Adapter
+
+    adapter = Adapter(None)
+    assert adapter.resolve_layer("object", 32, 30) == 15
+    assert adapter.resolve_layer("object", 32, 10) == 10
+    assert adapter.resolve_layer("feature", 32, 10) == 10
