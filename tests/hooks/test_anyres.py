@@ -80,6 +80,7 @@ def test_budget_shares_by_largest_remainder():
     assert shares(15, [16, 16]) == [8, 7]  # 7.5 each: the tie goes to the earlier grid
     assert shares(2, [1, 100]) == [1, 1]  # at least one each
     assert shares(10, [3, 100]) == [1, 9]  # 0.29 -> at least 1, taken from the larger
+    assert shares(4, [8, 8, 1]) == [1, 2, 1]  # 1.88, 1.88, 0.24 -> 2, 2, 0: of two equal donors, the earlier gives
     with pytest.raises(ValueError):
         shares(1, [4, 4])
 
@@ -107,6 +108,22 @@ def test_pool_merges_each_grid_and_keeps_one_newline_per_merged_row(model_factor
     want = torch.cat([base, torch.cat([merged.view(3, 3, -1), grid[[0, 2, 5], 8][:, None]], 1).reshape(12, -1)])
     start = int(st.layout[0].tolist().index(int(img[0])))
     torch.testing.assert_close(got[0, start:start + 16], want, atol=0, rtol=0)
+
+
+def test_pool_on_a_crop_grid_merged_to_one_row_pays_one_newline(model_factory):
+    """30 x 110 px (sample 3): base 4 x 4, crop grid 2 x 8 with 2 newlines = 34 tokens; ratio 0.5 -> 17, shared
+    by size (16; 16 + 2) as 8 and 9. Base -> 2 x 2. The crop grid's largest pooled grid that fits in 9 with one
+    newline per merged row: budget 9 -> 1 x 6 + 1 newline = 7 (a newline per merged column, 2 x 6 = 12,
+    would not fit and shrink it to budget 6's 1 x 4). 4 + 7 = 11 tokens."""
+    model = model_factory("llava_next")
+    inputs = tiny.batch("llava_next", [3])
+    assert tiny.next_tokens(*tiny.NEXT_SIZES[3])[0] == 34
+    with vtprune.pruned(model, "pool", ratio=0.5), torch.no_grad():
+        model(**inputs)
+        st = vtprune.stats(model)
+    crop = [16 + c for c in (0, 1, 2, 4, 5, 6)] + [24]  # row 0's 6 window starts (i * 8 // 6) + its newline
+    assert _kept_image_slots(st, inputs) == [0, 2, 8, 10] + crop
+    assert st.visual_after == [11]
 
 
 def test_hiprune_runs_per_crop_on_scores_packed_like_the_features(model_factory):
@@ -333,6 +350,35 @@ def _onevision_224():
                                   vision_feature_layer=-1, vision_feature_select_strategy="full",
                                   vision_aspect_ratio="anyres_max_9")
     return tf.LlavaOnevisionForConditionalGeneration(cfg).eval()
+
+
+def test_onevision_layout_follows_the_models_anyres_max_and_a_grid_mixing_tiles_has_none():
+    """vision_aspect_ratio="anyres_max_1": a 56 x 112 image on its 56 x 112 pinpoint has a 4 x 8 crop grid
+    (no unpadding), 32 patches over the 16 of one tile (ratio sqrt(2) > 1.1), so OneVision downsamples it
+    to int(4 / 1.41) x int(8 / 1.41) = 2 x 5 before a newline per row: 16 + 2 * 6 = 28 tokens (anyres_max_9,
+    the default, would keep 4 x 8: 52). Its column 2 straddles both crop tiles (the model's bilinear
+    resampling of the tile numbers 2 and 3 gives 2.5 there): no crop tiles, though every value's cells form
+    a rectangle."""
+    import transformers as tf
+
+    from vtprune.hooks.llava_onevision import LlavaOnevisionAdapter
+
+    torch.manual_seed(0)
+    cfg = tf.LlavaOnevisionConfig(vision_config=tiny.SIGLIP_VISION, text_config=dict(tiny.LLAMA_TEXT, model_type="qwen2"),
+                                  image_token_id=tiny.IMG, video_token_id=tiny.VID, image_grid_pinpoints=[[56, 112]],
+                                  vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                  vision_aspect_ratio="anyres_max_1")
+    model = tf.LlavaOnevisionForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=torch.randn(1, 3, 3, 56, 56),
+                                               image_sizes=torch.tensor([[56, 112]])).pooler_output
+    adapter = LlavaOnevisionAdapter(model)
+    lay = adapter.layout(3, (56, 112))
+    assert lay.n == feats[0].shape[0] == 28
+    assert lay.parts[1][1] == (2, 5) and lay.newlines.tolist() == [21, 27]
+    numbers = adapter.pack(torch.arange(1.0, 4.0)[:, None, None].expand(3, 16, 1), (56, 112))[:, 0]
+    assert numbers[lay.parts[1][0]].view(2, 5).tolist() == [[2, 2, 2.5, 3, 3]] * 2
+    assert lay.tiles is None and lay.grids("select") == lay.parts
 
 
 def test_onevision_anyres_max_downsampled_crops(model_factory):
