@@ -89,6 +89,33 @@ def test_qwen25_frames_sharing_a_t_position_keep_per_frame_budgets(model_factory
     assert torch.equal(kept, unpatched)
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_two_qwen_videos_in_one_sample_are_two_clips(model_factory, family):
+    """A Qwen-VL sample with two videos (2 frames of 4 tokens, then 3 of 6): per frame 5 units; under a clip
+    budget each video is one unit with its frames' budgets summed (keep=1: 2 and 3), where DivPrune picks what
+    it picks from that clip's tokens alone (in the LLM inputs of the unpatched model)."""
+    from vtprune.methods import divprune
+
+    g = torch.Generator().manual_seed(3)
+    (v1, p1), (v2, p2) = tiny._video(family, 0, g), tiny._video(family, 1, g)
+    ids = torch.tensor([[tiny.BOS, 10, 11, *v1, 12, *v2, 13, 14]])
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=tiny.token_types(ids),
+                  **{k: torch.cat([p1[k], p2[k]]) for k in ("pixel_values_videos", "video_grid_thw")})
+    model = model_factory(family)
+    embeds = tiny.lm_kwargs(model, inputs)["inputs_embeds"][0]  # (unpatched)
+    video = (ids[0] == tiny.VID).nonzero().squeeze(1)
+    clips = [video[:8], video[8:]]
+    for mode, want in (("frame", [(0, 4, 1)] * 2 + [(0, 6, 1)] * 3), ("clip", [(0, 8, 2), (0, 18, 3)])):
+        vtprune.patch(model, "divprune", keep=1, video_budget=mode)
+        with torch.no_grad():
+            model(**inputs)
+        st = vtprune.stats(model)
+        assert st.images == want, mode
+    kept = set(st.layout[0].tolist())
+    for clip, k in zip(clips, (2, 3)):
+        assert sorted(kept & set(clip.tolist())) == clip[divprune.select(embeds[clip][None].float(), k)[0]].tolist()
+
+
 @pytest.mark.parametrize("method, keep_positions", [("divprune", False), ("divprune", True), ("fastv", None),
                                                     ("transprune", None)])
 def test_llava_manual_decode_on_left_padding_equals_no_cache_forward(model_factory, monkeypatch, method,
@@ -282,6 +309,32 @@ def test_llava_text_only_sample_beside_an_image_has_no_image(model_factory):
         assert batch_kept == kept_image_slots(alone.layout[0], ids0) and len(batch_kept) == 4, method
         assert [int(s) for s in st.layout[1] if s >= 0] == list(range(len(ids1))), method
         vtprune.unpatch(model)
+
+
+@pytest.mark.parametrize("method", ["divprune", "hiprune"])
+def test_two_llava_images_in_one_sample_are_pruned_as_each_alone(model_factory, method):
+    """A LLaVA sample with two images (two pixel_values, 2 x 16 image tokens) has two units, each with its own
+    budget and (hiprune) its own image's vision scores: each keeps the slots it keeps as the only image."""
+    model = model_factory("llava")
+    pixels = [tiny.sample("llava", i)[1]["pixel_values"] for i in (0, 2)]
+
+    def run(which):
+        ids = [tiny.BOS, 5]
+        for j in which:
+            ids += [tiny.IMG] * 16 + [6 + j]
+        ids = torch.tensor([ids])
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.cat([pixels[j] for j in which]))
+        st = vtprune.stats(model)
+        image = (ids[0] == tiny.IMG).nonzero().squeeze(1).tolist()
+        kept = [image.index(int(s)) for s in st.layout[0] if int(s) in image]
+        return st.images, [[k - 16 * n for k in kept if 16 * n <= k < 16 * (n + 1)] for n in range(len(which))]
+
+    vtprune.patch(model, method, keep=4)
+    images, both = run([0, 1])
+    assert images == [(0, 16, 4), (0, 16, 4)]
+    assert both == [run([0])[1][0], run([1])[1][0]]
+    assert both[0] != both[1]  # (the two images keep different slots: neither took the other's)
 
 
 @pytest.mark.parametrize("samples, encoded, order", [

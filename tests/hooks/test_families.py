@@ -165,6 +165,22 @@ def test_qwen25_signals_come_from_full_attention_blocks_in_raster_order(model_fa
         QwenVLAdapter(model).install_vision_signals({"w": VisionSignal(0, "mean")}, SignalStore())
 
 
+def test_qwen25_feature_and_object_signals_move_to_the_nearest_full_attention_block_before():
+    """Where "feature" or "object" falls on a windowed block, the signal reads the nearest full-attention
+    block at or before it (the first one when none is), whatever order the config lists them in."""
+    from types import SimpleNamespace
+
+    from vtprune.hooks.qwen2_vl import QwenVLAdapter
+
+    adapter = QwenVLAdapter.__new__(QwenVLAdapter)  # (_signal_layer reads only the tower's fullatt_block_indexes)
+    visual = SimpleNamespace(fullatt_block_indexes=[11, 3, 7])
+    assert adapter._signal_layer(visual, "feature", 16) == 11  # block 15: full blocks 3, 7, 11 are before it
+    assert adapter._signal_layer(visual, "object", 16) == 7  # block (16 - 1) // 2 = 7 is one
+    assert adapter._signal_layer(SimpleNamespace(fullatt_block_indexes=[5, 9]), "object", 16) == 5
+    assert adapter._signal_layer(SimpleNamespace(fullatt_block_indexes=[9, 13]), "object", 16) == 9  # none before
+    assert adapter._signal_layer(SimpleNamespace(fullatt_block_indexes=None), "object", 16) == 7  # Qwen2-VL
+
+
 def test_hybrid_attention_signals_are_refused_at_linear_attention_layers(model_factory):
     """Qwen3.5's Gated DeltaNet layers have no attention map: a strategy reading one is refused by name,
     with the layers it can read (at patch time; a custom one that reads the next layer's attention without
