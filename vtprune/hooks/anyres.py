@@ -95,7 +95,8 @@ class Layout:
 
 def shares(total: int, sizes: list[int]) -> list[int]:
     """Split `total` over parts in proportion to `sizes` by largest remainder (ties: the earlier part),
-    each part at least 1 and at most its size. Needs len(sizes) <= total <= sum(sizes)."""
+    each part at least 1 and at most its size (a part raised to 1 takes it from the part with the most to
+    spare; ties: the earlier part gives). Needs len(sizes) <= total <= sum(sizes)."""
     if not len(sizes) <= total <= sum(sizes):
         raise ValueError(f"cannot split {total} over parts of sizes {sizes}")
     whole = sum(sizes)
@@ -103,7 +104,7 @@ def shares(total: int, sizes: list[int]) -> list[int]:
     out = [int(e) for e in exact]
     for i in sorted(range(len(sizes)), key=lambda i: (-(exact[i] - out[i]), i))[: total - sum(out)]:
         out[i] += 1
-    for i in range(len(out)):  # at least one each, taken from the part with the most to spare
+    for i in range(len(out)):  # at least one each
         while out[i] < 1:
             j = max(range(len(out)), key=lambda j: (out[j] - 1, -j))
             out[j] -= 1
