@@ -285,3 +285,57 @@ def test_patch_cover_by_hand():
     assert int(patch_labels(scene, 16)["colour"][6, 7]) == 0  # the centre rule misses the dot
     with pytest.raises(ValueError, match="rule"):
         patch_labels(scene, 16, rule="middle")
+
+
+# Found by mutating the generator: what each shape looks like, and the label rules' edges
+
+def _drawn(shape: str) -> torch.Tensor:
+    """[50, 50] bool: where a red `shape` drawn in the box (10, 10)-(39, 39) is."""
+    scene = Scene(50, 50, [shapes.Obj(shape, "red", "large", (0, 0), (10, 10, 39, 39))], [])
+    return (_pixels(render(scene)) == torch.tensor(COLOUR_RGB["red"], dtype=torch.uint8)).all(-1)
+
+
+def test_each_shape_is_drawn_as_named_in_its_box():
+    # box (10, 10)-(39, 39): centre (24.5, 24.5), half-side 14.5; pixels indexed [y, x]
+    for shape in SHAPES:
+        on = _drawn(shape)
+        assert on.any() and not on[:10].any() and not on[40:].any() and not on[:, :10].any() and not on[:, 40:].any()
+    assert _drawn("square")[10:40, 10:40].all()
+    circle = _drawn("circle")
+    assert circle[24, 24] and not circle[12, 12] and not circle[37, 37]  # corners: 17.7 px from the centre > 14.5
+    # triangle, apex up: (24.5, 10) -> (39, 39), (10, 39); half-width at row y = 14.5 (y - 10) / 29
+    tri = _drawn("triangle")
+    assert tri[14, 24] and not tri[14, 12] and tri[37, 12] and tri[37, 37]
+    # star, one point straight up: the tip (24.5, 10); straight down lies an inner corner, 0.45 x 14.5 = 6.5
+    # px below the centre (row 31), between the two lower points (which end at row 36.2)
+    star = _drawn("star")
+    assert star[13, 24] and star[24, 24] and not star[35, 24]
+    # cross: two bars a third of the side (30 / 3 = 10 px) thick through the centre: rows / columns
+    # round(24.5 -+ 5) = 20..30 (inclusive), the corners empty
+    cross = _drawn("cross")
+    assert cross[:, 11].nonzero().squeeze(1).tolist() == list(range(20, 31))
+    assert cross[11, :].nonzero().squeeze(1).tolist() == list(range(20, 31))
+    assert not cross[12, 12] and not cross[37, 37] and cross[24, 24]
+
+
+def test_patch_cover_threshold_is_inclusive():
+    from vtprune.eval.shapes import Obj, patch_cover
+
+    # an 8 x 8 square over the border of patches (0, 0) and (0, 1): 4 x 8 = 32 px in each, exactly 1/8 of 16 x 16
+    half = Obj("square", "red", "small", (0, 0), (12, 0, 19, 7))
+    ids = patch_cover(Scene(64, 64, [half], []), 16)
+    assert sorted(map(tuple, (ids == 1).nonzero().tolist())) == [(0, 0), (0, 1)]
+    # one column to the right: 3 x 8 = 24 px in (0, 0), under 1/8; 4 x 8 = 32 px in (0, 1)
+    ids = patch_cover(Scene(64, 64, [Obj("square", "red", "small", (0, 0), (13, 0, 20, 7))], []), 16)
+    assert (ids == 1).nonzero().tolist() == [[0, 1]]
+
+
+def test_every_item_marks_the_patch_of_the_box_centre_row_then_column():
+    from vtprune.eval.shapes import Obj, patch_ids
+
+    # x 42..52 and y 106..117 hold no 16-px patch centre (8, 24, 40, 56, ... 104, 120): the box centre
+    # (47, 111) lies in row 111 // 16 = 6, column 47 // 16 = 2
+    dot = Obj("square", "blue", "small", (1, 0), (42, 106, 52, 117))
+    scene = Scene(224, 224, [dot], [])
+    assert not bool((patch_ids(scene, 16) == 1).any())
+    assert (patch_ids(scene, 16, every_item=True) == 1).nonzero().tolist() == [[6, 2]]
