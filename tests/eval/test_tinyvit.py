@@ -95,3 +95,38 @@ def test_tensors_start_at_start():
     x, y = tinyvit.tensors("eval", 5, 4)
     x9, y9 = tinyvit.tensors("eval", 0, 9)
     assert torch.equal(x, x9[5:]) and torch.equal(y, y9[5:])
+
+
+# Found by mutating the data path: the pixels' normalisation and layout, and where distractors go
+
+def test_tensors_are_the_images_normalised_channel_first():
+    """x[i, c, row, col] = (pixel / 255 - 0.5) / 0.25 of image i (RGB, channel first, rows then columns)."""
+    import numpy as np
+
+    x, y = tinyvit.tensors("eval", 3, 2)
+    assert x.shape == (2, 3, 64, 64) and x.dtype == torch.float32
+    for k in range(2):
+        img, label = tinyvit.sample("eval", 3 + k)
+        assert int(y[k]) == label
+        for col, row in [(0, 0), (63, 0), (5, 40), *[(c, r) for r in range(0, 64, 3) for c in range(1, 64, 5)]]:
+            want = [(v / 255 - 0.5) / 0.25 for v in img.getpixel((col, row))]
+            assert x[k, :, row, col].tolist() == pytest.approx(want, abs=1e-6), (k, row, col)
+        rgb = np.asarray(img, dtype=np.float64).transpose(2, 0, 1)  # [3, rows, columns]
+        assert torch.allclose(x[k].double(), (torch.from_numpy(rgb) / 255 - 0.5) / 0.25, atol=1e-6)
+    # the dark grey background: (40 / 255 - 0.5) / 0.25 in every channel
+    assert (x == (40 / 255 - 0.5) / 0.25).float().mean() > 0.5
+
+
+def test_distractor_digits_stay_off_the_object():
+    import numpy as np
+
+    dark, grey = torch.tensor(tinyvit.shapes.BACKGROUND), torch.tensor(tinyvit.shapes.DIGIT_RGB)
+    with_digits = 0
+    for i in range(150):
+        img, _ = tinyvit.sample("train", i)
+        px = torch.from_numpy(np.array(img))  # [64, 64, 3]
+        digit = (px == grey).all(-1)
+        ys, xs = (~digit & ~(px == dark).all(-1)).nonzero(as_tuple=True)  # the object: its own colour
+        with_digits += bool(digit.any())
+        assert not digit[ys.min():ys.max() + 1, xs.min():xs.max() + 1].any(), i
+    assert with_digits > 50
