@@ -148,3 +148,54 @@ def test_evaluate_scores_every_question_whatever_the_batch():
     model, proc = tinyvlm.load("tiny-llava")
     r = tinyvlm.evaluate(model, proc, n_questions=5, batch_size=4)
     assert r["n"] == 5 and sum(r["n_by_kind"].values()) == 5
+
+
+# Found by mutating the harness: what the code builds is what the bundled models ship; scoring pairs answers with
+# their own questions
+
+@pytest.mark.parametrize("name", list(tinyvlm.NAMES))
+def test_code_builds_the_architecture_and_processor_the_bundled_model_ships(name):
+    """train_tiny.py and `models.load(name, random_weights=True)` build from tinyvlm.config / processor /
+    tokenizer; the shipped files were written from them, so they must agree (or a retrained or random-weight
+    model reads other pixels, token ids or layers than the bundled one)."""
+    import transformers as tf
+
+    path = tinyvlm.BUNDLED / name
+    if not (path / "config.json").exists():
+        pytest.skip(f"{name} is not bundled yet")
+    family = tinyvlm.NAMES[name]
+    ours, shipped = tinyvlm.config(family).to_diff_dict(), tf.AutoConfig.from_pretrained(path).to_diff_dict()
+    for key in ("architectures", "dtype", "transformers_version"):  # written by save_pretrained of the fp16 model
+        ours.pop(key, None), shipped.pop(key, None)
+    assert ours == shipped
+    proc, saved = tinyvlm.processor(family), tf.AutoProcessor.from_pretrained(path)
+    assert proc.to_dict() == saved.to_dict()  # image (and video) processors: size, mean / std, pixel budget
+    assert proc.tokenizer.get_vocab() == saved.tokenizer.get_vocab()
+    assert proc.tokenizer.special_tokens_map == saved.tokenizer.special_tokens_map
+    assert proc.tokenizer.image_token == saved.tokenizer.image_token and proc.tokenizer.padding_side == "left"
+
+
+def test_evaluate_scores_each_answer_against_its_own_question(monkeypatch):
+    """An oracle that knows each (image, question)'s answer, except that it says "zero" to every count
+    question: every kind scores 1.0 but count, which scores its share of "zero" answers."""
+    n = 23  # not a multiple of the batch: the last batch is short
+    truth = {}
+    for idx, q in shapes.eval_set(n):
+        img = shapes.render(shapes.sample("eval", idx, 224, 224)[0])
+        truth[img.tobytes(), q.text] = (q.kind, q.answer)
+
+    def oracle(model, proc, images, questions, batch_size=32):
+        assert len(images) == len(questions) <= 5  # evaluate's batches
+        got = [truth.get((img.tobytes(), t), ("?", "?")) for img, t in zip(images, questions)]
+        return ["zero" if kind == "count" else answer for kind, answer in got]
+
+    class LlavaStub:  # read as the llava family: 224 x 224 scenes
+        pass
+
+    monkeypatch.setattr(tinyvlm, "answers", oracle)
+    r = tinyvlm.evaluate(LlavaStub(), None, n_questions=n, batch_size=5)
+    counts = [q.answer for _, q in shapes.eval_set(n) if q.kind == "count"]
+    zero = counts.count("zero")
+    assert len(counts) == 4 and zero < len(counts)  # (23 questions: 4 of each kind, 3 of the last)
+    assert r["by_kind"] == {k: (zero / len(counts) if k == "count" else 1.0) for k in shapes.KINDS}
+    assert r["n"] == n and r["overall"] == pytest.approx((n - len(counts) + zero) / n)
