@@ -50,6 +50,33 @@ def test_demo_command_prints_table():
             assert row.split()[-2:] == ["1.00", "1.00"]  # keep-all agrees with the unpruned model
 
 
+
+def test_demo_plumbing_columns_by_hand(monkeypatch):
+    """The --plumbing row of a strategy at a ratio: tiny llava batch 0-3 holds 4 x 16 image tokens in
+    sequences of 22, 25, 26 and 29 tokens (29 padded); at 0.25 each image keeps round(0.25 x 16) = 4, so
+    64->16 visual tokens and 29->17 positions. The prefill column is pruned / unpruned (a stand-in timer
+    gives the sequence length as its milliseconds)."""
+    import torch
+
+    import vtprune.demo as demo
+
+    def length_as_ms(model, inputs, reps=3):
+        with torch.no_grad():
+            return float(model(**inputs).logits.shape[1])
+
+    monkeypatch.setattr(demo, "available", lambda: ["random"])
+    monkeypatch.setattr(demo.sweep, "prefill_ms", length_as_ms)
+    out = io.StringIO()
+    rows = demo.run(families=("llava",), ratios=(1.0, 0.25), new_tokens=2, out=out)
+    assert [(r["method"], r["ratio"], r["visual"], r["seq"], r["prefill_ms"], r["base_ms"]) for r in rows] == [
+        ("random", 1.0, "64->64", "29->29", 29.0, 29.0), ("random", 0.25, "64->16", "29->17", 17.0, 29.0)]
+    assert rows[0]["top1"] == rows[0]["gen"] == 1.0
+    printed = [line.split() for line in out.getvalue().splitlines() if line.startswith("llava")]
+    assert [p[:5] + p[6:9] for p in printed] == [  # (p[5]: the selection time)
+        ["llava", "random", "1.000", "64->64", "29->29", "29.0", "/", "29.0"],
+        ["llava", "random", "0.250", "64->16", "29->17", "17.0", "/", "29.0"]]
+
+
 def test_reproduce_doc_model_args_build():
     """Every `run NAME "MODEL_ARGS" TASKS` line of docs/reproduce.md (shell variables expanded) names a
     strategy whose options, budget included, build: a paper command must not fail on its arguments."""
