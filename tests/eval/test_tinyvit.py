@@ -130,3 +130,33 @@ def test_distractor_digits_stay_off_the_object():
         with_digits += bool(digit.any())
         assert not digit[ys.min():ys.max() + 1, xs.min():xs.max() + 1].any(), i
     assert with_digits > 50
+
+
+def test_demo_vit_rows_leave_ratio_one_to_the_unpatched_model_and_record_their_layer(tmp_path, monkeypatch):
+    """--ratios 1.0,0.5: 1.0 is the unpatched row only; each strategy runs at 0.5, patched after the block
+    vit_results.json names, and the model is left unpatched. (A random-weight tiny ViT stands in for the trained one.)"""
+    import io
+    import json
+
+    import vtprune.vit
+    from vtprune.demo import run_vit
+
+    layers, patch_vit = [], vtprune.patch_vit
+
+    def spy(model, method, **kw):
+        layers.append(kw["layer"])
+        return patch_vit(model, method, **kw)
+
+    model = tinyvit.build().eval()
+    x = tinyvit.tensors("eval", 0, 4)[0]
+    with torch.no_grad():
+        before = model(x)
+    monkeypatch.setattr(tinyvit, "load", lambda: model)
+    monkeypatch.setattr(vtprune.vit, "supported", lambda: ["random", "divprune"])
+    monkeypatch.setattr(vtprune, "patch_vit", spy)
+    rows = run_vit((1.0, 0.5), tmp_path, images=8, out=io.StringIO())
+    assert [(r["method"], r["ratio"]) for r in rows] == [("none", 1.0), ("random", 0.5), ("divprune", 0.5)]
+    saved = json.loads((tmp_path / "vit_results.json").read_text())
+    assert saved["rows"] == rows and saved["images"] == 8 and layers == [saved["layer"]] * 2
+    with torch.no_grad():
+        assert torch.equal(model(x), before)  # each cell unpatched after it
