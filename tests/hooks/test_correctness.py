@@ -121,6 +121,32 @@ def test_batch_prefill_matches_each_sample_alone(model_factory, family, method, 
     _check_batch_prefill(model_factory(family), family, method, padding)
 
 
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "llava_next"])
+def test_tiny_batches_pad_on_the_side_they_are_asked(family):
+    """The "right" cases above are right-padded: each sample's ids start at slot 0, pads and mask zeros after
+    them (and "left" the mirror image)."""
+    samples = [tiny.sample(family, i)[0] for i in (0, 1, 2)]
+    length = max(map(len, samples))
+    for padding in ("left", "right"):
+        inputs = tiny.batch(family, [0, 1, 2], padding=padding)
+        assert inputs["input_ids"].shape == (3, length)
+        for b, ids in enumerate(samples):
+            pads = length - len(ids)
+            row, mask = inputs["input_ids"][b].tolist(), inputs["attention_mask"][b].tolist()
+            if padding == "right":
+                assert row == ids + [tiny.PAD] * pads and mask == [1] * len(ids) + [0] * pads
+            else:
+                assert row == [tiny.PAD] * pads + ids and mask == [0] * pads + [1] * len(ids)
+        assert any(length > len(ids) for ids in samples)  # (some sample is padded)
+
+
+def test_tiny_build_seed_sets_the_weights():
+    a, b, c = tiny.build("llava", seed=1), tiny.build("llava", seed=1), tiny.build("llava")
+    pa, pb, pc = (dict(m.named_parameters()) for m in (a, b, c))
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert not torch.equal(pa["lm_head.weight"], pc["lm_head.weight"])
+
 # batches mixing images and videos: sample 0 has an image, samples 1 and 2 an image and a clip
 VIDEO_PAIRS = [(f, m) for f in tiny.VIDEO_FAMILIES for m in METHODS]
 MIXED = (1, 2)
