@@ -141,6 +141,18 @@ def test_tiny_batches_pad_on_the_side_they_are_asked(family):
         assert any(length > len(ids) for ids in samples)  # (some sample is padded)
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_tiny_qwen_clips_are_laid_out_as_the_processors_write_them(family):
+    """Sample 0's clip (VIDEO_GRIDS[0]: 2 temporal patches of 4 x 4 patches, 2 x 2 merged: 4 tokens each) after a
+    text token 7: Qwen2-VL one vision_start ... vision_end group; Qwen3-VL one group per temporal patch, each after
+    a timestamp text token (3, 4), so text lies between a clip's frames."""
+    ids, vis = tiny.sample(family, 0, video=True)
+    V, S, E = tiny.VID, tiny.VSTART, tiny.VEND
+    want = [S] + [V] * 8 + [E] if family == "qwen2_vl" else [3, S, V, V, V, V, E, 4, S, V, V, V, V, E]
+    assert ids[-4 - len(want):-3] == [7] + want  # (sample 0 ends in 3 text tokens)
+    assert ids.count(V) == 8
+    assert vis["video_grid_thw"].tolist() == [[2, 4, 4]]
+
 def test_tiny_build_seed_sets_the_weights():
     a, b, c = tiny.build("llava", seed=1), tiny.build("llava", seed=1), tiny.build("llava")
     pa, pb, pc = (dict(m.named_parameters()) for m in (a, b, c))
