@@ -50,7 +50,6 @@ def test_demo_command_prints_table():
             assert row.split()[-2:] == ["1.00", "1.00"]  # keep-all agrees with the unpruned model
 
 
-
 def test_demo_plumbing_columns_by_hand(monkeypatch):
     """The --plumbing row of a strategy at a ratio: tiny llava batch 0-3 holds 4 x 16 image tokens in
     sequences of 22, 25, 26 and 29 tokens (29 padded); at 0.25 each image keeps round(0.25 x 16) = 4, so
