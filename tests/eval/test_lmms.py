@@ -406,6 +406,14 @@ def test_throughput_log_is_per_call_and_leaves_out_padding_requests():
     first, second = get_logged_metrics_history()[-2:]
     assert first["vtprune_samples"] == second["vtprune_samples"] == 1
     assert sum(r["samples"] for r in lm.records) == 2
+    # the call's time and tokens are its real batch's (the padding copy's own batch is left out)
+    assert second["total_elapsed_time"] == lm.records[1]["generate_s"]
+    assert second["total_gen_tokens"] == out[0].token_counts.output_tokens
+    lm.generate_until(two[1:])  # padding copies only: no vtprune figures for lmms-eval to average in
+    assert not any(k.startswith("vtprune_") for k in get_logged_metrics_history()[-1])
+    # sweeps time a prefill on the first real batch's inputs (not the last, nor a padding copy's)
+    image = reqs({})[0].args[2]({"scene": 0})
+    assert torch.equal(lm.first_inputs["input_ids"], lm._inputs([lm._prompt("what colour is the star ?", 1)], image)["input_ids"])
     # loglikelihood forwards add their figures but no time: lmms-eval's tokens/s is generation's alone
     visual = reqs({})[0].args[2]
     lm.loglikelihood([_Req("what colour is the star ?", " red", visual, 0, "t", "test")] * 2)
@@ -534,6 +542,9 @@ def test_quoted_flags():
         assert lmms._flag("f", v) is True, v
     for v in ('"0"', "0", '"no"', '"false"', 0, False, None):
         assert lmms._flag("f", v) is False, v
+    for v in (2, -1, "2", "maybe"):
+        with pytest.raises(ValueError, match="f must be true or false"):
+            lmms._flag("f", v)
 
 
 def test_summary_selection_ms_is_per_batch():
@@ -554,6 +565,144 @@ def test_output_tokens_count_the_eos():
     visual = lambda d: [shapes.render(shapes.sample("eval", 0)[0])]  # noqa: E731
     out = lm.generate_until([_Req("what colour is the star ?", {"max_new_tokens": 3}, visual, 0, "t", "test")])
     assert out[0].text.split() == ["red"] and out[0].token_counts.output_tokens == 2
+
+
+# Found by mutating the plugin: stop sequences, generation settings, request order, loglikelihood tokens,
+# device, figures and dtype that a slip could change without any test failing
+
+def _words_generator(lm, words):
+    """A stand-in for generate() that continues every row with `words` (up to max_new_tokens of them),
+    recording the settings it is given."""
+    ids = lm.tokenizer.convert_tokens_to_ids(words)
+    seen = []
+
+    def generate(**kw):
+        seen.append({k: kw[k] for k in ("max_new_tokens", "num_beams", "do_sample", "temperature", "top_p") if k in kw})
+        new = torch.tensor([(ids * kw["max_new_tokens"])[:kw["max_new_tokens"]]] * kw["input_ids"].shape[0])
+        return torch.cat([kw["input_ids"], new], 1)
+
+    lm.model.generate = generate
+    lm.task_dict = {"t": {"test": {0: {"scene": 0}}}}
+    visual = lambda d: [shapes.render(shapes.sample("eval", 0)[0])]  # noqa: E731
+    return seen, lambda gen: _Req("what colour is the star ?", gen, visual, 0, "t", "test")
+
+
+def test_stop_sequences_cut_the_answer_before_the_first_one():
+    """`until` cuts the decoded answer before the earliest of its stops, whatever their order in the list;
+    a task may give one string (one stop, not its characters); an empty stop cuts nothing."""
+    lm = lmms.Vtprune(pretrained="tiny-llava", random_weights=True)
+    _, req = _words_generator(lm, ["red", "blue", "green", "star"])
+
+    def answer(**until):
+        return lm.generate_until([req({"max_new_tokens": 4, **until})])[0].text
+
+    assert answer() == answer(until=[]) == "red blue green star"
+    assert answer(until=["green"]) == "red blue "
+    assert answer(until=["star", "blue"]) == answer(until=["blue", "star"]) == "red "
+    assert answer(until="blue") == "red "  # (as characters, its "e" would cut "red" to "r")
+    assert answer(until=["", "sky"]) == "red blue green star"
+
+
+def test_generation_settings_reach_generate():
+    """generate() gets the task's max_new_tokens (the model argument when the task sets none), its num_beams,
+    and its temperature and top_p when it samples (greedy otherwise)."""
+    lm = lmms.Vtprune(pretrained="tiny-llava", random_weights=True, max_new_tokens=5)
+    seen, req = _words_generator(lm, ["red"])
+    greedy = {"num_beams": 1, "do_sample": False}
+    for gen, want in (({}, {"max_new_tokens": 5, **greedy}),
+                      ({"max_new_tokens": 2}, {"max_new_tokens": 2, **greedy}),
+                      ({"max_new_tokens": 2, "num_beams": 3}, {"max_new_tokens": 2, "num_beams": 3, "do_sample": False}),
+                      ({"max_new_tokens": 2, "temperature": 0, "top_p": 0.9}, {"max_new_tokens": 2, **greedy}),
+                      ({"max_new_tokens": 2, "do_sample": True, "temperature": 0.7, "top_p": 0.9},
+                       {"max_new_tokens": 2, "num_beams": 1, "do_sample": True, "temperature": 0.7, "top_p": 0.9})):
+        seen.clear()
+        out = lm.generate_until([req(gen)])
+        assert seen == [want], gen
+        assert out[0].token_counts.output_tokens == want["max_new_tokens"]  # no EOS: every token it was allowed
+
+
+def test_answers_keep_request_order_across_generation_settings():
+    """Requests are batched by generation settings: with 1, 3, 1, 3 new tokens interleaved at batch 2 each
+    answer comes back at its request's index, generated with its own settings, as when it runs alone."""
+    lm = lmms.Vtprune(pretrained="tiny-llava", random_weights=True, method="divprune", keep=64, batch_size=2)
+    lm.task_dict = {"t": {"test": {i: {"scene": i} for i in range(4)}}}
+    visual = lambda d: [shapes.render(shapes.sample("eval", d["scene"])[0])]  # noqa: E731
+    qs = ["is there a digit ?", "what colour is the star ?", "how many shapes are there a digit in ?",
+          "is the red circle left of the blue square ?"]  # prompts of 5, 6, 9 and 10 words: an exchange shows
+    reqs = [_Req(q, {"max_new_tokens": 1 + 2 * (i % 2)}, visual, i, "t", "test") for i, q in enumerate(qs)]
+    alone = [lm.generate_until([r])[0] for r in reqs]
+    together = lm.generate_until(reqs)
+    assert [len(lm.tokenizer(o.text, add_special_tokens=False)["input_ids"]) for o in alone] == [1, 3, 1, 3]
+    assert [o.token_counts.input_tokens for o in alone] == [1 + 64 + n for n in (5, 6, 9, 10)]
+    assert [(o.text, o.token_counts.input_tokens, o.token_counts.output_tokens) for o in together] == \
+        [(o.text, o.token_counts.input_tokens, o.token_counts.output_tokens) for o in alone]
+
+
+def test_loglikelihood_scores_the_continuation_without_special_tokens():
+    """A Llama-style tokenizer puts BOS before every text it encodes: the continuation's tokens are its words
+    alone (a BOS between the context and the continuation was scored as part of it)."""
+    from tokenizers.processors import TemplateProcessing
+
+    import vtprune
+
+    lm = lmms.Vtprune(pretrained="tiny-llava", random_weights=True)
+    tok = lm.tokenizer
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    red = tok.convert_tokens_to_ids("red")
+    assert tok("red")["input_ids"] == [tok.bos_token_id, red]
+    scene, qs = shapes.sample("eval", 3)
+    lm.task_dict = {"t": {"test": {0: {"scene": 3}}}}
+    visual = lambda d: [shapes.render(shapes.sample("eval", d["scene"])[0])]  # noqa: E731
+    (loss, _), = (r.text for r in lm.loglikelihood([_Req(qs[0].text, "red", visual, 0, "t", "test")]))
+    inputs = lm.processor(images=[shapes.render(scene)], text=[tinyvlm.prompt("llava", qs[0].text) + " red"],
+                          return_tensors="pt")
+    inputs.pop("token_type_ids", None)
+    assert int(inputs["input_ids"][0, -1]) == red and int(inputs["input_ids"][0, -2]) != tok.bos_token_id
+    vtprune.unpatch(lm.model)
+    with torch.no_grad():
+        logp = torch.log_softmax(lm.model(**inputs).logits[0, -2].float(), -1)
+    assert loss == pytest.approx(-float(logp[red]), abs=1e-4)
+
+
+def test_each_process_takes_its_local_gpu(monkeypatch):
+    """Under torchrun / accelerate (WORLD_SIZE > 1) a process binds to cuda:LOCAL_RANK, the GPU of its own
+    machine (RANK counts the processes of every machine); alone it takes `device` or the default."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("RANK", "11")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert lmms._device(None) == lmms._device("cpu") == torch.device("cuda:3")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert lmms._device("cpu") == torch.device("cpu") and lmms._device(None) == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert lmms._device(None) == torch.device("cpu")
+
+
+def test_summary_figures_are_the_flops_count_per_sample():
+    """A batch's TFLOPs in the summary are flops.count's for the same inputs and strategy, divided by its
+    samples (vision: the encoder and the projector)."""
+    import vtprune
+    from vtprune.eval import flops
+
+    lm = lmms.Vtprune(pretrained="tiny-llava", random_weights=True, method="divprune", keep=64, batch_size=3)
+    lm.generate_until(_three(lm)({"max_new_tokens": 1}))
+    s = lm.summary()
+    vtprune.unpatch(lm.model)
+    want = flops.count(lm.model, lm.first_inputs, "divprune", keep=64)
+    assert (s["samples"], s["batches"]) == (3, 1)
+    assert s["prefill_tflops"] == pytest.approx(want.total_prefill / 3 / 1e12, rel=1e-9)
+    assert s["llm_prefill_tflops"] == pytest.approx(want.llm_prefill / 3 / 1e12, rel=1e-9)
+    assert s["vision_tflops"] == pytest.approx((want.vision_encoder + want.projector) / 3 / 1e12, rel=1e-9)
+    assert want.projector > 0 and want.llm_prefill < flops.count(lm.model, lm.first_inputs).llm_prefill
+
+
+def test_a_dtype_argument_casts_a_bundled_model_and_its_inputs():
+    lm = lmms.Vtprune(pretrained="tiny-llava", random_weights=True, dtype="bfloat16", method="divprune", keep=64)
+    assert {p.dtype for p in lm.model.parameters()} == {torch.bfloat16}
+    lm.task_dict = {"t": {"test": {0: {"scene": 0}}}}
+    visual = lambda d: [shapes.render(shapes.sample("eval", 0)[0])]  # noqa: E731
+    out = lm.generate_until([_Req("what colour is the star ?", {"max_new_tokens": 2}, visual, 0, "t", "test")])
+    assert out[0].text is not None and lm.summary()["visual_after"] == 64
 
 
 # videos ----------------------------------------------------------------------------------------
@@ -839,9 +988,15 @@ def test_video_sources_as_lmms_eval_gives_them(tmp_path):
     shapes.render(shapes.sample("eval", 0)[0]).save(tmp_path / "x.png")
     images, videos = lmms._media([{"type": "image", "path": str(tmp_path / "x.png")}, {"path": "v.mp4"}])
     assert len(images) == 1 and videos == [{"path": "v.mp4"}]
+    shapes.render(shapes.sample("eval", 0)[0]).save(tmp_path / "X.PNG", format="PNG")  # extensions in any case
+    assert [len(x) for x in lmms._media([str(tmp_path / "X.PNG"), "V.MP4"])] == [1, 1]
     lm = lmms.Vtprune(pretrained="tiny-qwen2vl", random_weights=True)
     with pytest.raises(ValueError, match="needs its file under 'url', 'path' or 'video'"):
         lm._video({"video_start": 1.0})
+    video, path = _clip(tmp_path / "a.avi")
+    for key in ("url", "path", "video"):
+        frames, meta = lm._video({key: str(path)})
+        assert meta.frames_indices == list(range(10)) and np.array_equal(frames, video), key
     with pytest.raises(NotImplementedError, match="not audio"):
         lmms._media([{"type": "audio", "path": "talk.wav"}])
 
@@ -859,6 +1014,10 @@ def test_a_video_segment_is_read_in_both_protocols(tmp_path):
                                              {"type": "text", "text": "what is it ?"}]}]
     _, images, videos = chat._request(("", lambda d: messages, {}, 0, "t", "test"))
     assert images == [] and [m.frames_indices for _, m in videos] == [[2, 3, 4, 5, 6, 7]]
+    for start, end, want in ((1.0, None, list(range(2, 10))), (None, 3.5, list(range(8)))):  # one edge given
+        messages[0]["content"][0].update(start_time=start, end_time=end)
+        _, _, videos = chat._request(("", lambda d: messages, {}, 0, "t", "test"))
+        assert [m.frames_indices for _, m in videos] == [want], (start, end)
 
 
 def test_simple_prompt_puts_videos_first():
