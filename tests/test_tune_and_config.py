@@ -338,6 +338,21 @@ def test_shapes_calibration_for_qwen2_5_vl_and_later():
     assert abs(cfg["tuned"]["layer_averaged_retention"] - 0.5) < 1e-9
 
 
+
+def test_shapes_calibration_never_reads_the_evaluation_split(monkeypatch):
+    """tune's default calibration takes train-split scenes (and sizes): the eval split is what sweeps and the
+    lmms-eval tasks score."""
+    from vtprune.eval import shapes
+
+    splits = []
+    sample, size = shapes.sample, shapes.qwen_size
+    monkeypatch.setattr(shapes, "sample", lambda split, *a, **k: (splits.append(split), sample(split, *a, **k))[1])
+    monkeypatch.setattr(shapes, "qwen_size", lambda split, *a, **k: (splits.append(split), size(split, *a, **k))[1])
+    for name in ("tiny-llava", "tiny-qwen2vl"):
+        model, processor = eval_models.load(name, random_weights=True)
+        assert [b["input_ids"].shape[0] for b in eval_models.calibration("shapes", model, processor, 3, batch_size=2)] == [2, 1]
+    assert len(splits) == 3 + 3 * 2 and set(splits) == {"train"}
+
 def test_a_command_line_preset_file_is_read_once(tmp_path, monkeypatch):
     """bench/flops --config FILE read the file twice (the method check, then the options): a file changing in
     between (a tune run still writing it) could give the method of one version and the options of another."""

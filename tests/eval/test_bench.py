@@ -388,6 +388,50 @@ def test_output_paths_are_checked_before_the_work(monkeypatch, capsys, tmp_path,
         assert f"{option} {tmp_path} is a folder" in err
 
 
+
+def test_an_output_path_without_write_access_is_refused(tmp_path, monkeypatch):
+    """Its nearest existing folder, or the file itself, not writable (checked with os.access: root may write
+    anywhere, so the answer is stood in for here)."""
+    from pathlib import Path
+
+    from vtprune.eval import paths
+
+    denied = tmp_path / "ro"
+    denied.mkdir()
+    (denied / "x.json").write_text("")
+    monkeypatch.setattr(paths.os, "access", lambda p, mode: Path(p) != denied)
+    for path, folder in ((denied / "y.json", False), (denied / "new" / "y.json", False), (denied / "sub", True),
+                         (denied, True)):
+        with pytest.raises(ValueError, match=f"--out {path}: not writable"):
+            paths.check_output(path, "--out", folder=folder)
+    monkeypatch.setattr(paths.os, "access", lambda p, mode: Path(p) != denied / "x.json")  # a read-only file
+    with pytest.raises(ValueError, match="not writable"):
+        paths.check_output(denied / "x.json", "--json")
+    assert paths.check_output(denied / "y.json", "--json") == denied / "y.json"
+
+
+def test_random_weights_of_a_bundled_model_are_the_same_every_load():
+    """A resumed sweep, a bench and a flops run of --random-weights measure one model, not three."""
+    from vtprune.eval import models
+
+    a = models.load("tiny-llava", random_weights=True)[0].state_dict()
+    torch.manual_seed(123)
+    b = models.load("tiny-llava", random_weights=True)[0].state_dict()
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+    assert not torch.equal(a["lm_head.weight"], models.load("tiny-llava")[0].state_dict()["lm_head.weight"])
+
+
+def test_a_full_scale_architecture_is_built_with_the_attention_asked_for(monkeypatch):
+    """(a tiny Qwen2-VL config stands in for qwen2-vl-7b's, built on the CPU)"""
+    from vtprune.eval import configs, models
+
+    build = configs.build
+    monkeypatch.setattr(configs, "build", lambda name, **kw: build(name, device="cpu", dtype=torch.float32, **kw))
+    monkeypatch.setitem(configs.FULL_SCALE, "qwen2-vl-7b", lambda: tiny.config("qwen2_vl"))
+    for attn in ("eager", "sdpa"):
+        model, processor = models.load("qwen2-vl-7b", random_weights=True, attn=attn)
+        assert model.config._attn_implementation == attn and processor is None
+
 def test_output_folders_are_made_as_the_writers_make_them(tmp_path, capsys):
     from vtprune.cli import main
 

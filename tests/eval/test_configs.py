@@ -17,6 +17,53 @@ def test_full_scale_configs_have_the_published_size(name, params):
     assert sum(p.numel() for p in model.parameters()) == params  # the model cards' counts
 
 
+LLAVA = {"text.num_attention_heads": 32, "text.num_key_value_heads": 32, "text.max_position_embeddings": 4096,
+         "text.rope_parameters.rope_theta": 10000.0, "vision.num_attention_heads": 16, "vision.hidden_act": "quick_gelu",
+         "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "projector_hidden_act": "gelu"}
+QWEN2 = {"text.num_attention_heads": 28, "text.num_key_value_heads": 4, "text.rope_parameters.rope_theta": 1e6,
+         "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+         "vision.num_heads": 16, "vision.patch_size": 14, "vision.spatial_merge_size": 2, "vision.temporal_patch_size": 2}
+QWEN3 = {"text.head_dim": 128, "text.max_position_embeddings": 262144, "text.rope_parameters.rope_theta": 5e6,
+         "text.rope_parameters.mrope_section": [24, 20, 20], "text.rope_parameters.mrope_interleaved": True,
+         "image_token_id": 151655, "video_token_id": 151656, "vision.num_heads": 16, "vision.patch_size": 16,
+         "vision.num_position_embeddings": 2304, "vision.hidden_act": "gelu_pytorch_tanh",
+         "vision.deepstack_visual_indexes": [8, 16, 24]}
+
+
+@pytest.mark.parametrize("name, published", [
+    ("llava-1.5-7b", {**LLAVA, "image_token_id": 32000, "image_seq_length": 576}),
+    ("llava-next-7b", {**LLAVA, "image_token_id": 32000,
+                       "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]}),
+    ("llava-next-video-7b", {**LLAVA, "image_token_id": 32001, "video_token_id": 32000, "spatial_pool_mode": "average",
+                             "spatial_pool_stride": 2}),
+    ("llava-onevision-7b", {"text.num_attention_heads": 28, "text.num_key_value_heads": 4,
+                            "text.rope_parameters.rope_theta": 1e6, "image_token_id": 151646, "video_token_id": 151647,
+                            "vision_feature_layer": -1, "vision_feature_select_strategy": "full",
+                            "vision_aspect_ratio": "anyres_max_9", "vision.num_attention_heads": 16}),
+    ("qwen2-vl-7b", {**QWEN2, "text.max_position_embeddings": 32768, "text.rope_parameters.mrope_section": [16, 24, 24],
+                     "vision.hidden_act": "quick_gelu"}),
+    ("qwen2.5-vl-7b", {**QWEN2, "text.max_position_embeddings": 128000, "text.rope_parameters.mrope_section": [16, 24, 24],
+                       "vision.hidden_act": "silu", "vision.window_size": 112,
+                       "vision.fullatt_block_indexes": [7, 15, 23, 31], "vision.tokens_per_second": 2}),
+    ("qwen3-vl-8b", {**QWEN3, "text.num_attention_heads": 32, "text.num_key_value_heads": 8}),
+    ("qwen3-vl-30b-a3b", {**QWEN3, "text.num_attention_heads": 32, "text.num_key_value_heads": 4})])
+def test_full_scale_configs_have_the_published_values_a_parameter_count_cannot_see(name, published):
+    """The checkpoints' config.json values that leave the parameter count alone (head split of an MHA model,
+    RoPE, token ids, feature layer and selection, tiling, pooling, windowed blocks, deepstack taps) but
+    change the attention, the positions, the visual tokens or the vision FLOPs."""
+    config = configs.FULL_SCALE[name]()
+
+    def value(path):
+        first, *rest = path.split(".")
+        obj = {"text": config.get_text_config(), "vision": config.vision_config}.get(first)
+        obj = getattr(config, first) if obj is None else obj
+        for key in rest:
+            obj = obj[key] if isinstance(obj, dict) else getattr(obj, key)
+        return list(obj) if isinstance(obj, tuple) else obj
+
+    assert {path: value(path) for path in published} == published
+
+
 def test_the_mixture_of_experts_config_has_the_published_size():
     """Qwen3-VL-30B-A3B: the model card says 31.1 B parameters (it gives no exact count)."""
     model = configs.build("qwen3-vl-30b-a3b", device="meta", dtype=torch.bfloat16)
