@@ -416,9 +416,12 @@ def test_throughput_log_is_per_call_and_leaves_out_padding_requests():
     assert torch.equal(lm.first_inputs["input_ids"], lm._inputs([lm._prompt("what colour is the star ?", 1)], image)["input_ids"])
     # loglikelihood forwards add their figures but no time: lmms-eval's tokens/s is generation's alone
     visual = reqs({})[0].args[2]
-    lm.loglikelihood([_Req("what colour is the star ?", " red", visual, 0, "t", "test")] * 2)
+    copy = _Req("what colour is the star ?", " red", visual, 0, "t", "test")
+    copy.metadata = {"__padding_only__": True}  # answered, not counted, here too
+    out = lm.loglikelihood([_Req("what colour is the star ?", " red", visual, 0, "t", "test")] * 2 + [copy])
     third = get_logged_metrics_history()[-1]
     assert third["total_elapsed_time"] == 0 and third["vtprune_samples"] == 2
+    assert len(out) == 3 and out[2].text == out[0].text
 
 
 def test_images_are_loaded_batch_by_batch(monkeypatch):
