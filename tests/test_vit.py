@@ -616,3 +616,68 @@ def test_what_a_strategy_returns_is_checked_in_a_vit(monkeypatch, bad, exc, mess
     model = vtprune.patch_vit(timm_vit(), "divprune", keep=4, layer=1)
     with torch.no_grad(), pytest.raises(exc, match="divprune.select.*" + message):
         model(IMAGES)
+
+
+def test_the_default_layer_is_the_block_before_the_middle():
+    """patch_vit's documented default layer: n_blocks // 2 - 1 (block 1 of the 4-block test ViT)."""
+    model = timm_vit()
+    with torch.no_grad():  # (references run the unpatched blocks)
+        want = reference(model, IMAGES, 1, lambda x: torch.stack([x[i, divprune.select(x[i:i + 1], 6)[0]]
+                                                                   for i in range(len(x))]))
+        later = reference(model, IMAGES, 2, lambda x: torch.stack([x[i, divprune.select(x[i:i + 1], 6)[0]]
+                                                                    for i in range(len(x))]))
+        vtprune.patch_vit(model, "divprune", keep=6)
+        got = model(IMAGES)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert not torch.allclose(got, later, rtol=0, atol=1e-4)
+
+
+def test_a_non_square_grid_pools_rows_as_rows():
+    """The patch grid is (rows, cols) = (img_h / patch, img_w / patch): a 32x16 image in 8-pixel patches is
+    4 rows of 2 (row-major), so pool to 2 tokens averages rows 0-1 (patches 0..3) and rows 2-3 (4..7);
+    a grid read as 2 rows of 4 would average patches {0, 1, 4, 5} and {2, 3, 6, 7}."""
+    model = timm_vit(img_size=(32, 16))
+    images = IMAGES[:, :, :, :16]
+    with torch.no_grad():
+        want = reference(model, images, 1, lambda x: torch.stack([x[:, :4].mean(1), x[:, 4:].mean(1)], 1))
+        vtprune.patch_vit(model, "pool", keep=2, layer=1)
+        got = model(images)
+    assert vtprune.stats(model).visual_before == [8] * 3 and vtprune.stats(model).visual_after == [2] * 3
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("keep", [16, 1000])  # all 16 patches; more than there are
+def test_a_budget_of_every_patch_selects_nothing_and_reports_all_kept(keep, monkeypatch):
+    """keep >= the patch count: the strategy is not run (a merging one would not be the identity), the output
+    is the unpatched one, and the figures say every patch stayed (not the budget)."""
+    from vtprune.methods.registry import get_method
+
+    model = timm_vit()
+    with torch.no_grad():
+        ref = model(IMAGES)
+        for method in ("pool", "token_shuffle", "divprune"):
+            cls = get_method(method)
+            monkeypatch.setattr(cls, "select_batch", lambda self, ims: 1 / 0)
+            monkeypatch.setattr(cls, "select", lambda self, im: 1 / 0)
+            vtprune.patch_vit(model, method, keep=keep, layer=1)
+            assert torch.equal(model(IMAGES), ref), method
+            st = vtprune.stats(model)
+            assert st.visual_before == st.visual_after == [16] * 3 and st.kept_fraction == 1.0, method
+
+
+def test_vit_selection_ms_is_in_milliseconds(monkeypatch):
+    """stats.selection_ms: the selection's wall time in ms; a selection that sleeps 50 ms reads >= 50 and no
+    more than the whole forward took."""
+    import time
+
+    from vtprune.methods.registry import get_method
+
+    cls = get_method("divprune")
+    real = cls.select_batch
+    monkeypatch.setattr(cls, "select_batch", lambda self, ims: time.sleep(0.05) or real(self, ims))
+    model = vtprune.patch_vit(timm_vit(), "divprune", keep=4, layer=1)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model(IMAGES)
+        wall_ms = (time.perf_counter() - t0) * 1e3
+    assert 50 <= vtprune.stats(model).selection_ms <= wall_ms
