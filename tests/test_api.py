@@ -226,6 +226,40 @@ def test_stats_per_sample(model_factory, family):
     assert st.layout.shape[0] == 3
 
 
+@pytest.mark.parametrize("method", ["divprune", "fastv"])  # before the LLM; inside it
+def test_stats_of_a_forward_with_every_image_under_budget_say_all_kept(model_factory, method):
+    """Nothing over budget: no selection runs, and the figures say every visual token stayed (visual_after
+    left empty read as kept_fraction 0.0, "everything pruned")."""
+    model = model_factory("llava")
+    inputs = tiny.batch("llava", [0, 1])
+    vtprune.patch(model, method, keep=10_000)
+    with torch.no_grad():
+        model(**inputs)
+    st = vtprune.stats(model)
+    n_visual = (inputs["input_ids"] == tiny.IMG).sum(1).tolist()
+    assert st.visual_before == st.visual_after == n_visual and st.kept_fraction == 1.0
+
+
+def test_selection_ms_is_in_milliseconds(model_factory, monkeypatch):
+    """stats.selection_ms: the selection's wall time in ms; a selection that sleeps 50 ms reads >= 50 and no
+    more than the whole forward took."""
+    import time
+
+    from vtprune.methods.registry import get_method
+
+    cls = get_method("random")
+    real = cls.select
+    monkeypatch.setattr(cls, "select", lambda self, im: time.sleep(0.05) or real(self, im))
+    model = model_factory("llava")
+    vtprune.patch(model, "random", keep=4)
+    inputs = tiny.batch("llava", [0])
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model(**inputs)
+        wall_ms = (time.perf_counter() - t0) * 1e3
+    assert 50 <= vtprune.stats(model).selection_ms <= wall_ms
+
+
 def test_stats_requires_patch(models):
     with pytest.raises(ValueError, match="not patched"):
         vtprune.stats(models("llava"))
