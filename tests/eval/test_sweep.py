@@ -1,6 +1,7 @@
 """vtprune sweep: resumable cells, results files and plots (random-weight bundled architecture)."""
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,6 +51,65 @@ def test_a_metric_that_is_not_a_fraction_keeps_its_own_axis(tmp_path, monkeypatc
     sweep.write([_cell("none", 1.0, 0.9), _cell("random", 0.5, 0.6)], tmp_path)  # shapes, or cells before `metric`
     assert limits == [(0, 1.02)] * 2 and labels[3:5] == ["accuracy"] * 2
     assert [r["metric"] for r in csv.DictReader((tmp_path / "results.csv").open())] == ["accuracy"] * 2
+
+
+def _drawn(monkeypatch):
+    """What each saved plot draws: {file name: [(label, xs, ys)]} from Axes.plot, and the axhline levels
+    under ("axhline", None, level)."""
+    import matplotlib.axes
+    import matplotlib.figure
+
+    pending, figures = [], {}
+    real_plot, real_hline, real_save = matplotlib.axes.Axes.plot, matplotlib.axes.Axes.axhline, matplotlib.figure.Figure.savefig
+
+    def plot(ax, xs, ys, *a, **k):
+        pending.append((k.get("label"), [float(x) for x in xs], [float(y) for y in ys]))
+        return real_plot(ax, xs, ys, *a, **k)
+
+    def hline(ax, y=0, *a, **k):
+        pending.append(("axhline", None, float(y)))
+        return real_hline(ax, y, *a, **k)
+
+    def save(fig, path, *a, **k):
+        figures[Path(path).name] = list(pending)
+        pending.clear()
+        return real_save(fig, path, *a, **k)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", hline)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", save)
+    return figures
+
+
+def test_each_plot_draws_its_own_axes_and_the_pareto_front_of_every_cell(tmp_path, monkeypatch):
+    """Hand-made cells: accuracy vs ratio, accuracy vs prefill TFLOPs (not the LLM's) with the Pareto front of
+    every cell, the unpatched one included, and prefill latency vs ratio; one line per strategy, its points in
+    x order, the unpatched model as a point and a level line of the plot's own y."""
+    figures = _drawn(monkeypatch)
+    cells = [_cell("none", 1.0, 0.9, prefill_tflops=4.0, llm_tflops=3.0, prefill_ms=10.0),
+             _cell("random", 0.5, 0.6, prefill_tflops=2.0, llm_tflops=1.5, prefill_ms=6.0),
+             _cell("random", 0.25, 0.7, prefill_tflops=1.0, llm_tflops=0.5, prefill_ms=4.0),
+             _cell("pool", 0.5, 0.6, prefill_tflops=2.5, llm_tflops=2.0, prefill_ms=5.0),
+             _cell("pool", 0.25, 0.3, prefill_tflops=0.5, llm_tflops=0.2, prefill_ms=3.0)]
+    sweep.plot(cells, tmp_path)
+    unpatched = lambda x, y: [("axhline", None, y), ("unpatched", [x], [y])]  # noqa: E731
+    assert figures["accuracy_vs_ratio.png"] == [("random", [0.25, 0.5], [0.7, 0.6]), ("pool", [0.25, 0.5], [0.3, 0.6]),
+                                                *unpatched(1.0, 0.9)]
+    # (2.0, 0.6) is beaten by (1.0, 0.7), (2.5, 0.6) by both; the unpatched (4.0, 0.9) is the costliest, best point
+    assert figures["accuracy_vs_tflops.png"] == [("random", [1.0, 2.0], [0.7, 0.6]), ("pool", [0.5, 2.5], [0.3, 0.6]),
+                                                 *unpatched(4.0, 0.9),
+                                                 ("Pareto front", [0.5, 1.0, 4.0], [0.3, 0.7, 0.9])]
+    assert figures["latency_vs_ratio.png"] == [("random", [0.25, 0.5], [4.0, 6.0]), ("pool", [0.25, 0.5], [3.0, 5.0]),
+                                               *unpatched(1.0, 10.0)]
+
+
+def test_the_csv_has_a_column_for_every_kind_any_cell_scored(tmp_path):
+    """by_kind columns: the union over the cells, sorted; a cell without a kind leaves its field empty."""
+    cells = [_cell("none", 1.0, 0.9, by_kind={"count": 1.0}), _cell("random", 0.5, 0.6, by_kind={"colour": 0.5})]
+    sweep.write(cells, tmp_path)
+    rows = list(csv.reader((tmp_path / "results.csv").open()))
+    assert rows[0][-2:] == ["colour", "count"]
+    assert [r[-2:] for r in rows[1:]] == [["", "1.0"], ["0.5", ""]]
 
 
 def _counting(monkeypatch):
