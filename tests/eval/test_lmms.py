@@ -773,6 +773,30 @@ def test_clips_sample_uniformly_and_read_back_the_pixels_written(tmp_path):
         clips.read(path, 0)
 
 
+def test_clips_by_rate_take_at_least_four_frames_in_whole_patches(tmp_path):
+    """qwen-vl-utils' floor: 4 frames rounded up to whole temporal patches (6 for a patch of 3, not 3)."""
+    video, path = _clip(tmp_path / "a.avi")
+    # linspace(0, 9, 6) = 0, 1.8, 3.6, 5.4, 7.2, 9
+    assert clips.read(path, 32, 3, rate=0.1)[1].frames_indices == [0, 2, 4, 5, 7, 9]
+
+
+def test_clips_cut_short_are_sampled_over_the_frames_that_decode(tmp_path):
+    """A file cut after its 6th frame still says 10 frames in its header: the frames are sampled again over
+    the 6 that decode (linspace(0, 5, 4) = 0, 1.67, 3.33, 5), not refused."""
+    import av
+
+    video, path = _clip(tmp_path / "a.avi")
+    with av.open(str(path)) as c:
+        starts = [p.pos for p in c.demux(c.streams.video[0]) if p.size]
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(path.read_bytes()[:starts[6]])
+    with av.open(str(cut)) as c:
+        assert c.streams.video[0].frames == 10
+    frames, meta = clips.read(cut, 4, 1)
+    assert meta.frames_indices == [0, 2, 3, 5] and np.array_equal(frames, video[[0, 2, 3, 5]])
+    assert (meta.total_num_frames, meta.duration) == (6, 3.0)
+
+
 def _direct_answers(model, proc, docs, frames):
     """The model's argmax next token after each doc's question on its scene held still for `frames`
     frames, from the processor directly (the `shapes` scorer's way, with a video prompt)."""

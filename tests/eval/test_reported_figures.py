@@ -29,6 +29,12 @@ def test_markdown_compiled_rows_use_the_compiled_baseline():
     assert md.splitlines()[-1].count("2.00x") == 2
 
 
+def test_markdown_options_column_names_each_option():
+    row = bench.BenchRow("fastv", {"layer": 1, "keep": 7}, 1, 10.0, 1.0, 0.0, 1.0, 1.0, 1.0, None, 1024, "eager")
+    assert "| fastv | layer=1, keep=7 |" in bench.markdown([row, _row("pool", "eager", 1.0, 1.0)])
+    assert "| pool | - |" in bench.markdown([row, _row("pool", "eager", 1.0, 1.0)])
+
+
 def test_sweep_tflops_per_sample_when_batch_exceeds_questions():
     a = sweep.ShapesCells("tiny-llava", "shapes", 2, 2, True).cell("random", 0.5)
     b = sweep.ShapesCells("tiny-llava", "shapes", 2, 8, True).cell("random", 0.5)

@@ -53,6 +53,19 @@ def test_a_metric_that_is_not_a_fraction_keeps_its_own_axis(tmp_path, monkeypatc
     assert [r["metric"] for r in csv.DictReader((tmp_path / "results.csv").open())] == ["accuracy"] * 2
 
 
+def test_a_score_axis_stays_its_own_when_one_cell_scores_within_0_and_1(tmp_path, monkeypatch):
+    """A broken cell scoring 0 on a score metric (MME ~1500 unpatched) must not put the plot on 0..1."""
+    import matplotlib.axes
+
+    limits = []
+    real_limit = matplotlib.axes.Axes.set_ylim
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylim",
+                        lambda ax, *a, **k: (a == (0, 1.02) and limits.append(a), real_limit(ax, *a, **k))[1])
+    sweep.plot([_cell("none", 1.0, 1510.0, metric="mme_perception_score"),
+                _cell("random", 0.1, 0.0, metric="mme_perception_score")], tmp_path)
+    assert limits == []
+
+
 def _drawn(monkeypatch):
     """What each saved plot draws: {file name: [(label, xs, ys)]} from Axes.plot, and the axhline levels
     under ("axhline", None, level)."""
@@ -110,6 +123,24 @@ def test_the_csv_has_a_column_for_every_kind_any_cell_scored(tmp_path):
     rows = list(csv.reader((tmp_path / "results.csv").open()))
     assert rows[0][-2:] == ["colour", "count"]
     assert [r[-2:] for r in rows[1:]] == [["", "1.0"], ["0.5", ""]]
+
+
+def test_preset_rows_put_their_label_and_options_after_the_strategy(tmp_path):
+    cells = [_cell("none", 1.0, 0.9), _cell("fastv", 0.5, 0.6, options={"layer": 1}, label="early")]
+    sweep.write(cells, tmp_path)
+    rows = list(csv.reader((tmp_path / "results.csv").open()))
+    assert rows[0][:4] == ["method", "label", "options", "ratio"]
+    assert [r[:4] for r in rows[1:]] == [["none", "unpatched", "{}", "1.0"], ["fastv", "early", '{"layer": 1}', "0.5"]]
+
+
+def test_a_cut_short_last_line_before_blank_lines_is_still_the_last_line(tmp_path):
+    """Blank lines are no lines: a cut write followed by them is dropped with a warning, not an error."""
+    cell = {"model": "tiny-llava", "task": "shapes", "method": "none", "ratio": 1.0}
+    log = tmp_path / "cells.jsonl"
+    log.write_text(json.dumps(cell) + "\n" + '{"model": "tiny-ll' + "\n\n \n")
+    with pytest.warns(UserWarning, match=r"line 2: skipped an unparsable last line"):
+        assert sweep.read_cells(log) == [cell]
+    assert log.read_text() == json.dumps(cell) + "\n"
 
 
 def _counting(monkeypatch):
@@ -273,6 +304,14 @@ def test_cells_a_preset_ran_serve_the_plain_rows_under_their_own_names(tmp_path,
         sweep.run(methods=["fastv"], batch=2, **args)
     said = [str(w.message) for w in got if "not reused" in str(w.message)]
     assert len(said) == 1 and "1 of the 2 cells" in said[0], said
+
+
+def test_the_not_reused_warning_counts_cells_not_log_lines(tmp_path, no_model_cells):
+    """Two older-format lines of the unpatched cell (a sweep run twice before FORMAT 2) are one cell not reused."""
+    old = {"model": "tiny-llava", "task": "shapes", "questions": 2, "method": "none", "ratio": 1.0, "accuracy": 0.5}
+    (tmp_path / "cells.jsonl").write_text((json.dumps(old) + "\n") * 2)
+    with pytest.warns(UserWarning, match=r"1 of the 2 cells to run .* older vtprune"):
+        sweep.run("tiny-llava", ["random"], [0.5], "shapes", tmp_path, n_questions=2, batch=2, progress=False)
 
 
 def test_a_local_folder_named_like_a_bundled_model_stays_a_folder(tmp_path, monkeypatch):
