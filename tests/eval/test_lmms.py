@@ -780,6 +780,12 @@ def test_clips_by_rate_take_at_least_four_frames_in_whole_patches(tmp_path):
     assert clips.read(path, 32, 3, rate=0.1)[1].frames_indices == [0, 2, 4, 5, 7, 9]
 
 
+def test_clips_a_segment_ending_after_the_clip_ends_with_its_last_frame(tmp_path):
+    video, path = _clip(tmp_path / "a.avi")  # 10 frames at 2 fps: frame 9 at 4.5 s
+    frames, meta = clips.read(path, 32, 1, start=4.0, end=10.0)
+    assert meta.frames_indices == [8, 9] and np.array_equal(frames, video[[8, 9]])
+
+
 def test_clips_cut_short_are_sampled_over_the_frames_that_decode(tmp_path):
     """A file cut after its 6th frame still says 10 frames in its header: the frames are sampled again over
     the 6 that decode (linspace(0, 5, 4) = 0, 1.67, 3.33, 5), not refused."""

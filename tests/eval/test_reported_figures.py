@@ -161,6 +161,24 @@ def test_bench_stage_times_are_the_right_calls_of_the_timed_runs(monkeypatch):
     assert row.prefill_ms == 200.0 and row.decode_ms_per_token == 1.0 and row.vision_ms == 5.0
 
 
+def test_bench_cpu_stage_times_are_milliseconds(monkeypatch):
+    ticks = iter([2.0, 2.25])  # perf_counter seconds at the module's start and end
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(ticks))
+    module = torch.nn.Identity()
+    timer = bench._Timer(module, cuda=False)
+    module(torch.zeros(1))
+    assert timer.times_ms() == [250.0]
+
+
+def test_bench_unpatched_visual_tokens_are_the_per_sample_mean(monkeypatch):
+    """(a batch whose samples hold 10 and 30 placeholders: 20 per sample, not the largest)"""
+    from vtprune import tiny
+
+    monkeypatch.setattr(bench, "visual_token_counts", lambda config, inputs: [10, 30])
+    row = bench.measure(tiny.build("llava"), tiny.batch("llava", [0]), None, None, new_tokens=1, reps=1, warmup=0)
+    assert row.visual_tokens == 20
+
+
 def test_bench_generates_exactly_new_tokens(monkeypatch):
     from vtprune import tiny
 
