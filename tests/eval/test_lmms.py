@@ -622,6 +622,10 @@ def test_generation_settings_reach_generate():
         out = lm.generate_until([req(gen)])
         assert seen == [want], gen
         assert out[0].token_counts.output_tokens == want["max_new_tokens"]  # no EOS: every token it was allowed
+    lm = lmms.Vtprune(pretrained="tiny-llava", random_weights=True)  # the documented default: 64
+    seen, req = _words_generator(lm, ["red"])
+    lm.generate_until([req({})])
+    assert seen == [{"max_new_tokens": 64, **greedy}]
 
 
 def test_answers_keep_request_order_across_generation_settings():

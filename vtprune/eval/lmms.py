@@ -12,7 +12,7 @@ Decoding follows lmms-eval's own models: sampling only when the task's temperatu
 `method` (a registered strategy; omitted or "none": unpatched), `keep` or `ratio`, any option of the
 method, and `dtype` ("auto", "float16", "bfloat16", "float32"), `attn` ("sdpa", "eager", ...),
 `random_weights` (bundled architectures without trained weights: plumbing only), `max_new_tokens`
-(default when the task sets none), `max_frames_num` (frames read from a video), `fps` (sample that many
+(used when the task sets none; default 64), `max_frames_num` (frames read from a video), `fps` (sample that many
 frames a second instead, at most max_frames_num), `stats_path` (a folder: each rank writes its pruning figures to
 `vtprune_stats_rank<R>.json` there, as lmms-eval's own throughput log is per process).
 
