@@ -288,6 +288,10 @@ def test_flops_command(capsys, tmp_path):
     data = json.loads(out.read_text())
     assert data["pruned"]["llm_prefill"] < data["unpatched"]["llm_prefill"]
     assert data["pruned"]["vision_encoder"] == data["unpatched"]["vision_encoder"]
+    # no --method: a projector-stage strategy, which drops the tokens before the LLM (every layer alike, no scoring)
+    layers = data["pruned"]["tokens_per_layer"]
+    assert layers == [layers[0]] * len(layers) and layers[0] < data["unpatched"]["tokens_per_layer"][0]
+    assert data["pruned"]["selection"] == 0
     with pytest.raises(SystemExit):
         main(["flops", "--model", "tiny-test-llava"])
     capsys.readouterr()
@@ -384,3 +388,118 @@ def test_selection_flops_skip_images_within_budget():
     m = DivPrune(PruneConfig(keep=10))
     assert flops._selection_flops(m, [(10, 10)], [[20], [20]], t) == 0
     assert flops._selection_flops(m, [(10, 4)], [[14], [14]], t) == 2 * 100 * 8
+
+
+def test_query_and_kv_widths_are_heads_times_head_dim_not_the_hidden_size():
+    """Every tiny model has d_q = d, so a formula that took the hidden size for the query width passed the
+    counter tests; Qwen3-VL-30B-A3B (hidden 2048, 32 query heads and 4 KV heads of 128) and a hand case tell them
+    apart. FastV's count is the papers' MHA one: the hidden size whatever d_q."""
+    from vtprune.eval import configs
+
+    t = flops.TextDims.from_config(configs.FULL_SCALE["qwen3-vl-30b-a3b"]())
+    assert (t.d, t.d_q, t.d_kv) == (2048, 32 * 128, 4 * 128)
+    t = flops.TextDims(d=8, d_q=12, d_kv=4, m=16, layers=1, vocab=10)
+    # 2nd(2d_q + 2d_kv) + 6ndm + 4n^2 d_q, n = 3
+    assert flops.layer_prefill(3, t) == 2 * 3 * 8 * 32 + 6 * 3 * 8 * 16 + 4 * 9 * 12
+    assert flops.layer_prefill(3, t, causal=True) == 2 * 3 * 8 * 32 + 6 * 3 * 8 * 16 + 2 * 3 * 4 * 12
+    assert flops.layer_decode(5, t) == 2 * 8 * 32 + 6 * 8 * 16 + 4 * 6 * 12
+    assert flops.fastv_layer_macs(3, t) == 4 * 3 * 64 + 2 * 9 * 8 + 2 * 3 * 8 * 16
+
+
+def test_report_figures_by_hand_on_a_padded_batch():
+    """The figures the counter tests do not see, from docs/flops.md's formulas on a padded batch of two, unpatched
+    and with FastV dropping tokens after layer 1: the LM head's last position per sample, the causal-exact
+    prefill, the first decode step (each layer over its own KV length, + itself) and the FastV-style MACs."""
+    model = tiny.build("llava")
+    inputs = tiny.batch("llava", [0, 1])
+    tc = model.config.text_config
+    d, dq, dkv = tc.hidden_size, tc.num_attention_heads * tc.head_dim, tc.num_key_value_heads * tc.head_dim
+    m, head = tc.intermediate_size, 2 * tc.hidden_size * tc.vocab_size
+    real = inputs["attention_mask"].sum(1).tolist()
+    visual = [int(((ids == tiny.IMG) & (mk > 0)).sum()) for ids, mk in zip(inputs["input_ids"], inputs["attention_mask"])]
+    after = [r - v + 4 for r, v in zip(real, visual)]
+    per_token = 2 * d * (2 * dq + 2 * dkv) + 6 * d * m  # projections and gated MLP
+    for r, layers in ((flops.count(model, inputs), [real] * 4),
+                      (flops.count(model, inputs, "fastv", keep=4, layer=2), [real, real, after, after])):
+        assert r.tokens_per_layer == layers
+        ns = [n for ns in layers for n in ns]
+        assert r.lm_head == 2 * head
+        assert r.llm_prefill == sum(n * per_token + 4 * n * n * dq for n in ns)
+        assert r.llm_prefill_causal == sum(n * per_token + 2 * n * (n + 1) * dq for n in ns)
+        assert r.decode_per_token == sum(per_token + 4 * (n + 1) * dq for n in ns) + 2 * head
+        assert r.fastv_macs == sum(4 * n * d * d + 2 * n * n * d + 2 * n * d * m for n in ns)
+
+
+@pytest.mark.parametrize("method, options", [(None, {}), ("fastv", {"keep": 3, "layer": 2})])
+def test_hybrid_causal_decode_and_fastv_figures_follow_each_layer_s_kind(method, options):
+    """Qwen3.5 (linear-attention layers 0 and 3): the causal-exact prefill, the decode step and the FastV-style
+    MACs take each layer's own kind, from its prefill figure (equal to the counter's, test_hybrid_...): an
+    attention layer's n^2 term, none in a linear-attention layer."""
+    model = build("qwen3_5")
+    inputs = tiny.batch("qwen3_5", [1])
+    tc = model.config.text_config
+    d, dq, m = tc.hidden_size, tc.num_attention_heads * tc.head_dim, tc.intermediate_size
+    linear = {i for i, kind in enumerate(tc.layer_types) if kind == "linear_attention"}
+    assert linear == {0, 3}
+    r = flops.count(model, inputs, method, **options)
+    causal = decode = macs = 0
+    for i, (p, (n,)) in enumerate(zip(r.llm_prefill_per_layer, r.tokens_per_layer)):
+        attn = 0 if i in linear else 4 * n * n * dq
+        assert (p - attn) % n == 0
+        causal += p - attn + (0 if i in linear else 2 * n * (n + 1) * dq)
+        decode += (p - attn) // n + (0 if i in linear else 4 * (n + 1) * dq)
+        macs += ((p - 6 * n * d * m) // 2 if i in linear else 4 * n * d * d + 2 * n * n * d) + 2 * n * d * m
+    assert r.llm_prefill_causal == causal
+    assert r.decode_per_token == decode + r.lm_head
+    assert r.fastv_macs == macs
+    if method:
+        assert r.tokens_per_layer[3] < r.tokens_per_layer[1]
+
+
+def test_format_table_by_hand():
+    """Each row: the unpatched and pruned figures (T, G or M FLOPs; KV in MiB) and pruned / unpatched; the token
+    rows as runs of equal layers."""
+    def rep(prefill, kv, layers, visual):  # (M: a zero stage)
+        return flops.FlopsReport(vision_encoder=3 * 10**12, projector=0, selection=0, llm_prefill=prefill,
+                                 llm_prefill_causal=prefill, llm_prefill_per_layer=[], lm_head=0, decode_per_token=0,
+                                 kv_bytes=kv, fastv_macs=0, tokens_per_layer=layers, visual_tokens=visual)
+
+    base = rep(2 * 10**9, 2 * 2**20, [[10, 7]] * 4, [8, 5])
+    pruned = rep(10**9, 2**20, [[10, 7]] * 2 + [[4, 3]] * 2, [2, 1])
+    rows = {r[0]: r[1:] for r in ([c.strip() for c in line.split("  ") if c.strip()] for line in
+                                  flops.format_table(base, pruned, "title").splitlines()[1:])}
+    assert rows["LLM prefill (dense attention)"] == ["2 G", "1 G", "0.500"]
+    assert rows["vision encoder"] == ["3 T", "3 T", "1.000"]
+    assert rows["total prefill"] == ["3.002 T", "3.001 T", "1.000"]  # (3.001 / 3.002)
+    assert rows["projector"] == ["0 M", "0 M", "-"]
+    assert rows["KV cache (MiB)"] == ["2", "1", "0.500"]
+    assert rows["visual tokens, last layer (sample 0)"] == ["8", "2", "0.250"]
+    assert rows["tokens per layer (sample 0)"] == ["10 x4", "10 x2, 4 x2"]
+
+
+def test_visual_token_counts_leave_out_masked_positions():
+    """Image and video placeholders are counted only where the attention mask is 1."""
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(image_token_id=5, video_token_id=6)
+    ids = torch.tensor([[5, 5, 1, 6, 5], [2, 5, 6, 6, 1]])
+    assert flops.visual_token_counts(cfg, {"input_ids": ids}) == [4, 3]
+    mask = torch.tensor([[0, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    assert flops.visual_token_counts(cfg, {"input_ids": ids, "attention_mask": mask}) == [3, 2]
+
+
+def test_flops_of_a_full_scale_architecture_count_its_kv_cache_in_bf16(tmp_path):
+    """The narrow stand-in runs in float32; the real model's cache is bf16: 2 (K and V) x 28 layers x n tokens x
+    4 KV heads x 128 x 2 bytes on Qwen2-VL-7B, unpatched and pruned."""
+    import json
+
+    from vtprune.cli import main
+
+    out = tmp_path / "f.json"
+    assert main(["flops", "--model", "qwen2-vl-7b", "--keep", "64", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    for side in ("unpatched", "pruned"):
+        (n,) = record[side]["tokens_per_layer"][0]
+        assert record[side]["tokens_per_layer"] == [[n]] * 28
+        assert record[side]["kv_bytes"] == 2 * 28 * n * 4 * 128 * 2
+    assert record["pruned"]["tokens_per_layer"][0][0] == record["unpatched"]["tokens_per_layer"][0][0] - 576 + 64
