@@ -231,6 +231,7 @@ def test_the_unpatched_row_of_a_patched_model_is_unpatched():
     (["--compile", "", "--compile-mode", "fastest"], "Unrecognized mode=fastest"),  # after the plain rows, before
     (["--compile", "", "--compile-backend", "nope"], "Invalid backend: 'nope'"),
     (["--compile-mode", "default", "--compile-warmup", "2"], "--compile-warmup, --compile-mode need --compile"),
+    (["--compile-warmup", "2"], "--compile-warmup needs --compile"),
     (["--compile", "", "--compile-backend", "eager", "--compile-mode", "x"], "--compile-backend eager takes none"),
     (["--task", "bogus"], "unknown task 'bogus'; available: shapes, tiny-prompts, synthetic, synthetic-video"),
     (["--task", "shapes"], "tiny-test-llava has none: --task synthetic or tiny-prompts"),
@@ -317,6 +318,8 @@ def test_bench_measures_presets_beside_the_methods(tmp_path):
     # (a transformers error about the image size came from the stand-in model)
     (["flops", "--model", "llava-1.5-7b", "--keep", "64", "--task", "tiny-prompts"], "test models (tiny-test-llava"),
     (["flops", "--model", "tiny-test-llava", "--keep", "4", "--json", ""], "--json . is a folder"),  # wrote nothing
+    (["flops", "--model", "tiny-test-llava", "--config", '{"method": "fastv", "options": {"keep": 2}}', "--keep", "4",
+      "--ratio", "0.5"], "give at most one of --keep and --ratio with --config"),
     (["tune", "--method", "vflowopt", "--model", "tiny-llava", "--budget", "0.3", "--task", "bogus"], "unknown task"),
     (["tune", "--method", "vflowopt", "--model", "tiny-test-llava", "--budget", "0.3"], "has none"),  # default shapes
 ])
@@ -611,3 +614,37 @@ def test_an_unknown_option_shows_its_subcommands_usage(capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith("usage: vtprune flops ")
     assert err.rstrip().endswith("vtprune flops: error: unrecognized arguments: --object_layer 2")
+
+
+def test_ratios_take_1_and_refuse_what_is_outside_0_1():
+    """--ratios in (0, 1]: 1 is the unpatched budget (the demo's default list starts with 1.0); nan, which fails
+    every comparison, is refused too."""
+    from vtprune import cli
+
+    assert cli._ratios("1, 1.0,0.5") == [1.0, 0.5]
+    for bad in ("nan", "inf", "1.01", "0", "-0.5"):
+        with pytest.raises(ValueError, match=r"^--ratios: each must be in \(0, 1\], got"):
+            cli._ratios(f"0.5,{bad}")
+
+
+def test_bench_keep_replaces_the_budget_of_presets_given_alone(monkeypatch, tmp_path):
+    """--config without --methods: a --keep or --ratio given still replaces each preset's budget (as beside
+    --methods); without one, the preset's own budget stands."""
+    import json
+
+    import vtprune
+    from vtprune.cli import main
+
+    (tmp_path / "preset.json").write_text(json.dumps({"method": "vflowopt", "options": {"ratio": 0.5, "r2": 0.9}}))
+    seen = []
+
+    def pruned(model, method, **options):  # the check of each job's layers, before any row: record, then stop
+        seen.append((method, options))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vtprune, "pruned", pruned)
+    for budget, options in ((["--keep", "3"], {"r2": 0.9, "keep": 3}), (["--ratio", "0.25"], {"r2": 0.9, "ratio": 0.25}),
+                            ([], {"ratio": 0.5, "r2": 0.9})):
+        with pytest.raises(SystemExit) as exit_:
+            main(["bench", "--model", "tiny-test-llava", "--config", str(tmp_path / "preset.json"), *budget])
+        assert exit_.value.code == 130 and seen.pop() == ("vflowopt", options)

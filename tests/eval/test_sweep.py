@@ -552,6 +552,7 @@ def test_sweep_refuses_a_model_without_a_processor_before_loading_it(tmp_path, m
     (["--plumbing", "--out", "x"], "--out: for the bundled models' tables, not --plumbing"),
     (["--plumbing", "--questions", "5"], "--questions: for the bundled models' tables"),
     (["--families", "llava"], "--families picks the --plumbing table's"),
+    (["--plumbing", "--families", "llava,nope"], "--families: unknown ['nope']; choose from llava, "),  # not built
 ])
 def test_demo_refuses_options_its_mode_ignores(monkeypatch, capsys, argv, words):
     """Each was silently ignored."""
