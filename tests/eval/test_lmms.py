@@ -151,19 +151,24 @@ def test_loglikelihood_is_the_continuations_mean_loss():
     assert loss != pytest.approx(got[0][0], abs=1e-6) and loss > 0
 
 
-def test_loglikelihood_on_qwen_vl_extends_the_token_types():
-    """Qwen-VL inputs carry mm_token_type_ids: the appended continuation is text there too (it raised an
-    IndexError); keep-all gives the unpatched model's log-probability."""
-    from vtprune.eval import tinyvlm
-
-    lm = lmms.Vtprune(pretrained="tiny-qwen2vl", random_weights=True, method="divprune", ratio=1.0)
+def _red_loss_and_inputs(lm, family):
+    """The plugin's loglikelihood of the continuation "red" after the first question of eval scene 3, and
+    the processor's inputs of that scene with the question's prompt + " red" (to score it directly)."""
     scene, qs = shapes.sample("eval", 3)
     lm.task_dict = {"t": {"test": {0: {"scene": 3}}}}
     visual = lambda d: [shapes.render(shapes.sample("eval", d["scene"])[0])]  # noqa: E731
     (loss, _), = (r.text for r in lm.loglikelihood([_Req(qs[0].text, "red", visual, 0, "t", "test")]))
-    inputs = lm.processor(images=[shapes.render(scene)], text=[tinyvlm.prompt("qwen2_vl", qs[0].text) + " red"],
+    inputs = lm.processor(images=[shapes.render(scene)], text=[tinyvlm.prompt(family, qs[0].text) + " red"],
                           return_tensors="pt")
     inputs.pop("token_type_ids", None)
+    return loss, inputs
+
+
+def test_loglikelihood_on_qwen_vl_extends_the_token_types():
+    """Qwen-VL inputs carry mm_token_type_ids: the appended continuation is text there too (it raised an
+    IndexError); keep-all gives the unpatched model's log-probability."""
+    lm = lmms.Vtprune(pretrained="tiny-qwen2vl", random_weights=True, method="divprune", ratio=1.0)
+    loss, inputs = _red_loss_and_inputs(lm, "qwen2_vl")
     ids = inputs["input_ids"][0]
     import vtprune
 
@@ -657,13 +662,7 @@ def test_loglikelihood_scores_the_continuation_without_special_tokens():
     tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
     red = tok.convert_tokens_to_ids("red")
     assert tok("red")["input_ids"] == [tok.bos_token_id, red]
-    scene, qs = shapes.sample("eval", 3)
-    lm.task_dict = {"t": {"test": {0: {"scene": 3}}}}
-    visual = lambda d: [shapes.render(shapes.sample("eval", d["scene"])[0])]  # noqa: E731
-    (loss, _), = (r.text for r in lm.loglikelihood([_Req(qs[0].text, "red", visual, 0, "t", "test")]))
-    inputs = lm.processor(images=[shapes.render(scene)], text=[tinyvlm.prompt("llava", qs[0].text) + " red"],
-                          return_tensors="pt")
-    inputs.pop("token_type_ids", None)
+    loss, inputs = _red_loss_and_inputs(lm, "llava")
     assert int(inputs["input_ids"][0, -1]) == red and int(inputs["input_ids"][0, -2]) != tok.bos_token_id
     vtprune.unpatch(lm.model)
     with torch.no_grad():
