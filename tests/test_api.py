@@ -346,7 +346,6 @@ def test_cli_methods_lists_stage_and_options():
     assert "tau: float = 0.1  # stage 2 drops" in text
 
 
-
 def test_cli_methods_lists_a_strategy_registered_without_a_docstring(capsys):
     """`vtprune methods` failed (IndexError) on the first registered strategy with no docstring."""
     from vtprune.cli import main

@@ -48,6 +48,11 @@ def reference(model, images, layer, pick):
     return pooled @ model.proj
 
 
+def divprune_each(x, keep=6):
+    """`reference`'s pick for divprune: each image's `keep` max-min diverse patches (x [B, N, D])."""
+    return torch.stack([x[i, divprune.select(x[i:i + 1], keep)[0]] for i in range(len(x))])
+
+
 def attention_received(model, layer, images):
     """Explicit softmax attention at block `layer`, mean over heads and query rows, prefix key columns dropped."""
     store = {}
@@ -98,8 +103,7 @@ def test_keep_all_and_unpatch_are_bit_identical(name):
 def test_divprune_and_pool_match_the_forward_written_out(name):
     model = MODELS[name]()
     with torch.no_grad():
-        want = reference(model, IMAGES, 1, lambda x: torch.stack([x[i, divprune.select(x[i:i + 1], 6)[0]]
-                                                                   for i in range(len(x))]))
+        want = reference(model, IMAGES, 1, divprune_each)
         vtprune.patch_vit(model, "divprune", keep=6, layer=1)
         torch.testing.assert_close(model(IMAGES), want, rtol=0, atol=1e-6)
         vtprune.unpatch(model)  # references run the unpatched blocks
@@ -278,8 +282,8 @@ def test_open_clip_parallel_attention_pool():
                                                 output_dim=32, attentional_pool="parallel", attn_pooler_queries=3,
                                                 attn_pooler_heads=2, output_tokens=True).eval()
     with torch.no_grad():
-        pick = lambda x: torch.stack([x[i, divprune.select(x[i:i + 1], 6)[0]] for i in range(len(x))])  # noqa: E731
-        hook = v.transformer.resblocks[1].register_forward_hook(lambda m, a, o: torch.cat([o[:, :1], pick(o[:, 1:])], 1))
+        hook = v.transformer.resblocks[1].register_forward_hook(
+            lambda m, a, o: torch.cat([o[:, :1], divprune_each(o[:, 1:])], 1))
         want = v(IMAGES)
         hook.remove()
         vtprune.patch_vit(v, "divprune", keep=6, layer=1)
@@ -622,10 +626,8 @@ def test_the_default_layer_is_the_block_before_the_middle():
     """patch_vit's documented default layer: n_blocks // 2 - 1 (block 1 of the 4-block test ViT)."""
     model = timm_vit()
     with torch.no_grad():  # (references run the unpatched blocks)
-        want = reference(model, IMAGES, 1, lambda x: torch.stack([x[i, divprune.select(x[i:i + 1], 6)[0]]
-                                                                   for i in range(len(x))]))
-        later = reference(model, IMAGES, 2, lambda x: torch.stack([x[i, divprune.select(x[i:i + 1], 6)[0]]
-                                                                    for i in range(len(x))]))
+        want = reference(model, IMAGES, 1, divprune_each)
+        later = reference(model, IMAGES, 2, divprune_each)
         vtprune.patch_vit(model, "divprune", keep=6)
         got = model(IMAGES)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -286,7 +286,8 @@ def test_kernel_benchmark_quick_run(tmp_path, benchmark_script):
 
 @pytest.mark.parametrize("section", ["greedy", "attention"])
 def test_kernel_benchmark_writes_each_row_as_it_goes(tmp_path, benchmark_script, monkeypatch, section):
-    """A deadline cut the greedy section after its last case only: 63 rows measured and none written."""
+    """Each section writes its rows as they are measured (a deadline cut the greedy section after its last
+    case only: 63 rows measured and none written)."""
     import json
 
     module = benchmark_script("kernels")
