@@ -338,7 +338,6 @@ def test_shapes_calibration_for_qwen2_5_vl_and_later():
     assert abs(cfg["tuned"]["layer_averaged_retention"] - 0.5) < 1e-9
 
 
-
 def test_shapes_calibration_never_reads_the_evaluation_split(monkeypatch):
     """tune's default calibration takes train-split scenes (and sizes): the eval split is what sweeps and the
     lmms-eval tasks score."""

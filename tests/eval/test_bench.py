@@ -391,7 +391,6 @@ def test_output_paths_are_checked_before_the_work(monkeypatch, capsys, tmp_path,
         assert f"{option} {tmp_path} is a folder" in err
 
 
-
 def test_an_output_path_without_write_access_is_refused(tmp_path, monkeypatch):
     """Its nearest existing folder, or the file itself, not writable (checked with os.access: root may write
     anywhere, so the answer is stood in for here)."""

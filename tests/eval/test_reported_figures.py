@@ -189,7 +189,8 @@ def test_bench_generates_exactly_new_tokens(monkeypatch):
     assert seen and all(kw["min_new_tokens"] == kw["max_new_tokens"] == 3 for kw in seen)
 
 
-def test_tune_starts_from_the_nearest_released_preset(monkeypatch):
+def test_tune_on_a_tiny_qwen_model_starts_from_the_25_percent_preset(monkeypatch):
+    """(on real hidden states; test_tune_and_config checks every start by hand on a stand-in model)"""
     pytest.importorskip("optuna")
     from vtprune import tiny
     from vtprune.eval import models as eval_models

@@ -121,7 +121,6 @@ def test_batch_prefill_matches_each_sample_alone(model_factory, family, method, 
     _check_batch_prefill(model_factory(family), family, method, padding)
 
 
-
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "llava_next"])
 def test_tiny_batches_pad_on_the_side_they_are_asked(family):
     """The "right" cases above are right-padded: each sample's ids start at slot 0, pads and mask zeros after
