@@ -390,6 +390,18 @@ def test_selection_flops_skip_images_within_budget():
     assert flops._selection_flops(m, [(10, 4)], [[14], [14]], t) == 2 * 100 * 8
 
 
+def test_selection_scores_read_the_query_width_and_the_gram_the_hidden_width():
+    """Scoring n tokens is q k^T over the query heads (2 n^2 d_q) plus the row sums (2 n^2); the Gram matrix
+    is over the d-wide features the language model receives. Every tiny model has d_q = d: here they differ."""
+    from vtprune.methods.base import PruneConfig
+    from vtprune.methods.divprune import DivPrune
+    from vtprune.methods.fastv import FastV, FastVConfig
+    t = flops.TextDims(d=8, d_q=32, d_kv=4, m=16, layers=3, vocab=10)
+    fastv = FastV(FastVConfig(keep=2, layer=2))  # scores at layer 1 (0-indexed), drops after it
+    assert flops._selection_flops(fastv, [(6, 2)], [[10], [10], [6]], t) == 2 * 10 * 10 * 32 + 2 * 10 * 10
+    assert flops._selection_flops(DivPrune(PruneConfig(keep=2)), [(6, 2)], [[10], [6], [6]], t) == 2 * 6 * 6 * 8
+
+
 def test_query_and_kv_widths_are_heads_times_head_dim_not_the_hidden_size():
     """Every tiny model has d_q = d, so a formula that took the hidden size for the query width passed the
     counter tests; Qwen3-VL-30B-A3B (hidden 2048, 32 query heads and 4 KV heads of 128) and a hand case tell them
