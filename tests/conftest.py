@@ -28,6 +28,18 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _registry_restored():
+    """A strategy a test registers is gone after it (the ones registered at import, below, stay), so no test
+    sees another's strategies in `vtprune.available()` or the CLI's listing, whatever the order they run in."""
+    from vtprune.methods import registry
+
+    before = dict(registry._REGISTRY)
+    yield
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(before)
+
+
 # Test-only strategies that exercise the stages with prompt-determined selections -------------
 
 @vtprune.register("vision_attn_test")
