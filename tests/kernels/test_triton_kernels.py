@@ -470,3 +470,27 @@ def test_triton_takes_a_callers_seeds_as_a_list_or_int32():
     want = greedy_select_torch(x, 4, torch.tensor([0, 4, 8], device=DEVICE))
     assert torch.equal(greedy_select_triton(x, 4, [0, 4, 8]), want)
     assert torch.equal(greedy_select_triton(x, 4, torch.tensor([0, 4, 8], dtype=torch.int32, device=DEVICE)), want)
+
+
+# Found by a second mutation pass: layouts the other tests never pass, and the CUDA dispatch (on a CPU every
+# public call takes the reference, so a wrong argument on the Triton branch went unseen)
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_attention_takes_strided_inputs(causal):
+    # what the decoder hook passes: q/k projections [B, N, H, d] transposed to [B, H, N, d] (heads not outermost);
+    # a key tensor whose head dim is not unit-stride; masks that are transposes of [N, B] (the kernels read the
+    # weights and the key mask at b * N + i, so they must be made contiguous); 20 rows, 24 keys: two fp32 blocks each
+    q = rand(2, 20, 4, 16, seed=11).transpose(1, 2)
+    for k in (rand(2, 24, 2, 16, seed=12).transpose(1, 2), rand(2, 2, 16, 24, seed=13).transpose(2, 3)):
+        key_mask = torch.ones(24, 2, dtype=torch.bool, device=DEVICE)
+        key_mask[:5, 1] = False
+        rows = torch.ones(20, 2, dtype=torch.bool, device=DEVICE)
+        rows[:7, 0] = False
+        rows[12:, 1] = False
+        assert not (q.is_contiguous() or k.is_contiguous() or key_mask.T.is_contiguous() or rows.T.is_contiguous())
+        want = attention_scores_torch(q.contiguous(), k.contiguous(), 0.3, rows.T.contiguous(), causal=causal,
+                                      key_mask=key_mask.T.contiguous())
+        torch.testing.assert_close(attention_scores_torch(q, k, 0.3, rows.T, causal=causal, key_mask=key_mask.T), want,
+                                   atol=1e-6, rtol=1e-5)
+        got = attention_scores_triton(q, k, 0.3, rows.T, causal=causal, key_mask=key_mask.T)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
