@@ -494,3 +494,16 @@ def test_attention_takes_strided_inputs(causal):
                                    atol=1e-6, rtol=1e-5)
         got = attention_scores_triton(q, k, 0.3, rows.T, causal=causal, key_mask=key_mask.T)
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["maxmin", "maxsum"])
+def test_greedy_steps_read_rows_of_the_gram_in_any_layout(rule):
+    # an asymmetric matrix tells a row from a column (the steps read row `pick`, as the reference does), and
+    # its transpose (column stride 1, not row stride) must be read as the matrix it is, not as its storage
+    g = torch.Generator().manual_seed(4)
+    sim = (torch.rand(2, 37, 37, generator=g) * 2 - 1).to(DEVICE)
+    first = torch.tensor([3, 36], device=DEVICE)
+    for m in (sim, sim.transpose(1, 2)):
+        want = greedy_from_gram_torch(m, 12, first, rule)
+        assert torch.equal(greedy_from_gram_triton(m, 12, first, rule), want)
+    assert not torch.equal(greedy_from_gram_torch(sim, 12, first, rule), want)  # (rows and columns pick differently)
