@@ -507,3 +507,52 @@ def test_greedy_steps_read_rows_of_the_gram_in_any_layout(rule):
         want = greedy_from_gram_torch(m, 12, first, rule)
         assert torch.equal(greedy_from_gram_triton(m, 12, first, rule), want)
     assert not torch.equal(greedy_from_gram_torch(sim, 12, first, rule), want)  # (rows and columns pick differently)
+
+
+def test_dispatch_takes_the_kernels_for_cuda_tensors_where_triton_is():
+    from types import SimpleNamespace
+
+    import vtprune.kernels as kernels
+
+    assert kernels.triton_available()  # (this file is skipped without Triton)
+    cuda, cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
+    assert kernels._use_triton(cuda) and not kernels._use_triton(cpu)
+
+
+def test_dispatch_keeps_the_references_on_cuda_without_triton(monkeypatch):
+    from types import SimpleNamespace
+
+    import vtprune.kernels as kernels
+
+    monkeypatch.setattr(kernels.importlib.util, "find_spec", lambda name, *a: None)  # (macOS, a CPU-only wheel)
+    assert not kernels.triton_available() and not kernels._use_triton(SimpleNamespace(is_cuda=True))
+
+
+@pytest.mark.parametrize("rule", ["maxmin", "maxsum"])
+def test_the_cuda_branch_hands_every_argument_to_the_kernels(monkeypatch, rule):
+    # the public functions' Triton branch, run here in the interpreter (the device context a no-op on a CPU):
+    # each slice of a batch over GRAM_BYTES with its own seeds, the rule, the query rows, causal and the key mask
+    import contextlib
+
+    import vtprune.kernels as kernels
+    from vtprune.kernels import attention_triton, greedy_triton
+
+    if DEVICE == "cpu":
+        monkeypatch.setattr(kernels, "_use_triton", lambda t: True)
+        monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    calls = []
+    for module, name in ((greedy_triton, "greedy_select_triton"), (attention_triton, "attention_scores_triton")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, **kw: calls.append(_real.__name__) or _real(*a, **kw))
+    monkeypatch.setattr(kernels, "GRAM_BYTES", 2 * 4 * 9 * 9)  # two images' Gram matrices per launch
+    x = rand(3, 9, 5, seed=2)
+    want = greedy_select_torch(x, 4, torch.tensor([8, 0, 4], device=DEVICE), rule)
+    assert torch.equal(kernels.greedy_select(x, 4, [8, 0, 4], rule), want)
+    q, k = rand(2, 4, 6, 8, seed=3), rand(2, 2, 6, 8, seed=4)
+    key_mask = torch.ones(2, 6, dtype=torch.bool, device=DEVICE)
+    key_mask[1, :2] = False
+    index = torch.tensor([[1, 3], [4, 5]], device=DEVICE)
+    want = attention_scores_torch(q, k, 0.3, index, causal=True, key_mask=key_mask)
+    torch.testing.assert_close(kernels.attention_scores(q, k, 0.3, index, causal=True, key_mask=key_mask), want,
+                               atol=1e-6, rtol=1e-5)
+    assert calls == ["greedy_select_triton"] * 2 + ["attention_scores_triton"]
