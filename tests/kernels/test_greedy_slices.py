@@ -55,3 +55,21 @@ def test_the_sliced_path_checks_the_seeds_of_the_whole_batch(monkeypatch):
     for first in ([0, 1, 2, 3], torch.tensor([[0, 1, 2, 3]])):
         with pytest.raises(ValueError, match="first/pivot"):
             kernels.greedy_select(x, 2, first)
+
+
+def test_the_budget_counts_the_n_by_n_gram_not_the_feature_width(monkeypatch):
+    # 7 tokens of width 2 or 40: two images' 7 x 7 float32 Grams per call either way (a budget sized from D
+    # gave 24 images per call -- past the budget where N > D, as in long video clips -- or one at a time)
+    seen, reference = [], kernels.greedy_select_torch
+
+    def spy(features, keep, f=None, r="maxmin"):
+        seen.append(features.shape[0])
+        return reference(features, keep, f, r)
+
+    monkeypatch.setattr(kernels, "greedy_select_torch", spy)
+    monkeypatch.setattr(kernels, "GRAM_BYTES", 2 * 4 * 7 * 7)
+    for width in (2, 40):
+        seen.clear()
+        x = torch.randn(5, 7, width, generator=torch.Generator().manual_seed(width))
+        assert torch.equal(kernels.greedy_select(x, 3), reference(x, 3))
+        assert seen == [2, 2, 1], width
