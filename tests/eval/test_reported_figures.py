@@ -179,6 +179,50 @@ def test_bench_unpatched_visual_tokens_are_the_per_sample_mean(monkeypatch):
     assert row.visual_tokens == 20
 
 
+def test_bench_pruned_visual_tokens_are_the_per_sample_mean():
+    """README's two Qwen2-VL prompts of 16 and 8 image tokens, pool at 0.25: 4 and 2 kept, 3 per sample
+    (not the largest, 4)."""
+    from vtprune import tiny
+
+    row = bench.measure(tiny.build("qwen2_vl"), tiny.batch("qwen2_vl", [0, 1]), "pool", {"ratio": 0.25}, new_tokens=1,
+                        reps=1, warmup=0)
+    assert (row.batch, row.visual_tokens) == (2, 3)
+
+
+def test_bench_selection_ms_is_the_median_of_the_timed_runs(monkeypatch):
+    """vtprune.stats' selection time of each run: the warm-up's 1000 ms left out, the median of 3, 9 and 4 ms."""
+    import vtprune
+    from vtprune import tiny
+
+    real, ms = vtprune.stats, iter([1000.0, 3.0, 9.0, 4.0])
+
+    def stats(model):
+        st = real(model)
+        st.selection_ms = next(ms)
+        return st
+
+    monkeypatch.setattr(vtprune, "stats", stats)
+    row = bench.measure(tiny.build("llava"), tiny.batch("llava", [0]), "pool", {"keep": 3}, new_tokens=2, reps=3,
+                        warmup=1)
+    assert row.selection_ms == 4.0
+
+
+def test_bench_vision_time_sums_the_encoder_s_calls_of_a_run(monkeypatch):
+    """A Qwen2-VL prompt with an image and a video runs the vision encoder twice in one prefill (5 and 7 ms
+    here): the vision figure is both, 12 ms."""
+    from vtprune import tiny
+
+    model, inputs = tiny.build("qwen2_vl"), tiny.batch("qwen2_vl", [0], videos=[0])
+
+    def times_ms(self):
+        n = len(self.calls)  # the encoder: 2 calls; the language model: 3 (prefill, 2 decode steps)
+        return [5.0, 7.0] if n == 2 else [100.0] + [1.0] * (n - 1)
+
+    monkeypatch.setattr(bench._Timer, "times_ms", times_ms)
+    row = bench.measure(model, inputs, None, None, new_tokens=3, reps=1, warmup=0)
+    assert (row.vision_ms, row.prefill_ms, row.decode_ms_per_token) == (12.0, 100.0, 1.0)
+
+
 def test_bench_generates_exactly_new_tokens(monkeypatch):
     from vtprune import tiny
 
