@@ -74,6 +74,22 @@ def test_bench_cuda_path_peak_above_weights_positive_event_times_and_synced_cloc
     for i, e in enumerate(log):
         if e == "generated":
             assert "sync" in log[i + 1:log.index("clock", i)], log
+    # each run's start is read after a synchronize, the first run's too (work queued before measure() is not its)
+    starts = [i for i, e in enumerate(log) if e == "clock"][::2]
+    assert len(starts) == 3 and all(i > 0 and log[i - 1] == "sync" for i in starts), log
+
+
+def test_bench_cuda_stage_times_are_read_after_a_synchronize(monkeypatch):
+    """An event's elapsed_time before the GPU reached it fails; the timer synchronises first."""
+    log = []
+    fake_cuda(monkeypatch, log)
+    monkeypatch.setattr(FakeEvent, "elapsed_time",
+                        lambda self, other: (log.append("elapsed"), (other.t - self.t) * 1e3)[1])
+    module = torch.nn.Identity()
+    timer = bench._Timer(module, cuda=True)
+    module(torch.zeros(1))
+    module(torch.zeros(1))
+    assert len(timer.times_ms()) == 2 and log == ["sync", "elapsed", "elapsed"]
 
 
 def test_bench_figures_are_medians(monkeypatch):
@@ -109,6 +125,27 @@ def test_bench_cli_warmups_per_path(monkeypatch):
     assert seen == [(False, None, 1), (False, "random", 1), (True, None, 4), (True, "random", 4)]
 
 
+def test_bench_cli_compiled_path_defaults_to_inductor_with_cuda_graphs(monkeypatch):
+    """--compile alone (as benchmarks/gpu_figures.sh gives it): the inductor backend in mode reduce-overhead (CUDA
+    graphs) after 3 warm-up runs; --compile-mode replaces the mode."""
+    from vtprune.cli import main
+
+    seen = []
+
+    def fake(model, inputs, method, options, new_tokens, reps, warmup=1, compiled=None):
+        seen.append((compiled, warmup))
+        return bench.BenchRow(method or "unpatched", options or {}, 1, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, None, 1,
+                              "compiled" if compiled is not None else "eager")
+
+    monkeypatch.setattr(bench, "measure", fake)
+    argv = ["bench", "--model", "tiny-test-llava", "--methods", "random", "--keep", "4", "--compile", "--reps", "1"]
+    assert main(argv) == 0
+    assert seen[2:] == [({"mode": "reduce-overhead"}, 3)] * 2
+    seen.clear()
+    assert main([*argv, "--compile-mode", "max-autotune"]) == 0
+    assert seen[2:] == [({"mode": "max-autotune"}, 3)] * 2
+
+
 # benchmarks/kernels.py ------------------------------------------------------------------------------
 
 def test_kernels_timed_is_the_median_after_two_warmups(monkeypatch, benchmark_script):
@@ -123,6 +160,72 @@ def test_kernels_timed_is_the_median_after_two_warmups(monkeypatch, benchmark_sc
     monkeypatch.setattr(module, "time", SimpleNamespace(perf_counter=lambda: now[0]))
     ms, out = module.timed(fn, 3, device="cpu")
     assert ms == pytest.approx(2.0) and out == 5
+
+
+def test_kernels_timed_on_cuda_is_the_median_event_span_around_each_call(monkeypatch, benchmark_script):
+    """The CUDA branch (events on a fake clock): the same two warm-ups left out, each span around its own call."""
+    module = benchmark_script("kernels")
+    now, durations = [0.0], iter([1.0, 1.0, 0.004, 0.001, 0.002])
+    fake_cuda(monkeypatch, clock=lambda: now[0])
+
+    def fn():
+        now[0] += next(durations)
+        return now[0]
+
+    ms, out = module.timed(fn, 3, device="cuda")
+    assert ms == pytest.approx(2.0) and out == pytest.approx(2.007)
+
+
+def test_kernels_greedy_compares_the_kernel_s_picks_with_the_reference_s_on_one_input(monkeypatch, benchmark_script):
+    """Reference and kernel get the same bf16 [batch, N, D] features; the row counts the picks where they differ
+    (three of the second sample's here)."""
+    pytest.importorskip("triton")
+    from vtprune.kernels import greedy_triton
+
+    module = benchmark_script("kernels")
+    seen = []
+
+    def picks(name, offset):
+        def select(x, keep):
+            seen.append((name, x))
+            out = torch.arange(keep).repeat(x.shape[0], 1)
+            out[-1, :3] += offset
+            return out
+
+        return select
+
+    monkeypatch.setattr(module, "greedy_select_torch", picks("torch", 0))
+    monkeypatch.setattr(greedy_triton, "greedy_select_triton", picks("triton", 8))
+    monkeypatch.setattr(greedy_triton, "cosine_gram_triton", lambda x: None)
+    monkeypatch.setattr(greedy_triton, "greedy_from_gram_triton", lambda sim, keep, first: None)
+    row, = module.bench_greedy([(40, 8, 16, 2)], 1, "cpu", lambda msg: None)
+    assert (row["n"], row["keep"], row["d"], row["batch"]) == (40, 8, 16, 2)
+    assert row["same_indices"] is False and row["differing_picks"] == 3
+    assert sorted({name for name, _ in seen}) == ["torch", "triton"]
+    assert all(x.shape == (2, 40, 16) and x.dtype == torch.bfloat16 and torch.equal(x, seen[0][1]) for _, x in seen)
+
+
+def test_kernels_attention_rel_diff_is_relative_to_the_reference(monkeypatch, benchmark_script):
+    """A kernel giving 1.25 x the reference's scores, on the same inputs: 0.25 (over the kernel's: 0.2)."""
+    pytest.importorskip("triton")
+    from vtprune.kernels import attention_triton
+
+    module = benchmark_script("kernels")
+    seen, reference = [], module.attention_scores_torch
+
+    def kernel(q, k, scale, rows, causal=False):
+        seen.append((q, k, scale, rows, causal))
+        return reference(q, k, scale, rows, causal=causal) * 1.25
+
+    monkeypatch.setattr(attention_triton, "attention_scores_triton", kernel)
+    monkeypatch.setattr(module, "attention_scores_torch",
+                        lambda *a, **k: (seen.append((*a, k["causal"])), reference(*a, **k))[1])
+    row, = module.bench_attention([("t", 1, 4, 2, 30, 30, 16, [29], True)], 1, "cpu", lambda msg: None)
+    assert row["max_rel_diff"] == pytest.approx(0.25)
+    q, k, scale, rows, causal = seen[0]
+    assert q.shape == (1, 4, 30, 16) and k.shape == (1, 2, 30, 16) and rows.tolist() == [29] and causal is True
+    for other in seen:
+        assert torch.equal(other[0], q) and torch.equal(other[1], k) and other[2:] == (scale, rows, causal)
 
 
 def test_kernels_ratios_are_consistent_with_their_times(tmp_path, benchmark_script):
@@ -149,6 +252,30 @@ def test_kernels_e2e_selection_share_of_the_saved_prefill(tmp_path, monkeypatch,
     assert (row["unpatched_ms"], row["patched_ms"], row["time_ratio"]) == (10.0, 4.0, 0.4)
     assert row["prefill_saved_ms"] == 6.0 and row["greedy_kernel_ms"] == 0.5 and row["selection_ms"] > 0
     assert row["selection_share_of_saved"] == pytest.approx(row["selection_ms"] / 6.0)
+
+
+def test_kernels_unpatched_figures_are_measured_on_the_unpatched_model(tmp_path, monkeypatch, benchmark_script):
+    """tower and e2e: the unpatched prefill and tower first, unpatched; the patched ones inside vtprune.pruned;
+    the greedy kernel alone after it."""
+    import vtprune
+
+    module = benchmark_script("kernels")
+    built, seen, llava = [], [], module.llava
+    monkeypatch.setattr(module, "llava", lambda *a: (built.append(llava(*a)), built[-1])[1])
+
+    def patched():
+        try:
+            return vtprune.stats(built[-1]).method
+        except ValueError:
+            return None
+
+    monkeypatch.setattr(module, "timed", lambda fn, reps, warmup=2, device="cuda": (seen.append(("timed", patched())),
+                                                                                    (1.0, None))[1])
+    monkeypatch.setattr(module, "tower_span", lambda model, fn, reps, device: (seen.append(("tower", patched())),
+                                                                               (1.0, None))[1])
+    module.main(["--quick", "--sections", "tower,e2e", "--out", str(tmp_path / "k.json")])
+    assert seen == [("timed", None), ("tower", None), ("timed", "hiprune"), ("tower", "hiprune"),
+                    ("timed", None), ("timed", "divprune"), ("timed", None)]
 
 
 def test_kernels_full_grid_puts_the_issue_targets_first(tmp_path, monkeypatch, benchmark_script):
@@ -193,13 +320,23 @@ def test_kernels_tower_span_leaves_out_the_warmup_runs(monkeypatch, benchmark_sc
 
 def test_vit_images_per_s_is_batch_over_median_after_warmup(monkeypatch, benchmark_script):
     module = benchmark_script("vit")
-    now, durations = [0.0], iter([1.0, 1.0, 0.5, 0.25, 0.5])
+    # two 1 s warm-ups, then 0.25, 0.5 and 0.25 s: 4 images / 0.25 s (one warm-up: 8; none: 4; the mean: 12)
+    now, durations = [0.0], iter([1.0, 1.0, 0.25, 0.5, 0.25])
 
     def model(x):
         now[0] += next(durations)
 
     monkeypatch.setattr(module, "time", SimpleNamespace(perf_counter=lambda: now[0]))
-    assert module.images_per_s(model, torch.zeros(4, 3, 2, 2), 3) == pytest.approx(8.0)
+    assert module.images_per_s(model, torch.zeros(4, 3, 2, 2), 3) == pytest.approx(16.0)
+
+
+def test_vit_images_per_s_on_cuda_reads_the_clock_around_finished_work(monkeypatch, benchmark_script):
+    module = benchmark_script("vit")
+    log = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: log.append("sync"))
+    monkeypatch.setattr(module, "time", SimpleNamespace(perf_counter=lambda: (log.append("clock"), len(log))[1]))
+    module.images_per_s(lambda x: log.append("run"), SimpleNamespace(is_cuda=True, shape=(4, 3, 2, 2)), 2)
+    assert log == ["run", "run"] + ["sync", "clock", "run", "sync", "clock"] * 2
 
 
 def _tiny_timm():
@@ -237,3 +374,24 @@ def test_vit_rows_speedup_layer_and_row_by_row(tmp_path, monkeypatch, benchmark_
                      "--out", str(tmp_path / "w.json")])
     rec = json.loads((tmp_path / "w.json").read_text())
     assert [r["method"] for r in rec["rows"]] == ["none", "random"] and rec["complete"] is False
+
+
+def test_vit_each_row_is_measured_on_the_model_its_method_names(tmp_path, monkeypatch, benchmark_script):
+    """The baseline and its repeat at the end (the drift check) unpatched, each strategy's row patched with it."""
+    import vtprune
+
+    module = benchmark_script("vit")
+    monkeypatch.setattr(module, "models", lambda: iter([("tiny timm", _tiny_timm())]))
+    seen = []
+
+    def images_per_s(model, x, reps):
+        model(x)
+        try:
+            seen.append(vtprune.stats(model).method)
+        except ValueError:
+            seen.append(None)
+        return 1.0
+
+    monkeypatch.setattr(module, "images_per_s", images_per_s)
+    module.main(["--quick", "--methods", "random,pool", "--ratios", "0.5", "--layer", "1"])
+    assert seen == [None, "random", "pool", None]
