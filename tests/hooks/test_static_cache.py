@@ -176,3 +176,32 @@ def test_uncompile_restores_a_forward_set_on_the_instance_before(model_factory):
         calls.clear()
         model(**inputs)
     assert calls == [1]
+
+
+def test_compile_llm_defaults_to_cuda_graphs_and_lifts_dynamo_s_recompile_limit(model_factory, monkeypatch):
+    """torch.compile is given mode "reduce-overhead" (CUDA graphs) unless told otherwise, and each compiled call runs
+    with recompile_limit at RECOMPILE_LIMIT: past dynamo's 8 (all prompt lengths and mask kinds count together: one
+    shared decorator frame), calls fell back to eager without a word. Outside the call, dynamo's own limit stands."""
+    from vtprune.patching import RECOMPILE_LIMIT
+
+    default = torch._dynamo.config.recompile_limit
+    assert RECOMPILE_LIMIT > default
+    given, limits = [], []
+
+    def compile_(fn, **options):
+        given.append(options)
+
+        def run(*args, **kwargs):
+            limits.append(torch._dynamo.config.recompile_limit)
+            return fn(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    model = model_factory("llava")
+    vtprune.compile_llm(model)
+    vtprune.compile_llm(model, mode=None, backend="eager")
+    assert [{"mode": None, **g} for g in given] == [{"mode": "reduce-overhead"}, {"mode": None, "backend": "eager"}]
+    with torch.no_grad():
+        model(**tiny.batch("llava", [0]))
+    assert limits == [RECOMPILE_LIMIT] and torch._dynamo.config.recompile_limit == default
