@@ -278,6 +278,20 @@ def test_kernels_unpatched_figures_are_measured_on_the_unpatched_model(tmp_path,
                     ("timed", None), ("timed", "divprune"), ("timed", None)]
 
 
+def test_kernels_peak_ratios_are_patched_over_unpatched(monkeypatch, benchmark_script):
+    """bench_model's CUDA memory figures (torch.cuda faked): the vision tower peaks at 8 MiB unpatched and 12 MiB
+    with HiPrune's signals captured, the language model at 40 and 10 MiB: the prefill's peak ratio 12 / 40, the
+    tower's 12 / 8."""
+    module = benchmark_script("kernels")
+    bump = fake_cuda(monkeypatch)
+    model, inputs = tiny.build("llava"), tiny.batch("llava", [0])
+    model.model.vision_tower.register_forward_hook(lambda *_: bump(12 if hasattr(model, "_vtprune") else 8))
+    model.model.language_model.register_forward_hook(lambda *_: bump(10 if hasattr(model, "_vtprune") else 40))
+    row = module.bench_model("t", model, inputs, "hiprune", {"keep": 4}, 1, "cuda", lambda msg: None, tower=True)
+    assert (row["unpatched_peak_mib"], row["patched_peak_mib"], row["peak_ratio"]) == (40.0, 12.0, 0.3)
+    assert (row["unpatched_tower_peak_mib"], row["patched_tower_peak_mib"], row["tower_peak_ratio"]) == (8.0, 12.0, 1.5)
+
+
 def test_kernels_full_grid_puts_the_issue_targets_first(tmp_path, monkeypatch, benchmark_script):
     module = benchmark_script("kernels")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
