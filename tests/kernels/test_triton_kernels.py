@@ -280,7 +280,6 @@ def test_kernel_benchmark_quick_run(tmp_path, benchmark_script):
     assert result["tower"][0]["method"] == "hiprune" and result["e2e"][0]["method"] == "divprune"
     tower, e2e = result["tower"][0], result["e2e"][0]
     assert tower["unpatched_tower_ms"] > 0 and tower["tower_time_ratio"] > 0  # the tower alone, beside the prefill
-    assert tower["unpatched_tower_ms"] < tower["unpatched_ms"]  # (a part of the forward)
     assert e2e["selection_ms"] > 0 and e2e["greedy_kernel_ms"] > 0  # the strategy's own selection, and the kernel
 
 
