@@ -260,6 +260,29 @@ def test_selection_ms_is_in_milliseconds(model_factory, monkeypatch):
     assert 50 <= vtprune.stats(model).selection_ms <= wall_ms
 
 
+def test_selection_in_llm_ms_is_the_part_spent_inside_the_decoder(model_factory, monkeypatch):
+    """ToDRE selects twice: stage 1 before the language model (50 ms here), stage 2 inside it (30 ms):
+    selection_ms holds both, selection_in_llm_ms the second only (bench adds the rest to the prefill)."""
+    import time
+
+    from vtprune.methods.registry import get_method
+
+    cls = get_method("todre")
+    first, second = cls.select, cls.select_in_llm  # (one image: select, not select_batch)
+    monkeypatch.setattr(cls, "select", lambda self, im: time.sleep(0.05) or first(self, im))
+    monkeypatch.setattr(cls, "select_in_llm", lambda self, t: time.sleep(0.03) or second(self, t))
+    model = model_factory("llava")
+    vtprune.patch(model, "todre", keep=4)
+    with torch.no_grad():
+        model(**tiny.batch("llava", [0]))
+    st = vtprune.stats(model)
+    assert 30 <= st.selection_in_llm_ms < 50 <= st.selection_ms - st.selection_in_llm_ms
+    vtprune.patch(model, "random", keep=4)
+    with torch.no_grad():
+        model(**tiny.batch("llava", [0]))
+    assert vtprune.stats(model).selection_in_llm_ms == 0 < vtprune.stats(model).selection_ms
+
+
 def test_stats_requires_patch(models):
     with pytest.raises(ValueError, match="not patched"):
         vtprune.stats(models("llava"))

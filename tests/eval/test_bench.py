@@ -19,6 +19,10 @@ def test_measured_kv_bytes_match_the_analytic_count(family):
         if method is None:  # image placeholders only (not Qwen's vision start/end tokens)
             assert row.visual_tokens == int((inputs["input_ids"] == tiny.IMG).sum())
         assert row.prefill_ms > 0 and row.generate_ms >= row.prefill_ms and row.decode_ms_per_token > 0
+        if method == "fastv":  # its selection runs inside the prefill, divprune's before the language model
+            assert row.selection_in_prefill_ms == row.selection_ms > 0
+        else:
+            assert row.selection_in_prefill_ms == 0
     assert not hasattr(model, "_vtprune")  # unpatched afterwards
 
 
@@ -52,7 +56,7 @@ def test_a_dotted_out_name_keeps_its_table_and_one_new_token_has_no_decode_time(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench_llava-1.5-7b", "bench_llava-1.5-7b.md"]
     assert [r["decode_ms_per_token"] for r in json.loads(out.read_text())["rows"]] == [None, None]
     rows = (tmp_path / "bench_llava-1.5-7b.md").read_text().splitlines()[2:]
-    assert [r.split(" | ")[9] for r in rows] == ["-", "-"]  # the decode column
+    assert [r.split(" | ")[10] for r in rows] == ["-", "-"]  # the decode column
 
 
 def test_bench_records_its_command_quoted(tmp_path):

@@ -20,13 +20,29 @@ def _row(method, path, prefill, gen, batch=1):
 def test_markdown_speedup_is_baseline_over_row():
     md = bench.markdown([_row("unpatched", "eager", 10.0, 40.0), _row("pool", "eager", 5.0, 20.0)])
     last = md.splitlines()[-1]
-    assert "| 2.00x |" in last and last.count("2.00x") == 2 and "0.50x" not in last
+    assert "| 2.00x |" in last and last.count("2.00x") == 3 and "0.50x" not in last  # prefill (+ selection 0), generate
+
+
+def test_markdown_with_selection_adds_a_pre_llm_strategy_s_selection_once():
+    """divprune selects before the language model: its 1 ms is outside its 4 ms prefill (10/4 = 2.50x alone,
+    10/5 = 2.00x with it); fastv's 1 ms is inside its 5 ms prefill, added to neither (2.00x both); ToDRE's
+    3 ms, 1 of them in its stage 2 inside the 3 ms prefill, adds 2 (10/3 = 3.33x, 10/5 = 2.00x)."""
+    base = _row("unpatched", "eager", 10.0, 40.0)
+    pre = bench.BenchRow("divprune", {}, 1, 10.0, 1.0, 1.0, 4.0, 1.0, 20.0, None, 1024, "eager")
+    llm = bench.BenchRow("fastv", {}, 1, 10.0, 1.0, 1.0, 5.0, 1.0, 20.0, None, 1024, "eager", 1.0)
+    both = bench.BenchRow("todre", {}, 1, 10.0, 1.0, 3.0, 3.0, 1.0, 20.0, None, 1024, "eager", 1.0)
+    lines = bench.markdown([base, pre, llm, both]).splitlines()
+    assert "| with selection |" in lines[0]
+    assert "| 10.00 | 1.00x | 1.00x |" in lines[2]
+    assert "| 4.00 | 2.50x | 2.00x |" in lines[3] and "| 5.00 | 2.00x | 2.00x |" in lines[4]
+    assert "| 3.00 | 3.33x | 2.00x |" in lines[5]
+    assert [r.to_dict()["prefill_with_selection_ms"] for r in (pre, llm, both)] == [5.0, 5.0, 5.0]
 
 
 def test_markdown_compiled_rows_use_the_compiled_baseline():
     md = bench.markdown([_row("unpatched", "eager", 10.0, 40.0), _row("unpatched", "compiled", 4.0, 16.0),
                          _row("pool", "compiled", 2.0, 8.0)])
-    assert md.splitlines()[-1].count("2.00x") == 2
+    assert md.splitlines()[-1].count("2.00x") == 3
 
 
 def test_markdown_options_column_names_each_option():

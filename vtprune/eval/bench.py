@@ -3,7 +3,8 @@
 Per configuration (model, batch, strategy) and repetition, one `generate` of exactly `new_tokens`
 tokens is timed end to end; hooks on the vision tower and the language model time the vision
 encoder, the prefill (the language model's first call, in-LLM selection included) and each decode
-step. On CUDA the stage times are CUDA events and the peak memory is `max_memory_allocated` above the
+step. A strategy that selects before the language model (vision or projector stage) does so outside the
+prefill: the table's "with selection" speed-up adds its selection time back, so that the two kinds compare. On CUDA the stage times are CUDA events and the peak memory is `max_memory_allocated` above the
 weights; on the CPU, perf_counter and no memory figure. Selection time is `vtprune.stats`'
 (synchronised) `selection_ms`. KV bytes: on the eager path, those of the (dynamic) cache a prefill
 returns; on the compiled path, those of the static cache `generate` allocated, which is sized for the
@@ -111,9 +112,15 @@ class BenchRow:
     peak_mib: float | None  # CUDA: peak allocated above the weights during generate
     kv_bytes: int  # eager: the cache after the prefill; compiled: the static cache generate() allocated
     path: str = "eager"  # "compiled": vtprune.compile_llm (torch.compile + static cache)
+    selection_in_prefill_ms: float = 0.0  # the part of selection_ms inside prefill_ms (selection in the decoder)
+
+    @property
+    def prefill_with_selection_ms(self) -> float:
+        """The prefill plus the selection that ran before the language model (each millisecond counted once)."""
+        return self.prefill_ms + self.selection_ms - self.selection_in_prefill_ms
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "prefill_with_selection_ms": self.prefill_with_selection_ms}
 
 
 @torch.no_grad()
@@ -172,6 +179,7 @@ def measure(model, inputs: dict, method: str | None = None, options: dict | None
                     vision=sum(vision_t.times_ms()), prefill=lm[0],
                     decode=statistics.mean(lm[1:]) if len(lm) > 1 else None,  # (one new token: no decode step)
                     generate=total, selection=st.selection_ms if st is not None else 0.0,
+                    in_llm=st.selection_in_llm_ms if st is not None else 0.0,
                     peak=(torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None,
                     visual=statistics.mean(visual_left(st, visual_token_counts(model.config, inputs)))
                     if st is not None and st.visual_after else None))
@@ -200,23 +208,26 @@ def measure(model, inputs: dict, method: str | None = None, options: dict | None
         visual = statistics.mean(visual_token_counts(model.config, inputs))
     return BenchRow(method or "unpatched", options, inputs["input_ids"].shape[0], visual,
                     med("vision"), med("selection"), med("prefill"), med("decode"), med("generate"), med("peak"), kv,
-                    "compiled" if static else "eager")
+                    "compiled" if static else "eager", med("in_llm"))
 
 
 def markdown(rows: list[BenchRow]) -> str:
-    """One table; the speed-up columns compare each row with the unpatched row of its batch size and path."""
+    """One table; the speed-up columns compare each row with the unpatched row of its batch size and path. The
+    prefill's is the language model's first call alone; "with selection" adds the selection time of a strategy
+    that selects before the language model (an llm-stage strategy's is already in its prefill)."""
     base = {(r.batch, r.path): r for r in rows if r.method == "unpatched"}
     head = ("| batch | path | method | options | visual tokens | vision ms | selection ms | prefill ms | prefill speed-up "
-            "| decode ms/token | generate ms | generate speed-up | peak MiB | KV MiB |")
+            "| with selection | decode ms/token | generate ms | generate speed-up | peak MiB | KV MiB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         b = base.get((r.batch, r.path))
         sp = f"{b.prefill_ms / r.prefill_ms:.2f}x" if b else "-"
+        sps = f"{b.prefill_ms / r.prefill_with_selection_ms:.2f}x" if b else "-"
         sg = f"{b.generate_ms / r.generate_ms:.2f}x" if b else "-"
         opts = ", ".join(f"{k}={v}" for k, v in r.options.items()) or "-"
         peak = f"{r.peak_mib:.0f}" if r.peak_mib is not None else "-"
         decode = f"{r.decode_ms_per_token:.2f}" if r.decode_ms_per_token is not None else "-"
         lines.append(f"| {r.batch} | {r.path} | {r.method} | {opts} | {r.visual_tokens:.0f} | {r.vision_ms:.2f} | "
-                     f"{r.selection_ms:.2f} | {r.prefill_ms:.2f} | {sp} | {decode} | "
+                     f"{r.selection_ms:.2f} | {r.prefill_ms:.2f} | {sp} | {sps} | {decode} | "
                      f"{r.generate_ms:.1f} | {sg} | {peak} | {r.kv_bytes / 2**20:.3f} |")
     return "\n".join(lines)

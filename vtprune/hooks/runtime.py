@@ -53,6 +53,7 @@ class Stats:
     visual_before: list[int] = field(default_factory=list)  # visual tokens per sample entering the model
     visual_after: list[int] = field(default_factory=list)  # visual tokens per sample left at the last layer
     selection_ms: float = 0.0  # wall time in the strategy's selection code (vision-encoder scores: the encoder's run)
+    selection_in_llm_ms: float = 0.0  # the part of selection_ms spent inside the decoder (drop layers: fastv, ToDRE's stage 2)
     layout: torch.Tensor | None = None  # [B, L_out]: input slot of each output position, -1 = added padding
     layer_tokens: list[list[int]] = field(default_factory=list)  # [layer][sample]: real tokens entering each decoder layer
     images: list[tuple[int, int, int]] = field(default_factory=list)  # (sample, tokens, budget) per image / video frame (clip)
@@ -812,7 +813,9 @@ class PatchState:
                 raise TypeError(f"{self.method_name}.select_in_llm returned None: return one LongTensor of kept "
                                 "indices per sample")
         _sync(hidden)
-        self.last_stats.selection_ms += (time.perf_counter() - t0) * 1e3
+        ms = (time.perf_counter() - t0) * 1e3
+        self.last_stats.selection_ms += ms
+        self.last_stats.selection_in_llm_ms += ms
         run.captured.pop(p, None)
         if picks is None:
             return None
