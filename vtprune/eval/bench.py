@@ -4,8 +4,9 @@ Per configuration (model, batch, strategy) and repetition, one `generate` of exa
 tokens is timed end to end; hooks on the vision tower and the language model time the vision
 encoder, the prefill (the language model's first call, in-LLM selection included) and each decode
 step. A strategy that selects before the language model (vision or projector stage) does so outside the
-prefill: the table's "with selection" speed-up adds its selection time back, so that the two kinds compare. On CUDA the stage times are CUDA events and the peak memory is `max_memory_allocated` above the
-weights; on the CPU, perf_counter and no memory figure. Selection time is `vtprune.stats`'
+prefill: the table's "with selection" speed-up adds its selection time back, so that the two kinds compare.
+On CUDA the stage times are CUDA events and the peak memory is `max_memory_allocated` above the weights; on
+the CPU, perf_counter and no memory figure. Selection time is `vtprune.stats`'
 (synchronised) `selection_ms`. KV bytes: on the eager path, those of the (dynamic) cache a prefill
 returns; on the compiled path, those of the static cache `generate` allocated, which is sized for the
 unpruned prompt plus the new tokens whether or not the prompt was pruned.
