@@ -95,3 +95,16 @@ def test_the_flops_bar_is_vtprune_flops_on_the_bench_prompt(benchmark_script):
     # 625 tokens (576 visual + 49 text) against 113: the LLM FLOPs ratio the README and the issue quote, and
     # the KV cache in proportion to the tokens kept
     assert ratios["llm"] == pytest.approx(5.65, abs=0.005) and ratios["kv"] == pytest.approx(113 / 625)
+
+
+def test_it_reads_the_files_gpu_figures_sh_writes():
+    """A name that drifted apart would leave a target "missing" with its figures right there."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    written = set(re.findall(r"--out results/(\S+\.json)", (root / "benchmarks" / "gpu_figures.sh").read_text()))
+    read = set(re.findall(r'"(\w+\.json)"', (root / "benchmarks" / "targets.py").read_text())) - {"f.json"}  # (a temp)
+    assert read == {"kernels_gpu.json", "vit_gpu.json", "bench_llava15_7b.json", "bench_llava_next_7b.json",
+                    "bench_llava15_7b_compiled.json"}
+    assert read <= written
