@@ -108,21 +108,39 @@ def test_bench_figures_are_medians(monkeypatch):
     assert row.prefill_ms == 200.0
 
 
-def test_bench_cli_warmups_per_path(monkeypatch):
-    """Plain rows get one warm-up run, compiled rows --compile-warmup (compilation happens there)."""
-    from vtprune.cli import main
-
+def fake_measure(monkeypatch) -> list:
+    """bench.measure replaced by a stand-in that returns a unit row: the list of its calls' (compiled, method,
+    warmup)."""
     seen = []
 
     def fake(model, inputs, method, options, new_tokens, reps, warmup=1, compiled=None):
-        seen.append((compiled is not None, method, warmup))
+        seen.append((compiled, method, warmup))
         return bench.BenchRow(method or "unpatched", options or {}, 1, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, None, 1,
                               "compiled" if compiled is not None else "eager")
 
     monkeypatch.setattr(bench, "measure", fake)
+    return seen
+
+
+def patched_method(model) -> str | None:
+    """The strategy vtprune has patched onto `model` (its last forward's stats), None when unpatched."""
+    import vtprune
+
+    try:
+        return vtprune.stats(model).method
+    except ValueError:
+        return None
+
+
+def test_bench_cli_warmups_per_path(monkeypatch):
+    """Plain rows get one warm-up run, compiled rows --compile-warmup (compilation happens there)."""
+    from vtprune.cli import main
+
+    seen = fake_measure(monkeypatch)
     assert main(["bench", "--model", "tiny-test-llava", "--methods", "random", "--keep", "4", "--compile",
                  "--compile-backend", "eager", "--compile-warmup", "4", "--reps", "1", "--new-tokens", "2"]) == 0
-    assert seen == [(False, None, 1), (False, "random", 1), (True, None, 4), (True, "random", 4)]
+    assert [(c is not None, m, w) for c, m, w in seen] == [
+        (False, None, 1), (False, "random", 1), (True, None, 4), (True, "random", 4)]
 
 
 def test_bench_cli_compiled_path_defaults_to_inductor_with_cuda_graphs(monkeypatch):
@@ -130,20 +148,13 @@ def test_bench_cli_compiled_path_defaults_to_inductor_with_cuda_graphs(monkeypat
     graphs) after 3 warm-up runs; --compile-mode replaces the mode."""
     from vtprune.cli import main
 
-    seen = []
-
-    def fake(model, inputs, method, options, new_tokens, reps, warmup=1, compiled=None):
-        seen.append((compiled, warmup))
-        return bench.BenchRow(method or "unpatched", options or {}, 1, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, None, 1,
-                              "compiled" if compiled is not None else "eager")
-
-    monkeypatch.setattr(bench, "measure", fake)
+    seen = fake_measure(monkeypatch)
     argv = ["bench", "--model", "tiny-test-llava", "--methods", "random", "--keep", "4", "--compile", "--reps", "1"]
     assert main(argv) == 0
-    assert seen[2:] == [({"mode": "reduce-overhead"}, 3)] * 2
+    assert [(c, w) for c, _, w in seen[2:]] == [({"mode": "reduce-overhead"}, 3)] * 2
     seen.clear()
     assert main([*argv, "--compile-mode", "max-autotune"]) == 0
-    assert seen[2:] == [({"mode": "max-autotune"}, 3)] * 2
+    assert [(c, w) for c, _, w in seen[2:]] == [({"mode": "max-autotune"}, 3)] * 2
 
 
 # benchmarks/kernels.py ------------------------------------------------------------------------------
@@ -257,22 +268,14 @@ def test_kernels_e2e_selection_share_of_the_saved_prefill(tmp_path, monkeypatch,
 def test_kernels_unpatched_figures_are_measured_on_the_unpatched_model(tmp_path, monkeypatch, benchmark_script):
     """tower and e2e: the unpatched prefill and tower first, unpatched; the patched ones inside vtprune.pruned;
     the greedy kernel alone after it."""
-    import vtprune
-
     module = benchmark_script("kernels")
     built, seen, llava = [], [], module.llava
     monkeypatch.setattr(module, "llava", lambda *a: (built.append(llava(*a)), built[-1])[1])
 
-    def patched():
-        try:
-            return vtprune.stats(built[-1]).method
-        except ValueError:
-            return None
-
-    monkeypatch.setattr(module, "timed", lambda fn, reps, warmup=2, device="cuda": (seen.append(("timed", patched())),
-                                                                                    (1.0, None))[1])
-    monkeypatch.setattr(module, "tower_span", lambda model, fn, reps, device: (seen.append(("tower", patched())),
-                                                                               (1.0, None))[1])
+    monkeypatch.setattr(module, "timed", lambda fn, reps, warmup=2, device="cuda": (
+        seen.append(("timed", patched_method(built[-1]))), (1.0, None))[1])
+    monkeypatch.setattr(module, "tower_span", lambda model, fn, reps, device: (
+        seen.append(("tower", patched_method(built[-1]))), (1.0, None))[1])
     module.main(["--quick", "--sections", "tower,e2e", "--out", str(tmp_path / "k.json")])
     assert seen == [("timed", None), ("tower", None), ("timed", "hiprune"), ("tower", "hiprune"),
                     ("timed", None), ("timed", "divprune"), ("timed", None)]
@@ -392,18 +395,13 @@ def test_vit_rows_speedup_layer_and_row_by_row(tmp_path, monkeypatch, benchmark_
 
 def test_vit_each_row_is_measured_on_the_model_its_method_names(tmp_path, monkeypatch, benchmark_script):
     """The baseline and its repeat at the end (the drift check) unpatched, each strategy's row patched with it."""
-    import vtprune
-
     module = benchmark_script("vit")
     monkeypatch.setattr(module, "models", lambda: iter([("tiny timm", _tiny_timm())]))
     seen = []
 
     def images_per_s(model, x, reps):
         model(x)
-        try:
-            seen.append(vtprune.stats(model).method)
-        except ValueError:
-            seen.append(None)
+        seen.append(patched_method(model))
         return 1.0
 
     monkeypatch.setattr(module, "images_per_s", images_per_s)
