@@ -129,3 +129,30 @@ def no_model_cells(monkeypatch):
                     "visual_tokens": ratio, "prefill_ms": 1.0}
 
     monkeypatch.setattr(sweep, "ShapesCells", Cells)
+
+
+class _FakeEvent:
+    """A CUDA event stand-in: the k-th mark reads 2**k ms, so a span's length names the marks it spans."""
+
+    def __init__(self, k: int, synced: list):
+        self.t, self.synced = 2.0 ** k, synced
+
+    def synchronize(self):
+        self.synced.append(self)
+
+    def elapsed_time(self, stop):
+        return stop.t - self.t
+
+
+@pytest.fixture
+def cuda_marks(monkeypatch):
+    """Selection timing as on CUDA, on the CPU: `mark` (patched into the modules a test names with
+    `cuda_marks.into(module)`) returns fake events; `synced` lists the events waited on; any
+    torch.cuda.synchronize raises."""
+    from types import SimpleNamespace
+
+    synced, count = [], iter(range(1000))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: 1 / 0)
+    marks = SimpleNamespace(synced=synced, mark=lambda t: _FakeEvent(next(count), synced))
+    marks.into = lambda module: monkeypatch.setattr(module, "mark", marks.mark)
+    return marks

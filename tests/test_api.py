@@ -382,3 +382,46 @@ def test_cli_methods_lists_a_strategy_registered_without_a_docstring(capsys):
 
     assert main(["methods"]) == 0
     assert "undocumented_test  (stage: projector)\n" in capsys.readouterr().out
+
+
+def test_mark_records_a_timing_event_on_the_tensors_stream(monkeypatch):
+    from types import SimpleNamespace
+
+    from vtprune.hooks import runtime
+
+    made = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.enable_timing, self.stream = enable_timing, None
+            made.append(self)
+
+        def record(self, stream=None):
+            self.stream = stream
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"stream of {device}")
+    e = runtime.mark(SimpleNamespace(is_cuda=True, device="cuda:1"))
+    assert made == [e] and e.enable_timing and e.stream == "stream of cuda:1"
+    assert isinstance(runtime.mark(torch.zeros(1)), float) and len(made) == 1  # the CPU: perf_counter
+
+
+def test_cuda_selection_spans_are_read_by_stats_with_no_sync_in_the_forward(model_factory, cuda_marks):
+    """On CUDA the selection is timed by events: the forward never synchronises (a sync per selecting
+    decoder layer stalled the launch queue); `vtprune.stats` waits for each span's stop event and sums
+    them, once. ToDRE: stage 1 spans marks 0-1 (2 - 1 = 1 ms), stage 2 marks 2-3 (8 - 4 = 4 ms)."""
+    from vtprune.hooks import runtime
+    from vtprune.patching import _state
+
+    cuda_marks.into(runtime)
+    synced = cuda_marks.synced
+    model = model_factory("llava")
+    vtprune.patch(model, "todre", keep=4)
+    with torch.no_grad():
+        model(**tiny.batch("llava", [0]))
+    assert synced == [] and len(_state(model).last_stats.pending) == 2
+    st = vtprune.stats(model)
+    assert [e.t for e in synced] == [2.0, 8.0]
+    assert (st.selection_ms, st.selection_in_llm_ms) == (5.0, 4.0) and st.pending == []
+    st = vtprune.stats(model)
+    assert (st.selection_ms, st.selection_in_llm_ms) == (5.0, 4.0) and len(synced) == 2

@@ -683,3 +683,18 @@ def test_vit_selection_ms_is_in_milliseconds(monkeypatch):
         model(IMAGES)
         wall_ms = (time.perf_counter() - t0) * 1e3
     assert 50 <= vtprune.stats(model).selection_ms <= wall_ms
+
+
+def test_vit_cuda_selection_span_is_read_by_stats(cuda_marks):
+    """patch_vit times its selection with the same event marks as patch (no sync in the forward): marks 0
+    and 1 read 1 and 2 ms, so the span is 1 ms, read once by vtprune.stats."""
+    import vtprune.vit as vit
+
+    cuda_marks.into(vit)
+    model = vtprune.patch_vit(timm_vit(), "divprune", keep=4, layer=1)
+    with torch.no_grad():
+        model(IMAGES)
+    assert cuda_marks.synced == []
+    st = vtprune.stats(model)
+    assert st.selection_ms == 1.0 and [e.t for e in cuda_marks.synced] == [2.0] and st.pending == []
+    assert vtprune.stats(model).selection_ms == 1.0

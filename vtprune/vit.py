@@ -18,7 +18,6 @@ vflowopt's in-LLM drops, todre's stage 2) have no ViT form and raise.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import partial
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 
 from .hooks.base import call_arguments, reduce_attention, wrap_method
 from .hooks.checks import checked_batch
-from .hooks.runtime import Stats, _sync
+from .hooks.runtime import Stats, mark
 from .methods.base import ImageTokens, VisionSignal
 from .methods.registry import build_method, get_method
 from .patching import _ATTR, _state
@@ -274,8 +273,7 @@ class VitState:
         if keep >= n:
             self.last_stats = stats
             return None
-        _sync(x)
-        t0 = time.perf_counter()
+        t0 = mark(x)
         images = [ImageTokens(patches[i], (1, h, w), keep, {k: v[i] for k, v in scores.items()}) for i in range(b)]
         what = f"{self.method_name}.select"
         # one launch for the batch where the method has a batched form, one host sync for its checks
@@ -290,8 +288,7 @@ class VitState:
             kept = torch.stack([patches[i, idx[i]] if s.tokens is None else s.tokens.to(x.dtype)
                                 for i, s in enumerate(sels)])
         out = torch.cat([x[:, :p], kept], 1)
-        _sync(x)
-        stats.selection_ms = (time.perf_counter() - t0) * 1e3
+        stats.add_selection(t0, mark(x))
         stats.visual_after = [idx.shape[1]] * b
         self.last_stats = stats  # only a finished forward's figures (one that raised keeps the last ones)
         return out if self.tower.batch_first else out.transpose(0, 1)

@@ -6,10 +6,11 @@ encoder, the prefill (the language model's first call, in-LLM selection included
 step. A strategy that selects before the language model (vision or projector stage) does so outside the
 prefill: the table's "with selection" speed-up adds its selection time back, so that the two kinds compare.
 On CUDA the stage times are CUDA events and the peak memory is `max_memory_allocated` above the weights; on
-the CPU, perf_counter and no memory figure. Selection time is `vtprune.stats`'
-(synchronised) `selection_ms`. KV bytes: on the eager path, those of the (dynamic) cache a prefill
-returns; on the compiled path, those of the static cache `generate` allocated, which is sized for the
-unpruned prompt plus the new tokens whether or not the prompt was pruned.
+the CPU, perf_counter and no memory figure. Selection time is `vtprune.stats`' `selection_ms` (CUDA
+events too: the library adds no host sync to time it). KV bytes: on the eager path, those of the
+(dynamic) cache a prefill returns; on the compiled path, those of the static cache `generate`
+allocated, which is sized for the unpruned prompt plus the new tokens whether or not the prompt was
+pruned.
 Reported figures are medians over the repetitions after `warmup` untimed runs.
 
 `compiled={...}` measures the opt-in small-batch path (`vtprune.compile_llm`: the language model under

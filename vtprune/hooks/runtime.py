@@ -57,11 +57,33 @@ class Stats:
     layout: torch.Tensor | None = None  # [B, L_out]: input slot of each output position, -1 = added padding
     layer_tokens: list[list[int]] = field(default_factory=list)  # [layer][sample]: real tokens entering each decoder layer
     images: list[tuple[int, int, int]] = field(default_factory=list)  # (sample, tokens, budget) per image / video frame (clip)
+    # selection spans timed by CUDA events, not yet read (`settle`): (start, stop, inside the decoder)
+    pending: list = field(default_factory=list, init=False, repr=False, compare=False)
 
     @property
     def kept_fraction(self) -> float:
         before = sum(self.visual_before)
         return sum(self.visual_after) / before if before else 1.0
+
+    def add_selection(self, start, stop, in_llm: bool = False):
+        """Count the selection span between two `mark`s: perf_counter values at once; CUDA events when read."""
+        if isinstance(start, float):
+            self._add_ms((stop - start) * 1e3, in_llm)
+        else:
+            self.pending.append((start, stop, in_llm))
+
+    def settle(self) -> Stats:
+        """Read the CUDA events of the selection spans into selection_ms (waits for the last one's work only)."""
+        for start, stop, in_llm in self.pending:
+            stop.synchronize()
+            self._add_ms(start.elapsed_time(stop), in_llm)
+        self.pending = []
+        return self
+
+    def _add_ms(self, ms: float, in_llm: bool):
+        self.selection_ms += ms
+        if in_llm:
+            self.selection_in_llm_ms += ms
 
 
 @dataclass
@@ -135,9 +157,15 @@ class Run:
         self.masks, self.pos_emb, self.captured, self.state, self.deepstack = {}, {}, {}, {}, []
 
 
-def _sync(t: torch.Tensor):
+def mark(t: torch.Tensor):
+    """A time mark for the selection spans of `Stats`, with no host-device sync (a sync per decoder layer
+    that selects or observes stalled the launch queue, most at batch 1): on CUDA an event recorded on the
+    current stream of t's device, read by `Stats.settle` when the figures are asked for; else perf_counter."""
     if t.is_cuda:
-        torch.cuda.synchronize(t.device)
+        e = torch.cuda.Event(enable_timing=True)
+        e.record(torch.cuda.current_stream(t.device))
+        return e
+    return time.perf_counter()
 
 
 def _keeps_everything(method: Method) -> bool:
@@ -522,8 +550,7 @@ class PatchState:
             run.deepstack = _dense_deepstack(kwargs, visual, embeds)
             return args_kwargs(kwargs)
 
-        _sync(embeds)
-        t0 = time.perf_counter()
+        t0 = mark(embeds)
         signals = self.adapter.unit_signals(self.vision_scores, frames) if self.vision_scores else [{}] * len(frames)
         if groups is not None:  # a clip's scores: its frames', in order
             signals = [{name: torch.cat([signals[j][name] for j in g]) for name in signals[g[0]]} for g in groups]
@@ -542,8 +569,7 @@ class PatchState:
             todo.append((u, ImageTokens(embeds[u.sample, u.slots], u.grid, k, signals[i], base)))
         chosen = [(u, sel) for (u, _), sel in zip(todo, self._select_all(todo))]
         images = [image for _, image in todo]
-        _sync(embeds)
-        self.last_stats.selection_ms = (time.perf_counter() - t0) * 1e3
+        self.last_stats.add_selection(t0, mark(embeds))
         if not chosen:
             self.current = None
             self.last_stats.visual_after = list(self.last_stats.visual_before)
@@ -799,8 +825,7 @@ class PatchState:
             attention_next=partial(self._next_attention, p, run, hidden) if p in self.drop_layers else None,
             state=run.state,
         )
-        _sync(hidden)
-        t0 = time.perf_counter()
+        t0 = mark(hidden)
         if p in self.observe_layers:
             cap = run.captured.get(p, {})
             io = {name: (cap[name][0] if isinstance(cap.get(name), tuple) else cap.get(name))
@@ -812,10 +837,7 @@ class PatchState:
             if picks is None:  # (it would have pruned nothing, silently)
                 raise TypeError(f"{self.method_name}.select_in_llm returned None: return one LongTensor of kept "
                                 "indices per sample")
-        _sync(hidden)
-        ms = (time.perf_counter() - t0) * 1e3
-        self.last_stats.selection_ms += ms
-        self.last_stats.selection_in_llm_ms += ms
+        self.last_stats.add_selection(t0, mark(hidden), in_llm=True)
         run.captured.pop(p, None)
         if picks is None:
             return None
