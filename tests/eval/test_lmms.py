@@ -670,6 +670,60 @@ def test_loglikelihood_scores_the_continuation_without_special_tokens():
     assert loss == pytest.approx(-float(logp[red]), abs=1e-4)
 
 
+
+def _sentencepiece_style(tok):
+    """`tok` re-made in place as a legacy SentencePiece (Llama) tokenizer: "▁" prepended to every text, spaces
+    as "▁", words split before each "▁"; each word's "▁word" keeps the word's id, so a prompt's words have
+    the ids they had, and a lone "▁" (the space between two special tokens) reads <unk>."""
+    from tokenizers import models, normalizers, pre_tokenizers
+
+    special = set(tok.all_special_tokens)
+    vocab = {(w if w in special else "▁" + w): i for w, i in tok.get_vocab().items()}
+    vocab["▁"] = tok.unk_token_id
+    backend = tok.backend_tokenizer
+    backend.model = models.WordLevel(vocab=vocab, unk_token=tok.unk_token)
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+
+
+def test_continuation_ids_are_the_tokens_the_continuation_has_after_the_prompt():
+    """A multiple-choice continuation " red" alone reads "▁" "▁red" with a SentencePiece-style tokenizer;
+    after the prompt it is "▁red". One that glues onto the prompt's last word ("red" after "?") takes its
+    own tokens."""
+    lm = lmms.Vtprune(pretrained="tiny-llava", random_weights=True)
+    tok = lm.tokenizer
+    _sentencepiece_style(tok)
+    red, unk = tok.get_vocab()["▁red"], tok.unk_token_id
+    assert tok(" red", add_special_tokens=False)["input_ids"] == [unk, red]
+    assert lmms.continuation_ids(tok, "what colour ?", " red") == [red]
+    assert lmms.continuation_ids(tok, "what colour ?", " red blue") == [red, tok.get_vocab()["▁blue"]]
+    assert tok("what colour ?red", add_special_tokens=False)["input_ids"][-1] == unk  # "▁?red": one unknown word
+    assert lmms.continuation_ids(tok, "what colour ?", "red") == [red]
+
+
+def test_loglikelihood_scores_the_continuation_as_it_reads_after_the_prompt():
+    """With a SentencePiece-style tokenizer, lmms-eval's multiple-choice continuation " red" is scored as
+    the one token "▁red" it is inside prompt + " red" (the model's log-probability of that token there), not
+    as "▁" "▁red" (the mean over a stray space token and the word)."""
+    import vtprune
+
+    lm = lmms.Vtprune(pretrained="tiny-llava", random_weights=True, method="divprune", ratio=1.0)
+    _sentencepiece_style(lm.tokenizer)
+    scene, qs = shapes.sample("eval", 3)
+    lm.task_dict = {"t": {"test": {0: {"scene": 3}}}}
+    visual = lambda d: [shapes.render(shapes.sample("eval", d["scene"])[0])]  # noqa: E731
+    (loss, greedy), = (r.text for r in lm.loglikelihood([_Req(qs[0].text, " red", visual, 0, "t", "test")]))
+    inputs = lm.processor(images=[shapes.render(scene)], text=[tinyvlm.prompt("llava", qs[0].text) + " red"],
+                          return_tensors="pt")
+    inputs.pop("token_type_ids", None)
+    red = lm.tokenizer.get_vocab()["▁red"]
+    assert int(inputs["input_ids"][0, -1]) == red and int(inputs["input_ids"][0, -2]) != lm.tokenizer.unk_token_id
+    vtprune.unpatch(lm.model)
+    with torch.no_grad():
+        logp = torch.log_softmax(lm.model(**inputs).logits[0, -2].float(), -1)
+    assert loss == pytest.approx(-float(logp[red]), abs=1e-4)
+    assert greedy == (int(logp.argmax()) == red)
+
 def test_each_process_takes_its_local_gpu(monkeypatch):
     """Under torchrun / accelerate (WORLD_SIZE > 1) a process binds to cuda:LOCAL_RANK, the GPU of its own
     machine (RANK counts the processes of every machine); alone it takes `device` or the default."""

@@ -421,8 +421,9 @@ class Vtprune(lmms):
         of the continuation's tokens given the image(s) and context (lmms-eval's convention: its own
         models return the loss and multiple-choice tasks pick the smallest), greedy = whether greedy
         decoding gives the continuation. The pair is wrapped because lmms-eval 0.7 turns any other
-        model output into a string. The continuation's tokens are appended to the prompt's (never
-        pruned: they are text), so their logits are the last positions of the pruned sequence."""
+        model output into a string. The continuation's tokens (`continuation_ids`) are appended to the
+        prompt's (never pruned: they are text), so their logits are the last positions of the pruned
+        sequence."""
         from tqdm.auto import tqdm
 
         out, first = [], len(self.records)
@@ -433,11 +434,12 @@ class Vtprune(lmms):
                 continuation = continuation(doc)
             images, sources = _media(doc_to_visual(doc))
             videos = [self._video(v) for v in sources]
-            inputs = self._inputs([self._prompt(ctx, len(images), n_videos=len(videos))], images, videos)
-            cont = self.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
-            if cont.shape[1] == 0:
+            prompt = self._prompt(ctx, len(images), n_videos=len(videos))
+            inputs = self._inputs([prompt], images, videos)
+            cont = continuation_ids(self.tokenizer, prompt, continuation)
+            if not cont:
                 raise ValueError(f"continuation {continuation!r} has no tokens")
-            cont = cont.to(inputs["input_ids"].device)
+            cont = torch.tensor([cont], dtype=inputs["input_ids"].dtype, device=inputs["input_ids"].device)
             inputs["input_ids"] = torch.cat([inputs["input_ids"], cont], 1)
             inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(cont)], 1)
             if "mm_token_type_ids" in inputs:  # Qwen-VL: the continuation is text (type 0)
@@ -498,6 +500,20 @@ def _webm_as_video(chat):
             if c.type == "audio" and isinstance(c.url, (str, os.PathLike)) and str(c.url).lower().endswith(".webm"):
                 m.content[i] = ChatVideoContent(url=c.url)
     return chat
+
+
+def continuation_ids(tokenizer, prompt: str, continuation: str) -> list[int]:
+    """The continuation's token ids as they read after `prompt`: the tokens of prompt + continuation
+    past the prompt's own (lm-eval's split), where the prompt's tokens begin that text's. A multiple-choice
+    continuation comes as " " + choice, and a SentencePiece tokenizer that prepends "▁" to every text
+    encodes " A" alone as "▁▁A" or "▁" "▁A", not as the "▁A" it is after the prompt. Where the two texts
+    part inside the prompt's last token (a continuation that glues onto it, "red" after "?" for a
+    whitespace tokenizer), the continuation's own tokens."""
+    head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(prompt + continuation, add_special_tokens=False)["input_ids"]
+    if whole[:len(head)] == head:
+        return whole[len(head):]
+    return tokenizer(continuation, add_special_tokens=False)["input_ids"]
 
 
 def _padding(request) -> bool:
