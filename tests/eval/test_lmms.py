@@ -1118,3 +1118,45 @@ def test_simple_prompt_puts_videos_first():
                                                          {"type": "text", "text": "and this ?"}]
     images, videos = lmms._media(["a.mp4", {"path": "b.avi", "video_start": 1.0}, shapes.render(shapes.sample("eval", 0)[0])])
     assert videos == ["a.mp4", {"path": "b.avi", "video_start": 1.0}] and len(images) == 1
+
+
+def test_min_and_max_pixels_set_the_qwen_image_range():
+    """`max_pixels` / `min_pixels`, as lmms-eval's Qwen models take them. A 448x336 image is 16x22 patches of
+    14 px by default (a 78,400-pixel cap); at most 40,000 pixels it is scaled by sqrt(150528 / 40000) and
+    floored to multiples of 28: 168x224, 12x16 patches, so 48 tokens after the 2x2 merge reach the model.
+    A 56x56 image at least 112x112 is 8x8. Values come as lmms-eval passes them (ints or text). Videos
+    keep their processor's range."""
+    from PIL import Image
+
+    wide, small = Image.new("RGB", (448, 336)), Image.new("RGB", (56, 56))
+    prompt = "<|vision_start|> <|image_pad|> <|vision_end|> what colour is the star ?"
+
+    def grid(lm, image):
+        return lm._inputs([prompt], [image])["image_grid_thw"].tolist()
+
+    base = lmms.Vtprune(pretrained="tiny-qwen2vl", random_weights=True)
+    assert grid(base, wide) == [[1, 16, 22]]
+    capped = lmms.Vtprune(pretrained="tiny-qwen2vl", random_weights=True, method="random", keep=4, max_pixels="40000")
+    assert grid(capped, wide) == [[1, 12, 16]]
+    video = capped.processor.video_processor.size
+    assert (video.shortest_edge, video.longest_edge) == (base.processor.video_processor.size.shortest_edge,
+                                                         base.processor.video_processor.size.longest_edge)
+    capped.task_dict = {"t": {"test": {0: {}}}}
+    capped.generate_until([_Req("what colour is the star ?", {"max_new_tokens": 2}, lambda d: [wide], 0, "t", "test")])
+    assert (capped.records[-1]["visual_before"], capped.records[-1]["visual_after"]) == (48, 4)
+    assert grid(lmms.Vtprune(pretrained="tiny-qwen2vl", random_weights=True, min_pixels=112 * 112), small) == [[1, 8, 8]]
+    assert grid(base, small) != [[1, 8, 8]]
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(pretrained="tiny-llava", max_pixels=12544), "Qwen-VL's dynamic-resolution images; CLIPImageProcessor"),
+    (dict(pretrained="tiny-qwen2vl", min_pixels=200 * 200, max_pixels=100 * 100),
+     r"min_pixels \(40000\) must not exceed max_pixels \(10000\); set both"),
+    (dict(pretrained="tiny-qwen2vl", max_pixels=100 * 100),  # the tiny processor's own min_pixels is 168 x 168
+     r"min_pixels \(28224, the checkpoint's\) must not exceed max_pixels \(10000\)"),
+    (dict(pretrained="tiny-qwen2vl", max_pixels=0), "max_pixels must be a whole number >= 1, got 0"),
+    (dict(pretrained="tiny-qwen2vl", min_pixels="1e9x"), "min_pixels must be a whole number"),
+])
+def test_bad_pixel_ranges_are_refused(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        lmms.Vtprune(random_weights=True, **kwargs)

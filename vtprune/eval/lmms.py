@@ -13,8 +13,9 @@ Decoding follows lmms-eval's own models: sampling only when the task's temperatu
 method, and `dtype` ("auto", "float16", "bfloat16", "float32"), `attn` ("sdpa", "eager", ...),
 `random_weights` (bundled architectures without trained weights: plumbing only), `max_new_tokens`
 (used when the task sets none; default 64), `max_frames_num` (frames read from a video), `fps` (sample that many
-frames a second instead, at most max_frames_num), `stats_path` (a folder: each rank writes its pruning figures to
-`vtprune_stats_rank<R>.json` there, as lmms-eval's own throughput log is per process).
+frames a second instead, at most max_frames_num), `min_pixels` / `max_pixels` (Qwen-VL: the pixel range each
+image is resized into, as lmms-eval's Qwen models take them), `stats_path` (a folder: each rank writes its
+pruning figures to `vtprune_stats_rank<R>.json` there, as lmms-eval's own throughput log is per process).
 
 The pruning figures (visual tokens before/after, selection time, analytic prefill TFLOPs from the
 real per-layer token counts) go to lmms-eval's `results["throughput"]` as `avg_vtprune_*` (each
@@ -117,6 +118,30 @@ def _rate(v) -> float | None:
     return f
 
 
+def _image_pixels(processor, least: int | None, most: int | None) -> None:
+    """`min_pixels` / `max_pixels`: the pixel range a Qwen-VL image processor resizes each image into
+    (lmms-eval's Qwen models take the same two arguments; their defaults differ per model, e.g. Qwen2-VL
+    max_pixels=602112, Qwen2.5-VL 1605632). None keeps the checkpoint's. Videos keep their own processor's
+    (a per-frame range on Qwen2-VL, a per-clip one on Qwen3-VL)."""
+    if least is None and most is None:
+        return
+    image = getattr(processor, "image_processor", None)
+    size = getattr(image, "size", None)
+    if getattr(image, "merge_size", None) is None or getattr(size, "longest_edge", None) is None:
+        raise ValueError(f"min_pixels / max_pixels set the pixel range of Qwen-VL's dynamic-resolution images; "
+                         f"{type(image).__name__} resizes to its own fixed size")
+    from transformers.image_processing_utils import SizeDict
+
+    ours = ", the checkpoint's"
+    shown = [f"{size.shortest_edge}{ours}" if least is None else str(least),
+             f"{size.longest_edge}{ours}" if most is None else str(most)]
+    least = size.shortest_edge if least is None else least
+    most = size.longest_edge if most is None else most
+    if least > most:
+        raise ValueError(f"min_pixels ({shown[0]}) must not exceed max_pixels ({shown[1]}); set both")
+    image.size = SizeDict(**{**dict(size), "shortest_edge": least, "longest_edge": most})
+
+
 def _typed(method, options: dict) -> dict:
     """lmms-eval parses every number with a sign or exponent as a float (`deep_layer=-2` -> -2.0,
     `keep=1e2` -> 100.0): a whole float given to an option declared int (and not float) becomes an int."""
@@ -156,7 +181,7 @@ class Vtprune(lmms):
     def __init__(self, pretrained: str, method: str | None = None, batch_size=1, device: str | None = None,
                  max_batch_size=None, dtype: str = "auto", attn: str = "sdpa", random_weights: bool = False,
                  max_new_tokens: int = 64, stats_path: str | None = None, max_frames_num=32, fps=None,
-                 **options) -> None:
+                 min_pixels=None, max_pixels=None, **options) -> None:
         super().__init__()
         from . import models
 
@@ -174,6 +199,8 @@ class Vtprune(lmms):
             processor.tokenizer.padding_side = "left"  # batched generation continues every row at the end
         self.model = model.to(self._device).eval()
         self.processor = processor
+        _image_pixels(processor, *(None if _value(v) is None else _count(name, v)
+                                   for name, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels))))
         self.tokenizer = processor.tokenizer
         self.max_new_tokens = _count("max_new_tokens", max_new_tokens)
         self.max_frames = _count("max_frames_num", max_frames_num)
