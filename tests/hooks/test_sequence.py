@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from vtprune.hooks.sequence import compact_index, compact_text_positions, dropped_before, take
+from vtprune.hooks.sequence import compact_index, compact_text_positions, dropped_before, row_slots, runs, take
 
 
 def test_compact_index_right_aligns_hand_case():
@@ -23,3 +24,95 @@ def test_dropped_before_and_text_positions():
     keep = torch.tensor([[1, 0, 0, 1, 1]], dtype=torch.bool)
     assert dropped_before(keep).tolist() == [[0, 0, 1, 2, 2]]
     assert compact_text_positions(torch.tensor([[0, 0, 1, 1, 1]])).tolist() == [[0, 0, 0, 1, 2]]
+
+
+def _runs_row_by_row(mask):
+    out = []
+    for row in mask.tolist():
+        slots, cur = [], []
+        for i, on in enumerate(row):
+            if on and cur and cur[-1] == i - 1:
+                cur.append(i)
+            elif on:
+                cur = [i]
+                slots.append(cur)
+        out.append(slots)
+    return out
+
+
+def test_runs_hand_case_and_random_masks():
+    mask = torch.tensor([[0, 1, 1, 0, 1], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 1, 0, 1]], dtype=torch.bool)
+    got = [[r.tolist() for r in rs] for rs in runs(mask)]
+    assert got == [[[1, 2], [4]], [], [[0, 1, 2, 3, 4]], [[0], [2], [4]]]
+    assert runs(torch.zeros(3, 4, dtype=torch.bool)) == [[], [], []]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        mask = torch.rand(5, 13, generator=g) < torch.rand(1, generator=g)
+        assert [[r.tolist() for r in rs] for rs in runs(mask)] == _runs_row_by_row(mask)
+        assert all(r.dtype == torch.long for rs in runs(mask) for r in rs)
+
+
+def test_runs_and_row_slots_read_the_batch_back_a_fixed_number_of_times(host_syncs):
+    for b in (1, 8):
+        mask = torch.zeros(b, 12, dtype=torch.bool)
+        mask[:, 2:5] = mask[:, 7:11] = True
+        with host_syncs() as s:
+            runs(mask)
+        assert s.n == 3, b  # the slots, the run starts, their rows
+        with host_syncs() as s:
+            slots = row_slots(mask)
+        assert s.n == 1 and [x.tolist() for x in slots] == [[2, 3, 4, 7, 8, 9, 10]] * b
+
+
+def test_row_slots_hand_case():
+    mask = torch.tensor([[0, 1, 1, 0], [0, 0, 0, 0], [1, 0, 0, 1]], dtype=torch.bool)
+    assert [x.tolist() for x in row_slots(mask)] == [[1, 2], [], [0, 3]]
+
+
+@pytest.mark.parametrize("method", ["random", "divprune", "fastv", "transprune"])
+def test_a_llava_prefill_adds_no_host_sync_per_sample(model_factory, host_syncs, method):
+    """The LLaVA adapter finds each sample's image tokens for the whole batch at once, the images' selections
+    are checked together, and in-LLM drops rank every sample's images at once: a pruning forward reads back
+    as often at batch 8 as at batch 2 (each sample's slots, checks and images were read on their own)."""
+    import vtprune
+    from vtprune import tiny
+    from vtprune.patching import unpatched
+
+    model = model_factory("llava")
+    vtprune.patch(model, method, keep=4)
+    counts = []
+    for b in (2, 8):
+        inputs = tiny.batch("llava", list(range(b)))
+        with torch.no_grad(), host_syncs() as s:
+            model(**inputs)
+        with torch.no_grad(), unpatched(model), host_syncs() as base:
+            model(**inputs)
+        counts.append(s.n - base.n)
+    assert counts[0] == counts[1] > 0
+
+
+def test_checked_all_reads_every_selection_back_once_and_raises_the_first_failure(host_syncs):
+    from vtprune.hooks.checks import check_indices_all, checked_all
+    from vtprune.methods.base import Selection
+
+    ok = torch.tensor([0, 2, 3])
+    items = [(Selection(ok.clone()), 5, 3, 8, f"m{i}") for i in range(6)]
+    with host_syncs() as s:
+        out = checked_all(items)
+    assert s.n == 1 and all(o.indices.tolist() == [0, 2, 3] for o in out)
+
+    def item(sel, what):
+        return (torch.tensor(sel), 5, 3, what, 1, False)
+
+    cases = [
+        ([item([0, 1], "a"), item([0, 7], "b"), item([2, 1], "c")], "b: indices out of range"),
+        ([item([0, 1], "a"), item([2, 1], "b"), item([0, 9], "c")], "b: indices must be unique and ascending"),
+        ([item([1, 1], "a"), item([0, 1, 2, 3], "b")], "a: indices must be unique and ascending"),  # before b's shape
+        ([item([0, 1], "a"), item([0, 1, 2, 3], "b"), item([0, 9], "c")], r"b: expected 1..3 indices, got shape \(4,\)"),
+        ([item([0], "a"), (torch.tensor([0.5]), 5, 3, "b", 1, False)], "b: indices must be an integer tensor"),
+    ]
+    for items, words in cases:
+        with pytest.raises((RuntimeError, TypeError), match=words):
+            check_indices_all(items)
+    empty = (torch.tensor([], dtype=torch.long), 5, 3, "b", 0, False)  # least=0: keeping none is allowed
+    assert [x.tolist() for x in check_indices_all([item([0, 4], "a"), empty])] == [[0, 4], []]

@@ -355,6 +355,69 @@ def test_top_per_image_keeps_an_image_within_its_budget_whole():
     assert top_per_image(torch.zeros(1, n), tokens, lambda *_: 0)[0].tolist() == [0, 1, 2, 3, 4]
 
 
+
+def _top_per_image_sample_by_sample(scores, tokens, count):
+    """The plain per-sample, per-image loop that `top_per_image` does for the batch at once."""
+    from vtprune.methods.base import ranking
+
+    out = []
+    for b in range(scores.shape[0]):
+        vis = tokens.visual[b]
+        uid, s = tokens.unit[b][vis], scores[b][vis]
+        picks = []
+        for u in torch.unique(uid).tolist():
+            members = (uid == u).nonzero().squeeze(1)
+            _, before, keep = tokens.images[u]
+            present = members.numel()
+            k = present if keep >= before else max(0, min(present, int(count(present, keep, before))))
+            picks.append(members[ranking(s[members])[:k]])
+        out.append(torch.cat(picks).sort().values if picks else torch.zeros(0, dtype=torch.long))
+    return out
+
+
+def test_top_per_image_hand_case_and_parity_with_a_per_sample_loop():
+    """Sample 0: image 0 (slots 1-3, budget 1 of 4 before) then image 1 (slots 5-6, budget 1 of 2); sample 1:
+    text only; sample 2: image 2 (slots 0-2, within budget: kept whole). Ties go to the lower slot."""
+    from vtprune.methods.base import LayerTokens, top_per_image
+
+    visual = torch.tensor([[0, 1, 1, 1, 0, 1, 1], [0] * 7, [1, 1, 1, 0, 0, 0, 0]], dtype=torch.bool)
+    unit = torch.tensor([[-1, 0, 0, 0, -1, 1, 1], [-1] * 7, [2, 2, 2, -1, -1, -1, -1]])
+    scores = torch.tensor([[9.0, 0.1, 0.7, 0.7, 9, 0.3, 0.2], [1.0] * 7, [0.0] * 7])
+    images = ((0, 4, 1), (0, 2, 1), (2, 3, 3))
+    tokens = LayerTokens(layer=0, hidden=torch.zeros(3, 7, 2), visual=visual, mask=torch.ones(3, 7, dtype=torch.bool),
+                         keep=torch.tensor([2, 0, 3]), before=torch.tensor([6, 0, 3]), unit=unit, images=images)
+    got = top_per_image(scores, tokens, lambda present, keep, before: keep)
+    assert [x.tolist() for x in got] == [[1, 3], [], [0, 1, 2]]  # into sample 0's visual slots 1, 2, 3, 5, 6
+    g = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        b, n = 4, 12
+        unit = torch.full((b, n), -1)
+        images = []
+        for i in range(b):
+            cuts = sorted(torch.randperm(n, generator=g)[:3].tolist())
+            for lo, hi in zip(cuts, cuts[1:]):  # 0-2 images per sample, with gaps between
+                if torch.rand(1, generator=g) < 0.7:
+                    unit[i, lo:hi] = len(images)
+                    before = hi - lo + int(torch.randint(0, 3, (1,), generator=g))
+                    images.append((i, before, int(torch.randint(0, before + 1, (1,), generator=g))))
+        tokens = LayerTokens(layer=0, hidden=torch.zeros(b, n, 2), visual=unit >= 0, mask=torch.ones(b, n, dtype=torch.bool),
+                             keep=torch.zeros(b, dtype=torch.long), before=torch.zeros(b, dtype=torch.long), unit=unit,
+                             images=tuple(images))
+        scores = torch.randint(0, 4, (b, n), generator=g).float()  # many ties
+        count = lambda present, keep, before: keep - 1 + present % 3  # noqa: E731
+        assert [x.tolist() for x in top_per_image(scores, tokens, count)] == \
+            [x.tolist() for x in _top_per_image_sample_by_sample(scores, tokens, count)]
+
+
+def test_top_per_image_refuses_a_visual_slot_of_no_image():
+    from vtprune.methods.base import LayerTokens, top_per_image
+
+    visual = torch.tensor([[1, 1, 1]], dtype=torch.bool)
+    tokens = LayerTokens(layer=0, hidden=torch.zeros(1, 3, 2), visual=visual, mask=visual, keep=torch.tensor([1]),
+                         before=torch.tensor([3]), unit=torch.tensor([[0, -1, 0]]), images=((0, 3, 1),))
+    with pytest.raises(RuntimeError, match="a visual slot belongs to no image"):
+        top_per_image(torch.zeros(1, 3), tokens, lambda *a: 1)
+
 def test_top_visual_picks_within_visual_slots():
     scores = torch.tensor([[9.0, 0.2, 0.5, 0.5, 0.1, 7.0]])
     visual = torch.tensor([[False, True, True, True, True, False]])

@@ -30,37 +30,67 @@ def as_indices(sel, what: str) -> torch.Tensor:
 def check_indices(sel, n: int, budget: int, what: str, least: int = 1, rows: bool = False) -> torch.Tensor:
     """A method's selection as a LongTensor: [k] indices (rows=True: [B, k], each row one image's) with
     least <= k <= budget, in [0, n), unique and ascending; one host sync for all the checks."""
-    sel = as_indices(sel, what)
-    if sel.dim() != (2 if rows else 1) or not least <= sel.shape[-1] <= budget:
-        raise RuntimeError(f"{what}: expected {least}..{budget} indices, got shape {tuple(sel.shape)}")
-    out_of_range, unordered = torch.stack([(sel < 0).any() | (sel >= n).any(),
-                                           (sel[..., 1:] <= sel[..., :-1]).any()]).tolist()
-    if out_of_range:
-        raise RuntimeError(f"{what}: indices out of range [0, {n})")
-    if unordered:
-        raise RuntimeError(f"{what}: indices must be unique and ascending")
-    return sel
+    return check_indices_all([(sel, n, budget, what, least, rows)])[0]
+
+
+def check_indices_all(items) -> list[torch.Tensor]:
+    """`check_indices` of several selections, items (sel, n, budget, what, least, rows), with one host sync
+    for all their value checks; the first that fails raises what `check_indices` would have raised."""
+    out, flags, named = [], [], []
+
+    def raise_first():
+        if not flags:
+            return
+        values = torch.stack([f.to(flags[0].device) for f in flags]).tolist()
+        for (out_of_range, unordered), (what, n) in zip(values, named):
+            if out_of_range:
+                raise RuntimeError(f"{what}: indices out of range [0, {n})")
+            if unordered:
+                raise RuntimeError(f"{what}: indices must be unique and ascending")
+
+    for sel, n, budget, what, least, rows in items:
+        try:
+            sel = as_indices(sel, what)
+            if sel.dim() != (2 if rows else 1) or not least <= sel.shape[-1] <= budget:
+                raise RuntimeError(f"{what}: expected {least}..{budget} indices, got shape {tuple(sel.shape)}")
+        except (TypeError, RuntimeError):
+            raise_first()  # (an earlier selection's error comes first)
+            raise
+        out.append(sel)
+        flags.append(torch.stack([(sel < 0).any() | (sel >= n).any(), (sel[..., 1:] <= sel[..., :-1]).any()]))
+        named.append((what, n))
+    raise_first()
+    return out
 
 
 def checked(sel, n: int, budget: int, dim: int, what: str) -> Selection:
     """One image's selection checked whole (`check_selection`, `check_indices`, `check_parts`); its
     indices become the checked LongTensor."""
-    sel = check_selection(sel, what)
-    sel.indices = check_indices(sel.indices, n, budget, what)
-    return check_parts(sel, sel.indices.numel(), dim, what)
+    return checked_all([(sel, n, budget, dim, what)])[0]
+
+
+def checked_all(items) -> list[Selection]:
+    """`checked` of several images' selections, items (sel, n, budget, dim, what), with one host sync for
+    all their index checks."""
+    sels = [check_selection(sel, what) for sel, _, _, _, what in items]
+    rows = check_indices_all([(s.indices, n, budget, what, 1, False) for s, (_, n, budget, _, what) in zip(sels, items)])
+    for s, row, (_, _, _, dim, what) in zip(sels, rows, items):
+        s.indices = row
+        check_parts(s, row.numel(), dim, what)
+    return sels
 
 
 def checked_batch(sels, count: int, n: int, budget: int, dim: int, what: str) -> list:
     """`select_batch`'s answer for `count` images of n tokens each: every selection checked whole, as by
-    `checked`, with one host sync for all the index checks where every image keeps as many tokens (a
-    strategy may keep fewer than the budget, differently per image)."""
+    `checked`, with one host sync for all the index checks (stacked where every image keeps as many
+    tokens; a strategy may keep fewer than the budget, differently per image)."""
     if len(sels) != count:
         raise RuntimeError(f"{what}_batch: {len(sels)} selections for {count} images")
     rows = [as_indices(check_selection(s, f"{what}_batch").indices, what) for s in sels]
     if len({tuple(r.shape) for r in rows}) == 1:
         rows = check_indices(torch.stack(rows), n, budget, what, rows=True)
     else:
-        rows = [check_indices(r, n, budget, what) for r in rows]
+        rows = check_indices_all([(r, n, budget, what, 1, False) for r in rows])
     for s, row in zip(sels, rows):
         s.indices = row
         check_parts(s, row.numel(), dim, what)

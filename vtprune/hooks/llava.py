@@ -8,6 +8,7 @@ from functools import partial
 from ..methods.vflowopt import patch_entropy
 from .base import Adapter, grey_levels, reduce_attention
 from .runtime import Unit
+from .sequence import row_slots
 
 
 def _encoder_layers(tower):
@@ -53,7 +54,8 @@ class LlavaAdapter(Adapter):
         }
 
     def units(self, scratch, visual, positions):
-        count = int(visual.sum())
+        per_row = row_slots(visual)
+        count = sum(len(slots) for slots in per_row)
         n_images = scratch.get("n_images")
         per_image = count // n_images if n_images else None
         if not per_image or per_image * n_images != count:
@@ -61,8 +63,7 @@ class LlavaAdapter(Adapter):
         side = math.isqrt(per_image)
         grid = (1, side, side) if side * side == per_image else None
         units = []
-        for b in range(visual.shape[0]):
-            slots = visual[b].nonzero().squeeze(1)
+        for b, slots in enumerate(per_row):
             if slots.numel() == 0:  # a text-only sample
                 continue
             if slots.numel() % per_image:

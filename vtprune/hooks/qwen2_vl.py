@@ -83,9 +83,8 @@ class QwenVLAdapter(Adapter):
                     starts = ((h_all == h_all[0]) & (w_all == w_all[0])).nonzero().squeeze(1)[1:]  # each frame starts top-left
                     frames = run.tensor_split(starts.tolist())
                     for frame in frames:
-                        h_pos, w_pos = thw[1, b, frame], thw[2, b, frame]
-                        gh = int(h_pos.max() - h_pos.min()) + 1
-                        gw = int(w_pos.max() - w_pos.min()) + 1
+                        hw = thw[1:3, b, frame]
+                        gh, gw = (hw.amax(1) - hw.amin(1) + 1).tolist()  # (one host sync for both)
                         grid = (1, gh, gw) if gh * gw == frame.numel() else None
                         of = -1  # an image
                         if token_id == self.video_token_id:

@@ -26,9 +26,9 @@ import torch
 from ..kernels import attention_scores
 from ..methods.base import ImageTokens, LayerTokens, Method, PruneConfig, Selection
 from . import anyres
-from .checks import check_indices, checked, checked_batch
+from .checks import check_indices_all, checked, checked_all, checked_batch
 from .base import SignalStore, call_arguments, wrap_method
-from .sequence import compact_index, compact_text_positions, dropped_before, take
+from .sequence import compact_index, compact_text_positions, dropped_before, row_slots, take
 
 _CACHE_ATTR = "_vtprune_run"
 
@@ -459,7 +459,8 @@ class PatchState:
     def _select_all(self, todo: list[tuple[Unit, ImageTokens]]) -> list[Selection]:
         """Each image's checked selection, in order. Images of one shape (tokens, grid, budget; no anyres
         layout) go to the method's `select_batch` together where it has a batched form (DivPrune, ToDRE:
-        one kernel launch and one host sync for a LLaVA batch or a clip's frames); the rest one by one."""
+        one kernel launch and one host sync for a LLaVA batch or a clip's frames); the rest one by one, their
+        checks with one host sync."""
         what = f"{self.method_name}.select"
         anyres.check_budgets(self.method, [(image.keep, u.layout, u.sample) for u, image in todo if self._per_grid(u)])
         out: list[Selection | None] = [None] * len(todo)
@@ -476,10 +477,13 @@ class PatchState:
                                  len(first.slots), image.keep, image.features.shape[-1], what)
             for j, s in zip(members, sels):
                 out[j] = s
-        for j, (u, image) in enumerate(todo):
-            if out[j] is None:
-                sel = anyres.select(self.method, image, u.layout) if self._per_grid(u) else self.method.select(image)
-                out[j] = checked(sel, len(u.slots), image.keep, image.features.shape[-1], what)
+        rest, items = [j for j in range(len(todo)) if out[j] is None], []
+        for j in rest:
+            u, image = todo[j]
+            sel = anyres.select(self.method, image, u.layout) if self._per_grid(u) else self.method.select(image)
+            items.append((sel, len(u.slots), image.keep, image.features.shape[-1], what))
+        for j, sel in zip(rest, checked_all(items)):  # (one host sync for all their checks)
+            out[j] = sel
         return out
 
     def _prefill(self, kwargs, scratch, visual):
@@ -844,12 +848,11 @@ class PatchState:
         if len(picks) != hidden.shape[0]:
             raise RuntimeError(f"{self.method_name}.select_in_llm returned {len(picks)} selections for batch {hidden.shape[0]}")
         keep = ~run.visual
-        for bi, sel in enumerate(picks):
-            vis_slots = run.visual[bi].nonzero().squeeze(1)
-            if vis_slots.numel() == 0:
-                continue
-            sel = check_indices(sel, vis_slots.numel(), vis_slots.numel(), f"{self.method_name}.select_in_llm", 0)
-            keep[bi, vis_slots[sel.to(vis_slots.device)]] = True
+        present = [(bi, sel, slots) for bi, (sel, slots) in enumerate(zip(picks, row_slots(run.visual))) if slots.numel()]
+        what = f"{self.method_name}.select_in_llm"
+        for (bi, _, slots), sel in zip(present, check_indices_all(  # (one host sync for every sample's checks)
+                [(sel, slots.numel(), slots.numel(), what, 0, False) for _, sel, slots in present])):
+            keep[bi, slots[sel.to(slots.device)]] = True
         if bool(keep.all()):
             return None
         index = compact_index(keep)
