@@ -11,7 +11,6 @@ if not torch.cuda.is_available():  # Triton kernels run on the CPU in its interp
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import vtprune
 from vtprune.methods.base import Method, Selection, VisionSignal
@@ -159,34 +158,7 @@ def cuda_marks(monkeypatch):
     return marks
 
 
-class _HostSyncs(TorchDispatchMode):
-    """Counts the reads of a tensor's values back to the host (each a host sync on a GPU): nonzero, item /
-    int() / bool(), and tolist (which reaches no dispatch mode on the CPU, so it is counted where it is called)."""
-
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __enter__(self):
-        real, self._real = torch.Tensor.tolist, torch.Tensor.tolist
-
-        def tolist(t):
-            self.n += 1
-            return real(t)
-
-        torch.Tensor.tolist = tolist
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        torch.Tensor.tolist = self._real
-        return super().__exit__(*exc)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += func in (torch.ops.aten.nonzero.default, torch.ops.aten._local_scalar_dense.default)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.fixture
-def host_syncs():
-    """The class of a context that counts host syncs (`with host_syncs() as s: ...; s.n`)."""
-    return _HostSyncs
+def host_syncs(benchmark_script):
+    """benchmarks/host_syncs.py's counter of host syncs (`with host_syncs() as s: ...; s.n`)."""
+    return benchmark_script("host_syncs").HostSyncs

@@ -116,3 +116,14 @@ def test_checked_all_reads_every_selection_back_once_and_raises_the_first_failur
             check_indices_all(items)
     empty = (torch.tensor([], dtype=torch.long), 5, 3, "b", 0, False)  # least=0: keeping none is allowed
     assert [x.tolist() for x in check_indices_all([item([0, 4], "a"), empty])] == [[0, 4], []]
+
+
+def test_host_syncs_script_writes_its_rows_and_command(benchmark_script, tmp_path, capsys):
+    script = benchmark_script("host_syncs")
+    out = tmp_path / "syncs.json"
+    rows = script.main(["--families", "llava", "--methods", "random", "--batches", "2,8", "--out", str(out)])
+    assert [(r["family"], r["method"], r["batch"]) for r in rows] == [("llava", "random", 2), ("llava", "random", 8)]
+    assert rows[0]["added"] == rows[1]["added"] > 0 and rows[0]["unpatched"] > 0
+    saved = __import__("json").loads(out.read_text())
+    assert saved["rows"] == rows and saved["command"].startswith("python benchmarks/host_syncs.py --families llava")
+    assert "| llava | random | 8 |" in capsys.readouterr().out

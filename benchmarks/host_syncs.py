@@ -1,0 +1,98 @@
+"""Host syncs a pruning forward adds over the unpatched one, counted on the CPU with tiny random models.
+
+  python benchmarks/host_syncs.py [--families llava,qwen2_vl] [--methods random,divprune,fastv,transprune]
+                                  [--batches 1,8] [--out results/host_syncs.json]
+
+A host sync is a read of a tensor's values back to the host (nonzero, item / int() / bool(), tolist): on a
+GPU each one waits for the queued work and leaves the GPU idle while the host launches the next kernels.
+The counts are exact and the same on every machine (no timing), so they can be compared across commits.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # (benchmarks/kernels.py would shadow the
+sys.path.insert(0, str(HERE.parent))                                     # `kernels` package transformers imports)
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts the reads of a tensor's values back to the host: nonzero, item / int() / bool(), and tolist
+    (which reaches no dispatch mode on the CPU, so it is counted where it is called)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __enter__(self):
+        real, self._real = torch.Tensor.tolist, torch.Tensor.tolist
+
+        def tolist(t):
+            self.n += 1
+            return real(t)
+
+        torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._real
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func in (torch.ops.aten.nonzero.default, torch.ops.aten._local_scalar_dense.default)
+        return func(*args, **(kwargs or {}))
+
+
+def count(model, inputs) -> int:
+    with torch.no_grad(), HostSyncs() as s:
+        model(**inputs)
+    return s.n
+
+
+def rows(families, methods, batches, ratio=0.25) -> list[dict]:
+    import vtprune
+    from vtprune import tiny
+    from vtprune.patching import unpatched
+
+    out = []
+    for family in families:
+        model = tiny.build(family).eval()
+        for method in methods:
+            vtprune.patch(model, method, ratio=ratio)
+            for b in batches:
+                inputs = tiny.batch(family, list(range(b)))
+                with unpatched(model):
+                    base = count(model, inputs)
+                out.append({"family": family, "method": method, "batch": b, "unpatched": base,
+                            "added": count(model, inputs) - base})
+            vtprune.unpatch(model)
+    return out
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--families", default="llava,qwen2_vl")
+    ap.add_argument("--methods", default="random,divprune,fastv,transprune")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--out", default=None, help="also write the rows (and this command) as JSON")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    found = rows(args.families.split(","), args.methods.split(","), [int(b) for b in args.batches.split(",")])
+    print("| family | method | batch | unpatched | added by pruning |\n|---|---|---|---|---|")
+    for r in found:
+        print(f"| {r['family']} | {r['method']} | {r['batch']} | {r['unpatched']} | {r['added']} |")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"command": "python benchmarks/host_syncs.py " + " ".join(
+            argv if argv is not None else sys.argv[1:]), "rows": found}, indent=1) + "\n")
+    return found
+
+
+if __name__ == "__main__":
+    main()
