@@ -73,7 +73,8 @@ class Stats:
             self.pending.append((start, stop, in_llm))
 
     def settle(self) -> Stats:
-        """Read the CUDA events of the selection spans into selection_ms (waits for the last one's work only)."""
+        """Read the CUDA events of the selection spans into selection_ms (waits on each span's stop event, not
+        on the whole device)."""
         for start, stop, in_llm in self.pending:
             stop.synchronize()
             self._add_ms(start.elapsed_time(stop), in_llm)
@@ -848,10 +849,11 @@ class PatchState:
         if len(picks) != hidden.shape[0]:
             raise RuntimeError(f"{self.method_name}.select_in_llm returned {len(picks)} selections for batch {hidden.shape[0]}")
         keep = ~run.visual
-        present = [(bi, sel, slots) for bi, (sel, slots) in enumerate(zip(picks, row_slots(run.visual))) if slots.numel()]
         what = f"{self.method_name}.select_in_llm"
-        for (bi, _, slots), sel in zip(present, check_indices_all(  # (one host sync for every sample's checks)
-                [(sel, slots.numel(), slots.numel(), what, 0, False) for _, sel, slots in present])):
+        present = [(bi, sel, slots) for bi, (sel, slots) in enumerate(zip(picks, row_slots(run.visual)))
+                   if slots.numel()]
+        sels = check_indices_all([(sel, len(slots), len(slots), what, 0, False) for _, sel, slots in present])
+        for (bi, _, slots), sel in zip(present, sels):  # (one host sync above for every sample's checks)
             keep[bi, slots[sel.to(slots.device)]] = True
         if bool(keep.all()):
             return None
