@@ -53,6 +53,49 @@ def test_qwen_manual_decode_without_positions_continues_after_the_pruned_prompt(
     assert decode == [[prompt_max + 1 + step] * 3 for step in range(3)]
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_qwen_pruning_leaves_the_models_rope_deltas_as_the_unpatched_model_does(model_factory, family):
+    """The decode-step rope_deltas shift is lent for that forward only: pruned forwards leave the
+    model's rope_deltas as the unpatched model would, so inputs_embeds-only forwards (which read it) repeat
+    exactly, and after unpatch the model equals the one never patched."""
+    model = model_factory(family)
+    inputs = tiny.batch(family, [0])
+    embeds_only = {k: v for k, v in inputs.items() if k not in ("input_ids", "mm_token_type_ids")}
+    embeds_only["inputs_embeds"] = model.get_input_embeddings()(inputs["input_ids"])
+    with torch.no_grad():
+        model(**inputs)  # sets rope_deltas from input_ids
+        own = model.model.rope_deltas.clone()
+        want = model(**embeds_only).logits
+        vtprune.patch(model, "divprune", ratio=0.25)
+        try:
+            model(**inputs)
+            assert vtprune.stats(model).visual_after < vtprune.stats(model).visual_before
+            assert torch.equal(model.model.rope_deltas, own)
+            first = model(**embeds_only).logits
+            assert torch.equal(model(**embeds_only).logits, first)
+            cache = _new_cache(model)
+            model(**inputs, use_cache=True, **{CACHE: cache})
+            model(input_ids=torch.tensor([[5]]), use_cache=True, **{CACHE: cache})  # reads own + the shift
+            assert torch.equal(model.model.rope_deltas, own)
+        finally:
+            vtprune.unpatch(model)
+        assert torch.equal(model(**embeds_only).logits, want)
+
+
+def test_qwen_inputs_embeds_alone_on_a_model_that_has_not_run_asks_for_input_ids(model_factory):
+    model = model_factory("qwen2_vl")
+    inputs = tiny.batch("qwen2_vl", [0])
+    embeds_only = {k: v for k, v in inputs.items() if k not in ("input_ids", "mm_token_type_ids")}
+    embeds_only["inputs_embeds"] = model.get_input_embeddings()(inputs["input_ids"])
+    model.model.rope_deltas = None  # as a freshly loaded model has it
+    vtprune.patch(model, "divprune", ratio=0.25)
+    try:
+        with torch.no_grad(), pytest.raises(ValueError, match="has not run yet.*pass input_ids"):
+            model(**embeds_only)
+    finally:
+        vtprune.unpatch(model)
+
+
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_qwen_pool_on_video_gives_get_rope_index_positions(model_factory, family):
     """After a pooled video the text moves back by the h/w extent lost (as

@@ -56,7 +56,9 @@ class QwenVLAdapter(Adapter):
         positions (generate() does not pass image_grid_thw to the forward). Video runs split into
         frames where the temporal position changes."""
         if positions is None or positions.dim() != 3:
-            raise ValueError("Qwen-VL pruning needs the 3-D (t, h, w) position ids the model computes")
+            raise ValueError("vtprune: Qwen-VL pruning needs the 3-D (t, h, w) position ids the model computes from "
+                             "input_ids, and this call has none (e.g. inputs_embeds alone on a model that has not run "
+                             "yet, or 2-D position_ids): pass input_ids")
         thw = positions[-3:]
         units = []
         block = 0  # ids unique over images and videos

@@ -112,6 +112,7 @@ class Run:
     before: torch.Tensor | None = None  # [B] visual tokens per sample on entering the model
     orig_mask: torch.Tensor | None = None  # [B, orig_len] the caller's 2-D mask of the prefill
     default_positions: bool = False  # the prefill had no position_ids (the model's default, arange over slots)
+    rope_shift: int = 0  # M-RoPE: prompt slots the cache lacks (the model's rope_deltas, raised by this during decode)
     changed: bool = False
     owner: str = ""  # PatchState.token of the configuration that pruned this prefill
     method: str = ""  # its strategy's name (for errors)
@@ -207,6 +208,7 @@ class PatchState:
         self.signal_names: list[str] = []  # the vision-encoder signals the strategy reads (set by install)
         self.encoder_outputs = None  # mm_encoder_outputs as the caller handed them to the top model
         self.prefill_outputs = None  # generate()'s own mm_encoder_outputs during its prefill (chunks get copies)
+        self.rope_lent = None  # (the model's rope_deltas, what a decode forward reads instead) while it runs
         self.drop_layers = sorted(set(method.drop_layers(n_layers)))
         self.attn_layers = sorted(set(method.attention_layers(n_layers)))
         self.observe_layers = sorted(set(method.observe_layers(n_layers)))
@@ -344,6 +346,14 @@ class PatchState:
             raise NotImplementedError("vtprune: new images on a KV cache that already holds a pruned prefill are "
                                       "not supported; start a new cache per prompt")
         self.scratch = scratch
+        run = getattr(cache, _CACHE_ATTR, None) if cache is not None else None
+        if (self.adapter.mrope and run is not None and run.rope_shift and run.owner == self.token
+                and getattr(module, "rope_deltas", None) is not None and cache.get_seq_length() > 0):
+            # a decode step without position_ids is placed at cache length + rope_deltas by the model, and this
+            # cache is shorter than its prompt: for this forward only (generate() passes positions, unaffected;
+            # the model keeps its own value, which a later inputs_embeds-only forward reads)
+            self.rope_lent = (module.rope_deltas, module.rope_deltas + run.rope_shift)
+            module.rope_deltas = self.rope_lent[1]
         if any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos")):
             self.vision_scores.reset()  # this forward encodes its own images
         elif kwargs.get("mm_encoder_outputs"):  # the runs that made these
@@ -379,6 +389,11 @@ class PatchState:
         return out
 
     def _inner_post(self, module, args, output):
+        if self.rope_lent is not None:
+            own, lent = self.rope_lent
+            self.rope_lent = None
+            if module.rope_deltas is lent:  # (not if the forward computed a new one)
+                module.rope_deltas = own
         self.vision_scores.read()  # the next encode starts afresh (they stay for a use_cache=False rerun)
         if output is None:  # the forward raised (an always_call hook gets no output): the last finished one's figures
             self.last_stats = self.stats_before
@@ -619,11 +634,7 @@ class PatchState:
                                     if static else new_mask)
         run.default_positions = kwargs.get("position_ids") is None
         kwargs["position_ids"] = new_pos
-        inner = self.adapter.inner()
-        if self.adapter.mrope and getattr(inner, "rope_deltas", None) is not None:
-            # a decode step without position_ids is placed at cache length + rope_deltas by the model: the
-            # cache is shorter than the prompt now (generate() passes positions and is unaffected)
-            inner.rope_deltas = inner.rope_deltas + (seq_len - new_mask.shape[1])
+        run.rope_shift = seq_len - new_mask.shape[1]  # (read by _inner_pre at each decode step)
         return args_kwargs(kwargs)
 
     def _merge_deepstack(self, deepstack, u: Unit, sel: Selection, image: ImageTokens):
