@@ -166,6 +166,48 @@ def test_qwen2_vl_vision_signal_equals_eager_attention_per_merged_token(model_fa
     assert visual.merger.hidden_size == 4 * visual.config.embed_dim
 
 
+def test_qwen25_vl_vision_signal_equals_eager_attention_in_raster_order(model_factory, monkeypatch):
+    """Qwen2.5-VL's ViT runs on merged tokens in window order (full-attention blocks too): the signal
+    of a full-attention block, mapped back through the tower's window index, is each LLM token's own, per
+    image and per video frame, on non-square grids."""
+    import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl as mq
+    from transformers.vision_utils import get_vision_window_index
+
+    from vtprune.hooks.qwen2_vl import QwenVLAdapter
+    from vtprune.methods.base import VisionSignal
+
+    model = model_factory("qwen2_5_vl", "eager")
+    visual = model.model.visual
+    full = visual.fullatt_block_indexes[0]
+    inputs = tiny.batch("qwen2_5_vl", [0, 1, 2, 3], videos=(1,))  # grids 8x8, 4x8, 8x4, 6x6; 3 frames of 4x6
+    weights = []
+    eager = mq.eager_attention_forward
+
+    def recording(module, *args, **kwargs):
+        out, w = eager(module, *args, **kwargs)
+        weights.append(w)
+        return out, w
+
+    monkeypatch.setattr(mq, "eager_attention_forward", recording)
+    for pixels, grid in ((inputs["pixel_values"], inputs["image_grid_thw"]),
+                         (inputs["pixel_values_videos"], inputs["video_grid_thw"])):
+        weights.clear()
+        got = _signals(model, QwenVLAdapter, {"s": VisionSignal(full, "mean")},
+                       lambda: visual(pixels, grid_thw=grid))["s"]
+        per_frame = [h * w for t, h, w in grid.tolist() for _ in range(t)]  # patches
+        chunks = weights[-len(per_frame):]  # the full-attention block: one [1, H, T, T] chunk per image / frame
+        assert [c.shape[-1] for c in chunks] == per_frame
+        in_window_order = torch.cat([c[0].mean(0).mean(0) for c in chunks]).view(-1, 4).mean(1)  # per merged token
+        order, _ = get_vision_window_index(grid, visual.spatial_merge_size, visual.window_size, visual.patch_size)
+        assert not torch.equal(order, torch.arange(order.numel()))  # the windows do reorder these grids
+        raster = torch.empty_like(in_window_order)
+        raster[order] = in_window_order
+        want = raster.split([n // 4 for n in per_frame])
+        assert len(got) == len(want)
+        for scores, w in zip(got, want):
+            torch.testing.assert_close(scores, w, atol=1e-6, rtol=1e-5)
+
+
 def test_llava_context_signal_equals_eager_clip_attention(model_factory):
     """VFlowOpt's map: rows S = tokens receiving > t x the mean attention, then the mean of those rows."""
     from vtprune.hooks.llava import LlavaAdapter
