@@ -91,7 +91,8 @@ def test_method_option_validation():
     ("vflowopt", dict(keep=4, pixel_mean=(0.5,)), ValueError, "pixel_mean must be 3 numbers"),
     ("vflowopt", dict(keep=4, pixel_std=(0.2, 0.0, 0.2)), ValueError, r"pixel_std\[1\] must be a finite number > 0.0"),
     ("random", dict(keep=4, seed=2**64), ValueError, "seed must be an int in"),
-    ("hiprune", dict(keep=4, object_layer=7), ValueError, "vision signal 'object': its layer must be"),
+    ("hiprune", dict(keep=4, object_layer=7), ValueError, r"object_layer=7: must be an int in \[-3, 3\)"),
+    ("hiprune", dict(keep=4, deep_layer=-4), ValueError, r"deep_layer=-4: must be an int in \[-3, 3\)"),
 ])
 def test_option_errors_name_the_option_at_patch_time(model_factory, method, options, exc, words):
     model = model_factory("llava")

@@ -191,6 +191,13 @@ def test_unsupported_strategies_and_bad_input_raise_clearly():
         vtprune.patch_vit(model, "hiprune", keep=4, stage2=False)
     with pytest.raises(TypeError, match=r"use vtprune.patch_vit\(model, 'divprune'"):  # patch() points the way
         vtprune.patch(model, "divprune", keep=4)
+    from vtprune import tiny
+
+    with pytest.raises(TypeError, match=r"got LlavaForConditionalGeneration; a vision-language model is patched with "
+                                        r"vtprune.patch\(model, method"):  # ... and patch_vit the other way
+        vtprune.patch_vit(tiny.build("llava"), "divprune", keep=4)
+    with pytest.raises(TypeError, match="got Linear$"):
+        vtprune.patch_vit(torch.nn.Linear(2, 2), "divprune", keep=4)
     with pytest.raises(TypeError, match="not NaFlexVit"):  # (the generic "supports timm VisionTransformer" before)
         vtprune.patch_vit(timm.models.naflexvit.NaFlexVit(img_size=32, patch_size=8, embed_dim=32, depth=2,
                                                           num_heads=2), "divprune", keep=4)
@@ -510,7 +517,7 @@ def test_open_clip_model_with_a_timm_trunk():
     """open_clip's timm towers (SigLIP and others: .visual is a TimmModel around a timm ViT, .trunk) were
     refused; the CLIP model, its .visual and the trunk now share one configuration, and the trunk's output
     equals patching the trunk alone."""
-    from vtprune.patching import unpatched
+    unpatched = vtprune.unpatched  # (public)
 
     torch.manual_seed(0)
     clip = open_clip.CustomTextCLIP(

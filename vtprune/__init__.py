@@ -5,7 +5,7 @@
     out = model.generate(**inputs)
 """
 from .methods import ImageTokens, LayerTokens, Method, PruneConfig, Selection, VisionSignal, available, register
-from .patching import compile_llm, patch, pruned, stats, uncompile_llm, unpatch
+from .patching import compile_llm, patch, pruned, stats, uncompile_llm, unpatch, unpatched
 from .vit import patch_vit
 
 __version__ = "0.1.0"
@@ -13,4 +13,5 @@ __version__ = "0.1.0"
 __all__ = [
     "ImageTokens", "LayerTokens", "Method", "PruneConfig", "Selection", "VisionSignal",
     "available", "compile_llm", "patch", "patch_vit", "pruned", "register", "stats", "uncompile_llm", "unpatch",
+    "unpatched",
 ]

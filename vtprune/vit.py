@@ -97,8 +97,12 @@ def tower(model) -> Tower:
         # open_clip before 2.26 has no batch_first and runs its blocks sequence-first
         return Tower(1, True, visual,
                      getattr(visual.transformer, "batch_first", False), "open_clip")
+    from .hooks import ADAPTERS
+
+    vlm = any(c.__name__ in ADAPTERS for c in type(model).__mro__)
     raise TypeError(f"patch_vit supports timm VisionTransformer and open_clip visual towers (their own or a timm "
-                    f"trunk), got {type(model).__name__}")
+                    f"trunk), got {type(model).__name__}" + ("; a vision-language model is patched with "
+                                                            "vtprune.patch(model, method, ...)" if vlm else ""))
 
 
 def _signal_block_error(block, kind: str) -> str | None:
@@ -171,7 +175,7 @@ class VitState:
                 raise ValueError(f"{self.method_name}: entropy signals need the raw image; not available in patch_vit")
             if sig.reduce in ("cls",) and not self.tower.has_cls:
                 raise ValueError(f"{self.method_name}: signal {name!r} needs a CLS token; this ViT has none")
-            why = _signal_block_error(self.tower.blocks[_resolve(sig.layer, n, name)], self.tower.kind)
+            why = _signal_block_error(self.tower.blocks[_resolve(sig, n, name)], self.tower.kind)
             if why is not None:
                 raise ValueError(f"{self.method_name}: {why}")
 
@@ -179,7 +183,7 @@ class VitState:
         self.check()
         n = self.layer + 1
         for name, sig in self.method.vision_signals().items():
-            at = _resolve(sig.layer, n)
+            at = _resolve(sig, n)
             if at < self.layer:
                 self.early.add(name)
             block = self.tower.blocks[at]
@@ -294,15 +298,15 @@ class VitState:
         return out if self.tower.batch_first else out.transpose(0, 1)
 
 
-def _resolve(layer, n: int, name: str = "") -> int:
-    """A VisionSignal layer over blocks 0..n-1 (n - 1 = the pruning block)."""
+def _resolve(sig, n: int, name: str = "") -> int:
+    """A VisionSignal's layer over blocks 0..n-1 (n - 1 = the pruning block)."""
+    layer = sig.layer
     if layer == "feature":
         return n - 1
     if layer == "object":
         return (n - 1) // 2  # the middle block (round(n / 2) - 1 gave the lower one for n = 5, 9, ...)
     if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer < n:
-        raise ValueError(f"vision signal {name!r}: its layer must be 'feature', 'object' or an int in [{-n}, {n}) "
-                         f"(blocks up to the pruning layer), got {layer!r}")
+        raise sig.layer_error(name, n, "blocks up to the pruning layer")
     return layer % n
 
 

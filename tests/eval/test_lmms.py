@@ -84,6 +84,26 @@ def test_model_args_are_validated():
     assert lmms.Vtprune(**args).model._vtprune.method.config.pixel_mean == (0.5, 0.5, 0.5)
 
 
+def test_a_config_file_names_the_method_when_model_args_give_none(tmp_path):
+    """config=FILE without method= takes the file's method, as patch(model, config=FILE) does; an explicit
+    budget replaces the file's; method=none beside a config is refused."""
+    import json
+
+    from lmms_eval.utils import simple_parse_args_string
+
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps({"method": "vflowopt", "options": {"ratio": 0.25, "r2": 0.9, "alpha": 0.5}}))
+    model = lmms.Vtprune(**simple_parse_args_string(f"pretrained=tiny-llava,random_weights=true,config={path},keep=40"))
+    state = model.model._vtprune
+    assert (state.method_name, state.method.config.keep, state.method.config.ratio) == ("vflowopt", 40, None)
+    assert (state.method.config.r2, state.method.config.alpha) == (0.9, 0.5)
+    with pytest.raises(ValueError, match="without a method"):
+        lmms.Vtprune(pretrained="tiny-llava", random_weights=True, method="none", config=str(path))
+    (tmp_path / "none.json").write_text(json.dumps({"options": {"ratio": 0.25}}))
+    with pytest.raises(ValueError, match="without a method"):
+        lmms.Vtprune(pretrained="tiny-llava", random_weights=True, config=str(tmp_path / "none.json"))
+
+
 @pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2vl"])
 def test_answers_do_not_depend_on_batch_or_protocol(name, tasks):
     """Batch 1 vs batch 3 (left padding, mixed image sizes for Qwen) and the simple vs chat protocol

@@ -459,7 +459,7 @@ def test_a_pruned_cache_refuses_to_continue_without_its_configuration(model_fact
 
     from transformers import StaticCache
 
-    from vtprune.patching import unpatched
+    unpatched = vtprune.unpatched  # (public)
 
     model = model_factory("llava")
     inputs = tiny.batch("llava", [0, 1])
@@ -531,7 +531,7 @@ def test_a_hybrid_cache_refuses_before_its_linear_attention_state_moves(model_fa
 
     from transformers import StaticCache
 
-    from vtprune.patching import unpatched
+    unpatched = vtprune.unpatched  # (public)
 
     model = model_factory("qwen3_5")
     inputs = tiny.batch("qwen3_5", [0])  # (transformers' Qwen-VL decode by hand takes no padded batch: batch 1)
@@ -610,6 +610,24 @@ def test_a_deep_copy_of_a_patched_model_runs_its_own_weights(family, method, opt
             assert "_prefill" not in copy_.__dict__ and "get_image_features" not in copy_.model.__dict__
         assert torch.equal(loaded.generate(**inputs, **gen), expected)
         assert torch.equal(vtprune.unpatch(model).generate(**inputs, **gen), expected)
+
+
+@pytest.mark.parametrize("family, method", [("llava", "hiprune"), ("qwen2_vl", "vflowopt")])
+def test_a_patched_model_deep_copies_after_a_forward_with_gradients_on(family, method):
+    """The vision scores a forward leaves on the model carry no graph: with gradients on they kept the vision
+    tower's autograd graph alive, and copy.deepcopy refused it ("Only Tensors created explicitly by the user").
+    Gradients still reach the vision tower through the kept tokens."""
+    import copy
+
+    model = tiny.build(family)
+    inputs = tiny.batch(family, [0, 1])
+    vtprune.patch(model, method, ratio=0.5)
+    model(**inputs).logits.sum().backward()
+    tower = model.model.visual if family.startswith("qwen") else model.model.vision_tower
+    assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in tower.parameters())
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        assert torch.equal(twin(**inputs).logits, model(**inputs).logits)
 
 
 def test_a_deep_copy_after_compile_llm_runs_its_own_decoder():

@@ -171,14 +171,15 @@ def test_qwen25_feature_and_object_signals_move_to_the_nearest_full_attention_bl
     from types import SimpleNamespace
 
     from vtprune.hooks.qwen2_vl import QwenVLAdapter
+    from vtprune.methods.base import VisionSignal
 
     adapter = QwenVLAdapter.__new__(QwenVLAdapter)  # (_signal_layer reads only the tower's fullatt_block_indexes)
     visual = SimpleNamespace(fullatt_block_indexes=[11, 3, 7])
-    assert adapter._signal_layer(visual, "feature", 16) == 11  # block 15: full blocks 3, 7, 11 are before it
-    assert adapter._signal_layer(visual, "object", 16) == 7  # block (16 - 1) // 2 = 7 is one
-    assert adapter._signal_layer(SimpleNamespace(fullatt_block_indexes=[5, 9]), "object", 16) == 5
-    assert adapter._signal_layer(SimpleNamespace(fullatt_block_indexes=[9, 13]), "object", 16) == 9  # none before
-    assert adapter._signal_layer(SimpleNamespace(fullatt_block_indexes=None), "object", 16) == 7  # Qwen2-VL
+    assert adapter._signal_layer(visual, VisionSignal("feature"), 16) == 11  # block 15: full blocks 3, 7, 11 are before it
+    assert adapter._signal_layer(visual, VisionSignal("object"), 16) == 7  # block (16 - 1) // 2 = 7 is one
+    assert adapter._signal_layer(SimpleNamespace(fullatt_block_indexes=[5, 9]), VisionSignal("object"), 16) == 5
+    assert adapter._signal_layer(SimpleNamespace(fullatt_block_indexes=[9, 13]), VisionSignal("object"), 16) == 9  # none before
+    assert adapter._signal_layer(SimpleNamespace(fullatt_block_indexes=None), VisionSignal("object"), 16) == 7  # Qwen2-VL
 
 
 def test_hybrid_attention_signals_are_refused_at_linear_attention_layers(model_factory):

@@ -76,7 +76,7 @@ def test_a_llava_prefill_adds_no_host_sync_per_sample(model_factory, host_syncs,
     as often at batch 8 as at batch 2 (each sample's slots, checks and images were read on their own)."""
     import vtprune
     from vtprune import tiny
-    from vtprune.patching import unpatched
+    unpatched = vtprune.unpatched  # (public)
 
     model = model_factory("llava")
     vtprune.patch(model, method, keep=4)

@@ -166,10 +166,10 @@ def test_qwen2_vl_vision_signal_equals_eager_attention_per_merged_token(model_fa
     assert visual.merger.hidden_size == 4 * visual.config.embed_dim
 
 
-def test_qwen25_vl_vision_signal_equals_eager_attention_in_raster_order(model_factory, monkeypatch):
-    """Qwen2.5-VL's ViT runs on merged tokens in window order (full-attention blocks too): the signal
-    of a full-attention block, mapped back through the tower's window index, is each LLM token's own, per
-    image and per video frame, on non-square grids."""
+def test_qwen25_vl_video_signal_equals_eager_attention_per_frame_in_raster_order(model_factory, monkeypatch):
+    """Qwen2.5-VL's ViT runs a video's merged tokens in window order, and its full-attention block spans one
+    frame at a time: each frame's signal equals that frame's eager attention mapped back through the tower's
+    window index (images: test_families' test_qwen25_signals_come_from_full_attention_blocks_in_raster_order)."""
     import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl as mq
     from transformers.vision_utils import get_vision_window_index
 
@@ -178,8 +178,8 @@ def test_qwen25_vl_vision_signal_equals_eager_attention_in_raster_order(model_fa
 
     model = model_factory("qwen2_5_vl", "eager")
     visual = model.model.visual
-    full = visual.fullatt_block_indexes[0]
-    inputs = tiny.batch("qwen2_5_vl", [0, 1, 2, 3], videos=(1,))  # grids 8x8, 4x8, 8x4, 6x6; 3 frames of 4x6
+    inputs = tiny.batch("qwen2_5_vl", [1], videos=(1,))  # the clip: 3 frames of 4x6 patches
+    pixels, grid = inputs["pixel_values_videos"], inputs["video_grid_thw"]
     weights = []
     eager = mq.eager_attention_forward
 
@@ -189,23 +189,20 @@ def test_qwen25_vl_vision_signal_equals_eager_attention_in_raster_order(model_fa
         return out, w
 
     monkeypatch.setattr(mq, "eager_attention_forward", recording)
-    for pixels, grid in ((inputs["pixel_values"], inputs["image_grid_thw"]),
-                         (inputs["pixel_values_videos"], inputs["video_grid_thw"])):
-        weights.clear()
-        got = _signals(model, QwenVLAdapter, {"s": VisionSignal(full, "mean")},
-                       lambda: visual(pixels, grid_thw=grid))["s"]
-        per_frame = [h * w for t, h, w in grid.tolist() for _ in range(t)]  # patches
-        chunks = weights[-len(per_frame):]  # the full-attention block: one [1, H, T, T] chunk per image / frame
-        assert [c.shape[-1] for c in chunks] == per_frame
-        in_window_order = torch.cat([c[0].mean(0).mean(0) for c in chunks]).view(-1, 4).mean(1)  # per merged token
-        order, _ = get_vision_window_index(grid, visual.spatial_merge_size, visual.window_size, visual.patch_size)
-        assert not torch.equal(order, torch.arange(order.numel()))  # the windows do reorder these grids
-        raster = torch.empty_like(in_window_order)
-        raster[order] = in_window_order
-        want = raster.split([n // 4 for n in per_frame])
-        assert len(got) == len(want)
-        for scores, w in zip(got, want):
-            torch.testing.assert_close(scores, w, atol=1e-6, rtol=1e-5)
+    got = _signals(model, QwenVLAdapter, {"s": VisionSignal(visual.fullatt_block_indexes[0], "mean")},
+                   lambda: visual(pixels, grid_thw=grid))["s"]
+    t, h, w = grid[0].tolist()
+    chunks = weights[-t:]  # the full-attention block: one [1, H, h*w, h*w] chunk per frame
+    assert [c.shape[-1] for c in chunks] == [h * w] * t
+    in_window_order = torch.cat([c[0].mean(0).mean(0) for c in chunks]).view(-1, 4).mean(1)  # per merged token
+    order, _ = get_vision_window_index(grid, visual.spatial_merge_size, visual.window_size, visual.patch_size)
+    assert not torch.equal(order, torch.arange(order.numel()))  # the windows do reorder this clip
+    raster = torch.empty_like(in_window_order)
+    raster[order] = in_window_order
+    want = raster.split(h * w // 4)
+    assert len(got) == t
+    for scores, frame in zip(got, want):
+        torch.testing.assert_close(scores, frame, atol=1e-6, rtol=1e-5)
 
 
 def test_llava_context_signal_equals_eager_clip_attention(model_factory):
@@ -702,8 +699,9 @@ def test_the_object_layer_is_never_deeper_than_the_feature_layer():
     """"object" (HiPrune's shallow layer) is the middle block, or the feature layer where that is shallower
     (a tower whose projector reads an early layer), so that it is never the deeper of the two."""
     from vtprune.hooks.base import Adapter
+    from vtprune.methods.base import VisionSignal
 
     adapter = Adapter(None)
-    assert adapter.resolve_layer("object", 32, 30) == 15
-    assert adapter.resolve_layer("object", 32, 10) == 10
-    assert adapter.resolve_layer("feature", 32, 10) == 10
+    assert adapter.resolve_layer(VisionSignal("object"), 32, 30) == 15
+    assert adapter.resolve_layer(VisionSignal("object"), 32, 10) == 10
+    assert adapter.resolve_layer(VisionSignal("feature"), 32, 10) == 10

@@ -207,7 +207,12 @@ class Vtprune(lmms):
         self.fps = _rate(fps)
         self.stats_path = _value(stats_path)
         self.method = _value(method)
-        self.options = _typed(self.method, {k: _value(v) for k, v in options.items()})
+        options = {k: _value(v) for k, v in options.items()}
+        if method is None and options.get("config") is not None:  # the method the file names (as patch() takes it)
+            from ..patching import load_config
+
+            self.method = load_config(options["config"])[0]
+        self.options = _typed(self.method, options)
         if self.method in UNPATCHED:
             if self.options:
                 raise ValueError(f"options {sorted(self.options)} given without a method")

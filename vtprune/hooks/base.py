@@ -102,16 +102,15 @@ class Adapter:
         """Default 0-based encoder layer for "object" signals: the middle block."""
         return max(0, (n_layers - 1) // 2)  # round(n / 2) - 1 took the lower of two for n = 5, 9, ...
 
-    def resolve_layer(self, layer, n_layers: int, feature_layer: int, name: str = "") -> int:
+    def resolve_layer(self, sig, n_layers: int, feature_layer: int, name: str = "") -> int:
+        """The 0-based encoder layer a VisionSignal `sig` reads."""
+        layer = sig.layer
         if layer == "feature":
             return feature_layer
         if layer == "object":
             return min(self.object_layer(n_layers), feature_layer)
         if isinstance(layer, bool) or not isinstance(layer, int) or not -n_layers <= layer < n_layers:
-            raise ValueError(
-                f"vision signal {name!r}: its layer must be 'feature', 'object' or an int in [{-n_layers}, {n_layers}) "
-                f"(this vision encoder has {n_layers} layers), got {layer!r}"
-            )
+            raise sig.layer_error(name, n_layers, f"this vision encoder has {n_layers} layers")
         return layer % n_layers
 
 
@@ -219,7 +218,11 @@ class SignalStore:
     attaches the scores added during it to the output object it returns. A forward handed encoder
     outputs (generate() encodes first; features the user computed and reuses) takes those outputs'
     scores (`use`), whatever ran in between; a forward that encodes its own pixels takes the scores
-    added during it (`reset` before)."""
+    added during it (`reset` before).
+
+    Scores are computed without autograd: they pick tokens, and gradients reach the kept tokens. (A graph
+    left on the model by a training forward kept the vision tower's alive, and deep copies refused it;
+    vflowopt's recycling weights are therefore constants to autograd, as patch_vit's scores are.)"""
 
     ATTR = "_vtprune_signals"  # on an encoder output: {name: per-unit scores} of the run that returned it
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from functools import partial
 
+import torch
 
 from ..methods.vflowopt import patch_entropy
 from .base import Adapter, grey_levels, reduce_attention
@@ -91,7 +92,7 @@ class LlavaAdapter(Adapter):
                 continue
             if sig.reduce == "cls" and not self.has_cls:
                 raise ValueError(f"vision signal {name!r} needs a CLS token; this tower's features have none")
-            wanted.setdefault(self.resolve_layer(sig.layer, n, feature, name), []).append((name, sig))
+            wanted.setdefault(self.resolve_layer(sig, n, feature, name), []).append((name, sig))
         for li, reqs in wanted.items():
             attn = layers[li].self_attn
             captured = {}
@@ -100,6 +101,7 @@ class LlavaAdapter(Adapter):
             handles.append(attn.register_forward_hook(partial(self._score, attn, captured, reqs, store)))
         return handles
 
+    @torch.no_grad()  # scores carry no graph (SignalStore)
     def _score(self, attn, captured, reqs, store, module, args, output):
         q, k = captured.pop("q"), captured.pop("k")
         b, t, _ = q.shape
@@ -114,6 +116,7 @@ class LlavaAdapter(Adapter):
         return None
 
 
+    @torch.no_grad()  # scores carry no graph (SignalStore)
     def _entropy(self, signals, store, module, args, kwargs):
         pixels = args[0] if args else kwargs["pixel_values"]
         p = self.model.config.vision_config.patch_size

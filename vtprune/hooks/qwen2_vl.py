@@ -135,7 +135,7 @@ class QwenVLAdapter(Adapter):
                 continue
             if sig.reduce == "cls":
                 raise ValueError(f"vision signal {name!r}: the Qwen-VL vision encoder has no CLS token")
-            wanted.setdefault(self._signal_layer(visual, sig.layer, n, name), []).append((name, sig))
+            wanted.setdefault(self._signal_layer(visual, sig, n, name), []).append((name, sig))
         for li, names in wanted.items():
             attn = blocks[li].attn
             captured = {}
@@ -144,18 +144,19 @@ class QwenVLAdapter(Adapter):
             handles.append(attn.register_forward_hook(partial(self._score, attn, captured, names, call, store)))
         return handles
 
-    def _signal_layer(self, visual, layer, n, name=""):
+    def _signal_layer(self, visual, sig, n, name=""):
         """The ViT block a signal reads. Qwen2.5-VL: a full-attention block; "feature"/"object" move back
         to the nearest one at or before the default (the first one if none is), an explicit windowed
         block is refused (its attention only spans one window)."""
-        li = self.resolve_layer(layer, n, n - 1, name)
+        layer, li = sig.layer, self.resolve_layer(sig, n, n - 1, name)
         full = sorted(getattr(visual, "fullatt_block_indexes", None) or [])
         if not full or li in full:
             return li
         if layer in ("feature", "object"):
             before = [f for f in full if f <= li]
             return before[-1] if before else full[0]
-        raise ValueError(f"vision layer {layer!r} is a windowed block of this Qwen2.5-VL encoder; signals need one of "
+        what = f"{sig.option}={layer!r}" if sig.option else f"vision layer {layer!r}"
+        raise ValueError(f"{what} is a windowed block of this Qwen2.5-VL encoder; signals need one of "
                          f"its full-attention blocks {full}")
 
     def _visual_pre(self, visual, call, module, args, kwargs):
@@ -170,6 +171,7 @@ class QwenVLAdapter(Adapter):
             )
         return None
 
+    @torch.no_grad()  # scores carry no graph (SignalStore)
     def _score(self, attn, captured, names, call, store, module, args, output):
         qkv, cu, (cos, sin) = captured.pop("qkv"), captured.pop("cu_seqlens"), captured.pop("pos")
         seq = qkv.shape[0]
@@ -204,6 +206,7 @@ class QwenVLAdapter(Adapter):
         finally:
             raw.pop("pixels", None)
 
+    @torch.no_grad()  # scores carry no graph (SignalStore)
     def _entropy(self, raw, signals, store, module, args, kwargs):
         """Grey-level entropy under each LLM token: the 2x2 patches (first temporal slice) it merges,
         from the pixels as the caller gave them (not their bf16 cast)."""

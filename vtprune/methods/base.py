@@ -158,12 +158,20 @@ class VisionSignal:
     # "entropy" only: the processor's per-channel normalisation, undone to recover 0-255 pixels
     pixel_mean: tuple = CLIP_MEAN
     pixel_std: tuple = CLIP_STD
+    option: str | None = None  # the strategy's option that set `layer` (errors about the layer name it)
 
     def __post_init__(self):
         if self.reduce not in REDUCES:
             raise ValueError(f"reduce must be one of {REDUCES}, got {self.reduce!r}")
         if (self.reduce == "context") != (self.threshold is not None):
             raise ValueError("threshold is required with reduce='context' and only allowed there")
+
+    def layer_error(self, name: str, n_layers: int, where: str) -> ValueError:
+        """The error for a layer outside [-n_layers, n_layers) (`where` says what those layers are)."""
+        if self.option is not None:
+            return ValueError(f"{self.option}={self.layer!r}: must be an int in [{-n_layers}, {n_layers}) ({where})")
+        return ValueError(f"vision signal {name!r}: its layer must be 'feature', 'object' or an int in "
+                          f"[{-n_layers}, {n_layers}) ({where}), got {self.layer!r}")
 
 
 @dataclass

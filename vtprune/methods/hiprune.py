@@ -102,7 +102,8 @@ class HiPrune(Method):
 
     def vision_signals(self):
         obj = "object" if self.config.object_layer is None else self.config.object_layer
-        return {"object": VisionSignal(obj, "mean"), "deep": VisionSignal(self.config.deep_layer, "mean")}
+        return {"object": VisionSignal(obj, "mean", option="object_layer"),
+                "deep": VisionSignal(self.config.deep_layer, "mean", option="deep_layer")}
 
     def select(self, image: ImageTokens) -> Selection:
         h, w = frame_grid(image, "hiprune")
