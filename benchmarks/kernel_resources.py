@@ -10,7 +10,7 @@ warps are the ones a CUDA run would use. Each distinct launch is then specialise
 does for the target (its own binder: pointers and ints divisible by 16 marked so, ints equal to 1 made
 constants), compiled with `triton.compile`, and its PTX passed to the ptxas Triton itself uses for it.
 Cases: bf16, fp16, float32 and float64 inputs; greedy max-min and max-sum at N = 70 and 5000; attention with head
-dims 64, 80 and 128, grouped (GQA) and one key head per query head, plain and causal + key mask; head dim
+dims 64, 80 and 128, grouped (GQA) and one key head per query head, plain and causal + key mask (+ a sliding window); head dim
 256 (Qwen3.5); head dims 8 and 12 (below tl.dot's 16); bf16 queries with float32 keys and the reverse. Exit
 status 1 if a launch fails to compile, or spills when --no-spills is given.
 """
@@ -72,6 +72,9 @@ def record_launches() -> list[tuple[JITFunction, tuple, dict, str]]:
                 attention_triton.attention_scores_triton(q, k, d ** -0.5)
                 attention_triton.attention_scores_triton(q, k, d ** -0.5, torch.tensor([t - 1]), causal=True,
                                                          key_mask=torch.ones(1, t, dtype=torch.bool))
+                if (d, hk, t) == (128, 2, 32):  # a sliding-window layer's (Mistral: 4096)
+                    attention_triton.attention_scores_triton(q, k, d ** -0.5, torch.tensor([t - 1]), causal=True,
+                                                             key_mask=torch.ones(1, t, dtype=torch.bool), window=4096)
             for d in (8, 12):  # head dims below tl.dot's 16 (the tiny test models'): the launcher pads the tile
                 q, k = torch.randn(1, 4, 20, d, generator=g).to(dtype), torch.randn(1, 2, 20, d, generator=g).to(dtype)
                 attention_triton.attention_scores_triton(q, k, d ** -0.5)

@@ -707,3 +707,73 @@ def test_layer_tokens_keep_is_the_sum_of_a_samples_image_and_frame_budgets(model
         model(**inputs)
     assert seen and seen[0] == [10 + 4 + 4, 8 + 6 + 6 + 6]
     assert [b for _, _, b in vtprune.stats(model).images] == [10, 8, 4, 4, 6, 6, 6]
+
+
+def _sliding_llava(attn: str = "sdpa"):
+    """Tiny LLaVA on a Mistral language model: one model-wide sliding window (no layer_types) of 6 slots,
+    shorter than the tiny prompts (16 image tokens and their text)."""
+    import transformers as tf
+
+    text = dict(tiny.LLAMA_TEXT, model_type="mistral", sliding_window=6, head_dim=16)
+    cfg = tf.LlavaConfig(vision_config=tiny.CLIP_VISION, text_config=text, image_token_id=tiny.IMG,
+                         image_seq_length=16, vision_feature_layer=-2, vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    cfg._attn_implementation = attn
+    model = tf.LlavaForConditionalGeneration(cfg).eval()
+    model.set_attn_implementation(attn)
+    gc = model.generation_config
+    gc.pad_token_id, gc.eos_token_id, gc.bos_token_id = tiny.PAD, tiny.EOS, tiny.BOS
+    return model
+
+
+@vtprune.register("drop_first_of_row_1_test")
+class DropFirstOfRow1(Method):
+    """test strategy: after decoder layer 0, sample 1 loses its first visual token, sample 0 nothing"""
+    stage = "llm"
+
+    def drop_layers(self, num_layers):
+        return [0]
+
+    def select_in_llm(self, tokens):
+        n = tokens.visual.sum(1).tolist()
+        return [torch.arange(n[0]), torch.arange(1, n[1])]
+
+
+def test_layers_after_an_in_llm_drop_keep_a_model_wide_sliding_window():
+    """Mistral-style LMs slide every layer by config.sliding_window (no layer_types): the layers after a
+    drop got a full causal mask. Sample 0 keeps its layout (its logits are the unpatched model's), and
+    decode steps on the sliding cache equal a cache-free run."""
+    model = _sliding_llava()
+    inputs = tiny.batch("llava", [1, 0])  # sample 0 unpadded and longer than the window
+    with torch.no_grad():
+        want = model(**inputs).logits
+        vtprune.patch(model, "drop_first_of_row_1_test", keep=1)
+        got = model(**inputs).logits
+        assert torch.equal(vtprune.stats(model).layout[0], torch.arange(want.shape[1]))
+        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=0)
+        gen = dict(max_new_tokens=4, output_scores=True, return_dict_in_generate=True, **tiny.GEN)
+        cached, plain = model.generate(**inputs, **gen), model.generate(**inputs, use_cache=False, **gen)
+    assert cached.sequences.tolist() == plain.sequences.tolist()
+    for a, b in zip(cached.scores, plain.scores):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_fastv_scores_a_sliding_window_layer_within_its_window():
+    """FastV's attention at a sliding-window layer is the one the layer computes (each row sees its last
+    `sliding_window` slots): under SDPA it keeps what eager attention's probabilities rank highest."""
+    sdpa, eager = _sliding_llava("sdpa"), _sliding_llava("eager")
+    inputs = tiny.batch("llava", [0, 1, 2])
+    with torch.no_grad():
+        attn = eager(**inputs, output_attentions=True).attentions[1]  # layer K-1 = 1
+    mask = inputs["attention_mask"].bool()
+    per_key = (attn.mean(1) * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True)
+    visual = inputs["input_ids"] == tiny.IMG
+    keep = 5
+    vtprune.patch(sdpa, "fastv", keep=keep, layer=2)
+    with torch.no_grad():
+        sdpa(**inputs)
+    layout = vtprune.stats(sdpa).layout
+    for b in range(3):
+        slots = visual[b].nonzero().squeeze(1)
+        want = slots[torch.sort(per_key[b, slots], descending=True, stable=True).indices[:keep]]
+        assert sorted(s for s in layout[b].tolist() if s in set(slots.tolist())) == sorted(want.tolist()), b

@@ -4,7 +4,7 @@ import torch
 from vtprune.kernels import attention_scores, attention_scores_torch
 
 
-def naive(q, k, scale, rows, causal, key_mask):
+def naive(q, k, scale, rows, causal, key_mask, window=None):
     """Materialise the whole attention map, one sample and head at a time."""
     b, hq, nq, _ = q.shape
     hk, nk = k.shape[1], k.shape[2]
@@ -18,6 +18,8 @@ def naive(q, k, scale, rows, causal, key_mask):
                 allowed = torch.ones(nk, dtype=torch.bool)
                 if causal:
                     allowed &= torch.arange(nk) <= i + nk - nq
+                if window is not None:  # the last `window` positions up to the row's own
+                    allowed &= torch.arange(nk) > i + nk - nq - window
                 if key_mask is not None:
                     allowed &= key_mask[bi]
                 p = torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1)
@@ -26,10 +28,10 @@ def naive(q, k, scale, rows, causal, key_mask):
 
 
 @pytest.mark.parametrize("hq, hk", [(4, 4), (4, 2), (6, 1)], ids=lambda v: str(v))
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("causal, window", [(False, None), (True, None), (True, 3)], ids=["full", "causal", "window3"])
 @pytest.mark.parametrize("nq, nk", [(7, 7), (3, 9)], ids=["square", "tail-queries"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_matches_naive_softmax(hq, hk, causal, nq, nk, dtype):
+def test_matches_naive_softmax(hq, hk, causal, window, nq, nk, dtype):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, hq, nq, 8, generator=g).to(dtype)
     k = torch.randn(2, hk, nk, 8, generator=g).to(dtype)
@@ -37,8 +39,8 @@ def test_matches_naive_softmax(hq, hk, causal, nq, nk, dtype):
     key_mask[1, :2] = False  # left padding in sample 1
     rows = torch.ones(2, nq, dtype=torch.bool)
     rows[1, :2] = False  # padding rows are never averaged (with causal masking they see no key)
-    got = attention_scores(q, k, 0.3, rows, causal=causal, key_mask=key_mask)
-    want = naive(q.float(), k.float(), 0.3, rows, causal, key_mask)
+    got = attention_scores(q, k, 0.3, rows, causal=causal, key_mask=key_mask, window=window)
+    want = naive(q.float(), k.float(), 0.3, rows, causal, key_mask, window)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
@@ -70,6 +72,18 @@ def test_bad_shapes_raise():
         attention_scores(torch.randn(1, 3, 4, 8), torch.randn(1, 2, 4, 8), 1.0)
     with pytest.raises(ValueError, match=r"\[B, H, N, d\]"):
         attention_scores(torch.randn(3, 4, 8), torch.randn(3, 4, 8), 1.0)
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="window .* needs causal=True"):
+        attention_scores(q, q, 1.0, window=2)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="window must be an int >= 1 or None"):
+            attention_scores(q, q, 1.0, causal=True, window=bad)
+
+
+def test_a_window_of_one_leaves_each_row_its_own_key():
+    # window=1: row i attends only to key i (probability 1), so each key receives 1/Nq of the average
+    q, k = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)
+    torch.testing.assert_close(attention_scores(q, k, 0.5, causal=True, window=1), torch.full((2, 5), 0.2))
 
 
 def test_attention_row_chunks_agree_with_one_block(monkeypatch):

@@ -37,6 +37,7 @@ def test_every_launch_compiles_without_spills(arch, tmp_path):
     bf16 = [x for x in launches if x["inputs"] == "bf16" and "IEEE" in x["constants"]]
     assert bf16 and not any(x["constants"]["IEEE"] for x in bf16)
     assert {x["constants"]["BD"] for x in launches if x["kernel"] == "_column_kernel"} == {16, 64, 128, 256}
+    assert {x["constants"]["WINDOW"] for x in launches if x["kernel"] == "_column_kernel"} == {False, True}
     mixed = [x for x in launches if "+" in x["inputs"] and "IEEE" in x["constants"]]  # bf16 q with fp32 k: IEEE dots
     assert mixed and all(x["constants"]["IEEE"] for x in mixed)
     # compiled as Triton's launcher would specialise them (divisibility by 16), not with bare types

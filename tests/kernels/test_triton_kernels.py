@@ -200,17 +200,17 @@ def test_own_seeds_are_not_checked_on_the_host(select, monkeypatch):
 # Attention scores ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("hq, hk", [(4, 4), (4, 2), (3, 1)], ids=lambda v: str(v))
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("causal, window", [(False, None), (True, None), (True, 40)], ids=["full", "causal", "window40"])
 @pytest.mark.parametrize("nq, nk", [(7, 7), (3, 9), (70, 130), (130, 70)], ids=["square", "tail", "blocks", "more-q"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_attention_scores_match_reference(hq, hk, causal, nq, nk, dtype):
+def test_attention_scores_match_reference(hq, hk, causal, window, nq, nk, dtype):
     q, k = rand(2, hq, nq, 12, seed=nq, dtype=dtype), rand(2, hk, nk, 12, seed=nk + 1, dtype=dtype)
     key_mask = torch.ones(2, nk, dtype=torch.bool, device=DEVICE)
     key_mask[1, :2] = False  # left padding in sample 1
     rows = torch.ones(2, nq, dtype=torch.bool, device=DEVICE)
     rows[1, :2] = False
-    want = attention_scores_torch(q, k, 0.3, rows, causal=causal, key_mask=key_mask)
-    got = attention_scores_triton(q, k, 0.3, rows, causal=causal, key_mask=key_mask)
+    want = attention_scores_torch(q, k, 0.3, rows, causal=causal, key_mask=key_mask, window=window)
+    got = attention_scores_triton(q, k, 0.3, rows, causal=causal, key_mask=key_mask, window=window)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 

@@ -758,8 +758,7 @@ class PatchState:
         if gi == 0:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
-        layer_type = getattr(self.lm.config, "layer_types", None)
-        layer_type = layer_type[i] if layer_type else "full_attention"
+        layer_type = layer_kind(self.lm.config, i)
         key = (gi, layer_type)
         if key not in run.masks:
             mask2d = group.mask if run.prefill else torch.cat(
@@ -806,7 +805,8 @@ class PatchState:
         cap = run.captured.get(p, {})
         if "q" not in cap or "k" not in cap:
             raise RuntimeError(f"{self.method_name}: attention at layer {p} was not captured")
-        return _key_attention(self._attention_module(p), cap["q"], cap["k"], cap.get("pos"), run, query_rows)
+        return _key_attention(self._attention_module(p), cap["q"], cap["k"], cap.get("pos"), run, query_rows,
+                              self._window(p))
 
     def _next_attention(self, p, run: Run, hidden, query_rows=None):
         """Attention at layer p+1 of the tokens leaving layer p: its input norm and q/k projections
@@ -814,7 +814,12 @@ class PatchState:
         layer = self.layers[p + 1]
         attn = self._attention_module(p + 1)
         x = layer.input_layernorm(hidden)
-        return _key_attention(attn, attn.q_proj(x), attn.k_proj(x), run.captured.get(p, {}).get("pos"), run, query_rows)
+        return _key_attention(attn, attn.q_proj(x), attn.k_proj(x), run.captured.get(p, {}).get("pos"), run, query_rows,
+                              self._window(p + 1))
+
+    def _window(self, i: int) -> int | None:
+        """Decoder layer i's sliding window, or None for full attention."""
+        return self.lm.config.sliding_window if layer_kind(self.lm.config, i) == "sliding_attention" else None
 
     def _deepstack(self, i, module, args, output):
         """Qwen3-VL: add layer i's deepstack features at the visual slots of the current layout, as the
@@ -914,10 +919,20 @@ def _mixer(layer):
     return attn if attn is not None else layer.linear_attn
 
 
-def _key_attention(attn, q_raw, k_raw, pos, run: Run, query_rows=None) -> torch.Tensor:
-    """Causal attention each key receives from the chosen real query rows, averaged over heads, from a
-    decoder attention module's raw q/k projection outputs [B, L, H*d]: per-head norms where the module
-    has them (Qwen3), then its own RoPE, then `attention_scores` (float32 [B, L]). A gated attention's
+def layer_kind(config, i: int) -> str:
+    """Decoder layer i's attention as its model masks it: the config's `layer_types` entry, else sliding
+    everywhere where the config sets a model-wide `sliding_window` (Mistral, Mixtral, Phi-3), else full."""
+    types = getattr(config, "layer_types", None)
+    if types:
+        return types[i]
+    return "sliding_attention" if getattr(config, "sliding_window", None) is not None else "full_attention"
+
+
+def _key_attention(attn, q_raw, k_raw, pos, run: Run, query_rows=None, window=None) -> torch.Tensor:
+    """Causal attention each key receives from the chosen real query rows (at a sliding-window layer: from
+    rows less than `window` slots after it), averaged over heads, from a decoder attention module's raw q/k
+    projection outputs [B, L, H*d]: per-head norms where the module has them (Qwen3), then its own RoPE,
+    then `attention_scores` (float32 [B, L]). A gated attention's
     q projection (Qwen3.5: [B, L, H*2d], each head's query then its output gate) gives its queries."""
     b, seq_len = q_raw.shape[:2]
     heads = getattr(getattr(attn, "config", None), "num_attention_heads", None)
@@ -933,7 +948,7 @@ def _key_attention(attn, q_raw, k_raw, pos, run: Run, query_rows=None) -> torch.
         q, k = rope(q, k, *pos)
     mask = run.groups[-1].mask.bool()
     rows = mask if query_rows is None else (query_rows.bool() & mask)
-    return attention_scores(q, k, attn.scaling, rows, causal=True, key_mask=mask)
+    return attention_scores(q, k, attn.scaling, rows, causal=True, key_mask=mask, window=window)
 
 
 def _dense_deepstack(kwargs, visual, embeds) -> list[torch.Tensor]:

@@ -23,7 +23,7 @@ def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda and triton_available()
 
 
-def attention_scores(q, k, scale, query_index=None, *, causal=False, key_mask=None):
+def attention_scores(q, k, scale, query_index=None, *, causal=False, key_mask=None, window=None):
     """softmax(q k^T * scale) averaged over heads and selected query rows, per key -> float32 [B, Nk].
 
     See `attention_scores_torch` for shapes. On CUDA: the two-pass Triton kernel (no Nq x Nk map)."""
@@ -31,8 +31,8 @@ def attention_scores(q, k, scale, query_index=None, *, causal=False, key_mask=No
         from .attention_triton import attention_scores_triton
 
         with torch.cuda.device(q.device):  # Triton launches on the current device (a model over several GPUs)
-            return attention_scores_triton(q, k, scale, query_index, causal=causal, key_mask=key_mask)
-    return attention_scores_torch(q, k, scale, query_index, causal=causal, key_mask=key_mask)
+            return attention_scores_triton(q, k, scale, query_index, causal=causal, key_mask=key_mask, window=window)
+    return attention_scores_torch(q, k, scale, query_index, causal=causal, key_mask=key_mask, window=window)
 
 
 # The float32 Gram matrices of one call to a greedy backend stay within this many bytes: a batch whose

@@ -46,6 +46,17 @@ def check_attention_args(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, in
     return b, hq, n_q, d, hk, n_k
 
 
+def window_of(window, causal: bool) -> int:
+    """Validate a sliding window (None: none) -> an int, 0 for none."""
+    if window is None:
+        return 0
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an int >= 1 or None, got {window!r}")
+    if not causal:
+        raise ValueError("window (a sliding-window layer's) needs causal=True")
+    return window
+
+
 def key_mask_of(key_mask, batch: int, n_k: int, device) -> torch.Tensor | None:
     """Validate a key mask (shared by every backend) -> BoolTensor [B, Nk] on `device`, or None.
     A bool or integer tensor or array broadcastable to [B, Nk] ([Nk] or [1, Nk] for every image) is
@@ -80,6 +91,7 @@ def attention_scores_torch(
     *,
     causal: bool = False,
     key_mask: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Attention each key receives: softmax(q k^T * scale), averaged over heads and selected query rows.
 
@@ -89,10 +101,13 @@ def attention_scores_torch(
     causal: query row i sees keys j <= i + (Nk - Nq) (the queries are the last Nq positions).
     key_mask: BoolTensor [B, Nk] (or broadcast to it; 0/1 integers accepted), False for keys nobody may
       attend to (padding).
+    window: with causal, a sliding-window layer's: the row at position i sees keys j > i - window only
+      (transformers' sliding_window_overlay).
     Returns float32 [B, Nk]. Arithmetic is float32 whatever the input dtype.
     """
     b, hq, n_q, d, hk, n_k = check_attention_args(q, k)
     key_mask = key_mask_of(key_mask, b, n_k, q.device)
+    window = window_of(window, causal)
     group = hq // hk
     qf = q.float().reshape(b, hk, group, n_q, d)
     kf = k.float()
@@ -110,6 +125,8 @@ def attention_scores_torch(
             if causal:
                 row_pos = torch.arange(start, stop, device=q.device) + (n_k - n_q)
                 allowed = allowed & (key_pos[None, None, :] <= row_pos[None, :, None])
+                if window:
+                    allowed = allowed & (key_pos[None, None, :] > row_pos[None, :, None] - window)
             if key_mask is not None:
                 allowed = allowed & key_mask[:, None, :]
             logits = logits.masked_fill(~allowed[:, None, None], float("-inf"))

@@ -18,12 +18,12 @@ import triton
 import triton.language as tl
 
 from . import launch
-from .attention_scores_torch import check_attention_args, key_mask_of, row_weights
+from .attention_scores_torch import check_attention_args, key_mask_of, row_weights, window_of
 
 
 @triton.jit
-def _logits(q, k_ptr, kbase, keys, offs_d, d, skn, skd, n_k, scale, rows, n_q, km_ptr, kmbase,
-            CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr):
+def _logits(q, k_ptr, kbase, keys, offs_d, d, skn, skd, n_k, scale, rows, n_q, km_ptr, kmbase, window,
+            CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr, WINDOW: tl.constexpr):
     """[BQ, BK] scaled logits of query tile `q` against key block `keys`, and which are allowed."""
     k = tl.load(k_ptr + kbase + keys[:, None] * skn + offs_d[None, :] * skd,
                 mask=(keys[:, None] < n_k) & (offs_d[None, :] < d), other=0.0)
@@ -35,6 +35,8 @@ def _logits(q, k_ptr, kbase, keys, offs_d, d, skn, skd, n_k, scale, rows, n_q, k
     ok = (keys < n_k)[None, :] & (rows < n_q)[:, None]
     if CAUSAL:  # query row i is position i + (Nk - Nq)
         ok = ok & (keys[None, :] <= (rows + (n_k - n_q))[:, None])
+        if WINDOW:  # a sliding-window layer: keys j > i - window
+            ok = ok & (keys[None, :] > (rows + (n_k - n_q) - window)[:, None])
     if HAS_MASK:
         km = tl.load(km_ptr + kmbase + keys, mask=keys < n_k, other=0)
         ok = ok & (km != 0)[None, :]
@@ -43,8 +45,8 @@ def _logits(q, k_ptr, kbase, keys, offs_d, d, skn, skd, n_k, scale, rows, n_q, k
 
 @triton.jit
 def _row_stats_kernel(q_ptr, k_ptr, w_ptr, km_ptr, m_ptr, l_ptr, n_q, n_k, d, group, scale,
-                      sqb, sqh, sqn, sqd, skb, skh, skn, skd, hq,
-                      CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
+                      sqb, sqh, sqn, sqd, skb, skh, skn, skd, hq, window,
+                      CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr, WINDOW: tl.constexpr,
                       BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
     pid_q, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_q * BQ + tl.arange(0, BQ)
@@ -59,7 +61,7 @@ def _row_stats_kernel(q_ptr, k_ptr, w_ptr, km_ptr, m_ptr, l_ptr, n_q, n_k, d, gr
         for k0 in range(0, n_k, BK):
             keys = k0 + tl.arange(0, BK)
             s, ok = _logits(q, k_ptr, kbase, keys, offs_d, d, skn, skd, n_k, scale, rows, n_q, km_ptr, b * n_k,
-                            CAUSAL, HAS_MASK, IEEE)
+                            window, CAUSAL, HAS_MASK, IEEE, WINDOW)
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
@@ -72,8 +74,8 @@ def _row_stats_kernel(q_ptr, k_ptr, w_ptr, km_ptr, m_ptr, l_ptr, n_q, n_k, d, gr
 
 @triton.jit
 def _column_kernel(q_ptr, k_ptr, w_ptr, km_ptr, m_ptr, l_ptr, out_ptr, n_q, n_k, d, group, scale,
-                   sqb, sqh, sqn, sqd, skb, skh, skn, skd, hq,
-                   CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
+                   sqb, sqh, sqn, sqd, skb, skh, skn, skd, hq, window,
+                   CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr, WINDOW: tl.constexpr,
                    BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr):
     pid_k, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     keys = pid_k * BK + tl.arange(0, BK)
@@ -87,7 +89,7 @@ def _column_kernel(q_ptr, k_ptr, w_ptr, km_ptr, m_ptr, l_ptr, out_ptr, n_q, n_k,
             q = tl.load(q_ptr + b.to(tl.int64) * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :] * sqd,
                         mask=(rows[:, None] < n_q) & (offs_d[None, :] < d), other=0.0)
             s, ok = _logits(q, k_ptr, kbase, keys, offs_d, d, skn, skd, n_k, scale, rows, n_q, km_ptr, b * n_k,
-                            CAUSAL, HAS_MASK, IEEE)
+                            window, CAUSAL, HAS_MASK, IEEE, WINDOW)
             stat = (b * hq + h) * n_q + rows
             m = tl.load(m_ptr + stat, mask=rows < n_q, other=0.0)
             l = tl.load(l_ptr + stat, mask=rows < n_q, other=0.0)
@@ -109,7 +111,8 @@ def tiles(fp32: bool) -> tuple[int, int, int]:
 
 
 def attention_scores_triton(q: torch.Tensor, k: torch.Tensor, scale: float, query_index=None, *,
-                            causal: bool = False, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+                            causal: bool = False, key_mask: torch.Tensor | None = None,
+                            window: int | None = None) -> torch.Tensor:
     """Same contract as attention_scores_torch: float32 [B, Nk]."""
     b, hq, n_q, d, hk, n_k = check_attention_args(q, k)
     q, k = launch.kernel_dtype(q), launch.kernel_dtype(k)
@@ -118,15 +121,16 @@ def attention_scores_triton(q: torch.Tensor, k: torch.Tensor, scale: float, quer
     l = torch.zeros(b, hq, n_q, dtype=torch.float32, device=q.device)
     per_head = torch.empty(b, hq, n_k, dtype=torch.float32, device=q.device)
     key_mask = key_mask_of(key_mask, b, n_k, q.device)
+    window = window_of(window, causal)
     km = key_mask.to(torch.int8).contiguous() if key_mask is not None else per_head
     fp32 = q.dtype == torch.float32 or k.dtype != q.dtype
     ieee = fp32 or not launch.compiled(q)  # (the interpreter: see greedy_triton)
     bd = max(16, triton.next_power_of_2(d))
     bq, bk, warps = tiles(fp32)
     args = (q, k, w, km, m, l)
-    tail = (n_q, n_k, d, hq // hk, float(scale), *q.stride(), *k.stride(), hq)
-    flags = dict(CAUSAL=bool(causal), HAS_MASK=key_mask is not None, IEEE=ieee, BQ=bq, BK=bk, BD=bd, num_warps=warps,
-                 **launch.OPTIONS)
+    tail = (n_q, n_k, d, hq // hk, float(scale), *q.stride(), *k.stride(), hq, window)
+    flags = dict(CAUSAL=bool(causal), HAS_MASK=key_mask is not None, IEEE=ieee, WINDOW=window > 0, BQ=bq, BK=bk,
+                 BD=bd, num_warps=warps, **launch.OPTIONS)
     _row_stats_kernel[(triton.cdiv(n_q, bq), hq, b)](*args, *tail, **flags)
     _column_kernel[(triton.cdiv(n_k, bk), hq, b)](*args, per_head, *tail, **flags)
     return per_head.mean(dim=1)
