@@ -777,3 +777,54 @@ def test_fastv_scores_a_sliding_window_layer_within_its_window():
         slots = visual[b].nonzero().squeeze(1)
         want = slots[torch.sort(per_key[b, slots], descending=True, stable=True).indices[:keep]]
         assert sorted(s for s in layout[b].tolist() if s in set(slots.tolist())) == sorted(want.tolist()), b
+
+
+@vtprune.register("fixed_drops_test")
+class FixedDrops(Method):
+    """test strategy: fixed picks, into each sample's current visual slots, after decoder layers 0 and 2"""
+    stage = "llm"
+    PICKS = {0: [[0, 2, 3, 5, 7, 9, 11], [1, 2, 4, 8, 15], list(range(0, 16, 2))],
+             2: [[1, 3, 4], [0, 4], [0, 1, 2, 3, 4, 5]]}
+
+    def drop_layers(self, num_layers):
+        return sorted(self.PICKS)
+
+    def select_in_llm(self, tokens):
+        return [torch.tensor(p) for p in self.PICKS[tokens.layer]]
+
+
+def test_in_llm_drops_equal_the_decoder_run_by_hand_on_the_kept_tokens(model_factory):
+    """The layers after a drop see the kept tokens alone: each sample's real tokens run through the unpatched
+    decoder layer by layer, its hidden states cut to the kept slots after layers 0 and 2 (a causal mask over
+    them, each token's own rotary position), give the patched batch's logits at every slot it keeps."""
+    model = model_factory("llava")
+    inputs = tiny.batch("llava", [0, 1, 2])  # left padding, 16 visual tokens per sample
+    lm = model.model.language_model
+    given = tiny.lm_kwargs(model, inputs)  # (unpatched) the spliced embeddings and positions
+    length = given["inputs_embeds"].shape[1]
+    positions = given.get("position_ids")
+    positions = torch.arange(length).expand(3, -1) if positions is None else positions.expand(3, -1)
+    vtprune.patch(model, "fixed_drops_test", keep=1)
+    with torch.no_grad():
+        got = model(**inputs).logits
+    layout = vtprune.stats(model).layout  # the caller-side slot of each slot (-1: a pad added), pads included
+    real = (layout >= 0) & inputs["attention_mask"].bool().gather(1, layout.clamp(min=0))
+    for b in range(3):
+        slots = inputs["attention_mask"][b].nonzero().squeeze(1)  # the sample's real slots, then what is kept
+        h = given["inputs_embeds"][b, slots][None]
+        with torch.no_grad():
+            for i, layer in enumerate(lm.layers):
+                n = len(slots)
+                causal = torch.full((n, n), float("-inf")).triu(1)[None, None]
+                cos_sin = lm.rotary_emb(h, positions[b, slots][None])
+                h = layer(h, attention_mask=causal, position_embeddings=cos_sin, position_ids=positions[b, slots][None])
+                h = h[0] if isinstance(h, tuple) else h
+                if i in FixedDrops.PICKS:
+                    visual = (inputs["input_ids"][b, slots] == tiny.IMG).nonzero().squeeze(1)
+                    keep = torch.ones(n, dtype=torch.bool)
+                    keep[visual] = False
+                    keep[visual[FixedDrops.PICKS[i][b]]] = True
+                    slots, h = slots[keep], h[:, keep]
+            want = model.lm_head(lm.norm(h))[0]
+        assert layout[b][real[b]].tolist() == slots.tolist()
+        torch.testing.assert_close(got[b, real[b]], want, atol=1e-5, rtol=1e-4)
