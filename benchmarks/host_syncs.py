@@ -76,7 +76,7 @@ def rows(families, methods, batches, ratio=0.25) -> list[dict]:
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--families", default="llava,qwen2_vl")
     ap.add_argument("--methods", default="random,divprune,fastv,transprune")
     ap.add_argument("--batches", default="1,8")

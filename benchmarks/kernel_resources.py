@@ -127,7 +127,7 @@ def arg_type(value) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90 = Hopper, 80 = A100)")
     ap.add_argument("--no-spills", action="store_true", help="fail if any launch spills registers")
     ap.add_argument("--out", help="JSON file to write")

@@ -202,7 +202,7 @@ def bench_model(name, model, inputs, method, options, reps, device, log, tower: 
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (a smoke run; the CPU uses Triton's interpreter)")
     ap.add_argument("--reps", type=int, default=20)

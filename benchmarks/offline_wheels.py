@@ -57,7 +57,7 @@ def closure(roots: list[tuple[str, set[str]]], python_version: str) -> dict[str,
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dest", required=True, help="folder for the wheels")
     ap.add_argument("--python-version", default="3.12,3.13",
                     help="the GPU machine's Python (major.minor), or several, comma-separated")

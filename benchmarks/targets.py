@@ -149,7 +149,7 @@ def markdown(lines: list[dict], command: str) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", default="results", help="the folder gpu_figures.sh wrote (default: results)")
     ap.add_argument("--out", help="also write the table here (markdown)")
     args = ap.parse_args(argv)

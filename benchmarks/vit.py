@@ -59,7 +59,7 @@ def images_per_s(model, x, reps: int) -> float:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", default="divprune,hiprune,pool,token_shuffle,random,todre")
     ap.add_argument("--ratios", default="0.5,0.25")
     ap.add_argument("--layer", type=int, default=5, help="prune after this block (0-based; ViT-B has 12)")
