@@ -624,6 +624,28 @@ def test_an_llm_strategy_that_drops_nothing_is_an_error(model_factory, monkeypat
         vtprune.patch(model, "fastv", keep=4)
 
 
+@pytest.mark.parametrize("value, shown", [
+    ([1], r"it is \[1\]"),  # a list where the method goes (the README's "layers listed in attention_layers")
+    (None, "it is None"),
+    (lambda self, n: 1, r"attention_layers\(4\) returned 1"),
+    (lambda self, n: [1.0], r"attention_layers\(4\) returned \[1.0\]"),
+    (lambda self, n: [True], r"attention_layers\(4\) returned \[True\]"),
+])
+def test_a_strategys_layer_lists_must_be_methods_returning_ints(model_factory, monkeypatch, value, shown):
+    monkeypatch.setattr(get_method("fastv"), "attention_layers", value)
+    with pytest.raises(TypeError, match=r"fastv.attention_layers must be a method returning decoder layer indices "
+                                        r"\(ints\), def attention_layers\(self, num_layers\) -> list\[int\]; " + shown):
+        vtprune.patch(model_factory("llava"), "fastv", keep=4)
+
+
+def test_a_strategys_layer_lists_may_be_any_iterable_of_integers(model_factory, monkeypatch):
+    import numpy as np
+
+    monkeypatch.setattr(get_method("fastv"), "attention_layers", lambda self, n: (i for i in np.array([1, 1])))
+    model = vtprune.patch(model_factory("llava"), "fastv", keep=4)
+    assert model._vtprune.attn_layers == [1]
+
+
 def test_stats_after_a_forward_that_raised_are_the_last_finished_ones(model_factory, monkeypatch):
     """A forward that raised in the selection left half-filled figures: visual_after [] and kept_fraction 0.0
     ("everything pruned")."""

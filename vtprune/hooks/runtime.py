@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import operator
 import sys
 import time
 import uuid
@@ -209,9 +210,9 @@ class PatchState:
         self.encoder_outputs = None  # mm_encoder_outputs as the caller handed them to the top model
         self.prefill_outputs = None  # generate()'s own mm_encoder_outputs during its prefill (chunks get copies)
         self.rope_lent = None  # (the model's rope_deltas, what a decode forward reads instead) while it runs
-        self.drop_layers = sorted(set(method.drop_layers(n_layers)))
-        self.attn_layers = sorted(set(method.attention_layers(n_layers)))
-        self.observe_layers = sorted(set(method.observe_layers(n_layers)))
+        self.drop_layers, self.attn_layers, self.observe_layers = (
+            _layer_list(method, method_name, name, n_layers) for name in ("drop_layers", "attention_layers",
+                                                                        "observe_layers"))
         if method.stage == "llm" and not self.drop_layers:
             raise ValueError(f"{method_name}: an llm-stage strategy must name the decoder layers after which it drops "
                              f"tokens (drop_layers({n_layers}) returned none), else it prunes nothing")
@@ -917,6 +918,24 @@ def _mixer(layer):
     """A decoder layer's token mixer: its self-attention, or a hybrid model's linear attention."""
     attn = getattr(layer, "self_attn", None)
     return attn if attn is not None else layer.linear_attn
+
+
+def _layer_list(method, method_name: str, name: str, n_layers: int) -> list[int]:
+    """A strategy's `name`(n_layers) (drop_layers, attention_layers, observe_layers): sorted distinct ints."""
+    fn = getattr(method, name)
+    got = fn(n_layers) if callable(fn) else None
+    try:
+        if not callable(fn) or isinstance(got, (str, bytes)):
+            raise TypeError
+        items = list(got)
+        if any(isinstance(p, bool) for p in items):
+            raise TypeError
+        layers = [operator.index(p) for p in items]
+    except TypeError:
+        raise TypeError(f"{method_name}.{name} must be a method returning decoder layer indices (ints), "
+                        f"def {name}(self, num_layers) -> list[int]; "
+                        + (f"{name}({n_layers}) returned {got!r}" if callable(fn) else f"it is {fn!r}")) from None
+    return sorted(set(layers))
 
 
 def layer_kind(config, i: int) -> str:
