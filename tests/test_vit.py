@@ -279,6 +279,8 @@ def test_forward_intermediates_after_prune_intermediate_layers_counts_the_blocks
         model.prune_intermediate_layers(indices=[0, 1])
         with pytest.raises(ValueError, match="pruning block 2 is gone"):
             model.forward_intermediates(IMAGES, indices=[0], intermediates_only=True)
+        with pytest.raises(ValueError, match="pruning block 2 is gone .* so nothing would be pruned"):
+            model(IMAGES)  # (it ran unpruned, without a word)
 
 
 def test_open_clip_parallel_attention_pool():
@@ -454,7 +456,11 @@ def test_an_attention_mask_is_refused_while_patched():
         vtprune.patch_vit(model, "divprune", keep=5, layer=1)
         with pytest.raises(ValueError, match="an attention mask is not supported"):
             model.forward_features(IMAGES, attn_mask=mask)
+        # causal attention too: the signals read bidirectional attention (hiprune's kept another set)
+        with pytest.raises(ValueError, match=r"causal attention \(is_causal=True\) is not supported"):
+            model.forward_features(IMAGES, is_causal=True)
         assert model.forward_features(IMAGES).shape == (3, 6, 32)
+        assert model.forward_features(IMAGES, is_causal=False).shape == (3, 6, 32)
     clip = clip_vit()
     clip.set_grad_checkpointing(True)  # its checkpoint() passes the mask positionally
     vtprune.patch_vit(clip, "random", keep=5, layer=1)

@@ -192,6 +192,8 @@ class VitState:
             self.handles.append(block.attn.register_forward_pre_hook(partial(self._signal, name, sig, block),
                                                                      with_kwargs=True))
         self.handles.append(self.tower.blocks[self.layer].register_forward_hook(self._drop, with_kwargs=True))
+        # every forward runs block 0 (prune_intermediate_layers keeps the first blocks): it notices a pruning block gone
+        self.handles.append(self.tower.blocks[0].register_forward_pre_hook(self._check_layer))
         owner = self.tower.owner
         if hasattr(owner, "forward_intermediates"):
             self.handles.append(wrap_method(owner, "forward_intermediates", self._intermediates))
@@ -206,15 +208,20 @@ class VitState:
             if holder.__dict__.get(_ATTR) is self:
                 delattr(holder, _ATTR)
 
+    def _check_layer(self, module, args):
+        n = len(self.tower.blocks)
+        if self.layer >= n:
+            raise ValueError(f"patch_vit: the pruning block {self.layer} is gone (the model keeps {n} blocks, after "
+                             "prune_intermediate_layers), so nothing would be pruned; patch_vit again with an earlier "
+                             "layer, or unpatch")
+
     def _intermediates(self, original, *args, **kwargs):
         """forward_intermediates: spatial (NCHW) maps exist only for blocks before the pruning one."""
         bound = call_arguments(original, args, kwargs)
         fmt = bound.get("output_fmt", "NCHW")
         indices = bound.get("indices")
         n = len(self.tower.blocks)
-        if self.layer >= n:
-            raise ValueError(f"forward_intermediates: the pruning block {self.layer} is gone (the model keeps {n} "
-                             "blocks, after prune_intermediate_layers); patch_vit again with an earlier layer")
+        self._check_layer(None, ())
         taken = range(n) if indices is None else range(n - indices, n) if isinstance(indices, int) else \
             [i % n for i in indices]
         late = [i for i in taken if i >= self.layer]
@@ -262,6 +269,9 @@ class VitState:
         if kwargs.get("attn_mask") is not None or positional:
             raise ValueError("patch_vit: an attention mask is not supported (it covers the full sequence; the blocks "
                              "after the pruning see the kept tokens only); unpatch, or call without attn_mask")
+        if kwargs.get("is_causal"):
+            raise ValueError("patch_vit: causal attention (is_causal=True) is not supported (the attention signals "
+                             "are bidirectional); unpatch, or call without is_causal")
         x = self._tokens(output)
         p = self.tower.prefix
         patches = x[:, p:]
