@@ -222,8 +222,9 @@ def compile_llm(model, mode: str | None = "reduce-overhead", **compile_options):
     "reduce-overhead" records CUDA graphs) and make `generate()` use a static KV cache, so that decode
     steps keep one shape. Works patched or not, before or after `patch`; returns the same model.
 
-    The pruning hooks stay outside the compiled region (they run around the language model's call), and
-    generate()'s own auto-compile of the whole forward is switched off. The first calls at each new
+    The pre-LLM pruning runs outside the compiled region (around the language model's call); hooks on the
+    decoder's layers (in-LLM strategies, Qwen3-VL's deepstack) run inside it, guarded so that patching
+    after compiling recompiles. generate()'s own auto-compile of the whole forward is switched off. The first calls at each new
     prompt length compile (seconds to minutes); a static cache does not shrink with pruning (it is sized
     for the unpruned prompt), and strategies that drop tokens inside the decoder (fastv, transprune,
     vflowopt, todre unless stage2=False) cannot use it. `uncompile_llm` undoes all of this.
@@ -261,7 +262,10 @@ class _CompiledForward:
         _init_static_cache(self.lm, kwargs)
         # Every transformers model's forward shares one decorator frame, so dynamo's per-frame recompile
         # limit (8) counts all shapes and mask kinds together; past it, calls silently fall back to eager.
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        # Hooks on the decoder's layers (in-LLM strategies, Qwen3-VL's deepstack) run inside the compiled
+        # region: dynamo must not reuse a graph traced under other hooks (before patch, another strategy),
+        # which it does by default (skip_nnmodule_hook_guards).
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, skip_nnmodule_hook_guards=False):
             return self.compiled(*args, **kwargs)
 
     def __reduce__(self):

@@ -46,10 +46,10 @@ NEXT_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
 NEXT_SIZES = [(40, 90), (90, 40), (100, 100), (30, 110)]  # (height, width) of sample i % 4
 
 
-def build(family: str, attn: str = "sdpa", seed: int = 0):
+def build(family: str, attn: str = "sdpa", seed: int = 0, sliding_window: int | None = None):
     import transformers as tf
 
-    cfg = config(family)
+    cfg = config(family, sliding_window)
     torch.manual_seed(seed)
     cfg._attn_implementation = attn
     model = getattr(tf, CLASSES[family])(cfg).eval()
@@ -59,12 +59,17 @@ def build(family: str, attn: str = "sdpa", seed: int = 0):
     return model
 
 
-def config(family: str):
-    """The transformers config `build` makes the family's model from."""
+def config(family: str, sliding_window: int | None = None):
+    """The transformers config `build` makes the family's model from. `sliding_window` (llava only): a Mistral
+    language model instead, attending `sliding_window` slots back in every layer (one model-wide window)."""
     import transformers as tf
 
+    if sliding_window is not None and family != "llava":
+        raise ValueError(f"sliding_window is for the llava family, not {family!r}")
     if family == "llava":
-        cfg = tf.LlavaConfig(vision_config=CLIP_VISION, text_config=LLAMA_TEXT, image_token_id=IMG,
+        text = LLAMA_TEXT if sliding_window is None else dict(LLAMA_TEXT, model_type="mistral",
+                                                             sliding_window=sliding_window)
+        cfg = tf.LlavaConfig(vision_config=CLIP_VISION, text_config=text, image_token_id=IMG,
                              image_seq_length=16, vision_feature_layer=-2, vision_feature_select_strategy="default")
     elif family == "llava_next":
         cfg = tf.LlavaNextConfig(vision_config=CLIP_VISION, text_config=LLAMA_TEXT, image_token_id=IMG,

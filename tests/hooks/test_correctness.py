@@ -731,23 +731,6 @@ def test_layer_tokens_keep_is_the_sum_of_a_samples_image_and_frame_budgets(model
     assert [b for _, _, b in vtprune.stats(model).images] == [10, 8, 4, 4, 6, 6, 6]
 
 
-def _sliding_llava(attn: str = "sdpa"):
-    """Tiny LLaVA on a Mistral language model: one model-wide sliding window (no layer_types) of 6 slots,
-    shorter than the tiny prompts (16 image tokens and their text)."""
-    import transformers as tf
-
-    text = dict(tiny.LLAMA_TEXT, model_type="mistral", sliding_window=6, head_dim=16)
-    cfg = tf.LlavaConfig(vision_config=tiny.CLIP_VISION, text_config=text, image_token_id=tiny.IMG,
-                         image_seq_length=16, vision_feature_layer=-2, vision_feature_select_strategy="default")
-    torch.manual_seed(0)
-    cfg._attn_implementation = attn
-    model = tf.LlavaForConditionalGeneration(cfg).eval()
-    model.set_attn_implementation(attn)
-    gc = model.generation_config
-    gc.pad_token_id, gc.eos_token_id, gc.bos_token_id = tiny.PAD, tiny.EOS, tiny.BOS
-    return model
-
-
 @vtprune.register("drop_first_of_row_1_test")
 class DropFirstOfRow1(Method):
     """test strategy: after decoder layer 0, sample 1 loses its first visual token, sample 0 nothing"""
@@ -765,7 +748,7 @@ def test_layers_after_an_in_llm_drop_keep_a_model_wide_sliding_window():
     """Mistral-style LMs slide every layer by config.sliding_window (no layer_types): the layers after a
     drop got a full causal mask. Sample 0 keeps its layout (its logits are the unpatched model's), and
     decode steps on the sliding cache equal a cache-free run."""
-    model = _sliding_llava()
+    model = tiny.build("llava", sliding_window=6)  # shorter than the prompts
     inputs = tiny.batch("llava", [1, 0])  # sample 0 unpadded and longer than the window
     with torch.no_grad():
         want = model(**inputs).logits
@@ -783,7 +766,7 @@ def test_layers_after_an_in_llm_drop_keep_a_model_wide_sliding_window():
 def test_fastv_scores_a_sliding_window_layer_within_its_window():
     """FastV's attention at a sliding-window layer is the one the layer computes (each row sees its last
     `sliding_window` slots): under SDPA it keeps what eager attention's probabilities rank highest."""
-    sdpa, eager = _sliding_llava("sdpa"), _sliding_llava("eager")
+    sdpa, eager = (tiny.build("llava", attn, sliding_window=6) for attn in ("sdpa", "eager"))
     inputs = tiny.batch("llava", [0, 1, 2])
     with torch.no_grad():
         attn = eager(**inputs, output_attentions=True).attentions[1]  # layer K-1 = 1

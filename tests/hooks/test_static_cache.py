@@ -30,12 +30,15 @@ def test_padding_mask_recovers_the_2d_mask_from_prepared_masks():
     real = torch.nn.functional.pad(am, (0, kv - 4)).bool()  # [B, kv]
     bool4d = (causal[None] & real[:, None])[:, None]  # [B, 1, q, kv]
     float4d = torch.zeros(bool4d.shape).masked_fill(~bool4d, torch.finfo(torch.float32).min)
-    for prepared in (bool4d, float4d, {"full_attention": bool4d}, torch.nn.functional.pad(am, (0, 2))):
+    sliding = bool4d & (torch.arange(kv)[None, :] > torch.arange(4)[:, None] - 2)  # a window of 2: the last row
+    # sees keys 2 and 3 only (Mistral's one model-wide window: it was read as padding before them)
+    for prepared in (bool4d, float4d, {"full_attention": bool4d}, torch.nn.functional.pad(am, (0, 2)), sliding,
+                     {"sliding_attention": sliding}, {"sliding_attention": sliding, "full_attention": bool4d}):
         got = padding_mask(prepared, 4)
         assert got.dtype == torch.long and torch.equal(got, am)
     assert padding_mask(None, 4) is None
-    with pytest.raises(ValueError, match="full-attention"):
-        padding_mask({"sliding_attention": bool4d}, 4)
+    with pytest.raises(ValueError, match="no full- or sliding-attention mask"):
+        padding_mask({"chunked_attention": bool4d}, 4)
     with pytest.raises(ValueError, match="covers 3 of 4"):
         padding_mask(am[:, :3], 4)
 
@@ -57,6 +60,19 @@ def test_static_cache_generate_equals_dynamic(model_factory, family, method, bud
     assert _max_score_diff(static, dynamic) < 1e-5
     assert torch.equal(again.sequences, static.sequences) and _max_score_diff(again, static) == 0.0
     assert _max_score_diff(static, unpatched) > 1e-2  # the static path did prune
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_static_cache_on_a_model_wide_sliding_window_equals_dynamic(attn):
+    """A Mistral-style LM (one sliding window for every layer, shorter than the prompts): the padding recovered
+    from the prepared sliding mask took every token before the last window for padding."""
+    model = tiny.build("llava", attn, sliding_window=6)
+    vtprune.patch(model, "divprune", keep=4)
+    inputs = tiny.batch("llava", [1, 0])
+    with torch.no_grad():
+        dynamic = model.generate(**inputs, **GEN)
+        static = model.generate(**inputs, cache_implementation="static", **GEN)
+    assert torch.equal(static.sequences, dynamic.sequences) and _max_score_diff(static, dynamic) < 1e-5
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
@@ -192,7 +208,7 @@ def test_compile_llm_defaults_to_cuda_graphs_and_lifts_dynamo_s_recompile_limit(
         given.append(options)
 
         def run(*args, **kwargs):
-            limits.append(torch._dynamo.config.recompile_limit)
+            limits.append((torch._dynamo.config.recompile_limit, torch._dynamo.config.skip_nnmodule_hook_guards))
             return fn(*args, **kwargs)
 
         return run
@@ -204,4 +220,33 @@ def test_compile_llm_defaults_to_cuda_graphs_and_lifts_dynamo_s_recompile_limit(
     assert [{"mode": None, **g} for g in given] == [{"mode": "reduce-overhead"}, {"mode": None, "backend": "eager"}]
     with torch.no_grad():
         model(**tiny.batch("llava", [0]))
-    assert limits == [RECOMPILE_LIMIT] and torch._dynamo.config.recompile_limit == default
+    assert limits == [(RECOMPILE_LIMIT, False)] and torch._dynamo.config.recompile_limit == default
+    assert torch._dynamo.config.skip_nnmodule_hook_guards  # (dynamo's default, outside the call)
+
+
+def test_patching_after_compile_llm_recompiles_the_hooked_layers():
+    """Decoder-layer hooks run inside the compiled language model; dynamo skips hook guards by default, so a graph
+    traced before patching was reused: Qwen3-VL lost its deepstack features (the text-only graph), fastv pruned
+    nothing (the hook-free graph)."""
+    qwen = tiny.build("qwen3_vl")
+    image = tiny.batch("qwen3_vl", [0])
+    gen = dict(max_new_tokens=3, output_scores=True, return_dict_in_generate=True, **tiny.GEN)
+    with torch.no_grad():
+        want = vtprune.patch(qwen, "divprune", keep=4).generate(**image, **gen)
+        vtprune.unpatch(qwen)
+        vtprune.compile_llm(qwen, mode=None, backend="eager")
+        for n in (9, 14):  # text-only prompts of two lengths: a graph with no deepstack inputs, dynamic in length
+            ids = torch.tensor([[tiny.BOS, *range(10, 9 + n)]])
+            qwen.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **dict(gen, max_new_tokens=1))
+        got = vtprune.patch(qwen, "divprune", keep=4).generate(**image, **gen)
+    assert torch.equal(got.sequences, want.sequences) and _max_score_diff(got, want) < 1e-5
+    llava = tiny.build("llava")
+    inputs = tiny.batch("llava", [0])
+    with torch.no_grad():
+        want = vtprune.patch(llava, "fastv", keep=4)(**inputs).logits
+        vtprune.unpatch(llava)
+        vtprune.compile_llm(llava, mode=None, backend="eager")
+        llava(**inputs)  # traced with no hooks on the decoder's layers
+        got = vtprune.patch(llava, "fastv", keep=4)(**inputs).logits
+    assert vtprune.stats(llava).visual_after == [4]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

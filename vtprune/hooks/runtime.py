@@ -1080,21 +1080,23 @@ def compileable(cache) -> bool:
 
 def padding_mask(mask, seq_len: int):
     """The 2-D padding mask [B, seq_len] (1 = real token) behind a causal mask that transformers prepared
-    for a static cache: a 4-D [B, 1, q, kv] mask (bool: True = attend; float: 0 = attend), or a mapping
-    of them by layer type, or a 2-D mask already padded to the cache length. The last query row of a
-    causal + padding mask sees exactly the real keys up to it, so over the first `seq_len` keys it is
-    the padding mask. None stays None (no padding)."""
+    for a static cache's prefill: a 4-D [B, 1, q, kv] mask (bool: True = attend; float: 0 = attend), or a
+    mapping of them by layer type, or a 2-D mask already padded to the cache length. A real key is attended
+    by its own query row at least (causal, and inside any sliding window), a padding key by none, so over
+    the first `seq_len` keys "some row attends it" is the padding mask. (The last row alone, as before,
+    sees only a sliding window's last keys.) None stays None (no padding)."""
     if isinstance(mask, dict):
-        if "full_attention" not in mask:
-            raise ValueError(f"vtprune: no full-attention mask among the prepared masks {sorted(mask)}")
-        mask = mask["full_attention"]
+        kinds = [k for k in ("full_attention", "sliding_attention") if k in mask]
+        if not kinds:
+            raise ValueError(f"vtprune: no full- or sliding-attention mask among the prepared masks {sorted(mask)}")
+        mask = mask[kinds[0]]
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 4):
         raise ValueError("vtprune: expected a 2-D or 4-D attention mask from generate() with a static cache")
     if mask.dim() == 4:
-        row = mask[:, 0, -1, :seq_len]
-        mask = row if row.dtype == torch.bool else row == 0
+        block = mask[:, 0, :, :seq_len]
+        mask = (block if block.dtype == torch.bool else block == 0).any(dim=1)
     if mask.shape[1] < seq_len:
         raise ValueError(f"vtprune: the prepared attention mask covers {mask.shape[1]} of {seq_len} tokens, so the "
                          "prompt's padding cannot be recovered from it; size a static cache for the unpruned prompt "
