@@ -173,7 +173,7 @@ def _flops(args) -> int:
         check_output(args.json, "--json")
     if args.config is None:
         budget = _budget(args)
-        method = args.method or "random"  # every projector-stage strategy gives the same LLM counts
+        method = args.method or "random"  # (keeps exactly the budget before the LLM; selection costs nothing)
         build_method(method, budget)  # a bad strategy or budget fails before the model loads
     else:  # a preset: the file's (or inline JSON's) method and options; --keep / --ratio replace its budget
         if args.keep is not None and args.ratio is not None:
@@ -424,7 +424,8 @@ def main(argv=None) -> int:
     p.set_defaults(func=_tune)
     p = sub.add_parser("flops", help="analytic FLOPs per stage and KV-cache bytes, unpatched vs pruned (docs/flops.md)")
     _model_budget_args(p)
-    p.add_argument("--method", help="strategy (default: any projector-stage one; in-LLM strategies count per layer)")
+    p.add_argument("--method", help="strategy (default: random, which keeps exactly the budget before the LLM; "
+                   "in-LLM strategies count per layer)")
     p.add_argument("--config", help="a patch() preset: a JSON file (as vtprune tune writes) or inline JSON, "
                    "'{\"method\": \"vflowopt\", \"options\": {\"ratio\": 0.27, \"r2\": 0.98}}'; --keep/--ratio "
                    "replace its budget")

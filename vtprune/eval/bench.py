@@ -2,8 +2,8 @@
 
 Per configuration (model, batch, strategy) and repetition, one `generate` of exactly `new_tokens`
 tokens is timed end to end; hooks on the vision tower and the language model time the vision
-encoder, the prefill (the language model's first call, in-LLM selection included) and each decode
-step. A strategy that selects before the language model (vision or projector stage) does so outside the
+encoder, the prefill (the language model's first call with vtprune's work around it, in-LLM selection
+included) and each decode step. A strategy that selects before the language model (vision or projector stage) does so outside the
 prefill: the table's "with selection" speed-up adds its selection time back, so that the two kinds compare.
 On CUDA the stage times are CUDA events and the peak memory is `max_memory_allocated` above the weights; on
 the CPU, perf_counter and no memory figure. Selection time is `vtprune.stats`' `selection_ms` (CUDA
@@ -31,11 +31,13 @@ from .flops import visual_left, visual_token_counts
 
 
 class _Timer:
-    """Start/stop marks around every call of a module (CUDA events or perf_counter)."""
+    """Start/stop marks around every call of a module (CUDA events or perf_counter), outside every hook on
+    it: made after `patch`, it starts before vtprune's pre-hooks (prepended) and stops after its hooks."""
 
     def __init__(self, module: torch.nn.Module, cuda: bool):
         self.cuda, self.calls, self._open = cuda, [], []
-        self.handles = [module.register_forward_pre_hook(self._start), module.register_forward_hook(self._stop)]
+        self.handles = [module.register_forward_pre_hook(self._start, prepend=True),
+                        module.register_forward_hook(self._stop)]
 
     def _mark(self):
         if self.cuda:
@@ -108,7 +110,8 @@ class BenchRow:
     visual_tokens: float  # per sample left at the last decoder layer (mean)
     vision_ms: float
     selection_ms: float
-    prefill_ms: float  # language model's first call (in-LLM selection included)
+    prefill_ms: float  # language model's first call and vtprune's work around it (in-LLM selection included,
+    # the selection made before the decoder not: that is prefill_with_selection_ms)
     decode_ms_per_token: float | None  # None: --new-tokens 1 (no decode step)
     generate_ms: float  # end to end, `new_tokens` tokens
     peak_mib: float | None  # CUDA: peak allocated above the weights during generate
@@ -177,8 +180,11 @@ def measure(model, inputs: dict, method: str | None = None, options: dict | None
                 total = (time.perf_counter() - t0) * 1e3
                 lm = lm_t.times_ms()
                 st = vtprune.stats(model) if method is not None else None
+                # the language model's first call, vtprune's work around it included (compacting the sequence,
+                # masks, positions) but not the selection made before the decoder: that is the selection column
+                before_llm = st.selection_ms - st.selection_in_llm_ms if st is not None else 0.0
                 rows.append(dict(
-                    vision=sum(vision_t.times_ms()), prefill=lm[0],
+                    vision=sum(vision_t.times_ms()), prefill=lm[0] - before_llm,
                     decode=statistics.mean(lm[1:]) if len(lm) > 1 else None,  # (one new token: no decode step)
                     generate=total, selection=st.selection_ms if st is not None else 0.0,
                     in_llm=st.selection_in_llm_ms if st is not None else 0.0,
@@ -215,7 +221,7 @@ def measure(model, inputs: dict, method: str | None = None, options: dict | None
 
 def markdown(rows: list[BenchRow]) -> str:
     """One table; the speed-up columns compare each row with the unpatched row of its batch size and path. The
-    prefill's is the language model's first call alone; "with selection" adds the selection time of a strategy
+    prefill's is the language model's first call (and vtprune's bookkeeping around it); "with selection" adds the selection time of a strategy
     that selects before the language model (an llm-stage strategy's is already in its prefill)."""
     base = {(r.batch, r.path): r for r in rows if r.method == "unpatched"}
     head = ("| batch | path | method | options | visual tokens | vision ms | selection ms | prefill ms | prefill speed-up "
