@@ -22,6 +22,21 @@ def _signals(model, adapter_cls, signals, run):
     return store.read()
 
 
+def _recorded_eager_weights(monkeypatch, modeling) -> list:
+    """Each call's attention probabilities, appended to the list returned: `modeling`'s eager_attention_forward
+    wrapped for the test."""
+    weights = []
+    eager = modeling.eager_attention_forward
+
+    def recording(module, *args, **kwargs):
+        out, w = eager(module, *args, **kwargs)
+        weights.append(w)
+        return out, w
+
+    monkeypatch.setattr(modeling, "eager_attention_forward", recording)
+    return weights
+
+
 def _kept(layout, visual, b):
     """Indices into sample b's visual slots that the last pruned forward kept."""
     vis_slots = visual[b].nonzero().squeeze(1).tolist()
@@ -145,15 +160,7 @@ def test_qwen2_vl_vision_signal_equals_eager_attention_per_merged_token(model_fa
 
     model = model_factory("qwen2_vl", "eager")
     inputs = tiny.batch("qwen2_vl", [1, 2])  # grids (1, 4, 8) and (1, 8, 4)
-    weights = []
-    eager = mq.eager_attention_forward
-
-    def recording(module, *args, **kwargs):
-        out, w = eager(module, *args, **kwargs)
-        weights.append(w)
-        return out, w
-
-    monkeypatch.setattr(mq, "eager_attention_forward", recording)
+    weights = _recorded_eager_weights(monkeypatch, mq)
     visual = model.model.visual
     got = _signals(model, QwenVLAdapter, {"last": VisionSignal(-1, "mean")},
                    lambda: visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]))["last"]
@@ -180,15 +187,7 @@ def test_qwen25_vl_video_signal_equals_eager_attention_per_frame_in_raster_order
     visual = model.model.visual
     inputs = tiny.batch("qwen2_5_vl", [1], videos=(1,))  # the clip: 3 frames of 4x6 patches
     pixels, grid = inputs["pixel_values_videos"], inputs["video_grid_thw"]
-    weights = []
-    eager = mq.eager_attention_forward
-
-    def recording(module, *args, **kwargs):
-        out, w = eager(module, *args, **kwargs)
-        weights.append(w)
-        return out, w
-
-    monkeypatch.setattr(mq, "eager_attention_forward", recording)
+    weights = _recorded_eager_weights(monkeypatch, mq)
     got = _signals(model, QwenVLAdapter, {"s": VisionSignal(visual.fullatt_block_indexes[0], "mean")},
                    lambda: visual(pixels, grid_thw=grid))["s"]
     t, h, w = grid[0].tolist()
