@@ -731,7 +731,6 @@ def test_layer_tokens_keep_is_the_sum_of_a_samples_image_and_frame_budgets(model
     assert [b for _, _, b in vtprune.stats(model).images] == [10, 8, 4, 4, 6, 6, 6]
 
 
-@vtprune.register("drop_first_of_row_1_test")
 class DropFirstOfRow1(Method):
     """test strategy: after decoder layer 0, sample 1 loses its first visual token, sample 0 nothing"""
     stage = "llm"
@@ -748,6 +747,7 @@ def test_layers_after_an_in_llm_drop_keep_a_model_wide_sliding_window():
     """Mistral-style LMs slide every layer by config.sliding_window (no layer_types): the layers after a
     drop got a full causal mask. Sample 0 keeps its layout (its logits are the unpatched model's), and
     decode steps on the sliding cache equal a cache-free run."""
+    vtprune.register("drop_first_of_row_1_test")(DropFirstOfRow1)  # (registered for this test only: conftest)
     model = tiny.build("llava", sliding_window=6)  # shorter than the prompts
     inputs = tiny.batch("llava", [1, 0])  # sample 0 unpadded and longer than the window
     with torch.no_grad():
@@ -784,7 +784,6 @@ def test_fastv_scores_a_sliding_window_layer_within_its_window():
         assert sorted(s for s in layout[b].tolist() if s in set(slots.tolist())) == sorted(want.tolist()), b
 
 
-@vtprune.register("fixed_drops_test")
 class FixedDrops(Method):
     """test strategy: fixed picks, into each sample's current visual slots, after decoder layers 0 and 2"""
     stage = "llm"
@@ -802,6 +801,7 @@ def test_in_llm_drops_equal_the_decoder_run_by_hand_on_the_kept_tokens(model_fac
     """The layers after a drop see the kept tokens alone: each sample's real tokens run through the unpatched
     decoder layer by layer, its hidden states cut to the kept slots after layers 0 and 2 (a causal mask over
     them, each token's own rotary position), give the patched batch's logits at every slot it keeps."""
+    vtprune.register("fixed_drops_test")(FixedDrops)  # (registered for this test only: conftest)
     model = model_factory("llava")
     inputs = tiny.batch("llava", [0, 1, 2])  # left padding, 16 visual tokens per sample
     lm = model.model.language_model
