@@ -1180,3 +1180,32 @@ def test_min_and_max_pixels_set_the_qwen_image_range():
 def test_bad_pixel_ranges_are_refused(kwargs, words):
     with pytest.raises(ValueError, match=words):
         lmms.Vtprune(random_weights=True, **kwargs)
+
+
+def test_vflowopt_reads_the_processors_pixel_normalisation_unless_given(monkeypatch, tmp_path):
+    """The entropy term undoes the processor's normalisation; its default is CLIP's, so a checkpoint normalising by
+    0.5 / 0.5 (LLaVA-OneVision's SigLIP ones, Qwen3-VL) read wrong grey levels unless told. The plugin has the
+    processor: its values are passed, unless pixel_mean / pixel_std are given as options or in a config file."""
+    from vtprune.eval import models
+    from vtprune.methods.vflowopt import VFlowOptConfig
+
+    load = models.load
+
+    def siglip_normalised(*args, **kwargs):
+        model, processor = load(*args, **kwargs)
+        processor.image_processor.image_mean = processor.image_processor.image_std = [0.5, 0.5, 0.5]
+        return model, processor
+
+    monkeypatch.setattr(models, "load", siglip_normalised)
+    config = lmms.Vtprune(pretrained="tiny-llava", random_weights=True, method="vflowopt", keep=8,
+                          alpha=0.5).model._vtprune.method.config
+    assert (config.pixel_mean, config.pixel_std) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    given = lmms.Vtprune(pretrained="tiny-llava", random_weights=True, method="vflowopt", keep=8,
+                         pixel_mean=[0.25, 0.25, 0.25]).model._vtprune.method.config
+    assert given.pixel_mean == (0.25, 0.25, 0.25) and given.pixel_std == VFlowOptConfig(keep=1).pixel_std
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps({"method": "vflowopt", "options": {"ratio": 0.25, "pixel_std": [0.2, 0.2, 0.2]}}))
+    filed = lmms.Vtprune(pretrained="tiny-llava", random_weights=True, config=str(path)).model._vtprune.method.config
+    assert filed.pixel_std == (0.2, 0.2, 0.2) and filed.pixel_mean == VFlowOptConfig(keep=1).pixel_mean
+    assert not hasattr(lmms.Vtprune(pretrained="tiny-llava", random_weights=True, method="divprune",
+                                    keep=8).model._vtprune.method.config, "pixel_mean")
