@@ -5,7 +5,7 @@ import contextlib
 import json
 import os
 
-from .hooks import adapter_for
+from .hooks import adapter_class, adapter_for
 from .hooks.base import Restore
 from .hooks.runtime import PatchState, Stats, compileable, kv_cache
 from .methods.registry import build_method
@@ -180,11 +180,8 @@ def _reinstall(model, previous) -> None:
 
 def _is_vit(model) -> bool:
     """A model patch_vit handles (and `patch` does not)."""
-    try:
-        adapter_for(model)
+    if adapter_class(model) is not None:
         return False
-    except TypeError:
-        pass
     from .vit import tower
 
     try:
@@ -224,8 +221,8 @@ def compile_llm(model, mode: str | None = "reduce-overhead", **compile_options):
 
     The pre-LLM pruning runs outside the compiled region (around the language model's call); hooks on the
     decoder's layers (in-LLM strategies, Qwen3-VL's deepstack) run inside it, guarded so that patching
-    after compiling recompiles. generate()'s own auto-compile of the whole forward is switched off. The first calls at each new
-    prompt length compile (seconds to minutes); a static cache does not shrink with pruning (it is sized
+    after compiling recompiles. generate()'s own auto-compile of the whole forward is switched off. The
+    first calls at each new prompt length compile (seconds to minutes); a static cache does not shrink with pruning (it is sized
     for the unpruned prompt), and strategies that drop tokens inside the decoder (fastv, transprune,
     vflowopt, todre unless stage2=False) cannot use it. `uncompile_llm` undoes all of this.
     Extra keyword arguments go to `torch.compile` (`mode=None, backend="eager"` traces without

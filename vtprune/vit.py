@@ -97,9 +97,9 @@ def tower(model) -> Tower:
         # open_clip before 2.26 has no batch_first and runs its blocks sequence-first
         return Tower(1, True, visual,
                      getattr(visual.transformer, "batch_first", False), "open_clip")
-    from .hooks import ADAPTERS
+    from .hooks import adapter_class
 
-    vlm = any(c.__name__ in ADAPTERS for c in type(model).__mro__)
+    vlm = adapter_class(model) is not None
     raise TypeError(f"patch_vit supports timm VisionTransformer and open_clip visual towers (their own or a timm "
                     f"trunk), got {type(model).__name__}" + ("; a vision-language model is patched with "
                                                             "vtprune.patch(model, method, ...)" if vlm else ""))

@@ -142,23 +142,22 @@ def _image_pixels(processor, least: int | None, most: int | None) -> None:
     image.size = SizeDict(**{**dict(size), "shortest_edge": least, "longest_edge": most})
 
 
-def _pixel_norm(method, options: dict, processor) -> dict:
+def _pixel_norm(method, given, processor) -> dict:
     """A strategy that undoes the processor's normalisation (vflowopt's entropy, on 0-255 pixels) gets this
-    processor's pixel_mean / pixel_std, unless they are given (as options or in a config file): its default
-    is CLIP's, and LLaVA-OneVision's SigLIP checkpoints or Qwen3-VL normalise by 0.5 / 0.5."""
+    processor's pixel_mean / pixel_std, unless they are `given` (the option names set, as options or in a
+    config file): its default is CLIP's, and LLaVA-OneVision's SigLIP checkpoints or Qwen3-VL normalise by
+    0.5 / 0.5."""
     import dataclasses
 
     from ..methods.registry import get_method
-    from ..patching import load_config
 
     try:
         fields = {f.name for f in dataclasses.fields(get_method(method).Config)}
     except (ValueError, TypeError):
         return {}  # an unknown method: patch() says so
-    given = set(options) | set(load_config(options["config"])[1] if options.get("config") is not None else ())
     image = getattr(processor, "image_processor", None)
     norm = {k: getattr(image, attr, None) for k, attr in (("pixel_mean", "image_mean"), ("pixel_std", "image_std"))}
-    if not {"pixel_mean", "pixel_std"} <= fields or given & set(norm) or not all(
+    if not {"pixel_mean", "pixel_std"} <= fields or set(given) & set(norm) or not all(
             isinstance(v, (list, tuple)) and len(v) == 3 for v in norm.values()):
         return {}
     return {k: tuple(float(x) for x in v) for k, v in norm.items()}
@@ -230,10 +229,13 @@ class Vtprune(lmms):
         self.stats_path = _value(stats_path)
         self.method = _value(method)
         options = {k: _value(v) for k, v in options.items()}
-        if method is None and options.get("config") is not None:  # the method the file names (as patch() takes it)
+        filed = {}  # a config file's options
+        if options.get("config") is not None:
             from ..patching import load_config
 
-            self.method = load_config(options["config"])[0]
+            file_method, filed = load_config(options["config"])
+            if method is None:  # the method the file names (as patch() takes it)
+                self.method = file_method
         self.options = _typed(self.method, options)
         if self.method in UNPATCHED:
             if self.options:
@@ -242,7 +244,8 @@ class Vtprune(lmms):
         else:
             import vtprune
 
-            vtprune.patch(self.model, self.method, **self.options, **_pixel_norm(self.method, self.options, processor))
+            norm = _pixel_norm(self.method, {*self.options, *filed}, processor)
+            vtprune.patch(self.model, self.method, **self.options, **norm)  # validates the method and its options
         self.records: list[dict] = []  # one per generated batch: pruning figures (see summary())
         self.first_inputs: dict | None = None  # the first batch's model inputs (sweeps time a prefill on it)
         self.reuse = False  # True: keep the model across evaluations (see clean)

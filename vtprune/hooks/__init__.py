@@ -27,13 +27,21 @@ def supported() -> list[str]:
     return sorted(ADAPTERS)
 
 
-def adapter_for(model) -> Adapter:
+def adapter_class(model) -> type[Adapter] | None:
+    """The adapter of `model`'s transformers class (or of a transformers class it derives from), or None."""
     for cls in type(model).__mro__:
         if cls.__name__ in ADAPTERS and cls.__module__.startswith("transformers."):
-            return ADAPTERS[cls.__name__](model)
-    raise TypeError(
-        f"vtprune does not support {type(model).__name__}; supported model classes: {', '.join(supported())}"
-    )
+            return ADAPTERS[cls.__name__]
+    return None
 
 
-__all__ = ["ADAPTERS", "Adapter", "adapter_for", "supported"]
+def adapter_for(model) -> Adapter:
+    cls = adapter_class(model)
+    if cls is None:
+        raise TypeError(
+            f"vtprune does not support {type(model).__name__}; supported model classes: {', '.join(supported())}"
+        )
+    return cls(model)
+
+
+__all__ = ["ADAPTERS", "Adapter", "adapter_class", "adapter_for", "supported"]

@@ -155,8 +155,7 @@ class QwenVLAdapter(Adapter):
         if layer in ("feature", "object"):
             before = [f for f in full if f <= li]
             return before[-1] if before else full[0]
-        what = f"{sig.option}={layer!r}" if sig.option else f"vision layer {layer!r}"
-        raise ValueError(f"{what} is a windowed block of this Qwen2.5-VL encoder; signals need one of "
+        raise ValueError(f"{sig.named_layer()} is a windowed block of this Qwen2.5-VL encoder; signals need one of "
                          f"its full-attention blocks {full}")
 
     def _visual_pre(self, visual, call, module, args, kwargs):

@@ -166,10 +166,14 @@ class VisionSignal:
         if (self.reduce == "context") != (self.threshold is not None):
             raise ValueError("threshold is required with reduce='context' and only allowed there")
 
+    def named_layer(self) -> str:
+        """`layer` as errors name it: by the strategy's option that set it, where one did."""
+        return f"{self.option}={self.layer!r}" if self.option is not None else f"vision layer {self.layer!r}"
+
     def layer_error(self, name: str, n_layers: int, where: str) -> ValueError:
         """The error for a layer outside [-n_layers, n_layers) (`where` says what those layers are)."""
         if self.option is not None:
-            return ValueError(f"{self.option}={self.layer!r}: must be an int in [{-n_layers}, {n_layers}) ({where})")
+            return ValueError(f"{self.named_layer()}: must be an int in [{-n_layers}, {n_layers}) ({where})")
         return ValueError(f"vision signal {name!r}: its layer must be 'feature', 'object' or an int in "
                           f"[{-n_layers}, {n_layers}) ({where}), got {self.layer!r}")
 
