@@ -3,8 +3,9 @@
 Per configuration (model, batch, strategy) and repetition, one `generate` of exactly `new_tokens`
 tokens is timed end to end; hooks on the vision tower and the language model time the vision
 encoder, the prefill (the language model's first call with vtprune's work around it, in-LLM selection
-included) and each decode step. A strategy that selects before the language model (vision or projector stage) does so outside the
-prefill: the table's "with selection" speed-up adds its selection time back, so that the two kinds compare.
+included) and each decode step. A strategy that selects before the language model (vision or projector
+stage) does so outside the prefill: the table's "with selection" speed-up adds its selection time back,
+so that the two kinds compare.
 On CUDA the stage times are CUDA events and the peak memory is `max_memory_allocated` above the weights; on
 the CPU, perf_counter and no memory figure. Selection time is `vtprune.stats`' `selection_ms` (CUDA
 events too: the library adds no host sync to time it). KV bytes: on the eager path, those of the
@@ -221,8 +222,9 @@ def measure(model, inputs: dict, method: str | None = None, options: dict | None
 
 def markdown(rows: list[BenchRow]) -> str:
     """One table; the speed-up columns compare each row with the unpatched row of its batch size and path. The
-    prefill's is the language model's first call (and vtprune's bookkeeping around it); "with selection" adds the selection time of a strategy
-    that selects before the language model (an llm-stage strategy's is already in its prefill)."""
+    prefill's is the language model's first call (and vtprune's bookkeeping around it); "with selection" adds
+    the selection time of a strategy that selects before the language model (an llm-stage strategy's is
+    already in its prefill)."""
     base = {(r.batch, r.path): r for r in rows if r.method == "unpatched"}
     head = ("| batch | path | method | options | visual tokens | vision ms | selection ms | prefill ms | prefill speed-up "
             "| with selection | decode ms/token | generate ms | generate speed-up | peak MiB | KV MiB |")

@@ -951,8 +951,8 @@ def _key_attention(attn, q_raw, k_raw, pos, run: Run, query_rows=None, window=No
     """Causal attention each key receives from the chosen real query rows (at a sliding-window layer: from
     rows less than `window` slots after it), averaged over heads, from a decoder attention module's raw q/k
     projection outputs [B, L, H*d]: per-head norms where the module has them (Qwen3), then its own RoPE,
-    then `attention_scores` (float32 [B, L]). A gated attention's
-    q projection (Qwen3.5: [B, L, H*2d], each head's query then its output gate) gives its queries."""
+    then `attention_scores` (float32 [B, L]). A gated attention's q projection (Qwen3.5: [B, L, H*2d], each
+    head's query then its output gate) gives its queries."""
     b, seq_len = q_raw.shape[:2]
     heads = getattr(getattr(attn, "config", None), "num_attention_heads", None)
     if heads is not None and q_raw.shape[-1] == 2 * heads * attn.head_dim:
@@ -1083,8 +1083,8 @@ def padding_mask(mask, seq_len: int):
     for a static cache's prefill: a 4-D [B, 1, q, kv] mask (bool: True = attend; float: 0 = attend), or a
     mapping of them by layer type, or a 2-D mask already padded to the cache length. A real key is attended
     by its own query row at least (causal, and inside any sliding window), a padding key by none, so over
-    the first `seq_len` keys "some row attends it" is the padding mask. (The last row alone, as before,
-    sees only a sliding window's last keys.) None stays None (no padding)."""
+    the first `seq_len` keys "some row attends it" is the padding mask (the last row alone would see only a
+    sliding window's last keys). None stays None (no padding)."""
     if isinstance(mask, dict):
         kinds = [k for k in ("full_attention", "sliding_attention") if k in mask]
         if not kinds:
