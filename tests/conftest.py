@@ -162,3 +162,20 @@ def cuda_marks(monkeypatch):
 def host_syncs(benchmark_script):
     """benchmarks/host_syncs.py's counter of host syncs (`with host_syncs() as s: ...; s.n`)."""
     return benchmark_script("host_syncs").HostSyncs
+
+
+@pytest.fixture
+def siglip_normalised(monkeypatch):
+    """vtprune.eval.models.load, the processor it returns normalising by 0.5 / 0.5 (LLaVA-OneVision's SigLIP
+    checkpoints, Qwen3-VL) where the bundled models normalise as CLIP does. Yields the real load."""
+    from vtprune.eval import models
+
+    load = models.load
+
+    def loaded(*args, **kwargs):
+        model, processor = load(*args, **kwargs)
+        processor.image_processor.image_mean = processor.image_processor.image_std = [0.5, 0.5, 0.5]
+        return model, processor
+
+    monkeypatch.setattr(models, "load", loaded)
+    yield load

@@ -116,7 +116,7 @@ def _score(options):
     return 0.9 - abs(options["t"] - 10) / 100 - abs(options["a"] - 5) / 100
 
 
-def _fake_tune(monkeypatch, budget, iterations, seed=0, calls=None, ranges=None, score=_score):
+def _fake_tune(monkeypatch, budget, iterations, seed=0, calls=None, ranges=None, score=_score, fixed=None):
     """tune() on a stand-in 28-layer model whose objective is `score`: every evaluated option set goes to
     `calls`, every suggest_float (name, low, high, value) to `ranges`."""
     from types import SimpleNamespace
@@ -137,7 +137,7 @@ def _fake_tune(monkeypatch, budget, iterations, seed=0, calls=None, ranges=None,
     monkeypatch.setattr(tune, "last_hidden", lambda model_, inputs: torch.zeros(1, 2))
     monkeypatch.setattr(optuna.trial.Trial, "suggest_float", suggest_float)
     batches = [{"input_ids": torch.zeros(2, 3, dtype=torch.long)}]
-    return tune.tune(model, batches, budget, iterations=iterations, seed=seed, progress=False)
+    return tune.tune(model, batches, budget, iterations=iterations, seed=seed, progress=False, fixed=fixed)
 
 
 @pytest.mark.parametrize("budget, pct, ratio", [(0.1, 10, 0.1166), (0.25, 25, 0.2651), (0.4, 50, 0.6)])
@@ -184,6 +184,20 @@ def test_tune_scores_an_infeasible_start_below_any_cosine(monkeypatch, shift):
     assert tune.solve_r3(0.3, 0.3, 0.9833, 28) is None
     assert calls and all(o["t"] != 34.76 for o in calls) and cfg["tuned"]["start_objective"] is None
     assert cfg["options"] in calls and cfg["tuned"]["objective"] == max(_score(o) + shift for o in calls)
+
+
+def test_tune_runs_every_trial_with_the_fixed_options_and_writes_them(monkeypatch):
+    """`fixed` (the processor's pixel normalisation) is in every trial's options and the written config, and
+    changes nothing the search draws."""
+    norm = dict(pixel_mean=(0.5, 0.5, 0.5), pixel_std=(0.5, 0.5, 0.5))
+    plain, fixed = [], []
+    _fake_tune(monkeypatch, 0.25, 5, calls=plain)
+    with monkeypatch.context() as mp:
+        cfg = _fake_tune(mp, 0.25, 5, calls=fixed, fixed=norm)
+    assert fixed == [{**o, **norm} for o in plain]
+    assert {k: cfg["options"][k] for k in norm} == norm and cfg["options"] in fixed
+    with pytest.raises(ValueError, match=r"fixed options \['r2', 't'\] are the ones searched"):
+        _fake_tune(monkeypatch, 0.25, 2, fixed=dict(t=1.0, r2=0.9))
 
 
 def test_tune_is_reproducible_by_its_seed(monkeypatch):
@@ -285,6 +299,23 @@ def test_tune_on_the_shapes_task_with_the_bundled_architecture(tmp_path):
     assert cli.main(["tune", "--method", "vflowopt", "--model", "tiny-llava", "--random-weights", "--task", "shapes",
                      "--budget", "0.3", "--samples", "4", "--iterations", "2", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["tuned"]["task"] == "shapes"
+
+
+def test_tune_writes_the_processors_pixel_normalisation_into_the_config(tmp_path, monkeypatch, siglip_normalised):
+    """The entropy term undoes the processor's normalisation, and vflowopt's default is CLIP's: a checkpoint
+    normalising by 0.5 / 0.5 is tuned with its own, and the written config carries them."""
+    seen = []
+    real = tune.objective
+    monkeypatch.setattr(tune, "objective", lambda m, b, r, options: seen.append(options) or real(m, b, r, options))
+    out = tmp_path / "v.json"
+    assert cli.main(["tune", "--method", "vflowopt", "--model", "tiny-llava", "--random-weights", "--task", "shapes",
+                     "--budget", "0.3", "--samples", "2", "--iterations", "2", "--out", str(out)]) == 0
+    options = json.loads(out.read_text())["options"]
+    assert options["pixel_mean"] == options["pixel_std"] == [0.5, 0.5, 0.5]
+    assert seen and all(o["pixel_mean"] == o["pixel_std"] == (0.5, 0.5, 0.5) for o in seen)
+    model, _ = siglip_normalised("tiny-llava", random_weights=True)
+    vtprune.patch(model, config=out)
+    assert model._vtprune.method.config.pixel_mean == (0.5, 0.5, 0.5)
 
 
 def test_tune_rejects_what_it_cannot_do(tmp_path, capsys):

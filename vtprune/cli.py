@@ -102,7 +102,9 @@ def _tune(args) -> int:
     model = model.to("cuda" if torch.cuda.is_available() else "cpu")
     batches = [models.to_model(b, model) for b in models.calibration(args.task, model, processor, args.samples,
                                                                        seed=args.seed)]
-    config = tune.tune(model, batches, args.budget, iterations=args.iterations, seed=args.seed)
+    # the entropy term undoes the processor's normalisation: the written config carries this checkpoint's
+    config = tune.tune(model, batches, args.budget, iterations=args.iterations, seed=args.seed,
+                       fixed=models.pixel_norm("vflowopt", processor))
     config["tuned"].update(model=args.model, task=args.task)
     tune.write(config, args.out)
     t = config["tuned"]

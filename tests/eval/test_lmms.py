@@ -242,6 +242,27 @@ def test_sweep_on_an_lmms_eval_task_resumes(tmp_path, monkeypatch):
         sweep.run(methods=["random"], ratios=[0.5], **{**args, "task": "vtprune_nope"})
 
 
+def test_lmms_sweep_cells_hand_vflowopt_the_processors_pixel_normalisation(siglip_normalised):
+    """As the plugin does on its own (test_vflowopt_reads_the_processors_pixel_normalisation_unless_given), a
+    sweep's re-patched cells give vflowopt the processor's pixel_mean / pixel_std unless a preset sets them."""
+    from vtprune.methods.vflowopt import VFlowOptConfig
+
+    runner = sweep.LmmsCells("tiny-llava", TASK, 2, 2, True, device="cpu")
+    seen = []
+
+    def evaluate(model, **kwargs):
+        config = model.model._vtprune.method.config
+        seen.append((config.pixel_mean, config.pixel_std))
+        raise KeyboardInterrupt  # (the evaluation itself is tested above)
+
+    runner.evaluate = evaluate
+    for options in (None, {"pixel_std": (0.2, 0.2, 0.2)}):
+        with pytest.raises(KeyboardInterrupt):
+            runner.cell("vflowopt", 0.5, options)
+    assert seen == [((0.5,) * 3, (0.5,) * 3), (VFlowOptConfig(keep=1).pixel_mean, (0.2,) * 3)]
+    assert runner.lm.options == {"ratio": 0.5, "pixel_std": (0.2, 0.2, 0.2)}  # as given: what its summary says
+
+
 @pytest.mark.parametrize("model, task", [("tiny-llava", TASK), ("tiny-qwen2vl", TASK + "_dynres")])
 def test_the_first_n_questions_are_the_ones_shapes_scores(tmp_path, model, task):
     """`--questions n` on vtprune_shapes (lmms-eval's limit: the data file's first n lines) scored other
@@ -1182,21 +1203,12 @@ def test_bad_pixel_ranges_are_refused(kwargs, words):
         lmms.Vtprune(random_weights=True, **kwargs)
 
 
-def test_vflowopt_reads_the_processors_pixel_normalisation_unless_given(monkeypatch, tmp_path):
+def test_vflowopt_reads_the_processors_pixel_normalisation_unless_given(siglip_normalised, tmp_path):
     """The entropy term undoes the processor's normalisation; its default is CLIP's, so a checkpoint normalising by
     0.5 / 0.5 (LLaVA-OneVision's SigLIP ones, Qwen3-VL) read wrong grey levels unless told. The plugin has the
     processor: its values are passed, unless pixel_mean / pixel_std are given as options or in a config file."""
-    from vtprune.eval import models
     from vtprune.methods.vflowopt import VFlowOptConfig
 
-    load = models.load
-
-    def siglip_normalised(*args, **kwargs):
-        model, processor = load(*args, **kwargs)
-        processor.image_processor.image_mean = processor.image_processor.image_std = [0.5, 0.5, 0.5]
-        return model, processor
-
-    monkeypatch.setattr(models, "load", siglip_normalised)
     config = lmms.Vtprune(pretrained="tiny-llava", random_weights=True, method="vflowopt", keep=8,
                           alpha=0.5).model._vtprune.method.config
     assert (config.pixel_mean, config.pixel_std) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))

@@ -627,3 +627,24 @@ def test_a_task_dataset_that_cannot_download_is_named():
     except RuntimeError as e:
         assert sweep._download_failure(e) == "no route"
     assert sweep._download_failure(ValueError("a bug")) is None
+
+
+def test_shapes_cells_hand_vflowopt_the_processors_pixel_normalisation_unless_given(monkeypatch, siglip_normalised):
+    """vflowopt's entropy undoes the processor's normalisation and defaults to CLIP's: a sweep's cells use
+    the checkpoint's own, unless a preset sets pixel_mean / pixel_std; the cell's options stay as given."""
+    from vtprune.methods.vflowopt import VFlowOptConfig
+
+    seen = []
+
+    def accuracy(task, model, processor, n, batch):
+        config = model._vtprune.method.config if model._vtprune is not None else None
+        seen.append(None if config is None else (getattr(config, "pixel_mean", None), getattr(config, "pixel_std", None)))
+        return {"overall": 0.5, "by_kind": {}}
+
+    monkeypatch.setattr(sweep, "accuracy", accuracy)
+    cells = sweep.ShapesCells("tiny-llava", "shapes", 2, 2, True)
+    cells.cell("vflowopt", 0.5)
+    cells.cell("vflowopt", 0.5, {"pixel_mean": (0.25, 0.25, 0.25)})
+    cells.cell("divprune", 0.5)
+    half, clip_std = (0.5, 0.5, 0.5), VFlowOptConfig(keep=1).pixel_std
+    assert seen == [(half, half), ((0.25, 0.25, 0.25), clip_std), (None, None)]

@@ -142,27 +142,6 @@ def _image_pixels(processor, least: int | None, most: int | None) -> None:
     image.size = SizeDict(**{**dict(size), "shortest_edge": least, "longest_edge": most})
 
 
-def _pixel_norm(method, given, processor) -> dict:
-    """A strategy that undoes the processor's normalisation (vflowopt's entropy, on 0-255 pixels) gets this
-    processor's pixel_mean / pixel_std, unless they are `given` (the option names set, as options or in a
-    config file): its default is CLIP's, and LLaVA-OneVision's SigLIP checkpoints or Qwen3-VL normalise by
-    0.5 / 0.5."""
-    import dataclasses
-
-    from ..methods.registry import get_method
-
-    try:
-        fields = {f.name for f in dataclasses.fields(get_method(method).Config)}
-    except (ValueError, TypeError):
-        return {}  # an unknown method: patch() says so
-    image = getattr(processor, "image_processor", None)
-    norm = {k: getattr(image, attr, None) for k, attr in (("pixel_mean", "image_mean"), ("pixel_std", "image_std"))}
-    if not {"pixel_mean", "pixel_std"} <= fields or set(given) & set(norm) or not all(
-            isinstance(v, (list, tuple)) and len(v) == 3 for v in norm.values()):
-        return {}
-    return {k: tuple(float(x) for x in v) for k, v in norm.items()}
-
-
 def _typed(method, options: dict) -> dict:
     """lmms-eval parses every number with a sign or exponent as a float (`deep_layer=-2` -> -2.0,
     `keep=1e2` -> 100.0): a whole float given to an option declared int (and not float) becomes an int."""
@@ -244,7 +223,7 @@ class Vtprune(lmms):
         else:
             import vtprune
 
-            norm = _pixel_norm(self.method, {*self.options, *filed}, processor)
+            norm = models.pixel_norm(self.method, processor, given={*self.options, *filed})
             vtprune.patch(self.model, self.method, **self.options, **norm)  # validates the method and its options
         self.records: list[dict] = []  # one per generated batch: pruning figures (see summary())
         self.first_inputs: dict | None = None  # the first batch's model inputs (sweeps time a prefill on it)

@@ -102,6 +102,29 @@ def left_padding(processor):
             tok.padding_side = side
 
 
+def pixel_norm(method: str | None, processor, given=()) -> dict:
+    """The options that hand a strategy undoing the processor's normalisation (vflowopt's entropy, on 0-255
+    pixels) this processor's pixel_mean / pixel_std, unless either is in `given` (the option names already set,
+    as options or in a config file); {} for other strategies or a processor without them. The strategy's
+    default is CLIP's, and LLaVA-OneVision's SigLIP checkpoints or Qwen3-VL normalise by 0.5 / 0.5."""
+    import dataclasses
+
+    from ..methods.registry import get_method
+
+    if method is None:
+        return {}
+    try:
+        fields = {f.name for f in dataclasses.fields(get_method(method).Config)}
+    except (ValueError, TypeError):
+        return {}  # an unknown method: patch() says so
+    image = getattr(processor, "image_processor", None)
+    norm = {k: getattr(image, attr, None) for k, attr in (("pixel_mean", "image_mean"), ("pixel_std", "image_std"))}
+    if not {"pixel_mean", "pixel_std"} <= fields or set(given) & set(norm) or not all(
+            isinstance(v, (list, tuple)) and len(v) == 3 for v in norm.values()):
+        return {}
+    return {k: tuple(float(x) for x in v) for k, v in norm.items()}
+
+
 def to_model(inputs: dict, model) -> dict:
     """Inputs on the model's device, floating tensors (pixels) in its dtype."""
     param = next(model.parameters())

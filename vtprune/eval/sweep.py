@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from . import flops
+from . import flops, models
 from .paths import check_output
 
 UNPATCHED = "none"
@@ -69,7 +69,7 @@ def accuracy(task: str, model, processor, n_questions: int, batch: int) -> dict:
 def vtprune_names() -> frozenset[str]:
     """The model names vtprune.eval.models.load resolves before looking for a directory (read once: every
     logged cell's model name is checked against them)."""
-    from . import configs, models, tinyvlm
+    from . import configs, tinyvlm
 
     return frozenset(tinyvlm.NAMES) | frozenset(models.TEST_MODELS) | frozenset(configs.FULL_SCALE)
 
@@ -84,8 +84,6 @@ class ShapesCells:
 
     def __init__(self, model_name: str, task: str, n_questions: int, batch: int, random_weights: bool,
                  device: str | None = None):
-        from . import models
-
         self.task, self.n_questions, self.batch = task, n_questions, batch
         self.model, self.processor = models.load(model_name, random_weights=random_weights)
         self.device = device or default_device()
@@ -101,7 +99,8 @@ class ShapesCells:
             acc = accuracy(self.task, self.model, self.processor, self.n_questions, self.batch)
             report, ms = flops.count(self.model, self.sample), prefill_ms(self.model, self.sample)
         else:
-            with vtprune.pruned(self.model, method, ratio=ratio, **(options or {})):
+            norm = models.pixel_norm(method, self.processor, given=options or {})
+            with vtprune.pruned(self.model, method, ratio=ratio, **(options or {}), **norm):
                 acc = accuracy(self.task, self.model, self.processor, self.n_questions, self.batch)
                 ms = prefill_ms(self.model, self.sample)
             report = flops.count(self.model, self.sample, method, ratio=ratio, **(options or {}))
@@ -147,7 +146,8 @@ class LmmsCells:
             vtprune.unpatch(lm.model)
             lm.method, lm.options = None, {}
         else:
-            vtprune.patch(lm.model, method, ratio=ratio, **(options or {}))
+            norm = models.pixel_norm(method, lm.processor, given=options or {})
+            vtprune.patch(lm.model, method, ratio=ratio, **(options or {}), **norm)
             lm.method, lm.options = method, {"ratio": ratio, **(options or {})}
         lm.records, lm.first_inputs = [], None
         try:
@@ -372,7 +372,7 @@ def run(model_name: str, methods: list[str], ratios: list[float], task: str, out
         rows.append(dict(method=method, options=options, label=name) if options or name != method else dict(method=method))
     if not rows:
         raise ValueError("nothing to sweep: give strategies, presets or both")
-    from . import configs, models
+    from . import configs
 
     if model_name in models.TEST_MODELS or model_name in configs.FULL_SCALE:
         raise ValueError(f"a sweep asks the model questions, and {model_name} has no processor: use tiny-llava, "

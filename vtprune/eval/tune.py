@@ -77,11 +77,17 @@ def require_optuna():
     return optuna
 
 
-def tune(model, batches: list[dict], budget: float, iterations: int = 50, seed: int = 0, progress: bool = True) -> dict:
+def tune(model, batches: list[dict], budget: float, iterations: int = 50, seed: int = 0, progress: bool = True,
+         fixed: dict | None = None) -> dict:
     """Search VFlowOpt's options for `model` at a layer-averaged `budget` in (0, 1); returns the config
-    dict `vtprune.patch(model, config=...)` accepts, with the search record under "tuned"."""
+    dict `vtprune.patch(model, config=...)` accepts, with the search record under "tuned". `fixed`: options
+    every trial runs with and the config keeps, not searched (the processor's pixel_mean / pixel_std)."""
     optuna = require_optuna()
     check_budget(budget)
+    fixed = dict(fixed or {})
+    searched = {"ratio", "r2", "r3", "t", "a", "alpha"} & set(fixed)
+    if searched:
+        raise ValueError(f"fixed options {sorted(searched)} are the ones searched")
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
     num_layers = len(model.model.language_model.layers)
@@ -93,7 +99,7 @@ def tune(model, batches: list[dict], budget: float, iterations: int = 50, seed: 
         r3 = solve_r3(budget, p["r1"], p["r2"], num_layers)
         if r3 is None:
             return None
-        return dict(ratio=p["r1"], r2=p["r2"], r3=r3, t=p["t"], a=p["a"], alpha=p["alpha"])
+        return dict(ratio=p["r1"], r2=p["r2"], r3=r3, t=p["t"], a=p["a"], alpha=p["alpha"], **fixed)
 
     def run(trial):
         p = {"r1": trial.suggest_float("r1", *r1_range)}
