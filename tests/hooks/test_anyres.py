@@ -489,6 +489,25 @@ def _odd_tile_video_model(family):
     return transformers.LlavaNextVideoForConditionalGeneration(cfg).eval()
 
 
+def test_onevision_closing_video_newline_is_no_question_row(model_factory, monkeypatch):
+    """OneVision closes a video with one newline, a placeholder in no frame. With the video last, that slot
+    follows the last visual slot: transprune's (and todre's) question rows are the text after it, not it."""
+    from vtprune.methods import transprune
+
+    model = model_factory("llava_onevision")
+    inputs = tiny.batch("llava_onevision", [1, 0], videos=(1, 0))  # left padding, the video before the question
+    seen, real = [], transprune.question_rows
+    monkeypatch.setattr(transprune, "question_rows", lambda tokens: seen.append(real(tokens)) or seen[-1])
+    vtprune.patch(model, "transprune", ratio=0.5)
+    with torch.no_grad():
+        model(**inputs)
+    ids = inputs["input_ids"]
+    idx = torch.arange(ids.shape[1])
+    last = torch.where(ids == tiny.VID, idx, -1).max(1).values  # the closing newline's slot
+    assert seen and torch.equal(seen[0], inputs["attention_mask"].bool() & (idx[None] > last[:, None]))
+    assert len(seen) == 2 and torch.equal(seen[1].sum(1), seen[0].sum(1))  # at the second drop too
+
+
 @pytest.mark.parametrize("family, per_frame", [("llava_onevision", 9), ("llava_next_video", 4)])
 def test_video_frames_of_an_odd_tile_side(family, per_frame):
     """The pooled frame grid of an odd tile side: whole frames kept are the unpatched model bit for bit."""

@@ -731,6 +731,20 @@ def test_question_rows_leave_right_padding_out():
     assert question_rows(t).tolist() == [[False, False, False, True, False, False]]
 
 
+def test_question_rows_start_after_a_structural_placeholder():
+    """A video's closing newline (structural: in no image, never pruned) after the last visual slot is neither
+    visual nor question: the question is the text after it."""
+    from vtprune.methods.base import question_rows
+
+    visual = torch.tensor([[False, True, True, False, False, False], [True, False, False, True, False, False]])
+    structural = torch.tensor([[False, False, False, True, False, False], [False, True, False, False, False, False]])
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    t = LayerTokens(layer=0, hidden=torch.zeros(2, 6, 2), visual=visual, mask=mask, keep=torch.tensor([1, 1]),
+                    structural=structural)
+    assert question_rows(t).tolist() == [[False, False, False, False, True, True],
+                                         [False, False, False, False, True, True]]
+
+
 def test_todre_pivot_is_the_highest_scoring_token():
     """the pivot (first pick) is the argmax of the pivot signal."""
     from vtprune.methods.base import ImageTokens

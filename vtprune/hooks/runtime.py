@@ -109,6 +109,7 @@ class Run:
     pos_shift: torch.Tensor  # [B] added to decode positions
     shifted: bool = False  # any pos_shift non-zero (read once at the prefill: no host sync per decode step)
     unit: torch.Tensor | None = None  # [B, Lcur] the image/frame (index into images) of each visual slot, else -1
+    structural: torch.Tensor | None = None  # [B, Lcur] placeholders in no image (a video's closing newline)
     images: tuple = ()  # (sample, tokens, budget) per image / video frame (clip) of this forward (= Stats.images)
     before: torch.Tensor | None = None  # [B] visual tokens per sample on entering the model
     orig_mask: torch.Tensor | None = None  # [B, orig_len] the caller's 2-D mask of the prefill
@@ -518,7 +519,8 @@ class PatchState:
         covered = torch.zeros_like(visual)
         for u in units:
             covered[u.sample, u.slots] = True
-        visual = covered  # placeholders in no unit are structural (a video's closing newline): never pruned
+        structural = visual & ~covered  # placeholders in no unit (a video's closing newline): never pruned
+        visual = covered
         budgets = [self._budget(u) for u in units]
         frames, groups = units, None
         if self.method.config.video_budget == "clip":  # each video one unit: its frames' slots, their budgets' sum
@@ -547,6 +549,7 @@ class PatchState:
             orig_len=seq_len,
             groups=[Group(0, mask2d)],
             visual=visual,
+            structural=structural,
             layout=torch.arange(seq_len, device=embeds.device).expand(b, seq_len),
             keep_total=keep_total,
             pos_shift=torch.zeros(b, dtype=torch.long, device=embeds.device),
@@ -626,6 +629,7 @@ class PatchState:
         if importance is not None:
             run.state["importance"] = take(importance, index, 1, 0)
         run.visual = take(visual, index, 1, False)
+        run.structural = take(structural, index, 1, False)
         run.unit = take(unit, index, 1, -1)
         run.layout = index
         run.pos_shift, run.shifted = shift, bool(shift.any())
@@ -842,7 +846,7 @@ class PatchState:
         group = run.groups[-1]
         tokens = LayerTokens(
             layer=p, hidden=hidden, visual=run.visual, mask=group.mask.bool(), keep=run.keep_total,
-            before=run.before, unit=run.unit, images=run.images,
+            before=run.before, unit=run.unit, images=run.images, structural=run.structural,
             num_layers=len(self.layers), attention=partial(self._layer_attention, p, run),
             attention_next=partial(self._next_attention, p, run, hidden) if p in self.drop_layers else None,
             state=run.state,
@@ -883,6 +887,7 @@ class PatchState:
                 run.state[name] = take(value, index, 1, 0)
         run.deepstack = [take(d, index, 1, 0) for d in run.deepstack]
         run.visual = take(run.visual, index, 1, False)
+        run.structural = take(run.structural, index, 1, False)
         run.unit = take(run.unit, index, 1, -1)
         run.layout = take(run.layout, index, 1, -1)
         new_hidden = take(hidden, index, 1, 0)

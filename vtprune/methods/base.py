@@ -241,6 +241,8 @@ class LayerTokens:
     attention_next: the same for layer `layer + 1`, computed from `hidden` with that layer's input norm
       and q/k projections (the layer has not run yet); available at drop layers (a method that reads it
       sets `reads_next_attention`).
+    structural: BoolTensor [B, L] placeholder slots in no image (LLaVA-OneVision's closing newline after a
+      video): never pruned, and not text either; None = none.
     state: per-forward scratch shared by all hooks of one prefill. Tensors of shape [B, L] in it are
       re-gathered by the runtime whenever tokens are dropped, so they stay aligned with `hidden`.
       A pre-LLM `Selection.importance` arrives here as state["importance"] (0 for text slots).
@@ -254,6 +256,7 @@ class LayerTokens:
     before: torch.Tensor | None = None
     unit: torch.Tensor | None = None
     images: tuple = ()
+    structural: torch.Tensor | None = None
     num_layers: int = 0  # decoder layers in the model
     attention: object = None
     attention_next: object = None
@@ -298,10 +301,12 @@ def top_per_image(scores: torch.Tensor, tokens: LayerTokens, count) -> list[torc
 
 
 def question_rows(tokens: LayerTokens) -> torch.Tensor:
-    """BoolTensor [B, L]: real text slots after each sample's last visual slot (the question)."""
-    idx = torch.arange(tokens.visual.shape[1], device=tokens.visual.device)
-    last = torch.where(tokens.visual, idx, -1).max(dim=1).values
-    return tokens.mask & ~tokens.visual & (idx[None] > last[:, None]) & (last[:, None] >= 0)
+    """BoolTensor [B, L]: real text slots after each sample's last visual slot (the question); a structural
+    placeholder (a video's closing newline) is neither visual nor question."""
+    image = tokens.visual if tokens.structural is None else tokens.visual | tokens.structural
+    idx = torch.arange(image.shape[1], device=image.device)
+    last = torch.where(image, idx, -1).max(dim=1).values
+    return tokens.mask & ~image & (idx[None] > last[:, None]) & (last[:, None] >= 0)
 
 
 class Method:
