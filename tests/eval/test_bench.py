@@ -672,3 +672,34 @@ def test_the_prefill_time_holds_vtprune_s_work_around_the_language_model(monkeyp
     row = bench.measure(model, tiny.batch("llava", [0]), "divprune", {"keep": 3}, new_tokens=2, reps=1, warmup=0)
     assert row.prefill_ms >= 60 > row.selection_ms
     assert row.prefill_with_selection_ms == row.prefill_ms + row.selection_ms
+
+
+def test_a_row_records_the_spread_of_its_timed_runs_and_the_table_names_noisy_rows(monkeypatch):
+    """The columns are medians over the timed runs; each row also keeps [fastest, slowest] of its prefill and
+    generate, and the table lists the rows whose slowest run took over 1.5x their fastest (a stall one median
+    hides). Here the second of three timed runs (the warm-up is not counted) sleeps 80 ms in the prefill."""
+    import time
+
+    from vtprune.hooks import runtime
+
+    prefill, calls = runtime.PatchState._prefill, []
+
+    def second_slow(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # warm-up, first timed run, then this one
+            time.sleep(0.08)
+        return prefill(self, *args, **kwargs)
+
+    monkeypatch.setattr(runtime.PatchState, "_prefill", second_slow)
+    model = tiny.build("llava")
+    row = bench.measure(model, tiny.batch("llava", [0]), "divprune", {"keep": 3}, new_tokens=2, reps=3, warmup=1)
+    assert len(calls) == 5  # (and one more forward after them, for the KV-cache bytes)
+    (lo, hi), (glo, ghi) = row.spread["prefill"], row.spread["generate"]
+    assert hi >= 80 > lo and lo <= row.prefill_ms < hi and ghi >= 80 > glo
+    assert row.to_dict()["spread"] == {"prefill": [lo, hi], "generate": [glo, ghi]}
+    base = bench.BenchRow("unpatched", {}, 1, 16.0, 1.0, 0.0, 2.0, 1.0, 9.0, None, 1024,
+                          spread={"prefill": [1.9, 2.1], "generate": [8.0, 12.0]})  # 12 <= 1.5 x 8: not noisy
+    note = bench.markdown([base, row]).splitlines()[-1]
+    assert note.startswith("Noisy rows") and "unpatched" not in note
+    assert f"batch 1 eager divprune: prefill {lo:.2f}-{hi:.2f} ms; batch 1 eager divprune: generate " in note
+    assert not bench.markdown([base]).splitlines()[-1].startswith("Noisy")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -119,6 +119,8 @@ class BenchRow:
     kv_bytes: int  # eager: the cache after the prefill; compiled: the static cache generate() allocated
     path: str = "eager"  # "compiled": vtprune.compile_llm (torch.compile + static cache)
     selection_in_prefill_ms: float = 0.0  # the part of selection_ms inside prefill_ms (selection in the decoder)
+    # [fastest, slowest] of the timed runs, per column: "prefill", "generate" (the columns above are medians)
+    spread: dict = field(default_factory=dict)
 
     @property
     def prefill_with_selection_ms(self) -> float:
@@ -212,12 +214,16 @@ def measure(model, inputs: dict, method: str | None = None, options: dict | None
         vals = [r[key] for r in timed if r[key] is not None]
         return statistics.median(vals) if vals else None
 
+    spread = {k: [min(r[k] for r in timed), max(r[k] for r in timed)] for k in ("prefill", "generate")}
     visual = med("visual")
     if visual is None:  # unpatched (or nothing pruned): the placeholders in the input
         visual = statistics.mean(visual_token_counts(model.config, inputs))
     return BenchRow(method or "unpatched", options, inputs["input_ids"].shape[0], visual,
                     med("vision"), med("selection"), med("prefill"), med("decode"), med("generate"), med("peak"), kv,
-                    "compiled" if static else "eager", med("in_llm"))
+                    "compiled" if static else "eager", med("in_llm"), spread)
+
+
+NOISY = 1.5  # markdown() lists the rows whose slowest timed run took over this many times their fastest
 
 
 def markdown(rows: list[BenchRow]) -> str:
@@ -240,4 +246,9 @@ def markdown(rows: list[BenchRow]) -> str:
         lines.append(f"| {r.batch} | {r.path} | {r.method} | {opts} | {r.visual_tokens:.0f} | {r.vision_ms:.2f} | "
                      f"{r.selection_ms:.2f} | {r.prefill_ms:.2f} | {sp} | {sps} | {decode} | "
                      f"{r.generate_ms:.1f} | {sg} | {peak} | {r.kv_bytes / 2**20:.3f} |")
+    noisy = [f"batch {r.batch} {r.path} {r.method}: {k} {lo:.2f}-{hi:.2f} ms" for r in rows
+             for k, (lo, hi) in r.spread.items() if hi > NOISY * lo]
+    if noisy:
+        lines.append(f"\nNoisy rows (the slowest timed run over {NOISY}x the fastest; the table shows medians): "
+                     + "; ".join(noisy) + ".")
     return "\n".join(lines)
