@@ -118,6 +118,19 @@ def test_transprune_schedule_alone_sets_every_drop_and_the_budget(model_factory)
     assert [n[0] - text for n in with_keep] == [16, 16, 8, 6]
 
 
+def test_transprune_without_any_budget_runs_the_papers_high_setting(model_factory):
+    """No keep, ratio or schedule: the paper's "High" setting, its layers scaled to the 4-layer decoder
+    (default_schedule(4): after layers 0 and 1, int(16 * 0.625) = 10 then int(16 * 0.125) = 2 of 16 tokens)."""
+    model = model_factory("llava")
+    with torch.no_grad():
+        vtprune.patch(model, "transprune")
+        model(**tiny.batch("llava", [0, 1]))
+    st = vtprune.stats(model)
+    text = [n - 16 for n in st.layer_tokens[0]]
+    assert [[n - t for n, t in zip(ns, text)] for ns in st.layer_tokens] == [[16, 16], [10, 10], [2, 2], [2, 2]]
+    assert st.visual_after == [2, 2] and st.images == [(0, 16, 2), (1, 16, 2)]
+
+
 def test_config_typos_and_an_explicit_budget_over_a_files_s(model_factory):
     model = model_factory("llava")
     with pytest.raises(ValueError, match="'option': did you mean 'options'"):

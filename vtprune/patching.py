@@ -86,7 +86,8 @@ def patch(model, method: str | None = None, *, config=None, **options):
     """Prune visual tokens in `model` with strategy `method`; returns the same model object.
 
     Options are the method's config fields: exactly one of `keep` (tokens per image) or `ratio`
-    (fraction kept, in (0, 1]), plus the method's own options (see `vtprune methods`).
+    (fraction kept, in (0, 1]), plus the method's own options (see `vtprune methods`); transprune with
+    neither runs its paper's "High" schedule.
     `config` is a JSON file (e.g. written by `vtprune tune`) or dict giving the method and its
     options; keyword options override the file's (an explicit keep/ratio replaces its budget).
     Patching an already-patched model replaces the previous configuration.

@@ -256,6 +256,19 @@ def test_transprune_schedule_alone_keeps_int_of_its_last_fraction():
     assert again.budget(10) == 3
 
 
+def test_transprune_without_a_budget_runs_the_papers_high_setting():
+    """transprune.md: the default is the paper's "High" setting, int(N * 0.875), int(N * 0.625), int(N * 0.125);
+    without keep / ratio its last fraction is the budget, truncated as the earlier stages are (588 tokens: 73,
+    where round gives 74); the same ratio given explicitly is that setting too, another ratio rounds."""
+    cfg = transprune.TransPruneConfig()
+    assert cfg.ratio == 0.125 and cfg.schedule is None
+    assert [cfg.budget(n) for n in (576, 588, 4)] == [72, 73, 1]
+    assert transprune.TransPruneConfig(ratio=0.125).budget(588) == 73
+    assert transprune.TransPruneConfig(ratio=0.2).budget(588) == 118  # round(117.6)
+    assert transprune.TransPruneConfig(keep=80).budget(588) == 80
+    assert transprune.TransPruneConfig(**cfg.to_dict()).budget(588) == 73  # as a config file holds it
+
+
 def test_transprune_default_schedule():
     assert transprune.default_schedule(32) == [(6, 0.875), (8, 0.625), (11, 0.125)]
     assert transprune.default_schedule(28) == [(6, 0.875), (8, 0.625), (11, 0.125)]

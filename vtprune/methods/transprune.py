@@ -54,22 +54,27 @@ class TransPruneConfig(InLLMConfig):
     alpha: float = 0.5  # score = alpha * TTV + (1 - alpha) * IGA
     abs_cos: bool = False  # direction term 1 - |cos| (the paper's text) instead of 1 - cos (the authors' code)
     # [(0-based layer, fraction of N kept), ...]: the drops. Alone, the last fraction is the budget (ratio);
-    # with keep/ratio, the last drop keeps that budget and no earlier one goes below it
+    # with keep/ratio, the last drop keeps that budget and no earlier one goes below it. None: the paper's
+    # "High" setting (default_schedule), whose last fraction is the budget when no keep/ratio is given
     schedule: list | None = None
     accumulate_from: int | None = None  # first 0-based layer of TTV accumulation; None = the first drop layer
 
+    def last_fraction(self) -> float:
+        """The fraction of N the last drop keeps: the schedule's, else the "High" setting's (0.125)."""
+        return float(self.schedule[-1][1]) if self.schedule is not None else HIGH[-1][1]
+
     def budget(self, n: int) -> int:
-        """A schedule's own last fraction keeps int(N * fraction) (as its earlier stages and the paper do);
-        a keep / another ratio the usual rule."""
-        if self.keep is None and self.schedule is not None and float(self.ratio) == float(self.schedule[-1][1]):
+        """The schedule's own last fraction (the default's too) keeps int(N * fraction), as its earlier stages
+        and the paper do; a keep / another ratio the usual rule."""
+        if self.keep is None and float(self.ratio) == self.last_fraction():
             return min(n, max(1, int(n * float(self.ratio))))
         return super().budget(n)
 
     def __post_init__(self):
         if self.schedule is not None:
             self.schedule = _check_schedule(self.schedule)
-            if self.keep is None and self.ratio is None:
-                self.ratio = self.schedule[-1][1]
+        if self.keep is None and self.ratio is None:  # the schedule alone: its last stage is the budget
+            self.ratio = self.last_fraction()
         super().__post_init__()
         check_real("alpha", self.alpha, 0.0, 1.0)
         check_bool("abs_cos", self.abs_cos)
