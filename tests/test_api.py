@@ -118,6 +118,20 @@ def test_transprune_schedule_alone_sets_every_drop_and_the_budget(model_factory)
     assert [n[0] - text for n in with_keep] == [16, 16, 8, 6]
 
 
+@pytest.mark.parametrize("options, words", [
+    (dict(stage1=False, ratio=0.5), "keep / ratio set stage 1's budget"),
+    (dict(stage1=False, keep=8), "keep / ratio set stage 1's budget"),
+    (dict(stage1=False, stage2=False), "prune nothing"),
+    (dict(stage1=0), "stage1"),
+])
+def test_todre_stage2_alone_takes_no_budget(options, words):
+    from vtprune.methods.todre import ToDREConfig
+
+    with pytest.raises((ValueError, TypeError), match=words):
+        ToDREConfig(**options)
+    assert ToDREConfig(stage1=False).ratio == ToDREConfig(stage1=False, ratio=1.0).ratio == 1.0
+
+
 def test_transprune_without_any_budget_runs_the_papers_high_setting(model_factory):
     """No keep, ratio or schedule: the paper's "High" setting, its layers scaled to the 4-layer decoder
     (default_schedule(4): after layers 0 and 1, int(16 * 0.625) = 10 then int(16 * 0.125) = 2 of 16 tokens)."""

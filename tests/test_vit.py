@@ -183,6 +183,9 @@ def test_unsupported_strategies_and_bad_input_raise_clearly():
         vtprune.patch_vit(model, "todre", keep=4, tau=0.9)
     with pytest.raises(TypeError, match="stage2_layer: todre's stage-2 options"):
         vtprune.patch_vit(model, "todre", keep=4, stage2_layer=1)
+    for stage1 in (False, True):
+        with pytest.raises(TypeError, match="stage1: a ViT runs todre's stage 1 always"):
+            vtprune.patch_vit(model, "todre", keep=4, stage1=stage1)
     with pytest.raises(TypeError, match=r"'foo' for method 'todre' in a ViT; allowed: keep, ratio, rule$"):
         vtprune.patch_vit(model, "todre", keep=4, foo=1)
     # stage2 is todre's alone: another strategy's error lists its ViT options (it listed keep_positions, ...)

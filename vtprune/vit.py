@@ -342,8 +342,11 @@ def patch_vit(model, method: str, *, layer: int | None = None, **options):
         if stage2 := sorted({"tau", "stage2_layer"} & set(options)):
             raise TypeError(f"patch_vit: {', '.join(stage2)}: todre's stage-2 options (inside a language model); "
                             "a ViT runs stage 1")
+        if "stage1" in options:
+            raise TypeError("patch_vit: stage1: a ViT runs todre's stage 1 always (turning it off leaves stage 2 "
+                            "alone, which acts inside a language model)")
         options["stage2"] = False
-        vlm_only |= {"stage2", "tau", "stage2_layer"}
+        vlm_only |= {"stage1", "stage2", "tau", "stage2_layer"}
     fields = {f.name for f in dataclasses.fields(get_method(method).Config)} - vlm_only
     if unknown := sorted(set(options) - fields - ({"stage2"} if method == "todre" else set())):
         raise TypeError(f"unknown option(s) {', '.join(map(repr, unknown))} for method {method!r} in a ViT; "

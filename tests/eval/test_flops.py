@@ -402,6 +402,18 @@ def test_selection_scores_read_the_query_width_and_the_gram_the_hidden_width():
     assert flops._selection_flops(DivPrune(PruneConfig(keep=2)), [(6, 2)], [[10], [6], [6]], t) == 2 * 6 * 6 * 8
 
 
+def test_todre_stage2_scoring_is_counted_when_it_runs_alone():
+    """ToDRE scores the tokens at its stage-2 layer where stage 1 pruned, and with stage 1 off (stage1=False)
+    on every prefill with images, every image within its budget; with no image, nothing."""
+    from vtprune.methods.todre import ToDRE, ToDREConfig
+    t = flops.TextDims(d=8, d_q=32, d_kv=4, m=16, layers=4, vocab=10)
+    alone = ToDRE(ToDREConfig(stage1=False, stage2_layer=1))
+    assert flops._selection_flops(alone, [(6, 6)], [[10], [10], [4], [4]], t) == 2 * 10 * 10 * 32 + 2 * 10 * 10
+    assert flops._selection_flops(alone, [], [[10]] * 4, t) == 0
+    both = ToDRE(ToDREConfig(keep=6, stage2_layer=1))
+    assert flops._selection_flops(both, [(6, 6)], [[10]] * 4, t) == 0
+
+
 def test_query_and_kv_widths_are_heads_times_head_dim_not_the_hidden_size():
     """Every tiny model has d_q = d, so a formula that took the hidden size for the query width passed the
     counter tests; Qwen3-VL-30B-A3B (hidden 2048, 32 query heads and 4 KV heads of 128) and a hand case tell them

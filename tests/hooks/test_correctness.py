@@ -833,3 +833,40 @@ def test_in_llm_drops_equal_the_decoder_run_by_hand_on_the_kept_tokens(model_fac
             want = model.lm_head(lm.norm(h))[0]
         assert layout[b][real[b]].tolist() == slots.tolist()
         torch.testing.assert_close(got[b, real[b]], want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "llava_next"])
+def test_todre_stage2_alone_lets_every_token_in_and_drops_them_where_the_question_looks_away(model_factory, family):
+    """stage1=False: ToDRE's stage 2 alone (the paper's ablation with every token entering the LLM), although
+    every image is within its budget. tau=0 never drops: the unpatched logits bit for bit. tau=1 always drops:
+    what a strategy dropping every visual token after the same decoder layer gives, prefill and generate."""
+    from vtprune.methods.todre import ToDRE, ToDREConfig
+
+    layer = ToDRE(ToDREConfig(stage1=False)).drop_layers(len(model_factory(family).model.language_model.layers))[0]
+
+    class DropAll(Method):
+        """test strategy: every visual token dropped after the layer todre's stage 2 decides at"""
+        stage = "llm"
+
+        def drop_layers(self, num_layers):
+            return [layer]
+
+        def select_in_llm(self, tokens):
+            return [torch.zeros(0, dtype=torch.long)] * tokens.hidden.shape[0]
+
+    vtprune.register("drop_all_test")(DropAll)  # (registered for this test only: conftest)
+    model = model_factory(family)
+    inputs = tiny.batch(family, [0, 1, 2])  # left padding
+    gen = dict(max_new_tokens=3, **tiny.GEN)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        vtprune.patch(model, "todre", stage1=False, tau=0.0)
+        assert torch.equal(model(**inputs).logits, ref)
+        assert vtprune.stats(model).visual_after == vtprune.stats(model).visual_before
+        vtprune.patch(model, "todre", stage1=False, tau=1.0)
+        got, got_ids = model(**inputs).logits, model.generate(**inputs, **gen)
+        st = vtprune.stats(model)
+        vtprune.patch(model, "drop_all_test", keep=1)
+        want, want_ids = model(**inputs).logits, model.generate(**inputs, **gen)
+    assert st.visual_after == [0, 0, 0] and all(k == n for _, n, k in st.images)  # every image within budget
+    assert torch.equal(got, want) and torch.equal(got_ids, want_ids)

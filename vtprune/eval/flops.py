@@ -270,8 +270,8 @@ def _selection_flops(method, images: list[tuple[int, int]], per_layer: list[list
 
     if name == "divprune":
         return gram
-    if name == "todre":  # the greedy Gram, then stage 2 scoring at its layer (only where stage 1 pruned)
-        return gram + scores(method.drop_layers(len(per_layer))) if gram else 0
+    if name == "todre":  # the greedy Gram, then stage 2 scoring at its layer (where stage 1 pruned, or alone)
+        return gram + scores(method.drop_layers(len(per_layer))) if gram or method.llm_phase_always and images else 0
     if name == "transprune" and per_layer[0] != per_layer[-1]:  # + the next layer's q, k projections
         drops = method.drop_layers(len(per_layer))
         q = 2 * t.d_q if t.gate else t.d_q  # (a gated q projection also makes the output gate)

@@ -525,7 +525,9 @@ class PatchState:
         frames, groups = units, None
         if self.method.config.video_budget == "clip":  # each video one unit: its frames' slots, their budgets' sum
             units, budgets, groups = _clips(units, budgets)
-        prunes = any(k < len(u.slots) for u, k in zip(units, budgets))  # some image is over its budget
+        over = any(k < len(u.slots) for u, k in zip(units, budgets))  # some image is over its budget
+        # (or the strategy's in-LLM phase runs on every prefill with images: todre's stage 2 alone)
+        prunes = over or bool(units and self.drop_layers and self.method.llm_phase_always)
         if self.labels and prunes:
             raise NotImplementedError(
                 f"vtprune: labels (a loss) while pruning are not supported: {self.method_name} shortens the "
@@ -559,8 +561,8 @@ class PatchState:
             orig_mask=mask2d,
         )
         self.current = run
-        if not self.pre_llm:
-            # Nothing happens before the decoder; the drop hooks act if any image is over budget.
+        if not self.pre_llm or (prunes and not over):
+            # Nothing happens before the decoder; the drop hooks act if any image is over budget (or always).
             run.changed = prunes
             # (decode steps number a new token as the prefill did: by slot on the model's default positions; left
             # unset here, a left-padded LLaVA row's first decoded token took another position after fastv/transprune)

@@ -321,7 +321,7 @@ class Method:
       `observe_layers` / `observe` read the decoder layers' sub-module inputs and outputs on the way.
 
     The in-LLM phase runs on a prefill only when some image is over its budget (keep >= N prunes
-    nothing, at any stage).
+    nothing, at any stage), unless `llm_phase_always` is set.
     """
 
     name: ClassVar[str] = ""
@@ -334,6 +334,9 @@ class Method:
     # the method calls LayerTokens.attention_next at its drop layers: layer p + 1 must have attention (a hybrid
     # model's linear-attention layer is refused when the method is patched on, not at the first forward)
     reads_next_attention: ClassVar[bool] = False
+    # the in-LLM phase runs on every prefill with images, all of them within budget too (todre stage1=False:
+    # stage 2 alone, with every token entering the LLM); set per instance (a property) or per class
+    llm_phase_always: bool = False
 
     def __init__(self, config: PruneConfig):
         self.config = config

@@ -31,12 +31,22 @@ def visual_share(scores: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
 @dataclass
 class ToDREConfig(PruneConfig):
     rule: str = "maxmin"  # "maxmin" (v1, greedy k-center) or "maxsum" (v2, greedy max-sum)
+    stage1: bool = True  # False: stage 2 alone, every visual token entering the LLM (no keep / ratio then)
     stage2: bool = True  # drop all visual tokens inside the LLM when the question's attention to them < tau
     tau: float = 0.10  # stage 2 drops a sample's visual tokens when its question gives them < tau of its attention
     stage2_layer: int | None = None  # 0-based decoder layer whose attention decides; None = min(floor(7L/8), L-2)
     # (at most L-2, so that some layer follows)
 
     def __post_init__(self):
+        check_bool("stage1", self.stage1)
+        if not self.stage1:
+            check_bool("stage2", self.stage2)
+            if not self.stage2:
+                raise ValueError("stage1=False and stage2=False prune nothing: turn one stage on")
+            if self.keep is not None or self.ratio not in (None, 1, 1.0):
+                raise ValueError("stage1=False lets every visual token into the LLM: keep / ratio set stage 1's "
+                                 f"budget and do not apply (got keep={self.keep!r}, ratio={self.ratio!r})")
+            self.ratio = 1.0
         super().__post_init__()
         if self.rule not in ("maxmin", "maxsum"):
             raise ValueError(f"rule must be 'maxmin' or 'maxsum', got {self.rule!r}")
@@ -59,6 +69,11 @@ class ToDRE(Method):
     stage = "projector"
     Config = ToDREConfig
     paper = "ToDRE: Visual Token Pruning via Diversity and Task Awareness (arXiv 2505.18757)"
+
+    @property
+    def llm_phase_always(self) -> bool:
+        """Stage 2 alone runs although every image is within its (whole) budget."""
+        return not self.config.stage1
 
     def vision_signals(self):
         # the pivot: CLS->patch attention at the feature layer; encoders without CLS: attention received
@@ -102,7 +117,11 @@ class ToDRE(Method):
         present = tokens.visual.sum(1).tolist()
         if not any(drop):
             return [torch.arange(int(n), device=tokens.visual.device) for n in present]
-        # where it does, every image loses all its tokens, except one within its budget (keep >= N)
-        emptied = top_per_image(torch.zeros(tokens.visual.shape, device=share.device), tokens, lambda *_: 0)
+        # where it does, every image loses all its tokens, except one within its budget (keep >= N) unless stage 2
+        # runs alone (every image is within its budget then)
+        if self.config.stage1:
+            emptied = top_per_image(torch.zeros(tokens.visual.shape, device=share.device), tokens, lambda *_: 0)
+        else:
+            emptied = [torch.zeros(0, dtype=torch.long, device=tokens.visual.device)] * len(present)
         return [emptied[b] if drop[b] else torch.arange(int(n), device=tokens.visual.device)
                 for b, n in enumerate(present)]
