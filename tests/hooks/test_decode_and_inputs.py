@@ -397,28 +397,104 @@ def test_encode_order_matches_units_to_encoded_images(samples, encoded, order):
     assert encode_order(units, encoded) == order
 
 
-def test_several_new_tokens_on_a_pruned_cache_are_refused(model_factory):
-    """A pruned cache continued with more than one token at once (a second turn, prompt-lookup decoding) would
-    need the new tokens placed after the pruned prompt as a block: refused with an error naming both uses."""
+# (strategy, options): before the LLM, inside it, and both (todre's stage 2 after layer 1, every visual token dropped)
+TURN_METHODS = [("divprune", dict(keep=1)), ("fastv", dict(keep=1)), ("todre", dict(keep=1, stage2_layer=1, tau=1.0))]
+
+
+def _one_at_a_time(model, family, cache, ids, mask):
+    """Logits [B, V] after feeding `ids` [B, n] to a pruned `cache` one token per forward (the decode path);
+    `mask` is the whole conversation's. Qwen-VL is given its text M-RoPE positions (mask-counted, plus the
+    model's rope_deltas): its own forward places a decode token by the whole mask's length."""
+    start = mask.shape[1] - ids.shape[1]
+    for j in range(ids.shape[1]):
+        kw = {}
+        if family.startswith("qwen"):
+            pos = (mask[:, :start + j + 1].cumsum(-1) - 1)[:, -1:] + model.model.rope_deltas
+            kw["position_ids"] = pos[None].expand(3, -1, -1)
+        out = model(input_ids=ids[:, j:j + 1], attention_mask=mask[:, :start + j + 1], use_cache=True,
+                    **{CACHE: cache}, **kw)
+    return out.logits[:, -1]
+
+
+@pytest.mark.parametrize("samples", [[0, 1], [2]])  # left padding; one sample, whose all-ones mask generate() drops
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen3_vl"])
+@pytest.mark.parametrize("method, options", TURN_METHODS)
+def test_a_new_turn_on_a_pruned_cache_equals_feeding_it_one_token_at_a_time(model_factory, family, method, options,
+                                                                             samples):
+    """generate() continuing a pruned cache: given the whole conversation it cuts the ids at the cache's (shorter)
+    length, so the last `short` tokens it already holds come again (dropped); given only the new tokens with the
+    whole conversation's mask, they come alone. Both equal those tokens fed one at a time through the decode path,
+    and so do their continuations. The prompts end in an image (keep=1): on Qwen-VL generate() took the prompt's
+    own image tokens for new ones and zeroed the model's rope_deltas, until it was shown only what the cache lacks."""
+    import copy
+
+    model = model_factory(family)
+    inputs = tiny.batch(family, samples)
+    vtprune.patch(model, method, **options)
+    gen = dict(max_new_tokens=3, output_logits=True, return_dict_in_generate=True, **tiny.GEN)
+    with torch.no_grad():
+        first = model.generate(**inputs, **gen)
+        seq, cache = first.sequences, first.past_key_values
+        deltas = getattr(model.model, "rope_deltas", None)
+        new = torch.tensor([[11, 12, 13], [14, 15, 16]])[:len(samples)]
+        whole = torch.cat([seq, new], 1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(whole)], 1)[:, :whole.shape[1]]
+        types = {}
+        if "mm_token_type_ids" in inputs:
+            types = {"mm_token_type_ids": torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(whole)], 1)[:, :whole.shape[1]]}
+        unseen = torch.cat([seq[:, -1:], new], 1)  # (the last generated token is not in the cache yet)
+        a = model.generate(input_ids=whole, attention_mask=mask, **{CACHE: copy.deepcopy(cache)}, **types, **gen)
+        if deltas is not None:
+            assert torch.equal(model.model.rope_deltas, deltas)
+        b = model.generate(input_ids=unseen, attention_mask=mask, **{CACHE: copy.deepcopy(cache)},
+                           **{k: v[:, -4:] for k, v in types.items()}, **gen)
+        ref = _one_at_a_time(model, family, copy.deepcopy(cache), unseen, mask)
+    last = len(model.model.language_model.layers) - 1  # (pruned: the cache is shorter than the prompt there)
+    assert cache.get_seq_length(last) < inputs["input_ids"].shape[1]
+    torch.testing.assert_close(a.logits[0], ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.logits[0], ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(a.sequences[:, -3:], b.sequences[:, -3:])
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(a.logits, b.logits))
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
+@pytest.mark.parametrize("method, options", TURN_METHODS)
+def test_prompt_lookup_decoding_on_a_patched_model_equals_greedy(model_factory, family, method, options):
+    """generate()'s prompt-lookup (and assisted) decoding feeds a few guessed tokens at once and crops the
+    rejected ones from the cache: the same tokens as greedy decoding, several-token forwards included."""
+    model = model_factory(family)
+    vtprune.patch(model, method, **options)
+    lm, sizes = model.model.language_model, []
+    gen = dict(max_new_tokens=16, **tiny.GEN)
+    with torch.no_grad():
+        for i in range(3):  # (assisted decoding takes batch 1)
+            inputs = tiny.batch(family, [i])
+            greedy = model.generate(**inputs, **gen)
+            handle = lm.register_forward_pre_hook(lambda m, a, k: sizes.append(k["inputs_embeds"].shape[1]),
+                                                  with_kwargs=True, prepend=True)
+            try:
+                lookup = model.generate(**inputs, prompt_lookup_num_tokens=3, **gen)
+            finally:
+                handle.remove()
+            assert torch.equal(lookup, greedy)
+    assert any(1 < n <= 4 for n in sizes)  # guesses were fed (a prompt has more tokens)
+
+
+def test_new_tokens_on_a_pruned_cache_need_the_whole_sequence_s_mask(model_factory):
+    """Several new tokens on a pruned cache are placed by the mask of the whole unpruned sequence; a mask of
+    another length (the cache's, or a token short) would misplace them, and is refused naming the length."""
     model = model_factory("llava")
     inputs = tiny.batch("llava", [0])
     vtprune.patch(model, "divprune", keep=4)
     cache = _new_cache(model)
     with torch.no_grad():
         model(**inputs, use_cache=True, **{CACHE: cache})
-        am = torch.cat([inputs["attention_mask"], torch.ones(1, 2, dtype=torch.long)], 1)
-        held, full = cache.get_seq_length(), inputs["input_ids"].shape[1]
-        with pytest.raises(NotImplementedError, match=r"with 2 new tokens at once is not supported: .* the whole "
-                                                      "conversation .* prompt-lookup"):
-            model(input_ids=torch.tensor([[5, 6]]), attention_mask=am, use_cache=True, **{CACHE: cache})
-        # a new turn through generate(): it cuts the ids at the cache's length, so the pruned part comes again
-        ids = torch.cat([inputs["input_ids"], torch.tensor([[5, 6]])], 1)[:, held:]
-        with pytest.raises(NotImplementedError, match=f"holds {held} positions where the unpruned sequence has {full}, "
-                           f"so generate\\(\\) given it feeds the last {full - held} tokens again\\): for another turn"):
-            model(input_ids=ids, attention_mask=am, use_cache=True, **{CACHE: cache})
-        with pytest.raises(NotImplementedError, match=r"with 2 new tokens at once .* prompt-lookup") as refused:
-            model.generate(**inputs, prompt_lookup_num_tokens=2, max_new_tokens=4, **tiny.GEN)
-        assert "feeds the last" not in str(refused.value)  # (that is a new turn's cause, not a few guessed tokens)
+        full = inputs["input_ids"].shape[1]
+        for width in (cache.get_seq_length() + 2, full + 1):
+            with pytest.raises(ValueError, match=f"need the attention_mask of the whole unpruned sequence, {full} "
+                                                 f"positions before them; got {width} in all"):
+                model(input_ids=torch.tensor([[5, 6]]), attention_mask=torch.ones(1, width, dtype=torch.long),
+                      use_cache=True, **{CACHE: cache})
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next"])

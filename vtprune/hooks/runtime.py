@@ -211,6 +211,7 @@ class PatchState:
         self.encoder_outputs = None  # mm_encoder_outputs as the caller handed them to the top model
         self.prefill_outputs = None  # generate()'s own mm_encoder_outputs during its prefill (chunks get copies)
         self.rope_lent = None  # (the model's rope_deltas, what a decode forward reads instead) while it runs
+        self.turn = None  # tokens generate()'s prefill feeds a pruned cache it continues, the whole conversation given
         self.drop_layers, self.attn_layers, self.observe_layers = (
             _layer_list(method, method_name, name, n_layers) for name in ("drop_layers", "attention_layers",
                                                                         "observe_layers"))
@@ -296,6 +297,8 @@ class PatchState:
             self.handles.extend(self.adapter.install_hooks())
             if hasattr(top, "_prefill"):
                 self.handles.append(wrap_method(top, "_prefill", self._generate_prefill))
+            if self.adapter.mrope and hasattr(top, "_prepare_position_ids_for_generation"):
+                self.handles.append(wrap_method(top, "_prepare_position_ids_for_generation", self._generate_positions))
             signals = self.method.vision_signals() if self.pre_llm and not _keeps_everything(self.method) else {}
             self.signal_names = sorted(signals)
             if signals:
@@ -341,8 +344,10 @@ class PatchState:
             kwargs = {**kwargs, "mm_encoder_outputs": self.prefill_outputs or self.encoder_outputs
                       or kwargs["mm_encoder_outputs"]}
         self.stats_before = self.last_stats  # put back if this forward raises (half-filled figures otherwise)
-        scratch = self.adapter.read_call(kwargs)
         cache = kv_cache(kwargs)
+        turn = self._new_turn(cache, kwargs)
+        kwargs = turn if turn is not None else kwargs
+        scratch = self.adapter.read_call(kwargs)
         if scratch.get("visual_input") and cache is not None and getattr(cache, _CACHE_ATTR, None) is not None \
                 and int(cache.get_seq_length()) > 0:  # here, before transformers' placeholder check fails unclearly
             raise NotImplementedError("vtprune: new images on a KV cache that already holds a pruned prefill are "
@@ -361,7 +366,54 @@ class PatchState:
         elif kwargs.get("mm_encoder_outputs"):  # the runs that made these
             self.vision_scores.use(kwargs["mm_encoder_outputs"])
         self.encoder_outputs = None
-        return None
+        return ((), kwargs) if turn is not None else None
+
+    def _new_turn(self, cache, kwargs) -> dict | None:
+        """generate() handed the whole conversation and a pruned cache (a new turn) cuts the ids at the cache's
+        length, shorter than the unpruned sequence by `short`: its first `short` tokens are in the cache already.
+        The call's per-token inputs without them; None for any other call."""
+        run = getattr(cache, _CACHE_ATTR, None) if cache is not None else None
+        if run is None or run.owner != self.token or int(cache.get_seq_length()) == 0:
+            return None
+        short = run.orig_len - run.groups[0].mask.shape[1]
+        ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        am = kwargs.get("attention_mask")
+        if not short or ids is None:
+            return None
+        q = ids.shape[1]
+        held = self._held(cache, run)
+        mask2d = isinstance(am, torch.Tensor) and am.dim() == 2
+        # the whole conversation's mask tells; (generate() may drop an all-ones one) else what generate() said it feeds
+        whole = am.shape[1] - held == q if mask2d else self.turn == q
+        if q <= 1 or not whole:
+            return None
+        if any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos")):
+            return None  # (refused below)
+        if q <= short:
+            raise ValueError(_mask_message(q, held + short, am.shape[1]) if mask2d else
+                             f"vtprune: this call continues a pruned KV cache with no new token: its {q} tokens "
+                             "are all in the cache already")
+        out = dict(kwargs)
+        for k in ("input_ids", "inputs_embeds", "position_ids", "mm_token_type_ids", "token_type_ids"):
+            v = out.get(k)
+            if isinstance(v, torch.Tensor) and v.shape[-1 if k != "inputs_embeds" else 1] == q:
+                out[k] = v[:, short:] if k in ("input_ids", "inputs_embeds") else v[..., short:]
+        return out
+
+    def _generate_positions(self, original, inputs_tensor, model_kwargs):
+        """Around generate()'s M-RoPE positions (Qwen-VL): continuing a pruned cache, it looks for new images
+        from the cache's length on, which is shorter than the unpruned sequence, and took the prompt's own image
+        tokens there for new ones (text positions without the rope delta, the model's rope_deltas zeroed). The
+        token types of what the cache holds are hidden from it."""
+        cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+        run = getattr(cache, _CACHE_ATTR, None) if cache is not None else None
+        types = model_kwargs.get("mm_token_type_ids")
+        if run is not None and run.owner == self.token and isinstance(types, torch.Tensor) and int(cache.get_seq_length()):
+            held = self._held(cache, run) + run.orig_len - run.groups[0].mask.shape[1]  # unpruned positions held
+            types = types.clone()
+            types[..., :held] = 0
+            model_kwargs = {**model_kwargs, "mm_token_type_ids": types}
+        return original(inputs_tensor, model_kwargs)
 
     def _generate_prefill(self, original, *args, **kwargs):
         """Around generate()'s prefill: its mm_encoder_outputs (which carry their runs' scores) for the
@@ -378,10 +430,19 @@ class PatchState:
                 "forwards, and pruning needs each prompt's images in one; pass prefill_chunk_size=None or one of at "
                 "least the prompt's length")
         self.prefill_outputs = encoded
+        # a new turn on a pruned cache given the whole conversation: generate() feeds it from the cache's (shorter)
+        # length on, `short` tokens it holds already; the forward is told, as its mask may not come with it
+        cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+        run = getattr(cache, _CACHE_ATTR, None) if cache is not None else None
+        am = model_kwargs.get("attention_mask")
+        if (run is not None and run.owner == self.token and ids is not None and ids.dim() == 2
+                and model_kwargs.get("inputs_embeds") is None and int(cache.get_seq_length()) > 0
+                and (am is None or am.shape[-1] == ids.shape[-1])):
+            self.turn = ids.shape[-1] - int(cache.get_seq_length())
         try:
             return original(*args, **kwargs)
         finally:
-            self.prefill_outputs = None
+            self.prefill_outputs, self.turn = None, None
 
     def _encoder_run(self, original, *args, **kwargs):
         """Around the model's get_{image,video}_features: tag the scores of this encoder run with its output."""
@@ -419,16 +480,11 @@ class PatchState:
             _stop_refusing(cache)  # ours (e.g. a copy made while this configuration was off the model)
             if run.cache is None or run.cache() is not cache:  # an untracked copy of one of ours (unpickled)
                 self._track(cache, run)
-            if embeds.shape[1] != 1:
+            am = kwargs.get("attention_mask")
+            if isinstance(am, torch.Tensor) and am.dim() == 2 and embeds.shape[1] > 1:
                 short, held = run.orig_len - run.groups[0].mask.shape[1], self._held(cache, run)
-                # (a new turn: generate() cut the ids at the cache's shorter length; prompt lookup feeds a few guesses)
-                why = (f" (it holds {held} positions where the unpruned sequence has {held + short}, so generate() "
-                       f"given it feeds the last {short} tokens again)" if short and embeds.shape[1] > short else "")
-                raise NotImplementedError(
-                    f"vtprune: continuing a pruned KV cache with {embeds.shape[1]} new tokens at once is not "
-                    f"supported{why}: for another turn, pass the whole conversation with a fresh cache; "
-                    "generate()'s assisted / prompt-lookup decoding is not supported (it needs one token per step)"
-                )
+                if am.shape[1] - held - short != embeds.shape[1]:
+                    raise ValueError(_mask_message(embeds.shape[1], held + short, am.shape[1]))
             return self._decode(run, kwargs)
         if scratch is None or not scratch.get("visual_input"):
             return None
@@ -894,6 +950,11 @@ class PatchState:
         run.layout = take(run.layout, index, 1, -1)
         new_hidden = take(hidden, index, 1, 0)
         return (new_hidden, *output[1:]) if isinstance(output, tuple) else new_hidden
+
+
+def _mask_message(new: int, before: int, width: int) -> str:
+    return (f"vtprune: {new} new tokens on a pruned KV cache need the attention_mask of the whole unpruned sequence, "
+            f"{before} positions before them; got {width} in all")
 
 
 def _clips(units: list, budgets: list) -> tuple[list, list, list]:
