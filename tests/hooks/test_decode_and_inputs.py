@@ -457,27 +457,41 @@ def test_a_new_turn_on_a_pruned_cache_equals_feeding_it_one_token_at_a_time(mode
     assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(a.logits, b.logits))
 
 
+@pytest.mark.parametrize("guesses", ["prompt_lookup", "assistant", "patched_assistant"])
 @pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
-@pytest.mark.parametrize("method, options", TURN_METHODS)
-def test_prompt_lookup_decoding_on_a_patched_model_equals_greedy(model_factory, family, method, options):
-    """generate()'s prompt-lookup (and assisted) decoding feeds a few guessed tokens at once and crops the
-    rejected ones from the cache: the same tokens as greedy decoding, several-token forwards included."""
+@pytest.mark.parametrize("method, options", [*TURN_METHODS, ("transprune", dict(keep=1))])
+def test_assisted_and_prompt_lookup_decoding_on_a_patched_model_equal_greedy(model_factory, family, method, options,
+                                                                               guesses):
+    """generate()'s prompt-lookup and assisted decoding (an assistant model of the same vocabulary, patched or
+    not) feed a few guessed tokens at once and crop the rejected ones from the cache: the same tokens as greedy
+    decoding, several-token forwards included. Their first guesses would have come with the prompt's own forward
+    (a text-aware strategy would have selected for them, a rejected one been cropped from inside the prompt)."""
     model = model_factory(family)
     vtprune.patch(model, method, **options)
-    lm, sizes = model.model.language_model, []
+    if guesses == "prompt_lookup":
+        extra = dict(prompt_lookup_num_tokens=3)
+    else:
+        helper = tiny.build(family, seed=1)  # (another model: some guesses right, some wrong)
+        if guesses == "patched_assistant":
+            vtprune.patch(helper, "divprune", keep=2)
+        extra = dict(assistant_model=helper)
+    lm, fed = model.model.language_model, []
     gen = dict(max_new_tokens=16, **tiny.GEN)
     with torch.no_grad():
         for i in range(3):  # (assisted decoding takes batch 1)
             inputs = tiny.batch(family, [i])
             greedy = model.generate(**inputs, **gen)
+            sizes = []
             handle = lm.register_forward_pre_hook(lambda m, a, k: sizes.append(k["inputs_embeds"].shape[1]),
                                                   with_kwargs=True, prepend=True)
             try:
-                lookup = model.generate(**inputs, prompt_lookup_num_tokens=3, **gen)
+                guessed = model.generate(**inputs, **extra, **gen)
             finally:
                 handle.remove()
-            assert torch.equal(lookup, greedy)
-    assert any(1 < n <= 4 for n in sizes)  # guesses were fed (a prompt has more tokens)
+            assert torch.equal(guessed, greedy)
+            assert sizes[0] == inputs["input_ids"].shape[1]  # the prompt's forward: no guesses
+            fed += sizes[1:]
+    assert max(fed) > 1  # guesses were fed
 
 
 def test_new_tokens_on_a_pruned_cache_need_the_whole_sequence_s_mask(model_factory):

@@ -141,7 +141,9 @@ def wrap_method(owner, name: str, hook) -> Restore:
     handle = Restore(owner, name)
     original = getattr(owner, name)
     wrapper = functools.partial(hook, original)
-    wrapper.__signature__ = inspect.signature(original)
+    sig = inspect.signature(original)  # without annotations (a ForwardRef in one stops a pickle of the model)
+    wrapper.__signature__ = sig.replace(parameters=[p.replace(annotation=p.empty) for p in sig.parameters.values()],
+                                        return_annotation=sig.empty)
     setattr(owner, name, wrapper)
     return handle
 

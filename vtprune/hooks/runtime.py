@@ -297,6 +297,8 @@ class PatchState:
             self.handles.extend(self.adapter.install_hooks())
             if hasattr(top, "_prefill"):
                 self.handles.append(wrap_method(top, "_prefill", self._generate_prefill))
+            if hasattr(top, "_get_candidate_generator"):
+                self.handles.append(wrap_method(top, "_get_candidate_generator", _no_first_guesses))
             if self.adapter.mrope and hasattr(top, "_prepare_position_ids_for_generation"):
                 self.handles.append(wrap_method(top, "_prepare_position_ids_for_generation", self._generate_positions))
             signals = self.method.vision_signals() if self.pre_llm and not _keeps_everything(self.method) else {}
@@ -950,6 +952,26 @@ class PatchState:
         run.layout = take(run.layout, index, 1, -1)
         new_hidden = take(hidden, index, 1, 0)
         return (new_hidden, *output[1:]) if isinstance(output, tuple) else new_hidden
+
+
+def _no_first_guesses(original, *args, **kwargs):
+    """Around generate()'s candidate generator (assisted and prompt-lookup decoding): its first guesses would go
+    into the prompt's own forward, where the text-aware strategies read the question's last rows (they would
+    select for the guesses) and from which a rejected guess would be cropped (inside the pruned prompt's
+    record). That forward gets no guesses (they are made, so that an assistant model's cache stays in step, and
+    dropped); the next ones do."""
+    generator = original(*args, **kwargs)
+    real, first = generator.get_candidates, [True]
+
+    def get_candidates(input_ids, *a, **kw):
+        guesses = real(input_ids, *a, **kw)
+        if first[0]:
+            first[0] = False
+            return input_ids, None
+        return guesses
+
+    generator.get_candidates = get_candidates
+    return generator
 
 
 def _mask_message(new: int, before: int, width: int) -> str:
