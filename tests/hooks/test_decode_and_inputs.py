@@ -457,6 +457,32 @@ def test_a_new_turn_on_a_pruned_cache_equals_feeding_it_one_token_at_a_time(mode
     assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(a.logits, b.logits))
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_a_new_turn_on_a_pruned_static_cache_equals_one_on_a_dynamic_cache(model_factory, family):
+    """The same new turn (the whole conversation given) on the static cache a pruned generate() filled."""
+    import copy
+
+    from transformers import StaticCache
+
+    model = model_factory(family)
+    vtprune.patch(model, "divprune", keep=2)
+    inputs = tiny.batch(family, [0, 1])
+    gen = dict(max_new_tokens=3, output_logits=True, return_dict_in_generate=True, **tiny.GEN)
+    turns = []
+    with torch.no_grad():
+        for cache in (StaticCache(config=model.config, max_cache_len=64), None):
+            first = model.generate(**inputs, **({CACHE: cache} if cache is not None else {}), **gen)
+            whole = torch.cat([first.sequences, torch.tensor([[11, 12, 13], [14, 15, 16]])], 1)
+            more = {"attention_mask": torch.cat([inputs["attention_mask"], torch.ones_like(whole)], 1)[:, :whole.shape[1]]}
+            if "mm_token_type_ids" in inputs:
+                more["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(whole)], 1)[:, :whole.shape[1]]
+            turns.append(model.generate(input_ids=whole, **more, **{CACHE: copy.deepcopy(first.past_key_values)}, **gen))
+    static, dynamic = turns
+    assert type(static.past_key_values).__name__ == "StaticCache"
+    assert torch.equal(static.sequences, dynamic.sequences)
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(static.logits, dynamic.logits))
+
+
 @pytest.mark.parametrize("guesses", ["prompt_lookup", "assistant", "patched_assistant"])
 @pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
 @pytest.mark.parametrize("method, options", [*TURN_METHODS, ("transprune", dict(keep=1))])
