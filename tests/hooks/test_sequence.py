@@ -127,3 +127,29 @@ def test_host_syncs_script_writes_its_rows_and_command(benchmark_script, tmp_pat
     saved = __import__("json").loads(out.read_text())
     assert saved["rows"] == rows and saved["command"].startswith("python benchmarks/host_syncs.py --families llava")
     assert "| llava | random | 8 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_decode_steps_on_a_pruned_static_cache_read_back_no_more_than_unpatched(model_factory, host_syncs, family):
+    """generate() on a static cache (the compiled path's) reads nothing back per decode step, so the host queues
+    the next step while the device runs this one. Four more new tokens add as many host reads patched as
+    unpatched (none): the pruning record counts what was decoded instead of reading the cache's length, a device
+    tensor (1 read per step on LLaVA, 2 on Qwen-VL before; 3 and 4 with the check for several new tokens)."""
+    import vtprune
+    from transformers import StaticCache
+
+    from vtprune import tiny
+
+    model = model_factory(family)
+    inputs = tiny.batch(family, [0, 1])
+    added = []
+    for patched in (True, False):
+        counts = []
+        for new in (2, 6):
+            with vtprune.pruned(model, "divprune", keep=4) if patched else vtprune.unpatched(model), torch.no_grad():
+                cache = StaticCache(config=model.config, max_cache_len=64)
+                with host_syncs() as s:
+                    model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, past_key_values=cache, **tiny.GEN)
+                counts.append(s.n)
+        added.append(counts[1] - counts[0])
+    assert added[0] == added[1]

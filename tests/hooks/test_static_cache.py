@@ -154,6 +154,51 @@ def test_a_static_cache_reset_and_reused_forgets_the_last_pruning(model_factory)
     assert torch.equal(out.sequences, unpatched.sequences) and _max_score_diff(out, unpatched) < 1e-5
 
 
+def test_a_static_cache_follows_reset_and_crop_without_reading_its_length(model_factory):
+    """Decode steps on a static cache count what they add instead of reading its length (a host sync): its
+    reset() forgets the pruned record (a one-token prompt after it is a prompt, not a decode step of the last
+    one), crop(-k) takes k decoded positions off (the same tokens fed again give the same logits), a crop into
+    the pruned prompt is refused, and a deep copy follows its own."""
+    import copy
+
+    from transformers import StaticCache
+
+    model = model_factory("llava")
+    inputs = tiny.batch("llava", [0])
+    cache = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=64)
+    arg = {_cache_kwarg(model.forward): cache}
+    n = inputs["input_ids"].shape[1]
+    ids, one = torch.tensor([[5, 6, 7]]), torch.tensor([[9]])
+    with torch.no_grad():
+        fresh = model(input_ids=one, attention_mask=torch.ones_like(one)).logits
+        vtprune.patch(model, "divprune", keep=4)
+        model(**inputs, use_cache=True, **arg)
+        steps = []
+        for j in range(3):
+            mask = torch.ones(1, n + j + 1, dtype=torch.long)
+            steps.append(model(input_ids=ids[:, j:j + 1], attention_mask=mask, use_cache=True, **arg).logits)
+        twin = copy.deepcopy(cache)
+        cache.crop(-2)
+        for j in (1, 2):
+            mask = torch.ones(1, n + j + 1, dtype=torch.long)
+            again = model(input_ids=ids[:, j:j + 1], attention_mask=mask, use_cache=True, **arg).logits
+            torch.testing.assert_close(again, steps[j], rtol=0, atol=1e-6)
+        with pytest.raises(NotImplementedError, match=r"crop\(-4\) of a static cache holding a pruned prefill: only "
+                                                      "the 3 positions decoded since"):
+            cache.crop(-4)
+        mask = torch.ones(1, n + 4, dtype=torch.long)  # the twin: 3 decoded, its own count
+        after = model(input_ids=torch.tensor([[8]]), attention_mask=mask, use_cache=True,
+                      **{_cache_kwarg(model.forward): twin}).logits
+        dynamic = model(**inputs, use_cache=True).past_key_values  # the same on a dynamic cache
+        for j, token in enumerate([5, 6, 7, 8]):
+            out = model(input_ids=torch.tensor([[token]]), attention_mask=torch.ones(1, n + j + 1, dtype=torch.long),
+                        use_cache=True, **{_cache_kwarg(model.forward): dynamic})
+        cache.reset()
+        got = model(input_ids=one, attention_mask=torch.ones_like(one), use_cache=True, **arg).logits
+    torch.testing.assert_close(got, fresh, rtol=0, atol=1e-6)
+    torch.testing.assert_close(after, out.logits, rtol=0, atol=1e-5)
+
+
 def test_kv_cache_is_found_under_either_transformers_name():
     """transformers 5.24 renamed the KV cache argument and output field `past_key_values` -> `cache`."""
     from types import SimpleNamespace

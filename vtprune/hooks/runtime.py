@@ -115,6 +115,10 @@ class Run:
     orig_mask: torch.Tensor | None = None  # [B, orig_len] the caller's 2-D mask of the prefill
     default_positions: bool = False  # the prefill had no position_ids (the model's default, arange over slots)
     rope_shift: int = 0  # M-RoPE: prompt slots the cache lacks (the model's rope_deltas, raised by this during decode)
+    # positions decoded onto the cache since this prefill: a static cache's length is a device tensor, whose
+    # read is a host sync per decode step; its reset() and crop() keep this (see _Follow)
+    decoded: int = 0
+    step: int = 0  # tokens the decode forward now running feeds (added to `decoded` when it returns)
     changed: bool = False
     owner: str = ""  # PatchState.token of the configuration that pruned this prefill
     method: str = ""  # its strategy's name (for errors)
@@ -247,6 +251,8 @@ class PatchState:
     def _held(self, cache, run: Run) -> int:
         """Positions a pruned cache holds in the layout the prefill entered the decoder with (group 0), the tokens
         generated since included: read at `length_layer`, with what in-LLM drops before it removed added back."""
+        if compileable(cache):  # (no in-LLM drops on a static cache: one layout)
+            return run.groups[0].mask.shape[1] + run.decoded
         _, group = run.group_for(self.length_layer)
         return int(cache.get_seq_length(self.length_layer)) - group.mask.shape[1] + run.groups[0].mask.shape[1]
 
@@ -260,6 +266,10 @@ class PatchState:
         """`cache` holds `run`, a prefill this configuration pruned: refused once it is removed (see remove)."""
         run.home, run.cache = weakref.ref(self.caches), weakref.ref(cache)
         self.caches.add(cache)
+        if compileable(cache):
+            for name in FOLLOWED:
+                if not isinstance(vars(cache).get(name), _Follow):
+                    setattr(cache, name, _Follow(cache, name, vars(cache).get(name)))
 
     # installation ---------------------------------------------------------------------------
     def install(self):
@@ -357,7 +367,8 @@ class PatchState:
         self.scratch = scratch
         run = getattr(cache, _CACHE_ATTR, None) if cache is not None else None
         if (self.adapter.mrope and run is not None and run.rope_shift and run.owner == self.token
-                and getattr(module, "rope_deltas", None) is not None and cache.get_seq_length() > 0):
+                and getattr(module, "rope_deltas", None) is not None
+                and (compileable(cache) or cache.get_seq_length() > 0)):  # (a static one: no length read, a sync)
             # a decode step without position_ids is placed at cache length + rope_deltas by the model, and this
             # cache is shorter than its prompt: for this forward only (generate() passes positions, unaffected;
             # the model keeps its own value, which a later inputs_embeds-only forward reads)
@@ -374,20 +385,20 @@ class PatchState:
         """generate() handed the whole conversation and a pruned cache (a new turn) cuts the ids at the cache's
         length, shorter than the unpruned sequence by `short`: its first `short` tokens are in the cache already.
         The call's per-token inputs without them; None for any other call."""
+        ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
         run = getattr(cache, _CACHE_ATTR, None) if cache is not None else None
-        if run is None or run.owner != self.token or int(cache.get_seq_length()) == 0:
+        # (a decode step returns first: a static cache's length is a read of a device tensor)
+        if ids is None or ids.shape[1] <= 1 or run is None or run.owner != self.token:
             return None
         short = run.orig_len - run.groups[0].mask.shape[1]
-        ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
-        am = kwargs.get("attention_mask")
-        if not short or ids is None:
+        if not short or int(cache.get_seq_length()) == 0:
             return None
-        q = ids.shape[1]
+        q, am = ids.shape[1], kwargs.get("attention_mask")
         held = self._held(cache, run)
         mask2d = isinstance(am, torch.Tensor) and am.dim() == 2
         # the whole conversation's mask tells; (generate() may drop an all-ones one) else what generate() said it feeds
         whole = am.shape[1] - held == q if mask2d else self.turn == q
-        if q <= 1 or not whole:
+        if not whole:
             return None
         if any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos")):
             return None  # (refused below)
@@ -473,8 +484,10 @@ class PatchState:
             return None
         cache = kv_cache(kwargs)
         run = getattr(cache, _CACHE_ATTR, None) if cache is not None else None
-        if run is not None and int(cache.get_seq_length()) == 0:
-            _release(cache)  # a static cache reset for reuse: the record is from its last prompt
+        # a static cache reset for reuse: the record is from its last prompt (its reset() says so at once; a decode
+        # step does not read its length, a host sync)
+        if run is not None and (embeds.shape[1] > 1 or not compileable(cache)) and int(cache.get_seq_length()) == 0:
+            _release(cache)
             run = None
         if run is not None and run.owner != self.token:
             raise RuntimeError(_orphan_message(run.method))
@@ -482,6 +495,8 @@ class PatchState:
             _stop_refusing(cache)  # ours (e.g. a copy made while this configuration was off the model)
             if run.cache is None or run.cache() is not cache:  # an untracked copy of one of ours (unpickled)
                 self._track(cache, run)
+            if compileable(cache) and embeds.shape[1] > 1:  # (its length was read above: the count from it)
+                run.decoded = int(cache.get_seq_length()) - run.groups[0].mask.shape[1]
             am = kwargs.get("attention_mask")
             if isinstance(am, torch.Tensor) and am.dim() == 2 and embeds.shape[1] > 1:
                 short, held = run.orig_len - run.groups[0].mask.shape[1], self._held(cache, run)
@@ -515,6 +530,8 @@ class PatchState:
                 run.owner, run.method = self.token, self.method_name
                 setattr(cache, _CACHE_ATTR, run)
                 self._track(cache, run)
+        else:
+            run.decoded, run.step = run.decoded + run.step, 0
         run.end_forward()
         return None
 
@@ -794,6 +811,7 @@ class PatchState:
             raise ValueError("vtprune: decode steps need the 2-D attention mask that grows from the prompt's")
         run.prefill = False
         run.incoming_mask = am
+        run.step = q
         self.current = run
         mask = torch.cat([run.groups[0].mask.to(am.dtype), am[:, run.orig_len:]], dim=1)
         kwargs["attention_mask"] = self._prepared_mask(mask, embeds, cache) if static else mask
@@ -1112,6 +1130,46 @@ def _orphan_message(method: str) -> str:
 # the cache methods a step calls before it changes anything: attention layers' `update`, and a hybrid model's
 # linear-attention layers' `get_conv_state` (read first, then advanced in place; those layers can run first)
 REFUSED = ("update", "get_conv_state")
+FOLLOWED = ("reset", "crop")  # a static cache's methods whose effect the pruning record follows (see _Follow)
+
+
+class _Follow:
+    """A static cache's `reset` or `crop` (by `name`) while it holds a pruned prefill: the record follows it
+    without reading the cache's length (a device tensor, a host sync per decode step): reset() forgets it (the
+    cache is for a new prompt), crop(-k) takes k decoded positions off its count (one that would cut into the
+    pruned prompt is refused). It holds the cache weakly, as _Refusal does; copies and pickles get their own.
+    `previous`: a method the caller had set on the instance, called in its place."""
+
+    def __init__(self, cache, name: str, previous=None):
+        self.cache, self.name, self.previous = weakref.ref(cache), name, previous
+
+    def __call__(self, *args, **kwargs):
+        cache = self.cache()
+        if cache is None:  # (on a copy.copy of a cache since freed, which shares this object)
+            raise RuntimeError(_orphan_message(""))
+        method = self.previous if self.previous is not None else getattr(type(cache), self.name).__get__(cache)
+        run = getattr(cache, _CACHE_ATTR, None)
+        if run is None:
+            return method(*args, **kwargs)
+        if self.name == "reset":
+            out = method(*args, **kwargs)
+            _release(cache)
+            return out
+        k = args[0] if args else next(iter(kwargs.values()))
+        if not isinstance(k, int) or k > 0 or -k > run.decoded:
+            raise NotImplementedError(
+                f"vtprune: crop({k!r}) of a static cache holding a pruned prefill: only the {run.decoded} positions "
+                "decoded since can be removed, by a negative count (its prompt is in the pruned layout)")
+        out = method(*args, **kwargs)
+        run.decoded += k
+        return out
+
+    def __deepcopy__(self, memo):
+        cache = self.cache()  # (the cache's copy is in memo, made before its attributes are copied)
+        return _Follow(memo.get(id(cache), cache), self.name, copy.deepcopy(self.previous, memo))
+
+    def __reduce__(self):
+        return _Follow, (self.cache(), self.name, self.previous)
 
 
 class _Refusal:
