@@ -1,4 +1,5 @@
-"""Host syncs a pruning forward adds over the unpatched one, counted on the CPU with tiny random models.
+"""Host syncs a pruning forward and each decode step add over the unpatched model's, counted on the CPU with tiny
+random models.
 
   python benchmarks/host_syncs.py [--families llava,qwen2_vl] [--methods random,divprune,fastv,transprune]
                                   [--batches 1,8] [--out results/host_syncs.json]
@@ -6,6 +7,8 @@
 A host sync is a read of a tensor's values back to the host (nonzero, item / int() / bool(), tolist): on a
 GPU each one waits for the queued work and leaves the GPU idle while the host launches the next kernels.
 The counts are exact and the same on every machine (no timing), so they can be compared across commits.
+Decode steps are counted in generate() on a static cache (the compiled path's) for strategies that prune before
+the decoder, on the default dynamic cache for those that drop inside it (a static cache cannot hold that).
 """
 from __future__ import annotations
 
@@ -55,6 +58,22 @@ def count(model, inputs) -> int:
     return s.n
 
 
+def per_decode_step(model, inputs, static: bool, steps: int = 4) -> float:
+    """Host syncs per decode step of generate(): `steps` more new tokens, on a static cache (the compiled
+    path's) or the default dynamic one."""
+    from transformers import StaticCache
+
+    from vtprune import tiny
+
+    counts = []
+    for new in (2, 2 + steps):
+        cache = {"past_key_values": StaticCache(config=model.config, max_cache_len=128)} if static else {}
+        with torch.no_grad(), HostSyncs() as s:
+            model.generate(**inputs, max_new_tokens=new, min_new_tokens=new, **cache, **tiny.GEN)
+        counts.append(s.n)
+    return (counts[1] - counts[0]) / steps
+
+
 def rows(families, methods, batches, ratio=0.25) -> list[dict]:
     import vtprune
     from vtprune import tiny
@@ -67,10 +86,12 @@ def rows(families, methods, batches, ratio=0.25) -> list[dict]:
             vtprune.patch(model, method, ratio=ratio)
             for b in batches:
                 inputs = tiny.batch(family, list(range(b)))
+                static = not model._vtprune.drop_layers  # (a static cache cannot hold drops inside the decoder)
                 with unpatched(model):
-                    base = count(model, inputs)
+                    base, step = count(model, inputs), per_decode_step(model, inputs, static)
                 out.append({"family": family, "method": method, "batch": b, "unpatched": base,
-                            "added": count(model, inputs) - base})
+                            "added": count(model, inputs) - base, "decode_cache": "static" if static else "dynamic",
+                            "decode_unpatched": step, "decode_added": per_decode_step(model, inputs, static) - step})
             vtprune.unpatch(model)
     return out
 
@@ -84,9 +105,11 @@ def main(argv=None) -> list[dict]:
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     found = rows(args.families.split(","), args.methods.split(","), [int(b) for b in args.batches.split(",")])
-    print("| family | method | batch | unpatched | added by pruning |\n|---|---|---|---|---|")
+    print("| family | method | batch | prefill: unpatched | added by pruning | decode step: cache | unpatched | added |\n"
+          "|---|---|---|---|---|---|---|---|")
     for r in found:
-        print(f"| {r['family']} | {r['method']} | {r['batch']} | {r['unpatched']} | {r['added']} |")
+        print(f"| {r['family']} | {r['method']} | {r['batch']} | {r['unpatched']} | {r['added']} | {r['decode_cache']} "
+              f"| {r['decode_unpatched']:g} | {r['decode_added']:g} |")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"command": "python benchmarks/host_syncs.py " + " ".join(
