@@ -7,8 +7,8 @@ random models.
 A host sync is a read of a tensor's values back to the host (nonzero, item / int() / bool(), tolist): on a
 GPU each one waits for the queued work and leaves the GPU idle while the host launches the next kernels.
 The counts are exact and the same on every machine (no timing), so they can be compared across commits.
-Decode steps are counted in generate() on a static cache (the compiled path's) for strategies that prune before
-the decoder, on the default dynamic cache for those that drop inside it (a static cache cannot hold that).
+Decode steps are counted in generate() on the default dynamic cache, and on a static cache (the compiled path's)
+for strategies that prune before the decoder (a static cache cannot hold drops inside it).
 """
 from __future__ import annotations
 
@@ -88,10 +88,13 @@ def rows(families, methods, batches, ratio=0.25) -> list[dict]:
                 inputs = tiny.batch(family, list(range(b)))
                 static = not model._vtprune.drop_layers  # (a static cache cannot hold drops inside the decoder)
                 with unpatched(model):
-                    base, step = count(model, inputs), per_decode_step(model, inputs, static)
+                    base, step = count(model, inputs), per_decode_step(model, inputs, False)
+                    static_step = per_decode_step(model, inputs, True) if static else None
                 out.append({"family": family, "method": method, "batch": b, "unpatched": base,
-                            "added": count(model, inputs) - base, "decode_cache": "static" if static else "dynamic",
-                            "decode_unpatched": step, "decode_added": per_decode_step(model, inputs, static) - step})
+                            "added": count(model, inputs) - base,
+                            "decode_unpatched": step, "decode_added": per_decode_step(model, inputs, False) - step,
+                            "static_decode_unpatched": static_step,
+                            "static_decode_added": per_decode_step(model, inputs, True) - static_step if static else None})
             vtprune.unpatch(model)
     return out
 
@@ -105,11 +108,15 @@ def main(argv=None) -> list[dict]:
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     found = rows(args.families.split(","), args.methods.split(","), [int(b) for b in args.batches.split(",")])
-    print("| family | method | batch | prefill: unpatched | added by pruning | decode step: cache | unpatched | added |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print("| family | method | batch | prefill: unpatched | added | decode step: unpatched | added "
+          "| static-cache decode step: unpatched | added |\n|---|---|---|---|---|---|---|---|---|")
+    def cell(v):
+        return "-" if v is None else f"{v:g}"
+
     for r in found:
-        print(f"| {r['family']} | {r['method']} | {r['batch']} | {r['unpatched']} | {r['added']} | {r['decode_cache']} "
-              f"| {r['decode_unpatched']:g} | {r['decode_added']:g} |")
+        print(f"| {r['family']} | {r['method']} | {r['batch']} | {r['unpatched']} | {r['added']} | "
+              f"{cell(r['decode_unpatched'])} | {cell(r['decode_added'])} | {cell(r['static_decode_unpatched'])} | "
+              f"{cell(r['static_decode_added'])} |")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"command": "python benchmarks/host_syncs.py " + " ".join(

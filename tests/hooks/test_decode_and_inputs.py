@@ -354,6 +354,28 @@ def test_llava_text_only_sample_beside_an_image_has_no_image(model_factory):
         vtprune.unpatch(model)
 
 
+@pytest.mark.parametrize("method", ["divprune", "fastv"])
+def test_a_batch_without_padding_that_pruning_pads_decodes_as_each_sample_alone(model_factory, method):
+    """Two prompts of one length, no padding: generate() drops the all-ones mask. Pruning keeps 10 of the image
+    sample's 22 tokens and all of the text-only one's, so the pruned batch is padded and its decode steps need
+    the mask, which is dropped only where the pruned prompt has no padding either (one read, then none)."""
+    ids0, vis0 = tiny.sample("llava", 0)
+    ids1 = [tiny.BOS] + list(range(10, 10 + len(ids0) - 1))
+    both = {"input_ids": torch.tensor([ids0, ids1]), "attention_mask": torch.ones(2, len(ids0), dtype=torch.long),
+            **vis0}
+    model = model_factory("llava")
+    vtprune.patch(model, method, keep=4)
+    gen = dict(max_new_tokens=4, output_logits=True, return_dict_in_generate=True, **tiny.GEN)
+    with torch.no_grad():
+        batch = model.generate(**both, **gen)
+        assert vtprune.stats(model).visual_after == [4, 0]
+        alone = [model.generate(input_ids=torch.tensor([ids0]), **vis0, **gen),
+                 model.generate(input_ids=torch.tensor([ids1]), **gen)]
+    for i, one in enumerate(alone):
+        assert torch.equal(batch.sequences[i], one.sequences[0])
+        assert all(torch.allclose(x[i], y[0], atol=1e-5) for x, y in zip(batch.logits, one.logits))
+
+
 @pytest.mark.parametrize("method", ["divprune", "hiprune"])
 def test_two_llava_images_in_one_sample_are_pruned_as_each_alone(model_factory, method):
     """A LLaVA sample with two images (two pixel_values, 2 x 16 image tokens) has two units, each with its own

@@ -119,6 +119,7 @@ class Run:
     # read is a host sync per decode step; its reset() and crop() keep this (see _Follow)
     decoded: int = 0
     step: int = 0  # tokens the decode forward now running feeds (added to `decoded` when it returns)
+    no_pads: bool | None = None  # the pruned prompt's mask is all ones (read once, at the first decode step asking)
     changed: bool = False
     owner: str = ""  # PatchState.token of the configuration that pruned this prefill
     method: str = ""  # its strategy's name (for errors)
@@ -158,6 +159,12 @@ class Run:
             if self.groups[gi].start_layer <= layer:
                 return gi, self.groups[gi]
         return 0, self.groups[0]
+
+    def unpadded(self) -> bool:
+        """The pruned prompt holds no padding (one host read, the first time)."""
+        if self.no_pads is None:
+            self.no_pads = bool(self.groups[0].mask.bool().all())
+        return self.no_pads
 
     def end_forward(self):
         self.prefill = False
@@ -798,6 +805,7 @@ class PatchState:
         am = kwargs.get("attention_mask")
         cache = kv_cache(kwargs)
         static = compileable(cache) and not (isinstance(am, torch.Tensor) and am.dim() == 2)
+        dropped = am is None  # (generate() drops an all-ones mask: the prompt had no padding)
         if static and torch.compiler.is_compiling():
             raise RuntimeError("vtprune: the pruning hooks cannot run inside a compiled model forward (generate()'s "
                                "auto-compile with a static cache); use vtprune.compile_llm(model), which compiles "
@@ -814,7 +822,14 @@ class PatchState:
         run.step = q
         self.current = run
         mask = torch.cat([run.groups[0].mask.to(am.dtype), am[:, run.orig_len:]], dim=1)
-        kwargs["attention_mask"] = self._prepared_mask(mask, embeds, cache) if static else mask
+        if static:
+            kwargs["attention_mask"] = self._prepared_mask(mask, embeds, cache)
+        elif dropped and run.unpadded():
+            # nor did pruning pad it (kept counts alike): no mask, as unpatched, which the model then need not read
+            # back (a host sync per step) to see that SDPA may skip it
+            kwargs["attention_mask"] = None
+        else:
+            kwargs["attention_mask"] = mask
         if run.shifted or kwargs.get("position_ids") is None:
             pos = kwargs.get("position_ids")
             if pos is None:
@@ -854,9 +869,13 @@ class PatchState:
                 layer_type, masking_utils.create_causal_mask)
             if make is None:
                 raise RuntimeError(f"vtprune: this transformers has no mask for decoder layer {i}'s {layer_type!r}")
+            # a decode step's mask is made in full: whether SDPA may skip it is a read of the mask (a host sync)
+            # per group, and one query row gains nothing from the skip
+            full = {} if run.prefill or "allow_is_causal_skip" not in inspect.signature(make).parameters else {
+                "allow_is_causal_skip": False}
             run.masks[key] = make(  # (layer i: the group's layers of one type hold KV caches of one length)
                 config=self.lm.config, inputs_embeds=hidden, attention_mask=mask2d, position_ids=None,
-                layer_idx=i, **{_cache_kwarg(make): kv_cache(kwargs)},
+                layer_idx=i, **{_cache_kwarg(make): kv_cache(kwargs)}, **full,
             )
         kwargs["attention_mask"] = run.masks[key]
         if run.prefill:
