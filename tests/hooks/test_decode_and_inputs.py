@@ -439,7 +439,7 @@ def _one_at_a_time(model, family, cache, ids, mask):
 
 
 @pytest.mark.parametrize("samples", [[0, 1], [2]])  # left padding; one sample, whose all-ones mask generate() drops
-@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen3_vl", "qwen3_5"])  # (qwen3_5: hybrid)
 @pytest.mark.parametrize("method, options", TURN_METHODS)
 def test_a_new_turn_on_a_pruned_cache_equals_feeding_it_one_token_at_a_time(model_factory, family, method, options,
                                                                              samples):
@@ -506,7 +506,7 @@ def test_a_new_turn_on_a_pruned_static_cache_equals_one_on_a_dynamic_cache(model
 
 
 @pytest.mark.parametrize("guesses", ["prompt_lookup", "assistant", "patched_assistant"])
-@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen3_5"])
 @pytest.mark.parametrize("method, options", [*TURN_METHODS, ("transprune", dict(keep=1))])
 def test_assisted_and_prompt_lookup_decoding_on_a_patched_model_equal_greedy(model_factory, family, method, options,
                                                                                guesses):
