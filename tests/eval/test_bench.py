@@ -8,9 +8,11 @@ from vtprune import tiny
 from vtprune.eval import bench, flops
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_5"])  # qwen3_5: attention layers only
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_5", "llava_sliding"])  # qwen3_5: attention layers only
 def test_measured_kv_bytes_match_the_analytic_count(family):
-    model = tiny.build(family)
+    # llava_sliding: a model-wide window of 6 (Mistral-style): each layer's cache keeps 5 positions
+    model = tiny.build("llava", sliding_window=6) if family == "llava_sliding" else tiny.build(family)
+    family = "llava" if family == "llava_sliding" else family
     inputs = tiny.batch(family, [0])  # batch 1: no padding in the cache
     for method, options in ((None, None), ("divprune", {"keep": 3}), ("fastv", {"keep": 3})):
         row = bench.measure(model, inputs, method, options, new_tokens=2, reps=1, warmup=0)

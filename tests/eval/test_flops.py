@@ -414,6 +414,32 @@ def test_todre_stage2_scoring_is_counted_when_it_runs_alone():
     assert flops._selection_flops(both, [(6, 6)], [[10]] * 4, t) == 0
 
 
+def test_sliding_window_layers_count_the_pairs_and_keys_within_their_window():
+    """Hand cases: causal pairs over 5 tokens are 15, within a window of 2 they are 1 + 2 + 2 + 2 + 2 = 9; a
+    decode step sees min(c + 1, W) keys; the layer's cache keeps W - 1 positions. Dense figures stay n^2."""
+    from dataclasses import replace
+
+    assert [flops.causal_pairs(5), flops.causal_pairs(5, 2), flops.causal_pairs(2, 3), flops.causal_pairs(3, 3)] == [
+        15, 9, 3, 6]
+    t = flops.TextDims(d=8, d_q=4, d_kv=2, m=16, layers=2, vocab=10)
+    w = replace(t, window=2, sliding=frozenset({1}))
+    assert flops.layer_prefill(5, w, causal=True, layer=1) - flops.layer_prefill(5, t, causal=True, layer=1) == (
+        4 * (9 - 15) * 4)
+    assert flops.layer_prefill(5, w, causal=True, layer=0) == flops.layer_prefill(5, t, causal=True, layer=0)
+    assert flops.layer_prefill(5, w, layer=1) == flops.layer_prefill(5, t, layer=1)  # dense: what SDPA computes
+    assert flops.layer_decode(5, t, 1) - flops.layer_decode(5, w, 1) == 4 * (6 - 2) * 4
+    assert [flops.kv_positions(5, w, 1), flops.kv_positions(1, w, 1), flops.kv_positions(5, w, 0)] == [1, 1, 5]
+
+
+def test_a_model_wide_sliding_window_is_read_from_the_config_as_the_runtime_reads_it():
+    """Mistral-style: one `sliding_window` and no layer_types makes every layer sliding (runtime.layer_kind); a
+    config listing layer_types (Qwen2's) has none where it lists full attention."""
+    t = flops.TextDims.from_config(tiny.config("llava", sliding_window=6))
+    assert t.window == 6 and t.sliding == frozenset(range(t.layers))
+    assert flops.TextDims.from_config(tiny.config("qwen2_vl")).sliding == frozenset()
+    assert flops.TextDims.from_config(tiny.config("llava")).sliding == frozenset()
+
+
 def test_query_and_kv_widths_are_heads_times_head_dim_not_the_hidden_size():
     """Every tiny model has d_q = d, so a formula that took the hidden size for the query width passed the
     counter tests; Qwen3-VL-30B-A3B (hidden 2048, 32 query heads and 4 KV heads of 128) and a hand case tell them

@@ -2,7 +2,9 @@
 
 True FLOPs (2 per multiply-add) of the matrix products; norms, RoPE, softmax, activations and residual
 adds (all O(n d)) are left out. Attention's quadratic term is counted dense (n^2, as FlopCounterMode
-and the kernels compute it); the causal-exact figure, n(n+1)/2 score pairs, is reported beside it.
+and the kernels compute it); the causal-exact figure, n(n+1)/2 score pairs, is reported beside it (at a
+sliding-window layer, of window W: the pairs within it, sum over i of min(i + 1, W), as is a decode step's
+min(c + 1, W) keys, and its KV cache keeps W - 1 positions, as transformers' dynamic cache does).
 Token counts come from the model's real inputs and, under pruning, from the patched forward itself
 (`vtprune.stats(model).layer_tokens`), so in-LLM strategies are counted per layer.
 
@@ -51,6 +53,10 @@ class TextDims:
     lin_dk: int = 0
     lin_dv: int = 0
     conv: int = 0
+    # sliding-window attention (Mistral-style `sliding_window`, or `layer_types`): `sliding` holds those layers, each
+    # token attending the `window` positions up to itself (dense attention still counts n^2: what SDPA computes)
+    window: int = 0
+    sliding: frozenset = frozenset()
 
     @classmethod
     def from_config(cls, cfg) -> "TextDims":
@@ -74,6 +80,12 @@ class TextDims:
                        lin_k=tc.linear_num_key_heads * tc.linear_key_head_dim,
                        lin_v=tc.linear_num_value_heads * tc.linear_value_head_dim, lin_heads=tc.linear_num_value_heads,
                        lin_dk=tc.linear_key_head_dim, lin_dv=tc.linear_value_head_dim, conv=tc.linear_conv_kernel_dim)
+        from ..hooks.runtime import layer_kind  # (the runtime's rule: layer_types, else a model-wide window)
+
+        window = getattr(tc, "sliding_window", None)
+        sliding = frozenset(i for i in range(tc.num_hidden_layers) if layer_kind(tc, i) == "sliding_attention")
+        if sliding and window:
+            moe.update(window=int(window), sliding=sliding)
         gate = getattr(tc, "model_type", "").startswith("qwen3_5")  # Qwen3.5's attention: q and an output gate
         m = getattr(tc, "intermediate_size", 0) or 0  # (Qwen3.5-MoE has no dense MLP)
         return cls(tc.hidden_size, hq * hd, hkv * hd, m, tc.num_hidden_layers, tc.vocab_size, gate=gate, **moe)
@@ -98,15 +110,37 @@ class TextDims:
         return self.top_k * self.m_expert + self.m_shared if layer in self.sparse else self.m
 
 
+def causal_pairs(n: int, window: int = 0) -> int:
+    """(query, key) pairs causal attention over n tokens scores: n(n+1)/2, or with a sliding window of W
+    positions (each token and the W - 1 before it) sum over i of min(i + 1, W)."""
+    if not window or n <= window:
+        return n * (n + 1) // 2
+    return window * (window + 1) // 2 + (n - window) * window
+
+
 def layer_prefill(n: int, t: TextDims, causal: bool = False, layer: int = 0) -> int:
-    """FLOPs of decoder layer `layer` over n tokens (dense attention unless causal=True)."""
-    attn = 0 if layer in t.linear else 2 * n * (n + 1) * t.d_q if causal else 4 * n * n * t.d_q
+    """FLOPs of decoder layer `layer` over n tokens (dense attention unless causal=True; causal-exact pairs are
+    within the window at a sliding-window layer)."""
+    if layer in t.linear:
+        attn = 0
+    elif causal:
+        attn = 4 * causal_pairs(n, t.window if layer in t.sliding else 0) * t.d_q
+    else:
+        attn = 4 * n * n * t.d_q
     return n * t.projections(layer) + n * t.mlp(layer) + attn
 
 
 def layer_decode(c: int, t: TextDims, layer: int = 0) -> int:
-    """FLOPs of decoder layer `layer` for one new token over a KV cache of c tokens (+ itself)."""
-    return t.projections(layer) + t.mlp(layer) + (0 if layer in t.linear else 4 * (c + 1) * t.d_q)
+    """FLOPs of decoder layer `layer` for one new token over a KV cache of c tokens (+ itself; at a
+    sliding-window layer the last `window` of them)."""
+    keys = min(c + 1, t.window) if layer in t.sliding else c + 1
+    return t.projections(layer) + t.mlp(layer) + (0 if layer in t.linear else 4 * keys * t.d_q)
+
+
+def kv_positions(n: int, t: TextDims, layer: int) -> int:
+    """Positions decoder layer `layer`'s KV cache holds after a prefill of n tokens: all of them, or at a
+    sliding-window layer the window - 1 the next token needs (what transformers' dynamic cache keeps)."""
+    return min(n, t.window - 1) if layer in t.sliding else n
 
 
 def fastv_layer_macs(n: int, t: TextDims, layer: int = 0) -> int:
@@ -327,7 +361,8 @@ def report(model, inputs: dict, stats=None, method: str | None = None, options: 
         visual_after = visual_left(stats, visual_before)
     layer_flops = [sum(layer_prefill(n, t, layer=i) for n in ns) for i, ns in enumerate(per_layer)]
     kv_dtype_bytes = (kv_dtype or next(model.parameters()).dtype).itemsize
-    kv = sum(2 * n * t.d_kv * kv_dtype_bytes for i, ns in enumerate(per_layer) if i not in t.linear for n in ns)
+    kv = sum(2 * kv_positions(n, t, i) * t.d_kv * kv_dtype_bytes for i, ns in enumerate(per_layer) if i not in t.linear
+             for n in ns)
     vis = vision_flops(model, inputs, config)
     if stats is not None and stats.images:
         images = [(n, k) for _, n, k in stats.images]
