@@ -114,7 +114,6 @@ class Run:
     before: torch.Tensor | None = None  # [B] visual tokens per sample on entering the model
     orig_mask: torch.Tensor | None = None  # [B, orig_len] the caller's 2-D mask of the prefill
     default_positions: bool = False  # the prefill had no position_ids (the model's default, arange over slots)
-    rope_shift: int = 0  # M-RoPE: prompt slots the cache lacks (the model's rope_deltas, raised by this during decode)
     # positions decoded onto the cache since this prefill: a static cache's length is a device tensor, whose
     # read is a host sync per decode step; its reset() and crop() keep this (see _Follow)
     decoded: int = 0
@@ -159,6 +158,12 @@ class Run:
             if self.groups[gi].start_layer <= layer:
                 return gi, self.groups[gi]
         return 0, self.groups[0]
+
+    @property
+    def short(self) -> int:
+        """Prompt slots the cache lacks: what pruning before the decoder removed (the unpruned prompt's length
+        less group 0's). M-RoPE: the model's rope_deltas are raised by this during a decode step."""
+        return self.orig_len - self.groups[0].mask.shape[1]
 
     def unpadded(self) -> bool:
         """The pruned prompt holds no padding (one host read, the first time)."""
@@ -373,13 +378,13 @@ class PatchState:
                                       "not supported; start a new cache per prompt")
         self.scratch = scratch
         run = getattr(cache, _CACHE_ATTR, None) if cache is not None else None
-        if (self.adapter.mrope and run is not None and run.rope_shift and run.owner == self.token
+        if (self.adapter.mrope and run is not None and run.short and run.owner == self.token
                 and getattr(module, "rope_deltas", None) is not None
                 and (compileable(cache) or cache.get_seq_length() > 0)):  # (a static one: no length read, a sync)
             # a decode step without position_ids is placed at cache length + rope_deltas by the model, and this
             # cache is shorter than its prompt: for this forward only (generate() passes positions, unaffected;
             # the model keeps its own value, which a later inputs_embeds-only forward reads)
-            self.rope_lent = (module.rope_deltas, module.rope_deltas + run.rope_shift)
+            self.rope_lent = (module.rope_deltas, module.rope_deltas + run.short)
             module.rope_deltas = self.rope_lent[1]
         if any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos")):
             self.vision_scores.reset()  # this forward encodes its own images
@@ -397,7 +402,7 @@ class PatchState:
         # (a decode step returns first: a static cache's length is a read of a device tensor)
         if ids is None or ids.shape[1] <= 1 or run is None or run.owner != self.token:
             return None
-        short = run.orig_len - run.groups[0].mask.shape[1]
+        short = run.short
         if not short or int(cache.get_seq_length()) == 0:
             return None
         q, am = ids.shape[1], kwargs.get("attention_mask")
@@ -429,7 +434,7 @@ class PatchState:
         run = getattr(cache, _CACHE_ATTR, None) if cache is not None else None
         types = model_kwargs.get("mm_token_type_ids")
         if run is not None and run.owner == self.token and isinstance(types, torch.Tensor) and int(cache.get_seq_length()):
-            held = self._held(cache, run) + run.orig_len - run.groups[0].mask.shape[1]  # unpruned positions held
+            held = self._held(cache, run) + run.short  # unpruned positions held
             types = types.clone()
             types[..., :held] = 0
             model_kwargs = {**model_kwargs, "mm_token_type_ids": types}
@@ -456,9 +461,10 @@ class PatchState:
         run = getattr(cache, _CACHE_ATTR, None) if cache is not None else None
         am = model_kwargs.get("attention_mask")
         if (run is not None and run.owner == self.token and ids is not None and ids.dim() == 2
-                and model_kwargs.get("inputs_embeds") is None and int(cache.get_seq_length()) > 0
-                and (am is None or am.shape[-1] == ids.shape[-1])):
-            self.turn = ids.shape[-1] - int(cache.get_seq_length())
+                and model_kwargs.get("inputs_embeds") is None and (am is None or am.shape[-1] == ids.shape[-1])):
+            length = int(cache.get_seq_length())
+            if length > 0:
+                self.turn = ids.shape[-1] - length
         try:
             return original(*args, **kwargs)
         finally:
@@ -493,7 +499,9 @@ class PatchState:
         run = getattr(cache, _CACHE_ATTR, None) if cache is not None else None
         # a static cache reset for reuse: the record is from its last prompt (its reset() says so at once; a decode
         # step does not read its length, a host sync)
-        if run is not None and (embeds.shape[1] > 1 or not compileable(cache)) and int(cache.get_seq_length()) == 0:
+        length = (int(cache.get_seq_length()) if run is not None and (embeds.shape[1] > 1 or not compileable(cache))
+                  else None)
+        if length == 0:
             _release(cache)
             run = None
         if run is not None and run.owner != self.token:
@@ -502,13 +510,13 @@ class PatchState:
             _stop_refusing(cache)  # ours (e.g. a copy made while this configuration was off the model)
             if run.cache is None or run.cache() is not cache:  # an untracked copy of one of ours (unpickled)
                 self._track(cache, run)
-            if compileable(cache) and embeds.shape[1] > 1:  # (its length was read above: the count from it)
-                run.decoded = int(cache.get_seq_length()) - run.groups[0].mask.shape[1]
+            if compileable(cache) and length is not None:  # (its length was read above: the count from it)
+                run.decoded = length - run.groups[0].mask.shape[1]
             am = kwargs.get("attention_mask")
             if isinstance(am, torch.Tensor) and am.dim() == 2 and embeds.shape[1] > 1:
-                short, held = run.orig_len - run.groups[0].mask.shape[1], self._held(cache, run)
-                if am.shape[1] - held - short != embeds.shape[1]:
-                    raise ValueError(_mask_message(embeds.shape[1], held + short, am.shape[1]))
+                held = self._held(cache, run)
+                if am.shape[1] - held - run.short != embeds.shape[1]:
+                    raise ValueError(_mask_message(embeds.shape[1], held + run.short, am.shape[1]))
             return self._decode(run, kwargs)
         if scratch is None or not scratch.get("visual_input"):
             return None
@@ -723,7 +731,6 @@ class PatchState:
                                     if static else new_mask)
         run.default_positions = kwargs.get("position_ids") is None
         kwargs["position_ids"] = new_pos
-        run.rope_shift = seq_len - new_mask.shape[1]  # (read by _inner_pre at each decode step)
         return args_kwargs(kwargs)
 
     def _merge_deepstack(self, deepstack, u: Unit, sel: Selection, image: ImageTokens):
