@@ -281,7 +281,7 @@ class PatchState:
         if compileable(cache):
             for name in FOLLOWED:
                 if not isinstance(vars(cache).get(name), _Follow):
-                    setattr(cache, name, _Follow(cache, name, vars(cache).get(name)))
+                    setattr(cache, name, _Follow(cache, vars(cache).get(name), name))
 
     # installation ---------------------------------------------------------------------------
     def install(self):
@@ -1159,20 +1159,38 @@ REFUSED = ("update", "get_conv_state")
 FOLLOWED = ("reset", "crop")  # a static cache's methods whose effect the pruning record follows (see _Follow)
 
 
-class _Follow:
-    """A static cache's `reset` or `crop` (by `name`) while it holds a pruned prefill: the record follows it
-    without reading the cache's length (a device tensor, a host sync per decode step): reset() forgets it (the
-    cache is for a new prompt), crop(-k) takes k decoded positions off its count (one that would cut into the
-    pruned prompt is refused). It holds the cache weakly, as _Refusal does; copies and pickles get their own.
-    `previous`: a method the caller had set on the instance, called in its place."""
+class _CacheMethod:
+    """A method set on a KV cache instance, by `name`, that holds the cache weakly (a bound method would make a
+    reference cycle, and the cache's tensors would then wait for a garbage collection after the caller drops
+    it); a deep copy or pickle of the cache gets one of its own. `previous`: a method the caller had set on
+    the instance."""
 
-    def __init__(self, cache, name: str, previous=None):
-        self.cache, self.name, self.previous = weakref.ref(cache), name, previous
+    def __init__(self, cache, previous=None, name: str = "update"):
+        self.cache, self.previous = (weakref.ref(cache) if cache is not None else lambda: None), previous
+        self.name = name
 
-    def __call__(self, *args, **kwargs):
+    def _cache(self):
         cache = self.cache()
         if cache is None:  # (on a copy.copy of a cache since freed, which shares this object)
             raise RuntimeError(_orphan_message(""))
+        return cache
+
+    def __deepcopy__(self, memo):
+        cache = self.cache()  # (the cache's copy is in memo, made before its attributes are copied)
+        return type(self)(memo.get(id(cache), cache), copy.deepcopy(self.previous, memo), self.name)
+
+    def __reduce__(self):
+        return type(self), (self.cache(), self.previous, self.name)
+
+
+class _Follow(_CacheMethod):
+    """A static cache's `reset` or `crop` (by `name`) while it holds a pruned prefill: the record follows it
+    without reading the cache's length (a device tensor, a host sync per decode step): reset() forgets it (the
+    cache is for a new prompt), crop(-k) takes k decoded positions off its count (one that would cut into the
+    pruned prompt is refused). `previous` is called in the cache's own method's place."""
+
+    def __call__(self, *args, **kwargs):
+        cache = self._cache()
         method = self.previous if self.previous is not None else getattr(type(cache), self.name).__get__(cache)
         run = getattr(cache, _CACHE_ATTR, None)
         if run is None:
@@ -1190,29 +1208,13 @@ class _Follow:
         run.decoded += k
         return out
 
-    def __deepcopy__(self, memo):
-        cache = self.cache()  # (the cache's copy is in memo, made before its attributes are copied)
-        return _Follow(memo.get(id(cache), cache), self.name, copy.deepcopy(self.previous, memo))
 
-    def __reduce__(self):
-        return _Follow, (self.cache(), self.name, self.previous)
-
-
-class _Refusal:
+class _Refusal(_CacheMethod):
     """A pruned cache's `update` (or `get_conv_state`, by `name`) once its configuration is gone: refuses,
-    unless the cache was reset for a new prompt. It holds the cache weakly (a bound method would make a
-    reference cycle, and the cache's tensors would then wait for a garbage collection after the caller drops
-    it); a deep copy or pickle of the cache gets one of its own. `previous`: a method the caller had set on
-    the instance, put back after."""
-
-    def __init__(self, cache, previous=None, name: str = "update"):
-        self.cache, self.previous = (weakref.ref(cache) if cache is not None else lambda: None), previous
-        self.name = name
+    unless the cache was reset for a new prompt. `previous` is put back after."""
 
     def __call__(self, *args, **kwargs):
-        cache = self.cache()
-        if cache is None:  # (on a copy.copy of a cache since freed, which shares this object)
-            raise RuntimeError(_orphan_message(""))
+        cache = self._cache()
         if self.name == "update":  # (key_states, value_states, layer_idx, ...)
             fresh = int(cache.get_seq_length(args[2] if len(args) > 2 else kwargs["layer_idx"])) == 0
         else:  # a linear-attention layer (some transformers count no positions there): the cache's length
@@ -1221,13 +1223,6 @@ class _Refusal:
             _release(cache)
             return getattr(cache, self.name)(*args, **kwargs)
         raise RuntimeError(_orphan_message(getattr(cache, _CACHE_ATTR).method))
-
-    def __deepcopy__(self, memo):
-        cache = self.cache()  # (the cache's copy is in memo, made before its attributes are copied)
-        return _Refusal(memo.get(id(cache), cache), copy.deepcopy(self.previous, memo), self.name)
-
-    def __reduce__(self):
-        return _Refusal, (self.cache(), self.previous, self.name)
 
 
 def kv_cache(call) -> object | None:
