@@ -878,7 +878,7 @@ class PatchState:
                 raise RuntimeError(f"vtprune: this transformers has no mask for decoder layer {i}'s {layer_type!r}")
             # a decode step's mask is made in full: whether SDPA may skip it is a read of the mask (a host sync)
             # per group, and one query row gains nothing from the skip
-            full = {} if run.prefill or "allow_is_causal_skip" not in inspect.signature(make).parameters else {
+            full = {} if run.prefill or "allow_is_causal_skip" not in _parameters(make) else {
                 "allow_is_causal_skip": False}
             run.masks[key] = make(  # (layer i: the group's layers of one type hold KV caches of one length)
                 config=self.lm.config, inputs_embeds=hidden, attention_mask=mask2d, position_ids=None,
@@ -1237,9 +1237,20 @@ def kv_cache(call) -> object | None:
 
 
 @lru_cache(maxsize=None)
+def _parameters(fn) -> frozenset:
+    """The parameter names of `fn` (a transformers mask function, or a forward), read once per function: the
+    in-LLM masks of every decode step ask. (A bound method's function is what is kept, not its instance.)"""
+    return _function_parameters(getattr(fn, "__func__", fn))
+
+
+@lru_cache(maxsize=None)
+def _function_parameters(fn) -> frozenset:
+    return frozenset(inspect.signature(fn).parameters)
+
+
 def _cache_kwarg(fn) -> str:
     """The name `fn` (a transformers mask function) takes the KV cache by: `cache` or `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
+    return "cache" if "cache" in _parameters(fn) else "past_key_values"
 
 
 def compileable(cache) -> bool:
