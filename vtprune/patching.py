@@ -223,9 +223,9 @@ def compile_llm(model, mode: str | None = "reduce-overhead", **compile_options):
     The pre-LLM pruning runs outside the compiled region (around the language model's call); hooks on the
     decoder's layers (in-LLM strategies, Qwen3-VL's deepstack) run inside it, guarded so that patching
     after compiling recompiles. generate()'s own auto-compile of the whole forward is switched off. The
-    first calls at each new prompt length compile (seconds to minutes); a static cache does not shrink with pruning (it is sized
-    for the unpruned prompt), and strategies that drop tokens inside the decoder (fastv, transprune,
-    vflowopt, todre unless stage2=False) cannot use it. `uncompile_llm` undoes all of this.
+    first calls at each new prompt length compile (seconds to minutes); a static cache does not shrink with
+    pruning (it is sized for the unpruned prompt), and strategies that drop tokens inside the decoder (fastv,
+    transprune, vflowopt, todre unless stage2=False) cannot use it. `uncompile_llm` undoes all of this.
     Extra keyword arguments go to `torch.compile` (`mode=None, backend="eager"` traces without
     generating code, e.g. on a CPU without a compiler)."""
     lm = check_compilable(model)

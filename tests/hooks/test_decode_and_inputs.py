@@ -438,6 +438,15 @@ def _one_at_a_time(model, family, cache, ids, mask):
     return out.logits[:, -1]
 
 
+def _conversation(inputs, whole) -> dict:
+    """The attention_mask (and Qwen-VL's mm_token_type_ids) of `whole`, the prompt of `inputs` continued by
+    text tokens."""
+    out = {"attention_mask": torch.cat([inputs["attention_mask"], torch.ones_like(whole)], 1)[:, :whole.shape[1]]}
+    if "mm_token_type_ids" in inputs:
+        out["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(whole)], 1)[:, :whole.shape[1]]
+    return out
+
+
 @pytest.mark.parametrize("samples", [[0, 1], [2]])  # left padding; one sample, whose all-ones mask generate() drops
 @pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen3_vl", "qwen3_5"])  # (qwen3_5: hybrid)
 @pytest.mark.parametrize("method, options", TURN_METHODS)
@@ -460,10 +469,8 @@ def test_a_new_turn_on_a_pruned_cache_equals_feeding_it_one_token_at_a_time(mode
         deltas = getattr(model.model, "rope_deltas", None)
         new = torch.tensor([[11, 12, 13], [14, 15, 16]])[:len(samples)]
         whole = torch.cat([seq, new], 1)
-        mask = torch.cat([inputs["attention_mask"], torch.ones_like(whole)], 1)[:, :whole.shape[1]]
-        types = {}
-        if "mm_token_type_ids" in inputs:
-            types = {"mm_token_type_ids": torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(whole)], 1)[:, :whole.shape[1]]}
+        types = _conversation(inputs, whole)
+        mask = types.pop("attention_mask")
         unseen = torch.cat([seq[:, -1:], new], 1)  # (the last generated token is not in the cache yet)
         a = model.generate(input_ids=whole, attention_mask=mask, **{CACHE: copy.deepcopy(cache)}, **types, **gen)
         if deltas is not None:
@@ -495,10 +502,8 @@ def test_a_new_turn_on_a_pruned_static_cache_equals_one_on_a_dynamic_cache(model
         for cache in (StaticCache(config=model.config, max_cache_len=64), None):
             first = model.generate(**inputs, **({CACHE: cache} if cache is not None else {}), **gen)
             whole = torch.cat([first.sequences, torch.tensor([[11, 12, 13], [14, 15, 16]])], 1)
-            more = {"attention_mask": torch.cat([inputs["attention_mask"], torch.ones_like(whole)], 1)[:, :whole.shape[1]]}
-            if "mm_token_type_ids" in inputs:
-                more["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(whole)], 1)[:, :whole.shape[1]]
-            turns.append(model.generate(input_ids=whole, **more, **{CACHE: copy.deepcopy(first.past_key_values)}, **gen))
+            turns.append(model.generate(input_ids=whole, **_conversation(inputs, whole),
+                                        **{CACHE: copy.deepcopy(first.past_key_values)}, **gen))
     static, dynamic = turns
     assert type(static.past_key_values).__name__ == "StaticCache"
     assert torch.equal(static.sequences, dynamic.sequences)

@@ -433,7 +433,8 @@ class PatchState:
         cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
         run = getattr(cache, _CACHE_ATTR, None) if cache is not None else None
         types = model_kwargs.get("mm_token_type_ids")
-        if run is not None and run.owner == self.token and isinstance(types, torch.Tensor) and int(cache.get_seq_length()):
+        if (run is not None and run.owner == self.token and isinstance(types, torch.Tensor)
+                and int(cache.get_seq_length())):
             held = self._held(cache, run) + run.short  # unpruned positions held
             types = types.clone()
             types[..., :held] = 0
