@@ -158,8 +158,9 @@ def test_a_static_cache_follows_reset_and_crop_without_reading_its_length(model_
     """Decode steps on a static cache count what they add instead of reading its length (a host sync): its
     reset() forgets the pruned record (a one-token prompt after it is a prompt, not a decode step of the last
     one), crop(-k) takes k decoded positions off (the same tokens fed again give the same logits), a crop into
-    the pruned prompt is refused, and a deep copy follows its own."""
+    the pruned prompt is refused, and a deep copy or a pickle follows its own."""
     import copy
+    import pickle
 
     from transformers import StaticCache
 
@@ -177,7 +178,7 @@ def test_a_static_cache_follows_reset_and_crop_without_reading_its_length(model_
         for j in range(3):
             mask = torch.ones(1, n + j + 1, dtype=torch.long)
             steps.append(model(input_ids=ids[:, j:j + 1], attention_mask=mask, use_cache=True, **arg).logits)
-        twin = copy.deepcopy(cache)
+        twin, pickled = copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))
         cache.crop(-2)
         for j in (1, 2):
             mask = torch.ones(1, n + j + 1, dtype=torch.long)
@@ -189,6 +190,9 @@ def test_a_static_cache_follows_reset_and_crop_without_reading_its_length(model_
         mask = torch.ones(1, n + 4, dtype=torch.long)  # the twin: 3 decoded, its own count
         after = model(input_ids=torch.tensor([[8]]), attention_mask=mask, use_cache=True,
                       **{_cache_kwarg(model.forward): twin}).logits
+        pickled.crop(-1)  # (its own count: 3, then 2 after this)
+        pickled_after = model(input_ids=torch.tensor([[7]]), attention_mask=torch.ones(1, n + 3, dtype=torch.long),
+                              use_cache=True, **{_cache_kwarg(model.forward): pickled}).logits
         dynamic = model(**inputs, use_cache=True).past_key_values  # the same on a dynamic cache
         for j, token in enumerate([5, 6, 7, 8]):
             out = model(input_ids=torch.tensor([[token]]), attention_mask=torch.ones(1, n + j + 1, dtype=torch.long),
@@ -197,6 +201,7 @@ def test_a_static_cache_follows_reset_and_crop_without_reading_its_length(model_
         got = model(input_ids=one, attention_mask=torch.ones_like(one), use_cache=True, **arg).logits
     torch.testing.assert_close(got, fresh, rtol=0, atol=1e-6)
     torch.testing.assert_close(after, out.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(pickled_after, steps[2], rtol=0, atol=1e-6)
 
 
 def test_kv_cache_is_found_under_either_transformers_name():
