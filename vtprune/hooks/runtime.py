@@ -274,6 +274,11 @@ class PatchState:
     def __setstate__(self, state):  # (a token of its own: another model's caches are not the copy's)
         self.__dict__.update(state, caches=weakref.WeakSet(), token=uuid.uuid4().hex)
 
+    def _own_run(self, cache) -> Run | None:
+        """The pruning record `cache` holds where this configuration made it, else None."""
+        run = getattr(cache, _CACHE_ATTR, None)
+        return run if run is not None and run.owner == self.token else None
+
     def _track(self, cache, run: Run) -> None:
         """`cache` holds `run`, a prefill this configuration pruned: refused once it is removed (see remove)."""
         run.home, run.cache = weakref.ref(self.caches), weakref.ref(cache)
@@ -377,8 +382,8 @@ class PatchState:
             raise NotImplementedError("vtprune: new images on a KV cache that already holds a pruned prefill are "
                                       "not supported; start a new cache per prompt")
         self.scratch = scratch
-        run = getattr(cache, _CACHE_ATTR, None) if cache is not None else None
-        if (self.adapter.mrope and run is not None and run.short and run.owner == self.token
+        run = self._own_run(cache)
+        if (self.adapter.mrope and run is not None and run.short
                 and getattr(module, "rope_deltas", None) is not None
                 and (compileable(cache) or cache.get_seq_length() > 0)):  # (a static one: no length read, a sync)
             # a decode step without position_ids is placed at cache length + rope_deltas by the model, and this
@@ -398,9 +403,9 @@ class PatchState:
         length, shorter than the unpruned sequence by `short`: its first `short` tokens are in the cache already.
         The call's per-token inputs without them; None for any other call."""
         ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
-        run = getattr(cache, _CACHE_ATTR, None) if cache is not None else None
+        run = self._own_run(cache)
         # (a decode step returns first: a static cache's length is a read of a device tensor)
-        if ids is None or ids.shape[1] <= 1 or run is None or run.owner != self.token:
+        if ids is None or ids.shape[1] <= 1 or run is None:
             return None
         short = run.short
         if not short or int(cache.get_seq_length()) == 0:
@@ -430,11 +435,10 @@ class PatchState:
         from the cache's length on, which is shorter than the unpruned sequence, and took the prompt's own image
         tokens there for new ones (text positions without the rope delta, the model's rope_deltas zeroed). The
         token types of what the cache holds are hidden from it."""
-        cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
-        run = getattr(cache, _CACHE_ATTR, None) if cache is not None else None
+        cache = kv_cache(model_kwargs)
+        run = self._own_run(cache)
         types = model_kwargs.get("mm_token_type_ids")
-        if (run is not None and run.owner == self.token and isinstance(types, torch.Tensor)
-                and int(cache.get_seq_length())):
+        if run is not None and isinstance(types, torch.Tensor) and int(cache.get_seq_length()):
             held = self._held(cache, run) + run.short  # unpruned positions held
             types = types.clone()
             types[..., :held] = 0
@@ -458,10 +462,9 @@ class PatchState:
         self.prefill_outputs = encoded
         # a new turn on a pruned cache given the whole conversation: generate() feeds it from the cache's (shorter)
         # length on, `short` tokens it holds already; the forward is told, as its mask may not come with it
-        cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
-        run = getattr(cache, _CACHE_ATTR, None) if cache is not None else None
+        cache = kv_cache(model_kwargs)
         am = model_kwargs.get("attention_mask")
-        if (run is not None and run.owner == self.token and ids is not None and ids.dim() == 2
+        if (self._own_run(cache) is not None and ids is not None and ids.dim() == 2
                 and model_kwargs.get("inputs_embeds") is None and (am is None or am.shape[-1] == ids.shape[-1])):
             length = int(cache.get_seq_length())
             if length > 0:
@@ -497,7 +500,7 @@ class PatchState:
         if embeds is None:  # text-only call with input_ids straight to the LM: nothing to prune
             return None
         cache = kv_cache(kwargs)
-        run = getattr(cache, _CACHE_ATTR, None) if cache is not None else None
+        run = getattr(cache, _CACHE_ATTR, None)
         # a static cache reset for reuse: the record is from its last prompt (its reset() says so at once; a decode
         # step does not read its length, a host sync)
         length = (int(cache.get_seq_length()) if run is not None and (embeds.shape[1] > 1 or not compileable(cache))
