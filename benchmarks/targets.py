@@ -65,12 +65,14 @@ def _rows(rec, batch, path="eager"):
 
 def runs(row: dict, base: dict) -> str:
     """The spread of the timed prefill runs behind a speed-up (bench JSON since the field existed), e.g.
-    "; prefill runs 4.10-4.30 ms vs unpatched 18.0-18.9 ms"; "" without it."""
+    "; prefill runs 4.10-4.30 ms (5 runs) vs unpatched 18.0-18.9 ms (5 runs)" (a row of a run cut short may
+    have fewer); "" without it."""
     spread = [r.get("spread", {}).get("prefill") for r in (row, base)]
     if not all(spread):
         return ""
     (lo, hi), (blo, bhi) = spread
-    return f"; prefill runs {lo:.2f}-{hi:.2f} ms vs unpatched {blo:.2f}-{bhi:.2f} ms"
+    n = [f" ({r['runs']} runs)" if r.get("runs") else "" for r in (row, base)]  # (bench JSON since interleaving)
+    return f"; prefill runs {lo:.2f}-{hi:.2f} ms{n[0]} vs unpatched {blo:.2f}-{bhi:.2f} ms{n[1]}"
 
 
 def check(results: Path, flops=flops_ratios) -> list[dict]:

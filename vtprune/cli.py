@@ -285,7 +285,7 @@ def _bench(args) -> int:
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     why = "it drops tokens inside the decoder, which a static KV cache cannot hold"
 
-    def save(complete: bool):  # after every row too, so that a run cut short keeps what it measured
+    def save(complete: bool):  # after every round and compiled row too: a run cut short keeps what it measured
         record = {"command": "vtprune " + shlex.join(args.argv), "device": gpu, "model": args.model, "complete": complete,
                   "rows": [r.to_dict() for r in rows], "skipped": skipped}
         bench.save_text(args.out, json.dumps(record, indent=1) + "\n")
@@ -294,18 +294,33 @@ def _bench(args) -> int:
 
     for b in batches:
         inputs = models.to_model(models.calibration(task, model, processor, b, batch_size=b, frames=args.frames)[0], model)
-        paths = [None, _compile_options(args)] if args.compile else [None]
-        for compiled in paths:
+        def show(row):
+            print(f"batch {b:3d} {row.path:<8} {row.method:<13} prefill {row.prefill_ms:8.2f} ms  generate "
+                  f"{row.generate_ms:9.1f} ms  KV {row.kv_bytes / 2**20:.3f} MiB", flush=True)
+
+        # the plain path: the rows' runs interleaved (a round runs each configuration once), saved after each round
+        finished = len(rows)
+
+        def round_done(batch_rows):
+            rows[finished:] = batch_rows
+            if batch_rows[0].runs < args.reps:
+                print(f"batch {b:3d} eager    round {batch_rows[0].runs} of {args.reps} done", flush=True)
+            if args.out is not None:
+                save(complete=False)
+
+        for row in bench.measure_side_by_side(model, inputs, [(None, None)] + jobs, args.new_tokens, args.reps,
+                                              warmup=1, done=round_done):
+            show(row)
+        if args.compile:  # one row after the other (switching configuration between runs would recompile)
+            compiled = _compile_options(args)
             for method, options in [(None, None)] + jobs:
-                if compiled is not None and method is not None and build_method(method, options).drop_layers(n_layers):
+                if method is not None and build_method(method, options).drop_layers(n_layers):
                     print(f"batch {b:3d} compiled {method:<13} skipped: {why}", flush=True)
                     skipped.append(dict(batch=b, path="compiled", method=method, options=options))
                     continue
-                row = bench.measure(model, inputs, method, options, args.new_tokens, args.reps,
-                                    warmup=1 if compiled is None else args.compile_warmup, compiled=compiled)
-                rows.append(row)
-                print(f"batch {b:3d} {row.path:<8} {row.method:<13} prefill {row.prefill_ms:8.2f} ms  generate "
-                      f"{row.generate_ms:9.1f} ms  KV {row.kv_bytes / 2**20:.3f} MiB", flush=True)
+                rows.append(bench.measure(model, inputs, method, options, args.new_tokens, args.reps,
+                                          warmup=args.compile_warmup, compiled=compiled))
+                show(rows[-1])
                 if args.out is not None:
                     save(complete=False)
     print(bench.markdown(rows))

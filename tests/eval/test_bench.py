@@ -109,27 +109,74 @@ def test_visual_token_figures_count_a_kept_closing_newline_on_both_sides(tmp_pat
     assert [r["visual_tokens"] for r in json.loads(b.read_text())["rows"]] == [32 * 4 + 1, 32 * 1 + 1]
 
 
-def test_bench_command_keeps_the_rows_of_a_run_cut_short(tmp_path, monkeypatch):
+def _generate_log(model, monkeypatch):
+    """The configuration (None: unpatched) of each generate() on `model`, in order."""
+    from vtprune.patching import _state
+
+    log, generate = [], model.generate
+
+    def logged(*a, **k):
+        state = _state(model)
+        log.append(state.method_name if state is not None else None)
+        return generate(*a, **k)
+
+    monkeypatch.setattr(model, "generate", logged)
+    return log
+
+
+def test_side_by_side_rows_interleave_their_runs_and_equal_rows_measured_alone(monkeypatch):
+    """Each row's runs were back to back, unpatched first: one stalled baseline run (seen once: 479 ms against
+    1.8 ms) skewed every speed-up of its batch. Now each round runs every configuration once."""
+    model, inputs = tiny.build("llava"), tiny.batch("llava", [0, 1])
+    configs = [(None, None), ("pool", {"keep": 3}), ("fastv", {"keep": 2})]
+    log, rounds = _generate_log(model, monkeypatch), []
+    rows = bench.measure_side_by_side(model, inputs, configs, new_tokens=2, reps=3, warmup=2,
+                                      done=lambda r: rounds.append([(x.method, x.runs) for x in r]))
+    assert log == [None, None, "pool", "pool", "fastv", "fastv"] + [None, "pool", "fastv"] * 3
+    assert rounds == [[("unpatched", k), ("pool", k), ("fastv", k)] for k in (1, 2, 3)]
+    assert not hasattr(model, "_vtprune")
+    for (method, options), row in zip(configs, rows):
+        alone = bench.measure(tiny.build("llava"), inputs, method, options, new_tokens=2, reps=1, warmup=0)
+        assert (row.method, row.options, row.runs) == (alone.method, alone.options or {}, 3)
+        assert (row.kv_bytes, row.visual_tokens, row.path) == (alone.kv_bytes, alone.visual_tokens, "eager")
+        assert row.spread["prefill"][0] <= row.prefill_ms <= row.spread["prefill"][1]
+
+
+def test_a_refused_configuration_fails_before_any_run_is_timed(monkeypatch):
+    model, inputs = tiny.build("llava"), tiny.batch("llava", [0])
+    log = _generate_log(model, monkeypatch)
+    with pytest.raises(ValueError):
+        bench.measure_side_by_side(model, inputs, [(None, None), ("random", {"ratio": 5})], new_tokens=2, reps=2,
+                                   done=lambda r: pytest.fail("a round finished"))
+    assert log == [None] and not hasattr(model, "_vtprune")
+
+
+def test_bench_command_keeps_the_rounds_of_a_run_cut_short(tmp_path, monkeypatch, capsys):
+    import vtprune
     from vtprune.cli import main
-    from vtprune.eval import bench
 
-    measure, calls = bench.measure, []
+    pruned, calls = vtprune.pruned, []
 
-    def measure_then_stop(*a, **k):  # the third row never comes (a timeout, say)
-        calls.append(1)
-        if len(calls) == 3:
+    def pruned_then_stop(*a, **k):  # the second round's random row never comes (a timeout, say)
+        calls.append(a[1])
+        # the options checked on the model, warm-up + KV, round 1, round 2's pool, then its random
+        if len(calls) == 4 * 2:
             raise KeyboardInterrupt
-        return measure(*a, **k)
+        return pruned(*a, **k)
 
-    monkeypatch.setattr(bench, "measure", measure_then_stop)
+    monkeypatch.setattr(vtprune, "pruned", pruned_then_stop)
     out = tmp_path / "b.json"
     with pytest.raises(SystemExit) as exit_:  # Ctrl-C: one line, exit status 130
         main(["bench", "--model", "tiny-test-llava", "--methods", "pool,random", "--keep", "4", "--batch", "1",
-              "--new-tokens", "2", "--reps", "1", "--out", str(out)])
+              "--new-tokens", "2", "--reps", "3", "--out", str(out)])
     assert exit_.value.code == 130
+    assert calls == ["pool", "random"] * 4  # (unpatched rows use unpatched(), not pruned())
     rec = json.loads(out.read_text())
-    assert rec["complete"] is False and [r["method"] for r in rec["rows"]] == ["unpatched", "pool"]
-    assert (tmp_path / "b.md").read_text().count("\n") == 2 + 2
+    # round 1 finished: every row, each over one run
+    assert rec["complete"] is False and [(r["method"], r["runs"]) for r in rec["rows"]] == [
+        ("unpatched", 1), ("pool", 1), ("random", 1)]
+    assert (tmp_path / "b.md").read_text().count("\n") == 2 + 3
+    assert "batch   1 eager    round 1 of 3 done" in capsys.readouterr().out
 
 
 def test_bench_compiled_path_rows_side_by_side(tmp_path):
@@ -492,11 +539,12 @@ def test_cli_list_options_strip_and_deduplicate_and_ctrl_c_is_one_line(monkeypat
         cli._ratios("0.5,abc")
     seen = []
 
-    monkeypatch.setattr(bench, "measure", lambda model, inputs, method, *a, **k: (
-        seen.append((inputs["input_ids"].shape[0], method)), (_ for _ in ()).throw(KeyboardInterrupt))[1])
+    monkeypatch.setattr(bench, "measure_side_by_side", lambda model, inputs, configs, *a, **k: (
+        seen.append((inputs["input_ids"].shape[0], configs)), (_ for _ in ()).throw(KeyboardInterrupt))[1])
     with pytest.raises(SystemExit) as exit_:
         cli.main(["bench", "--model", "tiny-test-llava", "--keep", "4", "--methods", "random, divprune", "--batch", "1,,1"])
-    assert exit_.value.code == 130 and seen == [(1, None)]
+    assert exit_.value.code == 130
+    assert seen == [(1, [(None, None), ("random", {"keep": 4}), ("divprune", {"keep": 4})])]
     err = capsys.readouterr().err
     assert err.startswith("vtprune bench: interrupted") and "Traceback" not in err
 

@@ -109,8 +109,8 @@ def test_bench_figures_are_medians(monkeypatch):
 
 
 def fake_measure(monkeypatch) -> list:
-    """bench.measure replaced by a stand-in that returns a unit row: the list of its calls' (compiled, method,
-    warmup)."""
+    """bench.measure and measure_side_by_side replaced by stand-ins that return unit rows: the list of the rows'
+    (compiled, method, warmup)."""
     seen = []
 
     def fake(model, inputs, method, options, new_tokens, reps, warmup=1, compiled=None):
@@ -118,7 +118,11 @@ def fake_measure(monkeypatch) -> list:
         return bench.BenchRow(method or "unpatched", options or {}, 1, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, None, 1,
                               "compiled" if compiled is not None else "eager")
 
+    def side_by_side(model, inputs, configs, new_tokens, reps, warmup=1, done=None):
+        return [fake(model, inputs, method, options, new_tokens, reps, warmup) for method, options in configs]
+
     monkeypatch.setattr(bench, "measure", fake)
+    monkeypatch.setattr(bench, "measure_side_by_side", side_by_side)
     return seen
 
 

@@ -115,9 +115,10 @@ def test_a_speed_up_line_names_the_spread_of_its_rows_runs(results, benchmark_sc
     rec = json.loads((results / "bench_llava_next_7b.json").read_text())
     rec["rows"][0]["spread"] = {"prefill": [360.0, 380.5], "generate": [1.0, 1.0]}
     rec["rows"][1]["spread"] = {"prefill": [47.25, 49.0], "generate": [1.0, 1.0]}
+    rec["rows"][1]["runs"] = 2  # (the unpatched row: JSON from before the field)
     (results / "bench_llava_next_7b.json").write_text(json.dumps(rec))
     lines = {t["target"].split(":")[0]: t["source"] for t in benchmark_script("targets").check(results, _flops)
              if "LLaVA-NeXT" in t["target"]}
-    assert lines == {"divprune": "bench_llava_next_7b.json (eager rows; prefill runs 47.25-49.00 ms vs unpatched "
-                                 "360.00-380.50 ms)",
+    assert lines == {"divprune": "bench_llava_next_7b.json (eager rows; prefill runs 47.25-49.00 ms (2 runs) vs "
+                                 "unpatched 360.00-380.50 ms)",
                      "random": "bench_llava_next_7b.json (eager rows)", "fastv": "bench_llava_next_7b.json (eager rows)"}

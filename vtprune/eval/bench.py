@@ -12,13 +12,16 @@ events too: the library adds no host sync to time it). KV bytes: on the eager pa
 (dynamic) cache a prefill returns; on the compiled path, those of the static cache `generate`
 allocated, which is sized for the unpruned prompt plus the new tokens whether or not the prompt was
 pruned.
-Reported figures are medians over the repetitions after `warmup` untimed runs.
+Reported figures are medians over the repetitions after `warmup` untimed runs. `measure` times one row's
+runs back to back; `measure_side_by_side` (what `vtprune bench` runs on the plain path) interleaves the
+rows' runs, a round at a time, so that a stall or a drift in the machine's speed is shared by every row.
 
 `compiled={...}` measures the opt-in small-batch path (`vtprune.compile_llm`: the language model under
 `torch.compile`, a static KV cache); its rows are compared with the unpatched row of the same path.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
@@ -121,6 +124,7 @@ class BenchRow:
     selection_in_prefill_ms: float = 0.0  # the part of selection_ms inside prefill_ms (selection in the decoder)
     # [fastest, slowest] of the timed runs, per column: "prefill", "generate" (the columns above are medians)
     spread: dict = field(default_factory=dict)
+    runs: int = 0  # timed runs behind the medians (fewer than --reps in a run cut short)
 
     @property
     def prefill_with_selection_ms(self) -> float:
@@ -131,96 +135,162 @@ class BenchRow:
         return {**asdict(self), "prefill_with_selection_ms": self.prefill_with_selection_ms}
 
 
-@torch.no_grad()
-def measure(model, inputs: dict, method: str | None = None, options: dict | None = None, new_tokens: int = 8,
-            reps: int = 5, warmup: int = 1, compiled: dict | None = None) -> BenchRow:
-    """One row: `generate` timed `reps` times after `warmup` runs. `compiled`: measure the compiled path,
-    with these `vtprune.compile_llm` options ({} = its defaults); its first runs at a new shape compile,
-    so give it a few warm-up runs."""
-    import vtprune
+class _Config:
+    """One row's configuration (the unpatched model, or a strategy with its options; eager or compiled) and
+    its runs: `open()` sets it up on the model and takes it down again, `once()` times one `generate`."""
 
-    from ..patching import cache_length, compiled_options, set_cache_length, unpatched
+    def __init__(self, model, inputs: dict, method: str | None, options: dict | None, new_tokens: int,
+                 compiled: dict | None):
+        from ..patching import compiled_options
 
-    options = dict(options or {})
-    cuda = next(model.parameters()).is_cuda
-    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, suppress_tokens=_suppressed(model))
-    rows = []
-    callers = compiled_options(model)  # a model the caller compiled runs compiled: its rows are "compiled"
-    static = compiled is not None or callers is not None
-    with vtprune.pruned(model, method, **options) if method is not None else unpatched(model):
-        vision_t = _Timer(vision_module(model), cuda)
-        lm_t = _Timer(model.model.language_model, cuda)
+        self.model, self.inputs, self.method, self.options = model, inputs, method, dict(options or {})
+        self.compiled = compiled
+        self.cuda = next(model.parameters()).is_cuda
+        self.gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                        suppress_tokens=_suppressed(model))
+        self.callers = compiled_options(model)  # a model the caller compiled runs compiled: its rows are "compiled"
+        self.static = compiled is not None or self.callers is not None
         # compiled path: the bytes of the static cache generate() hands the language model, read after the
         # forward that allocates it. No reference is kept: each generate() makes a new cache, and one freed at
         # the end of the previous run can take the same address, which CUDA graphs (recorded on those
         # static addresses) need in order to replay instead of recording again.
-        static_kv = [None]
+        self.static_kv = None
 
-        def grab_cache(module, args, kwargs, output):
-            cache = kv_cache(kwargs)
-            if cache is not None:
-                static_kv[0] = kv_bytes(cache)
+    @contextlib.contextmanager
+    def open(self):
+        import vtprune
 
-        grab = model.model.language_model.register_forward_hook(grab_cache, with_kwargs=True) if static else None
-        # else the static cache of an earlier, longer prompt (generate() keeps the longest on the model) would be
-        # this row's KV figure; put back after
-        length = cache_length(model)
-        try:
-            if compiled is not None:
-                vtprune.compile_llm(model, **compiled)
-            set_cache_length(model, (False, None))  # after compile_llm: uncompiling a caller's compile puts one back
-            for _ in range(warmup + reps):
-                vision_t.reset()
-                lm_t.reset()
-                if cuda:
-                    torch.cuda.synchronize()
-                    base = torch.cuda.memory_allocated()
-                    torch.cuda.reset_peak_memory_stats()
-                t0 = time.perf_counter()
-                model.generate(**inputs, **gen)
-                if cuda:
-                    torch.cuda.synchronize()
-                total = (time.perf_counter() - t0) * 1e3
-                lm = lm_t.times_ms()
-                st = vtprune.stats(model) if method is not None else None
-                # the language model's first call, vtprune's work around it included (compacting the sequence,
-                # masks, positions) but not the selection made before the decoder: that is the selection column
-                before_llm = st.selection_ms - st.selection_in_llm_ms if st is not None else 0.0
-                rows.append(dict(
-                    vision=sum(vision_t.times_ms()), prefill=lm[0] - before_llm,
-                    decode=statistics.mean(lm[1:]) if len(lm) > 1 else None,  # (one new token: no decode step)
-                    generate=total, selection=st.selection_ms if st is not None else 0.0,
-                    in_llm=st.selection_in_llm_ms if st is not None else 0.0,
-                    peak=(torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None,
-                    visual=statistics.mean(visual_left(st, visual_token_counts(model.config, inputs)))
-                    if st is not None and st.visual_after else None))
-        finally:
-            vision_t.remove()
-            lm_t.remove()
-            if grab is not None:
-                grab.remove()
-            if compiled is not None:  # a model the caller compiled is compiled again with the caller's options
-                vtprune.uncompile_llm(model)
-                if callers is not None:
-                    vtprune.compile_llm(model, **callers)
-            set_cache_length(model, length)
-        if static:
-            kv = static_kv[0]  # the static cache, allocated in full
-        else:
-            kv = kv_bytes(kv_cache(model(**inputs, use_cache=True, logits_to_keep=1)))  # dynamic cache: what is held
-    timed = rows[warmup:]
+        from ..patching import cache_length, set_cache_length, unpatched
 
-    def med(key):
-        vals = [r[key] for r in timed if r[key] is not None]
-        return statistics.median(vals) if vals else None
+        model = self.model
+        with vtprune.pruned(model, self.method, **self.options) if self.method is not None else unpatched(model):
+            self.vision_t = _Timer(vision_module(model), self.cuda)
+            self.lm_t = _Timer(model.model.language_model, self.cuda)
 
-    spread = {k: [min(r[k] for r in timed), max(r[k] for r in timed)] for k in ("prefill", "generate")}
-    visual = med("visual")
-    if visual is None:  # unpatched (or nothing pruned): the placeholders in the input
-        visual = statistics.mean(visual_token_counts(model.config, inputs))
-    return BenchRow(method or "unpatched", options, inputs["input_ids"].shape[0], visual,
-                    med("vision"), med("selection"), med("prefill"), med("decode"), med("generate"), med("peak"), kv,
-                    "compiled" if static else "eager", med("in_llm"), spread)
+            def grab_cache(module, args, kwargs, output):
+                cache = kv_cache(kwargs)
+                if cache is not None:
+                    self.static_kv = kv_bytes(cache)
+
+            grab = model.model.language_model.register_forward_hook(grab_cache, with_kwargs=True) if self.static else None
+            # else the static cache of an earlier, longer prompt (generate() keeps the longest on the model) would
+            # be this row's KV figure; put back after
+            length = cache_length(model)
+            try:
+                if self.compiled is not None:
+                    vtprune.compile_llm(model, **self.compiled)
+                set_cache_length(model, (False, None))  # after compile_llm: uncompiling a caller's compile puts one back
+                yield self
+            finally:
+                self.vision_t.remove()
+                self.lm_t.remove()
+                if grab is not None:
+                    grab.remove()
+                if self.compiled is not None:  # a model the caller compiled is compiled again with its options
+                    vtprune.uncompile_llm(model)
+                    if self.callers is not None:
+                        vtprune.compile_llm(model, **self.callers)
+                set_cache_length(model, length)
+
+    def once(self) -> dict:
+        """One `generate`, timed (inside `open()`)."""
+        import vtprune
+
+        model = self.model
+        self.vision_t.reset()
+        self.lm_t.reset()
+        if self.cuda:
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        model.generate(**self.inputs, **self.gen)
+        if self.cuda:
+            torch.cuda.synchronize()
+        total = (time.perf_counter() - t0) * 1e3
+        lm = self.lm_t.times_ms()
+        st = vtprune.stats(model) if self.method is not None else None
+        # the language model's first call, vtprune's work around it included (compacting the sequence, masks,
+        # positions) but not the selection made before the decoder: that is the selection column
+        before_llm = st.selection_ms - st.selection_in_llm_ms if st is not None else 0.0
+        return dict(
+            vision=sum(self.vision_t.times_ms()), prefill=lm[0] - before_llm,
+            decode=statistics.mean(lm[1:]) if len(lm) > 1 else None,  # (one new token: no decode step)
+            generate=total, selection=st.selection_ms if st is not None else 0.0,
+            in_llm=st.selection_in_llm_ms if st is not None else 0.0,
+            peak=(torch.cuda.max_memory_allocated() - base) / 2**20 if self.cuda else None,
+            visual=statistics.mean(visual_left(st, visual_token_counts(model.config, self.inputs)))
+            if st is not None and st.visual_after else None)
+
+    def kv(self) -> int:
+        """The row's KV bytes (inside `open()`, after a run): the static cache, allocated in full, or the dynamic
+        cache a prefill returns, what it holds."""
+        if self.static:
+            return self.static_kv
+        return kv_bytes(kv_cache(self.model(**self.inputs, use_cache=True, logits_to_keep=1)))
+
+    def row(self, timed: list[dict], kv: int) -> BenchRow:
+        """The row from its timed runs: medians, and the prefill's and generate's spread."""
+        def med(key):
+            vals = [r[key] for r in timed if r[key] is not None]
+            return statistics.median(vals) if vals else None
+
+        spread = {k: [min(r[k] for r in timed), max(r[k] for r in timed)] for k in ("prefill", "generate")}
+        visual = med("visual")
+        if visual is None:  # unpatched (or nothing pruned): the placeholders in the input
+            visual = statistics.mean(visual_token_counts(self.model.config, self.inputs))
+        return BenchRow(self.method or "unpatched", self.options, self.inputs["input_ids"].shape[0], visual,
+                        med("vision"), med("selection"), med("prefill"), med("decode"), med("generate"), med("peak"),
+                        kv, "compiled" if self.static else "eager", med("in_llm"), spread, len(timed))
+
+
+@torch.no_grad()
+def measure(model, inputs: dict, method: str | None = None, options: dict | None = None, new_tokens: int = 8,
+            reps: int = 5, warmup: int = 1, compiled: dict | None = None) -> BenchRow:
+    """One row: `generate` timed `reps` times after `warmup` runs, back to back. `compiled`: measure the
+    compiled path, with these `vtprune.compile_llm` options ({} = its defaults); its first runs at a new shape
+    compile, so give it a few warm-up runs."""
+    config = _Config(model, inputs, method, options, new_tokens, compiled)
+    with config.open():
+        runs = [config.once() for _ in range(warmup + reps)]
+        kv = config.kv()
+    return config.row(runs[warmup:], kv)
+
+
+@torch.no_grad()
+def measure_side_by_side(model, inputs: dict, configs: list[tuple[str | None, dict | None]], new_tokens: int = 8,
+                         reps: int = 5, warmup: int = 1, done=None) -> list[BenchRow]:
+    """Rows of `configs` ((method, options); method None: the unpatched model) on the plain path, their timed
+    runs interleaved: after each configuration's `warmup` runs, round r runs each configuration once, in turn,
+    so that a stall or a drift in the machine's speed (clocks, another process) falls on every row alike
+    instead of on one. `done(rows)`, if given, is called after each round with the rows so far (medians
+    over the rounds finished). A model the caller compiled (`vtprune.compile_llm`) has its rows measured one
+    after the other, as `measure` does: switching configuration between runs would recompile it."""
+    from ..patching import compiled_options
+
+    if compiled_options(model) is not None:
+        rows = []
+        for method, options in configs:
+            rows.append(measure(model, inputs, method, options, new_tokens, reps, warmup))
+            if done is not None:
+                done(list(rows))
+        return rows
+    runs = [_Config(model, inputs, method, options, new_tokens, None) for method, options in configs]
+    kvs, timed = [], [[] for _ in runs]
+    for config in runs:
+        with config.open():
+            for _ in range(warmup):
+                config.once()
+            kvs.append(config.kv())  # (before the rounds: a strategy the model refuses fails before any is timed)
+    rows = []
+    for _ in range(reps):
+        for config, times in zip(runs, timed):
+            with config.open():
+                times.append(config.once())
+        rows = [config.row(times, kv) for config, times, kv in zip(runs, timed, kvs)]
+        if done is not None:
+            done(rows)
+    return rows
 
 
 NOISY = 1.5  # markdown() lists the rows whose slowest timed run took over this many times their fastest
