@@ -118,7 +118,9 @@ class Run:
     # read is a host sync per decode step; its reset() and crop() keep this (see _Follow)
     decoded: int = 0
     step: int = 0  # tokens the decode forward now running feeds (added to `decoded` when it returns)
-    no_pads: bool | None = None  # the pruned prompt's mask is all ones (read once, at the first decode step asking)
+    # per group, its mask is all ones (no padding): read once, for every group in one read, at the first decode
+    # step asking
+    no_pads: list | None = None
     changed: bool = False
     owner: str = ""  # PatchState.token of the configuration that pruned this prefill
     method: str = ""  # its strategy's name (for errors)
@@ -131,6 +133,7 @@ class Run:
     # per-forward scratch, cleared when the language model returns
     prefill: bool = True
     incoming_mask: torch.Tensor | None = None
+    maskless: bool = False  # a decode step of one token passed with no mask (nothing padded): see _layer_pre
     masks: dict = field(default_factory=dict)
     pos_emb: dict = field(default_factory=dict)
     captured: dict = field(default_factory=dict)
@@ -165,11 +168,12 @@ class Run:
         less group 0's). M-RoPE: the model's rope_deltas are raised by this during a decode step."""
         return self.orig_len - self.groups[0].mask.shape[1]
 
-    def unpadded(self) -> bool:
-        """The pruned prompt holds no padding (one host read, the first time)."""
+    def unpadded(self, group: int = 0) -> bool:
+        """The pruned prompt holds no padding in `group`'s layers (one host read for every group, the first
+        time)."""
         if self.no_pads is None:
-            self.no_pads = bool(self.groups[0].mask.bool().all())
-        return self.no_pads
+            self.no_pads = torch.stack([g.mask.bool().all() for g in self.groups]).tolist()
+        return self.no_pads[group]
 
     def end_forward(self):
         self.prefill = False
@@ -841,6 +845,7 @@ class PatchState:
             kwargs["attention_mask"] = None
         else:
             kwargs["attention_mask"] = mask
+        run.maskless = kwargs["attention_mask"] is None and q == 1
         if run.shifted or kwargs.get("position_ids") is None:
             pos = kwargs.get("position_ids")
             if pos is None:
@@ -869,6 +874,10 @@ class PatchState:
         hidden = args[0] if args else kwargs["hidden_states"]
         layer_type = layer_kind(self.lm.config, i)
         key = (gi, layer_type)
+        if key not in run.masks and run.maskless and layer_type == "full_attention" and run.unpadded(gi):
+            # one new token, no padding in the group's cache: it attends to every key, as the layers before
+            # do, with no mask (building one cost more host time per step than the layer's attention here)
+            run.masks[key] = None
         if key not in run.masks:
             mask2d = group.mask if run.prefill else torch.cat(
                 [group.mask.to(run.incoming_mask.dtype), run.incoming_mask[:, run.orig_len:]], dim=1
