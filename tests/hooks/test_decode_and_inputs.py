@@ -487,6 +487,48 @@ def test_a_new_turn_on_a_pruned_cache_equals_feeding_it_one_token_at_a_time(mode
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("samples", [[0, 1], [2]])  # left padding; one sample, whose all-ones mask generate() drops
+def test_a_chunked_new_turn_on_a_pruned_cache_is_refused_where_its_masks_would_be_cut_short(model_factory, family,
+                                                                                             samples):
+    """generate(prefill_chunk_size=...) continuing a pruned cache cuts each chunk's mask and positions at the
+    cache's length plus the chunk's: after pruning before the decoder, `short` columns short of the whole
+    sequence's. Each chunk was read as a whole new turn (logits 0.17 off on LLaVA), or the new tokens alone were
+    placed `short` positions early (1.6e-3 off at batch 1), silently. That is refused. Chunked equals unchunked
+    where nothing is cut short: after fastv (a cache as long as the sequence) and for a whole conversation in
+    one chunk."""
+    import copy
+
+    model = model_factory(family)
+    inputs = tiny.batch(family, samples)
+    gen = dict(max_new_tokens=3, output_logits=True, return_dict_in_generate=True, **tiny.GEN)
+    for method in ("divprune", "fastv"):
+        vtprune.patch(model, method, keep=2)
+        with torch.no_grad():
+            first = model.generate(**inputs, **gen)
+            seq, cache = first.sequences, first.past_key_values
+            whole = torch.cat([seq, torch.arange(11, 25).expand(len(samples), -1)], 1)
+            types = _conversation(inputs, whole)
+            unseen = {"input_ids": whole[:, seq.shape[1] - 1:], "attention_mask": types["attention_mask"],
+                      **{k: v[:, seq.shape[1] - 1:] for k, v in types.items() if k != "attention_mask"}}
+            want = model.generate(input_ids=whole, **types, **{CACHE: copy.deepcopy(cache)}, **gen)
+            short = whole.shape[1] - cache.get_seq_length() - unseen["input_ids"].shape[1]
+            assert short == (inputs["input_ids"].shape[1] - vtprune.stats(model).layout.shape[1] if method == "divprune"
+                             else 0)
+            for call, fed in (({"input_ids": whole, **types}, short + 15), (unseen, 15)):
+                for size in (4, fed):
+                    refused = method == "divprune" and (size < fed or call is unseen)
+                    if refused:
+                        with pytest.raises(NotImplementedError, match=rf"prefill_chunk_size={size}\) on a KV cache "
+                                           rf"pruned before the decoder cuts the mask and positions of the {fed} tokens "
+                                           rf"it feeds at the cache's length, {short} columns short"):
+                            model.generate(**call, **{CACHE: copy.deepcopy(cache)}, **gen, prefill_chunk_size=size)
+                        continue
+                    got = model.generate(**call, **{CACHE: copy.deepcopy(cache)}, **gen, prefill_chunk_size=size)
+                    assert torch.equal(got.sequences[:, -3:], want.sequences[:, -3:]), (method, size)
+                    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(got.logits, want.logits)), (method, size)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_a_new_turn_on_a_pruned_static_cache_equals_one_on_a_dynamic_cache(model_factory, family):
     """The same new turn (the whole conversation given) on the static cache a pruned generate() filled."""
     import copy

@@ -468,10 +468,24 @@ class PatchState:
         # length on, `short` tokens it holds already; the forward is told, as its mask may not come with it
         cache = kv_cache(model_kwargs)
         am = model_kwargs.get("attention_mask")
-        if (self._own_run(cache) is not None and ids is not None and ids.dim() == 2
-                and model_kwargs.get("inputs_embeds") is None and (am is None or am.shape[-1] == ids.shape[-1])):
+        run = self._own_run(cache)
+        if run is not None and ids is not None and ids.dim() == 2 and model_kwargs.get("inputs_embeds") is None:
             length = int(cache.get_seq_length())
-            if length > 0:
+            # generate() cuts the whole conversation at the cache's length (else it feeds all the ids given)
+            whole = (am.shape[-1] if am is not None else getattr(config, "_mask_length", -1)) == ids.shape[-1]
+            fed = ids.shape[-1] - length if whole else ids.shape[-1]
+            # chunked, it cuts each chunk's mask and positions at the (pruned) cache's length plus the chunk's,
+            # `short` columns short of the whole sequence's (a chunk was read as a whole new turn, or placed
+            # `short` positions early), except for one chunk of the whole conversation, which ends where it does
+            if chunk is not None and run.short and length > 0 and (fed > chunk or not whole):
+                raise NotImplementedError(
+                    f"vtprune: generate(prefill_chunk_size={chunk}) on a KV cache pruned before the decoder cuts the "
+                    f"mask and positions of the {fed} tokens it feeds at the cache's length, {run.short} columns short "
+                    "of the whole sequence's; pass prefill_chunk_size=None" + (
+                        f" or one of at least {fed} tokens" if whole else
+                        ", or the whole conversation as input_ids with a prefill_chunk_size of at least the tokens it "
+                        "then feeds (those the cache lacks and the pruned ones)"))
+            if length > 0 and (am is None or am.shape[-1] == ids.shape[-1]):
                 self.turn = ids.shape[-1] - length
         try:
             return original(*args, **kwargs)
