@@ -129,6 +129,18 @@ def test_host_syncs_script_writes_its_rows_and_command(benchmark_script, tmp_pat
     assert "| llava | random | 8 |" in capsys.readouterr().out
 
 
+def test_decode_overhead_script_counts_each_row_s_calls_per_step_beside_unpatched(benchmark_script, tmp_path, capsys):
+    script = benchmark_script("decode_overhead")
+    out = tmp_path / "decode.json"
+    rows = script.main(["--layers", "4", "--methods", "fastv", "--steps", "2", "--reps", "1", "--out", str(out)])
+    assert [(r["method"], r["batch"], r["layers"]) for r in rows] == [("unpatched", 1, 4), ("fastv", 1, 4)]
+    assert rows[0]["calls_added"] == 0 and rows[1]["calls_added"] > 0 and rows[0]["decode_ratio"] == 1
+    assert rows[1]["calls_per_step"] == rows[0]["calls_per_step"] + rows[1]["calls_added"]
+    saved = __import__("json").loads(out.read_text())
+    assert saved["rows"] == rows and saved["command"].startswith("python benchmarks/decode_overhead.py --layers 4")
+    assert "| 1 | fastv |" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_decode_steps_on_a_pruned_static_cache_read_back_no_more_than_unpatched(model_factory, host_syncs, family):
     """generate() on a static cache (the compiled path's) reads nothing back per decode step, so the host queues

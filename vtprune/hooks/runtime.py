@@ -134,6 +134,7 @@ class Run:
     prefill: bool = True
     incoming_mask: torch.Tensor | None = None
     maskless: bool = False  # a decode step of one token passed with no mask (nothing padded): see _layer_pre
+    bare: bool = False  # ... where no layer after a drop needs one either (all attend in full, no group padded)
     masks: dict = field(default_factory=dict)
     pos_emb: dict = field(default_factory=dict)
     captured: dict = field(default_factory=dict)
@@ -247,6 +248,11 @@ class PatchState:
         # decoder layers with attention (a hybrid model's others are linear attention: no attention map, and in
         # some transformers no position count in the cache, so the cache length is read at the first of these)
         self.attention_ids = [i for i, layer in enumerate(self.layers) if hasattr(layer, "self_attn")]
+        self.kinds = [layer_kind(self.lm.config, i) for i in range(n_layers)]  # (read per layer per decode step)
+        # every layer after the first drop attends in full: at a one-token decode step with nothing padded none
+        # needs a mask (see _decode)
+        self.full_after_drop = all(k == "full_attention" for k in self.kinds[self.drop_layers[0] + 1:]) \
+            if self.drop_layers else False
         self.length_layer = self.attention_ids[0] if self.attention_ids else 0
         for p in self.attn_layers + ([p + 1 for p in self.drop_layers] if method.reads_next_attention else []):
             self._attention_module(p)
@@ -860,6 +866,7 @@ class PatchState:
         else:
             kwargs["attention_mask"] = mask
         run.maskless = kwargs["attention_mask"] is None and q == 1
+        run.bare = run.maskless and self.full_after_drop and all(run.unpadded(g) for g in range(len(run.groups)))
         if run.shifted or kwargs.get("position_ids") is None:
             pos = kwargs.get("position_ids")
             if pos is None:
@@ -882,11 +889,14 @@ class PatchState:
         run = self.current
         if run is None:
             return None
+        if run.bare:  # (the fast path of the None masks below: this hook runs at every layer of every step)
+            kwargs["attention_mask"] = None
+            return args, kwargs
         gi, group = run.group_for(i)
         if gi == 0:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
-        layer_type = layer_kind(self.lm.config, i)
+        layer_type = self.kinds[i]
         key = (gi, layer_type)
         if key not in run.masks and run.maskless and layer_type == "full_attention" and run.unpadded(gi):
             # one new token, no padding in the group's cache: it attends to every key, as the layers before
@@ -955,7 +965,7 @@ class PatchState:
 
     def _window(self, i: int) -> int | None:
         """Decoder layer i's sliding window, or None for full attention."""
-        return self.lm.config.sliding_window if layer_kind(self.lm.config, i) == "sliding_attention" else None
+        return self.lm.config.sliding_window if self.kinds[i] == "sliding_attention" else None
 
     def _deepstack(self, i, module, args, output):
         """Qwen3-VL: add layer i's deepstack features at the visual slots of the current layout, as the
