@@ -294,6 +294,7 @@ def _bench(args) -> int:
 
     for b in batches:
         inputs = models.to_model(models.calibration(task, model, processor, b, batch_size=b, frames=args.frames)[0], model)
+
         def show(row):
             print(f"batch {b:3d} {row.path:<8} {row.method:<13} prefill {row.prefill_ms:8.2f} ms  generate "
                   f"{row.generate_ms:9.1f} ms  KV {row.kv_bytes / 2**20:.3f} MiB", flush=True)
