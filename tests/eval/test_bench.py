@@ -149,6 +149,8 @@ def test_a_refused_configuration_fails_before_any_run_is_timed(monkeypatch):
         bench.measure_side_by_side(model, inputs, [(None, None), ("random", {"ratio": 5})], new_tokens=2, reps=2,
                                    done=lambda r: pytest.fail("a round finished"))
     assert log == [None] and not hasattr(model, "_vtprune")
+    with pytest.raises(ValueError, match="reps must be at least 1"):  # (no round: it returned no rows)
+        bench.measure_side_by_side(model, inputs, [(None, None)], reps=0)
 
 
 def test_bench_command_keeps_the_rounds_of_a_run_cut_short(tmp_path, monkeypatch, capsys):

@@ -268,6 +268,8 @@ def measure_side_by_side(model, inputs: dict, configs: list[tuple[str | None, di
     after the other, as `measure` does: switching configuration between runs would recompile it."""
     from ..patching import compiled_options
 
+    if reps < 1:
+        raise ValueError(f"reps must be at least 1 (the rows are medians of timed runs), got {reps}")
     if compiled_options(model) is not None:
         rows = []
         for method, options in configs:
