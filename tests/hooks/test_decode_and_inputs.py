@@ -529,6 +529,45 @@ def test_a_chunked_new_turn_on_a_pruned_cache_is_refused_where_its_masks_would_b
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("samples", [[0, 1], [2]])
+def test_a_dynamic_cache_cropped_back_to_its_pruned_prompt_continues_and_one_cropped_into_it_is_refused(
+        model_factory, family, samples):
+    """crop(-k) of the cache a pruned generate() returned: back to the prompt, a new turn equals a fresh
+    generate() of prompt + turn (divprune, which the turn does not change), and the decoded tokens fed again give
+    their logits again (fastv, whose later layers hold fewer positions). Cut into the pruned prompt, the next
+    forward failed with "decode steps need the 2-D attention mask that grows from the prompt's"; now it says
+    what happened (a static cache refuses the crop itself)."""
+    import copy
+
+    inputs = tiny.batch(family, samples)
+    gen = dict(max_new_tokens=3, output_logits=True, return_dict_in_generate=True, **tiny.GEN)
+    turn = torch.arange(11, 16).expand(len(samples), -1)
+    whole = torch.cat([inputs["input_ids"], turn], 1)
+    conversation = {"input_ids": whole, **_conversation(inputs, whole)}
+    for method in ("divprune", "fastv"):
+        model = model_factory(family)
+        vtprune.patch(model, method, keep=2)
+        with torch.no_grad():
+            first = model.generate(**inputs, **gen)
+            back = copy.deepcopy(first.past_key_values)
+            back.crop(-2)  # the two decoded positions (the third token was never fed)
+            if method == "divprune":
+                fresh = model.generate(**{**inputs, **conversation}, **gen)  # (the images again: a fresh prefill)
+                got = model.generate(**conversation, **{CACHE: back}, **gen)
+                assert torch.equal(got.sequences[:, -3:], fresh.sequences[:, -3:])
+                assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(got.logits, fresh.logits))
+            else:
+                fed = first.sequences[:, :-1]  # the prompt and the two tokens cropped: the last logits again
+                again = model.generate(input_ids=fed, **_conversation(inputs, fed), **{CACHE: back}, **gen)
+                torch.testing.assert_close(again.logits[0], first.logits[-1], rtol=1e-5, atol=1e-5)
+            into = copy.deepcopy(first.past_key_values)
+            into.crop(-4)
+            with pytest.raises(NotImplementedError, match=r"this KV cache was cropped into its pruned prompt: it holds "
+                                                          r"\d+ of the \d+ positions the prompt kept\. A pruned prompt"):
+                model.generate(**conversation, **{CACHE: into}, **gen)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_a_new_turn_on_a_pruned_static_cache_equals_one_on_a_dynamic_cache(model_factory, family):
     """The same new turn (the whole conversation given) on the static cache a pruned generate() filled."""
     import copy

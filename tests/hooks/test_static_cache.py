@@ -184,8 +184,8 @@ def test_a_static_cache_follows_reset_and_crop_without_reading_its_length(model_
             mask = torch.ones(1, n + j + 1, dtype=torch.long)
             again = model(input_ids=ids[:, j:j + 1], attention_mask=mask, use_cache=True, **arg).logits
             torch.testing.assert_close(again, steps[j], rtol=0, atol=1e-6)
-        with pytest.raises(NotImplementedError, match=r"crop\(-4\) of a static cache holding a pruned prefill: only "
-                                                      "the 3 positions decoded since"):
+        with pytest.raises(NotImplementedError, match=r"crop\(-4\) of a static cache holding a pruned prefill would "
+                                                      "cut into the prompt or more: 3 positions were decoded since"):
             cache.crop(-4)
         mask = torch.ones(1, n + 4, dtype=torch.long)  # the twin: 3 decoded, its own count
         after = model(input_ids=torch.tensor([[8]]), attention_mask=mask, use_cache=True,

@@ -540,6 +540,11 @@ class PatchState:
                 self._track(cache, run)
             if compileable(cache) and length is not None:  # (its length was read above: the count from it)
                 run.decoded = length - run.groups[0].mask.shape[1]
+            elif not compileable(cache) and self._held(cache, run) < run.groups[0].mask.shape[1]:
+                # crop(-k) past the positions decoded since (a static cache refuses that crop itself: _Follow)
+                raise NotImplementedError(_crop_message(
+                    f"this KV cache was cropped into its pruned prompt: it holds {self._held(cache, run)} of the "
+                    f"{run.groups[0].mask.shape[1]} positions the prompt kept"))
             am = kwargs.get("attention_mask")
             if isinstance(am, torch.Tensor) and am.dim() == 2 and embeds.shape[1] > 1:
                 held = self._held(cache, run)
@@ -1220,6 +1225,12 @@ class _CacheMethod:
         return type(self), (self.cache(), self.previous, self.name)
 
 
+def _crop_message(what: str) -> str:
+    return (f"vtprune: {what}. A pruned prompt is in the pruned layout, so only the positions decoded since can be "
+            "cropped (by a negative count); to go back into the prompt, start from a fresh cache or a copy taken "
+            "before")
+
+
 class _Follow(_CacheMethod):
     """A static cache's `reset` or `crop` (by `name`) while it holds a pruned prefill: the record follows it
     without reading the cache's length (a device tensor, a host sync per decode step): reset() forgets it (the
@@ -1238,9 +1249,9 @@ class _Follow(_CacheMethod):
             return out
         k = args[0] if args else next(iter(kwargs.values()))
         if not isinstance(k, int) or k > 0 or -k > run.decoded:
-            raise NotImplementedError(
-                f"vtprune: crop({k!r}) of a static cache holding a pruned prefill: only the {run.decoded} positions "
-                "decoded since can be removed, by a negative count (its prompt is in the pruned layout)")
+            raise NotImplementedError(_crop_message(
+                f"crop({k!r}) of a static cache holding a pruned prefill would cut into the prompt or more: "
+                f"{run.decoded} positions were decoded since"))
         out = method(*args, **kwargs)
         run.decoded += k
         return out
