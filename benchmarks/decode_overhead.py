@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import json
 import pstats
 import sys
 from pathlib import Path
@@ -25,6 +24,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # (benc
 sys.path.insert(0, str(HERE.parent))                                     # `kernels` package transformers imports)
 
 import torch  # noqa: E402
+
+from vtprune.eval.bench import save_script_record  # noqa: E402
 
 
 def model_of_depth(layers: int):
@@ -96,9 +97,7 @@ def main(argv=None) -> list[dict]:
         print(f"| {r['batch']} | {r['method']} | {r['calls_per_step']:g} | {r['calls_added']:g} | "
               f"{r['decode_ms_per_token']:.3f} | {r['decode_ratio']:.3f}x |")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"command": "python benchmarks/decode_overhead.py " + " ".join(
-            argv if argv is not None else sys.argv[1:]), "rows": found}, indent=1) + "\n")
+        save_script_record(args.out, "decode_overhead.py", argv, rows=found)
     return found
 
 

@@ -13,7 +13,6 @@ for strategies that prune before the decoder (a static cache cannot hold drops i
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,6 +22,8 @@ sys.path.insert(0, str(HERE.parent))                                     # `kern
 
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from vtprune.eval.bench import save_script_record  # noqa: E402
 
 
 class HostSyncs(TorchDispatchMode):
@@ -118,9 +119,7 @@ def main(argv=None) -> list[dict]:
               f"{cell(r['decode_unpatched'])} | {cell(r['decode_added'])} | {cell(r['static_decode_unpatched'])} | "
               f"{cell(r['static_decode_added'])} |")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"command": "python benchmarks/host_syncs.py " + " ".join(
-            argv if argv is not None else sys.argv[1:]), "rows": found}, indent=1) + "\n")
+        save_script_record(args.out, "host_syncs.py", argv, rows=found)
     return found
 
 

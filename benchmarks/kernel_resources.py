@@ -37,6 +37,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
+from vtprune.eval.bench import save_script_record  # noqa: E402
+
 TYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
          torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
@@ -179,10 +181,7 @@ def main(argv=None) -> int:
     print(f"{len(rows)} launches for {sm} with Triton {triton.__version__}: {len(failed)} failed to compile, "
           f"{len(spilled)} spill")
     if args.out:
-        Path(args.out).write_text(json.dumps({"command": "python benchmarks/kernel_resources.py "
-                                              + " ".join(argv if argv is not None else sys.argv[1:]),
-                                              "arch": sm, "triton": triton.__version__, "launches": rows}, indent=1)
-                                  + "\n")
+        save_script_record(args.out, "kernel_resources.py", argv, arch=sm, triton=triton.__version__, launches=rows)
     return 1 if failed or (args.no_spills and spilled) else 0
 
 

@@ -22,8 +22,10 @@ rows' runs, a round at a time, so that a stall or a drift in the machine's speed
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -78,6 +80,13 @@ def save_text(path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def save_script_record(path, script: str, argv, **record) -> None:
+    """A benchmarks/ script's JSON record at `path`: the command that made it (`script` with `argv`, or the
+    process's own arguments where `argv` is None), then `record`'s fields."""
+    args = argv if argv is not None else sys.argv[1:]
+    save_text(path, json.dumps({"command": f"python benchmarks/{script} " + " ".join(args), **record}, indent=1) + "\n")
 
 
 def vision_module(model) -> torch.nn.Module:
