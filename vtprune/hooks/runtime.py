@@ -540,11 +540,14 @@ class PatchState:
                 self._track(cache, run)
             if compileable(cache) and length is not None:  # (its length was read above: the count from it)
                 run.decoded = length - run.groups[0].mask.shape[1]
-            elif not compileable(cache) and self._held(cache, run) < run.groups[0].mask.shape[1]:
-                # crop(-k) past the positions decoded since (a static cache refuses that crop itself: _Follow)
-                raise NotImplementedError(_crop_message(
-                    f"this KV cache was cropped into its pruned prompt: it holds {self._held(cache, run)} of the "
-                    f"{run.groups[0].mask.shape[1]} positions the prompt kept"))
+            elif not compileable(cache):
+                # crop(-k) past the positions decoded since (a static cache refuses that crop itself: _Follow);
+                # (`length` is layer 0's, where group 0 holds it, unless a hybrid model's first attention is later)
+                held = length if self.length_layer == 0 else self._held(cache, run)
+                if held < run.groups[0].mask.shape[1]:
+                    raise NotImplementedError(_crop_message(
+                        f"this KV cache was cropped into its pruned prompt: it holds {held} of the "
+                        f"{run.groups[0].mask.shape[1]} positions the prompt kept"))
             am = kwargs.get("attention_mask")
             if isinstance(am, torch.Tensor) and am.dim() == 2 and embeds.shape[1] > 1:
                 held = self._held(cache, run)
