@@ -787,6 +787,34 @@ def test_one_token_decode_steps_after_an_in_llm_drop_pass_no_mask_where_nothing_
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
 
 
+def test_a_group_s_position_ids_are_made_once_per_prefill_not_per_layer(monkeypatch):
+    """The layers after an in-LLM drop get their group's compacted position ids: made at every one of those layers
+    (4 tensor ops each: ~120 kernel launches for fastv on a 32-layer model, at batch 1 where the prefill is bound by
+    the host), now once per group."""
+    import transformers
+
+    from vtprune.hooks import runtime
+
+    cfg = tiny.config("llava")
+    cfg.text_config.num_hidden_layers = 8
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration(cfg).eval()
+    inputs = tiny.batch("llava", [0, 1])
+    seen, real = [], runtime.compact_text_positions
+    monkeypatch.setattr(runtime, "compact_text_positions", lambda mask: seen.append(mask.shape) or real(mask))
+    vtprune.patch(model, "fastv", keep=3)
+    layers = model.model.language_model.layers
+    given = []
+    for i in (2, 7):  # the first and last layer after fastv's drop (after layer 1), after vtprune's hooks
+        layers[i].register_forward_pre_hook(lambda m, a, k: given.append(k["position_ids"]), with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs, position_ids=torch.arange(inputs["input_ids"].shape[1]).expand(2, -1))
+    kept = torch.tensor(vtprune.stats(model).layer_tokens[2])  # per sample, left-padded to the longest
+    width = int(kept.max())
+    assert len(seen) == 1 and given[0] is given[1]
+    assert given[0].tolist() == [[0] * (width - k) + list(range(k)) for k in kept.tolist()]
+
+
 def test_fastv_scores_a_sliding_window_layer_within_its_window():
     """FastV's attention at a sliding-window layer is the one the layer computes (each row sees its last
     `sliding_window` slots): under SDPA it keeps what eager attention's probabilities rank highest."""

@@ -136,6 +136,7 @@ def test_decode_overhead_script_counts_each_row_s_calls_per_step_beside_unpatche
     assert [(r["method"], r["batch"], r["layers"]) for r in rows] == [("unpatched", 1, 4), ("fastv", 1, 4)]
     assert rows[0]["calls_added"] == 0 and rows[1]["calls_added"] > 0 and rows[0]["decode_ratio"] == 1
     assert rows[1]["calls_per_step"] == rows[0]["calls_per_step"] + rows[1]["calls_added"]
+    assert rows[0]["prefill_ops_added"] == 0 and rows[1]["prefill_ops_added"] > 0  # (fastv's scoring, its masks)
     saved = __import__("json").loads(out.read_text())
     assert saved["rows"] == rows and saved["command"].startswith("python benchmarks/decode_overhead.py --layers 4")
     assert "| 1 | fastv |" in capsys.readouterr().out

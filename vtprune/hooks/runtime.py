@@ -137,6 +137,7 @@ class Run:
     bare: bool = False  # ... where no layer after a drop needs one either (all attend in full, no group padded)
     masks: dict = field(default_factory=dict)
     pos_emb: dict = field(default_factory=dict)
+    pos_ids: dict = field(default_factory=dict)  # per group, its layers' text position ids (made once, not per layer)
     captured: dict = field(default_factory=dict)
 
     def __deepcopy__(self, memo):
@@ -179,7 +180,7 @@ class Run:
     def end_forward(self):
         self.prefill = False
         self.incoming_mask = None
-        self.masks, self.pos_emb, self.captured, self.state, self.deepstack = {}, {}, {}, {}, []
+        self.masks, self.pos_emb, self.pos_ids, self.captured, self.state, self.deepstack = {}, {}, {}, {}, {}, []
 
 
 def mark(t: torch.Tensor):
@@ -940,7 +941,9 @@ class PatchState:
             kwargs["position_embeddings"] = run.pos_emb[gi]
             pid = kwargs.get("position_ids")
             if isinstance(pid, torch.Tensor) and pid.shape[-1] == run.groups[0].mask.shape[1]:
-                kwargs["position_ids"] = compact_text_positions(group.mask)
+                if gi not in run.pos_ids:
+                    run.pos_ids[gi] = compact_text_positions(group.mask)
+                kwargs["position_ids"] = run.pos_ids[gi]
         return args, kwargs
 
     def _attn_pre(self, p, module, args, kwargs):
