@@ -286,19 +286,19 @@ def measure_side_by_side(model, inputs: dict, configs: list[tuple[str | None, di
             if done is not None:
                 done(list(rows))
         return rows
-    runs = [_Config(model, inputs, method, options, new_tokens, None) for method, options in configs]
-    kvs, timed = [], [[] for _ in runs]
-    for config in runs:
+    setups = [_Config(model, inputs, method, options, new_tokens, None) for method, options in configs]
+    kvs, timed = [], [[] for _ in setups]
+    for config in setups:
         with config.open():
             for _ in range(warmup):
                 config.once()
             kvs.append(config.kv())  # (before the rounds: a strategy the model refuses fails before any is timed)
     rows = []
     for _ in range(reps):
-        for config, times in zip(runs, timed):
+        for config, times in zip(setups, timed):
             with config.open():
                 times.append(config.once())
-        rows = [config.row(times, kv) for config, times, kv in zip(runs, timed, kvs)]
+        rows = [config.row(times, kv) for config, times, kv in zip(setups, timed, kvs)]
         if done is not None:
             done(rows)
     return rows

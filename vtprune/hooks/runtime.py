@@ -271,11 +271,14 @@ class PatchState:
                 "a schedule whose drop layers p read layer p+1)")
         return attn
 
-    def _held(self, cache, run: Run) -> int:
+    def _held(self, cache, run: Run, length: int | None = None) -> int:
         """Positions a pruned cache holds in the layout the prefill entered the decoder with (group 0), the tokens
-        generated since included: read at `length_layer`, with what in-LLM drops before it removed added back."""
+        generated since included: read at `length_layer`, with what in-LLM drops before it removed added back.
+        `length`: the cache's length (layer 0's) where the caller has read it already."""
         if compileable(cache):  # (no in-LLM drops on a static cache: one layout)
             return run.groups[0].mask.shape[1] + run.decoded
+        if length is not None and self.length_layer == 0:  # (layer 0 is in group 0: no second read)
+            return length
         _, group = run.group_for(self.length_layer)
         return int(cache.get_seq_length(self.length_layer)) - group.mask.shape[1] + run.groups[0].mask.shape[1]
 
@@ -492,7 +495,7 @@ class PatchState:
                         f" or one of at least {fed} tokens" if whole else
                         ", or the whole conversation as input_ids with a prefill_chunk_size of at least the tokens it "
                         "then feeds (those the cache lacks and the pruned ones)"))
-            if length > 0 and (am is None or am.shape[-1] == ids.shape[-1]):
+            if length > 0 and (am is None or whole):
                 self.turn = ids.shape[-1] - length
         try:
             return original(*args, **kwargs)
@@ -541,17 +544,13 @@ class PatchState:
                 self._track(cache, run)
             if compileable(cache) and length is not None:  # (its length was read above: the count from it)
                 run.decoded = length - run.groups[0].mask.shape[1]
-            elif not compileable(cache):
-                # crop(-k) past the positions decoded since (a static cache refuses that crop itself: _Follow);
-                # (`length` is layer 0's, where group 0 holds it, unless a hybrid model's first attention is later)
-                held = length if self.length_layer == 0 else self._held(cache, run)
-                if held < run.groups[0].mask.shape[1]:
-                    raise NotImplementedError(_crop_message(
-                        f"this KV cache was cropped into its pruned prompt: it holds {held} of the "
-                        f"{run.groups[0].mask.shape[1]} positions the prompt kept"))
+            held = self._held(cache, run, length)
+            if held < run.groups[0].mask.shape[1]:  # crop(-k) past the positions decoded since (a default cache:
+                raise NotImplementedError(_crop_message(  # a static one refuses that crop itself, see _Follow)
+                    f"this KV cache was cropped into its pruned prompt: it holds {held} of the "
+                    f"{run.groups[0].mask.shape[1]} positions the prompt kept"))
             am = kwargs.get("attention_mask")
             if isinstance(am, torch.Tensor) and am.dim() == 2 and embeds.shape[1] > 1:
-                held = self._held(cache, run)
                 if am.shape[1] - held - run.short != embeds.shape[1]:
                     raise ValueError(_mask_message(embeds.shape[1], held + run.short, am.shape[1]))
             return self._decode(run, kwargs)
