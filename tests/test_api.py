@@ -213,6 +213,44 @@ def test_patch_returns_same_object_and_repatch_replaces(model_factory):
     assert _hook_count(model) == untouched and not hasattr(model, "_vtprune")
 
 
+@pytest.mark.parametrize("family, task", [("llava", None), ("qwen2_vl", None), ("llava", "CAUSAL_LM")])
+def test_a_peft_model_is_patched_through_the_model_it_wraps(family, task):
+    """patch, pruned, stats, unpatch and compile_llm take a PeftModel (get_peft_model, PeftModel.from_pretrained)
+    and act on the model it wraps, whose forward and generate() it runs; patch refused it before ("does not
+    support PeftModel"). Its pruned outputs are those of the merged model's, and unpatch is bit-identical."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from vtprune.patching import compiled_options
+
+    model = tiny.build(family)
+    torch.manual_seed(1)
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "qkv"], init_lora_weights=False,
+                                            task_type=task)).eval()  # (CAUSAL_LM: its own generate())
+    merged = copy.deepcopy(lora).merge_and_unload()
+    inputs = tiny.batch(family, [0, 1])
+    gen = dict(max_new_tokens=3, **tiny.GEN)
+    with torch.no_grad():
+        plain = lora.generate(**inputs, **gen)
+        assert vtprune.patch(lora, "divprune", keep=4) is lora
+        got = lora.generate(**inputs, **gen)
+        assert vtprune.stats(lora).visual_after == [4, 4]
+        with vtprune.pruned(merged, "divprune", keep=4):
+            assert torch.equal(got, merged.generate(**inputs, **gen))
+        with vtprune.unpatched(lora) as same:
+            assert same is lora and torch.equal(lora.generate(**inputs, **gen), plain)
+        assert torch.equal(lora.generate(**inputs, **gen), got)
+        assert vtprune.unpatch(lora) is lora and not hasattr(lora.get_base_model(), "_vtprune")
+        assert torch.equal(lora.generate(**inputs, **gen), plain)
+        with vtprune.pruned(lora, "random", keep=2) as same:
+            assert same is lora and lora.get_base_model()._vtprune.method_name == "random"
+        assert not hasattr(lora.get_base_model(), "_vtprune")
+    assert vtprune.compile_llm(lora, mode=None, backend="eager") is lora
+    assert compiled_options(lora) == {"mode": None, "backend": "eager"}
+    assert vtprune.uncompile_llm(lora) is lora and compiled_options(lora) is None
+
+
 @pytest.mark.parametrize("family", tiny.FAMILIES)
 @pytest.mark.parametrize("method", ["random", "pool", "fastv", "vision_attn_test"])
 def test_attn_implementation_never_changes(model_factory, family, method):

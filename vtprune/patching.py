@@ -90,10 +90,12 @@ def patch(model, method: str | None = None, *, config=None, **options):
     neither runs its paper's "High" schedule.
     `config` is a JSON file (e.g. written by `vtprune tune`) or dict giving the method and its
     options; keyword options override the file's (an explicit keep/ratio replaces its budget).
-    Patching an already-patched model replaces the previous configuration.
+    Patching an already-patched model replaces the previous configuration. A PEFT model (get_peft_model,
+    PeftModel.from_pretrained) patches the model it wraps.
     """
     method, options = _resolve(method, config, options)
     built = build_method(method, options)  # validates name and options before touching the model
+    wrapper, model = model, _base(model)
     try:
         adapter = adapter_for(model)
     except TypeError as e:
@@ -113,12 +115,20 @@ def patch(model, method: str | None = None, *, config=None, **options):
             setattr(model, _ATTR, previous)
         raise
     setattr(model, _ATTR, state)
+    return wrapper
+
+
+def _base(model):
+    """The model a PEFT wrapper runs (its forward and generate() call that model's), else `model`."""
+    if type(model).__module__.startswith("peft.") and hasattr(model, "get_base_model"):
+        return model.get_base_model()
     return model
 
 
 def _state(model):
     """What patch / patch_vit attached to `model`; for an open_clip CLIP model, also its patched visual tower,
     and for an open_clip timm tower (or a CLIP model with one), its patched timm trunk."""
+    model = _base(model)
     state = getattr(model, _ATTR, None)
     visual = getattr(model, "visual", None)
     for m in (visual, getattr(visual, "trunk", None), getattr(model, "trunk", None)):
@@ -133,8 +143,8 @@ def unpatch(model):
     if state is None:
         return model
     state.remove()
-    if model.__dict__.get(_ATTR) is state:  # (a ViT's state detaches itself)
-        delattr(model, _ATTR)
+    if _base(model).__dict__.get(_ATTR) is state:  # (a ViT's state detaches itself)
+        delattr(_base(model), _ATTR)
     return model
 
 
@@ -176,7 +186,7 @@ def _reinstall(model, previous) -> None:
     if previous is not None:
         previous.install()
         if _state(model) is not previous:  # (a ViT's state attaches itself)
-            setattr(model, _ATTR, previous)
+            setattr(_base(model), _ATTR, previous)
 
 
 def _is_vit(model) -> bool:
@@ -206,7 +216,7 @@ def stats(model) -> Stats:
 
 def check_compilable(model):
     """The language model `compile_llm` would compile; a ValueError for a model it does not support."""
-    lm = adapter_for(model).language_model()
+    lm = adapter_for(_base(model)).language_model()
     if "linear_attention" in (getattr(lm.config, "layer_types", None) or ()):
         raise ValueError(f"compile_llm does not support {type(model).__name__}: its linear-attention layers would "
                          "allocate their states inside the compiled prefill, where CUDA graphs do not hold them "
@@ -228,6 +238,7 @@ def compile_llm(model, mode: str | None = "reduce-overhead", **compile_options):
     transprune, vflowopt, todre unless stage2=False) cannot use it. `uncompile_llm` undoes all of this.
     Extra keyword arguments go to `torch.compile` (`mode=None, backend="eager"` traces without
     generating code, e.g. on a CPU without a compiler)."""
+    wrapper, model = model, _base(model)
     lm = check_compilable(model)
     uncompile_llm(model)
     gc = model.generation_config
@@ -240,7 +251,7 @@ def compile_llm(model, mode: str | None = "reduce-overhead", **compile_options):
     # uncompile_llm puts back what was there before
     setattr(lm, _COMPILED, (saved, restore, cache_length(model), dict(compile_options)))
     gc.cache_implementation, gc.disable_compile = "static", True
-    return model
+    return wrapper
 
 
 class _CompiledForward:
@@ -293,22 +304,23 @@ def _init_static_cache(lm, kwargs):
 
 def uncompile_llm(model):
     """Undo `compile_llm`: the language model's own forward and the previous generation settings."""
+    wrapper, model = model, _base(model)
     lm = adapter_for(model).language_model()
     record = getattr(lm, _COMPILED, None)
     if record is None:
-        return model
+        return wrapper
     saved, restore, length, _ = record
     restore.remove()
     for key, value in saved.items():
         setattr(model.generation_config, key, value)
     set_cache_length(model, length)
     delattr(lm, _COMPILED)
-    return model
+    return wrapper
 
 
 def compiled_options(model) -> dict | None:
     """The options `compile_llm` was given for this model (mode included), or None if it is not compiled."""
-    record = getattr(adapter_for(model).language_model(), _COMPILED, None)
+    record = getattr(adapter_for(_base(model)).language_model(), _COMPILED, None)
     if record is None:
         return None
     return {"mode": None, **record[3]}

@@ -528,6 +528,91 @@ def test_reused_encoder_outputs_prune_with_their_own_images_scores(family, metho
                 model.generate(**text, mm_encoder_outputs={"image": early}, **gen)
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_vl"])
+@pytest.mark.parametrize("method", ["hiprune", "fastv", "vflowopt"])
+def test_lora_layers_added_after_patching_feed_the_attention_scores(family, method):
+    """PEFT wraps each projection it targets in a LoRA layer that calls the old module as its base_layer. The
+    hooks left on that module read q/k without the adapter's term, so the scores, and the tokens kept, were
+    those of another model: tiny LLaVA's logits came out 0.73 off with hiprune, Qwen3-VL's 0.23 with fastv.
+    The hooks follow the attribute now. A model patched and then given LoRA layers gives what its merged
+    copy gives, patched. After merge_and_unload (the old modules back, with merged weights) it still does,
+    and unpatch leaves no hook behind on any module."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "qkv"], init_lora_weights=False)
+    inputs = tiny.batch(family, [0, 1])
+    model = vtprune.patch(tiny.build(family), method, keep=4)
+    torch.manual_seed(1)
+    wrapped = get_peft_model(model, lora).eval()
+    reference = tiny.build(family)
+    torch.manual_seed(1)  # (the same LoRA weights)
+    reference = vtprune.patch(get_peft_model(reference, lora).merge_and_unload(), method, keep=4)
+    with torch.no_grad():
+        want = reference(**inputs).logits
+        kept = vtprune.stats(reference).layout
+        torch.testing.assert_close(wrapped(**inputs).logits, want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(vtprune.stats(wrapped).layout, kept)
+        model = wrapped.merge_and_unload()
+        torch.testing.assert_close(model(**inputs).logits, want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(vtprune.stats(model).layout, kept)
+        fresh = tiny.build(family)
+        fresh(**inputs)  # (transformers puts hooks of its own on a vision tower at its first forward)
+    hooks = lambda m: sum(len(x._forward_hooks) + len(x._forward_pre_hooks) for x in m.modules())  # noqa: E731
+    assert hooks(vtprune.unpatch(model)) == hooks(fresh)
+
+
+@pytest.mark.parametrize("family, method", [("llava", "hiprune"), ("qwen3_vl", "fastv")])
+def test_an_adapter_added_through_transformers_after_patching_feeds_the_attention_scores(family, method):
+    """transformers' own PEFT integration (model.add_adapter, model.load_adapter) puts LoRA layers into the
+    patched model in place: its outputs are its merged copy's, patched, and with the adapter disabled and
+    the model unpatched, the plain model's."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "qkv"], init_lora_weights=False)
+    inputs = tiny.batch(family, [0, 1])
+    model = vtprune.patch(tiny.build(family), method, keep=4)
+    torch.manual_seed(1)
+    model.add_adapter(lora)
+    reference = tiny.build(family)
+    with torch.no_grad():
+        plain = reference(**inputs).logits
+    torch.manual_seed(1)
+    reference = vtprune.patch(get_peft_model(reference, lora).merge_and_unload(), method, keep=4)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, reference(**inputs).logits, rtol=1e-5, atol=1e-5)
+        assert torch.equal(vtprune.stats(model).layout, vtprune.stats(reference).layout)
+        model.disable_adapters()
+        assert torch.equal(vtprune.unpatch(model)(**inputs).logits, plain)
+
+
+def test_transprune_s_observed_modules_replaced_after_patching_are_the_ones_read():
+    """transprune reads each observed layer's norms, mixer and MLP from hooks on those modules: one put in
+    place of the MLP after patching (here the MLP with its output scaled) is the one read, as if it had
+    been there at patch time."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) * 0.5
+
+    def scale_mlps(model):
+        for layer in model.model.language_model.layers:
+            layer.mlp = Scaled(layer.mlp)
+        return model
+
+    inputs = tiny.batch("llava", [0, 1])
+    reference = vtprune.patch(scale_mlps(tiny.build("llava")), "transprune", keep=4)
+    model = scale_mlps(vtprune.patch(tiny.build("llava"), "transprune", keep=4))
+    with torch.no_grad():
+        want = reference(**inputs).logits
+        kept = vtprune.stats(reference).layer_tokens
+        assert torch.equal(model(**inputs).logits, want)
+        assert vtprune.stats(model).layer_tokens == kept
+
+
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_signal_strategies_under_accelerate_hooks_and_a_one_chunk_prefill(family):
     """accelerate's device hooks (device_map) rebuild generate()'s mm_encoder_outputs on the way in, and

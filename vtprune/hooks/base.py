@@ -132,6 +132,34 @@ class Restore:
             self.obj.__dict__.pop(self.name, None)
 
 
+class LeafHook:
+    """A forward hook on the module at `parent.<name>` (a q/k projection) that moves with the attribute: call
+    `follow()` before the parent runs. A module put there after patching gets the hook, and the one it
+    replaced loses it: PEFT's LoRA layers (get_peft_model, model.load_adapter) wrap the projection and call
+    the old module as their base_layer, whose output lacks the adapter's term; a hook left there read
+    attention scores from it silently. merge_and_unload() puts the base module back, and the hook follows."""
+
+    def __init__(self, parent, name: str, hook):
+        self.parent, self.name, self.hook = parent, name, hook
+        self.module = getattr(parent, name)
+        self.handle = self.module.register_forward_hook(hook)
+
+    def follow(self):
+        module = getattr(self.parent, self.name)
+        if module is not self.module:
+            self.handle.remove()
+            self.module, self.handle = module, module.register_forward_hook(self.hook)
+
+    def remove(self):
+        self.handle.remove()
+
+
+def follow_leaves(leaves, *_):
+    """A forward pre-hook (as a partial) for the parent of `leaves`: each follows its attribute."""
+    for leaf in leaves:
+        leaf.follow()
+
+
 def wrap_method(owner, name: str, hook) -> Restore:
     """Put `hook(original, *args, **kwargs)` in place of `owner.<name>` (an instance attribute, with the
     original's signature, which generate() reads to pass its arguments); returns the handle that removes it.

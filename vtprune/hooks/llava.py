@@ -7,7 +7,7 @@ from functools import partial
 import torch
 
 from ..methods.vflowopt import patch_entropy
-from .base import Adapter, grey_levels, reduce_attention
+from .base import Adapter, LeafHook, follow_leaves, grey_levels, reduce_attention
 from .runtime import Unit
 from .sequence import row_slots
 
@@ -96,8 +96,9 @@ class LlavaAdapter(Adapter):
         for li, reqs in wanted.items():
             attn = layers[li].self_attn
             captured = {}
-            handles.append(attn.q_proj.register_forward_hook(partial(_keep_output, captured, "q")))
-            handles.append(attn.k_proj.register_forward_hook(partial(_keep_output, captured, "k")))
+            leaves = [LeafHook(attn, "q_proj", partial(_keep_output, captured, "q")),
+                      LeafHook(attn, "k_proj", partial(_keep_output, captured, "k"))]
+            handles += [*leaves, attn.register_forward_pre_hook(partial(follow_leaves, leaves))]
             handles.append(attn.register_forward_hook(partial(self._score, attn, captured, reqs, store)))
         return handles
 

@@ -14,7 +14,7 @@ from functools import partial
 import torch
 
 from ..methods.vflowopt import patch_entropy
-from .base import Adapter, call_arguments, grey_levels, reduce_attention, wrap_method
+from .base import Adapter, LeafHook, call_arguments, follow_leaves, grey_levels, reduce_attention, wrap_method
 from .runtime import Unit
 from .sequence import runs
 
@@ -140,7 +140,8 @@ class QwenVLAdapter(Adapter):
             attn = blocks[li].attn
             captured = {}
             handles.append(attn.register_forward_pre_hook(partial(_keep_kwargs, captured), with_kwargs=True))
-            handles.append(attn.qkv.register_forward_hook(partial(_keep_qkv, captured)))
+            leaf = LeafHook(attn, "qkv", partial(_keep_qkv, captured))
+            handles += [leaf, attn.register_forward_pre_hook(partial(follow_leaves, [leaf]))]
             handles.append(attn.register_forward_hook(partial(self._score, attn, captured, names, call, store)))
         return handles
 

@@ -28,7 +28,7 @@ from ..kernels import attention_scores
 from ..methods.base import ImageTokens, LayerTokens, Method, PruneConfig, Selection
 from . import anyres
 from .checks import check_indices_all, checked, checked_all, checked_batch
-from .base import SignalStore, call_arguments, wrap_method
+from .base import LeafHook, SignalStore, call_arguments, wrap_method
 from .sequence import compact_index, compact_text_positions, dropped_before, row_slots, take
 
 _CACHE_ATTR = "_vtprune_run"
@@ -212,6 +212,7 @@ class PatchState:
         self.method_name = method_name
         self.options = options
         self.handles: list = []
+        self.leaves: list[LeafHook] = []  # the hooks among handles on q/k projections and other leaf modules
         self.scratch: dict | None = None
         self.current: Run | None = None
         self.vision_scores = SignalStore()
@@ -263,7 +264,7 @@ class PatchState:
         Gated DeltaNet), which has no attention map to score tokens by."""
         attn = getattr(self.layers[p], "self_attn", None)
         if attn is None:
-            mixer = type(_mixer(self.layers[p])).__name__
+            mixer = type(getattr(self.layers[p], _mixer(self.layers[p]))).__name__
             raise ValueError(
                 f"{self.method_name}: decoder layer {p} is a linear-attention layer ({mixer}), with no attention map to "
                 f"score tokens by; this model's attention layers are {self.attention_ids}. Choose the strategy's layers among them "
@@ -326,15 +327,17 @@ class PatchState:
             for p in sorted(set(self.attn_layers + self.drop_layers)):  # (a linear-attention layer: its layer's)
                 where = getattr(self.layers[p], "self_attn", self.layers[p])  # rotary table, for the next layer
                 self.handles.append(where.register_forward_pre_hook(partial(self._attn_pre, p), with_kwargs=True))
+            self.leaves = []  # (their modules may be replaced after patching: each prefill follows them)
             for p in self.attn_layers:
                 attn = self._attention_module(p)
-                self.handles.append(attn.q_proj.register_forward_hook(partial(self._capture, p, "q")))
-                self.handles.append(attn.k_proj.register_forward_hook(partial(self._capture, p, "k")))
+                self.leaves += [LeafHook(attn, "q_proj", partial(self._capture, p, "q")),
+                                LeafHook(attn, "k_proj", partial(self._capture, p, "k"))]
             for p in self.observe_layers:
                 layer = self.layers[p]
-                for name, mod in (("attn_in", layer.input_layernorm), ("attn_out", _mixer(layer)),
-                                  ("mlp_in", layer.post_attention_layernorm), ("mlp_out", layer.mlp)):
-                    self.handles.append(mod.register_forward_hook(partial(self._capture, p, name)))
+                for name, attr in (("attn_in", "input_layernorm"), ("attn_out", _mixer(layer)),
+                                   ("mlp_in", "post_attention_layernorm"), ("mlp_out", "mlp")):
+                    self.leaves.append(LeafHook(layer, attr, partial(self._capture, p, name)))
+            self.handles.extend(self.leaves)
             self.handles.extend(self.adapter.install_hooks())
             if hasattr(top, "_prefill"):
                 self.handles.append(wrap_method(top, "_prefill", self._generate_prefill))
@@ -358,7 +361,7 @@ class PatchState:
     def remove(self):
         for h in reversed(self.handles):  # two wraps of one method: the last first
             h.remove()
-        self.handles = []
+        self.handles, self.leaves = [], []
         for cache in list(self.caches):
             if _owner(cache) == self.token and not _refusing(cache):
                 for name in REFUSED:  # (keeps a wrapper the caller set there)
@@ -687,6 +690,8 @@ class PatchState:
             orig_mask=mask2d,
         )
         self.current = run
+        for leaf in self.leaves:  # (before any layer runs)
+            leaf.follow()
         if not self.pre_llm or (prunes and not over):
             # Nothing happens before the decoder; the drop hooks act if any image is over budget (or always).
             run.changed = prunes
@@ -1095,10 +1100,10 @@ def _clips(units: list, budgets: list) -> tuple[list, list, list]:
     return out, out_budgets, groups
 
 
-def _mixer(layer):
-    """A decoder layer's token mixer: its self-attention, or a hybrid model's linear attention."""
-    attn = getattr(layer, "self_attn", None)
-    return attn if attn is not None else layer.linear_attn
+def _mixer(layer) -> str:
+    """The attribute holding a decoder layer's token mixer: its self-attention, or a hybrid model's linear
+    attention."""
+    return "self_attn" if getattr(layer, "self_attn", None) is not None else "linear_attn"
 
 
 def _layer_list(method, method_name: str, name: str, n_layers: int) -> list[int]:
