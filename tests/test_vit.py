@@ -714,3 +714,30 @@ def test_vit_cuda_selection_span_is_read_by_stats(cuda_marks):
     st = vtprune.stats(model)
     assert st.selection_ms == 1.0 and [e.t for e in cuda_marks.synced] == [2.0] and st.pending == []
     assert vtprune.stats(model).selection_ms == 1.0
+
+
+@pytest.mark.parametrize("method", ["divprune", "hiprune"])
+def test_a_peft_vit_is_patched_through_the_model_it_wraps(method):
+    """patch_vit, pruned, stats and unpatch take a PEFT model and act on the timm ViT it wraps; patch_vit
+    refused it before, saying its position encoding needs the full grid. Its pruned outputs are those of the
+    merged model, patched (hiprune's scores read the LoRA layers in qkv), and unpatch is bit-identical."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    model = timm_vit()
+    torch.manual_seed(1)
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["qkv"], init_lora_weights=False)).eval()
+    merged = copy.deepcopy(lora).merge_and_unload()
+    with torch.no_grad():
+        plain = lora(IMAGES)
+        assert vtprune.patch_vit(lora, method, keep=4, layer=1) is lora
+        got = lora(IMAGES)
+        assert vtprune.stats(lora).visual_after == [4, 4, 4]
+        with vtprune.pruned(merged, method, keep=4, layer=1):
+            torch.testing.assert_close(got, merged(IMAGES), rtol=1e-5, atol=1e-6)
+        assert vtprune.unpatch(lora) is lora and _hooks(model) == 0
+        assert torch.equal(lora(IMAGES), plain)
+        with vtprune.pruned(lora, method, keep=4, layer=1) as same:
+            assert same is lora and torch.equal(lora(IMAGES), got)
+        assert _hooks(model) == 0

@@ -191,6 +191,7 @@ def _reinstall(model, previous) -> None:
 
 def _is_vit(model) -> bool:
     """A model patch_vit handles (and `patch` does not)."""
+    model = _base(model)
     if adapter_class(model) is not None:
         return False
     from .vit import tower

@@ -30,7 +30,7 @@ from .hooks.checks import checked_batch
 from .hooks.runtime import Stats, mark
 from .methods.base import ImageTokens, VisionSignal
 from .methods.registry import build_method, get_method
-from .patching import _ATTR, _state
+from .patching import _ATTR, _base, _state
 
 REPLAYS = 64  # forwards whose earlier-block scores a checkpointed backward can still find (VitState._scores)
 LLM_ONLY = {"fastv": "it drops tokens inside a language model's decoder, by the text's attention",
@@ -325,8 +325,9 @@ def patch_vit(model, method: str, *, layer: int | None = None, **options):
     block `layer` (0-based; default: the middle block, n_blocks // 2 - 1) with strategy `method`.
 
     Options: exactly one of `keep` (patch tokens kept per image) or `ratio`, plus the method's own.
-    Returns the same model; `vtprune.unpatch(model)` removes the hooks, `vtprune.stats(model)` reports
-    the last forward. Patching again replaces the previous configuration."""
+    Returns the same model (of a PEFT model, patches the one it wraps); `vtprune.unpatch(model)` removes the
+    hooks, `vtprune.stats(model)` reports the last forward. Patching again replaces the previous
+    configuration."""
     if method in LLM_ONLY:
         raise ValueError(f"{method} has no ViT form: {LLM_ONLY[method]}")
     options = dict(options)
@@ -354,6 +355,7 @@ def patch_vit(model, method: str, *, layer: int | None = None, **options):
     built = build_method(method, options)
     if built.stage == "llm" or built.drop_layers(1000):
         raise ValueError(f"{method} acts inside a language model's decoder; it has no ViT form")
+    wrapper, model = model, _base(model)  # (a PEFT model: the one it wraps)
     t = tower(model)
     n_blocks = len(t.blocks)
     if layer is None:
@@ -372,5 +374,5 @@ def patch_vit(model, method: str, *, layer: int | None = None, **options):
         if previous is not None:  # leave the model as it was before this call
             previous.install()
         raise
-    return model
+    return wrapper
 
