@@ -58,6 +58,16 @@ def test_unsupported_model_lists_supported():
     assert "Qwen2VLForConditionalGeneration" in str(err.value)
 
 
+def test_a_torch_compiled_model_is_refused_with_the_model_to_pass():
+    """torch.compile(model)'s wrapper got the generic 'does not support OptimizedModule'."""
+    model = tiny.build("llava")
+    for verb in (lambda m: vtprune.patch(m, "random", keep=4), vtprune.compile_llm):
+        with pytest.raises(TypeError, match=r"not torch.compile's wrapper \(OptimizedModule\): pass model._orig_mod "
+                                            r"\(the LlavaForConditionalGeneration\)"):
+            verb(torch.compile(model))
+    assert not hasattr(model, "_vtprune")
+
+
 def test_method_option_validation():
     with pytest.raises(ValueError, match="positions"):
         vtprune.patch(tiny.build("llava"), "pool", keep=4, positions="middle")

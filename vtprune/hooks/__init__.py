@@ -37,6 +37,11 @@ def adapter_class(model) -> type[Adapter] | None:
 
 def adapter_for(model) -> Adapter:
     cls = adapter_class(model)
+    inner = getattr(model, "_orig_mod", None)
+    if cls is None and adapter_class(inner) is not None:
+        raise TypeError(f"vtprune needs the model itself, not torch.compile's wrapper ({type(model).__name__}): pass "
+                        f"model._orig_mod (the {type(inner).__name__}); to compile, vtprune.compile_llm(model) "
+                        "compiles its language model, with the pruning outside the compiled region")
     if cls is None:
         raise TypeError(
             f"vtprune does not support {type(model).__name__}; supported model classes: {', '.join(supported())}"
