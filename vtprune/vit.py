@@ -25,9 +25,9 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from .hooks.base import call_arguments, reduce_attention, wrap_method
+from .hooks.base import PerThread, call_arguments, reduce_attention, wrap_method
 from .hooks.checks import checked_batch
-from .hooks.runtime import Stats, mark
+from .hooks.runtime import Stats, ThreadStats, mark
 from .methods.base import ImageTokens, VisionSignal
 from .methods.registry import build_method, get_method
 from .patching import _ATTR, _base, _state
@@ -142,21 +142,29 @@ def _qk_open_clip(block, x):
     return q, k, (d // h) ** -0.5
 
 
-class VitState:
+class _VitCall(PerThread):
+    """A VitState's per-forward state, each thread's own (threads running one patched ViT at once)."""
+
+    def __init__(self):
+        self.scores: dict[str, torch.Tensor] = {}  # this forward's signals, by name
+        self.last_stats: Stats | None = None
+
+
+class VitState(ThreadStats):
     """What patch_vit attaches to a ViT (as `patch` does to a VLM): method, hooks, last stats."""
 
     def __init__(self, model, method, method_name: str, options: dict, layer: int, t: Tower):
         self.model, self.method, self.method_name, self.options = model, method, method_name, options
         self.layer, self.tower = layer, t
         self.handles: list = []
-        self.scores: dict[str, torch.Tensor] = {}
+        self.call = _VitCall()
         # Scores from blocks before `layer`, per forward, for gradient checkpointing: backward reruns the
         # pruning block alone, after later forwards have replaced `scores` (two crops, then one backward).
         # Keyed by the pruning block's input (a rerun gets that tensor or a detached view of it); the most
         # recent REPLAYS forwards are kept.
         self.early: set[str] = set()
         self.replays: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
-        self.last_stats = Stats(method=method_name)
+        self.latest = Stats(method=method_name)  # (last_stats: the calling thread's, ThreadStats)
 
     def holders(self) -> list:
         """The modules this state is attached to: the model given, an open_clip CLIP's visual tower, and
@@ -239,14 +247,14 @@ class VitState:
         with torch.no_grad():  # the scores pick indices only (in training, their N x N softmax stayed in the graph)
             q, k, scale = (_qk_timm if self.tower.kind == "timm" else _qk_open_clip)(block, x)
             scores = reduce_attention(q, k, float(scale), sig, self.tower.has_cls)
-        self.scores[name] = scores[:, self.tower.prefix:]
+        self.call.scores[name] = scores[:, self.tower.prefix:]
         return None
 
     def _scores(self, x) -> dict[str, torch.Tensor]:
         """This forward's signals. Under backward (a checkpointed pruning block rerun alone) the earlier
         blocks' scores are those its forward recorded for the same input, not the last forward's."""
         if not self.early:
-            return dict(self.scores)
+            return dict(self.call.scores)
         key = (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(), x.device)
         if torch._C._current_graph_task_id() != -1:  # inside backward: a recomputation
             if key not in self.replays:
@@ -255,13 +263,13 @@ class VitState:
                     f"earlier-block scores ({', '.join(sorted(self.early))}) are gone (more than {REPLAYS} "
                     "forwards before one backward, or a forward under no_grad in eval mode); run backward sooner, "
                     f"or take the signals from block {self.layer} itself")
-            return {**self.scores, **self.replays[key]}
+            return {**self.call.scores, **self.replays[key]}
         if self.model.training or torch.is_grad_enabled():  # a backward may rerun this block
-            self.replays[key] = {k: self.scores[k] for k in self.early}
+            self.replays[key] = {k: self.call.scores[k] for k in self.early}
             self.replays.move_to_end(key)
             while len(self.replays) > REPLAYS:
                 self.replays.popitem(last=False)
-        return dict(self.scores)
+        return dict(self.call.scores)
 
     def _drop(self, module, args, kwargs, output):
         # open_clip's checkpointing passes the mask positionally: bind the call only when it has such arguments

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
 
 import torch
 
@@ -132,6 +133,17 @@ class Restore:
             self.obj.__dict__.pop(self.name, None)
 
 
+class PerThread(threading.local):
+    """Attributes each thread sees its own of: a patched model's per-call state (what a hook leaves for the
+    next one, the run in progress, the last figures), so that threads running one model at once (a web
+    server's workers) each prune their own forward; `vars(obj)` is the calling thread's dict. Subclasses
+    set their defaults in __init__, which runs in each thread at its first access. A deep copy or pickle
+    starts empty."""
+
+    def __reduce__(self):
+        return type(self), ()
+
+
 class LeafHook:
     """A forward hook on the module at `parent.<name>` (a q/k projection) that moves with the attribute: call
     `follow()` before the parent runs. A module put there after patching gets the hook, and the one it
@@ -241,7 +253,7 @@ def reduce_attention(q: torch.Tensor, k: torch.Tensor, scale: float, signal: Vis
     return attention_scores(q, k, scale, context)
 
 
-class SignalStore:
+class SignalStore(PerThread):
     """Vision-encoder scores, one entry per image / frame, by signal name.
 
     Signal hooks `add` scores while the tower runs. Each get_{image,video}_features call is a run: `tag`
@@ -252,7 +264,8 @@ class SignalStore:
 
     Scores are computed without autograd: they pick tokens, and gradients reach the kept tokens. (A graph
     left on the model by a training forward kept the vision tower's alive, and deep copies refused it;
-    vflowopt's recycling weights are therefore constants to autograd, as patch_vit's scores are.)"""
+    vflowopt's recycling weights are therefore constants to autograd, as patch_vit's scores are.)
+    Each thread has its own scores (PerThread)."""
 
     ATTR = "_vtprune_signals"  # on an encoder output: {name: per-unit scores} of the run that returned it
 

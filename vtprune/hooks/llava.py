@@ -7,7 +7,7 @@ from functools import partial
 import torch
 
 from ..methods.vflowopt import patch_entropy
-from .base import Adapter, LeafHook, follow_leaves, grey_levels, reduce_attention
+from .base import Adapter, LeafHook, PerThread, follow_leaves, grey_levels, reduce_attention
 from .runtime import Unit
 from .sequence import row_slots
 
@@ -95,7 +95,7 @@ class LlavaAdapter(Adapter):
             wanted.setdefault(self.resolve_layer(sig, n, feature, name), []).append((name, sig))
         for li, reqs in wanted.items():
             attn = layers[li].self_attn
-            captured = {}
+            captured = PerThread()  # (vars() of it is each thread's own dict)
             leaves = [LeafHook(attn, "q_proj", partial(_keep_output, captured, "q")),
                       LeafHook(attn, "k_proj", partial(_keep_output, captured, "k"))]
             handles += [*leaves, attn.register_forward_pre_hook(partial(follow_leaves, leaves))]
@@ -104,7 +104,7 @@ class LlavaAdapter(Adapter):
 
     @torch.no_grad()  # scores carry no graph (SignalStore)
     def _score(self, attn, captured, reqs, store, module, args, output):
-        q, k = captured.pop("q"), captured.pop("k")
+        q, k = vars(captured).pop("q"), vars(captured).pop("k")
         b, t, _ = q.shape
         q = q.view(b, t, -1, attn.head_dim).transpose(1, 2)
         k = k.view(b, t, -1, attn.head_dim).transpose(1, 2)
@@ -129,5 +129,5 @@ class LlavaAdapter(Adapter):
         return None
 
 
-def _keep_output(store, name, module, args, output):
-    store[name] = output
+def _keep_output(store: PerThread, name, module, args, output):
+    vars(store)[name] = output

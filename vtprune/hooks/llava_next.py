@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .anyres import Layout
-from .base import attach, call_arguments, encode_order, wrap_method
+from .base import PerThread, attach, call_arguments, encode_order, wrap_method
 from .llava import LlavaAdapter
 from .runtime import Unit
 from .sequence import runs
@@ -28,8 +28,17 @@ class LlavaNextAdapter(LlavaAdapter):
         super().__init__(model)
         vc = model.config.vision_config
         self.tile_side = vc.image_size // vc.patch_size  # tokens per side of one tile
-        self.images: list[tuple[int, tuple[int, int]]] | None = None  # (tiles, (h, w)) per image, last encode
+        self.encode = PerThread()  # (each thread's own: its last encode's images)
         self._layouts: dict = {}
+
+    @property
+    def images(self) -> list[tuple[int, tuple[int, int]]] | None:
+        """(tiles, (h, w)) per image of the calling thread's last encode."""
+        return getattr(self.encode, "images", None)
+
+    @images.setter
+    def images(self, value):
+        self.encode.images = value
 
     def read_call(self, kwargs):
         out = super().read_call(kwargs)

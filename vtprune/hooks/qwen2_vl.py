@@ -14,7 +14,8 @@ from functools import partial
 import torch
 
 from ..methods.vflowopt import patch_entropy
-from .base import Adapter, LeafHook, call_arguments, follow_leaves, grey_levels, reduce_attention, wrap_method
+from .base import (Adapter, LeafHook, PerThread, call_arguments, follow_leaves, grey_levels, reduce_attention,
+                   wrap_method)
 from .runtime import Unit
 from .sequence import runs
 
@@ -120,12 +121,12 @@ class QwenVLAdapter(Adapter):
         blocks = visual.blocks
         n = len(blocks)
         handles = []
-        call = {}
+        call = PerThread()  # (hooks' scratch below: vars() of these is each thread's own dict)
         handles.append(visual.register_forward_pre_hook(partial(self._visual_pre, visual, call), with_kwargs=True))
         wanted: dict[int, list] = {}
         entropy = {name: sig for name, sig in signals.items() if sig.reduce == "entropy"}
         if entropy:
-            raw = {}  # the pixels as given: the model casts them to the tower's dtype (bf16) before the tower
+            raw = PerThread()  # the pixels as given: the model casts them to the tower's dtype (bf16) before the tower
             handles += [wrap_method(self.model.model, fn, partial(self._record_pixels, raw))
                         for fn in ("get_image_features", "get_video_features")]
             handles.append(visual.register_forward_pre_hook(partial(self._entropy, raw, entropy, store),
@@ -138,7 +139,7 @@ class QwenVLAdapter(Adapter):
             wanted.setdefault(self._signal_layer(visual, sig, n, name), []).append((name, sig))
         for li, names in wanted.items():
             attn = blocks[li].attn
-            captured = {}
+            captured = PerThread()
             handles.append(attn.register_forward_pre_hook(partial(_keep_kwargs, captured), with_kwargs=True))
             leaf = LeafHook(attn, "qkv", partial(_keep_qkv, captured))
             handles += [leaf, attn.register_forward_pre_hook(partial(follow_leaves, [leaf]))]
@@ -160,6 +161,7 @@ class QwenVLAdapter(Adapter):
                          f"its full-attention blocks {full}")
 
     def _visual_pre(self, visual, call, module, args, kwargs):
+        call = vars(call)
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
         call["grid"] = grid
         call["window_index"] = None
@@ -173,6 +175,7 @@ class QwenVLAdapter(Adapter):
 
     @torch.no_grad()  # scores carry no graph (SignalStore)
     def _score(self, attn, captured, names, call, store, module, args, output):
+        captured, call = vars(captured), vars(call)
         qkv, cu, (cos, sin) = captured.pop("qkv"), captured.pop("cu_seqlens"), captured.pop("pos")
         seq = qkv.shape[0]
         q, k, _ = qkv.reshape(seq, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
@@ -197,8 +200,9 @@ class QwenVLAdapter(Adapter):
         return None
 
 
-    def _record_pixels(self, raw: dict, original, *args, **kwargs):
+    def _record_pixels(self, raw: PerThread, original, *args, **kwargs):
         """Around the model's get_{image,video}_features: the pixel tensor it is given, while it runs."""
+        raw = vars(raw)
         bound = call_arguments(original, args, kwargs)
         raw["pixels"] = bound.get("pixel_values", bound.get("pixel_values_videos"))
         try:
@@ -211,7 +215,7 @@ class QwenVLAdapter(Adapter):
         """Grey-level entropy under each LLM token: the 2x2 patches (first temporal slice) it merges,
         from the pixels as the caller gave them (not their bf16 cast)."""
         pixels = args[0] if args else kwargs["hidden_states"]
-        given = raw.get("pixels")
+        given = vars(raw).get("pixels")
         if given is not None and given.shape == pixels.shape:
             pixels = given
         grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
@@ -228,14 +232,13 @@ class QwenVLAdapter(Adapter):
         return None
 
 
-def _keep_kwargs(store, module, args, kwargs):
-    store["cu_seqlens"] = kwargs["cu_seqlens"]
-    store["pos"] = kwargs["position_embeddings"]
+def _keep_kwargs(store: PerThread, module, args, kwargs):
+    vars(store).update(cu_seqlens=kwargs["cu_seqlens"], pos=kwargs["position_embeddings"])
     return None
 
 
-def _keep_qkv(store, module, args, output):
-    store["qkv"] = output
+def _keep_qkv(store: PerThread, module, args, output):
+    vars(store)["qkv"] = output
 
 
 def _row_videos(tokens: list[int] | None, row_totals: list[int]) -> list[list[int]] | None:

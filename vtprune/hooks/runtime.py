@@ -28,7 +28,7 @@ from ..kernels import attention_scores
 from ..methods.base import ImageTokens, LayerTokens, Method, PruneConfig, Selection
 from . import anyres
 from .checks import check_indices_all, checked, checked_all, checked_batch
-from .base import LeafHook, SignalStore, call_arguments, wrap_method
+from .base import LeafHook, PerThread, SignalStore, call_arguments, wrap_method
 from .sequence import compact_index, compact_text_positions, dropped_before, row_slots, take
 
 _CACHE_ATTR = "_vtprune_run"
@@ -203,7 +203,39 @@ def _keeps_everything(method: Method) -> bool:
             and cfg.keep is None and cfg.ratio == 1.0)
 
 
-class PatchState:
+class _Call(PerThread):
+    """A PatchState's per-call state, each thread's own: threads running one patched model at once (a web
+    server's workers) each prune their own forward. They read each other's runs and scores before: outputs
+    silently wrong, or shape errors."""
+
+    def __init__(self):
+        self.scratch: dict | None = None  # what the adapter read off the multimodal forward's call
+        self.current: Run | None = None  # the language-model forward in progress
+        self.labels = False  # the current top-level forward was given labels (a loss is asked for)
+        self.encoder_outputs = None  # mm_encoder_outputs as the caller handed them to the top model
+        self.prefill_outputs = None  # generate()'s own mm_encoder_outputs during its prefill (chunks get copies)
+        self.rope_lent = None  # (the model's rope_deltas, what a decode forward reads instead) while it runs
+        self.turn = None  # tokens generate()'s prefill feeds a pruned cache it continues, the whole conversation given
+        self.last_stats: Stats | None = None  # this thread's last forward's figures
+        self.stats_before: tuple = (None, None)  # (its, any thread's) before the forward in progress
+
+
+class ThreadStats:
+    """`last_stats`: the figures of the calling thread's last forward (`self.call`, a PerThread), or where it
+    ran none, the latest of any thread's (`self.latest`: generate() run in a worker thread, as for
+    streaming, read from the main one)."""
+
+    @property
+    def last_stats(self) -> Stats:
+        own = self.call.last_stats
+        return own if own is not None else self.latest
+
+    @last_stats.setter
+    def last_stats(self, stats: Stats):
+        self.call.last_stats = self.latest = stats
+
+
+class PatchState(ThreadStats):
     """Everything `patch` attaches to a model: the method, the adapter, hook handles, last stats."""
 
     def __init__(self, adapter, method: Method, method_name: str, options: dict):
@@ -213,16 +245,14 @@ class PatchState:
         self.options = options
         self.handles: list = []
         self.leaves: list[LeafHook] = []  # the hooks among handles on q/k projections and other leaf modules
-        self.scratch: dict | None = None
-        self.current: Run | None = None
-        self.vision_scores = SignalStore()
-        self.last_stats = self.stats_before = Stats(method=method_name)
+        self.call = _Call()  # the forward in progress: each thread's own
+        self.vision_scores = SignalStore()  # (each thread's own)
+        self.latest = Stats(method=method_name)  # the last figures of any thread's forward
         self.lm = adapter.language_model()
         self.layers = self.lm.layers
         # names of the multimodal model's forward parameters, for calls that pass some positionally
         self.inner_params = list(inspect.signature(adapter.inner().forward).parameters)
         self.top_params = list(inspect.signature(adapter.model.forward).parameters)
-        self.labels = False  # the current top-level forward was given labels (a loss is asked for)
         # the KV caches this configuration pruned a prefill into; `remove` makes the live ones refuse to be
         # continued without it (an unpatched model would continue them silently wrong), `install` takes that back.
         # The token survives a deep copy of a cache's Run (a copied cache stays continuable here).
@@ -231,10 +261,6 @@ class PatchState:
         n_layers = len(self.layers)
         self.pre_llm = method.stage != "llm"
         self.signal_names: list[str] = []  # the vision-encoder signals the strategy reads (set by install)
-        self.encoder_outputs = None  # mm_encoder_outputs as the caller handed them to the top model
-        self.prefill_outputs = None  # generate()'s own mm_encoder_outputs during its prefill (chunks get copies)
-        self.rope_lent = None  # (the model's rope_deltas, what a decode forward reads instead) while it runs
-        self.turn = None  # tokens generate()'s prefill feeds a pruned cache it continues, the whole conversation given
         self.drop_layers, self.attn_layers, self.observe_layers = (
             _layer_list(method, method_name, name, n_layers) for name in ("drop_layers", "attention_layers",
                                                                         "observe_layers"))
@@ -367,18 +393,18 @@ class PatchState:
                 for name in REFUSED:  # (keeps a wrapper the caller set there)
                     if hasattr(cache, name):
                         setattr(cache, name, _Refusal(cache, vars(cache).get(name), name))
-        self.current = None
-        self.scratch = None
+        self.call.current = None
+        self.call.scratch = None
 
     # hooks ------------------------------------------------------------------------------------
     def _top_pre(self, module, args, kwargs):
         i = self.top_params.index("labels") if "labels" in self.top_params else len(args)
-        self.labels = kwargs.get("labels") is not None or (i < len(args) and args[i] is not None)
-        self.encoder_outputs = kwargs.get("mm_encoder_outputs")
+        self.call.labels = kwargs.get("labels") is not None or (i < len(args) and args[i] is not None)
+        self.call.encoder_outputs = kwargs.get("mm_encoder_outputs")
         return None
 
     def _top_post(self, module, args, output):
-        self.labels, self.encoder_outputs = False, None
+        self.call.labels, self.call.encoder_outputs = False, None
 
     def _inner_pre(self, module, args, kwargs):
         if args:  # e.g. LlavaNextForConditionalGeneration passes input_ids positionally
@@ -387,9 +413,10 @@ class PatchState:
             # which carry what their runs recorded (scores, anyres layouts): generate()'s own during its prefill
             # (a chunked prefill hands its one chunk a sliced copy), else as the caller handed them to the top
             # model (accelerate's device hooks rebuild the mappings on the way in)
-            kwargs = {**kwargs, "mm_encoder_outputs": self.prefill_outputs or self.encoder_outputs
+            kwargs = {**kwargs, "mm_encoder_outputs": self.call.prefill_outputs or self.call.encoder_outputs
                       or kwargs["mm_encoder_outputs"]}
-        self.stats_before = self.last_stats  # put back if this forward raises (half-filled figures otherwise)
+        # put back if this forward raises (half-filled figures otherwise)
+        self.call.stats_before = (self.call.last_stats, self.latest)
         cache = kv_cache(kwargs)
         turn = self._new_turn(cache, kwargs)
         kwargs = turn if turn is not None else kwargs
@@ -398,7 +425,7 @@ class PatchState:
                 and int(cache.get_seq_length()) > 0:  # here, before transformers' placeholder check fails unclearly
             raise NotImplementedError("vtprune: new images on a KV cache that already holds a pruned prefill are "
                                       "not supported; start a new cache per prompt")
-        self.scratch = scratch
+        self.call.scratch = scratch
         run = self._own_run(cache)
         if (self.adapter.mrope and run is not None and run.short
                 and getattr(module, "rope_deltas", None) is not None
@@ -406,13 +433,13 @@ class PatchState:
             # a decode step without position_ids is placed at cache length + rope_deltas by the model, and this
             # cache is shorter than its prompt: for this forward only (generate() passes positions, unaffected;
             # the model keeps its own value, which a later inputs_embeds-only forward reads)
-            self.rope_lent = (module.rope_deltas, module.rope_deltas + run.short)
-            module.rope_deltas = self.rope_lent[1]
+            self.call.rope_lent = (module.rope_deltas, module.rope_deltas + run.short)
+            module.rope_deltas = self.call.rope_lent[1]
         if any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos")):
             self.vision_scores.reset()  # this forward encodes its own images
         elif kwargs.get("mm_encoder_outputs"):  # the runs that made these
             self.vision_scores.use(kwargs["mm_encoder_outputs"])
-        self.encoder_outputs = None
+        self.call.encoder_outputs = None
         return ((), kwargs) if turn is not None else None
 
     def _new_turn(self, cache, kwargs) -> dict | None:
@@ -431,7 +458,7 @@ class PatchState:
         held = self._held(cache, run)
         mask2d = isinstance(am, torch.Tensor) and am.dim() == 2
         # the whole conversation's mask tells; (generate() may drop an all-ones one) else what generate() said it feeds
-        whole = am.shape[1] - held == q if mask2d else self.turn == q
+        whole = am.shape[1] - held == q if mask2d else self.call.turn == q
         if not whole:
             return None
         if any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos")):
@@ -476,7 +503,7 @@ class PatchState:
                 f"vtprune: generate(prefill_chunk_size={chunk}) splits this {ids.shape[-1]}-token prompt over several "
                 "forwards, and pruning needs each prompt's images in one; pass prefill_chunk_size=None or one of at "
                 "least the prompt's length")
-        self.prefill_outputs = encoded
+        self.call.prefill_outputs = encoded
         # a new turn on a pruned cache given the whole conversation: generate() feeds it from the cache's (shorter)
         # length on, `short` tokens it holds already; the forward is told, as its mask may not come with it
         cache = kv_cache(model_kwargs)
@@ -499,11 +526,11 @@ class PatchState:
                         ", or the whole conversation as input_ids with a prefill_chunk_size of at least the tokens it "
                         "then feeds (those the cache lacks and the pruned ones)"))
             if length > 0 and (am is None or whole):
-                self.turn = ids.shape[-1] - length
+                self.call.turn = ids.shape[-1] - length
         try:
             return original(*args, **kwargs)
         finally:
-            self.prefill_outputs, self.turn = None, None
+            self.call.prefill_outputs, self.call.turn = None, None
 
     def _encoder_run(self, original, *args, **kwargs):
         """Around the model's get_{image,video}_features: tag the scores of this encoder run with its output."""
@@ -513,18 +540,21 @@ class PatchState:
         return out
 
     def _inner_post(self, module, args, output):
-        if self.rope_lent is not None:
-            own, lent = self.rope_lent
-            self.rope_lent = None
+        if self.call.rope_lent is not None:
+            own, lent = self.call.rope_lent
+            self.call.rope_lent = None
             if module.rope_deltas is lent:  # (not if the forward computed a new one)
                 module.rope_deltas = own
         self.vision_scores.read()  # the next encode starts afresh (they stay for a use_cache=False rerun)
         if output is None:  # the forward raised (an always_call hook gets no output): the last finished one's figures
-            self.last_stats = self.stats_before
+            own, latest = self.call.stats_before
+            if self.latest is self.call.last_stats:  # (not if another thread's forward has finished since)
+                self.latest = latest
+            self.call.last_stats = own
 
     def _lm_pre(self, module, args, kwargs):
-        self.current = None
-        scratch, self.scratch = self.scratch, None
+        self.call.current = None
+        scratch, self.call.scratch = self.call.scratch, None
         if args:
             raise TypeError("vtprune expects the language model to be called with keyword arguments")
         embeds = kwargs.get("inputs_embeds")
@@ -569,7 +599,7 @@ class PatchState:
         return self._prefill(kwargs, scratch, visual)
 
     def _lm_post(self, module, args, kwargs, output):
-        run, self.current = self.current, None
+        run, self.call.current = self.call.current, None
         if run is None:
             return None
         if run.prefill:
@@ -657,7 +687,7 @@ class PatchState:
         over = any(k < len(u.slots) for u, k in zip(units, budgets))  # some image is over its budget
         # (or the strategy's in-LLM phase runs on every prefill with images: todre's stage 2 alone)
         prunes = over or bool(units and self.drop_layers and self.method.llm_phase_always)
-        if self.labels and prunes:
+        if self.call.labels and prunes:
             raise NotImplementedError(
                 f"vtprune: labels (a loss) while pruning are not supported: {self.method_name} shortens the "
                 "sequence, so the logits no longer line up with labels for the full prompt. Unpatch to train, or "
@@ -689,7 +719,7 @@ class PatchState:
             before=visual.sum(1),
             orig_mask=mask2d,
         )
-        self.current = run
+        self.call.current = run
         for leaf in self.leaves:  # (before any layer runs)
             leaf.follow()
         if not self.pre_llm or (prunes and not over):
@@ -699,7 +729,7 @@ class PatchState:
             # unset here, a left-padded LLaVA row's first decoded token took another position after fastv/transprune)
             run.default_positions = kwargs.get("position_ids") is None
             if not run.changed:
-                self.current = None
+                self.call.current = None
                 self.last_stats.visual_after = list(self.last_stats.visual_before)
                 return None
             if kwargs.get("deepstack_visual_embeds") is None:
@@ -728,7 +758,7 @@ class PatchState:
         images = [image for _, image in todo]
         self.last_stats.add_selection(t0, mark(embeds))
         if not chosen:
-            self.current = None
+            self.call.current = None
             self.last_stats.visual_after = list(self.last_stats.visual_before)
             return None
 
@@ -868,7 +898,7 @@ class PatchState:
         run.prefill = False
         run.incoming_mask = am
         run.step = q
-        self.current = run
+        self.call.current = run
         mask = torch.cat([run.groups[0].mask.to(am.dtype), am[:, run.orig_len:]], dim=1)
         if static:
             kwargs["attention_mask"] = self._prepared_mask(mask, embeds, cache)
@@ -899,7 +929,7 @@ class PatchState:
 
     # llm stage -------------------------------------------------------------------------------
     def _layer_pre(self, i, module, args, kwargs):
-        run = self.current
+        run = self.call.current
         if run is None:
             return None
         if run.bare:  # (the fast path of the None masks below: this hook runs at every layer of every step)
@@ -951,13 +981,13 @@ class PatchState:
         return args, kwargs
 
     def _attn_pre(self, p, module, args, kwargs):
-        run = self.current
+        run = self.call.current
         if run is not None and run.prefill:
             run.captured.setdefault(p, {})["pos"] = kwargs.get("position_embeddings")
         return None
 
     def _capture(self, p, name, module, args, output):
-        run = self.current
+        run = self.call.current
         if run is not None and run.prefill:
             run.captured.setdefault(p, {})[name] = output
         return None
@@ -985,7 +1015,7 @@ class PatchState:
     def _deepstack(self, i, module, args, output):
         """Qwen3-VL: add layer i's deepstack features at the visual slots of the current layout, as the
         language model would have done with its own (now stale) visual_pos_masks."""
-        run = self.current
+        run = self.call.current
         if run is None or not run.prefill or i >= len(run.deepstack):
             return None
         hidden = output[0] if isinstance(output, tuple) else output
@@ -995,7 +1025,7 @@ class PatchState:
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     def _layer_post(self, p, module, args, kwargs, output):
-        run = self.current
+        run = self.call.current
         if run is None or not run.prefill:
             return None
         hidden = output[0] if isinstance(output, tuple) else output
