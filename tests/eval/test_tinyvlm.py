@@ -95,6 +95,28 @@ def test_answers_are_left_padded_whatever_the_checkpoint_pads(name):
     assert proc.tokenizer.padding_side == "right"
 
 
+@pytest.mark.parametrize("name", ["tiny-llava", "tiny-qwen2vl"])
+def test_a_transformers_pipeline_runs_the_patched_model(name):
+    """pipeline("image-text-to-text", model=...) preprocesses, pads and calls generate() itself: on the
+    patched model its answers are the patched model's own (tinyvlm.answers: one forward, left-padded), and
+    every image was pruned."""
+    from transformers import pipeline
+
+    model, proc = tinyvlm.load(name)
+    family = tinyvlm.family_of(model)
+    rows = tinyvlm.held_out(family, 8)
+    images, questions = [img for _, img, _ in rows], [q.text for _, _, q in rows]
+    vtprune.patch(model, "divprune", ratio=0.25)
+    pipe = pipeline("image-text-to-text", model=model, processor=proc)
+    with torch.no_grad():
+        out = pipe(images=images, text=[tinyvlm.prompt(family, q) for q in questions], max_new_tokens=1,
+                   return_full_text=False)
+        st = vtprune.stats(model)
+        want = tinyvlm.answers(model, proc, images, questions)
+    assert [(o[0] if isinstance(o, list) else o)["generated_text"].strip() for o in out] == want
+    assert len(st.visual_after) == 8 and all(a < b for a, b in zip(st.visual_after, st.visual_before))
+
+
 def test_split_overlap_finds_content_twins_and_the_readme_quotes_its_json():
     """The splits differ by seed only: train scene 65490 repeats held-out scene 135's content (other jitter).
     scripts/split_overlap.py lists such twins; the README's sentence is generated from its JSON."""
