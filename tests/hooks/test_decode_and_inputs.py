@@ -854,6 +854,29 @@ def test_a_patched_model_deep_copies_after_a_forward_with_gradients_on(family, m
         assert torch.equal(twin(**inputs).logits, model(**inputs).logits)
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("method", ["divprune", "hiprune", "fastv", "transprune"])
+def test_gradient_checkpointing_recomputes_the_pruned_forward(family, method):
+    """Training a patched model (no labels: a loss of one's own on the logits) with gradient checkpointing:
+    the backward recomputes each decoder layer, and in-LLM strategies drop tokens after some. The loss and
+    every gradient equal those without checkpointing (the tiny configs have no dropout, whose reruns would
+    draw other masks)."""
+    models = [vtprune.patch(tiny.build(family), method, ratio=0.25).train() for _ in range(2)]
+    models[1].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert models[1].model.language_model.gradient_checkpointing
+    inputs = tiny.batch(family, [0, 1])
+    losses = []
+    for model in models:
+        loss = model(**inputs).logits.float().pow(2).mean()
+        loss.backward()
+        losses.append(loss.detach())
+    assert torch.equal(losses[0], losses[1])
+    grads = [[p.grad for p in model.parameters()] for model in models]
+    assert sum(g is not None for g in grads[0]) > 0
+    for a, b in zip(*grads):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+
+
 def test_a_deep_copy_after_compile_llm_runs_its_own_decoder():
     model = tiny.build("llava")
     inputs = tiny.batch("llava", [0])
