@@ -143,8 +143,9 @@ def unpatch(model):
     if state is None:
         return model
     state.remove()
-    if _base(model).__dict__.get(_ATTR) is state:  # (a ViT's state detaches itself)
-        delattr(_base(model), _ATTR)
+    base = _base(model)
+    if base.__dict__.get(_ATTR) is state:  # (a ViT's state detaches itself)
+        delattr(base, _ATTR)
     return model
 
 
