@@ -179,3 +179,44 @@ def siglip_normalised(monkeypatch):
 
     monkeypatch.setattr(models, "load", loaded)
     yield load
+
+
+@pytest.fixture
+def in_lockstep():
+    """run(runs, pre=(), post=()): each of `runs` (callables) in its own thread, the threads held together by a
+    barrier before each forward of the modules in `pre` and after each of those in `post`, so that each
+    thread's forward is half done while the others run. Returns each run's result; an exception in a thread
+    is raised here (its cause before the broken barriers it left the others)."""
+    import threading
+
+    def run(runs: list, pre=(), post=()) -> list:
+        barrier = threading.Barrier(len(runs), timeout=60)
+
+        def wait(*_):
+            barrier.wait()
+
+        hooks = [m.register_forward_pre_hook(wait) for m in pre] + [m.register_forward_hook(wait) for m in post]
+        out: list = [None] * len(runs)
+
+        def work(i):
+            try:
+                out[i] = runs[i]()
+            except BaseException as e:  # noqa: BLE001 (raised below, in the test's thread)
+                out[i] = e
+                barrier.abort()
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(runs))]
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            for h in hooks:
+                h.remove()
+        errors = [r for r in out if isinstance(r, BaseException)]
+        for e in sorted(errors, key=lambda e: isinstance(e, threading.BrokenBarrierError)):
+            raise e
+        return out
+
+    return run

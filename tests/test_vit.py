@@ -744,37 +744,21 @@ def test_a_peft_vit_is_patched_through_the_model_it_wraps(method):
 
 
 @pytest.mark.parametrize("method", ["hiprune", "divprune"])
-def test_threads_running_one_patched_vit_at_once_each_prune_their_own_images(method):
+def test_threads_running_one_patched_vit_at_once_each_prune_their_own_images(method, in_lockstep):
     """Two threads run one patched ViT in lockstep (held together after every block): each gets what it
     gets alone, and its own stats. The scores of the blocks before the pruning one were the model's, so a
     thread pruned its images by the other's."""
-    import threading
-
     model = vtprune.patch_vit(timm_vit(), method, keep=4, layer=2)
     images = [IMAGES[:1], IMAGES[1:]]
     with torch.no_grad():
         alone = [(model(x), vtprune.stats(model).visual_after) for x in images]
-    barrier = threading.Barrier(2, timeout=60)
-    hooks = [blk.register_forward_hook(lambda *_: (barrier.wait(), None)[1]) for blk in model.blocks]
-    out = [None, None]
 
-    def work(i):
-        try:
+    def run(x):
+        def go():
             with torch.no_grad():
-                out[i] = (model(images[i]), vtprune.stats(model).visual_after)
-        except BaseException as e:  # noqa: BLE001
-            out[i] = e
-            barrier.abort()
+                return model(x), vtprune.stats(model).visual_after
+        return go
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for h in hooks:
-        h.remove()
-    for e in sorted((r for r in out if isinstance(r, BaseException)),
-                    key=lambda e: isinstance(e, threading.BrokenBarrierError)):  # (the cause first)
-        raise e
+    out = in_lockstep([run(x) for x in images], post=list(model.blocks))
     for (got, after), (want, want_after) in zip(out, alone):
         assert torch.equal(got, want) and after == want_after

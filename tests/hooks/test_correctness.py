@@ -924,54 +924,17 @@ def test_todre_stage2_alone_lets_every_token_in_and_drops_them_where_the_questio
     assert torch.equal(got, want) and torch.equal(got_ids, want_ids)
 
 
-def _in_lockstep(model, family, runs: list) -> list:
-    """Each of `runs` (callables) in its own thread, the threads held together, by barriers, after the vision
-    encoder and at every decoder-layer-0 call: each thread's forward runs while the other's is half done.
-    Returns each run's result (an exception is raised here)."""
-    import threading
-
-    barrier = threading.Barrier(len(runs), timeout=60)
-
-    def wait(*_):
-        barrier.wait()
-
-    tower = model.model.visual if family in tiny.QWEN_FAMILIES else model.model.vision_tower
-    hooks = [tower.register_forward_hook(wait), model.model.language_model.layers[0].register_forward_pre_hook(wait)]
-    out: list = [None] * len(runs)
-
-    def work(i):
-        try:
-            out[i] = runs[i]()
-        except BaseException as e:  # noqa: BLE001 (raised below, in the test's thread)
-            out[i] = e
-            barrier.abort()
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(runs))]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        for h in hooks:
-            h.remove()
-    errors = [r for r in out if isinstance(r, BaseException)]
-    for e in sorted(errors, key=lambda e: isinstance(e, threading.BrokenBarrierError)):  # (the cause first)
-        raise e
-    return out
-
-
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "llava_next"])
 @pytest.mark.parametrize("method", ["divprune", "hiprune", "fastv", "transprune"])
-def test_threads_running_one_patched_model_at_once_each_prune_their_own_forward(family, method):
-    import threading
-
+def test_threads_running_one_patched_model_at_once_each_prune_their_own_forward(family, method, in_lockstep):
     """A web server's worker threads call generate() on one model at once. The pruning state (the run in
     progress, the vision scores, the adapter's encode, the last figures) was the model's, so a thread read
     another's: other tokens came out, or shape errors ("key_mask must be [B, Nk]", "attention at layer 1
     was not captured"). Each thread now has its own. Here two threads run in lockstep, each forward half
     done while the other's runs; each gets what it gets alone, and its own stats. A thread that ran none
     (as the main one, after a generate() run in a worker for streaming) reads the latest of any."""
+    import threading
+
     model = vtprune.patch(tiny.build(family), method, ratio=0.5)
     inputs = [tiny.batch(family, [0]), tiny.batch(family, [1, 2])]
     gen = dict(max_new_tokens=3, min_new_tokens=3, **tiny.GEN)
@@ -986,7 +949,9 @@ def test_threads_running_one_patched_model_at_once_each_prune_their_own_forward(
                     return model.generate(**x, **gen), vtprune.stats(model)
             return go
 
-        together = _in_lockstep(model, family, [run(x) for x in inputs])
+        # held together after the vision encoder and before every decoder-layer-0 call
+        tower = model.model.visual if family in tiny.QWEN_FAMILIES else model.model.vision_tower
+        together = in_lockstep([run(x) for x in inputs], pre=[model.model.language_model.layers[0]], post=[tower])
     for (ids, st), (want, want_st) in zip(together, alone):
         assert torch.equal(ids, want)
         assert st.visual_after == want_st.visual_after and torch.equal(st.layout, want_st.layout)
