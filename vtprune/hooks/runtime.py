@@ -132,6 +132,7 @@ class Run:
     deepstack: list = field(default_factory=list)
     # per-forward scratch, cleared when the language model returns
     prefill: bool = True
+    fed: torch.Tensor | None = None  # a forward continuing the cache with images: [B, q] mask of what it feeds
     incoming_mask: torch.Tensor | None = None
     maskless: bool = False  # a decode step of one token passed with no mask (nothing padded): see _layer_pre
     bare: bool = False  # ... where no layer after a drop needs one either (all attend in full, no group padded)
@@ -179,7 +180,7 @@ class Run:
 
     def end_forward(self):
         self.prefill = False
-        self.incoming_mask = None
+        self.incoming_mask, self.fed = None, None
         self.masks, self.pos_emb, self.pos_ids, self.captured, self.state, self.deepstack = {}, {}, {}, {}, {}, []
 
 
@@ -421,10 +422,8 @@ class PatchState(ThreadStats):
         turn = self._new_turn(cache, kwargs)
         kwargs = turn if turn is not None else kwargs
         scratch = self.adapter.read_call(kwargs)
-        if scratch.get("visual_input") and cache is not None and getattr(cache, _CACHE_ATTR, None) is not None \
-                and int(cache.get_seq_length()) > 0:  # here, before transformers' placeholder check fails unclearly
-            raise NotImplementedError("vtprune: new images on a KV cache that already holds a pruned prefill are "
-                                      "not supported; start a new cache per prompt")
+        if scratch.get("visual_input") and cache is not None and int(cache.get_seq_length()) > 0:
+            self._check_continuable(cache)  # (here, before transformers' placeholder check fails unclearly)
         self.call.scratch = scratch
         run = self._own_run(cache)
         if (self.adapter.mrope and run is not None and run.short
@@ -461,8 +460,6 @@ class PatchState(ThreadStats):
         whole = am.shape[1] - held == q if mask2d else self.call.turn == q
         if not whole:
             return None
-        if any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos")):
-            return None  # (refused below)
         if q <= short:
             raise ValueError(_mask_message(q, held + short, am.shape[1]) if mask2d else
                              f"vtprune: this call continues a pruned KV cache with no new token: its {q} tokens "
@@ -586,17 +583,23 @@ class PatchState(ThreadStats):
             if isinstance(am, torch.Tensor) and am.dim() == 2 and embeds.shape[1] > 1:
                 if am.shape[1] - held - run.short != embeds.shape[1]:
                     raise ValueError(_mask_message(embeds.shape[1], held + run.short, am.shape[1]))
-            return self._decode(run, kwargs)
+            # (a decode step of one token brings no image: no call added to it)
+            visual = self._visual(scratch, embeds) if embeds.shape[1] > 1 else None
+            return self._decode(run, kwargs) if visual is None else self._continue(run, kwargs, scratch, visual, held)
+        visual = self._visual(scratch, embeds)
+        if visual is None:
+            return None
+        length = int(cache.get_seq_length()) if cache is not None else 0
+        if length > 0:  # a prefix the cache holds as the unpatched model would (a text prefix cached ahead)
+            return self._continue(None, kwargs, scratch, visual, length)
+        return self._prefill(kwargs, scratch, visual)
+
+    def _visual(self, scratch, embeds) -> torch.Tensor | None:
+        """The visual placeholder slots [B, L] of a forward with images, else None."""
         if scratch is None or not scratch.get("visual_input"):
             return None
         visual = self.adapter.visual_mask(scratch, embeds)
-        if visual is None or not bool(visual.any()):
-            return None
-        if cache is not None and cache.get_seq_length() > 0:
-            raise NotImplementedError(
-                "vtprune: images in a call that continues an existing KV cache are not supported; use a fresh cache"
-            )
-        return self._prefill(kwargs, scratch, visual)
+        return visual if visual is not None and bool(visual.any()) else None
 
     def _lm_post(self, module, args, kwargs, output):
         run, self.call.current = self.call.current, None
@@ -605,7 +608,8 @@ class PatchState(ThreadStats):
         if run.prefill:
             self.last_stats.visual_after = run.visual.sum(1).tolist()
             self.last_stats.layout = run.layout
-            counts = [g.mask.bool().sum(1).tolist() for g in run.groups]  # one host sync per layout, not per layer
+            masks = [run.fed] if run.fed is not None else [g.mask for g in run.groups]
+            counts = [m.bool().sum(1).tolist() for m in masks]  # one host sync per layout, not per layer
             self.last_stats.layer_tokens = [list(counts[run.group_for(i)[0]]) for i in range(len(self.layers))]
             cache = kv_cache(output)
             if cache is None:
@@ -663,6 +667,67 @@ class PatchState(ThreadStats):
             out[j] = sel
         return out
 
+    def _units(self, scratch, visual, kwargs):
+        """The images / frames at the `visual` slots of this forward, as the budgets count them (a whole clip one
+        unit under video_budget="clip"): (units, frames, clip groups or None, budgets, the visual slots in some
+        unit, the placeholders in none: a video's closing newline, never pruned)."""
+        units = self.adapter.units(scratch, visual, kwargs.get("position_ids"))
+        covered = torch.zeros_like(visual)
+        for u in units:
+            covered[u.sample, u.slots] = True
+        budgets = [self._budget(u) for u in units]
+        frames, groups = units, None
+        if self.method.config.video_budget == "clip":  # each video one unit: its frames' slots, their budgets' sum
+            units, budgets, groups = _clips(units, budgets)
+        return units, frames, groups, budgets, covered, visual & ~covered
+
+    def _choose(self, embeds, units, frames, groups, budgets) -> tuple[list, list]:
+        """The strategy's selection for each unit over its budget: [(unit, Selection)] and their ImageTokens."""
+        t0 = mark(embeds)
+        signals = self.adapter.unit_signals(self.vision_scores, frames) if self.vision_scores else [{}] * len(frames)
+        if groups is not None:  # a clip's scores: its frames', in order
+            signals = [{name: torch.cat([signals[j][name] for j in g]) for name in signals[g[0]]} for g in groups]
+        todo: list[tuple[Unit, ImageTokens]] = []
+        for i, (u, k) in enumerate(zip(units, budgets)):
+            if k >= len(u.slots):
+                continue
+            base = u.layout.parts[0][0].to(embeds.device) if u.layout is not None and len(u.layout.parts) > 1 else None
+            missing = [name for name in self.signal_names if name not in signals[i]]
+            if missing:
+                raise ValueError(
+                    f"vtprune: {self.method_name} reads the vision encoder's {missing} scores, and none came with "
+                    "the image features this forward was handed (computed before vtprune.patch, or returned as "
+                    "a tuple): pass pixel_values, or hand it the outputs of the patched model's "
+                    "get_image_features / get_video_features (return_dict=True)")
+            todo.append((u, ImageTokens(embeds[u.sample, u.slots], u.grid, k, signals[i], base)))
+        chosen = [(u, sel) for (u, _), sel in zip(todo, self._select_all(todo))]
+        self.last_stats.add_selection(t0, mark(embeds))
+        return chosen, [image for _, image in todo]
+
+    def _apply(self, embeds, visual, chosen, images, deepstack):
+        """The slots kept [B, L] (images under budget whole), the embeddings with merged tokens in place, and the
+        selections' importance at their kept slots (None if none gave any)."""
+        b, seq_len = visual.shape
+        keep = torch.ones_like(visual)
+        for u, _ in chosen:
+            keep[u.sample, u.slots] = False
+        new_embeds = embeds
+        importance = None
+        for (u, sel), image in zip(chosen, images):
+            kept_slots = u.slots[sel.indices.to(u.slots.device)]
+            keep[u.sample, kept_slots] = True
+            if sel.tokens is not None:
+                if new_embeds is embeds:
+                    new_embeds = embeds.clone()
+                new_embeds[u.sample, kept_slots] = sel.tokens.to(embeds.dtype)
+                if deepstack:
+                    self._merge_deepstack(deepstack, u, sel, image)
+            if sel.importance is not None:
+                if importance is None:
+                    importance = torch.zeros(b, seq_len, dtype=torch.float32, device=embeds.device)
+                importance[u.sample, kept_slots] = sel.importance.float().to(embeds.device)
+        return keep, new_embeds, importance
+
     def _prefill(self, kwargs, scratch, visual):
         embeds = kwargs["inputs_embeds"]
         b, seq_len, _ = embeds.shape
@@ -674,24 +739,12 @@ class PatchState(ThreadStats):
         if am is not None and (not isinstance(am, torch.Tensor) or am.dim() != 2):
             raise ValueError("vtprune needs a 2-D attention_mask (or none); got a prepared 4-D mask or mapping")
         mask2d = am if am is not None else torch.ones(b, seq_len, dtype=torch.long, device=embeds.device)
-        units = self.adapter.units(scratch, visual, kwargs.get("position_ids"))
-        covered = torch.zeros_like(visual)
-        for u in units:
-            covered[u.sample, u.slots] = True
-        structural = visual & ~covered  # placeholders in no unit (a video's closing newline): never pruned
-        visual = covered
-        budgets = [self._budget(u) for u in units]
-        frames, groups = units, None
-        if self.method.config.video_budget == "clip":  # each video one unit: its frames' slots, their budgets' sum
-            units, budgets, groups = _clips(units, budgets)
+        units, frames, groups, budgets, visual, structural = self._units(scratch, visual, kwargs)
         over = any(k < len(u.slots) for u, k in zip(units, budgets))  # some image is over its budget
         # (or the strategy's in-LLM phase runs on every prefill with images: todre's stage 2 alone)
         prunes = over or bool(units and self.drop_layers and self.method.llm_phase_always)
         if self.call.labels and prunes:
-            raise NotImplementedError(
-                f"vtprune: labels (a loss) while pruning are not supported: {self.method_name} shortens the "
-                "sequence, so the logits no longer line up with labels for the full prompt. Unpatch to train, or "
-                "compute the loss yourself from the logits and vtprune.stats(model).layout")
+            raise NotImplementedError(_labels_message(self.method_name))
         if static and self.drop_layers and prunes:
             raise NotImplementedError(
                 f"vtprune: {self.method_name} drops tokens inside the decoder (after layer {self.drop_layers[0]}), "
@@ -737,50 +790,14 @@ class PatchState(ThreadStats):
             run.deepstack = _dense_deepstack(kwargs, visual, embeds)
             return args_kwargs(kwargs)
 
-        t0 = mark(embeds)
-        signals = self.adapter.unit_signals(self.vision_scores, frames) if self.vision_scores else [{}] * len(frames)
-        if groups is not None:  # a clip's scores: its frames', in order
-            signals = [{name: torch.cat([signals[j][name] for j in g]) for name in signals[g[0]]} for g in groups]
-        todo: list[tuple[Unit, ImageTokens]] = []
-        for i, (u, k) in enumerate(zip(units, budgets)):
-            if k >= len(u.slots):
-                continue
-            base = u.layout.parts[0][0].to(embeds.device) if u.layout is not None and len(u.layout.parts) > 1 else None
-            missing = [name for name in self.signal_names if name not in signals[i]]
-            if missing:
-                raise ValueError(
-                    f"vtprune: {self.method_name} reads the vision encoder's {missing} scores, and none came with "
-                    "the image features this forward was handed (computed before vtprune.patch, or returned as "
-                    "a tuple): pass pixel_values, or hand it the outputs of the patched model's "
-                    "get_image_features / get_video_features (return_dict=True)")
-            todo.append((u, ImageTokens(embeds[u.sample, u.slots], u.grid, k, signals[i], base)))
-        chosen = [(u, sel) for (u, _), sel in zip(todo, self._select_all(todo))]
-        images = [image for _, image in todo]
-        self.last_stats.add_selection(t0, mark(embeds))
+        chosen, images = self._choose(embeds, units, frames, groups, budgets)
         if not chosen:
             self.call.current = None
             self.last_stats.visual_after = list(self.last_stats.visual_before)
             return None
 
-        keep = torch.ones_like(visual)  # images under budget stay whole
-        for u, _ in chosen:
-            keep[u.sample, u.slots] = False
-        new_embeds = embeds
-        importance = None
         deepstack = _dense_deepstack(kwargs, visual, embeds) if kwargs.get("deepstack_visual_embeds") is not None else []
-        for (u, sel), image in zip(chosen, images):
-            kept_slots = u.slots[sel.indices.to(u.slots.device)]
-            keep[u.sample, kept_slots] = True
-            if sel.tokens is not None:
-                if new_embeds is embeds:
-                    new_embeds = embeds.clone()
-                new_embeds[u.sample, kept_slots] = sel.tokens.to(embeds.dtype)
-                if deepstack:
-                    self._merge_deepstack(deepstack, u, sel, image)
-            if sel.importance is not None:
-                if importance is None:
-                    importance = torch.zeros(b, seq_len, dtype=torch.float32, device=embeds.device)
-                importance[u.sample, kept_slots] = sel.importance.float().to(embeds.device)
+        keep, new_embeds, importance = self._apply(embeds, visual, chosen, images, deepstack)
         positions, shift = self._positions(kwargs.get("position_ids"), keep, mask2d, units, chosen, embeds)
         index = compact_index(keep)
         new_mask = take(mask2d, index, 1, 0)
@@ -803,6 +820,81 @@ class PatchState(ThreadStats):
         run.default_positions = kwargs.get("position_ids") is None
         kwargs["position_ids"] = new_pos
         return args_kwargs(kwargs)
+
+    def _continue(self, run: Run | None, kwargs, scratch, visual, held: int):
+        """A forward with images that continues a KV cache: the next turn of a chat on the cache a pruned
+        generate() returned (`run`), or a prompt after a prefix cached unpruned (run None; `held` positions).
+        Its images are pruned as a prefill's, and its tokens join the cache's record as if the prompt had
+        held them: a new Run whose group-0 mask and positions run through this forward, for the decode steps."""
+        embeds = kwargs["inputs_embeds"]
+        b, q, _ = embeds.shape
+        self._check_continuable(kv_cache(kwargs))
+        am = kwargs.get("attention_mask")
+        if am is not None and (not isinstance(am, torch.Tensor) or am.dim() != 2):
+            raise ValueError("vtprune needs a 2-D attention_mask (or none); got a prepared 4-D mask or mapping")
+        if run is None:
+            if am is not None and am.shape[1] != held + q:
+                raise ValueError(_mask_message(q, held, am.shape[1]))
+            prefix = am[:, :held] if am is not None else torch.ones(b, held, dtype=torch.long, device=embeds.device)
+            run = Run(orig_len=held, groups=[Group(0, prefix)], visual=visual.new_zeros(b, held),
+                      layout=torch.arange(held, device=embeds.device).expand(b, held),
+                      keep_total=torch.zeros(b, dtype=torch.long, device=embeds.device),
+                      pos_shift=torch.zeros(b, dtype=torch.long, device=embeds.device), orig_mask=prefix,
+                      default_positions=kwargs.get("position_ids") is None)
+        if am is None:  # (generate() drops an all-ones mask)
+            am = torch.cat([run.orig_mask, run.orig_mask.new_ones(b, held - run.groups[0].mask.shape[1] + q)], 1)
+        pos = kwargs.get("position_ids")
+        if pos is None:  # placed as the decode path would place these tokens
+            pos = (torch.arange(am.shape[1] - q, am.shape[1], device=am.device).expand(b, q) if run.default_positions
+                   else compact_text_positions(am)[:, -q:])
+        pos = pos.expand(b, -1) + run.pos_shift[:, None]
+        units, frames, groups, budgets, visual, structural = self._units(scratch, visual, kwargs)
+        images = tuple((u.sample, len(u.slots), k) for u, k in zip(units, budgets))
+        self.last_stats = Stats(method=self.method_name, visual_before=visual.sum(1).tolist(), images=list(images))
+        chosen, tokens = self._choose(embeds, units, frames, groups, budgets)
+        if chosen and self.call.labels:
+            raise NotImplementedError(_labels_message(self.method_name))
+        if not chosen and not run.changed:  # an unpruned prefix and images within budget: nothing to record
+            self.last_stats.visual_after = list(self.last_stats.visual_before)
+            return None
+        keep, new_embeds, _ = self._apply(embeds, visual, chosen, tokens, [])
+        own = am[:, -q:]
+        positions, shift = self._positions(pos, keep, own, units, chosen, embeds)
+        index = compact_index(keep)
+        fed = take(own, index, 1, 0)
+        mask = torch.cat([run.groups[0].mask.to(am.dtype), am[:, run.orig_len:am.shape[1] - q], fed], 1)
+        unit = torch.full((b, q), -1, dtype=torch.long, device=embeds.device)
+        keep_total = torch.zeros(b, dtype=torch.long, device=embeds.device)
+        for i, (u, k) in enumerate(zip(units, budgets)):
+            keep_total[u.sample] += k
+            unit[u.sample, u.slots] = i
+        pos_shift = run.pos_shift + shift
+        self.call.current = replace(
+            run, orig_len=am.shape[1], groups=[Group(0, mask)], orig_mask=am, pos_shift=pos_shift,
+            shifted=bool(pos_shift.any()), decoded=0, step=0, no_pads=None, changed=True, prefill=True, fed=fed,
+            # this forward's slots (its stats)
+            visual=take(visual, index, 1, False), structural=take(structural, index, 1, False),
+            unit=take(unit, index, 1, -1), layout=index, images=images, before=visual.sum(1), keep_total=keep_total)
+        kwargs["inputs_embeds"] = take(new_embeds, index, 1, 0)
+        kwargs["attention_mask"] = mask
+        kwargs["position_ids"] = take(positions, index, 1, 0)
+        return args_kwargs(kwargs)
+
+    def _check_continuable(self, cache):
+        """Images continuing a non-empty KV cache (see _continue): refused by name where they cannot be."""
+        where = ("a KV cache that already holds a pruned prefill" if self._own_run(cache) is not None else
+                 "a KV cache that holds a prefix already")
+        if self.adapter.mrope:
+            raise NotImplementedError(f"vtprune: images continuing {where} are not supported on Qwen-VL (M-RoPE "
+                                      "positions); start a new cache per prompt")
+        if self.drop_layers or self.attn_layers or self.observe_layers:
+            raise NotImplementedError(
+                f"vtprune: images continuing {where} are not supported with {self.method_name}, which reads or "
+                "drops tokens inside the decoder; the strategies that prune before the language model only take "
+                "them, or start a new cache per prompt")
+        if compileable(cache):
+            raise NotImplementedError(f"vtprune: images continuing {where} are not supported on a static cache; use "
+                                      "the default dynamic cache, or a new cache per prompt")
 
     def _merge_deepstack(self, deepstack, u: Unit, sel: Selection, image: ImageTokens):
         """A merging method (new tokens, not a subset) must merge the deepstack features the same way:
@@ -1098,6 +1190,12 @@ def _no_first_guesses(original, *args, **kwargs):
 
     generator.get_candidates = get_candidates
     return generator
+
+
+def _labels_message(method: str) -> str:
+    return (f"vtprune: labels (a loss) while pruning are not supported: {method} shortens the sequence, so the "
+            "logits no longer line up with labels for the full prompt. Unpatch to train, or compute the loss "
+            "yourself from the logits and vtprune.stats(model).layout")
 
 
 def _mask_message(new: int, before: int, width: int) -> str:
