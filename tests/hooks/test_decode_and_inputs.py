@@ -721,6 +721,35 @@ def test_a_new_image_turn_on_a_pruned_cache_equals_the_whole_conversation_pruned
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("video_budget", ["frame", "clip"])
+@pytest.mark.parametrize("family", ["llava_next_video", "llava_onevision"])
+def test_a_new_turn_with_an_image_and_a_video_on_a_pruned_cache_equals_the_whole_conversation_pruned_at_once(
+        model_factory, family, video_budget):
+    """The same with a video beside the new image: its frames (or its clip) are budgeted as in one prefill."""
+    import copy
+
+    model = model_factory(family)
+    vtprune.patch(model, "divprune", ratio=0.25, video_budget=video_budget)
+    first = tiny.batch(family, [0])
+    ids, second = tiny.sample(family, 1, video=True)
+    gen = dict(max_new_tokens=3, output_logits=True, return_dict_in_generate=True, **tiny.GEN)
+    with torch.no_grad():
+        out = model.generate(**first, **gen)
+        before_first, kept_first = vtprune.stats(model).visual_before, vtprune.stats(model).visual_after
+        whole = torch.cat([out.sequences, torch.tensor([ids[1:]])], 1)
+        both = {**_per_sample_images(family, first, second), "pixel_values_videos": second["pixel_values_videos"]}
+        ref = model.generate(input_ids=whole, attention_mask=torch.ones_like(whole), **both, **gen)
+        fresh = vtprune.stats(model)
+        got = model.generate(input_ids=whole, attention_mask=torch.ones_like(whole), **second, **gen,
+                             **{CACHE: copy.deepcopy(out.past_key_values)})
+        stats = vtprune.stats(model)
+    assert [a + b for a, b in zip(before_first, stats.visual_before)] == fresh.visual_before
+    assert [a + b for a, b in zip(kept_first, stats.visual_after)] == fresh.visual_after < fresh.visual_before
+    assert torch.equal(got.sequences[:, -3:], ref.sequences[:, -3:])
+    for x, y in zip(got.logits, ref.logits):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["llava", "llava_next"])
 def test_images_after_a_cached_text_prefix_are_pruned_as_the_whole_prompt_s(model_factory, family):
     """A prefix cached ahead (a system prompt, as in transformers' prefix-caching recipe), then a prompt with an
