@@ -844,10 +844,13 @@ class PatchState(ThreadStats):
         if am is None:  # (generate() drops an all-ones mask)
             am = torch.cat([run.orig_mask, run.orig_mask.new_ones(b, held - run.groups[0].mask.shape[1] + q)], 1)
         pos = kwargs.get("position_ids")
+        if pos is None and self.adapter.mrope:  # (as the unpatched model, which then fails unclearly)
+            raise ValueError("vtprune: a Qwen-VL forward with images on a KV cache that holds a prefix needs their "
+                             "M-RoPE position_ids (generate() passes them)")
         if pos is None:  # placed as the decode path would place these tokens
             pos = (torch.arange(am.shape[1] - q, am.shape[1], device=am.device).expand(b, q) if run.default_positions
                    else compact_text_positions(am)[:, -q:])
-        pos = pos.expand(b, -1) + run.pos_shift[:, None]
+        pos = pos.expand(b, -1) + run.pos_shift[:, None] if pos.dim() == 2 else pos.expand(-1, b, -1)
         units, frames, groups, budgets, visual, structural = self._units(scratch, visual, kwargs)
         images = tuple((u.sample, len(u.slots), k) for u, k in zip(units, budgets))
         self.last_stats = Stats(method=self.method_name, visual_before=visual.sum(1).tolist(), images=list(images))
@@ -857,12 +860,22 @@ class PatchState(ThreadStats):
         if not chosen and not run.changed:  # an unpruned prefix and images within budget: nothing to record
             self.last_stats.visual_after = list(self.last_stats.visual_before)
             return None
-        keep, new_embeds, _ = self._apply(embeds, visual, chosen, tokens, [])
+        deepstack = _dense_deepstack(kwargs, visual, embeds) if kwargs.get("deepstack_visual_embeds") is not None else []
+        keep, new_embeds, _ = self._apply(embeds, visual, chosen, tokens, deepstack)
+        partial = sorted({k for k in self.kinds if k != "full_attention"})
+        if b > 1 and partial and bool((keep.sum(1) != keep.sum(1)[:1]).any()):
+            raise NotImplementedError(
+                f"vtprune: these images keep different numbers of tokens per sample, so the shorter rows would be "
+                f"padded between the KV cache and their new tokens, which this model's {partial} layers would not "
+                "skip as they skip the padding a prefill puts first; continue the cache one prompt per call")
         own = am[:, -q:]
         positions, shift = self._positions(pos, keep, own, units, chosen, embeds)
         index = compact_index(keep)
         fed = take(own, index, 1, 0)
         mask = torch.cat([run.groups[0].mask.to(am.dtype), am[:, run.orig_len:am.shape[1] - q], fed], 1)
+        new_pos = take(positions, index, positions.dim() - 1, 0)
+        if new_pos.dim() == 3 and new_pos.shape[0] == 4:  # Qwen's text row: contiguous through the cache's
+            new_pos[0] = compact_text_positions(mask)[:, -fed.shape[1]:]
         unit = torch.full((b, q), -1, dtype=torch.long, device=embeds.device)
         keep_total = torch.zeros(b, dtype=torch.long, device=embeds.device)
         for i, (u, k) in enumerate(zip(units, budgets)):
@@ -874,17 +887,18 @@ class PatchState(ThreadStats):
             shifted=bool(pos_shift.any()), decoded=0, step=0, no_pads=None, changed=True, prefill=True, fed=fed,
             # this forward's slots (its stats)
             visual=take(visual, index, 1, False), structural=take(structural, index, 1, False),
-            unit=take(unit, index, 1, -1), layout=index, images=images, before=visual.sum(1), keep_total=keep_total)
+            unit=take(unit, index, 1, -1), layout=index, images=images, before=visual.sum(1), keep_total=keep_total,
+            deepstack=[take(d, index, 1, 0) for d in deepstack])
         kwargs["inputs_embeds"] = take(new_embeds, index, 1, 0)
         kwargs["attention_mask"] = mask
-        kwargs["position_ids"] = take(positions, index, 1, 0)
+        kwargs["position_ids"] = new_pos
         return args_kwargs(kwargs)
 
     def _check_continuable(self, cache):
         """Images continuing a non-empty KV cache (see _continue): refused by name where they cannot be."""
-        where = ("a KV cache that already holds a pruned prefill" if self._own_run(cache) is not None else
-                 "a KV cache that holds a prefix already")
-        if self.adapter.mrope:
+        pruned = self._own_run(cache) is not None
+        where = "a KV cache that already holds a pruned prefill" if pruned else "a KV cache that holds a prefix already"
+        if self.adapter.mrope and pruned:  # (transformers' generate() cannot continue one unpatched either)
             raise NotImplementedError(f"vtprune: images continuing {where} are not supported on Qwen-VL (M-RoPE "
                                       "positions); start a new cache per prompt")
         if self.drop_layers or self.attn_layers or self.observe_layers:
