@@ -8,7 +8,9 @@ Flow of one pruned `generate()`:
 - for `llm`-stage strategies, a forward hook on decoder layer p drops visual hidden states, and
   pre-hooks on the later layers substitute the mask and rotary embeddings sized for them;
 - a forward hook on the language model attaches the pruning record (`Run`) to the KV cache object,
-  which `generate()` hands back on every decode step.
+  which `generate()` hands back on every decode step;
+- a forward with images on a cache that holds tokens already (a chat's next turn, a prompt after a cached
+  prefix) has them pruned as a prefill's and the record extended through it (`_continue`).
 """
 from __future__ import annotations
 
@@ -589,7 +591,7 @@ class PatchState(ThreadStats):
         visual = self._visual(scratch, embeds)
         if visual is None:
             return None
-        length = int(cache.get_seq_length()) if cache is not None else 0
+        length = int(cache.get_seq_length(self.length_layer)) if cache is not None else 0
         if length > 0:  # a prefix the cache holds as the unpatched model would (a text prefix cached ahead)
             return self._continue(None, kwargs, scratch, visual, length)
         return self._prefill(kwargs, scratch, visual)
