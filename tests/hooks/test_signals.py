@@ -561,6 +561,31 @@ def test_lora_layers_added_after_patching_feed_the_attention_scores(family, meth
     assert hooks(vtprune.unpatch(model)) == hooks(fresh)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning")
+@pytest.mark.parametrize("family, method", [("llava", "hiprune"), ("llava", "fastv"), ("qwen2_vl", "vflowopt")])
+def test_a_module_swap_that_carries_hooks_over_leaves_one_hook_and_unpatch_takes_it_off(family, method):
+    """torch.ao.quantization.quantize_dynamic swaps each Linear for a quantized one and registers the old one's
+    hooks on it. The q/k hooks then ran twice per forward (a copy and the one that followed the attribute), and
+    unpatch left the copies on the model. Quantized after patching, the model gives what it gives quantized
+    before patching, with as many hooks; unpatched, as many as the quantized model that was never patched."""
+    import copy
+
+    from torch.ao.quantization import quantize_dynamic
+
+    inputs = tiny.batch(family, [0, 1])
+    hooks = lambda m: sum(len(x._forward_hooks) + len(x._forward_pre_hooks) for x in m.modules())  # noqa: E731
+    plain = quantize_dynamic(tiny.build(family), {torch.nn.Linear}, dtype=torch.qint8)
+    first = vtprune.patch(copy.deepcopy(plain), method, keep=4)
+    then = quantize_dynamic(vtprune.patch(tiny.build(family), method, keep=4), {torch.nn.Linear}, dtype=torch.qint8)
+    with torch.no_grad():
+        plain(**inputs)  # (transformers puts hooks of its own on a vision tower at its first forward)
+        want = first(**inputs).logits
+        assert torch.equal(then(**inputs).logits, want)
+        assert torch.equal(vtprune.stats(then).layout, vtprune.stats(first).layout)
+    assert hooks(then) == hooks(first)
+    assert hooks(vtprune.unpatch(then)) == hooks(plain)
+
+
 @pytest.mark.parametrize("family, method", [("llava", "hiprune"), ("qwen3_vl", "fastv")])
 def test_an_adapter_added_through_transformers_after_patching_feeds_the_attention_scores(family, method):
     """transformers' own PEFT integration (model.add_adapter, model.load_adapter) puts LoRA layers into the

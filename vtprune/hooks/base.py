@@ -149,7 +149,9 @@ class LeafHook:
     `follow()` before the parent runs. A module put there after patching gets the hook, and the one it
     replaced loses it: PEFT's LoRA layers (get_peft_model, model.load_adapter) wrap the projection and call
     the old module as their base_layer, whose output lacks the adapter's term; a hook left there read
-    attention scores from it silently. merge_and_unload() puts the base module back, and the hook follows."""
+    attention scores from it silently. merge_and_unload() puts the base module back, and the hook follows.
+    A swap that carries the old module's hooks over (torch.ao.quantization's quantize_dynamic / swap_module) left
+    a copy of the hook there: the hook moves onto it without a second, and `remove` takes it off too."""
 
     def __init__(self, parent, name: str, hook):
         self.parent, self.name, self.hook = parent, name, hook
@@ -160,10 +162,23 @@ class LeafHook:
         module = getattr(self.parent, self.name)
         if module is not self.module:
             self.handle.remove()
+            _drop_copies(module, self.hook)
             self.module, self.handle = module, module.register_forward_hook(self.hook)
 
     def remove(self):
         self.handle.remove()
+        _drop_copies(getattr(self.parent, self.name, None), self.hook)
+
+
+def _drop_copies(module, hook):
+    """Take `hook` off `module`'s forward hooks wherever it was registered (by something other than us)."""
+    hooks = getattr(module, "_forward_hooks", None)
+    if not isinstance(module, torch.nn.Module) or not hooks:
+        return
+    for key in [key for key, fn in hooks.items() if fn is hook]:
+        del hooks[key]
+        module._forward_hooks_with_kwargs.pop(key, None)
+        module._forward_hooks_always_called.pop(key, None)
 
 
 def follow_leaves(leaves, *_):
