@@ -424,7 +424,7 @@ class PatchState(ThreadStats):
         turn = self._new_turn(cache, kwargs)
         kwargs = turn if turn is not None else kwargs
         scratch = self.adapter.read_call(kwargs)
-        if scratch.get("visual_input") and cache is not None and int(cache.get_seq_length()) > 0:
+        if scratch.get("visual_input") and cache is not None and int(cache.get_seq_length(self.length_layer)) > 0:
             self._check_continuable(cache)  # (here, before transformers' placeholder check fails unclearly)
         self.call.scratch = scratch
         run = self._own_run(cache)
@@ -683,6 +683,18 @@ class PatchState(ThreadStats):
             units, budgets, groups = _clips(units, budgets)
         return units, frames, groups, budgets, covered, visual & ~covered
 
+    def _tally(self, units, budgets, visual, device) -> tuple[tuple, torch.Tensor, torch.Tensor]:
+        """This forward's figures begun (last_stats: visual tokens in, (sample, tokens, budget) per unit), and
+        the unit of each slot [B, L] (-1: none) and each sample's budget total [B]."""
+        images = tuple((u.sample, len(u.slots), k) for u, k in zip(units, budgets))
+        self.last_stats = Stats(method=self.method_name, visual_before=visual.sum(1).tolist(), images=list(images))
+        unit = torch.full(visual.shape, -1, dtype=torch.long, device=device)
+        keep_total = torch.zeros(visual.shape[0], dtype=torch.long, device=device)
+        for i, (u, k) in enumerate(zip(units, budgets)):
+            keep_total[u.sample] += k
+            unit[u.sample, u.slots] = i
+        return images, unit, keep_total
+
     def _choose(self, embeds, units, frames, groups, budgets) -> tuple[list, list]:
         """The strategy's selection for each unit over its budget: [(unit, Selection)] and their ImageTokens."""
         t0 = mark(embeds)
@@ -754,13 +766,7 @@ class PatchState(ThreadStats):
                 "the default dynamic cache, or a strategy (or option, e.g. todre's stage2=False) that prunes before "
                 "the language model only"
             )
-        images = tuple((u.sample, len(u.slots), k) for u, k in zip(units, budgets))
-        self.last_stats = Stats(method=self.method_name, visual_before=visual.sum(1).tolist(), images=list(images))
-        keep_total = torch.zeros(b, dtype=torch.long, device=embeds.device)
-        unit = torch.full((b, seq_len), -1, dtype=torch.long, device=embeds.device)
-        for i, (u, k) in enumerate(zip(units, budgets)):
-            keep_total[u.sample] += k
-            unit[u.sample, u.slots] = i
+        images, unit, keep_total = self._tally(units, budgets, visual, embeds.device)
         run = Run(
             orig_len=seq_len,
             groups=[Group(0, mask2d)],
@@ -829,8 +835,7 @@ class PatchState(ThreadStats):
         Its images are pruned as a prefill's, and its tokens join the cache's record as if the prompt had
         held them: a new Run whose group-0 mask and positions run through this forward, for the decode steps."""
         embeds = kwargs["inputs_embeds"]
-        b, q, _ = embeds.shape
-        self._check_continuable(kv_cache(kwargs))
+        b, q, _ = embeds.shape  # (_inner_pre has refused what cannot be continued: _check_continuable)
         am = kwargs.get("attention_mask")
         if am is not None and (not isinstance(am, torch.Tensor) or am.dim() != 2):
             raise ValueError("vtprune needs a 2-D attention_mask (or none); got a prepared 4-D mask or mapping")
@@ -854,8 +859,7 @@ class PatchState(ThreadStats):
                    else compact_text_positions(am)[:, -q:])
         pos = pos.expand(b, -1) + run.pos_shift[:, None] if pos.dim() == 2 else pos.expand(-1, b, -1)
         units, frames, groups, budgets, visual, structural = self._units(scratch, visual, kwargs)
-        images = tuple((u.sample, len(u.slots), k) for u, k in zip(units, budgets))
-        self.last_stats = Stats(method=self.method_name, visual_before=visual.sum(1).tolist(), images=list(images))
+        images, unit, keep_total = self._tally(units, budgets, visual, embeds.device)
         chosen, tokens = self._choose(embeds, units, frames, groups, budgets)
         if chosen and self.call.labels:
             raise NotImplementedError(_labels_message(self.method_name))
@@ -878,11 +882,6 @@ class PatchState(ThreadStats):
         new_pos = take(positions, index, positions.dim() - 1, 0)
         if new_pos.dim() == 3 and new_pos.shape[0] == 4:  # Qwen's text row: contiguous through the cache's
             new_pos[0] = compact_text_positions(mask)[:, -fed.shape[1]:]
-        unit = torch.full((b, q), -1, dtype=torch.long, device=embeds.device)
-        keep_total = torch.zeros(b, dtype=torch.long, device=embeds.device)
-        for i, (u, k) in enumerate(zip(units, budgets)):
-            keep_total[u.sample] += k
-            unit[u.sample, u.slots] = i
         pos_shift = run.pos_shift + shift
         self.call.current = replace(
             run, orig_len=am.shape[1], groups=[Group(0, mask)], orig_mask=am, pos_shift=pos_shift,
