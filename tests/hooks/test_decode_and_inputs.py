@@ -807,6 +807,25 @@ def test_images_after_a_cached_text_prefix_are_pruned_as_the_whole_prompt_s(mode
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_a_forward_with_images_on_a_prefix_cache_is_refused_where_its_tokens_would_be_misplaced(model_factory, family):
+    """A manual forward with images after a cached prefix needs the whole prompt's mask: another width would
+    place its tokens wrongly. (On Qwen-VL transformers' own position count fails on it first.)"""
+    model = model_factory(family)
+    vtprune.patch(model, "divprune", ratio=0.25)
+    inputs = _after_prefix(family, [1], torch.tensor([[tiny.BOS, 5, 6, 7, 8]]))
+    ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+    with torch.no_grad():
+        cache = _new_cache(model)
+        model(input_ids=ids[:, :5], use_cache=True, **{CACHE: cache})
+        with pytest.raises(ValueError, match=f"{ids.shape[1] - 5} new tokens .* need the attention_mask of the whole "
+                                             f"unpruned sequence, 5 positions before them; got {ids.shape[1] - 1}"):
+            model(input_ids=ids[:, 5:], attention_mask=mask[:, 1:], use_cache=True, **{CACHE: cache}, **inputs)
+        assert cache.get_seq_length() == 5  # (refused before the language model ran)
+        model(input_ids=ids[:, 5:], attention_mask=mask, use_cache=True, **{CACHE: cache}, **inputs)
+    assert vtprune.stats(model).visual_after < vtprune.stats(model).visual_before
+
+
 @pytest.mark.parametrize("family, method, options, message", [
     ("llava", "fastv", {}, "with fastv, which reads or drops tokens inside the decoder"),
     ("llava", "transprune", {}, "with transprune, which reads or drops"),

@@ -851,7 +851,7 @@ class PatchState(ThreadStats):
         if am is None:  # (generate() drops an all-ones mask)
             am = torch.cat([run.orig_mask, run.orig_mask.new_ones(b, held - run.groups[0].mask.shape[1] + q)], 1)
         pos = kwargs.get("position_ids")
-        if pos is None and self.adapter.mrope:  # (as the unpatched model, which then fails unclearly)
+        if pos is None and self.adapter.mrope:  # (a guard: Qwen-VL models count them before their language model)
             raise ValueError("vtprune: a Qwen-VL forward with images on a KV cache that holds a prefix needs their "
                              "M-RoPE position_ids (generate() passes them)")
         if pos is None:  # placed as the decode path would place these tokens
